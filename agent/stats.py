@@ -1,0 +1,209 @@
+"""Per-layer gradient statistics, computed on the gradients' device with few kernels.
+
+Pure functions: gradients in, a ``(L, 4)`` float32 tensor of raw moments out
+(:data:`MOMENT_COLUMNS`: sum, L2 norm, max-abs, non-finite count). The element count is
+known on the host from shapes, so it never crosses the device. Mean, population variance and
+std are finished on the host from ``(n, sum, l2)`` (:func:`finalize`); the raw form merges
+exactly across windows, micro-batches and DDP ranks (:func:`merge`).
+
+Cost model (BASELINES.md §A, measured on this CPU): one foreach L2 pass, one signed-sum pass,
+``aminmax`` for max-abs on CPU (10x faster there than a foreach inf-norm), and the exact
+non-finite count only for layers whose norm is not finite (a finite L2 norm proves every element
+finite), which makes the count free on clean steps. On CUDA, branching on the norm would be a
+host sync, so the count is taken eagerly and max-abs uses the foreach inf-norm (few launches).
+No function here synchronizes with a CUDA device; :class:`HostCopy` moves a packed result to the
+host with one non-blocking copy into pinned memory that is read later, off the training thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._torch import torch
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "MOMENT_COLUMNS",
+    "layer_moments",
+    "finalize",
+    "merge",
+    "LayerStats",
+    "pack_dtype",
+    "HostCopy",
+    "PendingCopy",
+]
+
+#: Columns of :func:`layer_moments`' result.
+MOMENT_COLUMNS = ("sum", "l2", "maxabs", "nonfinite")
+
+
+def _group_indices(tensors: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), in torch's own grouping order."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
+
+
+def _moments_group(ts: list[Tensor], eager_nonfinite: bool) -> Tensor:
+    """(k, 4) float32 moments of same-device, same-dtype dense tensors."""
+    dev = ts[0].device
+    l2 = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in ts])
+    if dev.type == "cpu":
+        maxabs = torch.stack([_maxabs_cpu(t) for t in ts])
+    else:
+        maxabs = torch.stack(torch._foreach_norm(ts, math.inf, dtype=torch.float32))
+    if eager_nonfinite:
+        nonfinite = torch.stack([torch.isfinite(t).logical_not_().sum(dtype=torch.float32) for t in ts])
+    else:
+        # CPU: reading the norms costs nothing, so count only where a norm is not finite.
+        nonfinite = torch.zeros(len(ts), dtype=torch.float32, device=dev)
+        bad = (~torch.isfinite(l2)).nonzero().flatten().tolist()
+        for i in bad:
+            nonfinite[i] = torch.isfinite(ts[i]).logical_not_().sum(dtype=torch.float32)
+    return torch.stack([sums, l2, maxabs.to(torch.float32), nonfinite], dim=1)
+
+
+def _maxabs_cpu(t: Tensor) -> Tensor:
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.float32)
+    lo, hi = torch.aminmax(t)
+    # max(|lo|, |hi|) with NaN propagation (torch.maximum propagates NaN).
+    return torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
+
+
+@torch.no_grad()
+def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = None, out_device: torch.device | None = None) -> Tensor:
+    """Raw per-tensor moments of dense gradients, in the order given.
+
+    Args:
+        grads: dense tensors (any float dtype, any devices; empty tensors allowed). For a sparse
+            gradient pass its ``coalesce()._values()``.
+        eager_nonfinite: count non-finite elements of every tensor (default: only on non-CPU
+            devices, where the lazy rule would need a host sync).
+        out_device: where the result lives (default: the first tensor's device).
+
+    Returns:
+        ``(len(grads), 4)`` float32 tensor with columns :data:`MOMENT_COLUMNS`. No host sync on
+        accelerators.
+    """
+    if not grads:
+        return torch.zeros((0, len(MOMENT_COLUMNS)), dtype=torch.float32, device=out_device)
+    out_device = out_device or grads[0].device
+    groups = _group_indices(grads)
+    results: list[Tensor] = []
+    for idx in groups:
+        ts = [grads[i] for i in idx]
+        eager = eager_nonfinite if eager_nonfinite is not None else ts[0].device.type != "cpu"
+        results.append(_moments_group(ts, eager).to(out_device, non_blocking=True))
+    if len(groups) == 1:
+        return results[0]
+    out = torch.empty((len(grads), len(MOMENT_COLUMNS)), dtype=torch.float32, device=out_device)
+    for idx, r in zip(groups, results):
+        out[torch.tensor(idx, device=out_device)] = r
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStats:
+    """Finished statistics of one gradient tensor (population variance)."""
+
+    numel: int
+    mean: float
+    var: float
+    std: float
+    l2: float
+    maxabs: float
+    nonfinite: int
+
+
+def finalize(numel: int, s1: float, l2: float, maxabs: float, nonfinite: float) -> LayerStats:
+    """Mean, population variance and std from raw moments, in float64 on the host.
+
+    ``var = max(l2**2/n - mean**2, 0)``; non-finite inputs propagate as produced (NaN/inf),
+    they are data. An empty tensor reports zeros.
+    """
+    if numel == 0:
+        return LayerStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, int(nonfinite))
+    mean = s1 / numel
+    var = (l2 * l2) / numel - mean * mean
+    if var < 0.0:  # cancellation; NaN compares False and stays NaN
+        var = 0.0
+    return LayerStats(numel, mean, var, math.sqrt(var) if var == var and var >= 0 else var, l2, maxabs, int(nonfinite))
+
+
+def merge(a: tuple[int, float, float, float, float], b: tuple[int, float, float, float, float]) -> tuple[int, float, float, float, float]:
+    """Merge two raw moment tuples ``(n, sum, l2, maxabs, nonfinite)`` exactly (windows, ranks)."""
+    n1, s1, l1, m1, f1 = a
+    n2, s2, l2, m2, f2 = b
+    m = m1 if m1 != m1 else (m2 if m2 != m2 else max(m1, m2))
+    return (n1 + n2, s1 + s2, math.sqrt(l1 * l1 + l2 * l2), m, f1 + f2)
+
+
+def pack_dtype(device: torch.device) -> torch.dtype:
+    """dtype of the packed per-step tensor: float64 keeps counts exact; MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class PendingCopy:
+    """A packed step result on its way to the host. :meth:`values` may block on the device, so
+    call it off the training thread (the sender does)."""
+
+    __slots__ = ("_buf", "_event", "_release")
+
+    def __init__(self, buf: Tensor, event: object | None, release: object | None) -> None:
+        self._buf = buf
+        self._event = event
+        self._release = release
+
+    def values(self) -> list[float]:
+        if self._event is not None:
+            self._event.synchronize()  # type: ignore[attr-defined]
+        vals: list[float] = self._buf.tolist()
+        if self._release is not None:
+            self._release()  # type: ignore[operator]
+            self._release = None
+        return vals
+
+
+class HostCopy:
+    """One device→host copy per recorded step, without making the training stream wait.
+
+    On CUDA the packed tensor is copied ``non_blocking`` into a pinned buffer taken from a small
+    ring, an event is recorded, and the reader synchronizes on that event later. A buffer returns
+    to the ring only after it was read, so step t+1 never overwrites what the sender is still
+    reading; when every ring buffer is still unread, a fresh one is allocated (the ring is
+    bounded, so memory stays flat once the reader keeps up). On CPU the tensor itself is handed
+    over: it is freshly computed each step and nobody writes to it again.
+    """
+
+    def __init__(self, ring: int = 4) -> None:
+        self._ring = ring
+        self._free: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, packed: Tensor) -> PendingCopy:
+        if packed.device.type != "cuda":
+            return PendingCopy(packed.detach().to("cpu"), None, None)
+        key = (packed.numel(), packed.dtype)
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            buf = free.pop() if free else None
+        if buf is None:
+            buf = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        buf.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+
+        def release(buf: Tensor = buf) -> None:
+            with self._lock:
+                lst = self._free.setdefault(key, [])
+                if len(lst) < self._ring:
+                    lst.append(buf)
+
+        return PendingCopy(buf, event, release)

@@ -1,0 +1,234 @@
+"""What every gradient transform shares: the per-step context and the canonical ordering.
+
+A transform edits ``p.grad`` in place through a :class:`GradContext`, which groups the
+gradients once per step for foreach kernels (in torch's own (device, dtype) grouping order, so
+total norms match ``clip_grad_norm_`` bit for bit), caches the per-layer L2 norms so clipping can
+reuse the statistics pass, and collects what each transform reports as device tensors. Nothing
+here synchronizes with the device: reports are packed and copied to the host once per step by
+whoever drives the pipeline (the watcher or the scaler).
+
+Order (ALGORITHMS.md §0): normalization, then unit-wise clipping, then element-wise clipping,
+then global clipping; at most one normalizer and one global clipper per pipeline.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+from .._torch import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["Slot", "GradContext", "Transform", "order_transforms", "apply_transforms", "as_param_list"]
+
+
+class Slot(enum.IntEnum):
+    """Where a transform sits in the canonical order."""
+
+    NORMALIZE = 0  # AutoscaledNorm, Centralize, ZScoreNorm (at most one)
+    UNITWISE = 1  # AGC
+    ELEMENTWISE = 2  # ClipValue
+    GLOBAL = 3  # ClipNorm, ZClip, AutoClip (at most one)
+
+
+_EXCLUSIVE = {Slot.NORMALIZE: "normalizer", Slot.GLOBAL: "global clipper"}
+
+
+def as_param_list(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    """torch's convention: a single tensor or an iterable of tensors; warns on an empty generator."""
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    is_gen = not isinstance(parameters, (list, tuple, set, dict))
+    params = list(parameters)
+    if is_gen and not params:
+        warnings.warn("`parameters` is an empty generator, no gradient transform will occur.", stacklevel=3)
+    return params
+
+
+class GradContext:
+    """The gradients of one optimizer step, as transforms see them.
+
+    Attributes:
+        params: parameters with a dense, non-None grad, in torch's (device, dtype) group order.
+        names: their names (``""`` when unknown), same order.
+        grads: ``[p.grad for p in params]``.
+        groups: ``[(device, dtype, [indices into params])]`` for foreach kernels.
+        device: where per-layer vectors and scalars live (the first grad's device).
+        found_inf: optional 0-dim float32 tensor on ``device``; > 0 means some gradient of this
+            step is non-finite (from the loss scaler). Device-side: no sync needed to use it.
+        skip: host-known verdict; True means the optimizer step will be skipped, so transforms
+            must leave grads and their running state alone. None means unknown (guard on device).
+        reports: ``{transform name: {key: tensor}}``; each tensor is 0-dim or shaped ``(L,)``
+            aligned with ``params``, on ``device``.
+        step: the optimizer step counter (0-based) of the driver, for transforms that care.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        names: Sequence[str] | None = None,
+        *,
+        found_inf: Tensor | None = None,
+        skip: bool | None = None,
+        step: int = 0,
+    ) -> None:
+        pairs = [(p, n) for p, n in zip(params, names or [""] * len(params)) if p.grad is not None and not p.grad.is_sparse]
+        self.sparse: list[Tensor] = [p for p in params if p.grad is not None and p.grad.is_sparse]
+        ordered, groups = _torch_group_order([p.grad for p, _ in pairs])  # type: ignore[misc]
+        self.params: list[Tensor] = [pairs[i][0] for i in ordered]
+        self.names: list[str] = [pairs[i][1] for i in ordered]
+        self.grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
+        self.groups: list[tuple[torch.device, torch.dtype, list[int]]] = groups
+        self.device: torch.device = self.grads[0].device if self.grads else torch.device("cpu")
+        self.found_inf = found_inf
+        self.skip = skip
+        self.step = step
+        self.reports: dict[str, dict[str, Tensor]] = {}
+        self._norms: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    # -- norms ---------------------------------------------------------------------------------
+
+    @property
+    def norms(self) -> Tensor:
+        """(L,) float32 L2 norms of the current grads on ``device`` (computed once, cached)."""
+        if self._norms is None:
+            if not self.grads:
+                self._norms = torch.zeros(0, dtype=torch.float32, device=self.device)
+            else:
+                parts = []
+                for _dev, _dt, idx in self.groups:
+                    ns = torch._foreach_norm([self.grads[i] for i in idx], 2, dtype=torch.float32)
+                    parts.extend(n.to(self.device, non_blocking=True) for n in ns)
+                self._norms = torch.stack(parts)
+        return self._norms
+
+    def set_norms(self, norms: Tensor | None) -> None:
+        """Hand in norms already computed (the statistics pass), or None after editing grads
+        in a way that changes them unpredictably. A transform that scales layer i by c_i may
+        instead call ``set_norms(norms * c)`` to keep the cache valid without a pass."""
+        self._norms = norms
+
+    def total_norm(self) -> Tensor:
+        """0-dim float32 global L2 norm of the current grads, as ``get_total_norm`` computes it."""
+        return torch.linalg.vector_norm(self.norms, 2)
+
+    def finite(self) -> Tensor:
+        """0-dim bool on ``device``: no gradient of this step is non-finite (device-side, no sync).
+
+        Uses ``found_inf`` when the scaler provided it, else the norms (an fp32 norm overflowing
+        for |g| > ~1e19 also counts as non-finite, which is the safe side)."""
+        if self.found_inf is not None:
+            return self.found_inf.to(self.device) == 0
+        return torch.isfinite(self.norms.sum())
+
+    def report(self, transform: str, **values: Tensor | float) -> None:
+        """Record values for the step record; floats are turned into device tensors."""
+        d = self.reports.setdefault(transform, {})
+        for k, v in values.items():
+            d[k] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float32, device=self.device)
+
+
+def _torch_group_order(grads: Sequence[Tensor]) -> tuple[list[int], list[tuple[torch.device, torch.dtype, list[int]]]]:
+    """A permutation that lists grads group by group, in the order torch's clip_grad uses."""
+    if not grads:
+        return [], []
+    try:
+        from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+        grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)  # type: ignore[list-item]
+        raw = [(dev, dt, list(idx)) for (dev, dt), (_ts, idx) in grouped.items()]
+    except Exception:  # private API moved: fall back to first-appearance order
+        d: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, g in enumerate(grads):
+            d.setdefault((g.device, g.dtype), []).append(i)
+        raw = [(dev, dt, idx) for (dev, dt), idx in d.items()]
+    order: list[int] = []
+    groups = []
+    for dev, dt, idx in raw:
+        groups.append((dev, dt, list(range(len(order), len(order) + len(idx)))))
+        order.extend(idx)
+    return order, groups
+
+
+class Transform:
+    """Base class of gradient transforms.
+
+    Subclasses set :attr:`name` (the key of their values in the step record) and :attr:`slot`,
+    implement :meth:`apply_`, and keep any running state in tensors on the gradients' device so
+    that no step needs a host sync. Running statistics must not move on a step whose gradients
+    are non-finite (``ctx.skip`` True, or guarded on device with ``ctx.finite()``).
+
+    Usable alone, like torch's utilities::
+
+        report = ClipNorm(1.0)(model.parameters())   # dict of 0-dim tensors, no host sync
+    """
+
+    name: ClassVar[str] = "transform"
+    slot: ClassVar[Slot] = Slot.GLOBAL
+
+    def apply_(self, ctx: GradContext) -> None:
+        """Edit ``ctx.grads`` in place and ``ctx.report(self.name, ...)`` what was done."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, parameters: Tensor | Iterable[Tensor]) -> dict[str, Tensor]:
+        ctx = GradContext(as_param_list(parameters))
+        if len(ctx):
+            self.apply_(ctx)
+        return ctx.reports.get(self.name, {})
+
+    def events(self, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """Host side, after the step's values came back: the events this step deserves, as
+        ``(kind, data)`` pairs (e.g. a ``clip`` event when the coefficient was below 1)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+    def reset(self) -> None:
+        """Forget running state (as if freshly constructed)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def order_transforms(transforms: Iterable[Transform]) -> list[Transform]:
+    """Validate and sort transforms into the canonical order (stable within a slot).
+
+    Raises:
+        TypeError: an element is not a :class:`Transform`.
+        ValueError: two normalizers or two global clippers, or one instance listed twice.
+    """
+    ts = list(transforms)
+    for t in ts:
+        if not isinstance(t, Transform):
+            raise TypeError(f"transforms must be gradwatch Transform instances, got {type(t).__name__}")
+    if len({id(t) for t in ts}) != len(ts):
+        raise ValueError("the same transform instance is listed twice")
+    for slot, what in _EXCLUSIVE.items():
+        same = [t for t in ts if t.slot == slot]
+        if len(same) > 1:
+            raise ValueError(
+                f"contradictory transforms: at most one {what} per pipeline, got "
+                + ", ".join(repr(t) for t in same)
+            )
+    return sorted(ts, key=lambda t: int(t.slot))
+
+
+@torch.no_grad()
+def apply_transforms(ctx: GradContext, transforms: Sequence[Transform]) -> None:
+    """Run already-ordered transforms on ``ctx`` unless the step is known to be skipped."""
+    if ctx.skip or not len(ctx):
+        return
+    for t in transforms:
+        t.apply_(ctx)

@@ -1,0 +1,1 @@
+"""Agent transports: how batches leave the process (memory, file, HTTP, websocket)."""

@@ -1,0 +1,544 @@
+"""The versioned wire schema between the agent and the server (stdlib only).
+
+The agent produces :class:`Batch` objects and the server decodes them with :func:`decode_batch`;
+both import this one module, so the two sides cannot drift. Nothing here imports torch.
+
+Encoding: UTF-8 JSON. Strict JSON cannot carry NaN or ±inf, and gradwatch exists to report them,
+so every float field may hold the strings ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``; the
+decoder turns them back into floats. ``null`` means "not measured", never NaN.
+
+Per-layer statistics travel column-wise (one list per field, in the order of ``layer_ids``),
+which keeps a 200-layer step to a few kilobytes and lets the server bulk-insert by zipping.
+
+Idempotency: a batch is identified by ``(run.run_id, source, seq)``; the server stores a batch at
+most once, so the agent may resend freely after a reconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "WIRE_VERSION",
+    "LAYER_FIELDS",
+    "EVENT_KINDS",
+    "RUN_STATUSES",
+    "MAX_LAYERS",
+    "WireError",
+    "RunInfo",
+    "LayerInfo",
+    "StepRecord",
+    "ScalarRecord",
+    "Event",
+    "Batch",
+    "encode_batch",
+    "decode_batch",
+    "batch_to_dict",
+    "batch_from_dict",
+    "encode_float",
+    "decode_float",
+]
+
+#: Major version of the schema. The server rejects other majors with a clear 4xx.
+WIRE_VERSION = 1
+
+#: Per-layer columns of a step record, in this order. ``numel`` and ``nonfinite`` are integers;
+#: ``l2_post`` (the L2 norm after the transforms) is null when no transform ran that step.
+LAYER_FIELDS: tuple[str, ...] = ("numel", "mean", "var", "std", "l2", "maxabs", "nonfinite", "l2_post")
+
+#: Event kinds. ``overflow``: the loss scaler found inf/NaN (data: scale_before, scale_after,
+#: layers). ``scale_growth``: the scale grew. ``skipped``: the optimizer step was skipped.
+#: ``clip``: a clipper changed the gradients. ``nonfinite``: non-finite gradients without a
+#: scaler. ``spike``: a statistic jumped. ``manual_scale``: update(new_scale=...) was called.
+EVENT_KINDS: frozenset[str] = frozenset(
+    {"overflow", "scale_growth", "skipped", "clip", "nonfinite", "spike", "manual_scale"}
+)
+
+#: Run statuses a batch may set.
+RUN_STATUSES: frozenset[str] = frozenset({"running", "finished", "crashed"})
+
+#: Upper bounds that keep a malformed or hostile payload from exhausting the server.
+MAX_LAYERS = 100_000
+MAX_NAME = 512
+_MAX_KEY = 128
+
+
+class WireError(ValueError):
+    """A payload that does not follow the schema; the message names the offending field."""
+
+
+# --------------------------------------------------------------------------------------------
+# floats
+
+
+def encode_float(x: float | None) -> float | str | None:
+    """Encode one float for JSON: non-finite values become "NaN"/"Infinity"/"-Infinity"."""
+    if x is None:
+        return None
+    if x != x:
+        return "NaN"
+    if x == math.inf:
+        return "Infinity"
+    if x == -math.inf:
+        return "-Infinity"
+    return x
+
+
+_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf, "nan": math.nan,
+            "inf": math.inf, "-inf": -math.inf}
+
+
+def decode_float(v: Any, where: str, *, nullable: bool = True) -> float | None:
+    """Decode one float encoded by :func:`encode_float`, raising WireError on anything else."""
+    t = type(v)
+    if t is float:
+        return v  # type: ignore[no-any-return]
+    if t is int:
+        return float(v)
+    if v is None:
+        if nullable:
+            return None
+        raise WireError(f"{where}: null is not allowed here")
+    if t is str:
+        try:
+            return _SPECIAL[v]
+        except KeyError:
+            raise WireError(f"{where}: expected a number or 'NaN'/'Infinity'/'-Infinity', got {v!r:.40}") from None
+    raise WireError(f"{where}: expected a number, got {t.__name__}")
+
+
+def _enc_list(xs: list[float | None]) -> list[float | str | None]:
+    # Fast path: a column of finite floats (the usual case) is passed through untouched.
+    for x in xs:
+        if x is None or x != x or x in (math.inf, -math.inf):
+            return [encode_float(v) for v in xs]
+    return xs  # type: ignore[return-value]
+
+
+def _dec_list(v: Any, where: str, n: int, *, integer: bool = False, nullable: bool = False) -> list[Any]:
+    if type(v) is not list:
+        raise WireError(f"{where}: expected a list of {n} numbers, got {type(v).__name__}")
+    if len(v) != n:
+        raise WireError(f"{where}: expected {n} values (one per entry of layer_ids), got {len(v)}")
+    if integer:
+        for i, x in enumerate(v):
+            if type(x) is not int or x < 0:
+                if nullable and x is None:
+                    continue
+                raise WireError(f"{where}[{i}]: expected a non-negative integer, got {x!r:.40}")
+        return v
+    # Fast path: all plain floats/ints.
+    if all(type(x) is float or type(x) is int for x in v):
+        return [float(x) for x in v]
+    return [decode_float(x, f"{where}[{i}]", nullable=nullable) for i, x in enumerate(v)]
+
+
+# --------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """Identity and metadata of a run. ``run_id`` is made by the agent (32 hex chars) and adopted
+    by the server as the run's id, so offline files and spools upload to the same run."""
+
+    run_id: str
+    project: str = "default"
+    name: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+    started_at: float | None = None
+    world_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """One parameter tensor of the model; ``index`` is its position in the run's layer table."""
+
+    index: int
+    name: str
+    shape: list[int] = field(default_factory=list)
+    dtype: str = ""
+    sparse: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """Everything measured at one optimizer step of one rank.
+
+    ``layers`` maps each name of :data:`LAYER_FIELDS` to a list aligned with ``layer_ids``
+    (layers whose grad was None that step are absent). ``transforms`` maps a transform's name to
+    its own values (threshold, coefficient, alpha...), each a float or a list of floats.
+    """
+
+    step: int
+    time: float
+    rank: int = 0
+    layer_ids: list[int] = field(default_factory=list)
+    layers: dict[str, list[Any]] = field(default_factory=dict)
+    total_norm: float | None = None
+    total_norm_post: float | None = None
+    clip_coef: float | None = None
+    loss_scale: float | None = None
+    skipped: bool = False
+    transforms: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ScalarRecord:
+    """User scalars from ``Watcher.log`` (loss, lr, accuracy...) at one step."""
+
+    step: int
+    time: float
+    values: dict[str, float | None]
+    rank: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A discrete decision or anomaly (see :data:`EVENT_KINDS`); ``data`` is JSON-able."""
+
+    kind: str
+    step: int
+    time: float
+    rank: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The unit the agent sends and the server stores atomically."""
+
+    run: RunInfo
+    seq: int
+    source: int = 0
+    sent_at: float = 0.0
+    layers: list[LayerInfo] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    scalars: list[ScalarRecord] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    status: str | None = None
+    wire_version: int = WIRE_VERSION
+
+    @property
+    def row_count(self) -> int:
+        """Layer rows in this batch (the unit ingest throughput is measured in)."""
+        return sum(len(s.layer_ids) for s in self.steps)
+
+
+# --------------------------------------------------------------------------------------------
+# encoding
+
+
+def _enc_value(v: Any) -> Any:
+    if type(v) is float:
+        return encode_float(v)
+    if type(v) is list:
+        return [_enc_value(x) for x in v]
+    if type(v) is dict:
+        return {k: _enc_value(x) for k, x in v.items()}
+    return v
+
+
+def batch_to_dict(b: Batch) -> dict[str, Any]:
+    """The JSON-ready dict of a batch (non-finite floats encoded)."""
+    r = b.run
+    return {
+        "wire_version": b.wire_version,
+        "run": {
+            "run_id": r.run_id,
+            "project": r.project,
+            "name": r.name,
+            "config": _enc_value(r.config),
+            "tags": list(r.tags),
+            "started_at": r.started_at,
+            "world_size": r.world_size,
+        },
+        "seq": b.seq,
+        "source": b.source,
+        "sent_at": b.sent_at,
+        "status": b.status,
+        "layers": [
+            {"index": la.index, "name": la.name, "shape": list(la.shape), "dtype": la.dtype, "sparse": la.sparse}
+            for la in b.layers
+        ],
+        "steps": [
+            {
+                "step": s.step,
+                "time": s.time,
+                "rank": s.rank,
+                "layer_ids": s.layer_ids,
+                "layers": {k: _enc_list(v) for k, v in s.layers.items()},
+                "total_norm": encode_float(s.total_norm),
+                "total_norm_post": encode_float(s.total_norm_post),
+                "clip_coef": encode_float(s.clip_coef),
+                "loss_scale": encode_float(s.loss_scale),
+                "skipped": s.skipped,
+                "transforms": _enc_value(s.transforms),
+            }
+            for s in b.steps
+        ],
+        "scalars": [
+            {"step": s.step, "time": s.time, "rank": s.rank, "values": _enc_value(s.values)} for s in b.scalars
+        ],
+        "events": [
+            {"kind": e.kind, "step": e.step, "time": e.time, "rank": e.rank, "data": _enc_value(e.data)}
+            for e in b.events
+        ],
+    }
+
+
+def encode_batch(b: Batch) -> bytes:
+    """Serialize a batch to strict JSON bytes (no NaN/Infinity tokens)."""
+    return json.dumps(batch_to_dict(b), separators=(",", ":"), allow_nan=False).encode()
+
+
+# --------------------------------------------------------------------------------------------
+# decoding (strict: every error names the field)
+
+
+def _obj(v: Any, where: str) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise WireError(f"{where}: expected an object, got {type(v).__name__}")
+    return v
+
+
+def _int(v: Any, where: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if type(v) is not int:
+        raise WireError(f"{where}: expected an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise WireError(f"{where}: {v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def _str(v: Any, where: str, *, nullable: bool = False, max_len: int = MAX_NAME) -> str | None:
+    if v is None and nullable:
+        return None
+    if type(v) is not str:
+        raise WireError(f"{where}: expected a string, got {type(v).__name__}")
+    if len(v) > max_len:
+        raise WireError(f"{where}: longer than {max_len} characters")
+    if "\x00" in v:
+        raise WireError(f"{where}: contains a NUL character")
+    return v
+
+
+def _finite_time(v: Any, where: str, *, nullable: bool = False) -> float | None:
+    x = decode_float(v, where, nullable=nullable)
+    if x is not None and not math.isfinite(x):
+        raise WireError(f"{where}: must be a finite number")
+    return x
+
+
+def _bool(v: Any, where: str) -> bool:
+    if type(v) is not bool:
+        raise WireError(f"{where}: expected true or false, got {type(v).__name__}")
+    return v
+
+
+def _dec_value(v: Any, where: str, depth: int = 0) -> Any:
+    """Decode a free-form JSON value, turning encoded non-finite strings back into floats."""
+    if depth > 8:
+        raise WireError(f"{where}: nested too deeply")
+    t = type(v)
+    if t is str and v in _SPECIAL:
+        return _SPECIAL[v]
+    if t is list:
+        return [_dec_value(x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v)]
+    if t is dict:
+        return {_str(k, f"{where} key", max_len=_MAX_KEY): _dec_value(x, f"{where}.{k}", depth + 1) for k, x in v.items()}
+    return v
+
+
+def _known(d: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    extra = d.keys() - allowed
+    if extra:
+        raise WireError(f"{where}: unknown field(s) {sorted(extra)[:5]}")
+
+
+_BATCH_KEYS = frozenset({"wire_version", "run", "seq", "source", "sent_at", "status", "layers", "steps", "scalars", "events"})
+_RUN_KEYS = frozenset({"run_id", "project", "name", "config", "tags", "started_at", "world_size"})
+_LAYER_KEYS = frozenset({"index", "name", "shape", "dtype", "sparse"})
+_STEP_KEYS = frozenset({"step", "time", "rank", "layer_ids", "layers", "total_norm", "total_norm_post",
+                        "clip_coef", "loss_scale", "skipped", "transforms"})
+_SCALAR_KEYS = frozenset({"step", "time", "rank", "values"})
+_EVENT_KEYS = frozenset({"kind", "step", "time", "rank", "data"})
+_INT_FIELDS = frozenset({"numel", "nonfinite"})
+
+
+def _run_id(v: Any, where: str) -> str:
+    s = _str(v, where, max_len=64)
+    assert s is not None
+    if not s or not all(c.isalnum() or c in "-_" for c in s):
+        raise WireError(f"{where}: must be 1-64 characters of letters, digits, '-' or '_'")
+    return s
+
+
+def _list(v: Any, where: str, max_len: int) -> list[Any]:
+    if type(v) is not list:
+        raise WireError(f"{where}: expected a list, got {type(v).__name__}")
+    if len(v) > max_len:
+        raise WireError(f"{where}: more than {max_len} entries")
+    return v
+
+
+def batch_from_dict(d: Any) -> Batch:
+    """Validate and decode the dict form of a batch. Raises :class:`WireError`."""
+    d = _obj(d, "batch")
+    if "wire_version" not in d:
+        raise WireError("batch.wire_version: missing")
+    ver = d["wire_version"]
+    if type(ver) is not int:
+        raise WireError("batch.wire_version: expected an integer")
+    if ver != WIRE_VERSION:
+        raise WireError(f"batch.wire_version: this server speaks wire version {WIRE_VERSION}, got {ver}; "
+                        "upgrade the older side")
+    _known(d, _BATCH_KEYS, "batch")
+    for k in ("run", "seq"):
+        if k not in d:
+            raise WireError(f"batch.{k}: missing")
+
+    rd = _obj(d["run"], "batch.run")
+    _known(rd, _RUN_KEYS, "batch.run")
+    if "run_id" not in rd:
+        raise WireError("batch.run.run_id: missing")
+    config = _dec_value(rd.get("config") or {}, "batch.run.config")
+    if type(config) is not dict:
+        raise WireError("batch.run.config: expected an object")
+    run = RunInfo(
+        run_id=_run_id(rd["run_id"], "batch.run.run_id"),
+        project=_str(rd.get("project", "default"), "batch.run.project") or "default",
+        name=_str(rd.get("name"), "batch.run.name", nullable=True),
+        config=config,
+        tags=[_str(t, f"batch.run.tags[{i}]", max_len=_MAX_KEY) for i, t in enumerate(_list(rd.get("tags") or [], "batch.run.tags", 256))],  # type: ignore[misc]
+        started_at=_finite_time(rd.get("started_at"), "batch.run.started_at", nullable=True),
+        world_size=_int(rd.get("world_size", 1), "batch.run.world_size", lo=1, hi=1 << 20),
+    )
+    status = d.get("status")
+    if status is not None and status not in RUN_STATUSES:
+        raise WireError(f"batch.status: must be one of {sorted(RUN_STATUSES)} or null, got {status!r:.40}")
+
+    layers = []
+    for i, la in enumerate(_list(d.get("layers") or [], "batch.layers", MAX_LAYERS)):
+        w = f"batch.layers[{i}]"
+        la = _obj(la, w)
+        _known(la, _LAYER_KEYS, w)
+        for k in ("index", "name"):
+            if k not in la:
+                raise WireError(f"{w}.{k}: missing")
+        shape = _list(la.get("shape") or [], f"{w}.shape", 16)
+        layers.append(LayerInfo(
+            index=_int(la["index"], f"{w}.index", hi=MAX_LAYERS - 1),
+            name=_str(la["name"], f"{w}.name") or "",
+            shape=[_int(x, f"{w}.shape[{j}]") for j, x in enumerate(shape)],
+            dtype=_str(la.get("dtype", ""), f"{w}.dtype", max_len=32) or "",
+            sparse=_bool(la.get("sparse", False), f"{w}.sparse"),
+        ))
+
+    steps = []
+    for i, s in enumerate(_list(d.get("steps") or [], "batch.steps", 1_000_000)):
+        w = f"batch.steps[{i}]"
+        s = _obj(s, w)
+        _known(s, _STEP_KEYS, w)
+        for k in ("step", "time"):
+            if k not in s:
+                raise WireError(f"{w}.{k}: missing")
+        ids = _list(s.get("layer_ids") or [], f"{w}.layer_ids", MAX_LAYERS)
+        for j, x in enumerate(ids):
+            if type(x) is not int or not 0 <= x < MAX_LAYERS:
+                raise WireError(f"{w}.layer_ids[{j}]: expected a layer index in [0, {MAX_LAYERS})")
+        if len(set(ids)) != len(ids):
+            raise WireError(f"{w}.layer_ids: contains duplicates")
+        cols = _obj(s.get("layers") or {}, f"{w}.layers")
+        unknown = cols.keys() - set(LAYER_FIELDS)
+        if unknown:
+            raise WireError(f"{w}.layers: unknown column(s) {sorted(unknown)[:5]}; expected {list(LAYER_FIELDS)}")
+        n = len(ids)
+        dec_cols: dict[str, list[Any]] = {}
+        for k in LAYER_FIELDS:
+            if k not in cols:
+                if n and k != "l2_post":
+                    raise WireError(f"{w}.layers.{k}: missing")
+                dec_cols[k] = [None] * n
+                continue
+            dec_cols[k] = _dec_list(cols[k], f"{w}.layers.{k}", n, integer=k in _INT_FIELDS,
+                                    nullable=k == "l2_post")
+        tr = _dec_value(s.get("transforms") or {}, f"{w}.transforms")
+        if type(tr) is not dict or any(type(v) is not dict for v in tr.values()):
+            raise WireError(f"{w}.transforms: expected an object of objects")
+        steps.append(StepRecord(
+            step=_int(s["step"], f"{w}.step"),
+            time=_finite_time(s["time"], f"{w}.time") or 0.0,
+            rank=_int(s.get("rank", 0), f"{w}.rank", hi=1 << 20),
+            layer_ids=ids,
+            layers=dec_cols,
+            total_norm=decode_float(s.get("total_norm"), f"{w}.total_norm"),
+            total_norm_post=decode_float(s.get("total_norm_post"), f"{w}.total_norm_post"),
+            clip_coef=decode_float(s.get("clip_coef"), f"{w}.clip_coef"),
+            loss_scale=decode_float(s.get("loss_scale"), f"{w}.loss_scale"),
+            skipped=_bool(s.get("skipped", False), f"{w}.skipped"),
+            transforms=tr,
+        ))
+
+    scalars = []
+    for i, s in enumerate(_list(d.get("scalars") or [], "batch.scalars", 1_000_000)):
+        w = f"batch.scalars[{i}]"
+        s = _obj(s, w)
+        _known(s, _SCALAR_KEYS, w)
+        for k in ("step", "time", "values"):
+            if k not in s:
+                raise WireError(f"{w}.{k}: missing")
+        vals = _obj(s["values"], f"{w}.values")
+        scalars.append(ScalarRecord(
+            step=_int(s["step"], f"{w}.step"),
+            time=_finite_time(s["time"], f"{w}.time") or 0.0,
+            rank=_int(s.get("rank", 0), f"{w}.rank", hi=1 << 20),
+            values={_str(k, f"{w}.values key", max_len=_MAX_KEY): decode_float(v, f"{w}.values.{k}")  # type: ignore[misc]
+                    for k, v in vals.items()},
+        ))
+
+    events = []
+    for i, e in enumerate(_list(d.get("events") or [], "batch.events", 1_000_000)):
+        w = f"batch.events[{i}]"
+        e = _obj(e, w)
+        _known(e, _EVENT_KEYS, w)
+        for k in ("kind", "step", "time"):
+            if k not in e:
+                raise WireError(f"{w}.{k}: missing")
+        if e["kind"] not in EVENT_KINDS:
+            raise WireError(f"{w}.kind: must be one of {sorted(EVENT_KINDS)}, got {e['kind']!r:.40}")
+        data = _dec_value(e.get("data") or {}, f"{w}.data")
+        if type(data) is not dict:
+            raise WireError(f"{w}.data: expected an object")
+        events.append(Event(
+            kind=e["kind"],
+            step=_int(e["step"], f"{w}.step"),
+            time=_finite_time(e["time"], f"{w}.time") or 0.0,
+            rank=_int(e.get("rank", 0), f"{w}.rank", hi=1 << 20),
+            data=data,
+        ))
+
+    return Batch(
+        run=run,
+        seq=_int(d["seq"], "batch.seq"),
+        source=_int(d.get("source", 0), "batch.source", hi=1 << 20),
+        sent_at=_finite_time(d.get("sent_at", 0.0), "batch.sent_at") or 0.0,
+        layers=layers,
+        steps=steps,
+        scalars=scalars,
+        events=events,
+        status=status,
+        wire_version=ver,
+    )
+
+
+def decode_batch(data: bytes | str) -> Batch:
+    """Parse and validate an encoded batch. Raises :class:`WireError` with a precise message."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WireError(f"batch: not valid JSON ({e})") from None
+    return batch_from_dict(obj)

@@ -1,0 +1,1 @@
+"""gradwatch dashboard (Dash + Plotly), served by the server process; arrives in a later issue."""

@@ -1,0 +1,1 @@
+"""gradwatch server: ingest, storage and the REST API (FastAPI + SQLAlchemy)."""

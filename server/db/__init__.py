@@ -1,0 +1,1 @@
+"""gradwatch.server.db."""
