@@ -50,3 +50,19 @@ def test_unknown_public_name_raises_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         agent.nope  # noqa: B018
+
+
+def test_no_source_imports_a_bare_folder_name() -> None:
+    """`agent`, `server`... import under their bare names from the repo root, which would work in
+    development and break in the wheel; every import must go through `gradwatch.*` or be relative."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    bare = re.compile(r"^\s*(from|import)\s+(agent|server|dashboard|migrations|cli)(\.|\s|$)", re.M)
+    offenders = []
+    for folder in ("agent", "server", "dashboard", "migrations", "cli", "tests", "bench", "examples"):
+        for f in (root / folder).rglob("*.py"):
+            if bare.search(f.read_text(encoding="utf-8")):
+                offenders.append(str(f.relative_to(root)))
+    assert not offenders, f"bare-folder imports: {offenders}"

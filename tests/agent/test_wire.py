@@ -1,0 +1,195 @@
+"""The wire schema: lossless round trips (NaN/±inf included) and precise errors on bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+
+from gradwatch.agent import wire
+from gradwatch.agent.wire import (
+    LAYER_FIELDS,
+    Batch,
+    Event,
+    LayerInfo,
+    RunInfo,
+    ScalarRecord,
+    StepRecord,
+    WireError,
+    batch_to_dict,
+    decode_batch,
+    encode_batch,
+)
+
+SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-300, 1e300, 5e-324]
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _random_batch(rng: random.Random, n_layers: int = 5, n_steps: int = 3) -> Batch:
+    def f() -> float:
+        return rng.choice(SPECIALS) if rng.random() < 0.3 else rng.uniform(-1e3, 1e3)
+
+    layers = [LayerInfo(i, f"block{i}.weight", [rng.randint(1, 9), rng.randint(1, 9)], "float32", sparse=i == 3)
+              for i in range(n_layers)]
+    steps = []
+    for s in range(n_steps):
+        ids = sorted(rng.sample(range(n_layers), rng.randint(0, n_layers)))
+        cols = {k: ([rng.randint(0, 10**12) for _ in ids] if k in ("numel", "nonfinite") else [f() for _ in ids])
+                for k in LAYER_FIELDS}
+        cols["l2_post"] = [None if rng.random() < 0.3 else f() for _ in ids]
+        steps.append(StepRecord(step=s, time=1.7e9 + s, rank=rng.randint(0, 3), layer_ids=ids, layers=cols,
+                                total_norm=f(), total_norm_post=f(), clip_coef=f(), loss_scale=f(),
+                                skipped=rng.random() < 0.5,
+                                transforms={"clip_norm": {"coef": f(), "per_layer": [f(), f()]}}))
+    return Batch(
+        run=RunInfo(run_id="a" * 32, project="p", name="r", config={"lr": f(), "nested": {"x": [f()]}}, tags=["t"],
+                    started_at=1.7e9, world_size=2),
+        seq=rng.randint(1, 10**9), source=1, sent_at=1.7e9, layers=layers, steps=steps,
+        scalars=[ScalarRecord(step=1, time=1.7e9, values={"loss": f(), "acc": None})],
+        events=[Event("overflow", 2, 1.7e9, 0, {"scale_before": f(), "layers": ["a", "b"]})],
+        status=rng.choice([None, "running", "finished", "crashed"]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_round_trip_is_lossless_including_non_finite(seed: int) -> None:
+    b = _random_batch(random.Random(seed))
+    raw = encode_batch(b)
+    # strict JSON: no NaN/Infinity tokens a strict parser would reject
+    json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-standard JSON token {c}"))
+    back = decode_batch(raw)
+    assert _same(batch_to_dict(back), batch_to_dict(b))
+    assert back.row_count == b.row_count
+
+
+def test_layer_columns_come_back_as_floats_and_ints() -> None:
+    b = _random_batch(random.Random(1), n_layers=4, n_steps=1)
+    s = decode_batch(encode_batch(b)).steps[0]
+    for k in ("mean", "var", "std", "l2", "maxabs"):
+        assert all(type(v) is float for v in s.layers[k])
+    assert all(type(v) is int for v in s.layers["numel"])
+
+
+def _valid() -> dict:
+    return batch_to_dict(_random_batch(random.Random(7), n_layers=3, n_steps=2))
+
+
+def _set(d: dict, path: list, value: object) -> dict:
+    d = copy.deepcopy(d)
+    cur = d
+    for p in path[:-1]:
+        cur = cur[p]
+    if value is _DELETE:
+        del cur[path[-1]]
+    else:
+        cur[path[-1]] = value
+    return d
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (["wire_version"], 2, "wire version 1, got 2"),
+        (["wire_version"], "1", "wire_version: expected an integer"),
+        (["wire_version"], _DELETE, "wire_version: missing"),
+        (["seq"], -1, "batch.seq: -1 is out of range"),
+        (["seq"], 1.5, "batch.seq: expected an integer"),
+        (["run"], _DELETE, "batch.run: missing"),
+        (["run", "run_id"], "x/../y", "run_id: must be"),
+        (["run", "run_id"], "", "run_id: must be"),
+        (["run", "run_id"], "a" * 65, "longer than 64"),
+        (["run", "world_size"], 0, "world_size: 0 is out of range"),
+        (["status"], "exploded", "batch.status: must be one of"),
+        (["bogus"], 1, "unknown field(s) ['bogus']"),
+        (["layers", 0, "index"], -3, "batch.layers[0].index"),
+        (["layers", 0, "name"], 5, "batch.layers[0].name: expected a string"),
+        (["layers", 0, "name"], "a\x00b", "NUL"),
+        (["steps", 0, "step"], "ten", "batch.steps[0].step: expected an integer"),
+        (["steps", 0, "time"], "NaN", "batch.steps[0].time: must be a finite number"),
+        (["steps", 0, "layer_ids"], [0, 0], "contains duplicates"),
+        (["steps", 0, "layers", "mean"], "oops", "batch.steps[0].layers.mean: expected a list"),
+        (["steps", 0, "layers", "bogus"], [], "unknown column(s) ['bogus']"),
+        (["steps", 0, "total_norm"], "big", "total_norm: expected a number or 'NaN'"),
+        (["steps", 0, "skipped"], 1, "skipped: expected true or false"),
+        (["steps", 0, "transforms"], {"x": 1}, "transforms: expected an object of objects"),
+        (["scalars", 0, "values", "loss"], [1], "values.loss: expected a number"),
+        (["events", 0, "kind"], "meltdown", "batch.events[0].kind: must be one of"),
+        (["events", 0, "step"], _DELETE, "batch.events[0].step: missing"),
+        (["steps"], {"a": 1}, "batch.steps: expected a list"),
+    ],
+)
+def test_bad_input_names_the_field(path: list, value: object, message: str) -> None:
+    bad = _set(_valid(), path, value)
+    with pytest.raises(WireError) as ei:
+        wire.batch_from_dict(bad)
+    assert message in str(ei.value)
+
+
+def test_column_length_must_match_layer_ids() -> None:
+    d = _valid()
+    d["steps"][0]["layer_ids"] = [0, 1, 2]
+    d["steps"][0]["layers"] = {k: [1.0, 2.0] for k in LAYER_FIELDS}
+    with pytest.raises(WireError, match=r"expected 3 values \(one per entry of layer_ids\), got 2"):
+        wire.batch_from_dict(d)
+
+
+def test_integer_columns_reject_floats_and_negatives() -> None:
+    d = _valid()
+    d["steps"][0]["layer_ids"] = [0]
+    d["steps"][0]["layers"] = {k: [1.0] for k in LAYER_FIELDS}
+    d["steps"][0]["layers"]["numel"] = [1.5]
+    with pytest.raises(WireError, match=r"layers.numel\[0\]: expected a non-negative integer"):
+        wire.batch_from_dict(d)
+    d["steps"][0]["layers"]["numel"] = [-1]
+    with pytest.raises(WireError, match="non-negative"):
+        wire.batch_from_dict(d)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe", b"[]", b"null", b'"x"', b"42"])
+def test_garbage_is_a_wire_error_not_a_crash(raw: bytes) -> None:
+    with pytest.raises(WireError):
+        decode_batch(raw)
+
+
+def test_deep_nesting_is_refused() -> None:
+    d = _valid()
+    v: object = 1
+    for _ in range(20):
+        v = [v]
+    d["run"]["config"] = {"deep": v}
+    with pytest.raises(WireError, match="nested too deeply"):
+        wire.batch_from_dict(d)
+
+
+def test_lenient_on_raw_nan_tokens_from_other_encoders() -> None:
+    d = _valid()
+    text = json.dumps(d).replace('"NaN"', "NaN")
+    b = decode_batch(text)
+    assert b.seq == d["seq"]
+
+
+def test_encode_float_rules() -> None:
+    assert wire.encode_float(math.nan) == "NaN"
+    assert wire.encode_float(math.inf) == "Infinity"
+    assert wire.encode_float(-math.inf) == "-Infinity"
+    assert wire.encode_float(None) is None
+    assert wire.encode_float(1.5) == 1.5
+    with pytest.raises(WireError, match="expected a number"):
+        wire.decode_float({}, "x")
+    with pytest.raises(WireError, match="null is not allowed"):
+        wire.decode_float(None, "x", nullable=False)
