@@ -14,6 +14,19 @@ from .base import Item, LayerTable, Pending, Sink
 
 __all__ = ["make_sink", "Sink", "Pending", "Item", "LayerTable"]
 
+_FILE_OPTIONS = frozenset({"flush_interval", "batch_max_steps", "batch_max_rows", "buffer_max", "close_timeout",
+                           "send_status", "quiet"})
+#: Options that only mean something for another kind of target; accepted and ignored so that
+#: ``watch(server=..., token=...)`` works unchanged whatever the target.
+_IGNORED = frozenset({"token", "spool_dir", "connect_timeout", "resume", "ws", "backoff_max", "request_timeout"})
+
+
+def _known(options: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+    unknown = options.keys() - allowed - _IGNORED
+    if unknown:
+        raise TypeError(f"unknown gradwatch transport option(s): {sorted(unknown)}")
+    return {k: v for k, v in options.items() if k in allowed and v is not None}
+
 
 def make_sink(target: str, *, run: RunInfo, layers: LayerTable, rank: int = 0, **options: Any) -> Sink:
     """Build the sink for ``target``. Raises ValueError for a target it cannot serve (at
@@ -22,4 +35,13 @@ def make_sink(target: str, *, run: RunInfo, layers: LayerTable, rank: int = 0, *
         from .memory import MemorySink
 
         return MemorySink(run, layers)
+    if target.startswith("file:"):
+        from .file import FileSink
+
+        path = target[len("file:"):]
+        if path.startswith("//"):  # file:///abs/path
+            path = path[2:]
+        if not path:
+            raise ValueError("file: target needs a path, e.g. server='file:runs/run1.jsonl'")
+        return FileSink(path, run, layers, rank=rank, **_known(options, _FILE_OPTIONS)).start()
     raise ValueError(f"unsupported gradwatch target {target!r}: expected 'memory', 'file:PATH' or an http(s):// URL")

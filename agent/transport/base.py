@@ -27,7 +27,7 @@ class Pending(Protocol):
         ...
 
 
-Item = Union[StepRecord, ScalarRecord, Event, Pending]
+Item = Union[StepRecord, ScalarRecord, Event, Pending]  # noqa: UP007 (runtime alias, py3.10)
 
 #: Returns the run's current layer table (the watcher's registry; grows if params are added).
 LayerTable = Callable[[], list[LayerInfo]]
