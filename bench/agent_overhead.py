@@ -202,7 +202,7 @@ _SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "n
 
 
 @contextlib.contextmanager
-def count_syncs() -> "contextlib.Generator[dict[str, int], None, None]":
+def count_syncs() -> contextlib.Generator[dict[str, int], None, None]:
     counts = {"n": 0}
     main = threading.get_ident()
     saved = {m: getattr(torch.Tensor, m) for m in _SYNC_METHODS}
@@ -260,7 +260,16 @@ def bench_task(task: str, names: list[str], rounds: int, block: int, warmup: int
 
 def bench_transforms(task: str, reps: int) -> list[tuple[str, float, float, float]]:
     """Each transform on fixed gradients vs one read pass and one read-write pass."""
-    from gradwatch.agent import AGC, AutoClip, AutoscaledNorm, Centralize, ClipNorm, ClipValue, ZClip, ZScoreNorm
+    from gradwatch.agent import (
+        AGC,
+        AutoClip,
+        AutoscaledNorm,
+        Centralize,
+        ClipNorm,
+        ClipValue,
+        ZClip,
+        ZScoreNorm,
+    )
 
     model, loss_fn = make_task(task)
     loss_fn(model).backward()
@@ -314,7 +323,7 @@ def main() -> int:
             res = bench_task(task, names, args.rounds, args.block, args.warmup, tmp)
             bm = next(iter(res.values()))[4]
             print(f"\n## {task}  (baseline step ~{bm:.0f} ms; ratio = median over {args.rounds} rounds [min-max])")
-            print(f"| variant | step time / baseline | host syncs per step (training thread) |")
+            print("| variant | step time / baseline | host syncs per step (training thread) |")
             print("|---|---|---|")
             for n, (m, lo, hi, s, _) in res.items():
                 print(f"| {n} | {m:.3f} [{lo:.3f}-{hi:.3f}] | {s} |")
