@@ -1,0 +1,317 @@
+"""Gradient normalizers (slot S5a, ALGORITHMS.md §3-5): AutoscaledNorm, Centralize, ZScoreNorm.
+
+All three edit ``p.grad`` in place, on the device, without a host sync. On a step whose
+gradients are not all finite (unknown on the host: guarded on the device through
+``ctx.finite()``) the edit becomes an exact identity (``-0.0 + 1·g``) and no running statistic
+moves; the step record then carries ``skipped_update = 1``.
+
+Kernel passes per step (over gradient memory, eligible layers only):
+
+* reads: one moment pass per layer (``var_mean`` for fp32/fp64; ``sum`` for fp16/bf16, whose
+  sum of squares comes from the context's cached norms, computed once per step and shared with
+  the statistics pass and the clippers);
+* writes: one fused pass (``addcmul(shift, g, scale, out=g)``, or ``sub_`` for Centralize).
+
+After the edit the context's norm cache is updated analytically from the moments (no extra pass),
+so a following clipper does not need to re-read the gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from gradwatch.agent._torch import torch
+from gradwatch.agent.transforms.base import GradContext, Slot, Transform
+
+Tensor = torch.Tensor
+
+__all__ = ["AutoscaledNorm", "Centralize", "ZScoreNorm", "ALPHA_MODES"]
+
+ALPHA_MODES = ("ratio_to_initial", "sqrt_ratio_to_initial", "ratio_to_previous", "none")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _state_dtype(device: torch.device) -> torch.dtype:
+    """float64 for running scalars (exact comparisons with host references), except on MPS."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _eligible(ctx: GradContext, min_ndim: int = 2) -> list[int]:
+    """Indices of dense grads with ndim >= min_ndim and at least two elements."""
+    return [i for i, g in enumerate(ctx.grads) if g.ndim >= min_ndim and g.numel() >= 2]
+
+
+def _layer_moments(ctx: GradContext, idx: list[int], dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, mean, population var) of each layer in ``idx``, as (len(idx),) ``dt`` tensors on ctx.device.
+
+    One read pass per layer. fp32/fp64 use Welford (``var_mean``: no cancellation); fp16/bf16
+    accumulate the sum in fp32 and take the sum of squares from the cached fp32 norms
+    (var = s2/n - mean², clamped at 0; loses accuracy only when |mean| >> std)."""
+    dev = ctx.device
+    n = torch.tensor([float(ctx.grads[i].numel()) for i in idx], dtype=dt, device=dev)
+    means: list[Tensor] = []
+    varis: list[Tensor | None] = []
+    for i in idx:
+        g = ctx.grads[i]
+        if g.dtype in _LOW_PRECISION:
+            means.append(g.sum(dtype=torch.float32).to(dev, dt) / g.numel())
+            varis.append(None)
+        else:
+            v, m = torch.var_mean(g, correction=0)
+            means.append(m.to(dev, dt))
+            varis.append(v.to(dev, dt))
+    mean = torch.stack(means)
+    if any(v is None for v in varis):
+        s2 = ctx.norms.index_select(0, torch.tensor(idx, device=dev)).to(dt).square()
+        low = torch.stack([v if v is not None else torch.zeros((), dtype=dt, device=dev) for v in varis])
+        mask = torch.tensor([v is None for v in varis], device=dev)
+        var = torch.where(mask, (s2 / n - mean.square()).clamp_min(0), low)
+    else:
+        var = torch.stack(varis)  # type: ignore[arg-type]
+    return n, mean, var
+
+
+def _finite_flag(ctx: GradContext, *extra: Tensor) -> Tensor:
+    """0-dim bool on device: this step's gradients (and ``extra`` scalars) are all finite."""
+    fin = ctx.finite()
+    for e in extra:
+        fin = fin & torch.isfinite(e)
+    return fin
+
+
+def _fused_affine_(ctx: GradContext, idx: list[int], shift: Tensor, scale: Tensor) -> None:
+    """g <- shift_l + scale_l * g for each layer l in idx, one fused pass per layer."""
+    for k, i in enumerate(idx):
+        g = ctx.grads[i]
+        torch.addcmul(shift[k].to(g.dtype), g, scale[k].to(g.dtype), out=g)
+
+
+def _layer_mask(ctx: GradContext, idx: list[int], on: Tensor) -> Tensor:
+    """(L,) float32: 1 for layers in ``idx`` when ``on`` (0-dim bool), else 0."""
+    m = torch.zeros(len(ctx), dtype=torch.float32, device=ctx.device)
+    if idx:
+        m[torch.tensor(idx, device=ctx.device)] = 1.0
+    return m * on.to(torch.float32)
+
+
+def _norms_cached(ctx: GradContext) -> bool:
+    return ctx._norms is not None
+
+
+def _update_norms(ctx: GradContext, idx: list[int], new_norms: Tensor | None, fin: Tensor) -> None:
+    """Replace the cached norms of layers ``idx`` by ``new_norms`` (computed from Welford moments)
+    when ``fin``. ``None`` (moments from the fp16/bf16 route, whose s2/n - mean² would cancel)
+    invalidates the cache instead. A cache that was never filled stays empty (filling it would
+    cost a pass)."""
+    if not idx or not _norms_cached(ctx):
+        return
+    if new_norms is None:
+        ctx.set_norms(None)
+        return
+    norms = ctx.norms.clone()
+    sel = torch.tensor(idx, device=ctx.device)
+    norms[sel] = torch.where(fin, new_norms.to(torch.float32), norms[sel])
+    ctx.set_norms(norms)
+
+
+def _exact(ctx: GradContext, idx: list[int]) -> bool:
+    return all(ctx.grads[i].dtype not in _LOW_PRECISION for i in idx)
+
+
+class _Stateless(Transform):
+    slot: ClassVar[Slot] = Slot.NORMALIZE
+
+
+class AutoscaledNorm(Transform):
+    """Gradient Autoscaled Normalization (Yun, arXiv 2509.03677), **as we read it**.
+
+    Every eligible layer (dense grad, ``ndim > 1``, at least 2 elements: conv and linear weights)
+    has its own mean removed, then all eligible layers are multiplied by one global factor α_t;
+    other grads are left bit-identical::
+
+        σ_t = std(concat of the raw eligible grads)   (unbiased, before centering)
+        σ_ref = σ_t of the first finite step
+        α_t = min(clamp_max, σ_t / σ_ref)            (alpha_mode="ratio_to_initial", default)
+        g_p ← α_t · (g_p − mean(g_p))
+
+    **The paper's exact α_t is not in any text we could reach** (ALGORITHMS.md §3): the default is
+    our reading of its description (one hyperparameter-free global factor that follows the
+    natural decline of the global gradient std and never amplifies). The variants are options:
+    ``"sqrt_ratio_to_initial"`` (α = sqrt(σ_t/σ_ref)), ``"ratio_to_previous"`` (σ_ref is the last
+    finite step's σ), ``"none"`` (centering only, α = 1). ``clamp_max=None`` removes the cap.
+    If σ_ref is 0, α = 1. α_t, σ_t and σ_ref are reported every step so the reading can be
+    revisited.
+
+    Non-finite steps: the gradients are left untouched (exact identity) and σ_ref does not
+    move; ``skipped_update`` is 1 in the record.
+
+    Cost: one moment read pass per eligible layer plus one fused write pass (``addcmul``);
+    no host sync.
+
+    Example::
+
+        AutoscaledNorm()(model.parameters())   # {'alpha': tensor(1.), 'sigma': ..., ...}
+    """
+
+    name: ClassVar[str] = "autoscaled_norm"
+    slot: ClassVar[Slot] = Slot.NORMALIZE
+
+    def __init__(self, alpha_mode: str = "ratio_to_initial", clamp_max: float | None = 1.0) -> None:
+        if alpha_mode not in ALPHA_MODES:
+            raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, got {alpha_mode!r}")
+        if clamp_max is not None and not clamp_max > 0:
+            raise ValueError(f"clamp_max must be positive or None, got {clamp_max}")
+        self.alpha_mode = alpha_mode
+        self.clamp_max = clamp_max
+        self.reset()
+
+    def reset(self) -> None:
+        self._sigma_ref = torch.zeros((), dtype=torch.float64)
+        self._initialized = torch.zeros((), dtype=torch.bool)
+
+    def _to(self, device: torch.device) -> None:
+        dt = _state_dtype(device)
+        if self._sigma_ref.device != device or self._sigma_ref.dtype != dt:
+            self._sigma_ref = self._sigma_ref.to(device, dt)
+            self._initialized = self._initialized.to(device)
+
+    def apply_(self, ctx: GradContext) -> None:
+        dev = ctx.device
+        self._to(dev)
+        dt = self._sigma_ref.dtype
+        idx = _eligible(ctx)
+        one = torch.ones((), dtype=dt, device=dev)
+        if not idx:
+            ctx.report(self.name, alpha=one.float(), sigma=torch.full((), float("nan"), device=dev),
+                       sigma_ref=self._sigma_ref.float(), skipped_update=torch.zeros((), device=dev),
+                       layers=_layer_mask(ctx, idx, one.bool()))
+            return
+        n, mean, var = _layer_moments(ctx, idx, dt)
+        big_n = n.sum()
+        grand = (n * mean).sum() / big_n
+        ss = (n * var).sum() + (n * (mean - grand).square()).sum()  # total squared deviation
+        sigma = (ss / (big_n - 1)).clamp_min(0).sqrt()
+        fin = _finite_flag(ctx, sigma)
+
+        ref = torch.where(self._initialized, self._sigma_ref, sigma)
+        if self.alpha_mode == "none":
+            alpha = one
+        else:
+            ratio = torch.where(ref > 0, sigma / ref, one)
+            alpha = ratio.sqrt() if self.alpha_mode == "sqrt_ratio_to_initial" else ratio
+            if self.clamp_max is not None:
+                alpha = alpha.clamp_max(self.clamp_max)
+        alpha = torch.where(fin, alpha, one)
+
+        # commit state only on finite steps
+        new_ref = sigma if self.alpha_mode == "ratio_to_previous" else ref
+        self._sigma_ref.copy_(torch.where(fin, new_ref, self._sigma_ref))
+        self._initialized.copy_(self._initialized | fin)
+
+        neg0 = torch.full_like(mean, -0.0)
+        shift = torch.where(fin, -alpha * mean, neg0)
+        scale = alpha.expand_as(mean)
+        _fused_affine_(ctx, idx, shift, scale)
+        _update_norms(ctx, idx, alpha * (n * var).sqrt() if _exact(ctx, idx) else None, fin)
+        ctx.report(self.name, alpha=alpha.float(), sigma=sigma.float(), sigma_ref=ref.float(),
+                   skipped_update=(~fin).float(), layers=_layer_mask(ctx, idx, fin))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sigma_ref": self._sigma_ref.detach().clone(), "initialized": self._initialized.detach().clone(),
+                "alpha_mode": self.alpha_mode, "clamp_max": self.clamp_max}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("alpha_mode", self.alpha_mode) != self.alpha_mode:
+            raise ValueError(f"state was saved with alpha_mode={state['alpha_mode']!r}, this is {self.alpha_mode!r}")
+        self._sigma_ref = torch.as_tensor(state["sigma_ref"]).detach().clone().to(torch.float64)
+        self._initialized = torch.as_tensor(state["initialized"]).detach().clone().to(torch.bool)
+
+    def __repr__(self) -> str:
+        return f"AutoscaledNorm(alpha_mode={self.alpha_mode!r}, clamp_max={self.clamp_max})"
+
+
+class Centralize(_Stateless):
+    """Gradient Centralization (Yong et al., ECCV 2020), ALGORITHMS.md §5.
+
+    For each eligible weight gradient the mean over every dim except the output dim (dim 0) is
+    subtracted, so each output unit's gradient sums to zero. ``conv_only=False`` (default,
+    ``SGD_GC``) touches every grad with ``ndim > 1``; ``conv_only=True`` (``SGD_GCC``) only
+    ``ndim > 3``. 1-D grads are untouched. Stateless; on a non-finite step the edit is skipped
+    (``inf - inf`` would turn an overflow into NaN).
+
+    Cost: one read pass (row `var_mean`; row `mean` in fp32 for fp16/bf16) and one write pass (``sub_``).
+
+    Example::
+
+        Centralize()(model.parameters())
+    """
+
+    name: ClassVar[str] = "centralize"
+
+    def __init__(self, conv_only: bool = False) -> None:
+        self.conv_only = conv_only
+
+    def apply_(self, ctx: GradContext) -> None:
+        dev = ctx.device
+        idx = _eligible(ctx, 4 if self.conv_only else 2)
+        fin = ctx.finite()
+        new_norms = []
+        for i in idx:
+            g = ctx.grads[i]
+            dims = tuple(range(1, g.ndim))
+            if g.dtype in _LOW_PRECISION:
+                m = g.mean(dim=dims, keepdim=True, dtype=torch.float32)
+            else:  # Welford row moments: the centered norm comes for free, without cancellation
+                v, m = torch.var_mean(g, dim=dims, correction=0, keepdim=True)
+                new_norms.append((v.double().sum() * (g.numel() // g.shape[0])).sqrt().to(dev))
+            m = torch.where(fin.to(m.device), m, torch.zeros((), dtype=m.dtype, device=m.device))
+            g.sub_(m.to(g.dtype))
+        if idx:
+            _update_norms(ctx, idx, torch.stack(new_norms) if _exact(ctx, idx) else None, fin)
+        ctx.report(self.name, layers=_layer_mask(ctx, idx, fin), skipped_update=(~fin).float())
+
+    def __repr__(self) -> str:
+        return f"Centralize(conv_only={self.conv_only})"
+
+
+class ZScoreNorm(_Stateless):
+    """Z-score gradient normalization (ZNorm, Yun et al., arXiv 2408.01215), ALGORITHMS.md §4.
+
+    Each eligible grad (``ndim > 1``, at least 2 elements) becomes
+    ``(g − mean(g)) / (std(g) + eps)`` with the unbiased std and ``eps = 1e-12`` (the author's
+    code). A constant gradient becomes zeros. Reports the per-layer amplification ``1/(std+eps)``
+    (this is the transform the GAN paper criticizes: low-std layers get amplified). Stateless;
+    on a non-finite step the edit is an exact identity.
+
+    Cost: one moment read pass and one fused write pass per layer.
+
+    Example::
+
+        ZScoreNorm()(model.parameters())
+    """
+
+    name: ClassVar[str] = "zscore_norm"
+
+    def __init__(self, eps: float = 1e-12) -> None:
+        self.eps = eps
+
+    def apply_(self, ctx: GradContext) -> None:
+        dev = ctx.device
+        idx = _eligible(ctx)
+        dt = _state_dtype(dev)
+        fin = ctx.finite()
+        amp = torch.ones(len(ctx), dtype=torch.float32, device=dev)
+        if idx:
+            n, mean, var = _layer_moments(ctx, idx, dt)
+            std = (var * n / (n - 1)).sqrt()
+            scale = torch.where(fin, 1.0 / (std + self.eps), torch.ones_like(std))
+            shift = torch.where(fin, -mean * scale, torch.full_like(mean, -0.0))
+            _fused_affine_(ctx, idx, shift, scale)
+            _update_norms(ctx, idx, (n * var).sqrt() * scale if _exact(ctx, idx) else None, fin)
+            amp[torch.tensor(idx, device=dev)] = scale.float()
+        ctx.report(self.name, amplification=amp, layers=_layer_mask(ctx, idx, fin),
+                   skipped_update=(~fin).float())
+
+    def __repr__(self) -> str:
+        return f"ZScoreNorm(eps={self.eps})"
+
