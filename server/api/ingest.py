@@ -1,0 +1,192 @@
+"""Ingest: ``POST /ingest``, ``GET /ingest/ack`` and the agent's stream ``WS /ingest/ws``.
+
+Decoding goes only through :mod:`gradwatch.agent.wire`. Status codes: 400 not JSON, 413 too big,
+422 schema or wire-version error (the WireError message), 409 conflicting data, 503 storage down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect
+
+from gradwatch.agent.wire import WireError, batch_from_dict
+from gradwatch.server.api.deps import (
+    ERRORS,
+    AppState,
+    ErrorBody,
+    access_level,
+    require_read,
+    require_write,
+    state,
+)
+from gradwatch.server.errors import DomainError
+from gradwatch.server.live import message_from_batch
+from gradwatch.server.repo.ingest import read_acked, store_batch
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["ingest"])
+
+_CLOSE_CODES = {400: 1007, 422: 1007, 413: 1009, 409: 1007, 503: 1011}
+
+
+class IngestFailure(Exception):
+    def __init__(self, status: int, message: str, kind: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.seq = status, message, kind, seq
+
+
+def _parse(data: bytes | str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IngestFailure(400, f"batch: not valid JSON ({e})", "json") from None
+
+
+def ingest_object(gw: AppState, obj: Any) -> dict[str, Any]:
+    """Decode and store one batch (runs in a worker thread). Raises IngestFailure."""
+    t0 = time.perf_counter()
+    seq = obj.get("seq") if isinstance(obj, dict) and type(obj.get("seq")) is int else None
+    try:
+        batch = batch_from_dict(obj)
+    except WireError as e:
+        gw.metrics.error("schema")
+        raise IngestFailure(422, str(e), "schema", seq) from None
+    try:
+        with gw.db.write() as conn:
+            res = store_batch(conn, batch, origin=gw.hub.origin)
+    except DomainError as e:
+        gw.metrics.error("conflict")
+        raise IngestFailure(e.status, e.message, "conflict", seq) from None
+    except Exception as e:
+        gw.metrics.error("storage")
+        log.exception("storing batch %s/%s/%s failed", batch.run.run_id, batch.source, batch.seq)
+        raise IngestFailure(503, f"storage unavailable: {type(e).__name__}", "storage", seq) from None
+    gw.metrics.observe_batch(res.rows, time.perf_counter() - t0, res.duplicate)
+    if not res.duplicate:
+        gw.hub.publish(res.run_id, message_from_batch(batch))
+    return {"run_id": res.run_id, "source": res.source, "seq": res.seq, "acked": res.acked,
+            "duplicate": res.duplicate, "rows": res.rows}
+
+
+class IngestAck(BaseModel):
+    run_id: str
+    source: int
+    seq: int
+    acked: int
+    duplicate: bool
+    rows: int
+
+
+class AckState(BaseModel):
+    run_id: str
+    source: int
+    acked: int
+
+
+_BATCH_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "description": "An encoded gradwatch.agent.wire Batch (wire_version 1)."}}}}}
+
+
+@router.post("/ingest", response_model=IngestAck, dependencies=[Depends(require_write)], openapi_extra=_BATCH_BODY,
+             responses={**ERRORS, 409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+async def ingest(request: Request) -> Any:
+    """Store one batch; resending it changes nothing (``duplicate: true``)."""
+    gw = state(request)
+    limit = gw.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        gw.metrics.error("too_large")
+        return JSONResponse({"detail": f"batch: body of {declared} bytes exceeds the limit of {limit}"}, 413)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            gw.metrics.error("too_large")
+            return JSONResponse({"detail": f"batch: body exceeds the limit of {limit} bytes"}, 413)
+        chunks.append(chunk)
+    try:
+        obj = _parse(b"".join(chunks))
+        return await run_in_threadpool(ingest_object, gw, obj)
+    except IngestFailure as e:
+        if e.kind == "json":
+            gw.metrics.error("json")
+        return JSONResponse({"detail": e.message}, e.status)
+
+
+@router.get("/ingest/ack", response_model=AckState, dependencies=[Depends(require_read)], responses=ERRORS)
+def ingest_ack(request: Request, run_id: str = Query(..., max_length=64),
+               source: int = Query(0, ge=0, le=1 << 20)) -> Any:
+    """Highest contiguous seq stored for (run, source); 0 if nothing."""
+    with state(request).db.read() as conn:
+        return {"run_id": run_id, "source": source, "acked": read_acked(conn, run_id, source)}
+
+
+async def _fail(ws: WebSocket, status: int, message: str, seq: int | None) -> None:
+    code = _CLOSE_CODES.get(status, 1007)
+    try:
+        await ws.send_json({"type": "error", "seq": seq, "status": status, "error": message})
+        await ws.close(code=code, reason=message.encode()[:120].decode(errors="ignore"))
+    except Exception:  # the client went away first
+        pass
+
+
+@router.websocket("/ingest/ws")
+async def ingest_ws(ws: WebSocket) -> None:
+    """The agent's stream: one encoded batch per frame, one ack per batch."""
+    gw = state(ws)
+    await ws.accept()
+    level = access_level(ws)
+    if level != "write":
+        gw.metrics.error("auth")
+        reason = "missing or invalid bearer token" if level == "none" else "this token grants read-only access"
+        await ws.close(code=1008, reason=reason)
+        return
+    limit = gw.settings.max_body_bytes
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            data = msg.get("text")
+            if data is None:
+                data = msg.get("bytes") or b""
+            if len(data) > limit:
+                gw.metrics.error("too_large")
+                await _fail(ws, 413, f"batch: frame of {len(data)} bytes exceeds the limit of {limit}", None)
+                return
+            try:
+                obj = _parse(data)
+                if isinstance(obj, dict) and obj.get("type") == "hello":
+                    await ws.send_json(await run_in_threadpool(_hello, gw, obj))
+                    continue
+                ack = await run_in_threadpool(ingest_object, gw, obj)
+            except IngestFailure as e:
+                if e.kind == "json":
+                    gw.metrics.error("json")
+                if e.status == 409:  # the batch is refused, the stream is fine
+                    await ws.send_json({"type": "error", "seq": e.seq, "status": 409, "error": e.message})
+                    continue
+                await _fail(ws, e.status, e.message, e.seq)
+                return
+            ack.pop("rows", None)
+            await ws.send_json({"type": "ack", **ack})
+    except WebSocketDisconnect:
+        return
+
+
+def _hello(gw: AppState, obj: dict[str, Any]) -> dict[str, Any]:
+    run_id, source = obj.get("run_id"), obj.get("source", 0)
+    if not isinstance(run_id, str) or type(source) is not int or len(run_id) > 64:
+        raise IngestFailure(422, "hello: expected {type: hello, run_id: str, source: int}", "schema")
+    with gw.db.read() as conn:
+        acked = read_acked(conn, run_id, source)
+    return {"type": "ack", "run_id": run_id, "source": source, "seq": None, "acked": acked, "duplicate": False}

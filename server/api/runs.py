@@ -1,0 +1,172 @@
+"""Runs, layers and their series: ``/runs``, ``/runs/{id}``, ``/layers``, ``/stats``, ``/heatmap``,
+``/steps``, ``/scalars``, ``/events``. Sync routes: each opens its own connection or transaction."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+
+from gradwatch.server.api.deps import ERRORS, ErrorBody, require_read, require_write, state
+from gradwatch.server.encoding import FastJSONResponse
+from gradwatch.server.errors import Invalid
+from gradwatch.server.repo import runs as repo
+from gradwatch.server.repo import series
+from gradwatch.server.schemas import (
+    MAX_STEP,
+    RUN_ID_PATTERN,
+    EventPage,
+    LayerRead,
+    RunCreate,
+    RunPage,
+    RunRead,
+    RunUpdate,
+)
+
+router = APIRouter(tags=["runs"])
+read = [Depends(require_read)]
+write = [Depends(require_write)]
+
+RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
+Start = Annotated[int | None, Query(ge=0, le=MAX_STEP, description="first step (inclusive)")]
+End = Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step (inclusive)")]
+MaxPoints = Annotated[int | None, Query(ge=1, le=100_000, description="downsample into at most this many buckets")]
+QueryText = Annotated[str | None, Query(max_length=512, pattern=r"^[^\x00]*$")]
+
+
+def _max_points(request: Request, v: int | None) -> int | None:
+    lim = state(request).settings.max_points_limit
+    if v is not None and v > lim:
+        raise Invalid(f"max_points: at most {lim}")
+    return v
+
+
+@router.get("/runs", response_model=RunPage, dependencies=read, responses=ERRORS)
+def list_runs(request: Request, project: QueryText = None, status: QueryText = None, name: QueryText = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 50, offset: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0
+              ) -> Any:
+    """Runs, newest first, filtered by project, status and a substring of the name."""
+    with state(request).db.read() as conn:
+        data, count = repo.list_runs(conn, project=project, status=status, name=name, limit=limit, offset=offset)
+    return FastJSONResponse({"data": data, "count": count, "limit": limit, "offset": offset})
+
+
+@router.post("/runs", response_model=RunRead, status_code=201, dependencies=write,
+             responses={**ERRORS, 409: {"model": ErrorBody}})
+def create_run(request: Request, body: RunCreate) -> Any:
+    """Create a run explicitly (runs are also created by the first batch that names them)."""
+    with state(request).db.write() as conn:
+        run = repo.create_run(conn, run_id=body.run_id or uuid.uuid4().hex, project=body.project, name=body.name,
+                              tags=body.tags, config=body.config, notes=body.notes)
+    return FastJSONResponse(run, status_code=201)
+
+
+@router.get("/runs/{run_id}", response_model=RunRead, dependencies=read, responses=ERRORS)
+def get_run(request: Request, run_id: RunId) -> Any:
+    with state(request).db.read() as conn:
+        return FastJSONResponse(repo.get_run(conn, run_id))
+
+
+@router.patch("/runs/{run_id}", response_model=RunRead, dependencies=write, responses=ERRORS)
+def update_run(request: Request, run_id: RunId, body: RunUpdate) -> Any:
+    """Change name, tags, notes or status; fields left out are kept."""
+    values = {k: getattr(body, k) for k in body.model_fields_set}
+    if "tags" in values and values["tags"] is None:
+        values["tags"] = []
+    with state(request).db.write() as conn:
+        return FastJSONResponse(repo.update_run(conn, run_id, values))
+
+
+@router.delete("/runs/{run_id}", status_code=204, dependencies=write, responses=ERRORS)
+def delete_run(request: Request, run_id: RunId) -> Response:
+    """Delete a run and all its data."""
+    with state(request).db.write() as conn:
+        repo.delete_run(conn, run_id)
+    return Response(status_code=204)
+
+
+@router.get("/runs/{run_id}/layers", response_model=list[LayerRead], dependencies=read, responses=ERRORS)
+def list_layers(request: Request, run_id: RunId) -> Any:
+    with state(request).db.read() as conn:
+        return FastJSONResponse(repo.list_layers(conn, run_id))
+
+
+LayerSpecs = Annotated[list[Annotated[str, Query(max_length=512)]] | None, Query(
+    description="layer name or index, repeatable; 'all' for every layer")]
+
+
+@router.get("/runs/{run_id}/stats", dependencies=read, responses=ERRORS)
+def layer_stats(request: Request, run_id: RunId, layer: LayerSpecs = None,
+                stat: Annotated[str, Query(max_length=32)] = "l2", start: Start = None, end: End = None,
+                max_points: MaxPoints = None, rank: Annotated[int | None, Query(ge=0, le=1 << 20)] = None
+                ) -> Any:
+    """Per-layer series of one statistic; with ``max_points`` each bucket keeps min, max, mean, count."""
+    mp = _max_points(request, max_points)
+    if stat not in series.LAYER_STATS:
+        raise Invalid(f"unknown stat {stat!r}; expected one of {list(series.LAYER_STATS)}")
+    with state(request).db.read() as conn:
+        repo.require_run(conn, run_id)
+        layers = repo.resolve_layers(conn, run_id, layer or [])
+        if len(layers) > 1000:
+            raise Invalid("stats: at most 1000 layers per request; use /heatmap for more")
+        out = []
+        for lid, idx, name in layers:
+            s = series.layer_series(conn, lid, stat, start=start, end=end, max_points=mp, rank=rank)
+            out.append({"layer": idx, "name": name, **s})
+    return FastJSONResponse({"run_id": run_id, "stat": stat, "series": out})
+
+
+@router.get("/runs/{run_id}/heatmap", dependencies=read, responses=ERRORS)
+def layer_heatmap(request: Request, run_id: RunId, layers: LayerSpecs = None,
+                  stat: Annotated[str, Query(max_length=32)] = "l2", start: Start = None, end: End = None,
+                  max_points: Annotated[int, Query(ge=1, le=100_000)] = 200,
+                  agg: Annotated[str, Query(max_length=8)] = "max") -> Any:
+    """Many layers at once: a matrix ``values[layer][bucket]`` of the bucket's max (or min/mean)."""
+    mp = _max_points(request, max_points)
+    assert mp is not None
+    with state(request).db.read() as conn:
+        repo.require_run(conn, run_id)
+        ls = repo.resolve_layers(conn, run_id, layers or [])
+        out = series.heatmap(conn, ls, stat, start=start, end=end, max_points=mp, agg=agg)
+    return FastJSONResponse({"run_id": run_id, **out})
+
+
+@router.get("/runs/{run_id}/steps", dependencies=read, responses=ERRORS)
+def step_series(request: Request, run_id: RunId,
+                fields: Annotated[str | None, Query(max_length=200, description="comma-separated")] = None,
+                start: Start = None, end: End = None, max_points: MaxPoints = None,
+                skipped: bool | None = None) -> Any:
+    """Step-level series (total norm before/after, clip coefficient, loss scale, skipped)."""
+    mp = _max_points(request, max_points)
+    names = [f.strip() for f in fields.split(",") if f.strip()] if fields else []
+    with state(request).db.read() as conn:
+        repo.require_run(conn, run_id)
+        out = series.step_series(conn, run_id, names, start=start, end=end, max_points=mp, skipped=skipped)
+    return FastJSONResponse({"run_id": run_id, **out})
+
+
+@router.get("/runs/{run_id}/scalars", dependencies=read, responses=ERRORS)
+def scalar_series(request: Request, run_id: RunId, key: QueryText = None, start: Start = None, end: End = None,
+                  max_points: MaxPoints = None) -> Any:
+    """User scalars from ``Watcher.log``: the keys, or one key's series."""
+    mp = _max_points(request, max_points)
+    with state(request).db.read() as conn:
+        repo.require_run(conn, run_id)
+        if key is None:
+            return FastJSONResponse({"run_id": run_id, "keys": series.scalar_keys(conn, run_id)})
+        out = series.scalar_series(conn, run_id, key, start=start, end=end, max_points=mp)
+    return FastJSONResponse({"run_id": run_id, "key": key, **out})
+
+
+@router.get("/runs/{run_id}/events", response_model=EventPage, dependencies=read, responses=ERRORS)
+def list_events(request: Request, run_id: RunId,
+                kind: Annotated[list[Annotated[str, Query(max_length=32)]] | None, Query()] = None,
+                start: Start = None, end: End = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+                offset: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0) -> Any:
+    """Events by kind (repeatable) and step range, in step order."""
+    with state(request).db.read() as conn:
+        repo.require_run(conn, run_id)
+        data, count = series.list_events(conn, run_id, kinds=kind or [], start=start, end=end, limit=limit,
+                                         offset=offset)
+    return FastJSONResponse({"data": data, "count": count, "limit": limit, "offset": offset})

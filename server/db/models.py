@@ -1,0 +1,180 @@
+"""Tables. Timestamps are float epoch seconds (the agent's clock), identical on both databases.
+
+Layout notes (see BASELINES.md section B): per-layer statistics are the big table, keyed by a
+compact integer ``layer_id`` so one layer's series is one contiguous key range (SQLite stores it
+``WITHOUT ROWID``, clustered on the key). Non-finite values: NaN is stored as NULL with bit *i*
+of ``nan_mask`` set (SQLite cannot store NaN; PostgreSQL can, but both encode it the same way so
+the API cannot differ); ±inf are stored natively. NULL without the bit means "not measured".
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from gradwatch.server.db.base import Base, BigIntPK
+
+#: Float columns of ``layer_stat`` in nan_mask bit order.
+LAYER_FLOAT_COLUMNS: tuple[str, ...] = ("mean", "var", "std", "l2", "maxabs", "l2_post")
+#: Float columns of ``step_record`` in nan_mask bit order.
+STEP_FLOAT_COLUMNS: tuple[str, ...] = ("total_norm", "total_norm_post", "clip_coef", "loss_scale")
+
+RUN_ID_LEN = 64
+
+
+class Run(Base):
+    __tablename__ = "run"
+
+    id: Mapped[str] = mapped_column(String(RUN_ID_LEN), primary_key=True)
+    project: Mapped[str] = mapped_column(String(512), default="default")
+    name: Mapped[str | None] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    config: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    tags: Mapped[list | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    notes: Mapped[str | None] = mapped_column(Text)
+    world_size: Mapped[int] = mapped_column(Integer, default=1)
+    started_at: Mapped[float | None] = mapped_column(Double)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ix_run_project_created_at", "project", "created_at"),
+        Index("ix_run_created_at", "created_at"),
+    )
+
+
+class Layer(Base):
+    __tablename__ = "layer"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    idx: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(512))
+    shape: Mapped[list | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    dtype: Mapped[str] = mapped_column(String(32), default="")
+    sparse: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "idx"),
+        Index("ix_layer_run_id_name", "run_id", "name"),
+    )
+
+
+class LayerStat(Base):
+    """One row per (layer, step, rank): the big table. No FK (checked per row on SQLite)."""
+
+    __tablename__ = "layer_stat"
+
+    layer_id: Mapped[int] = mapped_column(BigInteger)
+    step: Mapped[int] = mapped_column(BigInteger)
+    rank: Mapped[int] = mapped_column(Integer)
+    numel: Mapped[int | None] = mapped_column(BigInteger)
+    mean: Mapped[float | None] = mapped_column(Double)
+    var: Mapped[float | None] = mapped_column(Double)
+    std: Mapped[float | None] = mapped_column(Double)
+    l2: Mapped[float | None] = mapped_column(Double)
+    maxabs: Mapped[float | None] = mapped_column(Double)
+    nonfinite: Mapped[int | None] = mapped_column(BigInteger)
+    l2_post: Mapped[float | None] = mapped_column(Double)
+    nan_mask: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (
+        PrimaryKeyConstraint("layer_id", "step", "rank"),
+        {"sqlite_with_rowid": False},
+    )
+
+
+class StepRecord(Base):
+    __tablename__ = "step_record"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(BigInteger)
+    rank: Mapped[int] = mapped_column(Integer)
+    time: Mapped[float] = mapped_column(Double)
+    total_norm: Mapped[float | None] = mapped_column(Double)
+    total_norm_post: Mapped[float | None] = mapped_column(Double)
+    clip_coef: Mapped[float | None] = mapped_column(Double)
+    loss_scale: Mapped[float | None] = mapped_column(Double)
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
+    nan_mask: Mapped[int] = mapped_column(Integer, default=0)
+    transforms: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
+
+    __table_args__ = (
+        PrimaryKeyConstraint("run_id", "step", "rank"),
+        {"sqlite_with_rowid": False},
+    )
+
+
+class Scalar(Base):
+    __tablename__ = "scalar"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(128))
+    step: Mapped[int] = mapped_column(BigInteger)
+    rank: Mapped[int] = mapped_column(Integer)
+    time: Mapped[float] = mapped_column(Double)
+    value: Mapped[float | None] = mapped_column(Double)
+    is_nan: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        PrimaryKeyConstraint("run_id", "key", "step", "rank"),
+        {"sqlite_with_rowid": False},
+    )
+
+
+class Event(Base):
+    __tablename__ = "event"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    step: Mapped[int] = mapped_column(BigInteger)
+    rank: Mapped[int] = mapped_column(Integer)
+    time: Mapped[float] = mapped_column(Double)
+    data: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
+
+    __table_args__ = (
+        Index("ix_event_run_id_step", "run_id", "step"),
+        Index("ix_event_run_id_kind_step", "run_id", "kind", "step"),
+    )
+
+
+class IngestBatch(Base):
+    """Every stored batch, keyed for idempotency; the step range lets live readers find its rows."""
+
+    __tablename__ = "ingest_batch"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    source: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[float] = mapped_column(Double)
+    rows: Mapped[int] = mapped_column(Integer)
+    step_min: Mapped[int | None] = mapped_column(BigInteger)
+    step_max: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (PrimaryKeyConstraint("run_id", "source", "seq"),)
+
+
+class IngestCursor(Base):
+    """Highest contiguous seq stored per (run, source): what the server acknowledges."""
+
+    __tablename__ = "ingest_cursor"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    source: Mapped[int] = mapped_column(Integer)
+    acked: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (PrimaryKeyConstraint("run_id", "source"),)

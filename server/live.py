@@ -1,0 +1,179 @@
+"""Live fan-out of ingested batches to ``WS /runs/{id}/live`` subscribers.
+
+Each process keeps an in-process hub of subscriber queues. The process that stores a batch
+publishes it to its own hub directly. On PostgreSQL it also sends ``NOTIFY gradwatch_ingest``
+(inside the ingest transaction, so it is delivered only on commit) with a small payload
+``{origin, run_id, source, seq}``; every other server process LISTENs, and if it has subscribers
+for that run, reads the batch's rows back from the database. Payloads stay far below NOTIFY's
+8000-byte limit whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import uuid
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+
+from gradwatch.agent.wire import Batch
+from gradwatch.server.encoding import enc, enc_nan, enc_value
+from gradwatch.server.repo.ingest import NOTIFY_CHANNEL
+
+log = logging.getLogger(__name__)
+
+_STEP_FIELDS = ("total_norm", "total_norm_post", "clip_coef", "loss_scale")
+_QUEUE_SIZE = 1000
+
+
+def message_from_batch(batch: Batch) -> dict[str, Any]:
+    """The live message for a batch this process just stored."""
+    return {
+        "type": "batch", "run_id": batch.run.run_id, "source": batch.source, "seq": batch.seq,
+        "steps": [{"step": s.step, "time": s.time, "rank": s.rank, "total_norm": enc(s.total_norm),
+                   "total_norm_post": enc(s.total_norm_post), "clip_coef": enc(s.clip_coef),
+                   "loss_scale": enc(s.loss_scale), "skipped": s.skipped} for s in batch.steps],
+        "events": [{"kind": e.kind, "step": e.step, "time": e.time, "rank": e.rank, "data": enc_value(e.data)}
+                   for e in batch.events],
+        "scalars": [{"step": s.step, "time": s.time, "rank": s.rank, "values": enc_value(s.values)}
+                    for s in batch.scalars],
+    }
+
+
+def message_from_db(conn: Connection, run_id: str, source: int, seq: int) -> dict[str, Any] | None:
+    """The live message for a batch stored by another process (rows of rank ``source`` in its range)."""
+    row = conn.execute(text("SELECT step_min, step_max FROM ingest_batch WHERE run_id = :r AND source = :s "
+                            "AND seq = :q"), {"r": run_id, "s": source, "q": seq}).first()
+    if row is None:
+        return None
+    msg: dict[str, Any] = {"type": "batch", "run_id": run_id, "source": source, "seq": seq,
+                           "steps": [], "events": [], "scalars": []}
+    if row.step_min is None:
+        return msg
+    p = {"r": run_id, "s": source, "a": row.step_min, "b": row.step_max}
+    for r in conn.execute(text("SELECT step, time, rank, skipped, nan_mask, total_norm, total_norm_post, "
+                               "clip_coef, loss_scale FROM step_record WHERE run_id = :r AND rank = :s AND "
+                               "step BETWEEN :a AND :b ORDER BY step"), p):
+        st: dict[str, Any] = {"step": r.step, "time": r.time, "rank": r.rank}
+        for bit, f in enumerate(_STEP_FIELDS):
+            st[f] = enc_nan(getattr(r, f), bool(r.nan_mask & (1 << bit)))
+        st["skipped"] = bool(r.skipped)
+        msg["steps"].append(st)
+    for r in conn.execute(text("SELECT kind, step, time, rank, data FROM event WHERE run_id = :r AND rank = :s "
+                               "AND step BETWEEN :a AND :b ORDER BY step, id"), p):
+        data = json.loads(r.data) if isinstance(r.data, str) else r.data
+        msg["events"].append({"kind": r.kind, "step": r.step, "time": r.time, "rank": r.rank, "data": data or {}})
+    scalars: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in conn.execute(text("SELECT key, step, time, rank, value, is_nan FROM scalar WHERE run_id = :r AND "
+                               "rank = :s AND step BETWEEN :a AND :b ORDER BY step, key"), p):
+        s = scalars.setdefault((r.step, r.rank), {"step": r.step, "time": r.time, "rank": r.rank, "values": {}})
+        s["values"][r.key] = enc_nan(r.value, bool(r.is_nan))
+    msg["scalars"] = list(scalars.values())
+    return msg
+
+
+class LiveHub:
+    """Subscriber queues per run, fed from any thread; the event loop is bound at app start."""
+
+    def __init__(self) -> None:
+        self.origin = uuid.uuid4().hex
+        self._subs: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: _PgListener | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def subscribe(self, run_id: str) -> asyncio.Queue[dict[str, Any]]:
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_QUEUE_SIZE)
+        self._subs.setdefault(run_id, set()).add(q)
+        return q
+
+    def unsubscribe(self, run_id: str, q: asyncio.Queue[dict[str, Any]]) -> None:
+        subs = self._subs.get(run_id)
+        if subs is not None:
+            subs.discard(q)
+            if not subs:
+                self._subs.pop(run_id, None)
+
+    def has_subscribers(self, run_id: str) -> bool:
+        return bool(self._subs.get(run_id))
+
+    def publish(self, run_id: str, message: dict[str, Any]) -> None:
+        """Deliver to every subscriber of ``run_id``; callable from any thread. Slow consumers drop."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not self.has_subscribers(run_id):
+            return
+        loop.call_soon_threadsafe(self._deliver, run_id, message)
+
+    def _deliver(self, run_id: str, message: dict[str, Any]) -> None:
+        for q in list(self._subs.get(run_id, ())):
+            try:
+                q.put_nowait(message)
+            except asyncio.QueueFull:
+                log.warning("live subscriber of run %s is too slow; dropping a message", run_id)
+
+    def start_listener(self, engine: Engine) -> None:
+        """On PostgreSQL, LISTEN for batches stored by other processes."""
+        if engine.dialect.name != "postgresql":
+            return
+        self._listener = _PgListener(self, engine)
+        self._listener.start()
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+
+
+class _PgListener:
+    """A daemon thread holding one autocommit psycopg connection that LISTENs."""
+
+    def __init__(self, hub: LiveHub, engine: Engine) -> None:
+        self.hub = hub
+        self.engine = engine
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradwatch-pg-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        import psycopg
+
+        url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._ready.set()
+                    while not self._stop.is_set():
+                        for n in conn.notifies(timeout=0.5):
+                            self._handle(n.payload)
+            except Exception:
+                self._ready.set()
+                if self._stop.is_set():
+                    return
+                log.exception("PostgreSQL LISTEN connection failed; retrying in 1 s")
+                self._stop.wait(1.0)
+
+    def _handle(self, payload: str) -> None:
+        try:
+            p = json.loads(payload)
+            if p.get("origin") == self.hub.origin or not self.hub.has_subscribers(p["run_id"]):
+                return
+            with self.engine.connect() as conn:
+                msg = message_from_db(conn, p["run_id"], int(p["source"]), int(p["seq"]))
+            if msg is not None:
+                self.hub.publish(p["run_id"], msg)
+        except Exception:
+            log.exception("could not relay a live notification %r", payload[:200])

@@ -1,0 +1,130 @@
+"""Streamed exports: rows come from a server-side cursor in chunks, never a whole run in memory.
+
+CSV writes non-finite values as "NaN"/"Infinity"/"-Infinity" (the wire spelling); Parquet stores
+real IEEE NaN/±inf doubles. Parquet row groups are written to a spooled temporary file (spills to
+disk past a few MiB) that is then streamed out.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS, STEP_FLOAT_COLUMNS
+from gradwatch.server.encoding import enc
+
+_NAN = float("nan")
+
+TABLES: dict[str, tuple[str, list[str], list[str]]] = {
+    # name: (SQL, output columns, float columns restored from nan_mask / is_nan)
+    "layer_stats": (
+        "SELECT l.idx, l.name, s.step, s.rank, s.numel, s.mean, s.var, s.std, s.l2, s.maxabs, s.nonfinite, "
+        "s.l2_post, s.nan_mask FROM layer l JOIN layer_stat s ON s.layer_id = l.id WHERE l.run_id = :r "
+        "ORDER BY l.idx, s.step, s.rank",
+        ["layer", "layer_name", "step", "rank", "numel", "mean", "var", "std", "l2", "maxabs", "nonfinite",
+         "l2_post"],
+        list(LAYER_FLOAT_COLUMNS),
+    ),
+    "steps": (
+        "SELECT step, rank, time, total_norm, total_norm_post, clip_coef, loss_scale, skipped, nan_mask "
+        "FROM step_record WHERE run_id = :r ORDER BY step, rank",
+        ["step", "rank", "time", "total_norm", "total_norm_post", "clip_coef", "loss_scale", "skipped"],
+        list(STEP_FLOAT_COLUMNS),
+    ),
+    "scalars": (
+        "SELECT step, rank, key, time, value, is_nan FROM scalar WHERE run_id = :r ORDER BY key, step, rank",
+        ["step", "rank", "key", "time", "value"],
+        ["value"],
+    ),
+    "events": (
+        "SELECT id, step, rank, kind, time, data FROM event WHERE run_id = :r ORDER BY step, id",
+        ["id", "step", "rank", "kind", "time", "data"],
+        [],
+    ),
+}
+
+
+def _rows(engine: Engine, table: str, run_id: str, chunk: int) -> Iterator[list[tuple[Any, ...]]]:
+    """Chunks of output rows with NaN restored (a real float NaN)."""
+    sql, cols, floats = TABLES[table]
+    pos = [cols.index(f) for f in floats]
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=chunk).execute(text(sql), {"r": run_id})
+        for part in result.partitions():
+            out = []
+            for r in part:
+                r = list(r)
+                if table == "scalars":
+                    if r[5]:
+                        r[4] = _NAN
+                    r = r[:5]
+                elif table == "events":
+                    if not isinstance(r[5], str):
+                        r[5] = json.dumps(r[5] or {}, separators=(",", ":"))
+                elif r[-1]:
+                    mask = r[-1]
+                    for bit, p in enumerate(pos):
+                        if mask & (1 << bit):
+                            r[p] = _NAN
+                    r = r[:-1]
+                else:
+                    r = r[:-1]
+                if table == "steps":
+                    r[7] = bool(r[7])
+                out.append(tuple(r))
+            yield out
+
+
+def _fmt(v: Any) -> Any:
+    return enc(v) if type(v) is float else v
+
+
+def stream_csv(engine: Engine, table: str, run_id: str, chunk: int) -> Iterator[bytes]:
+    cols = TABLES[table][1]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    yield buf.getvalue().encode()
+    for part in _rows(engine, table, run_id, chunk):
+        buf.seek(0)
+        buf.truncate()
+        w.writerows([[_fmt(v) for v in r] for r in part])
+        yield buf.getvalue().encode()
+
+
+def _schema(table: str) -> Any:
+    import pyarrow as pa
+
+    f64, i64, s = pa.float64(), pa.int64(), pa.string()
+    types = {
+        "layer_stats": [i64, s, i64, i64, i64, f64, f64, f64, f64, f64, i64, f64],
+        "steps": [i64, i64, f64, f64, f64, f64, f64, pa.bool_()],
+        "scalars": [i64, i64, s, f64, f64],
+        "events": [i64, i64, i64, s, f64, s],
+    }[table]
+    return pa.schema(list(zip(TABLES[table][1], types)))
+
+
+def stream_parquet(engine: Engine, table: str, run_id: str, chunk: int) -> Iterator[bytes]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _schema(table)
+    with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as f:
+        with pq.ParquetWriter(f, schema) as writer:
+            for part in _rows(engine, table, run_id, chunk):
+                cols = list(zip(*part))
+                writer.write_table(pa.Table.from_arrays(
+                    [pa.array(c, type=t) for c, t in zip(cols, schema.types)], schema=schema))
+        f.seek(0)
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                return
+            yield block

@@ -1,0 +1,123 @@
+"""Runs and layers: create, read, list, update, delete (caller owns the transaction)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from gradwatch.server.db.models import (
+    Event,
+    IngestBatch,
+    IngestCursor,
+    Layer,
+    LayerStat,
+    Run,
+    Scalar,
+    StepRecord,
+)
+from gradwatch.server.encoding import enc, enc_value
+from gradwatch.server.errors import Conflict, Invalid, NotFound
+
+_RUN_COLUMNS = (Run.id, Run.project, Run.name, Run.status, Run.config, Run.tags, Run.notes, Run.world_size,
+                Run.started_at, Run.created_at, Run.updated_at, Run.last_step)
+
+
+def _run_dict(row: Any) -> dict[str, Any]:
+    return {
+        "run_id": row.id, "project": row.project, "name": row.name, "status": row.status,
+        "config": row.config or {}, "tags": row.tags or [], "notes": row.notes, "world_size": row.world_size,
+        "started_at": enc(row.started_at), "created_at": row.created_at, "updated_at": row.updated_at,
+        "last_step": row.last_step,
+    }
+
+
+def get_run(conn: Connection, run_id: str) -> dict[str, Any]:
+    row = conn.execute(select(*_RUN_COLUMNS).where(Run.id == run_id)).one_or_none()
+    if row is None:
+        raise NotFound(f"run {run_id!r} not found")
+    out = _run_dict(row)
+    out["layer_count"] = conn.execute(select(func.count()).select_from(Layer).where(Layer.run_id == run_id)).scalar_one()
+    return out
+
+
+def require_run(conn: Connection, run_id: str) -> None:
+    if conn.execute(select(Run.id).where(Run.id == run_id)).first() is None:
+        raise NotFound(f"run {run_id!r} not found")
+
+
+def list_runs(conn: Connection, *, project: str | None = None, status: str | None = None,
+              name: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Runs newest first; ``name`` matches a substring (case-insensitive)."""
+    conds = []
+    if project is not None:
+        conds.append(Run.project == project)
+    if status is not None:
+        conds.append(Run.status == status)
+    if name:
+        esc = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        conds.append(func.lower(Run.name).like(f"%{esc.lower()}%", escape="\\"))
+    count = conn.execute(select(func.count()).select_from(Run).where(*conds)).scalar_one()
+    rows = conn.execute(select(*_RUN_COLUMNS).where(*conds).order_by(Run.created_at.desc(), Run.id)
+                        .limit(limit).offset(offset)).all()
+    return [_run_dict(r) for r in rows], int(count)
+
+
+def create_run(conn: Connection, *, run_id: str, project: str, name: str | None, tags: list[str],
+               config: dict[str, Any], notes: str | None) -> dict[str, Any]:
+    if conn.execute(select(Run.id).where(Run.id == run_id)).first() is not None:
+        raise Conflict(f"run {run_id!r} already exists")
+    now = time.time()
+    conn.execute(insert(Run).values(id=run_id, project=project, name=name, status="running",
+                                    config=enc_value(config), tags=tags, notes=notes, world_size=1,
+                                    created_at=now, updated_at=now))
+    return get_run(conn, run_id)
+
+
+def update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    require_run(conn, run_id)
+    allowed = {"name", "tags", "notes", "status"}
+    bad = values.keys() - allowed
+    if bad:
+        raise Invalid(f"cannot update {sorted(bad)}")
+    if values:
+        conn.execute(update(Run).where(Run.id == run_id).values(**values, updated_at=time.time()))
+    return get_run(conn, run_id)
+
+
+def delete_run(conn: Connection, run_id: str) -> None:
+    """Delete a run and everything stored for it (explicitly, table by table)."""
+    require_run(conn, run_id)
+    layer_ids = select(Layer.id).where(Layer.run_id == run_id).scalar_subquery()
+    conn.execute(delete(LayerStat).where(LayerStat.layer_id.in_(layer_ids)))
+    for model in (StepRecord, Scalar, Event, IngestBatch, IngestCursor, Layer):
+        conn.execute(delete(model).where(model.run_id == run_id))  # type: ignore[attr-defined]
+    conn.execute(delete(Run).where(Run.id == run_id))
+
+
+def list_layers(conn: Connection, run_id: str) -> list[dict[str, Any]]:
+    require_run(conn, run_id)
+    rows = conn.execute(select(Layer.idx, Layer.name, Layer.shape, Layer.dtype, Layer.sparse)
+                        .where(Layer.run_id == run_id).order_by(Layer.idx)).all()
+    return [{"index": r.idx, "name": r.name, "shape": r.shape or [], "dtype": r.dtype, "sparse": bool(r.sparse)}
+            for r in rows]
+
+
+def resolve_layers(conn: Connection, run_id: str, specs: list[str]) -> list[tuple[int, int, str]]:
+    """Turn layer names or indices (or ``all``) into ``(layer.id, index, name)``, in request order."""
+    rows = conn.execute(select(Layer.id, Layer.idx, Layer.name).where(Layer.run_id == run_id)
+                        .order_by(Layer.idx)).all()
+    if not specs or specs == ["all"]:
+        return [(r.id, r.idx, r.name) for r in rows]
+    by_name = {r.name: r for r in rows}
+    by_idx = {r.idx: r for r in rows}
+    out = []
+    for s in specs:
+        r = by_name.get(s)
+        if r is None and s.lstrip("-").isdigit():
+            r = by_idx.get(int(s))
+        if r is None:
+            raise NotFound(f"layer {s!r} not found in run {run_id!r}")
+        out.append((r.id, r.idx, r.name))
+    return out

@@ -1,0 +1,218 @@
+"""Series queries with server-side downsampling.
+
+A range wider than ``max_points`` steps is cut into ``max_points`` buckets of equal step width;
+each bucket reports min, max and mean (so a one-step spike stays visible as a bucket's max),
+the row count and how many values were NaN (NaN is stored as NULL + a mask bit, so SQL min/max
+ignore it and the count says it was there). Queries are plain SQL over the clustered key
+(layer_id, step, rank), identical on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS, STEP_FLOAT_COLUMNS
+from gradwatch.server.encoding import enc, enc_nan
+from gradwatch.server.errors import Invalid
+
+#: Per-layer statistics a series can be asked for.
+LAYER_STATS: tuple[str, ...] = ("numel", "nonfinite", *LAYER_FLOAT_COLUMNS)
+STEP_FIELDS: tuple[str, ...] = STEP_FLOAT_COLUMNS
+
+
+def _nan_expr(stat: str) -> str:
+    if stat in LAYER_FLOAT_COLUMNS:
+        return f"((nan_mask / {1 << LAYER_FLOAT_COLUMNS.index(stat)}) % 2)"
+    return "0"
+
+
+def _width(start: int, end: int, max_points: int | None) -> int:
+    if max_points is None:
+        return 1
+    return max(1, -(-(end - start + 1) // max_points))
+
+
+def _bucket(step_min: int, step_max: int, mn: Any, mx: Any, mean: Any, count: int, nan: int) -> dict[str, Any]:
+    return {"step_min": step_min, "step_max": step_max, "min": enc(mn), "max": enc(mx),
+            "mean": enc(None if mean is None else float(mean)), "count": int(count), "nan": int(nan or 0)}
+
+
+def _range(conn: Connection, sql_from: str, params: dict[str, Any], start: int | None,
+           end: int | None) -> tuple[int, int] | None:
+    if start is not None and end is not None:
+        return (start, end) if start <= end else None
+    lo, hi = conn.execute(text(f"SELECT min(step), max(step) {sql_from}"), params).one()
+    if lo is None:
+        return None
+    s = lo if start is None else start
+    e = hi if end is None else end
+    return (s, e) if s <= e else None
+
+
+def layer_series(conn: Connection, layer_id: int, stat: str, *, start: int | None, end: int | None,
+                 max_points: int | None, rank: int | None = None) -> dict[str, Any]:
+    """One layer's ``stat`` over a step range: raw points or min/max/mean buckets."""
+    if stat not in LAYER_STATS:
+        raise Invalid(f"unknown stat {stat!r}; expected one of {list(LAYER_STATS)}")
+    params: dict[str, Any] = {"lid": layer_id}
+    where = "FROM layer_stat WHERE layer_id = :lid"
+    if rank is not None:
+        where += " AND rank = :rank"
+        params["rank"] = rank
+    rng = _range(conn, where, params, start, end)
+    if rng is None:
+        return {"downsampled": False, "points": []}
+    params.update(a=rng[0], b=rng[1])
+    where += " AND step BETWEEN :a AND :b"
+    w = _width(rng[0], rng[1], max_points)
+    nan = _nan_expr(stat)
+    if w == 1:
+        rows = conn.execute(text(f"SELECT step, rank, {stat}, {nan} {where} ORDER BY step, rank"), params).all()
+        return {"downsampled": False, "points": [{"step": s, "rank": r, "value": enc_nan(v, bool(n))}
+                                                 for s, r, v, n in rows]}
+    params["w"] = w
+    rows = conn.execute(text(
+        f"SELECT (step - :a) / :w AS bk, min(step), max(step), min({stat}), max({stat}), avg({stat}), "
+        f"count(*), sum({nan}) {where} GROUP BY bk ORDER BY bk"), params).all()
+    return {"downsampled": True, "bucket_width": w, "buckets": [_bucket(*r[1:]) for r in rows]}
+
+
+def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, start: int | None,
+            end: int | None, max_points: int, agg: str = "max") -> dict[str, Any]:
+    """Many layers at once: a (layers × buckets) matrix of ``agg`` (max, min or mean) of ``stat``."""
+    if stat not in LAYER_STATS:
+        raise Invalid(f"unknown stat {stat!r}; expected one of {list(LAYER_STATS)}")
+    fn = {"max": "max", "min": "min", "mean": "avg"}.get(agg)
+    if fn is None:
+        raise Invalid(f"unknown agg {agg!r}; expected max, min or mean")
+    out: dict[str, Any] = {"layers": [{"index": i, "name": n} for _, i, n in layers], "stat": stat, "agg": agg,
+                           "steps": [], "values": [[] for _ in layers], "nan": [[] for _ in layers]}
+    if not layers:
+        return out
+    ids = ",".join(str(int(lid)) for lid, _, _ in layers)
+    where = f"FROM layer_stat WHERE layer_id IN ({ids})"
+    rng = _range(conn, where, {}, start, end)
+    if rng is None:
+        return out
+    w = _width(rng[0], rng[1], max_points)
+    nb = (rng[1] - rng[0]) // w + 1
+    nan = _nan_expr(stat)
+    rows = conn.execute(text(
+        f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({stat}), sum({nan}) {where} "
+        f"AND step BETWEEN :a AND :b GROUP BY layer_id, bk"), {"a": rng[0], "b": rng[1], "w": w}).all()
+    pos = {lid: k for k, (lid, _, _) in enumerate(layers)}
+    values: list[list[Any]] = [[None] * nb for _ in layers]
+    nans: list[list[int]] = [[0] * nb for _ in layers]
+    for lid, bk, v, n in rows:
+        k = pos[lid]
+        values[k][bk] = "NaN" if v is None and n else enc(None if v is None else float(v))
+        nans[k][bk] = int(n or 0)
+    out.update(steps=[rng[0] + b * w for b in range(nb)], bucket_width=w, values=values, nan=nans)
+    return out
+
+
+def step_series(conn: Connection, run_id: str, fields: list[str], *, start: int | None, end: int | None,
+                max_points: int | None, skipped: bool | None = None) -> dict[str, Any]:
+    """Step-level fields (total norm, clip coefficient, loss scale...), raw or bucketed."""
+    bad = [f for f in fields if f not in STEP_FIELDS]
+    if bad:
+        raise Invalid(f"unknown field(s) {bad}; expected some of {list(STEP_FIELDS)}")
+    fields = fields or list(STEP_FIELDS)
+    params: dict[str, Any] = {"r": run_id}
+    where = "FROM step_record WHERE run_id = :r"
+    if skipped is not None:
+        where += " AND skipped = :sk"
+        params["sk"] = skipped
+    rng = _range(conn, where, params, start, end)
+    if rng is None:
+        return {"downsampled": False, "points": []}
+    params.update(a=rng[0], b=rng[1])
+    where += " AND step BETWEEN :a AND :b"
+    w = _width(rng[0], rng[1], max_points)
+    if w == 1:
+        rows = conn.execute(text(f"SELECT step, rank, time, skipped, nan_mask, {', '.join(fields)} {where} "
+                                 "ORDER BY step, rank"), params).all()
+        bits = [1 << STEP_FLOAT_COLUMNS.index(f) for f in fields]
+        pts = []
+        for r in rows:
+            p: dict[str, Any] = {"step": r[0], "rank": r[1], "time": r[2], "skipped": bool(r[3])}
+            for f, b, v in zip(fields, bits, r[5:]):
+                p[f] = enc_nan(v, bool(r[4] & b))
+            pts.append(p)
+        return {"downsampled": False, "points": pts}
+    params["w"] = w
+    cols = []
+    for f in fields:
+        nan = f"((nan_mask / {1 << STEP_FLOAT_COLUMNS.index(f)}) % 2)"
+        cols += [f"min({f})", f"max({f})", f"avg({f})", f"sum({nan})"]
+    rows = conn.execute(text(
+        f"SELECT (step - :a) / :w AS bk, min(step), max(step), count(*), "
+        f"sum(CASE WHEN skipped THEN 1 ELSE 0 END), {', '.join(cols)} {where} GROUP BY bk ORDER BY bk"),
+        params).all()
+    buckets = []
+    for r in rows:
+        b: dict[str, Any] = {"step_min": r[1], "step_max": r[2], "count": int(r[3]), "skipped": int(r[4] or 0)}
+        for k, f in enumerate(fields):
+            mn, mx, mean, n = r[5 + 4 * k: 9 + 4 * k]
+            b[f] = {"min": enc(mn), "max": enc(mx), "mean": enc(None if mean is None else float(mean)),
+                    "nan": int(n or 0)}
+        buckets.append(b)
+    return {"downsampled": True, "bucket_width": w, "buckets": buckets}
+
+
+def scalar_series(conn: Connection, run_id: str, key: str, *, start: int | None, end: int | None,
+                  max_points: int | None) -> dict[str, Any]:
+    """One user scalar (``Watcher.log``) over a step range, raw or bucketed."""
+    params: dict[str, Any] = {"r": run_id, "k": key}
+    where = "FROM scalar WHERE run_id = :r AND key = :k"
+    rng = _range(conn, where, params, start, end)
+    if rng is None:
+        return {"downsampled": False, "points": []}
+    params.update(a=rng[0], b=rng[1])
+    where += " AND step BETWEEN :a AND :b"
+    w = _width(rng[0], rng[1], max_points)
+    nan = "(CASE WHEN is_nan THEN 1 ELSE 0 END)"
+    if w == 1:
+        rows = conn.execute(text(f"SELECT step, rank, value, is_nan {where} ORDER BY step, rank"), params).all()
+        return {"downsampled": False, "points": [{"step": s, "rank": r, "value": enc_nan(v, bool(n))}
+                                                 for s, r, v, n in rows]}
+    params["w"] = w
+    rows = conn.execute(text(
+        f"SELECT (step - :a) / :w AS bk, min(step), max(step), min(value), max(value), avg(value), count(*), "
+        f"sum({nan}) {where} GROUP BY bk ORDER BY bk"), params).all()
+    return {"downsampled": True, "bucket_width": w, "buckets": [_bucket(*r[1:]) for r in rows]}
+
+
+def scalar_keys(conn: Connection, run_id: str) -> list[str]:
+    return list(conn.execute(text("SELECT DISTINCT key FROM scalar WHERE run_id = :r ORDER BY key"),
+                             {"r": run_id}).scalars())
+
+
+def list_events(conn: Connection, run_id: str, *, kinds: list[str], start: int | None, end: int | None,
+                limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+    where = "FROM event WHERE run_id = :r"
+    params: dict[str, Any] = {"r": run_id, "lim": limit, "off": offset}
+    if kinds:
+        names = []
+        for i, k in enumerate(kinds):
+            params[f"k{i}"] = k
+            names.append(f":k{i}")
+        where += f" AND kind IN ({', '.join(names)})"
+    if start is not None:
+        where += " AND step >= :a"
+        params["a"] = start
+    if end is not None:
+        where += " AND step <= :b"
+        params["b"] = end
+    count = conn.execute(text(f"SELECT count(*) {where}"), params).scalar_one()
+    rows = conn.execute(text(f"SELECT id, kind, step, rank, time, data {where} ORDER BY step, id "
+                             "LIMIT :lim OFFSET :off"), params).all()
+    out = []
+    for i, kind, step, rank, t, data in rows:
+        if isinstance(data, str):  # SQLite text() results are not JSON-decoded
+            data = json.loads(data)
+        out.append({"id": i, "kind": kind, "step": step, "rank": rank, "time": t, "data": data or {}})
+    return out, int(count)

@@ -1,0 +1,57 @@
+"""Server configuration: one ``ServerSettings`` object, read from the environment in factories only.
+
+The three variables users see are named by the contract (``GRADWATCH_DATABASE_URL``,
+``GRADWATCH_TOKEN``, ``GRADWATCH_READ_TOKEN``); everything else uses the ``GRADWATCH_SERVER_`` prefix.
+Nothing reads the environment at import time: call :func:`get_settings` or build one in a test.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///./gradwatch.db"
+
+
+class ServerSettings(BaseSettings):
+    """Everything the server needs to start; pass one to ``create_app``."""
+
+    model_config = SettingsConfigDict(env_prefix="GRADWATCH_SERVER_", populate_by_name=True, extra="ignore")
+
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        validation_alias=AliasChoices("database_url", "GRADWATCH_DATABASE_URL", "GRADWATCH_SERVER_DATABASE_URL"),
+    )
+    token: str | None = Field(None, validation_alias=AliasChoices("token", "GRADWATCH_TOKEN"))
+    read_token: str | None = Field(None, validation_alias=AliasChoices("read_token", "GRADWATCH_READ_TOKEN"))
+    #: Largest accepted ingest body or websocket frame, in bytes.
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    #: Largest ``max_points`` a series query may ask for.
+    max_points_limit: int = Field(100_000, gt=0)
+    #: Run migrations to head when the app starts.
+    migrate_on_start: bool = True
+    #: Rows per chunk when streaming exports.
+    export_chunk_rows: int = Field(50_000, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_url(cls, v: str) -> str:
+        # Accept the common spellings of PostgreSQL URLs and route them to psycopg 3.
+        for prefix in ("postgres://", "postgresql://"):
+            if v.startswith(prefix):
+                return "postgresql+psycopg://" + v[len(prefix):]
+        return v
+
+    @field_validator("token", "read_token")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.token or self.read_token)
+
+
+def get_settings() -> ServerSettings:
+    """Read settings from the environment (a fresh object each call; cheap)."""
+    return ServerSettings()
