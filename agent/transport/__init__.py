@@ -16,9 +16,11 @@ __all__ = ["make_sink", "Sink", "Pending", "Item", "LayerTable"]
 
 _FILE_OPTIONS = frozenset({"flush_interval", "batch_max_steps", "batch_max_rows", "buffer_max", "close_timeout",
                            "send_status", "quiet"})
+_NETWORK_OPTIONS = frozenset({"token", "spool_dir", "connect_timeout", "request_timeout", "backoff_max",
+                              "backoff_base", "ws", "window", "resume", "cache_bytes"})
 #: Options that only mean something for another kind of target; accepted and ignored so that
 #: ``watch(server=..., token=...)`` works unchanged whatever the target.
-_IGNORED = frozenset({"token", "spool_dir", "connect_timeout", "resume", "ws", "backoff_max", "request_timeout"})
+_IGNORED = _NETWORK_OPTIONS
 
 
 def _known(options: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
@@ -44,4 +46,10 @@ def make_sink(target: str, *, run: RunInfo, layers: LayerTable, rank: int = 0, *
         if not path:
             raise ValueError("file: target needs a path, e.g. server='file:runs/run1.jsonl'")
         return FileSink(path, run, layers, rank=rank, **_known(options, _FILE_OPTIONS)).start()
+    if target.startswith(("http://", "https://")):
+        from .network import NetworkSink
+
+        opts = _known(options, _FILE_OPTIONS | _NETWORK_OPTIONS)
+        opts.pop("quiet", None)
+        return NetworkSink(target, run, layers, rank=rank, **opts).start()
     raise ValueError(f"unsupported gradwatch target {target!r}: expected 'memory', 'file:PATH' or an http(s):// URL")

@@ -1,0 +1,776 @@
+"""The network sink: stream batches to a gradwatch server, never block training, never lose a step.
+
+Data path (see :mod:`.buffered` for the training thread and the drainer)::
+
+    put() ─► bounded buffer ─► drainer: resolve, batch, seq, append to the spool (disk) ─┐
+                                                                                         ▼
+               server ◄─ websocket (HTTP POST fallback) ◄─ sender thread reads the spool
+
+- **The spool is a write-ahead log.** Every batch is appended to
+  ``<spool_dir>/<source>-<first_seq>.jsonl`` before it is sent, and a segment file is deleted
+  once the server has acknowledged every batch in it. So a slow or absent server only makes the
+  spool grow (on disk, never in memory), and a killed training process leaves exactly the
+  unacknowledged batches behind for ``gradwatch upload``. Memory holds an index of the
+  unacknowledged batches (a few ints each) and a byte-bounded cache of recent encoded batches.
+- **The sender thread** connects (websocket ``/api/v1/ingest/ws``; HTTP ``POST /api/v1/ingest``
+  when the ``websockets`` package is missing or the websocket keeps failing), asks the server
+  which seqs it already has (``hello``), then streams the unacknowledged batches in seq order
+  with up to ``window`` frames in flight. Each acknowledgement removes one batch from the index.
+  On any connection failure it reconnects with capped exponential backoff plus jitter and
+  resends from the server's acknowledged seq; the server's idempotent ingest makes resends
+  harmless.
+- **Failures warn once per kind** (unreachable, auth rejected, version rejected, batch
+  rejected). Auth and version rejections stop network attempts for the run: everything stays in
+  the spool and the warning says how to upload it later. A batch refused with another 4xx is
+  moved to ``rejected-<source>.jsonl`` beside the spool and counted, never retried forever.
+- **Seqs and resume.** ``source`` is the rank. Before the first batch is numbered, the drainer
+  takes the highest seq this (run, source) already used: the server's acknowledged seq, the
+  seqs in a spool left by an earlier process of the same run on this machine (which it adopts and
+  sends), and the spool's ``<source>.last`` marker. New batches continue above all of them, so a
+  resumed process never reuses a (run, source, seq) with different content.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from ..wire import RunInfo
+from .base import LayerTable
+from .buffered import BufferedSink, _say, upload_hint
+from .spool import Segment, SegmentWriter, _segment_key, read_at, rejected_name, spool_files
+
+__all__ = ["NetworkSink", "backoff_delay", "endpoints", "classify_http_error"]
+
+logger = logging.getLogger("gradwatch.agent.transport")
+
+#: The most seconds between two reconnection attempts.
+BACKOFF_MAX = 10.0
+#: The first reconnection delay.
+BACKOFF_BASE = 0.5
+
+
+def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX,
+                  rand: float | None = None) -> float:
+    """Delay before reconnection attempt ``attempt`` (0-based): ``min(cap, base * 2**attempt)``
+    with "equal jitter" (uniform in its upper half), so retrying agents do not synchronise."""
+    r = random.random() if rand is None else rand
+    d = min(cap, base * (2.0 ** min(attempt, 30)))
+    return d * (0.5 + 0.5 * r)
+
+
+def endpoints(url: str) -> dict[str, str]:
+    """The server URLs derived from its base URL ``http(s)://HOST:PORT[/prefix]``."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise ValueError(f"gradwatch server URL must look like http://HOST:PORT, got {url!r}")
+    base = f"{u.scheme}://{u.netloc}{u.path.rstrip('/')}"
+    ws = ("wss" if u.scheme == "https" else "ws") + base[len(u.scheme):]
+    return {"base": base, "ingest": base + "/api/v1/ingest", "ack": base + "/api/v1/ingest/ack",
+            "ws": ws + "/api/v1/ingest/ws"}
+
+
+class _Transient(Exception):
+    """The server is away or failed; reconnect later."""
+
+
+class _Fatal(Exception):
+    """The server refuses us for the whole run (auth, wire version): stop trying."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _Rejected(Exception):
+    """The server refused one batch (4xx other than auth)."""
+
+    def __init__(self, seq: int | None, status: int, message: str) -> None:
+        super().__init__(message)
+        self.seq = seq
+        self.status = status
+
+
+def classify_http_error(status: int, message: str, seq: int | None = None) -> Exception:
+    """Map a server refusal to what the sender does about it."""
+    if status in (401, 403):
+        return _Fatal("auth", f"HTTP {status}: {message}")
+    if "wire_version" in message or "wire version" in message:
+        return _Fatal("version", f"HTTP {status}: {message}")
+    if status == 404:
+        return _Fatal("endpoint", f"HTTP 404 at the ingest endpoint (is this a gradwatch server?): {message}")
+    if status in (408, 425, 429) or status >= 500:
+        return _Transient(f"HTTP {status}: {message}")
+    return _Rejected(seq, status, message)
+
+
+def _detail(body: bytes) -> str:
+    try:
+        d = json.loads(body)
+        if isinstance(d, dict):
+            return str(d.get("detail") or d.get("error") or d)[:300]
+    except ValueError:
+        pass
+    return body[:300].decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------------------------
+# connections
+
+
+class _Http:
+    """HTTP POST per batch (stdlib urllib): the fallback, and what the drainer asks at start."""
+
+    synchronous = True
+    name = "http"
+
+    def __init__(self, eps: dict[str, str], headers: dict[str, str], timeout: float, connect_timeout: float):
+        self.eps = eps
+        self.headers = headers
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+
+    def _open(self, req: urllib.request.Request, timeout: float, seq: int | None = None) -> Any:
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            try:
+                body = e.read()
+            except Exception:
+                body = b""
+            raise classify_http_error(e.code, _detail(body), seq) from None
+        except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+            raise _Transient(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+
+    def hello(self, run_id: str, source: int) -> int:
+        q = urllib.parse.urlencode({"run_id": run_id, "source": source})
+        req = urllib.request.Request(f"{self.eps['ack']}?{q}", headers=self.headers, method="GET")
+        try:
+            d = self._open(req, self.connect_timeout)
+        except _Fatal as f:
+            if f.kind == "endpoint":  # 404: the run is unknown to the server (nothing acked yet)
+                return 0
+            raise
+        return int(d.get("acked") or 0)
+
+    def send(self, seq: int, raw: bytes) -> dict[str, Any]:
+        req = urllib.request.Request(self.eps["ingest"], data=raw, method="POST",
+                                     headers={**self.headers, "Content-Type": "application/json"})
+        d = self._open(req, self.timeout, seq)
+        d.setdefault("seq", seq)
+        d["type"] = "ack"
+        return d  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        pass
+
+
+class _Ws:
+    """The websocket stream (``websockets.sync.client``): frames pipelined, acks in order."""
+
+    synchronous = False
+    name = "websocket"
+
+    def __init__(self, eps: dict[str, str], headers: dict[str, str], connect_timeout: float) -> None:
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect
+
+        try:
+            self.ws = connect(eps["ws"], additional_headers=headers, open_timeout=connect_timeout,
+                              close_timeout=1.0, max_size=1 << 20, ping_interval=20, ping_timeout=20)
+        except InvalidStatus as e:
+            status = e.response.status_code
+            body = getattr(e.response, "body", b"") or b""
+            err = classify_http_error(status, _detail(body))
+            if isinstance(err, _Rejected):
+                raise _Fatal("endpoint", f"websocket handshake refused: HTTP {status}") from None
+            raise err from None
+        except (OSError, TimeoutError) as e:
+            raise _Transient(f"{type(e).__name__}: {e}") from None
+        except Exception as e:  # InvalidHandshake, InvalidURI, ...
+            raise _Transient(f"websocket handshake failed: {type(e).__name__}: {e}") from None
+
+    def hello(self, run_id: str, source: int) -> int:
+        self.ws.send(json.dumps({"type": "hello", "run_id": run_id, "source": source}))
+        while True:
+            msg = self.recv(30.0)
+            if msg is None:
+                raise _Transient("no answer to hello")
+            if msg.get("type") == "ack" and msg.get("seq") is None:
+                return int(msg.get("acked") or 0)
+            if msg.get("type") == "error":
+                raise classify_http_error(int(msg.get("status") or 400), str(msg.get("error")))
+
+    def send(self, seq: int, raw: bytes) -> None:
+        try:
+            self.ws.send(raw, text=True)
+        except Exception as e:
+            raise _Transient(f"websocket send failed: {type(e).__name__}: {e}") from None
+
+    def recv(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            m = self.ws.recv(timeout=timeout)
+        except TimeoutError:
+            return None
+        except Exception as e:  # ConnectionClosed and friends
+            rcvd = getattr(e, "rcvd", None)
+            code = getattr(rcvd, "code", None)
+            if code == 1008:  # policy: the server closes an unauthorised stream this way
+                raise _Fatal("auth", f"websocket closed by the server: {getattr(rcvd, 'reason', '') or 'policy'}"
+                             ) from None
+            raise _Transient(f"websocket closed: {type(e).__name__}: {e}") from None
+        try:
+            d = json.loads(m)
+        except ValueError:
+            return {}
+        return d if isinstance(d, dict) else {}
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        except Exception:
+            pass
+
+
+def _have_websockets() -> bool:
+    try:
+        import websockets.sync.client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# the sink
+
+
+class NetworkSink(BufferedSink):
+    """Streams a run to ``url`` (see the module docstring).
+
+    Args:
+        url: the server's base URL, ``http(s)://HOST:PORT``.
+        run, layers, rank: as for every sink.
+        token: sent as ``Authorization: Bearer``.
+        spool_dir: the run's spool directory (default ``./.gradwatch/spool/<run_id>``).
+        connect_timeout: seconds for one connection attempt (and the start-up ack query).
+        request_timeout: seconds for one HTTP POST.
+        backoff_max: cap of the reconnection delay.
+        ws: use the websocket when available (else HTTP POST only).
+        window: batches in flight on the websocket.
+        resume: True when the run existed before this process (makes seq continuation stricter).
+        **options: ``flush_interval``, ``batch_max_steps``, ``batch_max_rows``, ``buffer_max``,
+            ``close_timeout``.
+
+    Starts two daemon threads (drainer, sender) when started by :func:`make_sink`.
+    """
+
+    kind = "network"
+
+    def __init__(self, url: str, run: RunInfo, layers: LayerTable | None = None, *, rank: int = 0,
+                 token: str | None = None, spool_dir: str | os.PathLike[str] | None = None,
+                 connect_timeout: float = 5.0, request_timeout: float = 30.0,
+                 backoff_max: float = BACKOFF_MAX, backoff_base: float = BACKOFF_BASE, ws: bool = True,
+                 window: int = 32, resume: bool | None = None, cache_bytes: int = 16 << 20,
+                 **options: Any) -> None:
+        super().__init__(run, layers, rank=rank, **options)
+        self.url = url
+        self.eps = endpoints(url)
+        self.headers = {"User-Agent": "gradwatch-agent"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+        self.spool_dir = Path(spool_dir if spool_dir is not None
+                              else Path(".gradwatch") / "spool" / run.run_id).expanduser().absolute()
+        self.connect_timeout = float(connect_timeout)
+        self.request_timeout = float(request_timeout)
+        self.backoff_max = float(backoff_max)
+        self.backoff_base = float(backoff_base)
+        self.use_ws = bool(ws) and _have_websockets()
+        self.window = max(1, int(window))
+        self.resume = resume
+        self.cache_bytes = int(cache_bytes)
+
+        self._cv = threading.Condition()
+        self._index: OrderedDict[int, tuple[Segment, int, int, int]] = OrderedDict()
+        self._seg_pending: dict[Path, int] = {}
+        self._segs: dict[Path, Segment] = {}
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_size = 0
+        self._n_sent = 0
+        self._n_rejected = 0
+        self._batches_sent = 0
+        self._acked = 0
+        self._reconnects = 0
+        self._offline: str | None = None
+        self._connected = False
+        self._ever_connected = False
+        self._ws_failures = 0
+        self._closing_sender = False
+        self._abandon = False
+        self._kick = threading.Event()
+        self._conn: Any = None
+        self._writer_ready = threading.Event()
+        self._last_error = ""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> NetworkSink:
+        if self._started:
+            return self
+        super().start()
+        self._sender = threading.Thread(target=self._send_main, name="gradwatch-network-sender", daemon=True)
+        self._sender.start()
+        return self
+
+    def _wait_delivered(self, deadline: float | None) -> bool:
+        with self._cv:
+            while self._index and self._offline is None and (self._connected or not self._ever_connected):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(0.05 if left is None else min(left, 0.05))
+        return True
+
+    def stats(self) -> dict[str, int]:
+        s = super().stats()
+        with self._cv:
+            s.update(sent=self._n_sent, spooled=sum(e[3] for e in self._index.values()),
+                     rejected=self._n_rejected, acked=self._acked, reconnects=self._reconnects,
+                     batches_sent=self._batches_sent, batches_unsent=len(self._index),
+                     connected=int(self._connected))
+        return s
+
+    # ------------------------------------------------------------------ drainer side
+
+    def _marker(self) -> Path:
+        return self.spool_dir / f"{self.source}.last"
+
+    def _open_writer(self) -> tuple[SegmentWriter, int]:
+        try:
+            return self._open_writer_inner()
+        finally:
+            self._writer_ready.set()
+
+    def _open_writer_inner(self) -> tuple[SegmentWriter, int]:
+        remote: int | None = None
+        try:
+            remote = _Http(self.eps, self.headers, self.request_timeout, self.connect_timeout).hello(
+                self.run.run_id, self.source)
+        except _Fatal as f:
+            self._go_offline(f)
+        except _Transient as e:
+            self._last_error = str(e)
+        local = self._adopt_spool(remote or 0)
+        if remote is None and local == 0 and self.resume:
+            # A resumed run whose history we cannot see (server away, no spool here): take a
+            # fresh source so that our seqs cannot collide with batches of the earlier process.
+            self.source = self.rank + 4096 * (1 + random.randrange(255))
+            local = self._adopt_spool(0)
+        if remote is not None:
+            with self._cv:
+                self._acked = max(self._acked, remote)
+        base = max(local, remote or 0)
+        return SegmentWriter(self.spool_dir, source=self.source, segmented=True), base
+
+    def _adopt_spool(self, acked: int) -> int:
+        """Index batches an earlier process of this run left in the spool (they will be sent
+        first); return the highest seq this source used."""
+        best = 0
+        m = self._marker()
+        try:
+            best = int(m.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pass
+        if not self.spool_dir.is_dir():
+            return best
+        mine = [p for p in spool_files(self.spool_dir) if p.parent == self.spool_dir
+                and _segment_key(p)[0] == self.source]
+        for p in mine:
+            seg = Segment(p, _segment_key(p)[1], closed=True)
+            off = 0
+            n_left = 0
+            with open(p, "rb") as f:
+                data = f.read()
+            for line in data.split(b"\n"):
+                length = len(line)
+                if line.strip():
+                    try:
+                        d = json.loads(line)
+                        seq = int(d["seq"])
+                        ok = d["run"]["run_id"] == self.run.run_id and int(d.get("source", 0)) == self.source
+                        n = len(d.get("steps") or []) + len(d.get("scalars") or []) + len(d.get("events") or [])
+                    except (ValueError, KeyError, TypeError):
+                        ok = False  # a line truncated by a killed process: nothing to send
+                    if ok:
+                        best = max(best, seq)
+                        seg.last_seq = max(seg.last_seq, seq)
+                        if seq > acked:
+                            self._index[seq] = (seg, off, length, n)
+                            n_left += 1
+                off += length + 1
+            seg.size = len(data)
+            if n_left:
+                self._seg_pending[p] = n_left
+                self._segs[p] = seg
+            else:
+                self._delete(p)
+        if self._index:
+            self._index = OrderedDict(sorted(self._index.items()))
+        return best
+
+    def _on_written(self, seq: int, seg: Segment, off: int, length: int, records: int, raw: bytes) -> None:
+        with self._cv:
+            self._index[seq] = (seg, off, length, records)
+            self._seg_pending[seg.path] = self._seg_pending.get(seg.path, 0) + 1
+            new_seg = seg.path not in self._segs
+            self._segs[seg.path] = seg
+            if self._offline is None and not self._abandon:
+                self._cache[seq] = raw
+                self._cache_size += len(raw)
+                while self._cache_size > self.cache_bytes and self._cache:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_size -= len(old)
+            if new_seg:
+                # the writer rolled: older closed segments with nothing pending can go, and the
+                # marker keeps the highest seq used even after those files are deleted
+                self._write_marker(seg.first_seq - 1)
+                for p, s in list(self._segs.items()):
+                    if s.closed and not self._seg_pending.get(p):
+                        self._delete(p)
+            self._cv.notify_all()
+
+    def _write_marker(self, seq: int) -> None:
+        if seq <= 0:
+            return
+        try:
+            self._marker().write_text(str(seq))
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ bookkeeping (under _cv)
+
+    def _delete(self, p: Path) -> None:
+        if self._abandon:
+            return
+        self._segs.pop(p, None)
+        self._seg_pending.pop(p, None)
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+    def _release(self, seq: int) -> tuple[Segment, int, int, int] | None:
+        e = self._index.pop(seq, None)
+        if e is None:
+            return None
+        raw = self._cache.pop(seq, None)
+        if raw is not None:
+            self._cache_size -= len(raw)
+        p = e[0].path
+        left = self._seg_pending.get(p, 1) - 1
+        self._seg_pending[p] = left
+        if left <= 0 and e[0].closed:
+            self._delete(p)
+        return e
+
+    def _confirm(self, seq: int) -> None:
+        e = self._release(seq)
+        if e is not None:
+            self._n_sent += e[3]
+            self._batches_sent += 1
+
+    def _confirm_upto(self, acked: int) -> None:
+        if acked > self._acked:
+            self._acked = acked
+        while self._index:
+            seq = next(iter(self._index))
+            if seq > acked:
+                break
+            self._confirm(seq)
+
+    def _reject(self, seq: int, status: int, message: str) -> None:
+        raw = self._raw(seq)
+        e = self._release(seq)
+        if e is None:
+            return
+        self._n_rejected += e[3]
+        path = self.spool_dir / rejected_name(self.source)
+        try:
+            with open(path, "ab") as f:
+                f.write((raw or b"") + b"\n")
+        except OSError:
+            pass
+        self.warn("rejected", f"gradwatch: the server at {self.url} rejected a batch of run {self.run.run_id} "
+                              f"(HTTP {status}: {message}); it is kept in {path} and not retried.")
+
+    def _raw(self, seq: int) -> bytes | None:
+        raw = self._cache.get(seq)
+        if raw is not None:
+            return raw
+        e = self._index.get(seq)
+        if e is None:
+            return None
+        try:
+            return read_at(e[0].path, e[1], e[2])
+        except OSError:
+            return None
+
+    def _go_offline(self, f: _Fatal) -> None:
+        with self._cv:
+            if self._offline is not None:
+                return
+            self._offline = f.kind
+            self._cache.clear()
+            self._cache_size = 0
+            self._cv.notify_all()
+        what = {"auth": "rejected our credentials", "version": "does not accept this agent's wire version",
+                "endpoint": "does not offer the gradwatch ingest API"}.get(f.kind, "refused us")
+        hint = " (set GRADWATCH_TOKEN or watch(token=...))" if f.kind == "auth" else ""
+        self.warn(f.kind, f"gradwatch: the server at {self.url} {what}{hint}: {f}. Monitoring data of run "
+                          f"{self.run.run_id} is kept in {self.spool_dir}; send it later with: "
+                          f"{upload_hint(self.spool_dir)} --server {self.eps['base']}")
+
+    # ------------------------------------------------------------------ sender thread
+
+    def _all_done(self) -> bool:
+        return self._drainer_done.is_set() and not self._index
+
+    def _connect(self) -> Any:
+        if self.use_ws and self._ws_failures < 3:
+            try:
+                c = _Ws(self.eps, self.headers, self.connect_timeout)
+                self._ws_failures = 0
+                return c
+            except _Fatal as f:
+                if f.kind != "endpoint":
+                    raise
+                self._ws_failures = 3  # no websocket route: HTTP from now on
+            except _Transient:
+                self._ws_failures += 1
+                if self._ws_failures < 3:
+                    raise
+        http = _Http(self.eps, self.headers, self.request_timeout, self.connect_timeout)
+        return http
+
+    def _send_main(self) -> None:
+        self._writer_ready.wait()
+        attempt = 0
+        tried_at_close = False
+        while True:
+            with self._cv:
+                if self._abandon or self._offline is not None:
+                    break
+                if self._closing_sender and self._all_done():
+                    break
+                if not self._index and not self._closing_sender and self._ever_connected:
+                    # nothing to send: connect lazily when the first batch arrives
+                    pass
+            try:
+                conn = self._connect()
+                acked = conn.hello(self.run.run_id, self.source)
+            except _Fatal as f:
+                self._go_offline(f)
+                break
+            except _Transient as e:
+                self._last_error = str(e)
+                with self._cv:
+                    self._connected = False
+                    self._cv.notify_all()
+                self.warn("unreachable", f"gradwatch: cannot reach the server at {self.url} ({e}); monitoring "
+                                         f"data is spooled to {self.spool_dir} and will be sent when it is back. "
+                                         "Training is not affected.")
+                if self._closing_sender:
+                    if tried_at_close or self._abandon:
+                        break
+                    tried_at_close = True
+                    continue
+                self._kick.wait(backoff_delay(attempt, self.backoff_base, self.backoff_max))
+                self._kick.clear()
+                attempt += 1
+                continue
+            except Exception as e:  # pragma: no cover - defensive
+                self._last_error = repr(e)
+                self._kick.wait(backoff_delay(attempt, self.backoff_base, self.backoff_max))
+                attempt += 1
+                continue
+            with self._cv:
+                if self._ever_connected:
+                    self._reconnects += 1
+                    logger.info("gradwatch: reconnected to %s (%s)", self.url, conn.name)
+                self._ever_connected = True
+                self._connected = True
+                self._conn = conn
+                self._confirm_upto(acked)
+                self._cv.notify_all()
+            attempt = 0
+            try:
+                self._pump(conn)
+            except _Fatal as f:
+                self._go_offline(f)
+                break
+            except _Transient as e:
+                self._last_error = str(e)
+            except Exception as e:  # pragma: no cover - defensive
+                self._last_error = repr(e)
+            finally:
+                conn.close()
+                with self._cv:
+                    self._connected = False
+                    self._conn = None
+                    self._cv.notify_all()
+            if self._closing_sender:
+                if tried_at_close:
+                    break
+                tried_at_close = True
+
+    def _next_seq(self, nxt: int) -> int | None:
+        if nxt in self._index:
+            return nxt
+        for k in self._index:
+            if k >= nxt:
+                return k
+        return None
+
+    def _handle(self, msg: dict[str, Any], inflight: list[int]) -> None:
+        kind = msg.get("type")
+        if kind == "ack":
+            seq = msg.get("seq")
+            with self._cv:
+                if isinstance(seq, int):
+                    if seq in inflight:
+                        inflight.remove(seq)
+                    self._confirm(seq)
+                acked = msg.get("acked")
+                if isinstance(acked, int):
+                    self._confirm_upto(acked)
+                self._cv.notify_all()
+        elif kind == "error":
+            seq = msg.get("seq")
+            if not isinstance(seq, int):
+                seq = inflight[0] if inflight else None
+            err = classify_http_error(int(msg.get("status") or 400), str(msg.get("error")), seq)
+            if isinstance(err, _Rejected) and err.seq is not None:
+                with self._cv:
+                    if err.seq in inflight:
+                        inflight.remove(err.seq)
+                    self._reject(err.seq, err.status, str(err))
+                return
+            raise err
+
+    def _pump(self, conn: Any) -> None:
+        inflight: list[int] = []
+        with self._cv:
+            nxt = next(iter(self._index), self._seq + 1)
+        while True:
+            if self._abandon:
+                return
+            # fill the window
+            while len(inflight) < self.window and not self._abandon:
+                with self._cv:
+                    seq = self._next_seq(nxt)
+                    raw = self._raw(seq) if seq is not None else None
+                if seq is None:
+                    break
+                nxt = seq + 1
+                if raw is None:  # vanished from disk: nothing we can do but count it
+                    with self._cv:
+                        self._reject(seq, 0, "spooled batch could not be read back")
+                    continue
+                inflight.append(seq)
+                if conn.synchronous:
+                    try:
+                        self._handle(conn.send(seq, raw), inflight)
+                    except _Rejected as r:
+                        with self._cv:
+                            inflight.remove(seq)
+                            self._reject(seq, r.status, str(r))
+                else:
+                    conn.send(seq, raw)
+            if inflight and not conn.synchronous:
+                msg = conn.recv(0.05)
+                if msg:
+                    self._handle(msg, inflight)
+                continue
+            with self._cv:
+                if self._closing_sender and self._all_done():
+                    return
+                if self._next_seq(nxt) is None:
+                    self._cv.wait(0.25)
+
+    # ------------------------------------------------------------------ close
+
+    def _finish(self, deadline: float, lost_in_memory: int) -> None:
+        with self._cv:
+            self._closing_sender = True
+            self._cv.notify_all()
+        self._kick.set()
+        if self._started:
+            self._sender.join(max(0.0, deadline - time.monotonic()))
+            timed_out = self._sender.is_alive()
+        else:
+            timed_out = False
+        with self._cv:
+            if timed_out:
+                self._abandon = True  # from now on the sender deletes nothing
+                conn = self._conn
+            else:
+                conn = None
+            unsent_batches = len(self._index)
+            unsent = sum(e[3] for e in self._index.values())
+            rejected = self._n_rejected
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        dropped = self.stats()["dropped"] + lost_in_memory
+        if not unsent_batches and not rejected and not dropped:
+            self._cleanup()
+            logger.info("gradwatch: run %s: all %d records delivered to %s", self.run.run_id, self._n_sent, self.url)
+            return
+        self._write_marker(self._seq)
+        if self.writer is not None:
+            self.writer.close()
+        parts = []
+        if unsent_batches:
+            why = {"auth": "the server rejected our credentials", "version": "the server refused our wire version",
+                   "endpoint": "no gradwatch ingest API at that URL"}.get(self._offline or "")
+            if why is None:
+                why = ("close timeout reached" if timed_out or self._connected
+                       else f"server unreachable: {self._last_error}" if self._last_error else "server unreachable")
+            parts.append(f"{unsent} records ({unsent_batches} batches) not delivered to {self.url} ({why}); "
+                         f"kept in {self.spool_dir}; send them with: {upload_hint(self.spool_dir)}")
+        if rejected:
+            parts.append(f"{rejected} records rejected by the server, kept in "
+                         f"{self.spool_dir / rejected_name(self.source)}")
+        if dropped:
+            parts.append(f"{dropped} records dropped (buffer full or closed before written)")
+        _say(f"gradwatch: run {self.run.run_id}: " + "; ".join(parts))
+
+    def _cleanup(self) -> None:
+        """Everything was delivered: remove this source's spool files (and the directory when
+        no other rank still uses it)."""
+        if self.writer is not None:
+            self.writer.close()
+        with self._cv:
+            for p in list(self._segs):
+                self._delete(p)
+        for p in [self._marker()]:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        try:
+            self.spool_dir.rmdir()
+        except OSError:
+            pass
