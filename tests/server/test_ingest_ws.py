@@ -1,0 +1,111 @@
+"""WS /api/v1/ingest/ws through the TestClient: acks, hello, bad frames close with a reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gradwatch.agent import wire
+from gradwatch.server.app import create_app
+
+
+def _closed(ws) -> dict:
+    msg = ws.receive()
+    assert msg["type"] == "websocket.close", msg
+    return msg
+
+
+def test_stream_acks_each_batch_and_hello_reports_progress(client, mk):
+    with client.websocket_connect("/api/v1/ingest/ws") as ws:
+        ws.send_text(json.dumps({"type": "hello", "run_id": "run1", "source": 0}))
+        assert ws.receive_json() == {"type": "ack", "run_id": "run1", "source": 0, "seq": None, "acked": 0,
+                                     "duplicate": False}
+        ws.send_text(wire.encode_batch(mk(1, [1, 2])).decode())
+        assert ws.receive_json() == {"type": "ack", "run_id": "run1", "source": 0, "seq": 1, "acked": 1,
+                                     "duplicate": False}
+        ws.send_bytes(wire.encode_batch(mk(3, [5])))  # binary UTF-8 frames too; seq 2 missing
+        assert ws.receive_json()["acked"] == 1
+        ws.send_bytes(wire.encode_batch(mk(2, [3, 4])))
+        assert ws.receive_json()["acked"] == 3
+        ws.send_bytes(wire.encode_batch(mk(2, [3, 4])))
+        a = ws.receive_json()
+        assert a["duplicate"] is True and a["acked"] == 3
+        ws.send_text(json.dumps({"type": "hello", "run_id": "run1", "source": 0}))
+        assert ws.receive_json()["acked"] == 3
+    pts = client.get("/api/v1/runs/run1/steps").json()["points"]
+    assert [p["step"] for p in pts] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("frame,status,code,needle", [
+    ("this is not json", 400, 1007, "not valid JSON"),
+    (json.dumps({"wire_version": 7}), 422, 1007, "wire version"),
+    (json.dumps({"wire_version": 1, "run": {"run_id": "r"}, "seq": 3, "steps": "x"}), 422, 1007, "batch.steps"),
+    (b"\xff\xfe\xfd", 400, 1007, "not valid JSON"),
+])
+def test_bad_frame_gets_error_then_close_with_reason(client, mk, frame, status, code, needle):
+    with client.websocket_connect("/api/v1/ingest/ws") as ws:
+        ws.send_text(wire.encode_batch(mk(1, [1])).decode())
+        assert ws.receive_json()["acked"] == 1
+        if isinstance(frame, bytes):
+            ws.send_bytes(frame)
+        else:
+            ws.send_text(frame)
+        err = ws.receive_json()
+        assert err["type"] == "error" and err["status"] == status and needle in err["error"]
+        if status == 422 and "steps" in needle:
+            assert err["seq"] == 3
+        closed = _closed(ws)
+        assert closed["code"] == code and needle in closed["reason"]
+        assert len(closed["reason"].encode()) <= 120
+    # the server is unharmed and the stored batch is intact
+    with client.websocket_connect("/api/v1/ingest/ws") as ws:
+        ws.send_text(wire.encode_batch(mk(2, [2])).decode())
+        assert ws.receive_json()["acked"] == 2
+    assert len(client.get("/api/v1/runs/run1/steps").json()["points"]) == 2
+
+
+def test_oversized_frame_closes_1009(make_settings, mk):
+    with TestClient(create_app(make_settings(max_body_bytes=1500))) as c:
+        with c.websocket_connect("/api/v1/ingest/ws") as ws:
+            ws.send_text(wire.encode_batch(mk(1, range(1, 40))).decode())
+            err = ws.receive_json()
+            assert err["status"] == 413
+            closed = _closed(ws)
+            assert closed["code"] == 1009 and "exceeds the limit" in closed["reason"]
+        assert c.get("/api/v1/runs").json()["count"] == 0
+
+
+def test_stream_needs_a_write_token(make_settings, mk):
+    with TestClient(create_app(make_settings(token="w-secret", read_token="r-secret"))) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer r-secret"}):
+            with c.websocket_connect("/api/v1/ingest/ws", headers=headers) as ws:
+                closed = _closed(ws)
+                assert closed["code"] == 1008 and closed["reason"]
+        with c.websocket_connect("/api/v1/ingest/ws", headers={"Authorization": "Bearer w-secret"}) as ws:
+            ws.send_text(wire.encode_batch(mk(1, [1])).decode())
+            assert ws.receive_json()["acked"] == 1
+
+
+def test_live_subscriber_receives_ingested_batches(client, mk, post):
+    with client.websocket_connect("/api/v1/runs/run1/live") as live:
+        assert live.receive_json() == {"type": "subscribed", "run_id": "run1"}
+        assert post(client, mk(1, [1, 2])).status_code == 200
+        msg = live.receive_json()
+        assert msg["type"] == "batch" and msg["run_id"] == "run1" and msg["seq"] == 1
+        assert [s["step"] for s in msg["steps"]] == [1, 2]
+        assert msg["steps"][0]["total_norm"] == 1.0 and msg["events"][0]["kind"] == "overflow"
+        assert msg["scalars"][0]["values"]["lr"] == 0.1
+        post(client, mk(1, [1, 2]))  # duplicate: nothing is pushed
+        post(client, mk(2, [3], run_id="other"))  # another run: not pushed here
+        post(client, mk(2, [3]))
+        assert live.receive_json()["seq"] == 2
+
+
+def test_live_needs_a_token_when_configured(make_settings):
+    with TestClient(create_app(make_settings(token="w", read_token="r"))) as c:
+        with c.websocket_connect("/api/v1/runs/x/live") as ws:
+            assert _closed(ws)["code"] == 1008
+        with c.websocket_connect("/api/v1/runs/x/live", headers={"Authorization": "Bearer r"}) as ws:
+            assert ws.receive_json()["type"] == "subscribed"
