@@ -1,0 +1,446 @@
+"""Adaptive clippers (ALGORITHMS.md §6-8): AGC (unit-wise, slot S5b), ZClip and AutoClip (global, S5c).
+
+Unlike the published packages, these keep working after a non-finite step:
+
+* a step whose gradients are not all finite leaves every running statistic exactly as it was
+  (the candidate update is computed on the device and committed with ``torch.where``), and the
+  record says so (``skipped_update = 1``);
+* clipping never multiplies a non-finite norm by anything but 1, so ``inf`` never becomes NaN
+  (``inf · 0``).
+
+Nothing here synchronizes with the host: thresholds, warm-up buffers, EMAs and AutoClip's
+history live on the gradients' device (float64, float32 on MPS). The global clippers reuse the
+context's cached per-layer norms (computed once per step, shared with the statistics pass) and
+make one write pass (``_foreach_mul_`` by the coefficient, 1 when no clipping is needed, as
+``clip_grad_norm_`` does). AGC makes one read pass over the parameters and the gradients (unit
+norms) and one write pass.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from gradwatch.agent._torch import torch
+from gradwatch.agent.transforms.base import GradContext, Slot, Transform, as_param_list
+
+Tensor = torch.Tensor
+
+__all__ = ["AGC", "ZClip", "AutoClip"]
+
+
+def _state_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _scale_all_(ctx: GradContext, coef: Tensor) -> None:
+    """Multiply every grad by the 0-dim ``coef`` (foreach per (device, dtype) group), one write
+    pass, and keep the norm cache valid."""
+    for dev, dt, idx in ctx.groups:
+        torch._foreach_mul_([ctx.grads[i] for i in idx], coef.to(dev, dt))
+    if ctx._norms is not None:
+        ctx.set_norms(ctx._norms * coef.to(ctx._norms.dtype))
+
+
+def _num(v: Any) -> float:
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _clip_events(name: str, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        coef = _num(values["coef"])
+    except (KeyError, TypeError, ValueError):
+        return []
+    if coef < 1.0:
+        data = {"transform": name, "coef": coef}
+        for k in ("norm", "threshold"):
+            if k in values:
+                data[k] = _num(values[k])
+        return [("clip", data)]
+    return []
+
+
+class AGC(Transform):
+    """Adaptive Gradient Clipping (Brock et al. 2021, NFNets), ALGORITHMS.md §6.
+
+    Per output unit i (dim 0 for ``ndim >= 2``; the whole tensor for ``ndim <= 1``)::
+
+        max_i = clipping · max(||W_i||, eps)
+        G_i  ← G_i                           if ||G_i|| < max_i
+        G_i  ← G_i · max_i / max(||G_i||, 1e-6)  otherwise
+
+    Units whose gradient or weight norm is not finite are left untouched (coefficient 1), so an
+    overflow is never turned into NaN; the loss scaler skips such steps anyway. AGC reads the
+    parameters themselves, so it must run before the optimizer step.
+
+    Args:
+        clipping: λ, the allowed ratio of gradient norm to weight norm (default 0.01).
+        eps: floor of the weight norm, so zero-initialized units can still learn (1e-3).
+        exclude: parameters never clipped. The paper leaves the final classifier unclipped; a
+            standalone AGC has no model to find it in, so say which: parameter names or
+            ``fnmatch`` patterns (matched against the names the driver knows, e.g.
+            ``"fc.*"``; when called as ``t(model.named_parameters())`` the names are those),
+            parameter tensors, or modules (all their parameters). ``watch`` excludes the last
+            Linear by default.
+
+    Reports per layer: ``clipped_units`` (count), ``min_coef``, and ``layers`` (1 where a unit
+    was clipped). Cost: one read pass over W and G (unit norms, fp32) and one write pass.
+
+    Example::
+
+        AGC(0.01, exclude=[model.fc])(model.named_parameters())
+    """
+
+    name: ClassVar[str] = "agc"
+    slot: ClassVar[Slot] = Slot.UNITWISE
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, *, exclude: Iterable[Any] = ()) -> None:
+        if not clipping > 0:
+            raise ValueError(f"clipping must be positive, got {clipping}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be non-negative, got {eps}")
+        self.clipping = float(clipping)
+        self.eps = float(eps)
+        self._patterns: list[str] = []
+        self._ids: set[int] = set()
+        self.add_exclude(exclude)
+
+    def add_exclude(self, exclude: Iterable[Any]) -> None:
+        """Exclude more parameters (names/patterns, tensors or modules)."""
+        if isinstance(exclude, (str, torch.Tensor, torch.nn.Module)):
+            exclude = [exclude]
+        for e in exclude:
+            if isinstance(e, str):
+                self._patterns.append(e)
+            elif isinstance(e, torch.nn.Module):
+                self._ids.update(id(p) for p in e.parameters())
+            elif isinstance(e, torch.Tensor):
+                self._ids.add(id(e))
+            else:
+                raise TypeError(f"exclude takes names, patterns, tensors or modules, got {type(e).__name__}")
+
+    def _excluded(self, p: Tensor, name: str) -> bool:
+        if id(p) in self._ids:
+            return True
+        return bool(name) and any(fnmatch.fnmatchcase(name, pat) for pat in self._patterns)
+
+    @torch.no_grad()
+    def __call__(self, parameters: Tensor | Iterable[Any]) -> dict[str, Tensor]:
+        """Like the base call, but also accepts ``named_parameters()`` so name patterns apply."""
+        items = as_param_list(parameters)
+        if items and isinstance(items[0], tuple):
+            names = [n for n, _ in items]
+            params = [p for _, p in items]
+        else:
+            names, params = None, items
+        ctx = GradContext(params, names)
+        if len(ctx):
+            self.apply_(ctx)
+        return ctx.reports.get(self.name, {})
+
+    def apply_(self, ctx: GradContext) -> None:
+        dev = ctx.device
+        L = len(ctx)
+        clipped = torch.zeros(L, dtype=torch.float32, device=dev)
+        min_coef = torch.ones(L, dtype=torch.float32, device=dev)
+        new_norms: list[Tensor] = []
+        for i, (p, name, g) in enumerate(zip(ctx.params, ctx.names, ctx.grads)):
+            if self._excluded(p, name) or g.numel() == 0:
+                if ctx._norms is not None:
+                    new_norms.append(ctx._norms[i])
+                continue
+            dims = tuple(range(1, g.ndim)) if g.ndim >= 2 else None
+            gn = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=g.ndim >= 2, dtype=torch.float32)
+            wn = torch.linalg.vector_norm(p.detach(), 2, dim=dims, keepdim=p.ndim >= 2, dtype=torch.float32)
+            mx = self.clipping * wn.clamp_min(self.eps)
+            keep = (gn < mx) | ~torch.isfinite(gn) | ~torch.isfinite(mx)
+            coef = torch.where(keep, torch.ones_like(gn), mx / gn.clamp_min(1e-6))
+            g.mul_(coef.to(g.dtype))
+            clipped[i] = (~keep).sum().to(dev, torch.float32)
+            min_coef[i] = coef.min().to(dev)
+            if ctx._norms is not None:
+                new_norms.append(torch.linalg.vector_norm(gn * coef).to(dev))
+        if ctx._norms is not None:
+            ctx.set_norms(torch.stack(new_norms).to(torch.float32))
+        ctx.report(self.name, clipped_units=clipped, min_coef=min_coef, layers=(clipped > 0).float())
+
+    def events(self, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        try:
+            units = values["clipped_units"]
+            total = float(sum(_num(u) for u in (units.flatten() if isinstance(units, torch.Tensor) else units)))
+        except (KeyError, TypeError, ValueError):
+            return []
+        return [("clip", {"transform": self.name, "clipped_units": total})] if total > 0 else []
+
+    def __repr__(self) -> str:
+        return f"AGC(clipping={self.clipping}, eps={self.eps})"
+
+
+class ZClip(Transform):
+    """ZClip (Kumar et al. 2025, arXiv 2504.02507): z-score clipping of the total gradient norm.
+
+    Same arguments, defaults and arithmetic as the ``zclip`` 1.0.0 package (ALGORITHMS.md §7),
+    checked step by step against it: a warm-up of ``warmup_steps`` norms (clipped only by
+    ``max_grad_norm``, which defaults to 1.0 and so also acts as a fixed cap), then EMA mean and
+    variance; in ``mode="zscore"`` a norm with z > ``z_thresh`` is clipped to
+    ``μ + z_thresh²·σ/z`` (``clip_option="adaptive_scaling"``, times ``clip_factor``) or to μ
+    (``"mean"``); in ``mode="percentile"`` anything above ``μ + z_thresh·σ`` is clipped to it.
+    The EMA is fed the clipped value (not at all on spikes when ``skip_update_on_spike``).
+
+    Differences from the package, all on purpose: state (warm-up buffer, EMA) stays on the
+    device, no ``.item()``; a non-finite step clips nothing and updates nothing (the package's
+    EMA becomes NaN forever); it reuses the context's fp32 total norm (the norm
+    ``clip_grad_norm_`` would compute) instead of recomputing one in the first parameter's dtype.
+
+    Reports ``norm``, ``threshold`` (the effective clip value; the norm itself when no clipping),
+    ``coef``, ``mean``, ``std``, ``z``, ``spike``, ``warmup`` and ``skipped_update``. Events:
+    ``clip`` when coef < 1, ``spike`` when z > z_thresh. Cost: norms from the shared cache, one
+    write pass.
+
+    Example::
+
+        zc = ZClip(max_grad_norm=None)
+        zc(model.parameters())
+    """
+
+    name: ClassVar[str] = "zclip"
+    slot: ClassVar[Slot] = Slot.GLOBAL
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        max_grad_norm: float | None = 1.0,
+        eps: float = 1e-6,
+        warmup_steps: int = 25,
+        mode: str = "zscore",
+        clip_option: str | None = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        skip_update_on_spike: bool = False,
+    ) -> None:
+        self.mode = mode.lower()
+        if self.mode == "zscore":
+            if clip_option is None or clip_option.lower() not in ("mean", "adaptive_scaling"):
+                raise ValueError("for mode='zscore', clip_option must be 'mean' or 'adaptive_scaling'")
+            self.clip_option: str | None = clip_option.lower()
+        elif self.mode == "percentile":
+            self.clip_option = None
+        else:
+            raise ValueError(f"mode must be 'zscore' or 'percentile', got {mode!r}")
+        if not 0 <= alpha < 1:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.alpha = float(alpha)
+        self.z_thresh = float(z_thresh)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.eps = float(eps)
+        self.warmup_steps = int(warmup_steps)
+        self.clip_factor = float(clip_factor)
+        self.skip_update_on_spike = bool(skip_update_on_spike)
+        self.reset()
+
+    def reset(self) -> None:
+        w = max(self.warmup_steps, 1)  # the package initializes from one norm when warmup_steps=0
+        self._buffer = torch.zeros(w, dtype=torch.float64)
+        self._count = torch.zeros((), dtype=torch.int64)
+        self._initialized = torch.zeros((), dtype=torch.bool)
+        self._mean = torch.zeros((), dtype=torch.float64)
+        self._var = torch.zeros((), dtype=torch.float64)
+
+    _STATE = ("_buffer", "_count", "_initialized", "_mean", "_var")
+
+    def _to(self, device: torch.device) -> None:
+        if self._mean.device != device or self._mean.dtype != _state_dtype(device):
+            dt = _state_dtype(device)
+            for k in self._STATE:
+                t = getattr(self, k)
+                setattr(self, k, t.to(device, dt if t.is_floating_point() else t.dtype))
+
+    def apply_(self, ctx: GradContext) -> None:
+        dev = ctx.device
+        self._to(dev)
+        dt = self._mean.dtype
+        x = ctx.total_norm().to(dt)
+        fin = ctx.finite() & torch.isfinite(x)
+        one = torch.ones((), dtype=dt, device=dev)
+        init = self._initialized.clone()
+        w = self._buffer.numel()
+
+        # -- warm-up branch: append x, initialize when full, clip only by max_grad_norm
+        slot = self._count.clamp_max(w - 1).view(1)
+        take = fin & ~init
+        self._buffer.index_copy_(0, slot, torch.where(take, x, self._buffer.index_select(0, slot)[0]).view(1))
+        count = self._count + take.to(torch.int64)
+        full = take & (count >= w)
+        b_mean = self._buffer.mean()
+        b_var = (self._buffer - b_mean).square().mean()
+        if self.max_grad_norm is not None:
+            coef_w = (self.max_grad_norm / (x + 1e-6)).clamp_max(1.0)
+        else:
+            coef_w = one
+
+        # -- initialized branch: z-score / percentile threshold, then EMA
+        std = self._var.sqrt()
+        z = (x - self._mean) / (std + self.eps)
+        if self.mode == "percentile":
+            thr = self._mean + self.z_thresh * std
+            spike = x > thr
+        else:
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                thr = (self._mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
+            else:
+                thr = self._mean.clone()
+        adaptive = torch.where(spike, thr, x)
+        eff = adaptive.clamp_max(self.max_grad_norm) if self.max_grad_norm is not None else adaptive
+        coef_i = torch.where(x > eff, eff / (x + 1e-6), one)
+        y = torch.where(spike, thr, x)
+        m_new = self.alpha * self._mean + (1 - self.alpha) * y
+        v_new = self.alpha * self._var + (1 - self.alpha) * (y - m_new).square()
+        upd = fin & init
+        if self.skip_update_on_spike:
+            upd = upd & ~spike
+
+        # -- commit
+        self._mean.copy_(torch.where(upd, m_new, torch.where(full, b_mean, self._mean)))
+        self._var.copy_(torch.where(upd, v_new, torch.where(full, b_var, self._var)))
+        self._initialized.copy_(init | full)
+        self._count.copy_(torch.where(full, torch.zeros_like(count), count))
+
+        coef = torch.where(fin, torch.where(init, coef_i, coef_w), one)
+        _scale_all_(ctx, coef)
+        threshold = torch.where(init, eff, torch.minimum(x, torch.full_like(x, self.max_grad_norm or float("inf"))))
+        ctx.report(
+            self.name,
+            norm=x.float(),
+            threshold=threshold.float(),
+            coef=coef.float(),
+            mean=self._mean.float(),
+            std=self._var.sqrt().float(),
+            z=torch.where(init, z, torch.full_like(z, float("nan"))).float(),
+            spike=(init & fin & spike).float(),
+            warmup=(~init).float(),
+            skipped_update=(~fin).float(),
+        )
+
+    def events(self, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        ev = _clip_events(self.name, values)
+        try:
+            if _num(values.get("spike", 0.0)) > 0:
+                ev.append(("spike", {"transform": self.name, "norm": _num(values["norm"]), "z": _num(values["z"])}))
+        except (KeyError, TypeError, ValueError):
+            pass
+        return ev
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k.lstrip("_"): getattr(self, k).detach().clone() for k in self._STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        new = {k: torch.as_tensor(state[k.lstrip("_")]).detach().clone() for k in self._STATE}
+        if new["_buffer"].numel() != max(self.warmup_steps, 1):
+            raise ValueError(f"state has a warm-up buffer of {new['_buffer'].numel()}, this ZClip has {self.warmup_steps}")
+        for k, v in new.items():
+            setattr(self, k, v)
+
+    def __repr__(self) -> str:
+        return (f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, max_grad_norm={self.max_grad_norm}, "
+                f"warmup_steps={self.warmup_steps}, mode={self.mode!r}, clip_option={self.clip_option!r})")
+
+
+class AutoClip(Transform):
+    """AutoClip (Seetharaman et al., MLSP 2020): clip the total norm to a percentile of its history.
+
+    The paper's algorithm (ALGORITHMS.md §8): append the current total norm ``x_t`` to the
+    history, then clip to ``percentile(history, percentile)`` (linear interpolation, as
+    ``numpy.percentile`` / ``torch.quantile``) exactly like ``clip_grad_norm_`` (coefficient
+    ``min(1, thr/(x_t+1e-6))``). The history is a preallocated ring of the last ``history``
+    norms on the device (invalid slots hold NaN and ``torch.nanquantile`` skips them), so there
+    is no host sync and no reallocation.
+
+    ``include_current=False`` takes the threshold from the history *before* appending (no
+    clipping on the first step): the semantics of ``autoclip.torch.QuantileClip(...,
+    global_threshold=True)`` 0.2.1, whose ``quantile`` is ``percentile/100``.
+
+    A non-finite norm never enters the history and is never clipped (the package puts NaN into
+    its history and then multiplies later gradients by NaN for up to ``history_length`` steps).
+
+    Reports ``norm``, ``threshold``, ``coef``, ``history_len`` and ``skipped_update``; a ``clip``
+    event when coef < 1. Cost: norms from the shared cache, one write pass, plus a sort of the
+    ``history`` float64 values per step on the device.
+
+    Example::
+
+        AutoClip(percentile=10.0)(model.parameters())
+    """
+
+    name: ClassVar[str] = "autoclip"
+    slot: ClassVar[Slot] = Slot.GLOBAL
+
+    def __init__(self, percentile: float = 10.0, history: int = 10_000, *, include_current: bool = True) -> None:
+        if not 0.0 <= percentile <= 100.0:
+            raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        self.percentile = float(percentile)
+        self.history = int(history)
+        self.include_current = bool(include_current)
+        self.reset()
+
+    def reset(self) -> None:
+        self._hist = torch.full((self.history,), float("nan"), dtype=torch.float64)
+        self._pos = torch.zeros((), dtype=torch.int64)
+        self._len = torch.zeros((), dtype=torch.int64)
+
+    def _to(self, device: torch.device) -> None:
+        dt = _state_dtype(device)
+        if self._hist.device != device or self._hist.dtype != dt:
+            self._hist = self._hist.to(device, dt)
+            self._pos = self._pos.to(device)
+            self._len = self._len.to(device)
+
+    def apply_(self, ctx: GradContext) -> None:
+        dev = ctx.device
+        self._to(dev)
+        dt = self._hist.dtype
+        x = ctx.total_norm().to(dt)
+        fin = ctx.finite() & torch.isfinite(x)
+        q = self.percentile / 100.0
+        if not self.include_current:
+            thr = torch.nanquantile(self._hist, q)
+        slot = self._pos.view(1)
+        self._hist.index_copy_(0, slot, torch.where(fin, x, self._hist.index_select(0, slot)[0]).view(1))
+        step = fin.to(torch.int64)
+        self._pos.copy_((self._pos + step) % self.history)
+        self._len.copy_((self._len + step).clamp_max(self.history))
+        if self.include_current:
+            thr = torch.nanquantile(self._hist, q)
+        # empty history (NaN) → no clipping, like the package's threshold = inf
+        thr = torch.where(torch.isnan(thr), torch.full_like(thr, float("inf")), thr)
+        one = torch.ones((), dtype=dt, device=dev)
+        coef = torch.where(fin, (thr / (x + 1e-6)).clamp_max(1.0), one)
+        _scale_all_(ctx, coef)
+        ctx.report(self.name, norm=x.float(), threshold=thr.float(), coef=coef.float(),
+                   history_len=self._len.float(), skipped_update=(~fin).float())
+
+    def events(self, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return _clip_events(self.name, values)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self._hist.detach().clone(), "pos": self._pos.detach().clone(),
+                "len": self._len.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        hist = torch.as_tensor(state["history"]).detach().clone()
+        if hist.numel() != self.history:
+            raise ValueError(f"state holds a history of {hist.numel()}, this AutoClip keeps {self.history}")
+        self._hist = hist
+        self._pos = torch.as_tensor(state["pos"]).detach().clone()
+        self._len = torch.as_tensor(state["len"]).detach().clone()
+
+    def __repr__(self) -> str:
+        return f"AutoClip(percentile={self.percentile}, history={self.history}, include_current={self.include_current})"
+

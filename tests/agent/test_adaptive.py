@@ -1,0 +1,498 @@
+"""AGC, ZClip and AutoClip: reference formulas, the published packages on clean inputs, and
+their failure on NaN/inf next to ours working (ALGORITHMS.md §6-8, PEERS.md)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from gradwatch.agent import AGC, AutoClip, ZClip
+from gradwatch.agent.transforms.base import GradContext, Slot
+
+zclip_pkg = pytest.importorskip("zclip")
+autoclip_torch = pytest.importorskip("autoclip.torch")
+
+SHAPES = [(5,), (1,), (1, 1), (0, 3), (3, 4), (1, 6), (6, 1), (2, 3, 3, 3), (2, 2, 2, 2, 2), (4,)]
+
+
+def make_params(shapes, dtype=torch.float32, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    ps = []
+    for s in shapes:
+        p = torch.nn.Parameter((torch.randn(s, generator=gen) * float(torch.rand((), generator=gen) * 2)).to(dtype))
+        p.grad = (torch.randn(s, generator=gen) * scale * float(torch.rand((), generator=gen) * 0.1)).to(dtype)
+        ps.append(p)
+    return ps
+
+
+def set_grads(ps, grads):
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(4, 3))
+        self.b = torch.nn.Parameter(torch.zeros(3))
+        self.c = torch.nn.Parameter(torch.zeros(2, 2, 3))
+
+
+def grads_with_norms(norms, seed):
+    """Per step, random grads for Net rescaled to the given total norm."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for x in norms:
+        gs = [torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen), torch.randn(2, 2, 3, generator=gen)]
+        tot = math.sqrt(sum(float(g.square().sum()) for g in gs))
+        out.append([g * (x / tot) for g in gs])
+    return out
+
+
+def spiky_norms(rng, n, base=1.0):
+    xs = []
+    for _ in range(n):
+        x = base * math.exp(rng.gauss(0, 0.2))
+        if rng.random() < 0.15:
+            x *= rng.uniform(3, 20)
+        xs.append(x)
+    return xs
+
+
+# ---------------------------------------------------------------------------------- AGC
+
+
+def test_agc_spec_vectors():
+    W = torch.nn.Parameter(torch.tensor([[3.0, 4], [0, 1]]))
+    W.grad = torch.tensor([[0.3, 0.4], [0.1, 0]])
+    r = AGC()([W])
+    torch.testing.assert_close(W.grad, torch.tensor([[0.03, 0.04], [0.01, 0]]))
+    assert r["clipped_units"].tolist() == [2.0]
+    W.grad = torch.tensor([[0.01, 0], [0.001, 0]])
+    r = AGC()([W])
+    assert torch.equal(W.grad, torch.tensor([[0.01, 0], [0.001, 0]]))
+    assert r["clipped_units"].tolist() == [0.0] and r["layers"].tolist() == [0.0]
+    Z = torch.nn.Parameter(torch.zeros(2, 2))
+    Z.grad = torch.tensor([[1.0, 0], [0, 0]])
+    AGC()([Z])
+    torch.testing.assert_close(Z.grad, torch.tensor([[1e-5, 0], [0, 0]]))
+    b = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    b.grad = torch.tensor([1.0, 0.0])
+    AGC()([b])
+    torch.testing.assert_close(b.grad, torch.tensor([0.05, 0.0]))
+    assert AGC.slot == Slot.UNITWISE
+
+
+def ref_agc(p, g, lam, eps):
+    g, w = g.double(), p.detach().double()
+    if g.numel() == 0:
+        return g
+    if g.ndim <= 1:
+        gn, wn = g.norm(), w.norm()
+    else:
+        dims = tuple(range(1, g.ndim))
+        gn = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
+        wn = torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+    mx = lam * wn.clamp_min(eps)
+    return torch.where(gn < mx, g, g * (mx / gn.clamp_min(1e-6)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_agc_random_reference(dtype):
+    rng = random.Random(5)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for case in range(150):
+        lam = rng.choice([0.01, 0.05, 0.3])
+        eps = rng.choice([1e-3, 1e-1])
+        ps = make_params([rng.choice(SHAPES) for _ in range(rng.randint(1, 5))], dtype, case,
+                         scale=rng.choice([0.01, 1.0, 30.0]))
+        raw = [p.grad.clone() for p in ps]
+        AGC(lam, eps)(ps)
+        for p, g in zip(ps, raw):
+            want = ref_agc(p, g, lam, eps)
+            torch.testing.assert_close(p.grad.double(), want, rtol=4 * tol, atol=1e-7)
+
+
+def test_agc_exclude_by_name_pattern_tensor_and_module():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    AGC(exclude=["2.*"])(model.named_parameters())
+    assert torch.equal(model[2].weight.grad, torch.full((2, 4), 10.0))
+    assert model[0].weight.grad.abs().max() < 1.0
+    for excl in ([model[2]], [model[2].weight, model[2].bias], model[2]):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 10.0)
+        AGC(exclude=excl)(model.parameters())
+        assert torch.equal(model[2].weight.grad, torch.full((2, 4), 10.0))
+        assert torch.equal(model[2].bias.grad, torch.full((2,), 10.0))
+        assert model[0].bias.grad.abs().max() < 1.0
+    with pytest.raises(TypeError):
+        AGC(exclude=[3])
+    with pytest.raises(ValueError):
+        AGC(clipping=0.0)
+
+
+def test_agc_nonfinite_units_left_alone():
+    W = torch.nn.Parameter(torch.ones(3, 2))
+    W.grad = torch.tensor([[float("inf"), 1.0], [float("nan"), 0.0], [5.0, 5.0]])
+    AGC()([W])
+    assert W.grad[0, 0].item() == float("inf") and W.grad[0, 1].item() == 1.0
+    assert W.grad[1, 0].isnan() and W.grad[1, 1].item() == 0.0
+    assert not W.grad[2].isnan().any() and W.grad[2].norm().item() == pytest.approx(0.01 * math.sqrt(2), rel=1e-5)
+    W2 = torch.nn.Parameter(torch.tensor([[float("inf"), 1.0]]))
+    W2.grad = torch.tensor([[3.0, 4.0]])
+    AGC()([W2])
+    assert torch.equal(W2.grad, torch.tensor([[3.0, 4.0]]))
+
+
+def test_agc_keeps_norm_cache_valid():
+    rng = random.Random(9)
+    for case in range(30):
+        ps = make_params([rng.choice(SHAPES) for _ in range(4)] + [(3, 4)], seed=case, scale=10.0)
+        ctx = GradContext(ps)
+        _ = ctx.norms
+        AGC(0.05).apply_(ctx)
+        fresh = torch.stack([p.grad.norm() for p in ctx.params])
+        torch.testing.assert_close(ctx.norms, fresh, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------- ZClip
+
+
+def test_zclip_spec_vectors():
+    p = torch.nn.Parameter(torch.zeros(1))
+
+    def run(zc, vals):
+        out = []
+        for v in vals:
+            p.grad = torch.tensor([float(v)])
+            r = zc([p])
+            out.append((p.grad.item(), r))
+        return out
+
+    zc = ZClip(warmup_steps=3, max_grad_norm=None)
+    res = run(zc, [1, 2, 3])
+    assert [g for g, _ in res] == [1.0, 2.0, 3.0]
+    sd = zc.state_dict()
+    assert sd["mean"].item() == pytest.approx(2.0) and sd["var"].item() == pytest.approx(0.6666667, rel=1e-6)
+    (g, r), = run(zc, [10])
+    assert g == pytest.approx(2.520833, rel=1e-6) and r["z"].item() == pytest.approx(9.7980, rel=1e-4)
+    assert r["spike"].item() == 1.0 and r["coef"].item() < 1
+    assert zc.state_dict()["mean"].item() == pytest.approx(2.0156250, rel=1e-7)
+    assert zc.state_dict()["var"].item() == pytest.approx(0.6543237, rel=1e-6)
+    (g, r), = run(zc, [2])
+    assert g == 2.0 and zc.state_dict()["mean"].item() == pytest.approx(2.0151563, rel=1e-7)
+    assert zc.state_dict()["var"].item() == pytest.approx(0.6347009, rel=1e-6)
+    assert [k for k, _ in zc.events({"coef": 0.5, "norm": 10.0, "threshold": 5.0, "spike": 1.0, "z": 9.0})] == [
+        "clip", "spike"]
+    assert zc.events({"coef": 1.0, "spike": 0.0}) == []
+
+    res = run(ZClip(warmup_steps=3, max_grad_norm=None, clip_option="mean"), [1, 2, 3, 10])
+    assert res[-1][0] == pytest.approx(1.9999998, rel=1e-7)
+    res = run(ZClip(warmup_steps=3, max_grad_norm=None, mode="percentile"), [1, 2, 3, 10])
+    assert res[-1][0] == pytest.approx(4.0412412, rel=1e-6)
+    assert res[-1][1]["threshold"].item() == pytest.approx(4.0412415, rel=1e-6)
+    res = run(ZClip(warmup_steps=3), [1, 2, 3, 10])
+    assert all(g == pytest.approx(0.999999, rel=1e-6) for g, _ in res)
+
+
+def test_zclip_rejects_bad_args():
+    with pytest.raises(ValueError, match="mode"):
+        ZClip(mode="ema")
+    with pytest.raises(ValueError, match="clip_option"):
+        ZClip(clip_option="median")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        ZClip(max_grad_norm=0.0)
+
+
+CONFIGS = [
+    dict(mode=m, clip_option=o, max_grad_norm=mg, warmup_steps=w, skip_update_on_spike=s, clip_factor=cf)
+    for (m, o), mg, w, s, cf in itertools.product(
+        [("zscore", "adaptive_scaling"), ("zscore", "mean"), ("percentile", "adaptive_scaling")],
+        [None, 1.0, 3.0], [0, 3, 12], [False, True], [1.0, 0.7])
+]
+
+
+def test_zclip_matches_package_step_by_step():
+    """All modes, caps, warm-ups, skip_update_on_spike and clip factors, on spiky norm sequences."""
+    rng = random.Random(0)
+    for k, cfg in enumerate(CONFIGS):
+        norms = spiky_norms(rng, 40, base=rng.choice([0.5, 2.0]))
+        seq = grads_with_norms(norms, seed=k)
+        theirs, ours = Net(), Net()
+        zp, zo = zclip_pkg.ZClip(**cfg), ZClip(**cfg)
+        for step, grads in enumerate(seq):
+            set_grads(list(theirs.parameters()), grads)
+            set_grads(list(ours.parameters()), grads)
+            was_warmup = not zp.initialized
+            zp.step(theirs)
+            r = zo(ours.parameters())
+            for a, b in zip(theirs.parameters(), ours.parameters()):
+                torch.testing.assert_close(b.grad, a.grad, rtol=2e-6, atol=1e-9, msg=f"{cfg} step {step}")
+            assert bool(r["warmup"].item()) == was_warmup
+            if zp.initialized:
+                sd = zo.state_dict()
+                assert sd["mean"].item() == pytest.approx(zp.mean, rel=1e-6), (cfg, step)
+                assert sd["var"].item() == pytest.approx(zp.var, rel=1e-5, abs=1e-12), (cfg, step)
+
+
+def _zclip_run(zc, seq, params):
+    outs = []
+    for grads in seq:
+        set_grads(params, grads)
+        r = zc(params) if isinstance(zc, ZClip) else zc.step(params)
+        outs.append(([p.grad.clone() for p in params], r))
+    return outs
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_zclip_package_breaks_on_nonfinite_ours_keeps_working(kind):
+    cfg = dict(warmup_steps=5, max_grad_norm=None)
+    rng = random.Random(1)
+    norms = [math.exp(rng.gauss(0, 0.1)) for _ in range(12)] + [10.0] + [1.0] * 3 + [12.0]
+    seq = grads_with_norms(norms, seed=2)
+    bad_at = 8
+    bad = [g.clone() for g in seq[bad_at]]
+    bad[0][1, 2] = float(kind)
+
+    # the package: EMA poisoned forever, later spikes pass unclipped; inf is turned into NaN
+    net = Net()
+    zp = zclip_pkg.ZClip(**cfg)
+    for i, grads in enumerate(seq):
+        set_grads(list(net.parameters()), bad if i == bad_at else grads)
+        zp.step(net)
+        if i == bad_at:
+            new_nans = net.a.grad.isnan().sum().item() - bad[0].isnan().sum().item()
+    total = math.sqrt(sum(float(p.grad.square().sum()) for p in net.parameters()))
+    if kind == "nan":
+        assert math.isnan(zp.mean) and math.isnan(zp.var)
+        assert total == pytest.approx(12.0, rel=1e-5)  # the last spike went through unclipped
+    else:  # z = inf: coefficient mean/inf = 0, and inf * 0 = NaN
+        assert new_nans == 1
+
+    # ours: the bad step changes nothing, later steps equal a twin that never saw it
+    a, b = ZClip(**cfg), ZClip(**cfg)
+    na, nb = Net(), Net()
+    for i, grads in enumerate(seq):
+        if i == bad_at:
+            set_grads(list(na.parameters()), bad)
+            r = a(na.parameters())
+            assert r["skipped_update"].item() == 1.0 and r["coef"].item() == 1.0
+            assert torch.equal(na.a.grad.isnan(), bad[0].isnan())  # nothing new became NaN
+            for k, v in a.state_dict().items():
+                assert torch.equal(v, b.state_dict()[k]), k
+            continue
+        set_grads(list(na.parameters()), grads)
+        set_grads(list(nb.parameters()), grads)
+        ra, rb = a(na.parameters()), b(nb.parameters())
+        for p, q in zip(na.parameters(), nb.parameters()):
+            assert torch.equal(p.grad, q.grad)
+        assert torch.equal(ra["coef"], rb["coef"])
+    assert rb["coef"].item() < 0.5  # the final spike is clipped
+    assert all(torch.isfinite(v).all() for k, v in a.state_dict().items() if k != "buffer")
+
+    if kind == "inf":  # the package turns inf into NaN with its default fixed cap; ours never does
+        zp2 = zclip_pkg.ZClip(warmup_steps=1)  # default max_grad_norm=1.0 -> coefficient 0 on inf
+        net = Net()
+        g0 = grads_with_norms([1.0], 3)[0]
+        set_grads(list(net.parameters()), g0)
+        zp2.step(net)
+        set_grads(list(net.parameters()), bad)
+        zp2.step(net)
+        assert net.a.grad.isnan().sum() > bad[0].isnan().sum()
+        z = ZClip(warmup_steps=1)
+        set_grads(list(net.parameters()), g0)
+        z(net.parameters())
+        set_grads(list(net.parameters()), bad)
+        z(net.parameters())
+        assert net.a.grad.isnan().sum() == 0 and net.a.grad.isinf().sum() == 1
+
+
+def test_zclip_found_inf_from_scaler_skips_update():
+    """With a loss scaler's found_inf the step is guarded even if these grads look finite."""
+    ps = make_params([(3, 4), (4,)], seed=1)
+    zc = ZClip(warmup_steps=1, max_grad_norm=None)
+    zc(ps)
+    before = zc.state_dict()
+    raw = [p.grad.clone() for p in ps]
+    ctx = GradContext(ps, found_inf=torch.tensor(1.0))
+    zc.apply_(ctx)
+    r = ctx.reports["zclip"]
+    assert r["skipped_update"].item() == 1.0 and r["coef"].item() == 1.0
+    assert all(torch.equal(p.grad, g) for p, g in zip(ps, raw))
+    for k, v in zc.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+# ---------------------------------------------------------------------------------- AutoClip
+
+
+def test_autoclip_spec_vector():
+    p = torch.nn.Parameter(torch.zeros(1))
+    ac = AutoClip(10.0)
+    for v in [1, 2, 3, 4, 10]:
+        p.grad = torch.tensor([float(v)])
+        r = ac([p])
+    assert r["threshold"].item() == pytest.approx(1.4)
+    assert p.grad.item() == pytest.approx(1.4, rel=1e-6)
+    assert r["history_len"].item() == 5.0
+    assert [k for k, _ in ac.events({k: v for k, v in r.items()})] == ["clip"]
+    ac = AutoClip(50.0)
+    for _ in range(4):
+        p.grad = torch.tensor([3.0])
+        r = ac([p])
+        assert p.grad.item() == pytest.approx(3.0, rel=1e-6)  # constant norms: no effective clip
+
+
+@pytest.mark.parametrize("include_current", [True, False])
+def test_autoclip_threshold_equals_numpy_percentile(include_current):
+    """Random histories, ring wrap-around included: thr == numpy.percentile of the valid part."""
+    rng = random.Random(4)
+    for case in range(40):
+        hist_len = rng.choice([1, 2, 5, 17])
+        pct = rng.choice([0.0, 10.0, 37.5, 50.0, 90.0, 100.0])
+        ac = AutoClip(pct, history=hist_len, include_current=include_current)
+        ps = make_params([(3, 4), (5,)], seed=case)
+        seen: list[float] = []
+        for step in range(rng.randint(1, 30)):
+            scale = math.exp(rng.gauss(0, 1))
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(case * 100 + step)) * scale
+            x = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ps])))
+            r = ac(ps)
+            assert r["norm"].item() == pytest.approx(x, rel=1e-6)
+            x = float(r["norm"].double())
+            window = (seen + [x])[-hist_len:] if include_current else seen[-hist_len:]
+            want = float(np.percentile(np.array(window), pct)) if window else math.inf
+            assert r["threshold"].double().item() == pytest.approx(want, rel=1e-6), (case, step)
+            post = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ps])))
+            assert post == pytest.approx(x * min(1.0, want / (x + 1e-6)), rel=2e-6)  # clip_grad_norm_ rule
+            seen.append(x)
+
+
+def test_autoclip_matches_package_global_quantile_clip():
+    """include_current=False has the semantics of autoclip 0.2.1 QuantileClip(global_threshold=True)."""
+    rng = random.Random(6)
+    for case, (q, hl) in enumerate([(0.9, 1000), (0.5, 7), (0.1, 3), (0.75, 20)]):
+        norms = spiky_norms(rng, 40)
+        seq = grads_with_norms(norms, seed=case)
+        theirs, ours = Net(), Net()
+        qc = autoclip_torch.QuantileClip(theirs.parameters(), quantile=q, history_length=hl, global_threshold=True)
+        ac = AutoClip(percentile=100 * q, history=hl, include_current=False)
+        for step, grads in enumerate(seq):
+            set_grads(list(theirs.parameters()), grads)
+            set_grads(list(ours.parameters()), grads)
+            qc.step()
+            ac(ours.parameters())
+            for a, b in zip(theirs.parameters(), ours.parameters()):
+                torch.testing.assert_close(b.grad, a.grad, rtol=2e-6, atol=1e-9, msg=f"case {case} step {step}")
+
+
+def test_autoclip_package_breaks_on_nan_ours_keeps_working():
+    norms = [1.0 + 0.1 * i for i in range(10)] + [1.0] * 10
+    seq = grads_with_norms(norms, seed=3)
+    bad_at = 5
+    bad = [g.clone() for g in seq[bad_at]]
+    bad[2][0, 1, 1] = float("nan")
+
+    net = Net()
+    qc = autoclip_torch.QuantileClip(net.parameters(), quantile=0.5, history_length=1000, global_threshold=True)
+    poisoned = 0
+    for i, grads in enumerate(seq):
+        set_grads(list(net.parameters()), bad if i == bad_at else grads)
+        qc.step()
+        if i > bad_at:
+            poisoned += int(net.a.grad.isnan().all())
+    assert poisoned == len(seq) - bad_at - 1  # every later step's gradients multiplied by NaN
+
+    for include_current in (True, False):
+        a = AutoClip(50.0, history=1000, include_current=include_current)
+        b = AutoClip(50.0, history=1000, include_current=include_current)
+        na, nb = Net(), Net()
+        for i, grads in enumerate(seq):
+            if i == bad_at:
+                set_grads(list(na.parameters()), bad)
+                r = a(na.parameters())
+                assert r["skipped_update"].item() == 1.0 and r["coef"].item() == 1.0
+                assert torch.equal(na.c.grad.isnan(), bad[2].isnan())
+                for k, v in a.state_dict().items():
+                    assert torch.equal(v.nan_to_num(-1.0), b.state_dict()[k].nan_to_num(-1.0)), k
+                continue
+            set_grads(list(na.parameters()), grads)
+            set_grads(list(nb.parameters()), grads)
+            ra, rb = a(na.parameters()), b(nb.parameters())
+            assert all(torch.equal(p.grad, q.grad) for p, q in zip(na.parameters(), nb.parameters()))
+            assert torch.equal(ra["threshold"], rb["threshold"])
+            assert torch.isfinite(ra["threshold"]) or (i == 0 and not include_current)
+
+
+def test_autoclip_inf_not_turned_into_nan():
+    ps = make_params([(3, 4)], seed=0)
+    ac = AutoClip(10.0)
+    ac(ps)
+    ps[0].grad[0, 0] = float("inf")
+    r = ac(ps)
+    assert r["coef"].item() == 1.0 and not ps[0].grad.isnan().any()
+    assert r["history_len"].item() == 1.0
+
+
+def test_autoclip_rejects_bad_args():
+    with pytest.raises(ValueError):
+        AutoClip(percentile=120)
+    with pytest.raises(ValueError):
+        AutoClip(history=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_global_clippers_low_precision(dtype):
+    for make in (lambda: ZClip(warmup_steps=1, max_grad_norm=0.5), lambda: AutoClip(10.0)):
+        ps = make_params([(8, 8), (8,)], dtype, seed=1, scale=50.0)
+        t = make()
+        t(ps)
+        raw = [p.grad.clone() for p in ps]
+        for p in ps:
+            p.grad.mul_(3)
+        raw = [p.grad.clone() for p in ps]
+        r = t(ps)
+        c = r["coef"].item()
+        assert c < 1.0
+        for p, g in zip(ps, raw):
+            assert p.grad.dtype == dtype
+            torch.testing.assert_close(p.grad.float(), (g.float() * c).to(dtype).float(), rtol=1e-2, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------- state
+
+
+@pytest.mark.parametrize("make", [lambda: ZClip(warmup_steps=4, max_grad_norm=None),
+                                  lambda: ZClip(warmup_steps=10, mode="percentile"),
+                                  lambda: AutoClip(30.0, history=6),
+                                  lambda: AutoClip(90.0, history=50, include_current=False)])
+def test_state_dict_resume_exactly(make):
+    rng = random.Random(8)
+    seq = grads_with_norms(spiky_norms(rng, 30), seed=8)
+    for cut in (2, 7, 15):
+        a = make()
+        na, nb = Net(), Net()
+        for grads in seq[:cut]:
+            set_grads(list(na.parameters()), grads)
+            a(na.parameters())
+        b = make()
+        b.load_state_dict(a.state_dict())
+        for grads in seq[cut:]:
+            set_grads(list(na.parameters()), grads)
+            set_grads(list(nb.parameters()), grads)
+            ra, rb = a(na.parameters()), b(nb.parameters())
+            assert all(torch.equal(p.grad, q.grad) for p, q in zip(na.parameters(), nb.parameters()))
+            for k in ra:
+                assert torch.equal(ra[k].nan_to_num(), rb[k].nan_to_num()), k
+    a.reset()
+    assert a.state_dict().keys() == make().state_dict().keys()
+    with pytest.raises(ValueError):
+        (ZClip(warmup_steps=99) if isinstance(a, ZClip) else AutoClip(history=99)).load_state_dict(b.state_dict())
