@@ -187,7 +187,8 @@ class ClipValue(Transform):
             that could be counted for free.
 
     Reports: ``clip_value`` (and ``clipped`` if asked). NaN elements stay NaN, as in torch; sparse
-    gradients are left alone.
+    gradients are left alone. With no gradient at all it does nothing (torch 2.13's
+    ``clip_grad_value_`` fails there on an internal check).
 
     Raises:
         ValueError: ``clip_value`` negative or NaN (torch would silently set every element to
