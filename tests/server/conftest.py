@@ -186,3 +186,13 @@ def post() -> Callable[..., Any]:
 
 
 NAN, INF = math.nan, math.inf
+
+
+@pytest.fixture
+def fresh_pg() -> Iterator[str]:
+    """An empty, unmigrated PostgreSQL database, dropped afterwards."""
+    url, name = fresh_pg_db()
+    try:
+        yield url
+    finally:
+        pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -1,0 +1,128 @@
+"""gradwatch.agent.stats against a naive per-tensor torch reference (ALGORITHMS.md §9)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradwatch.agent.stats import HostCopy, finalize, layer_moments, merge, pack_dtype
+
+
+def _ref(t: torch.Tensor) -> tuple[int, float, float, float, float, float, int]:
+    """n, mean, var (population), std, l2, maxabs, nonfinite in float64, one tensor at a time."""
+    x = t.detach().to(torch.float64).reshape(-1)
+    n = x.numel()
+    if n == 0:
+        return 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    return (n, x.mean().item(), x.var(correction=0).item(), x.std(correction=0).item(), x.norm().item(),
+            x.abs().max().item(), int((~torch.isfinite(x)).sum()))
+
+
+def _stats(grads: list[torch.Tensor], **kw):  # type: ignore[no-untyped-def]
+    m = layer_moments(grads, **kw).tolist()
+    return [finalize(g.numel(), *row) for g, row in zip(grads, m)]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_matches_naive_reference(dtype: torch.dtype, rtol: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (128,), (16, 4, 3, 3), (1,), (0,), (33, 5)]
+    grads = [(torch.randn(s, generator=g) * 0.3 + 0.05).to(dtype) for s in shapes]
+    for t, st in zip(grads, _stats(grads)):
+        n, mean, var, std, l2, mx, nf = _ref(t)
+        assert st.numel == n and st.nonfinite == nf == 0
+        for got, want in ((st.mean, mean), (st.l2, l2), (st.maxabs, mx)):
+            assert got == pytest.approx(want, rel=rtol, abs=1e-6)
+        # var from (sum, l2) loses relative accuracy only when |mean| >> std (not the case here)
+        assert st.var == pytest.approx(var, rel=max(rtol, 1e-4), abs=1e-7)
+        assert st.std == pytest.approx(std, rel=max(rtol, 1e-4), abs=1e-6)
+
+
+def test_mixed_dtypes_keep_input_order() -> None:
+    grads = [torch.full((3,), 1.0), torch.full((2,), 2.0, dtype=torch.bfloat16), torch.full((4,), -3.0),
+             torch.full((1,), 5.0, dtype=torch.float16)]
+    m = layer_moments(grads)
+    assert m[:, 0].tolist() == [3.0, 4.0, -12.0, 5.0]
+    assert m.dtype == torch.float32
+
+
+def test_vectors_from_algorithms_md() -> None:
+    (a,) = _stats([torch.tensor([3.0])])
+    assert (a.numel, a.mean, a.var, a.std, a.l2, a.maxabs, a.nonfinite) == (1, 3.0, 0.0, 0.0, 3.0, 3.0, 0)
+    (b,) = _stats([torch.tensor([1.0, -3.0])])
+    assert (b.numel, b.mean, b.maxabs) == (2, -1.0, 3.0)
+    # l2 crosses the device as a float32 norm (the one clipping reuses), so var = l2**2/n - mean**2
+    # carries float32 rounding (~1e-7 relative), not float64 exactness.
+    assert b.var == pytest.approx(4.0, rel=1e-6) and b.std == pytest.approx(2.0, rel=1e-6)
+    assert b.l2 == pytest.approx(math.sqrt(10), rel=1e-7)
+    # merge([1,-3], [2,2]) == stats of [1,-3,2,2]
+    ma = (2, -2.0, math.sqrt(10), 3.0, 0.0)
+    mb = (2, 4.0, math.sqrt(8), 2.0, 0.0)
+    n, s1, l2, mx, nf = merge(ma, mb)
+    st = finalize(n, s1, l2, mx, nf)
+    assert (st.numel, st.mean, st.maxabs) == (4, 0.5, 3.0)
+    assert st.var == pytest.approx(4.25, rel=1e-12)
+    assert l2 * l2 == pytest.approx(18.0, rel=1e-12)
+    (c,) = _stats([torch.tensor([float("nan"), 2.0])])
+    assert c.nonfinite == 1 and math.isnan(c.l2) and math.isnan(c.maxabs)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_nonfinite_counts_exact(eager: bool) -> None:
+    inf = float("inf")
+    grads = [torch.tensor([1.0, inf, -inf, 2.0]), torch.tensor([float("nan")] * 3 + [0.0]),
+             torch.tensor([1e30, 1e30]), torch.ones(5)]
+    m = layer_moments(grads, eager_nonfinite=eager)
+    assert m[:, 3].tolist() == [2.0, 3.0, 0.0, 0.0]
+    # 1e30 overflows the fp32 norm but every element is finite: the lazy rule recounts
+    assert math.isinf(m[2, 1].item())
+
+
+def test_empty_and_single_element() -> None:
+    sts = _stats([torch.zeros(0), torch.tensor([-2.5]), torch.zeros(0, 3, dtype=torch.bfloat16)])
+    assert sts[0].numel == 0 and sts[0].mean == 0.0 and sts[0].l2 == 0.0
+    assert (sts[1].mean, sts[1].var, sts[1].std, sts[1].maxabs) == (-2.5, 0.0, 0.0, 2.5)
+    assert sts[2].numel == 0
+    assert layer_moments([]).shape == (0, 4)
+
+
+def test_sparse_values_path() -> None:
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 1, 4])).sum().backward()
+    g = emb.weight.grad
+    assert g.is_sparse
+    vals = g.coalesce()._values()
+    (st,) = _stats([vals])
+    n, mean, var, *_ = _ref(vals)
+    assert st.numel == 6 and st.mean == pytest.approx(mean) and st.var == pytest.approx(var, rel=1e-5)
+
+
+def test_cancellation_is_clamped_not_negative() -> None:
+    st = finalize(3, 3e8, math.sqrt(3) * 1e8, 1e8, 0)  # three equal values: var 0 up to rounding
+    assert st.var >= 0.0 and st.std >= 0.0
+
+
+def test_host_copy_cpu_roundtrip() -> None:
+    packed = torch.tensor([1.0, float("nan"), 3.5], dtype=pack_dtype(torch.device("cpu")))
+    vals = HostCopy().submit(packed).values()
+    assert vals[0] == 1.0 and math.isnan(vals[1]) and vals[2] == 3.5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_moments_no_sync_and_pinned_ring() -> None:
+    grads = [torch.randn(100, device="cuda"), torch.randn(7, 3, device="cuda", dtype=torch.bfloat16)]
+    grads[0][3] = float("nan")
+    hc = HostCopy(ring=2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m = layer_moments(grads)
+        pend = hc.submit(m.reshape(-1).to(torch.float64))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    vals = pend.values()
+    assert vals[3] == 1.0  # non-finite count of the first grad, counted eagerly on device
+    assert pend._buf.is_pinned()

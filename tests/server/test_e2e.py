@@ -1,0 +1,122 @@
+"""End to end with real uvicorn processes: websocket ingest, and live fan-out across two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from gradwatch.agent import wire
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve(db_url: str, log: Path, **env: str) -> Iterator[str]:
+    port = _free_port()
+    e = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+    e.update(env)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gradwatch.cli", "serve", "--port", str(port), "--db", db_url,
+                                 "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=e)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: bytes) -> dict:
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_websocket_ingest_through_uvicorn(db_url, tmp_path, mk):
+    with serve(db_url, tmp_path / "server.log") as base:
+        ws_url = base.replace("http", "ws") + "/api/v1/ingest/ws"
+        with connect(ws_url) as ws:
+            for seq in range(1, 6):
+                ws.send(wire.encode_batch(mk(seq, range(seq * 10, seq * 10 + 10))).decode())
+                ack = json.loads(ws.recv(timeout=30))
+                assert ack["type"] == "ack" and ack["acked"] == seq
+        with connect(ws_url) as ws:
+            ws.send("{broken")
+            err = json.loads(ws.recv(timeout=30))
+            assert err["type"] == "error" and err["status"] == 400
+            with pytest.raises(ConnectionClosed) as ei:
+                ws.recv(timeout=30)
+            assert ei.value.rcvd is not None and ei.value.rcvd.code == 1007
+            assert "not valid JSON" in ei.value.rcvd.reason
+        # unharmed: a new stream and the REST API still work, nothing was lost
+        with connect(ws_url) as ws:
+            ws.send(json.dumps({"type": "hello", "run_id": "run1", "source": 0}))
+            assert json.loads(ws.recv(timeout=30))["acked"] == 5
+        pts = _get(base + "/api/v1/runs/run1/steps")["points"]
+        assert len(pts) == 50
+
+
+def test_live_fan_out_across_two_processes_on_postgresql(tmp_path, mk, fresh_pg):
+    url = fresh_pg
+    with serve(url, tmp_path / "a.log") as a, serve(url, tmp_path / "b.log") as b:
+        with connect(a.replace("http", "ws") + "/api/v1/runs/run1/live") as live:
+            assert json.loads(live.recv(timeout=30))["type"] == "subscribed"
+            # ingest into process B, over HTTP and over its websocket
+            assert _post(b + "/api/v1/ingest", wire.encode_batch(mk(1, [1, 2, 3])))["acked"] == 1
+            msg = json.loads(live.recv(timeout=30))
+            assert msg["type"] == "batch" and msg["seq"] == 1 and [s["step"] for s in msg["steps"]] == [1, 2, 3]
+            assert msg["events"][0]["data"]["layers"] == ["layer.1"]
+            assert {s["step"]: s["values"]["lr"] for s in msg["scalars"]} == {1: 0.1, 2: 0.1, 3: 0.1}
+            with connect(b.replace("http", "ws") + "/api/v1/ingest/ws") as ws:
+                ws.send(wire.encode_batch(mk(2, [4])).decode())
+                assert json.loads(ws.recv(timeout=30))["acked"] == 2
+            msg = json.loads(live.recv(timeout=30))
+            assert msg["seq"] == 2 and msg["steps"][0]["total_norm"] == 4.0
+            # and data ingested into A itself arrives too (in-process path)
+            _post(a + "/api/v1/ingest", wire.encode_batch(mk(3, [5])))
+            assert json.loads(live.recv(timeout=30))["seq"] == 3
+
+
+def test_server_never_imports_torch():
+    code = "import sys, gradwatch.server.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,241 @@
+"""Fixtures for the transport tests: a real ``gradwatch serve`` subprocess, a delaying TCP relay,
+record factories and exact-once checks on the server's SQLite database (opened read-only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gradwatch.agent.wire import Event, LayerInfo, RunInfo, ScalarRecord, StepRecord
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProc:
+    """``python -m gradwatch.cli serve`` on SQLite in a temp dir; kill -9 and restart it."""
+
+    def __init__(self, root: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.db = root / "gw.db"
+        self.port = port or free_port()
+        self.env = {**os.environ, **(env or {})}
+        self.env.pop("GRADWATCH_TOKEN", None) if env is None or "GRADWATCH_TOKEN" not in env else None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> ServerProc:
+        self.starts += 1
+        log = open(self.root / f"server-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gradwatch.cli", "serve", "--port", str(self.port), "--db",
+             f"sqlite:///{self.db}", "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.root / f'server-{self.starts}.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("server did not come up")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return json.loads(r.read())
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Any]:
+    made: list[ServerProc] = []
+
+    def make(**kw: Any) -> ServerProc:
+        root = tmp_path / f"srv{len(made)}"
+        root.mkdir()
+        s = ServerProc(root, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture
+def server(server_factory: Any) -> ServerProc:
+    return server_factory().start()  # type: ignore[no-any-return]
+
+
+def db_counts(db: Path, run_id: str) -> dict[str, Any]:
+    """Exact-once view of one run, straight from the server's SQLite file (read-only)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        q = con.execute
+        steps = q("SELECT step, rank, COUNT(*) FROM step_record WHERE run_id=? GROUP BY step, rank",
+                  (run_id,)).fetchall()
+        stats = q("SELECT ls.step, ls.rank, COUNT(*) FROM layer_stat ls JOIN layer l ON l.id = ls.layer_id "
+                  "WHERE l.run_id=? GROUP BY ls.step, ls.rank", (run_id,)).fetchall()
+        scalars = q("SELECT step, rank, COUNT(*) FROM scalar WHERE run_id=? GROUP BY step, rank",
+                    (run_id,)).fetchall()
+        events = q("SELECT COUNT(*) FROM event WHERE run_id=?", (run_id,)).fetchone()[0]
+        layers = q("SELECT COUNT(*) FROM layer WHERE run_id=?", (run_id,)).fetchone()[0]
+        status = q("SELECT status FROM run WHERE id=?", (run_id,)).fetchone()
+        batches = q("SELECT COUNT(*) FROM ingest_batch WHERE run_id=?", (run_id,)).fetchone()[0]
+    finally:
+        con.close()
+    return {"steps": {(s, r): n for s, r, n in steps}, "stats": {(s, r): n for s, r, n in stats},
+            "scalars": {(s, r): n for s, r, n in scalars}, "events": events, "layers": layers,
+            "status": status[0] if status else None, "batches": batches}
+
+
+def assert_exactly_once(db: Path, run_id: str, steps: range, n_layers: int, ranks: tuple[int, ...] = (0,),
+                        scalars_per_step: int = 1, status: str | None = "finished") -> dict[str, Any]:
+    c = db_counts(db, run_id)
+    want = {(s, r) for s in steps for r in ranks}
+    assert set(c["steps"]) == want, f"missing {sorted(want - set(c['steps']))[:10]} extra " \
+                                    f"{sorted(set(c['steps']) - want)[:10]}"
+    assert all(n == 1 for n in c["steps"].values())
+    assert c["stats"] == {k: n_layers for k in want}, "every step must have every layer exactly once"
+    if scalars_per_step:
+        assert c["scalars"] == {k: scalars_per_step for k in want}
+    assert c["layers"] == n_layers
+    if status is not None:
+        assert c["status"] == status
+    return c
+
+
+def layers_of(n: int) -> list[LayerInfo]:
+    return [LayerInfo(i, f"block{i // 2}.{'weight' if i % 2 == 0 else 'bias'}", [8, 8] if i % 2 == 0 else [8],
+                      "float32") for i in range(n)]
+
+
+def step_record(step: int, n_layers: int, rank: int = 0, nan: bool = False) -> StepRecord:
+    v = float(step % 7) + 0.5
+    return StepRecord(
+        step=step, time=time.time(), rank=rank, layer_ids=list(range(n_layers)),
+        layers={"numel": [64] * n_layers, "mean": [v * 1e-3] * n_layers, "var": [v] * n_layers,
+                "std": [v ** 0.5] * n_layers, "l2": [float("nan") if nan else v * 3] * n_layers,
+                "maxabs": [v * 2] * n_layers, "nonfinite": [1 if nan else 0] * n_layers,
+                "l2_post": [None] * n_layers},
+        total_norm=v * 10, clip_coef=None, loss_scale=None, skipped=False)
+
+
+def scalar_record(step: int, rank: int = 0) -> ScalarRecord:
+    return ScalarRecord(step=step, time=time.time(), values={"loss": 1.0 / (step + 1)}, rank=rank)
+
+
+def event(step: int) -> Event:
+    return Event(kind="spike", step=step, time=time.time(), data={"l2": float("inf")})
+
+
+def new_run(run_id: str | None = None) -> RunInfo:
+    return RunInfo(run_id=run_id or os.urandom(16).hex(), project="transport-tests", world_size=1)
+
+
+class DelayRelay:
+    """A real TCP relay in front of the server that sleeps ``delay`` seconds before forwarding
+    each chunk from the client: a server that answers slowly, without touching the server."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target = target_port
+        self.delay = delay
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                c.close()
+                continue
+            threading.Thread(target=self._pipe, args=(c, u, self.delay), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, 0.0), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket, delay: float) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                if delay:
+                    time.sleep(delay)
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gradwatch.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
