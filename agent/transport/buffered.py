@@ -302,7 +302,9 @@ class BufferedSink(Sink):
                         more = bool(self._q)
                     if more:
                         continue
-                    if self.send_status and self._final_status and self.writer is not None:
+                    # the end-of-run record; a sink that recorded nothing sends nothing (so a
+                    # sink replaced at resume does not create an empty run on the server)
+                    if self.send_status and self._final_status and self.writer is not None and self._n_records:
                         self._write_batch([], [], [], status=self._final_status)
                     self._sync()
                     break

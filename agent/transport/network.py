@@ -313,6 +313,7 @@ class NetworkSink(BufferedSink):
         self._reconnects = 0
         self._offline: str | None = None
         self._connected = False
+        self._down = False
         self._ever_connected = False
         self._ws_failures = 0
         self._closing_sender = False
@@ -334,7 +335,9 @@ class NetworkSink(BufferedSink):
 
     def _wait_delivered(self, deadline: float | None) -> bool:
         with self._cv:
-            while self._index and self._offline is None and (self._connected or not self._ever_connected):
+            # wait while there is a chance of delivery (connecting or connected); when the server
+            # is down, what is written is durably spooled, which is all flush promises
+            while self._index and self._offline is None and not self._down:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -585,6 +588,7 @@ class NetworkSink(BufferedSink):
                 self._last_error = str(e)
                 with self._cv:
                     self._connected = False
+                    self._down = True
                     self._cv.notify_all()
                 self.warn("unreachable", f"gradwatch: cannot reach the server at {self.url} ({e}); monitoring "
                                          f"data is spooled to {self.spool_dir} and will be sent when it is back. "
@@ -609,6 +613,7 @@ class NetworkSink(BufferedSink):
                     logger.info("gradwatch: reconnected to %s (%s)", self.url, conn.name)
                 self._ever_connected = True
                 self._connected = True
+                self._down = False
                 self._conn = conn
                 self._confirm_upto(acked)
                 self._cv.notify_all()

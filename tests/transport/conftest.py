@@ -37,8 +37,8 @@ class ServerProc:
         self.root = root
         self.db = root / "gw.db"
         self.port = port or free_port()
-        self.env = {**os.environ, **(env or {})}
-        self.env.pop("GRADWATCH_TOKEN", None) if env is None or "GRADWATCH_TOKEN" not in env else None
+        self.env = {k: v for k, v in os.environ.items() if k != "GRADWATCH_TOKEN"}
+        self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
