@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("db", help="database maintenance")
     sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     up = sub.add_parser("upgrade", help="run the migrations up to the latest revision")

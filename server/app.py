@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from gradwatch.server.api import export, ingest, live, runs, system
 from gradwatch.server.api.deps import AppState
@@ -81,6 +81,10 @@ def create_app(settings: ServerSettings | None = None, *,
     @app.exception_handler(DataError)
     async def _data_error(_: Request, exc: DataError) -> JSONResponse:
         return JSONResponse({"detail": f"invalid value: {str(exc.orig).splitlines()[0][:200]}"}, 422)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity_error(_: Request, exc: IntegrityError) -> JSONResponse:
+        return JSONResponse({"detail": f"conflict: {str(exc.orig).splitlines()[0][:200]}"}, 409)
 
     if dashboard is not None:
         dashboard(app)

@@ -38,7 +38,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def state(conn: HTTPConnection) -> AppState:
-    return conn.app.state.gw  # type: ignore[no-any-return]
+    return conn.app.state.gw
 
 
 def _bearer(conn: HTTPConnection) -> str | None:

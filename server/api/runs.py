@@ -74,6 +74,8 @@ def update_run(request: Request, run_id: RunId, body: RunUpdate) -> Any:
     values = {k: getattr(body, k) for k in body.model_fields_set}
     if "tags" in values and values["tags"] is None:
         values["tags"] = []
+    if values.get("status", "") is None:  # a run always has a status
+        del values["status"]
     with state(request).db.write() as conn:
         return FastJSONResponse(repo.update_run(conn, run_id, values))
 

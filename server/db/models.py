@@ -41,8 +41,8 @@ class Run(Base):
     project: Mapped[str] = mapped_column(String(512), default="default")
     name: Mapped[str | None] = mapped_column(String(512))
     status: Mapped[str] = mapped_column(String(16), default="running")
-    config: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
-    tags: Mapped[list | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    config: Mapped[dict | None] = mapped_column(JSON)
+    tags: Mapped[list | None] = mapped_column(JSON)
     notes: Mapped[str | None] = mapped_column(Text)
     world_size: Mapped[int] = mapped_column(Integer, default=1)
     started_at: Mapped[float | None] = mapped_column(Double)
@@ -63,7 +63,7 @@ class Layer(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
     idx: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(512))
-    shape: Mapped[list | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    shape: Mapped[list | None] = mapped_column(JSON)
     dtype: Mapped[str] = mapped_column(String(32), default="")
     sparse: Mapped[bool] = mapped_column(Boolean, default=False)
 
@@ -110,7 +110,7 @@ class StepRecord(Base):
     loss_scale: Mapped[float | None] = mapped_column(Double)
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     nan_mask: Mapped[int] = mapped_column(Integer, default=0)
-    transforms: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    transforms: Mapped[dict | None] = mapped_column(JSON)
 
     __table_args__ = (
         PrimaryKeyConstraint("run_id", "step", "rank"),
@@ -144,7 +144,7 @@ class Event(Base):
     step: Mapped[int] = mapped_column(BigInteger)
     rank: Mapped[int] = mapped_column(Integer)
     time: Mapped[float] = mapped_column(Double)
-    data: Mapped[dict | None] = mapped_column(JSON)  # type: ignore[type-arg]
+    data: Mapped[dict | None] = mapped_column(JSON)
 
     __table_args__ = (
         Index("ix_event_run_id_step", "run_id", "step"),

@@ -58,12 +58,12 @@ def _rows(engine: Engine, table: str, run_id: str, chunk: int) -> Iterator[list[
         result = conn.execution_options(stream_results=True, yield_per=chunk).execute(text(sql), {"r": run_id})
         for part in result.partitions():
             out = []
-            for r in part:
-                r = list(r)
+            for row in part:
+                r = list(row)
                 if table == "scalars":
                     if r[5]:
                         r[4] = _NAN
-                    r = r[:5]
+                    del r[5:]
                 elif table == "events":
                     if not isinstance(r[5], str):
                         r[5] = json.dumps(r[5] or {}, separators=(",", ":"))
@@ -72,9 +72,9 @@ def _rows(engine: Engine, table: str, run_id: str, chunk: int) -> Iterator[list[
                     for bit, p in enumerate(pos):
                         if mask & (1 << bit):
                             r[p] = _NAN
-                    r = r[:-1]
+                    del r[-1]
                 else:
-                    r = r[:-1]
+                    del r[-1]
                 if table == "steps":
                     r[7] = bool(r[7])
                 out.append(tuple(r))

@@ -92,7 +92,7 @@ def delete_run(conn: Connection, run_id: str) -> None:
     layer_ids = select(Layer.id).where(Layer.run_id == run_id).scalar_subquery()
     conn.execute(delete(LayerStat).where(LayerStat.layer_id.in_(layer_ids)))
     for model in (StepRecord, Scalar, Event, IngestBatch, IngestCursor, Layer):
-        conn.execute(delete(model).where(model.run_id == run_id))  # type: ignore[attr-defined]
+        conn.execute(delete(model).where(model.run_id == run_id))
     conn.execute(delete(Run).where(Run.id == run_id))
 
 

@@ -139,8 +139,8 @@ def step_series(conn: Connection, run_id: str, fields: list[str], *, start: int 
         pts = []
         for r in rows:
             p: dict[str, Any] = {"step": r[0], "rank": r[1], "time": r[2], "skipped": bool(r[3])}
-            for f, b, v in zip(fields, bits, r[5:]):
-                p[f] = enc_nan(v, bool(r[4] & b))
+            for f, bit, v in zip(fields, bits, r[5:]):
+                p[f] = enc_nan(v, bool(r[4] & bit))
             pts.append(p)
         return {"downsampled": False, "points": pts}
     params["w"] = w
