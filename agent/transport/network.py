@@ -188,7 +188,8 @@ class _Ws:
 
         try:
             self.ws = connect(eps["ws"], additional_headers=headers, open_timeout=connect_timeout,
-                              close_timeout=1.0, max_size=1 << 20, ping_interval=20, ping_timeout=20)
+                              close_timeout=1.0, max_size=1 << 20, ping_interval=20, ping_timeout=20,
+                              **_LEGACY)
         except InvalidStatus as e:
             status = e.response.status_code
             body = getattr(e.response, "body", b"") or b""
@@ -243,11 +244,19 @@ class _Ws:
             pass
 
 
+#: websockets >= 15 wants ``legacy=True`` to return a plain long-lived connection without warning
+_LEGACY: dict[str, Any] = {}
+
+
 def _have_websockets() -> bool:
     try:
-        import websockets.sync.client  # noqa: F401
+        import inspect
+
+        from websockets.sync.client import connect
     except ImportError:
         return False
+    if "legacy" in inspect.signature(connect).parameters:
+        _LEGACY["legacy"] = True
     return True
 
 
@@ -316,6 +325,7 @@ class NetworkSink(BufferedSink):
         self._down = False
         self._ever_connected = False
         self._ws_failures = 0
+        self._http_only_left = 0
         self._closing_sender = False
         self._abandon = False
         self._kick = threading.Event()
@@ -549,21 +559,34 @@ class NetworkSink(BufferedSink):
         return self._drainer_done.is_set() and not self._index
 
     def _connect(self) -> Any:
-        if self.use_ws and self._ws_failures < 3:
-            try:
-                c = _Ws(self.eps, self.headers, self.connect_timeout)
-                self._ws_failures = 0
-                return c
-            except _Fatal as f:
-                if f.kind != "endpoint":
-                    raise
-                self._ws_failures = 3  # no websocket route: HTTP from now on
-            except _Transient:
-                self._ws_failures += 1
-                if self._ws_failures < 3:
-                    raise
         http = _Http(self.eps, self.headers, self.request_timeout, self.connect_timeout)
-        return http
+        if not self.use_ws:
+            return http
+        # After 3 websocket failures while HTTP works, use HTTP for 20 connections, then retry.
+        if self._http_only_left > 0:
+            self._http_only_left -= 1
+            return http
+        try:
+            c = _Ws(self.eps, self.headers, self.connect_timeout)
+            self._ws_failures = 0
+            return c
+        except _Fatal as f:
+            if f.kind != "endpoint":
+                raise
+            self._http_only_left = 20  # no websocket route here: HTTP
+            logger.info("gradwatch: %s has no websocket ingest; using HTTP POST", self.url)
+            return http
+        except _Transient:
+            # Is it the websocket or the server? Only a server that answers HTTP counts against the
+            # websocket (a proxy that drops upgrades); a server that is down is just down.
+            http.hello(self.run.run_id, self.source)  # raises _Transient when the server is down
+            self._ws_failures += 1
+            if self._ws_failures >= 3:
+                self._ws_failures = 0
+                self._http_only_left = 20
+                logger.info("gradwatch: the websocket to %s keeps failing; using HTTP POST", self.url)
+                return http
+            raise
 
     def _send_main(self) -> None:
         self._writer_ready.wait()
