@@ -181,6 +181,8 @@ class GradScaler(torch.amp.GradScaler):
         _check_backoff_factor(backoff_factor)
         _check_growth_interval(growth_interval)
         ordered = order_transforms(transforms)
+        if watcher is not None and hasattr(watcher, "_check_transforms"):
+            watcher._check_transforms(ordered)  # ValueError on a conflict with the watcher's own
         # torch warns with stacklevel=2, which would point here; re-issue so it points at the caller.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -257,7 +259,8 @@ class GradScaler(torch.amp.GradScaler):
         gradients (only on steps that are not skipped). Fused optimizers are unscaled here too,
         except when they hold fp16 gradients: those can only be unscaled inside the kernel
         without losing small values to fp16 underflow, so such a step runs torch's path on
-        scaled gradients and skips the transforms (with a warning).
+        scaled gradients, skips this scaler's transforms (with a warning) and leaves the watcher
+        to its step pre-hook, which sees ``optimizer.grad_scale``/``found_inf``.
         """
         if not self._enabled:
             self._gw_before_step(optimizer, False, None)
@@ -293,7 +296,7 @@ class GradScaler(torch.amp.GradScaler):
     def _gw_fused_step(self, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if "grad_scaler" in inspect.signature(optimizer.step).parameters:
             # Deprecated protocol: the optimizer unscales itself; torch's path, untouched.
-            if self._gw_transforms or self._gw_watcher_for(optimizer) is not None:
+            if self._gw_transforms:
                 self._gw_warn_scaled(optimizer)
             return super().step(optimizer, *args, **kwargs)
         unscaled = True
@@ -309,9 +312,9 @@ class GradScaler(torch.amp.GradScaler):
         if unscaled:
             self._gw_before_step(optimizer, skipped, found_infs)
         else:
-            if self._gw_transforms or self._gw_watcher_for(optimizer) is not None:
+            if self._gw_transforms:
                 self._gw_warn_scaled(optimizer)
-            self._gw_record(optimizer, skipped)
+            self._gw_record(optimizer, skipped)  # a watcher's step pre-hook sees grad_scale/found_inf
         # From here on torch's fused protocol, verbatim.
         scale = self._get_scale_async()
         assert scale is not None  # checked by _check_scale_growth_tracker above
@@ -333,7 +336,7 @@ class GradScaler(torch.amp.GradScaler):
             self._gw_warned_scaled = True
             warnings.warn(
                 f"gradwatch.GradScaler: {type(optimizer).__name__} unscales its gradients inside its fused "
-                "kernel (fp16 gradients or the grad_scaler= protocol), so transforms and the watcher are "
+                "kernel (fp16 gradients or the grad_scaler= protocol), so the scaler's transforms are "
                 "skipped for its steps; use fp32 master parameters to get them.",
                 stacklevel=4,
             )
@@ -446,7 +449,11 @@ class GradScaler(torch.amp.GradScaler):
                 raise AttributeError(
                     f"new_scale must be a float or a 1-element tensor, got {type(new_scale).__name__}"
                 )
-            self._gw_emit("manual_scale", {"scale_before": before, "scale_after": float(host_scale)}, None)
+            watcher = self._gw_event_watcher()
+            self._gw_emit("manual_scale", {"scale_before": before, "scale_after": float(host_scale)}, watcher)
+            for rec in self._gw_iter.values():  # verdicts known on the host; found_inf is not consumed
+                if rec.get("stepped") and rec["found"]:
+                    self._gw_emit("skipped", {"optimizer": rec["index"], "layers": rec["layers"]}, watcher)
         else:
             states = list(self._per_optimizer_states.items())
             found_infs = [
@@ -484,11 +491,18 @@ class GradScaler(torch.amp.GradScaler):
         self._gw_iter = {}
         self._gw_updates += 1
 
-    def _gw_events_after_update(self, before: float, after: float, tracker: int, dirty: Sequence[int]) -> None:
-        watcher = None
+    def _gw_event_watcher(self) -> Any:
+        """Where this iteration's events go: ``watcher=``, else the first stepped optimizer's."""
+        if self._gw_watcher is not None:
+            return self._gw_watcher
         for rec in self._gw_iter.values():
-            watcher = watcher or self._gw_watcher_for(rec["opt"])
-        watcher = self._gw_watcher if self._gw_watcher is not None else watcher
+            w = getattr(rec["opt"], "_gradwatch_watcher", None)
+            if w is not None:
+                return w
+        return None
+
+    def _gw_events_after_update(self, before: float, after: float, tracker: int, dirty: Sequence[int]) -> None:
+        watcher = self._gw_event_watcher()
         if dirty:
             layers: list[str] = []
             for oid in dirty:
@@ -512,8 +526,6 @@ class GradScaler(torch.amp.GradScaler):
             self._gw_emit("scale_growth", {"scale_before": before, "scale_after": after}, watcher)
 
     def _gw_emit(self, kind: str, data: dict[str, Any], watcher: Any) -> None:
-        if watcher is None:
-            watcher = self._gw_watcher
         if watcher is not None:
             watcher._on_scaler_event(kind, data)
         else:

@@ -128,10 +128,11 @@ class GradContext:
         return torch.isfinite(self.norms.sum())
 
     def report(self, transform: str, **values: Tensor | float) -> None:
-        """Record values for the step record; floats are turned into device tensors."""
+        """Record values for the step record; floats are turned into device tensors (with
+        ``torch.full``, a fill kernel: ``torch.tensor(x, device="cuda")`` would be a blocking copy)."""
         d = self.reports.setdefault(transform, {})
         for k, v in values.items():
-            d[k] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float32, device=self.device)
+            d[k] = v if isinstance(v, torch.Tensor) else torch.full((), float(v), dtype=torch.float32, device=self.device)
 
 
 def _torch_group_order(grads: Sequence[Tensor]) -> tuple[list[int], list[tuple[torch.device, torch.dtype, list[int]]]]:

@@ -77,6 +77,8 @@ def make_grads(rng: random.Random, params, p_dirty: float):
             cs.append(None)
             continue
         mag = 10 ** rng.uniform(-4, 2) if rng.random() > 0.03 else 1e34  # 1e34 * 65536 overflows fp32
+        if rng.random() < 0.05:
+            mag = 0.0  # an all-zero gradient
         cs.append((torch.randn(p.shape, generator=gen) * mag).to(p.dtype))
     live = [c for c in cs if c is not None and c.numel()]
     if live and rng.random() < p_dirty:
@@ -441,13 +443,15 @@ def test_events_kinds_and_deque():
     s.scale(p.sum()).backward()
     s.step(opt)
     s.update(new_scale=2.0)
-    s.scale(p.sum()).backward()
+    opt.zero_grad()
+    s.scale(p.sum() * INF).backward()
     s.step(opt)
     s.update(new_scale=torch.tensor(64.0))
     assert [(e.kind, e.step, e.data) for e in s.events] == [
         ("scale_growth", 0, {"scale_before": 4.0, "scale_after": 8.0}),
         ("manual_scale", 1, {"scale_before": 8.0, "scale_after": 2.0}),
         ("manual_scale", 2, {"scale_before": 2.0, "scale_after": 64.0}),
+        ("skipped", 2, {"optimizer": 0, "layers": ["group0.param0"]}),
     ]
     assert all(isinstance(e, Event) and e.kind in EVENT_KINDS for e in s.events)
     assert s.loss_scale == s.get_scale() == 64.0
@@ -845,3 +849,37 @@ def test_no_warnings_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_twin("quiet", "adamw_fused", steps=4)
+
+
+def test_watcher_checks_transform_conflicts_at_construction():
+    class Checking(FakeWatcher):
+        def _check_transforms(self, extra):
+            from gradwatch.agent.transforms.base import order_transforms
+
+            return order_transforms(list(extra) + [ClipNorm(9.0)])
+
+    GradScaler("cpu", watcher=Checking(), transforms=[ClipValue(1.0)])
+    with pytest.raises(ValueError, match="at most one global clipper"):
+        GradScaler("cpu", watcher=Checking(), transforms=[ClipNorm(1.0)])
+
+
+def test_with_real_watcher_events_name_layers():
+    from gradwatch.agent import watch
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    w = watch(model, opt, server="memory", transforms=[ClipNorm(1.0)])
+    s = GradScaler("cpu", init_scale=16.0, growth_interval=1)
+    for i in range(3):
+        opt.zero_grad()
+        s.scale(model(torch.ones(1, 3)).sum()).backward()
+        if i == 1:
+            model.bias.grad[0] = INF
+        s.step(opt)
+        s.update()
+    assert not s.events  # delivered to the watcher instead
+    ev = [(e.kind, e.data) for e in w.sink.events if e.kind in {"overflow", "skipped", "scale_growth"}]
+    assert [k for k, _ in ev] == ["scale_growth", "overflow", "skipped", "scale_growth"]
+    assert ev[1][1]["layers"] == ["bias"] and ev[1][1]["scale_before"] == 32.0 and ev[1][1]["scale_after"] == 16.0
+    assert [st.skipped for st in w.sink.steps] == [False, True, False]
+    w.close()
