@@ -121,7 +121,8 @@ class GradScaler(torch.amp.GradScaler):
     an overflow step costs one more read to find the non-finite layers. ``update(new_scale=tensor)``
     reads the new scale. ``get_scale()`` syncs as in torch; :attr:`loss_scale` does not.
 
-    Errors (torch's message in every case):
+    Errors (torch's message wherever torch has one; "torch: Assert." means torch raises
+    ``AssertionError`` there, which :class:`ScalerUsageError` still is):
 
     ============================================================  =================================
     condition                                                     raises
@@ -191,7 +192,8 @@ class GradScaler(torch.amp.GradScaler):
             warnings.warn(w.message, w.category, stacklevel=2)
         self._gw_watcher = watcher
         self._gw_transforms: list[Transform] = ordered
-        #: Events emitted while no watcher was attached (oldest dropped beyond 10 000).
+        #: Events emitted while no watcher was attached (oldest dropped beyond 10 000); an
+        #: event's ``step`` is the number of ``update()`` calls before the one that emitted it.
         self.events: deque[Event] = deque(maxlen=_EVENTS_MAXLEN)
         #: Reports of the transforms this scaler applied itself at its last step (device tensors).
         self.last_reports: dict[str, dict[str, Tensor]] = {}
