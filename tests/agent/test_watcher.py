@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import math
-import tracemalloc
+import os
 import warnings
 
 import pytest
@@ -299,7 +299,7 @@ def test_log_values_steps_and_type_errors() -> None:
         w.log(v=torch.ones(3))
     with pytest.raises(TypeError, match="step"):
         w.log(step=-1, x=1.0)
-    sc = w.sink.scalars
+    sc = sorted(w.sink.scalars, key=lambda s: s.time)  # the sink may deliver resolved records later
     assert [(s.step, s.values) for s in sc] == [
         (0, {"lr": 0.1}), (0, {"loss": pytest.approx(loss.item()), "acc": 1.0, "ok": 1.0, "missing": None}),
         (10, {"other": 2.5})]
@@ -340,7 +340,7 @@ def test_state_dict_resumes_run_id_step_and_transform_state() -> None:
     assert w2.run_id != w.run_id
     w2.load_state_dict(state)
     assert w2.run_id == w.run_id and w2.sink.run.run_id == w.run_id
-    torch.testing.assert_close(w2.transforms[0].state_dict(), w.transforms[0].state_dict())
+    torch.testing.assert_close(w2.transforms[0].state_dict(), w.transforms[0].state_dict(), equal_nan=True)
     _train(m, opt2, w2, 2)
     assert [s.step for s in w2.sink.steps] == [5, 6]
     w2.close()
@@ -621,23 +621,31 @@ def test_memory_flat_over_3000_steps() -> None:
             nn.functional.cross_entropy(m(x), y).backward()
             opt.step()
 
-    def tensors() -> int:
-        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    def census() -> tuple[int, int, int]:
+        """(gc-tracked Python objects, live tensors, resident set size in bytes)."""
+        gc.collect()
+        objs = gc.get_objects()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance on deprecated torch module attributes
+            n_t = sum(1 for o in objs if isinstance(o, torch.Tensor))
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return len(objs), n_t, rss
 
-    run(200)
-    gc.collect()
-    tracemalloc.start()
-    t0 = tensors()
-    snap0 = tracemalloc.take_snapshot()
-    run(3000)
-    gc.collect()
-    snap1 = tracemalloc.take_snapshot()
-    t1 = tensors()
-    tracemalloc.stop()
-    growth = sum(s.size_diff for s in snap1.compare_to(snap0, "filename"))
-    assert sink.steps == 3200
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is faster and immune to a busy machine
+    try:
+        run(300)
+        o0, t0, r0 = census()
+        run(3000)
+        o1, t1, r1 = census()
+    finally:
+        torch.set_num_threads(threads)
+    assert sink.steps == 3300
+    # A record, dict or list kept per step would add >= 3000 objects; a tensor per step, 3000 tensors.
+    assert o1 - o0 < 200, o1 - o0
     assert t1 <= t0
-    assert growth < 64 * 1024, growth  # nothing per step (3000 steps x even 32 bytes would be ~96 KiB)
+    assert r1 - r0 < 8 * 2**20, r1 - r0  # and no native growth to speak of
     w.close()
 
 
