@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "watch": "watcher",
     "Watcher": "watcher",
     "GradScaler": "scaler",
+    "ScalerUsageError": "scaler",
     "Transform": "transforms.base",
     "ClipNorm": "transforms.clip",
     "ClipValue": "transforms.clip",
@@ -31,13 +32,13 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .scaler import GradScaler
-    from .transforms.adaptive import AGC, AutoClip, ZClip
-    from .transforms.base import Transform
-    from .transforms.clip import ClipNorm, ClipValue
-    from .transforms.normalize import AutoscaledNorm, Centralize, ZScoreNorm
-    from .watcher import Watcher, watch
+if TYPE_CHECKING:  # for type checkers and IDEs only; at run time names resolve lazily
+    from .scaler import GradScaler, ScalerUsageError  # noqa: F401
+    from .transforms.adaptive import AGC, AutoClip, ZClip  # noqa: F401
+    from .transforms.base import Transform  # noqa: F401
+    from .transforms.clip import ClipNorm, ClipValue  # noqa: F401
+    from .transforms.normalize import AutoscaledNorm, Centralize, ZScoreNorm  # noqa: F401
+    from .watcher import Watcher, watch  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
