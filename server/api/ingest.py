@@ -6,6 +6,8 @@ Decoding goes only through :mod:`gradwatch.agent.wire`. Status codes: 400 not JS
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -17,7 +19,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from gradwatch.agent.wire import WireError, batch_from_dict
+from gradwatch.agent.wire import Batch, WireError, batch_from_dict
 from gradwatch.server.api.deps import (
     ERRORS,
     AppState,
@@ -29,11 +31,13 @@ from gradwatch.server.api.deps import (
 )
 from gradwatch.server.errors import DomainError
 from gradwatch.server.live import message_from_batch
-from gradwatch.server.repo.ingest import read_acked, store_batch
+from gradwatch.server.repo.ingest import RowsOverlap, read_acked, store_batch
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ingest"])
 
+#: Frames decoded ahead of the batch being stored, per connection.
+_PIPELINE = 4
 _CLOSE_CODES = {400: 1007, 422: 1007, 413: 1009, 409: 1007, 503: 1011}
 
 
@@ -50,30 +54,51 @@ def _parse(data: bytes | str) -> Any:
         raise IngestFailure(400, f"batch: not valid JSON ({e})", "json") from None
 
 
-def ingest_object(gw: AppState, obj: Any) -> dict[str, Any]:
-    """Decode and store one batch (runs in a worker thread). Raises IngestFailure."""
-    t0 = time.perf_counter()
-    seq = obj.get("seq") if isinstance(obj, dict) and type(obj.get("seq")) is int else None
+def decode_object(gw: AppState, obj: Any) -> Batch:
+    """Validate one parsed batch through the wire schema. Raises IngestFailure (422)."""
     try:
-        batch = batch_from_dict(obj)
+        return batch_from_dict(obj)
     except WireError as e:
         gw.metrics.error("schema")
+        seq = obj.get("seq") if isinstance(obj, dict) and type(obj.get("seq")) is int else None
         raise IngestFailure(422, str(e), "schema", seq) from None
+
+
+def decode_frame(gw: AppState, data: bytes | str) -> Batch | dict[str, Any]:
+    """Parse and validate one websocket frame (in a worker thread): a Batch, or a hello dict."""
+    obj = _parse(data)
+    if isinstance(obj, dict) and obj.get("type") == "hello":
+        return obj
+    return decode_object(gw, obj)
+
+
+def store(gw: AppState, batch: Batch, t0: float) -> dict[str, Any]:
+    """Store one decoded batch in its own transaction and publish it live. Raises IngestFailure."""
     try:
-        with gw.db.write() as conn:
-            res = store_batch(conn, batch, origin=gw.hub.origin)
+        try:
+            with gw.db.write() as conn:
+                res = store_batch(conn, batch, origin=gw.hub.origin)
+        except RowsOverlap:  # rare: rows resent under a new seq; retry with ON CONFLICT DO NOTHING
+            with gw.db.write() as conn:
+                res = store_batch(conn, batch, origin=gw.hub.origin, upsert=True)
     except DomainError as e:
         gw.metrics.error("conflict")
-        raise IngestFailure(e.status, e.message, "conflict", seq) from None
+        raise IngestFailure(e.status, e.message, "conflict", batch.seq) from None
     except Exception as e:
         gw.metrics.error("storage")
         log.exception("storing batch %s/%s/%s failed", batch.run.run_id, batch.source, batch.seq)
-        raise IngestFailure(503, f"storage unavailable: {type(e).__name__}", "storage", seq) from None
+        raise IngestFailure(503, f"storage unavailable: {type(e).__name__}", "storage", batch.seq) from None
     gw.metrics.observe_batch(res.rows, time.perf_counter() - t0, res.duplicate)
-    if not res.duplicate:
+    if not res.duplicate and gw.hub.has_subscribers(res.run_id):
         gw.hub.publish(res.run_id, message_from_batch(batch))
     return {"run_id": res.run_id, "source": res.source, "seq": res.seq, "acked": res.acked,
             "duplicate": res.duplicate, "rows": res.rows}
+
+
+def ingest_bytes(gw: AppState, data: bytes) -> dict[str, Any]:
+    """Parse, validate and store one POSTed batch (runs in a worker thread). Raises IngestFailure."""
+    t0 = time.perf_counter()
+    return store(gw, decode_object(gw, _parse(data)), t0)
 
 
 class IngestAck(BaseModel):
@@ -114,8 +139,7 @@ async def ingest(request: Request) -> Any:
             return JSONResponse({"detail": f"batch: body exceeds the limit of {limit} bytes"}, 413)
         chunks.append(chunk)
     try:
-        obj = _parse(b"".join(chunks))
-        return await run_in_threadpool(ingest_object, gw, obj)
+        return await run_in_threadpool(ingest_bytes, gw, b"".join(chunks))
     except IngestFailure as e:
         if e.kind == "json":
             gw.metrics.error("json")
@@ -141,7 +165,11 @@ async def _fail(ws: WebSocket, status: int, message: str, seq: int | None) -> No
 
 @router.websocket("/ingest/ws")
 async def ingest_ws(ws: WebSocket) -> None:
-    """The agent's stream: one encoded batch per frame, one ack per batch."""
+    """The agent's stream: one encoded batch per frame, one ack per batch, in order.
+
+    Frames are parsed and validated in worker threads while the previous batch is being
+    stored (decoding and storing overlap on two cores); storing and acks stay strictly in order.
+    """
     gw = state(ws)
     await ws.accept()
     level = access_level(ws)
@@ -151,24 +179,43 @@ async def ingest_ws(ws: WebSocket) -> None:
         await ws.close(code=1008, reason=reason)
         return
     limit = gw.settings.max_body_bytes
+    pending: asyncio.Queue[tuple[float, asyncio.Future[Any]] | None] = asyncio.Queue(_PIPELINE)
+
+    async def receive() -> None:
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                data = msg.get("text")
+                if data is None:
+                    data = msg.get("bytes") or b""
+                t0 = time.perf_counter()
+                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                if len(data) > limit:
+                    gw.metrics.error("too_large")
+                    fut.set_exception(IngestFailure(
+                        413, f"batch: frame of {len(data)} bytes exceeds the limit of {limit}", "too_large"))
+                    await pending.put((t0, fut))
+                    break
+                await pending.put((t0, asyncio.ensure_future(run_in_threadpool(decode_frame, gw, data))))
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        await pending.put(None)
+
+    receiver = asyncio.ensure_future(receive())
     try:
         while True:
-            msg = await ws.receive()
-            if msg["type"] == "websocket.disconnect":
+            item = await pending.get()
+            if item is None:
                 return
-            data = msg.get("text")
-            if data is None:
-                data = msg.get("bytes") or b""
-            if len(data) > limit:
-                gw.metrics.error("too_large")
-                await _fail(ws, 413, f"batch: frame of {len(data)} bytes exceeds the limit of {limit}", None)
-                return
+            t0, fut = item
             try:
-                obj = _parse(data)
-                if isinstance(obj, dict) and obj.get("type") == "hello":
-                    await ws.send_json(await run_in_threadpool(_hello, gw, obj))
+                decoded = await fut
+                if isinstance(decoded, dict):
+                    await ws.send_json(await run_in_threadpool(_hello, gw, decoded))
                     continue
-                ack = await run_in_threadpool(ingest_object, gw, obj)
+                ack = await run_in_threadpool(store, gw, decoded, t0)
             except IngestFailure as e:
                 if e.kind == "json":
                     gw.metrics.error("json")
@@ -179,8 +226,12 @@ async def ingest_ws(ws: WebSocket) -> None:
                 return
             ack.pop("rows", None)
             await ws.send_json({"type": "ack", **ack})
-    except WebSocketDisconnect:
+    except (WebSocketDisconnect, RuntimeError):
         return
+    finally:
+        receiver.cancel()
+        with contextlib.suppress(BaseException):
+            await receiver
 
 
 def _hello(gw: AppState, obj: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, case, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -31,7 +31,6 @@ from gradwatch.server.db.models import (
     Layer,
     Run,
     Scalar,
-    StepRecord,
 )
 from gradwatch.server.encoding import enc_value
 from gradwatch.server.errors import Conflict
@@ -89,23 +88,29 @@ def _nan_free(col: list[Any], bit: int, masks: list[int] | None) -> tuple[list[A
 def ensure_run(conn: Connection, batch: Batch, now: float) -> None:
     """Create the run the batch names if it does not exist; 409 if it exists in another project."""
     r = batch.run
-    stmt = _dialect_insert(conn, Run).values(
-        id=r.run_id, project=r.project, name=r.name, status="running", config=enc_value(r.config),
-        tags=list(r.tags), world_size=r.world_size, started_at=r.started_at, created_at=now, updated_at=now,
-    ).on_conflict_do_nothing().returning(Run.id)
-    if conn.execute(stmt).first() is None:  # rowcount is unreliable for ON CONFLICT on psycopg
-        project = conn.execute(select(Run.project).where(Run.id == r.run_id)).scalar_one()
-        if project != r.project:
-            raise Conflict(f"run {r.run_id} belongs to project {project!r}, the batch says {r.project!r}")
+    project = conn.execute(select(Run.project).where(Run.id == r.run_id)).scalar_one_or_none()
+    if project is None:
+        stmt = _dialect_insert(conn, Run).values(
+            id=r.run_id, project=r.project, name=r.name, status="running", config=enc_value(r.config),
+            tags=list(r.tags), world_size=r.world_size, started_at=r.started_at, created_at=now, updated_at=now,
+        ).on_conflict_do_nothing().returning(Run.project)
+        if conn.execute(stmt).first() is not None:  # (rowcount is unreliable for ON CONFLICT on psycopg)
+            return
+        project = conn.execute(select(Run.project).where(Run.id == r.run_id)).scalar_one()  # a concurrent insert
+    if project != r.project:
+        raise Conflict(f"run {r.run_id} belongs to project {project!r}, the batch says {r.project!r}")
 
 
 def _lock_cursor(conn: Connection, run_id: str, source: int) -> int:
-    conn.execute(_dialect_insert(conn, IngestCursor).values(run_id=run_id, source=source, acked=0)
-                 .on_conflict_do_nothing())
-    q = select(IngestCursor.acked).where(IngestCursor.run_id == run_id, IngestCursor.source == source)
-    if conn.dialect.name == "postgresql":
-        q = q.with_for_update()
-    return int(conn.execute(q).scalar_one())
+    """Create-or-lock the (run, source) cursor row in one statement; returns ``acked``.
+
+    ``ON CONFLICT DO UPDATE`` takes the row lock on PostgreSQL, which serialises concurrent
+    batches of one source until commit (SQLite has a single writer anyway).
+    """
+    ins = _dialect_insert(conn, IngestCursor).values(run_id=run_id, source=source, acked=0)
+    stmt = ins.on_conflict_do_update(index_elements=["run_id", "source"],
+                                     set_={"acked": IngestCursor.acked}).returning(IngestCursor.acked)
+    return int(conn.execute(stmt).scalar_one())
 
 
 def _advance_cursor(conn: Connection, run_id: str, source: int, acked: int) -> int:
@@ -181,28 +186,34 @@ def _layer_rows(batch: Batch, ids: dict[int, int]) -> list[tuple[Any, ...]]:
     return rows
 
 
-def _insert_layer_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+class RowsOverlap(Exception):
+    """Binary COPY hit rows already stored by another batch; retry the batch with ``upsert=True``."""
+
+
+def _insert_layer_rows(conn: Connection, rows: list[tuple[Any, ...]], upsert: bool) -> None:
     """Bulk insert through the raw driver; rows already stored (same layer, step, rank) are kept.
 
     First write wins, so an agent that restarts and resends overlapping steps under new seqs is
-    not stuck behind a rejected batch. PostgreSQL: binary COPY in a savepoint, and only if it hits
-    a key violation, the slower ``INSERT ... ON CONFLICT DO NOTHING``.
+    not stuck behind a rejected batch. PostgreSQL: binary COPY (no conflict handling); on a key
+    violation the whole transaction is retried with ``INSERT ... ON CONFLICT DO NOTHING``.
     """
     if not rows:
         return
     raw: Any = conn.connection.driver_connection
     if conn.dialect.name == "postgresql":
+        if upsert:
+            with raw.cursor() as cur:
+                cur.executemany(_PG_INSERT, rows)
+            return
         try:
-            with conn.begin_nested(), raw.cursor() as cur, cur.copy(_PG_COPY) as cp:
+            with raw.cursor() as cur, cur.copy(_PG_COPY) as cp:
                 cp.set_types(_PG_TYPES)
                 for r in rows:
                     cp.write_row(r)
-            return
         except Exception as e:
-            if not _is_integrity_error(e):
-                raise
-        with raw.cursor() as cur:
-            cur.executemany(_PG_INSERT, rows)
+            if _is_integrity_error(e):
+                raise RowsOverlap(str(e)) from None
+            raise
     else:
         cur = raw.cursor()
         try:
@@ -211,28 +222,54 @@ def _insert_layer_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
             cur.close()
 
 
-def _step_rows(batch: Batch) -> list[dict[str, Any]]:
+def _insert_values(conn: Connection, stmt: Any, rows: list[dict[str, Any]], chunk: int = 500) -> None:
+    """One multi-row VALUES statement per chunk (one round trip instead of one per row)."""
+    for i in range(0, len(rows), chunk):
+        conn.execute(stmt.values(rows[i:i + chunk]))
+
+
+_STEP_COLUMNS = ("run_id", "step", "rank", "time", "total_norm", "total_norm_post", "clip_coef", "loss_scale",
+                 "skipped", "nan_mask", "transforms")
+
+
+def _step_rows(batch: Batch, pg: bool) -> list[tuple[Any, ...]]:
     out = []
+    run_id = batch.run.run_id
     for s in batch.steps:
         mask = 0
-        vals = {}
+        vals = []
         for bit, name in enumerate(STEP_FLOAT_COLUMNS):
             v = getattr(s, name)
             if v is not None and v != v:
                 mask |= 1 << bit
                 v = None
-            vals[name] = v
-        out.append({"run_id": batch.run.run_id, "step": s.step, "rank": s.rank, "time": s.time,
-                    "skipped": s.skipped, "nan_mask": mask,
-                    "transforms": enc_value(s.transforms) if s.transforms else None, **vals})
+            vals.append(v)
+        tr = json.dumps(enc_value(s.transforms), separators=(",", ":")) if s.transforms else None
+        out.append((run_id, s.step, s.rank, s.time, *vals, s.skipped if pg else int(s.skipped), mask, tr))
     return out
 
 
-def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin: str = "") -> IngestResult:
+def _insert_step_rows(conn: Connection, batch: Batch) -> None:
+    """Step records through the raw driver too (psycopg pipelines executemany into one round trip)."""
+    pg = conn.dialect.name == "postgresql"
+    ph = "%s" if pg else "?"
+    sql = (f"INSERT INTO step_record ({', '.join(_STEP_COLUMNS)}) VALUES ({', '.join([ph] * len(_STEP_COLUMNS))}) "
+           "ON CONFLICT DO NOTHING")
+    raw: Any = conn.connection.driver_connection
+    cur = raw.cursor()
+    try:
+        cur.executemany(sql, _step_rows(batch, pg))
+    finally:
+        cur.close()
+
+
+def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin: str = "",
+                upsert: bool = False) -> IngestResult:
     """Store ``batch`` in the caller's transaction; a batch stored before changes nothing.
 
     Raises:
         Conflict: the run exists in another project.
+        RowsOverlap: (PostgreSQL) some rows exist already; roll back and call again with ``upsert=True``.
     """
     now = time.time() if now is None else now
     run_id, source, seq = batch.run.run_id, batch.source, batch.seq
@@ -249,24 +286,24 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
 
     ids = _layer_ids(conn, batch)
     rows = _layer_rows(batch, ids)
-    _insert_layer_rows(conn, rows)
+    _insert_layer_rows(conn, rows, upsert)
     if batch.steps:
-        conn.execute(_dialect_insert(conn, StepRecord).on_conflict_do_nothing(), _step_rows(batch))
+        _insert_step_rows(conn, batch)
     scalars = [{"run_id": run_id, "key": k, "step": s.step, "rank": s.rank, "time": s.time,
                 "value": None if (v is not None and v != v) else v, "is_nan": v is not None and v != v}
                for s in batch.scalars for k, v in s.values.items()]
     if scalars:
-        conn.execute(_dialect_insert(conn, Scalar).on_conflict_do_nothing(), scalars)
+        _insert_values(conn, _dialect_insert(conn, Scalar).on_conflict_do_nothing(), scalars)
     if batch.events:
-        conn.execute(insert(Event), [{"run_id": run_id, "kind": e.kind, "step": e.step, "rank": e.rank,
+        _insert_values(conn, insert(Event), [{"run_id": run_id, "kind": e.kind, "step": e.step, "rank": e.rank,
                                       "time": e.time, "data": enc_value(e.data)} for e in batch.events])
     values: dict[str, Any] = {"updated_at": now}
     if batch.status:
         values["status"] = batch.status
-    conn.execute(update(Run).where(Run.id == run_id).values(**values))
     if step_max is not None:
-        conn.execute(update(Run).where(Run.id == run_id, (Run.last_step.is_(None)) | (Run.last_step < step_max))
-                     .values(last_step=step_max))
+        values["last_step"] = case((Run.last_step.is_(None) | (Run.last_step < step_max), step_max),
+                                   else_=Run.last_step)
+    conn.execute(update(Run).where(Run.id == run_id).values(**values))
     if seq == acked + 1:
         acked = _advance_cursor(conn, run_id, source, acked)
     if conn.dialect.name == "postgresql":

@@ -1,0 +1,327 @@
+"""Ingest and query benchmark for the gradwatch server (issue 4). Not a test.
+
+Part 1, ingest: the same layer rows go (a) through the real server (uvicorn subprocess, the
+agent's websocket protocol, pipelined) into SQLite and into PostgreSQL, and (b) straight into the
+same migrated schema with the raw driver's best bulk path (sqlite3 ``executemany`` / psycopg
+binary ``COPY``), one transaction per batch in both cases. The ratio (a)/(b) is the target
+(>= 0.5).
+
+Part 2, queries: one run of ``--rows`` layer rows (200 layers, step-major, as ingest lays them
+down) is built inside each database, then the real server answers a 1,000-point downsampled
+series of one layer and a 200-layer heatmap (median of several calls over HTTP).
+
+    .venv/bin/python bench/ingest.py --ingest-rows 500000 --rows 20000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gradwatch.agent import wire
+
+LAYERS = 200
+STEPS_PER_BATCH = 25
+PG_ADMIN = os.environ.get("GRADWATCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+# ------------------------------------------------------------------ helpers
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@contextmanager
+def database(kind: str, tmp: Path) -> Iterator[str]:
+    """A fresh, migrated database URL of ``kind``; dropped afterwards."""
+    from gradwatch.server.db.engine import make_engine
+    from gradwatch.server.db.migrate import upgrade_to_head
+
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp / f'bench-{uuid.uuid4().hex[:8]}.db'}"
+        dropper = None
+    else:
+        import psycopg
+
+        name = f"gw_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(_libpq(PG_ADMIN), autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        url = PG_ADMIN.rpartition("/")[0] + "/" + name
+
+        def dropper() -> None:
+            with psycopg.connect(_libpq(PG_ADMIN), autocommit=True) as c:
+                c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        if dropper:
+            dropper()
+
+
+@contextmanager
+def server(url: str, log: Path) -> Iterator[str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gradwatch.cli", "serve", "--port", str(port), "--db", url,
+                                 "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(base + "/healthz", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(log.read_text()[-2000:]) from None
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def make_batches(n_rows: int, run_id: str, seed: int = 0) -> list[wire.Batch]:
+    rnd = random.Random(seed)
+    out = []
+    step = 1
+    n_batches = max(1, n_rows // (LAYERS * STEPS_PER_BATCH))
+    layers = [wire.LayerInfo(i, f"model.layers.{i}.weight", [256, 256], "float32") for i in range(LAYERS)]
+    ids = list(range(LAYERS))
+    for b in range(n_batches):
+        steps = []
+        for _ in range(STEPS_PER_BATCH):
+            v = [rnd.random() for _ in range(LAYERS)]
+            steps.append(wire.StepRecord(
+                step=step, time=time.time(), layer_ids=ids,
+                layers={"numel": [65536] * LAYERS, "mean": v, "var": v, "std": v, "l2": v, "maxabs": v,
+                        "nonfinite": [0] * LAYERS, "l2_post": v},
+                total_norm=1.0, clip_coef=1.0, loss_scale=65536.0))
+            step += 1
+        out.append(wire.Batch(run=wire.RunInfo(run_id=run_id), seq=b + 1, layers=layers if b == 0 else [],
+                              steps=steps))
+    return out
+
+
+# ------------------------------------------------------------------ part 1: ingest
+
+def ingest_via_server(url: str, batches: list[bytes], rows: int, tmp: Path, window: int = 8) -> float:
+    from websockets.sync.client import connect
+
+    with server(url, tmp / "bench-server.log") as base:
+        with connect(base.replace("http", "ws") + "/api/v1/ingest/ws", max_size=None) as ws:
+            sem = threading.Semaphore(window)
+            done = threading.Event()
+            last: list[dict] = []
+
+            def reader() -> None:
+                for _ in batches:
+                    last[:] = [json.loads(ws.recv(timeout=300))]
+                    if last[0].get("type") != "ack":
+                        raise RuntimeError(last[0])
+                    sem.release()
+                done.set()
+
+            t = threading.Thread(target=reader, daemon=True)
+            t0 = time.perf_counter()
+            t.start()
+            for b in batches:
+                sem.acquire()
+                ws.send(b)  # a binary frame of UTF-8 JSON (the protocol accepts text or binary)
+            done.wait(600)
+            dt = time.perf_counter() - t0
+            assert last and last[0]["acked"] == len(batches), last
+    return rows / dt
+
+
+def ingest_raw(kind: str, url: str, batches: list[wire.Batch]) -> float:
+    """The raw driver's best: pre-built tuples, one executemany/COPY + commit per batch."""
+    from gradwatch.server.db.engine import make_engine
+    from gradwatch.server.repo.ingest import _LAYER_STAT_COLUMNS, _PG_COPY, _PG_TYPES, ensure_run
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        ensure_run(conn, batches[0], time.time())
+        conn.exec_driver_sql("INSERT INTO layer (run_id, idx, name, dtype, sparse) VALUES " + ",".join(
+            f"('{batches[0].run.run_id}', {i}, 'l{i}', '', {'false' if kind != 'sqlite' else 0})" for i in range(LAYERS)))
+        ids = dict(conn.exec_driver_sql("SELECT idx, id FROM layer").all())
+    engine.dispose()
+    prepared = []
+    for b in batches:
+        rows = []
+        for s in b.steps:
+            c = s.layers
+            rows.extend(zip([ids[i] for i in s.layer_ids], [s.step] * LAYERS, [0] * LAYERS, c["numel"], c["mean"],
+                            c["var"], c["std"], c["l2"], c["maxabs"], c["nonfinite"], c["l2_post"], [0] * LAYERS))
+        prepared.append(rows)
+    n = sum(len(r) for r in prepared)
+    if kind == "sqlite":
+        import sqlite3
+
+        con = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        sql = (f"INSERT INTO layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(_LAYER_STAT_COLUMNS))})")
+        t0 = time.perf_counter()
+        for rows in prepared:
+            con.execute("BEGIN")
+            con.executemany(sql, rows)
+            con.execute("COMMIT")
+        dt = time.perf_counter() - t0
+        con.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(_libpq(url)) as con:
+            t0 = time.perf_counter()
+            for rows in prepared:
+                with con.cursor() as cur, cur.copy(_PG_COPY) as cp:
+                    cp.set_types(_PG_TYPES)
+                    for r in rows:
+                        cp.write_row(r)
+                con.commit()
+            dt = time.perf_counter() - t0
+    return n / dt
+
+
+# ------------------------------------------------------------------ part 2: queries
+
+def build_big_run(kind: str, url: str, rows: int) -> tuple[str, int]:
+    """One run of ``rows`` layer rows (200 layers, step-major), built inside the database."""
+    steps = rows // LAYERS
+    run_id = "big"
+    if kind == "sqlite":
+        import sqlite3
+
+        con = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        con.execute("BEGIN")
+        con.execute("INSERT INTO run (id, project, status, world_size, created_at, updated_at, last_step) "
+                    "VALUES (?, 'bench', 'finished', 1, 0, 0, ?)", (run_id, steps))
+        con.executemany("INSERT INTO layer (run_id, idx, name, dtype, sparse) VALUES (?, ?, ?, '', 0)",
+                        [(run_id, i, f"model.layers.{i}.weight") for i in range(LAYERS)])
+        con.execute("COMMIT")
+        ids = [r[0] for r in con.execute("SELECT id FROM layer WHERE run_id = ? ORDER BY idx", (run_id,))]
+        sql = ("INSERT INTO layer_stat (layer_id, step, rank, numel, mean, var, std, l2, maxabs, nonfinite, l2_post, "
+               "nan_mask) VALUES (?, ?, 0, 65536, ?, ?, ?, ?, ?, 0, NULL, 0)")
+        rnd = random.Random(1)
+        chunk = 500
+        for s0 in range(1, steps + 1, chunk):
+            data = []
+            for s in range(s0, min(s0 + chunk, steps + 1)):
+                for lid in ids:
+                    v = rnd.random() + (100.0 if s % 9973 == 0 else 0.0)
+                    data.append((lid, s, v, v, v, v, v))
+            con.execute("BEGIN")
+            con.executemany(sql, data)
+            con.execute("COMMIT")
+        con.execute("ANALYZE")
+        con.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(_libpq(url), autocommit=True) as con:
+            con.execute("INSERT INTO run (id, project, status, world_size, created_at, updated_at, last_step) "
+                        "VALUES (%s, 'bench', 'finished', 1, 0, 0, %s)", (run_id, steps))
+            con.execute("INSERT INTO layer (run_id, idx, name, dtype, sparse) "
+                        "SELECT %s, i, 'model.layers.' || i || '.weight', '', false FROM generate_series(0, %s) i",
+                        (run_id, LAYERS - 1))
+            con.execute(
+                "INSERT INTO layer_stat (layer_id, step, rank, numel, mean, var, std, l2, maxabs, nonfinite, "
+                "l2_post, nan_mask) SELECT l.id, s, 0, 65536, v, v, v, v, v, 0, NULL, 0 FROM generate_series(1, %s) s "
+                "CROSS JOIN layer l CROSS JOIN LATERAL (SELECT random() + CASE WHEN s %% 9973 = 0 THEN 100 ELSE 0 END "
+                "+ 0 * l.id AS v) x WHERE l.run_id = %s ORDER BY s, l.idx", (steps, run_id))
+            con.execute("VACUUM ANALYZE layer_stat")
+    return run_id, steps
+
+
+def time_get(url: str, n: int) -> tuple[float, dict]:
+    times = []
+    body: dict = {}
+    for _ in range(n + 1):
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=600) as r:
+            body = json.loads(r.read())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1000, body
+
+
+# ------------------------------------------------------------------ main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ingest-rows", type=int, default=500_000, help="layer rows for the ingest comparison")
+    ap.add_argument("--rows", type=int, default=20_000_000, help="layer rows of the query run (0: skip)")
+    ap.add_argument("--backends", default="sqlite,postgresql")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    kinds = args.backends.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    print(f"# gradwatch bench/ingest.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
+          f"cpus={os.cpu_count()}  ingest_rows={args.ingest_rows}  rows={args.rows}")
+
+    batches = make_batches(args.ingest_rows, "bench")
+    encoded = [wire.encode_batch(b) for b in batches]
+    n_rows = sum(b.row_count for b in batches)
+    print(f"\n## ingest: {n_rows} layer rows in {len(batches)} batches of {LAYERS}x{STEPS_PER_BATCH}, "
+          f"{sum(map(len, encoded)) / len(encoded) / 1024:.0f} KiB each")
+    print(f"{'database':<12}{'raw driver rows/s':>20}{'server ws rows/s':>20}{'ratio':>8}")
+    for kind in kinds:
+        with database(kind, tmp) as u1:
+            raw = ingest_raw(kind, u1, batches)
+        with database(kind, tmp) as u2:
+            srv = ingest_via_server(u2, encoded, n_rows, tmp)
+        method = "executemany" if kind == "sqlite" else "COPY binary"
+        print(f"{kind + ' (' + method + ')':<12}{raw:>20,.0f}{srv:>20,.0f}{srv / raw:>8.2f}")
+
+    if args.rows:
+        print(f"\n## queries on one run of {args.rows:,} layer rows ({LAYERS} layers, step-major)")
+        print(f"{'database':<12}{'build s':>10}{'series 1000 pts ms':>20}{'heatmap 200x200 ms':>20}")
+        for kind in kinds:
+            with database(kind, tmp) as url:
+                t0 = time.perf_counter()
+                run_id, steps = build_big_run(kind, url, args.rows)
+                build = time.perf_counter() - t0
+                with server(url, tmp / "bench-query.log") as base:
+                    q = f"{base}/api/v1/runs/{run_id}/stats?layer=100&stat=l2&max_points=1000"
+                    ms_series, body = time_get(q, args.repeats)
+                    ser = body["series"][0]
+                    if ser["downsampled"]:
+                        b = ser["buckets"]
+                        assert len(b) == 1000 and sum(x["count"] for x in b) == steps
+                        if steps >= 9973:
+                            assert max(x["max"] for x in b) >= 100  # the spikes survive downsampling
+                    h = f"{base}/api/v1/runs/{run_id}/heatmap?layers=all&stat=l2&max_points=200"
+                    ms_heat, hb = time_get(h, max(1, args.repeats // 2))
+                    assert len(hb["values"]) == LAYERS and len(hb["values"][0]) == 200
+                print(f"{kind:<12}{build:>10.0f}{ms_series:>20.1f}{ms_heat:>20.1f}")
+    print("\ntargets: ratio >= 0.50; series < 100 ms at 20M rows")
+
+
+if __name__ == "__main__":
+    main()
