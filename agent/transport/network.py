@@ -447,7 +447,9 @@ class NetworkSink(BufferedSink):
             self._seg_pending[seg.path] = self._seg_pending.get(seg.path, 0) + 1
             new_seg = seg.path not in self._segs
             self._segs[seg.path] = seg
-            if self._offline is None and not self._abandon:
+            # recent batches stay in memory only while connected (they are about to be sent);
+            # while the server is away the spool on disk is the only copy, so memory stays flat
+            if self._connected and self._offline is None and not self._abandon:
                 self._cache[seq] = raw
                 self._cache_size += len(raw)
                 while self._cache_size > self.cache_bytes and self._cache:
@@ -612,6 +614,8 @@ class NetworkSink(BufferedSink):
                 with self._cv:
                     self._connected = False
                     self._down = True
+                    self._cache.clear()
+                    self._cache_size = 0
                     self._cv.notify_all()
                 self.warn("unreachable", f"gradwatch: cannot reach the server at {self.url} ({e}); monitoring "
                                          f"data is spooled to {self.spool_dir} and will be sent when it is back. "

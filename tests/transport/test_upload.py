@@ -1,0 +1,96 @@
+"""``gradwatch upload`` and the rejected-batch path, against a real ``gradwatch serve``."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gradwatch.agent import watch
+from gradwatch.agent.transport import make_sink
+from gradwatch.agent.transport.buffered import TransportWarning
+from gradwatch.agent.transport.spool import read_batches
+from gradwatch.agent.wire import Event
+
+from .conftest import ServerProc, assert_exactly_once, db_counts, layers_of, new_run, run_cli, step_record
+from .train import N_LAYERS, build, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::gradwatch.agent.transport.buffered.TransportWarning")]
+
+
+def test_file_recording_uploads_later_and_tolerates_a_truncated_tail(server: ServerProc, tmp_path: Path) -> None:
+    rec = tmp_path / "runs" / "r1.jsonl"
+    model, opt = build()
+    w = watch(model, opt, server=f"file:{rec}")
+    train(model, opt, w, 40)
+    w.close()
+    # a writer killed mid-line leaves half a batch at the end
+    raw = rec.read_bytes()
+    rec.write_bytes(raw + raw.splitlines()[0][:100])
+    p = run_cli("upload", str(rec), "--server", server.url)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "truncated last line" in p.stdout and "Traceback" not in p.stderr
+    assert_exactly_once(server.db, w.run_id, range(40), N_LAYERS, status="finished")
+    assert rec.exists()  # the user's recording is kept
+    again = run_cli("upload", str(rec), "--server", server.url)
+    assert again.returncode == 0 and "0 rows stored" in again.stdout
+    assert_exactly_once(server.db, w.run_id, range(40), N_LAYERS)
+
+
+def test_upload_errors_are_clear(tmp_path: Path) -> None:
+    p = run_cli("upload", str(tmp_path / "nope"), "--server", "http://127.0.0.1:9")
+    assert p.returncode != 0 and "no such file" in p.stderr
+    (tmp_path / "empty.jsonl").write_text("")
+    p = run_cli("upload", str(tmp_path / "empty.jsonl"), "--server", "http://127.0.0.1:9")
+    assert p.returncode != 0 and "no readable batches" in p.stderr
+    p = run_cli("upload", "--help")
+    assert p.returncode == 0 and "SPOOL_OR_FILE" in p.stdout
+
+
+def test_rejected_batch_is_kept_counted_and_not_retried(server: ServerProc, tmp_path: Path) -> None:
+    run = new_run()
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        b = make_sink(server.url, run=run, layers=lambda: layers_of(3), spool_dir=tmp_path / "spool",
+                      flush_interval=0.05, backoff_base=0.05, backoff_max=0.2)
+        for i in range(5):
+            b.put(step_record(i, 3))
+        assert b.flush(20)
+        # a batch the server's schema refuses (422): the websocket is closed with 1007
+        b.put(Event(kind="not-a-kind", step=5, time=time.time()))
+        assert b.flush(20)
+        time.sleep(0.3)
+        for i in range(6, 10):
+            b.put(step_record(i, 3))  # the stream goes on after the refusal
+        assert b.flush(20)
+        st = b.stats()
+        b.close(timeout=10)
+    assert st["rejected"] == 1 and st["sent"] == 9 and st["spooled"] == 0, st
+    msgs = [str(g.message) for g in got if g.category is TransportWarning]
+    assert len(msgs) == 1 and "rejected a batch" in msgs[0] and "not-a-kind" in msgs[0]
+    kept = read_batches(tmp_path / "spool" / "rejected-0.jsonl")
+    assert len(kept) == 1 and b"not-a-kind" in kept[0].raw
+    c = db_counts(server.db, run.run_id)
+    assert set(c["steps"]) == {(i, 0) for i in (0, 1, 2, 3, 4, 6, 7, 8, 9)}
+    assert c["status"] == "finished"
+
+
+def test_upload_a_spool_of_several_ranks(server: ServerProc, tmp_path: Path) -> None:
+    run = new_run()
+    spool = tmp_path / "spool"
+    sinks: list[Any] = [make_sink("http://127.0.0.1:9", run=run, layers=lambda: layers_of(2), rank=r,
+                                  spool_dir=spool, connect_timeout=0.5) for r in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(30):
+            for r, s in enumerate(sinks):
+                s.put(step_record(i, 2, rank=r))
+        for s in sinks:
+            s.close(timeout=2)
+    assert {p.name.split("-")[0] for p in spool.glob("*.jsonl")} == {"0", "1"}
+    p = run_cli("upload", str(spool), "--server", server.url)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_exactly_once(server.db, run.run_id, range(30), 2, ranks=(0, 1), scalars_per_step=0)
