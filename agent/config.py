@@ -11,8 +11,9 @@ Environment variables (all optional):
 - ``GRADWATCH_TOKEN``: bearer token for the server.
 - ``GRADWATCH_DISABLED``: ``1``/``true``/``yes`` turns ``watch()`` into a no-op (hooks are not attached).
 - ``GRADWATCH_PROJECT``: default project when ``project`` is left at ``"default"``.
+- ``GRADWATCH_RUN``: default run name when ``run`` is not given.
 - ``GRADWATCH_RUN_ID``: adopt this run id (e.g. to resume a run from a launcher script).
-- ``GRADWATCH_EVERY``: default recording interval when ``every`` is not given.
+- ``GRADWATCH_INTERVAL_STEPS``: default recording interval when ``every`` is not given.
 """
 
 from __future__ import annotations
@@ -108,11 +109,14 @@ class AgentConfig:
             kw["project"] = env["GRADWATCH_PROJECT"]
         if "run_id" not in kw and env.get("GRADWATCH_RUN_ID"):
             kw["run_id"] = env["GRADWATCH_RUN_ID"]
-        if "every" not in kw and env.get("GRADWATCH_EVERY"):
+        if "run" not in kw and env.get("GRADWATCH_RUN"):
+            kw["run"] = env["GRADWATCH_RUN"]
+        if "every" not in kw and env.get("GRADWATCH_INTERVAL_STEPS"):
+            raw = env["GRADWATCH_INTERVAL_STEPS"]
             try:
-                kw["every"] = int(env["GRADWATCH_EVERY"])
+                kw["every"] = int(raw)
             except ValueError:
-                raise ValueError(f"GRADWATCH_EVERY={env['GRADWATCH_EVERY']!r}: expected a positive integer") from None
+                raise ValueError(f"GRADWATCH_INTERVAL_STEPS={raw!r}: expected a positive integer") from None
         if "disabled" not in kw:
             kw["disabled"] = env_flag("GRADWATCH_DISABLED", env)
         if "tags" in kw and not isinstance(kw["tags"], str):

@@ -355,14 +355,14 @@ class Recorder:
             add_scalar("found_inf", found_inf)
         reports: list[tuple[str, str, int, int, bool]] = []
         for tname, rep in ctx.reports.items():
-            for key, t in rep.items():
-                if not isinstance(t, torch.Tensor):
+            for key, val in rep.items():
+                if not isinstance(val, torch.Tensor):
                     continue
-                per_layer = t.dim() == 1 and t.shape[0] == n_dense_all and n_dense_all > 0
+                per_layer = val.dim() == 1 and val.shape[0] == n_dense_all and n_dense_all > 0
                 if per_layer:
-                    flat = t.index_select(0, plan.sel.to(t.device)) if plan.sel is not None else t
+                    flat = val.index_select(0, plan.sel.to(val.device)) if plan.sel is not None else val
                 else:
-                    flat = t.reshape(-1)
+                    flat = val.reshape(-1)
                 ln = flat.numel()
                 parts.append(flat)
                 reports.append((tname, key, off, ln, per_layer))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time as _time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -72,7 +72,7 @@ def watch(
         run: display name of the run. project: project name.
         server: ``"memory"``, ``"file:PATH"`` or ``http(s)://HOST:PORT``; None reads
             ``GRADWATCH_URL`` (default ``http://127.0.0.1:8000``).
-        every: record statistics every ``every``-th step (default ``GRADWATCH_EVERY`` or 1);
+        every: record statistics every ``every``-th step (default ``GRADWATCH_INTERVAL_STEPS`` or 1);
             transforms run on every step regardless.
         transforms: gradient transforms applied to the unscaled grads before each step, sorted
             into the canonical order; conflicting ones raise ValueError here.
@@ -239,7 +239,7 @@ class Watcher:
     # -- failure policy ------------------------------------------------------------------------
 
     @contextmanager
-    def _guard(self, kind: str):  # type: ignore[no-untyped-def]
+    def _guard(self, kind: str) -> Iterator[None]:
         try:
             yield
         except Exception as e:  # noqa: BLE001 - monitoring never raises into training
@@ -426,7 +426,7 @@ class Watcher:
             h.remove()
         self._hooks = []
         if getattr(self._optimizer, "_gradwatch_watcher", None) is self:
-            del self._optimizer._gradwatch_watcher  # type: ignore[attr-defined]
+            del self._optimizer._gradwatch_watcher
         if self.sink is not None:
             try:
                 self.sink.close(timeout, status)
@@ -516,6 +516,6 @@ class _ScalarPending:
     def __init__(self, step: int, time: float, rank: int, values: dict[str, Any]) -> None:
         self.step, self.time, self.rank, self.values = step, time, rank, values
 
-    def resolve(self) -> list[ScalarRecord]:
+    def resolve(self) -> list[Any]:  # ScalarRecords; every sink accepts them from resolve()
         vals = {k: (float(v.item()) if isinstance(v, torch.Tensor) else v) for k, v in self.values.items()}
         return [ScalarRecord(step=self.step, time=self.time, values=vals, rank=self.rank)]
