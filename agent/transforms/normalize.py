@@ -36,6 +36,21 @@ def _state_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+_CONSTS: dict[tuple[Any, ...], Tensor] = {}
+
+
+def _const(values: tuple[Any, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant vector on ``device``, built once per (values, dtype, device): the same
+    layer layout recurs every step, so no host-to-device copy is issued after the first one."""
+    key = (values, dtype, str(device))
+    t = _CONSTS.get(key)
+    if t is None:
+        if len(_CONSTS) > 256:
+            _CONSTS.clear()
+        t = _CONSTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
+
+
 def _eligible(ctx: GradContext, min_ndim: int = 2) -> list[int]:
     """Indices of dense grads with ndim >= min_ndim and at least two elements."""
     return [i for i, g in enumerate(ctx.grads) if g.ndim >= min_ndim and g.numel() >= 2]
@@ -48,7 +63,7 @@ def _layer_moments(ctx: GradContext, idx: list[int], dt: torch.dtype) -> tuple[T
     accumulate the sum in fp32 and take the sum of squares from the cached fp32 norms
     (var = s2/n - mean², clamped at 0; loses accuracy only when |mean| >> std)."""
     dev = ctx.device
-    n = torch.tensor([float(ctx.grads[i].numel()) for i in idx], dtype=dt, device=dev)
+    n = _const(tuple(float(ctx.grads[i].numel()) for i in idx), dt, dev)
     means: list[Tensor] = []
     varis: list[Tensor | None] = []
     for i in idx:
@@ -62,9 +77,9 @@ def _layer_moments(ctx: GradContext, idx: list[int], dt: torch.dtype) -> tuple[T
             varis.append(v.to(dev, dt))
     mean = torch.stack(means)
     if any(v is None for v in varis):
-        s2 = ctx.norms.index_select(0, torch.tensor(idx, device=dev)).to(dt).square()
+        s2 = ctx.norms.index_select(0, _const(tuple(idx), torch.int64, dev)).to(dt).square()
         low = torch.stack([v if v is not None else torch.zeros((), dtype=dt, device=dev) for v in varis])
-        mask = torch.tensor([v is None for v in varis], device=dev)
+        mask = _const(tuple(v is None for v in varis), torch.bool, dev)
         var = torch.where(mask, (s2 / n - mean.square()).clamp_min(0), low)
     else:
         var = torch.stack(varis)  # type: ignore[arg-type]
@@ -90,7 +105,7 @@ def _layer_mask(ctx: GradContext, idx: list[int], on: Tensor) -> Tensor:
     """(L,) float32: 1 for layers in ``idx`` when ``on`` (0-dim bool), else 0."""
     m = torch.zeros(len(ctx), dtype=torch.float32, device=ctx.device)
     if idx:
-        m[torch.tensor(idx, device=ctx.device)] = 1.0
+        m[_const(tuple(idx), torch.int64, ctx.device)] = 1.0
     return m * on.to(torch.float32)
 
 
@@ -109,7 +124,7 @@ def _update_norms(ctx: GradContext, idx: list[int], new_norms: Tensor | None, fi
         ctx.set_norms(None)
         return
     norms = ctx.norms.clone()
-    sel = torch.tensor(idx, device=ctx.device)
+    sel = _const(tuple(idx), torch.int64, ctx.device)
     norms[sel] = torch.where(fin, new_norms.to(torch.float32), norms[sel])
     ctx.set_norms(norms)
 
@@ -308,7 +323,7 @@ class ZScoreNorm(_Stateless):
             shift = torch.where(fin, -mean * scale, torch.full_like(mean, -0.0))
             _fused_affine_(ctx, idx, shift, scale)
             _update_norms(ctx, idx, (n * var).sqrt() * scale if _exact(ctx, idx) else None, fin)
-            amp[torch.tensor(idx, device=dev)] = scale.float()
+            amp[_const(tuple(idx), torch.int64, dev)] = scale.float()
         ctx.report(self.name, amplification=amp, layers=_layer_mask(ctx, idx, fin),
                    skipped_update=(~fin).float())
 
