@@ -135,6 +135,19 @@ class _Plan:
 
 
 @dataclass
+class _Measured:
+    """Pre-transform measurements of one step, still on the device."""
+
+    plan: _Plan
+    m: Tensor  # (L_dense_all + L_sparse, 4) moments
+    total: Tensor
+    sparse_vals: list[Tensor]
+    sparse_numels: list[int]
+    dev: torch.device
+    pd: torch.dtype
+
+
+@dataclass
 class _Layout:
     """Where each value sits in the packed tensor (offsets are host ints)."""
 
@@ -282,11 +295,36 @@ class Recorder:
         """
         names = [self.registry.name(p) for p in params]
         ctx = GradContext(params, names, found_inf=found_inf, skip=skip, step=step)
-        if not record:
-            if transforms:
+        meas = None
+        if record:
+            try:
+                meas = self._measure(ctx, grad_scale)
+            except Exception as e:  # noqa: BLE001 - a measuring failure must not cost the transforms
+                self._on_error("measuring gradients", e)
+                ctx.set_norms(None)
+        ran = bool(transforms) and not skip and len(ctx) > 0
+        if transforms:
+            try:
                 apply_transforms(ctx, transforms)
+            except Exception as e:  # noqa: BLE001
+                if isinstance(e, RuntimeError) and any(getattr(t, "error_if_nonfinite", False) for t in transforms) \
+                        and "non-finite" in str(e):
+                    e._gradwatch_raise = True  # type: ignore[attr-defined]  # the user asked for this error
+                    raise
+                self._on_error("applying transforms", e)
+        if meas is None:
+            return None
+        try:
+            return self._pack(ctx, meas, transforms=transforms, ran=ran, step=step, time=time, rank=rank, skip=skip,
+                              found_inf=found_inf, loss_scale=loss_scale, has_scaler=has_scaler)
+        except Exception as e:  # noqa: BLE001
+            self._on_error("packing step statistics", e)
             return None
 
+    def _measure(self, ctx: GradContext, grad_scale: Tensor | None) -> _Measured:
+        """Moments of every dense grad (their norms feed the context and the total norm) and of
+        the measured sparse grads, before any transform. No host sync on accelerators except for
+        coalescing a sparse CUDA gradient."""
         plan = self._get_plan(ctx)
         sparse_vals: list[Tensor] = []
         sparse_numels: list[int] = []
@@ -297,10 +335,9 @@ class Recorder:
             self.registry.mark_sparse(lid)
         dev = ctx.device if len(ctx) else (sparse_vals[0].device if sparse_vals else torch.device("cpu"))
         pd = pack_dtype(dev)
-        # moments of every dense grad (norms feed the context and the total norm) + measured sparse
         m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev)
         if grad_scale is not None:
-            inv = grad_scale.to(device=dev, dtype=torch.float32).reciprocal()
+            inv = grad_scale.reshape(()).to(device=dev, dtype=torch.float32).reciprocal()
             one = torch.ones((), dtype=torch.float32, device=dev)
             m = m * torch.stack([inv, inv, inv, one])
         n_dense_all = len(ctx)
@@ -309,10 +346,15 @@ class Recorder:
             ctx.set_norms(l2col[:n_dense_all])
         total = torch.linalg.vector_norm(l2col, 2) if m.shape[0] else torch.zeros((), device=dev)
 
-        ran = bool(transforms) and not skip and n_dense_all > 0
-        if transforms:
-            apply_transforms(ctx, transforms)
+        return _Measured(plan, m, total, sparse_vals, sparse_numels, dev, pd)
 
+    def _pack(self, ctx: GradContext, meas: _Measured, *, transforms: Sequence[Transform], ran: bool, step: int,
+              time: float, rank: int, skip: bool | None, found_inf: Tensor | None,
+              loss_scale: Tensor | float | None, has_scaler: bool) -> StepPending:
+        """Everything the record needs in ONE 1-D tensor, handed to :class:`HostCopy`."""
+        plan, m, total, sparse_vals, sparse_numels, dev, pd = (
+            meas.plan, meas.m, meas.total, meas.sparse_vals, meas.sparse_numels, meas.dev, meas.pd)
+        n_dense_all = len(ctx)
         dense_m = m[:n_dense_all]
         if plan.sel is not None:
             dense_m = dense_m.index_select(0, plan.sel)

@@ -7,9 +7,11 @@ added to ``forward`` or ``backward``, so a ``torch.compile``-d model gets no gra
 
 Failure policy: arguments are validated in :func:`watch` (errors name the argument); after that,
 no monitoring failure raises into the training loop. Each kind of failure warns once
-(``RuntimeWarning``) and is counted in :meth:`Watcher.stats`; training continues. The one
-exception is :meth:`Watcher.log` called with a value that is not a number: that is a programming
-error in the caller, deterministic from the first call, and raises ``TypeError`` at once.
+(``RuntimeWarning``) and is counted in :meth:`Watcher.stats`; training continues (a failed
+measurement never costs the step its transforms). Two exceptions, both asked for by the caller:
+:meth:`Watcher.log` with a value that is not a number (a programming error, deterministic from
+the first call) raises ``TypeError`` at once, and ``ClipNorm(error_if_nonfinite=True)`` raises
+its ``RuntimeError`` exactly as ``clip_grad_norm_`` would.
 
 Loss scaling: ``gradwatch.GradScaler`` hands the step to the watcher itself
 (:meth:`Watcher._on_scaler_step`), so skipped steps, the loss scale and overflow events are all
@@ -243,6 +245,8 @@ class Watcher:
         try:
             yield
         except Exception as e:  # noqa: BLE001 - monitoring never raises into training
+            if getattr(e, "_gradwatch_raise", False):  # an error the user opted into (error_if_nonfinite)
+                raise
             self._report(kind, e)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -293,7 +297,8 @@ class Watcher:
             if p.grad is not None and not p.grad.is_sparse:
                 by_dev.setdefault(p.grad.device, []).append(p.grad)
         for dev, gs in by_dev.items():
-            inv = scale.to(device=dev, dtype=torch.float32).reciprocal()
+            # as torch's GradScaler.unscale_ computes it (double reciprocal), 0-dim for foreach
+            inv = scale.reshape(()).to(dev).double().reciprocal().float()
             torch._foreach_mul_(gs, inv)
 
     # -- the GradScaler interface (gradwatch.agent.scaler) -------------------------------------

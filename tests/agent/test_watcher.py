@@ -671,3 +671,84 @@ def test_cuda_step_has_no_host_sync() -> None:
     assert len(steps) == 5 and all(math.isfinite(s.total_norm) for s in steps)
     assert w.stats()["failures"] == 0
     w.close()
+
+
+def test_per_layer_transform_reports_align_with_layer_ids() -> None:
+    from gradwatch.agent import AGC
+
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w = watch(m, opt, server="memory", include="*.weight", transforms=[AGC(clipping=1e-4)])
+    _train(m, opt, w, 2)
+    rec = w.sink.steps[0]
+    assert rec.layer_ids == [0, 1, 2]
+    per_layer = rec.transforms["agc"]["layers"]
+    assert isinstance(per_layer, list) and len(per_layer) == 3 and all(v == 1.0 for v in per_layer)
+    assert rec.layers["l2_post"][0] < rec.layers["l2"][0]
+    w.close()
+
+
+def test_gradwatch_scaler_every_n_still_transforms_each_step() -> None:
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w = watch(m, opt, server="memory", every=2, transforms=[ClipNorm(1e-3)])
+    cap = _Capture(opt, _names(m))
+    scaler = GradScaler("cpu", init_scale=8.0)
+    for s in range(4):
+        opt.zero_grad()
+        scaler.scale(_loss(m, s)).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert [s.step for s in w.sink.steps] == [0, 2] and w.step == 4
+    assert len(cap.steps) == 4
+    for grads in cap.steps:
+        assert math.sqrt(sum(g.double().norm().item() ** 2 for g in grads.values())) <= 1e-3 + 1e-8
+    w.close()
+
+
+def test_interval_env_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRADWATCH_INTERVAL_STEPS", "2")
+    monkeypatch.setenv("GRADWATCH_RUN", "from-env")
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w = watch(m, opt, server="memory")
+    _train(m, opt, w, 3)
+    assert [s.step for s in w.sink.steps] == [0, 2] and w.sink.run.name == "from-env"
+    w.close()
+    w = watch(m, opt, server="memory", every=1)  # an argument wins over the environment
+    _train(m, opt, w, 2)
+    assert len(w.sink.steps) == 2
+    w.close()
+
+
+def test_error_if_nonfinite_is_the_one_transform_error_that_propagates() -> None:
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w = watch(m, opt, server="memory", transforms=[ClipNorm(1.0, error_if_nonfinite=True)])
+    _train(m, opt, w, 1)
+    opt.zero_grad()
+    _loss(m, 1).backward()
+    m[0].bias.grad[0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        opt.step()
+    assert w.stats()["failures"] == 0
+    w.close()
+
+
+def test_measuring_failure_keeps_the_transforms(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradwatch.agent.record as record
+
+    def broken(*a, **k):  # type: ignore[no-untyped-def]
+        raise RuntimeError("kernel missing")
+
+    monkeypatch.setattr(record, "layer_moments", broken)
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w = watch(m, opt, server="memory", transforms=[ClipNorm(1e-3)])
+    cap = _Capture(opt, _names(m))
+    with pytest.warns(RuntimeWarning, match="measuring gradients failed.*kernel missing"):
+        _train(m, opt, w, 3)
+    assert w.sink.steps == [] and w.stats()["failures"] == 3
+    for grads in cap.steps:  # clipping still happened on every step
+        assert math.sqrt(sum(g.double().norm().item() ** 2 for g in grads.values())) <= 1e-3 + 1e-8
+    w.close()
