@@ -16,6 +16,7 @@ from gradwatch.server.db.models import (
     Run,
     Scalar,
     StepRecord,
+    layer_stat_block,
 )
 from gradwatch.server.encoding import enc, enc_value
 from gradwatch.server.errors import Conflict, Invalid, NotFound
@@ -91,6 +92,7 @@ def delete_run(conn: Connection, run_id: str) -> None:
     require_run(conn, run_id)
     layer_ids = select(Layer.id).where(Layer.run_id == run_id).scalar_subquery()
     conn.execute(delete(LayerStat).where(LayerStat.layer_id.in_(layer_ids)))
+    conn.execute(delete(layer_stat_block).where(layer_stat_block.c.layer_id.in_(layer_ids)))
     for model in (StepRecord, Scalar, Event, IngestBatch, IngestCursor, Layer):
         conn.execute(delete(model).where(model.run_id == run_id))
     conn.execute(delete(Run).where(Run.id == run_id))

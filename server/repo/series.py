@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS, STEP_FLOAT_COLUMNS
+from gradwatch.server.db.models import BLOCK_STEPS, LAYER_FLOAT_COLUMNS, STEP_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan
 from gradwatch.server.errors import Invalid
 
@@ -35,6 +35,66 @@ def _width(start: int, end: int, max_points: int | None) -> int:
     return max(1, -(-(end - start + 1) // max_points))
 
 
+def _blocks_apply(stat: str, w: int, use_blocks: bool) -> bool:
+    return use_blocks and stat in LAYER_FLOAT_COLUMNS and w >= BLOCK_STEPS
+
+
+def _combine(parts: list[tuple[Any, ...]]) -> dict[Any, list[Any]]:
+    """Merge partial aggregates keyed by their first element(s): (key, smin, smax, min, max, sum, cnt, n, nan)."""
+    out: dict[Any, list[Any]] = {}
+    for key, smin, smax, mn, mx, sm, cnt, n, nan in parts:
+        cur = out.get(key)
+        if cur is None:
+            out[key] = [smin, smax, mn, mx, sm, int(cnt or 0), int(n or 0), int(nan or 0)]
+            continue
+        cur[0] = min(cur[0], smin)
+        cur[1] = max(cur[1], smax)
+        cur[2] = mn if cur[2] is None else (cur[2] if mn is None else min(cur[2], mn))
+        cur[3] = mx if cur[3] is None else (cur[3] if mx is None else max(cur[3], mx))
+        cur[4] = sm if cur[4] is None else (cur[4] if sm is None else cur[4] + sm)
+        cur[5] += int(cnt or 0)
+        cur[6] += int(n or 0)
+        cur[7] += int(nan or 0)
+    return out
+
+
+def _block_parts(conn: Connection, layer_ids: list[int], stat: str, a: int, b: int, w: int,
+                 rank: int | None) -> list[tuple[Any, ...]]:
+    """Partial aggregates keyed by (layer_id, bucket): whole blocks from the rollup, the partial
+    blocks at either edge of [a, b] from the rows. Buckets are aligned to blocks (w % BLOCK == 0)."""
+    B = BLOCK_STEPS
+    a0 = a // B * B
+    ids = ",".join(str(int(i)) for i in layer_ids)
+    params: dict[str, Any] = {"a0": a0, "w": w}
+    rk = ""
+    if rank is not None:
+        rk = " AND rank = :rank"
+        params["rank"] = rank
+    first_full = a if a % B == 0 else a0 + B
+    last_full = b if (b + 1) % B == 0 else b // B * B - 1
+    parts: list[tuple[Any, ...]] = []
+    if first_full <= last_full:
+        rows = conn.execute(text(
+            f"SELECT layer_id, (block * {B} - :a0) / :w AS bk, min(step_min), max(step_max), min({stat}_min), "
+            f"max({stat}_max), sum({stat}_sum), sum({stat}_cnt), sum(n), sum({stat}_nan) FROM layer_stat_block "
+            f"WHERE layer_id IN ({ids}) AND block BETWEEN :blo AND :bhi{rk} GROUP BY layer_id, bk"),
+            {**params, "blo": first_full // B, "bhi": last_full // B}).all()
+        parts += [((r[0], r[1]), *r[2:]) for r in rows]
+        edges = [(a, first_full - 1), (last_full + 1, b)]
+    else:
+        edges = [(a, b)]
+    nan = _nan_expr(stat)
+    for lo, hi in edges:
+        if lo > hi:
+            continue
+        rows = conn.execute(text(
+            f"SELECT layer_id, (step - :a0) / :w AS bk, min(step), max(step), min({stat}), max({stat}), sum({stat}), "
+            f"count({stat}), count(*), sum({nan}) FROM layer_stat WHERE layer_id IN ({ids}) "
+            f"AND step BETWEEN :lo AND :hi{rk} GROUP BY layer_id, bk"), {**params, "lo": lo, "hi": hi}).all()
+        parts += [((r[0], r[1]), *r[2:]) for r in rows]
+    return parts
+
+
 def _bucket(step_min: int, step_max: int, mn: Any, mx: Any, mean: Any, count: int, nan: int) -> dict[str, Any]:
     return {"step_min": step_min, "step_max": step_max, "min": enc(mn), "max": enc(mx),
             "mean": enc(None if mean is None else float(mean)), "count": int(count), "nan": int(nan or 0)}
@@ -53,7 +113,7 @@ def _range(conn: Connection, sql_from: str, params: dict[str, Any], start: int |
 
 
 def layer_series(conn: Connection, layer_id: int, stat: str, *, start: int | None, end: int | None,
-                 max_points: int | None, rank: int | None = None) -> dict[str, Any]:
+                 max_points: int | None, rank: int | None = None, use_blocks: bool = True) -> dict[str, Any]:
     """One layer's ``stat`` over a step range: raw points or min/max/mean buckets."""
     if stat not in LAYER_STATS:
         raise Invalid(f"unknown stat {stat!r}; expected one of {list(LAYER_STATS)}")
@@ -73,6 +133,14 @@ def layer_series(conn: Connection, layer_id: int, stat: str, *, start: int | Non
         rows = conn.execute(text(f"SELECT step, rank, {stat}, {nan} {where} ORDER BY step, rank"), params).all()
         return {"downsampled": False, "points": [{"step": s, "rank": r, "value": enc_nan(v, bool(n))}
                                                  for s, r, v, n in rows]}
+    if _blocks_apply(stat, w, use_blocks):
+        w = -(-w // BLOCK_STEPS) * BLOCK_STEPS  # whole blocks per bucket (at most max_points buckets)
+        merged = _combine(_block_parts(conn, [layer_id], stat, rng[0], rng[1], w, rank))
+        buckets = []
+        for key in sorted(merged):
+            smin, smax, mn, mx, sm, cnt, n, nn = merged[key]
+            buckets.append(_bucket(smin, smax, mn, mx, None if not cnt or sm is None else sm / cnt, n, nn))
+        return {"downsampled": True, "bucket_width": w, "buckets": buckets}
     params["w"] = w
     rows = conn.execute(text(
         f"SELECT (step - :a) / :w AS bk, min(step), max(step), min({stat}), max({stat}), avg({stat}), "
@@ -81,7 +149,7 @@ def layer_series(conn: Connection, layer_id: int, stat: str, *, start: int | Non
 
 
 def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, start: int | None,
-            end: int | None, max_points: int, agg: str = "max") -> dict[str, Any]:
+            end: int | None, max_points: int, agg: str = "max", use_blocks: bool = True) -> dict[str, Any]:
     """Many layers at once: a (layers × buckets) matrix of ``agg`` (max, min or mean) of ``stat``."""
     if stat not in LAYER_STATS:
         raise Invalid(f"unknown stat {stat!r}; expected one of {list(LAYER_STATS)}")
@@ -98,12 +166,25 @@ def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, 
     if rng is None:
         return out
     w = _width(rng[0], rng[1], max_points)
+    pos = {lid: k for k, (lid, _, _) in enumerate(layers)}
+    if _blocks_apply(stat, w, use_blocks):
+        w = -(-w // BLOCK_STEPS) * BLOCK_STEPS
+        a0 = rng[0] // BLOCK_STEPS * BLOCK_STEPS
+        nb = (rng[1] - a0) // w + 1
+        merged = _combine(_block_parts(conn, [lid for lid, _, _ in layers], stat, rng[0], rng[1], w, None))
+        values_b: list[list[Any]] = [[None] * nb for _ in layers]
+        nans_b: list[list[int]] = [[0] * nb for _ in layers]
+        for (lid, bk), (_, _, mn, mx, sm, cnt, _, nn) in merged.items():
+            v = {"max": mx, "min": mn, "mean": None if not cnt or sm is None else sm / cnt}[agg]
+            values_b[pos[lid]][bk] = "NaN" if v is None and nn else enc(v)
+            nans_b[pos[lid]][bk] = nn
+        out.update(steps=[max(rng[0], a0 + k * w) for k in range(nb)], bucket_width=w, values=values_b, nan=nans_b)
+        return out
     nb = (rng[1] - rng[0]) // w + 1
     nan = _nan_expr(stat)
     rows = conn.execute(text(
         f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({stat}), sum({nan}) {where} "
         f"AND step BETWEEN :a AND :b GROUP BY layer_id, bk"), {"a": rng[0], "b": rng[1], "w": w}).all()
-    pos = {lid: k for k, (lid, _, _) in enumerate(layers)}
     values: list[list[Any]] = [[None] * nb for _ in layers]
     nans: list[list[int]] = [[0] * nb for _ in layers]
     for lid, bk, v, n in rows:

@@ -52,7 +52,8 @@ def test_heatmap_many_layers_at_once(long_run):
     r = long_run.get("/api/v1/runs/run1/heatmap", params={"layers": "all", "stat": "l2", "max_points": 50})
     h = r.json()
     assert [la["name"] for la in h["layers"]] == ["layer.0", "layer.1", "layer.2", "layer.3"]
-    assert len(h["steps"]) == 50 and all(len(row) == 50 for row in h["values"])
+    nb = len(h["steps"])
+    assert 0 < nb <= 50 and all(len(row) == nb for row in h["values"]) and h["steps"][0] == 1
     col = [k for k, s in enumerate(h["steps"]) if s <= 4321 < s + h["bucket_width"]][0]
     assert h["values"][1][col] == 1000.0 and h["values"][0][col] < 2
     r = long_run.get("/api/v1/runs/run1/heatmap", params={"layers": ["layer.3", "layer.2"], "agg": "mean",
