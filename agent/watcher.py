@@ -277,12 +277,20 @@ class Watcher:
         if loss_scale is None and ts is not None and getattr(ts, "_scale", None) is not None and ts.is_enabled():
             loss_scale = ts._scale
         params = self._params()
-        if grad_scale is not None and self.transforms:
-            self._unscale_(params, grad_scale)
-            optimizer.grad_scale = None  # type: ignore[attr-defined]  # the fused kernel must not divide again
-            grad_scale = None
+        transforms = self.transforms
+        if grad_scale is not None and transforms:
+            if any(p.grad is not None and p.grad.dtype == torch.float16 for p in params):
+                # torch refuses to unscale fp16 grads (small values would underflow), and transforms
+                # on scaled grads would use wrong thresholds: leave this step's grads alone.
+                self._report("transforms on fp16 gradients of a fused optimizer under torch's GradScaler "
+                             "(skipped; use fp32 master parameters)", RuntimeError("fp16 gradients are still scaled"))
+                transforms = []
+            else:
+                self._unscale_(params, grad_scale)
+                optimizer.grad_scale = None  # type: ignore[attr-defined]  # the fused kernel must not divide again
+                grad_scale = None
         pending = self._recorder.step(
-            params, transforms=self.transforms, record=record, step=step, time=now, rank=self.rank,
+            params, transforms=transforms, record=record, step=step, time=now, rank=self.rank,
             found_inf=found_inf, loss_scale=loss_scale, grad_scale=grad_scale,
             has_scaler=ts is not None or found_inf is not None,
         )

@@ -752,3 +752,44 @@ def test_measuring_failure_keeps_the_transforms(monkeypatch: pytest.MonkeyPatch)
     for grads in cap.steps:  # clipping still happened on every step
         assert math.sqrt(sum(g.double().norm().item() ** 2 for g in grads.values())) <= 1e-3 + 1e-8
     w.close()
+
+
+class _Mixed(nn.Module):
+    """Layers interleaved in fp32/bf16/fp16: torch's grouping reorders them, the record must not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 8).to(torch.bfloat16)
+        self.c = nn.Linear(8, 8)
+        self.d = nn.Linear(8, 3).to(torch.float16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.a(x))
+        x = torch.tanh(self.b(x.bfloat16())).float()
+        x = torch.tanh(self.c(x))
+        return self.d(x.half()).float()
+
+
+def test_mixed_dtype_layers_keep_their_identity() -> None:
+    m = _Mixed()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w = watch(m, opt, server="memory", transforms=[ClipNorm(1e-2)])
+    pre = []
+    for s in range(2):
+        opt.zero_grad()
+        x, y = _batch(s)
+        nn.functional.cross_entropy(m(x), y).backward()
+        pre.append({n: p.grad.detach().clone() for n, p in m.named_parameters()})
+        opt.step()
+    for rec, grads in zip(w.sink.steps, pre):
+        assert [w.sink.layers[i].name for i in rec.layer_ids] == [n for n, _ in m.named_parameters()]
+        _assert_matches(rec, grads, w.sink.layers, rel=2e-3)
+        assert [w.sink.layers[i].dtype for i in rec.layer_ids][2:4] == ["bfloat16", "bfloat16"]
+        for j, lid in enumerate(rec.layer_ids):  # post norms are the clipped grads' norms, in layer order
+            name = w.sink.layers[lid].name
+            assert rec.layers["l2_post"][j] == pytest.approx(
+                dict(m.named_parameters())[name].grad.double().norm().item() if rec.step == 1 else
+                rec.layers["l2"][j] * rec.clip_coef, rel=2e-2)
+    w.close()
