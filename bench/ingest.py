@@ -240,6 +240,7 @@ def build_big_run(kind: str, url: str, rows: int) -> tuple[str, int]:
             con.execute("BEGIN")
             con.executemany(sql, data)
             con.execute("COMMIT")
+        _rollup_sqlite(con, ids, steps)
         con.execute("ANALYZE")
         con.close()
     else:
@@ -256,8 +257,23 @@ def build_big_run(kind: str, url: str, rows: int) -> tuple[str, int]:
                 "l2_post, nan_mask) SELECT l.id, s, 0, 65536, v, v, v, v, v, 0, NULL, 0 FROM generate_series(1, %s) s "
                 "CROSS JOIN layer l CROSS JOIN LATERAL (SELECT random() + CASE WHEN s %% 9973 = 0 THEN 100 ELSE 0 END "
                 "+ 0 * l.id AS v) x WHERE l.run_id = %s ORDER BY s, l.idx", (steps, run_id))
+            from gradwatch.server.repo.ingest import _ROLLUP
+
+            ids = ",".join(str(r[0]) for r in con.execute("SELECT id FROM layer WHERE run_id = %s", (run_id,)))
+            con.execute(_ROLLUP.replace("{ids}", ids).replace(":lo", "0").replace(":hi", str(steps + 64)))
             con.execute("VACUUM ANALYZE layer_stat")
+            con.execute("VACUUM ANALYZE layer_stat_block")
     return run_id, steps
+
+
+def _rollup_sqlite(con: object, ids: list[int], steps: int) -> None:
+    """The rollup blocks that ingest maintains (the direct build above bypasses ingest)."""
+    from gradwatch.server.repo.ingest import _ROLLUP
+
+    sql = _ROLLUP.replace("{ids}", ",".join(map(str, ids))).replace(":lo", "0").replace(":hi", str(steps + 64))
+    con.execute("BEGIN")  # type: ignore[attr-defined]
+    con.execute(sql)  # type: ignore[attr-defined]
+    con.execute("COMMIT")  # type: ignore[attr-defined]
 
 
 def time_get(url: str, n: int) -> tuple[float, dict]:
@@ -313,12 +329,12 @@ def main() -> None:
                     ser = body["series"][0]
                     if ser["downsampled"]:
                         b = ser["buckets"]
-                        assert len(b) == 1000 and sum(x["count"] for x in b) == steps
+                        assert len(b) <= 1000 and sum(x["count"] for x in b) == steps
                         if steps >= 9973:
                             assert max(x["max"] for x in b) >= 100  # the spikes survive downsampling
                     h = f"{base}/api/v1/runs/{run_id}/heatmap?layers=all&stat=l2&max_points=200"
                     ms_heat, hb = time_get(h, max(1, args.repeats // 2))
-                    assert len(hb["values"]) == LAYERS and len(hb["values"][0]) == 200
+                    assert len(hb["values"]) == LAYERS and 0 < len(hb["values"][0]) <= 200
                 print(f"{kind:<12}{build:>10.0f}{ms_series:>20.1f}{ms_heat:>20.1f}")
     print("\ntargets: ratio >= 0.50; series < 100 ms at 20M rows")
 
