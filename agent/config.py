@@ -18,6 +18,7 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -90,6 +91,10 @@ class AgentConfig:
             raise ValueError(f"ranks: expected 'zero' or 'all', got {self.ranks!r}")
         if not isinstance(self.config, dict):
             raise TypeError(f"config: expected a dict, got {type(self.config).__name__}")
+        try:  # checked now: an unencodable config would make every batch of the run undeliverable
+            json.dumps(self.config, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"config: must be JSON-serializable (str keys; numbers, strings, lists, dicts): {e}") from None
         if isinstance(self.tags, str) or not all(isinstance(t, str) for t in self.tags):
             raise TypeError(f"tags: expected a sequence of strings, got {self.tags!r}")
         for name in ("include", "exclude"):

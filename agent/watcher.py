@@ -152,7 +152,7 @@ class Watcher:
         other = getattr(optimizer, "_gradwatch_watcher", None)
         if other is not None and not other.closed:
             raise ValueError("optimizer: already watched by another Watcher; close() it first")
-        if scaler is not None and not hasattr(scaler, "_scale"):
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler: expected a torch.amp.GradScaler, got {type(scaler).__name__}")
         if isinstance(transforms, Transform):
             transforms = [transforms]
@@ -206,6 +206,8 @@ class Watcher:
     def _make_sink(self, sink: Sink | Callable[..., Sink] | None) -> Sink:
         run = self._run_info()
         if isinstance(sink, Sink):
+            if getattr(sink, "run", None) is None:
+                sink.run = run
             return sink
         if sink is not None:
             return sink(run=run, layers=self._registry.table, rank=self.rank)

@@ -363,6 +363,8 @@ def test_state_dict_resumes_run_id_step_and_transform_state() -> None:
     ({"server": "ftp://x"}, ValueError, "unsupported"),
     ({"include": 3}, TypeError, "include"),
     ({"tags": "a"}, TypeError, "tags"),
+    ({"config": {"device": torch.device("cpu")}}, TypeError, "config"),
+    ({"scaler": object()}, TypeError, "scaler"),
     ({"run_id": "bad id!"}, ValueError, "run_id"),
     ({"transforms": [ClipNorm(1.0), ClipNorm(2.0)]}, ValueError, "global clipper"),
     ({"transforms": [object()]}, TypeError, "Transform"),
