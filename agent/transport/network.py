@@ -277,6 +277,9 @@ class NetworkSink(BufferedSink):
         backoff_max: cap of the reconnection delay.
         ws: use the websocket when available (else HTTP POST only).
         window: batches in flight on the websocket.
+        cache_bytes: encoded batches kept in memory for sending while connected.
+        segment_bytes: size at which the spool starts a new segment file (acknowledged
+            segments are deleted, so this bounds the disk a healthy stream uses).
         resume: True when the run existed before this process (makes seq continuation stricter).
         **options: ``flush_interval``, ``batch_max_steps``, ``batch_max_rows``, ``buffer_max``,
             ``close_timeout``.
@@ -291,7 +294,7 @@ class NetworkSink(BufferedSink):
                  connect_timeout: float = 5.0, request_timeout: float = 30.0,
                  backoff_max: float = BACKOFF_MAX, backoff_base: float = BACKOFF_BASE, ws: bool = True,
                  window: int = 32, resume: bool | None = None, cache_bytes: int = 16 << 20,
-                 **options: Any) -> None:
+                 segment_bytes: int = 8 << 20, **options: Any) -> None:
         super().__init__(run, layers, rank=rank, **options)
         self.url = url
         self.eps = endpoints(url)
@@ -308,6 +311,7 @@ class NetworkSink(BufferedSink):
         self.window = max(1, int(window))
         self.resume = resume
         self.cache_bytes = int(cache_bytes)
+        self.segment_bytes = int(segment_bytes)
 
         self._cv = threading.Condition()
         self._index: OrderedDict[int, tuple[Segment, int, int, int]] = OrderedDict()
@@ -393,7 +397,8 @@ class NetworkSink(BufferedSink):
             with self._cv:
                 self._acked = max(self._acked, remote)
         base = max(local, remote or 0)
-        return SegmentWriter(self.spool_dir, source=self.source, segmented=True), base
+        return SegmentWriter(self.spool_dir, source=self.source, segmented=True,
+                             max_segment_bytes=self.segment_bytes), base
 
     def _adopt_spool(self, acked: int) -> int:
         """Index batches an earlier process of this run left in the spool (they will be sent
@@ -600,9 +605,6 @@ class NetworkSink(BufferedSink):
                     break
                 if self._closing_sender and self._all_done():
                     break
-                if not self._index and not self._closing_sender and self._ever_connected:
-                    # nothing to send: connect lazily when the first batch arrives
-                    pass
             try:
                 conn = self._connect()
                 acked = conn.hello(self.run.run_id, self.source)
@@ -644,7 +646,8 @@ class NetworkSink(BufferedSink):
                 self._conn = conn
                 self._confirm_upto(acked)
                 self._cv.notify_all()
-            attempt = 0
+            connected_at = time.monotonic()
+            failed = False
             try:
                 self._pump(conn)
             except _Fatal as f:
@@ -652,14 +655,25 @@ class NetworkSink(BufferedSink):
                 break
             except _Transient as e:
                 self._last_error = str(e)
+                failed = True
             except Exception as e:  # pragma: no cover - defensive
                 self._last_error = repr(e)
+                failed = True
             finally:
                 conn.close()
                 with self._cv:
                     self._connected = False
                     self._conn = None
                     self._cv.notify_all()
+            if failed and not self._closing_sender:
+                # a connection that breaks at once (a server failing every batch with 5xx) must
+                # not become a tight reconnect loop: back off unless it had lived a while
+                if time.monotonic() - connected_at < 5.0:
+                    self._kick.wait(backoff_delay(attempt, self.backoff_base, self.backoff_max))
+                    self._kick.clear()
+                    attempt += 1
+                else:
+                    attempt = 0
             if self._closing_sender:
                 if tried_at_close:
                     break

@@ -94,3 +94,43 @@ def test_upload_a_spool_of_several_ranks(server: ServerProc, tmp_path: Path) -> 
     p = run_cli("upload", str(spool), "--server", server.url)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_exactly_once(server.db, run.run_id, range(30), 2, ranks=(0, 1), scalars_per_step=0)
+
+
+def test_next_process_of_the_run_sends_the_spool_left_behind(server: ServerProc, tmp_path: Path) -> None:
+    run = new_run()
+    spool = tmp_path / "spool"
+    a = make_sink("http://127.0.0.1:9", run=run, layers=lambda: layers_of(2), spool_dir=spool, connect_timeout=0.5)
+    for i in range(20):
+        a.put(step_record(i, 2))
+    a.close(timeout=2, status="crashed")
+    assert spool.exists()
+    # the resumed process (same run, same machine) adopts the spool, sends it first, continues the seqs
+    b = make_sink(server.url, run=run, layers=lambda: layers_of(2), spool_dir=spool)
+    for i in range(20, 40):
+        b.put(step_record(i, 2))
+    assert b.flush(20)
+    b.close(timeout=20)
+    assert b.stats()["sent"] == 40 + 0 and b.stats()["rejected"] == 0
+    assert_exactly_once(server.db, run.run_id, range(40), 2, scalars_per_step=0, status="finished")
+    assert not spool.exists()
+
+
+def test_acknowledged_segments_are_deleted_while_streaming(server: ServerProc, tmp_path: Path) -> None:
+    run = new_run()
+    spool = tmp_path / "spool"
+    s = make_sink(server.url, run=run, layers=lambda: layers_of(4), spool_dir=spool, segment_bytes=4000,
+                  flush_interval=0.02, batch_max_steps=2)
+    most = 0
+    for i in range(300):
+        s.put(step_record(i, 4))
+        if i % 5 == 0:
+            time.sleep(0.03)
+            most = max(most, len(list(spool.glob("*.jsonl"))) if spool.exists() else 0)
+    assert s.flush(30)
+    st = s.stats()
+    s.close(timeout=20)
+    made = len(s.writer.segments)
+    assert st["sent"] == 300 and st["batches"] > 100 and made > 30
+    assert most <= made // 2, (most, made)  # the live segments, not every one ever written
+    assert not spool.exists()
+    assert_exactly_once(server.db, run.run_id, range(300), 4, scalars_per_step=0)
