@@ -179,9 +179,12 @@ class Watcher:
         if self.recording:
             self.sink = self._make_sink(sink)
         if self.enabled:
+            # Hidden from dynamo: a user who compiles ``optimizer.step`` gets one clean break at
+            # each hook instead of dynamo tracing (and breaking inside) the monitoring code.
+            disable = getattr(torch.compiler, "disable", lambda f: f)
             self._hooks = [
-                optimizer.register_step_pre_hook(self._pre_hook),
-                optimizer.register_step_post_hook(self._post_hook),
+                optimizer.register_step_pre_hook(disable(self._pre_hook)),
+                optimizer.register_step_post_hook(disable(self._post_hook)),
             ]
             optimizer._gradwatch_watcher = self  # type: ignore[attr-defined]
 
