@@ -795,3 +795,31 @@ def test_mixed_dtype_layers_keep_their_identity() -> None:
                 dict(m.named_parameters())[name].grad.double().norm().item() if rec.step == 1 else
                 rec.layers["l2"][j] * rec.clip_coef, rel=2e-2)
     w.close()
+
+
+def test_empty_scalar_and_one_element_params() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.empty = nn.Parameter(torch.zeros(0, 4))
+            self.scalar = nn.Parameter(torch.tensor(2.0))
+            self.one = nn.Parameter(torch.tensor([3.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x * self.scalar * self.one).sum() + self.empty.sum()
+
+    m = Odd()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, foreach=True)
+    w = watch(m, opt, server="memory", transforms=[ClipNorm(1.0)])
+    for _ in range(2):
+        opt.zero_grad()
+        m(torch.ones(3)).backward()
+        opt.step()
+    rec = w.sink.steps[0]
+    cols = {w.sink.layers[i].name: {k: v[j] for k, v in rec.layers.items()} for j, i in enumerate(rec.layer_ids)}
+    assert cols["empty"]["numel"] == 0 and cols["empty"]["mean"] == 0.0 and cols["empty"]["l2"] == 0.0
+    assert cols["scalar"] == {"numel": 1, "mean": 9.0, "var": 0.0, "std": 0.0, "l2": 9.0, "maxabs": 9.0,
+                              "nonfinite": 0, "l2_post": pytest.approx(9.0 / math.hypot(9.0, 6.0), rel=1e-5)}
+    assert cols["one"]["mean"] == 6.0 and cols["one"]["var"] == 0.0
+    assert all(math.isfinite(v) for c in cols.values() for v in c.values())
+    w.close()
