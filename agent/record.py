@@ -312,6 +312,7 @@ class Recorder:
                     e._gradwatch_raise = True  # type: ignore[attr-defined]  # the user asked for this error
                     raise
                 self._on_error("applying transforms", e)
+                ctx.set_norms(None)  # grads may be half-edited: post norms are measured afresh
         if meas is None:
             return None
         try:
