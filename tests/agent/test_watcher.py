@@ -823,3 +823,22 @@ def test_empty_scalar_and_one_element_params() -> None:
     assert cols["one"]["mean"] == 6.0 and cols["one"]["var"] == 0.0
     assert all(math.isfinite(v) for c in cols.values() for v in c.values())
     w.close()
+
+
+def test_agent_config_from_env_precedence_and_errors() -> None:
+    from gradwatch.agent.config import DEFAULT_URL, AgentConfig, compile_filter
+
+    c = AgentConfig.from_env({})
+    assert (c.server, c.token, c.every, c.disabled, c.ranks) == (DEFAULT_URL, None, 1, False, "zero")
+    env = {"GRADWATCH_URL": "http://h:1", "GRADWATCH_TOKEN": "t", "GRADWATCH_PROJECT": "p",
+           "GRADWATCH_RUN_ID": "abc", "GRADWATCH_INTERVAL_STEPS": "5", "GRADWATCH_DISABLED": "yes"}
+    c = AgentConfig.from_env(env)
+    assert (c.server, c.token, c.project, c.run_id, c.every, c.disabled) == ("http://h:1", "t", "p", "abc", 5, True)
+    c = AgentConfig.from_env(env, server="memory", project="mine", every=2, run_id="xyz")
+    assert (c.server, c.project, c.every, c.run_id) == ("memory", "mine", 2, "xyz")
+    with pytest.raises(ValueError, match="GRADWATCH_INTERVAL_STEPS"):
+        AgentConfig.from_env({"GRADWATCH_INTERVAL_STEPS": "often"})
+    with pytest.raises(ValueError, match="project"):
+        AgentConfig(project="")
+    f = compile_filter(["enc.*", "head.weight"], lambda n, p: n.endswith("bias"))
+    assert [f(n, None) for n in ("enc.w", "enc.bias", "head.weight", "dec.w")] == [True, False, True, False]
