@@ -43,8 +43,10 @@ def message_from_batch(batch: Batch) -> dict[str, Any]:
     }
 
 
-def message_from_db(conn: Connection, run_id: str, source: int, seq: int) -> dict[str, Any] | None:
-    """The live message for a batch stored by another process (rows of rank ``source`` in its range)."""
+def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
+                    ranks: list[int] | None = None) -> dict[str, Any] | None:
+    """The live message for a batch stored by another process: the rows of the batch's ranks
+    (``ranks``; default ``[source]``) within its step range."""
     row = conn.execute(text("SELECT step_min, step_max FROM ingest_batch WHERE run_id = :r AND source = :s "
                             "AND seq = :q"), {"r": run_id, "s": source, "q": seq}).first()
     if row is None:
@@ -53,22 +55,23 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int) -> dic
                            "steps": [], "events": [], "scalars": []}
     if row.step_min is None:
         return msg
-    p = {"r": run_id, "s": source, "a": row.step_min, "b": row.step_max}
+    rk = ",".join(str(int(r)) for r in (ranks if ranks else [source]))
+    p = {"r": run_id, "a": row.step_min, "b": row.step_max}
     for r in conn.execute(text("SELECT step, time, rank, skipped, nan_mask, total_norm, total_norm_post, "
-                               "clip_coef, loss_scale FROM step_record WHERE run_id = :r AND rank = :s AND "
+                               f"clip_coef, loss_scale FROM step_record WHERE run_id = :r AND rank IN ({rk}) AND "
                                "step BETWEEN :a AND :b ORDER BY step"), p):
         st: dict[str, Any] = {"step": r.step, "time": r.time, "rank": r.rank}
         for bit, f in enumerate(_STEP_FIELDS):
             st[f] = enc_nan(getattr(r, f), bool(r.nan_mask & (1 << bit)))
         st["skipped"] = bool(r.skipped)
         msg["steps"].append(st)
-    for r in conn.execute(text("SELECT kind, step, time, rank, data FROM event WHERE run_id = :r AND rank = :s "
+    for r in conn.execute(text(f"SELECT kind, step, time, rank, data FROM event WHERE run_id = :r AND rank IN ({rk}) "
                                "AND step BETWEEN :a AND :b ORDER BY step, id"), p):
         data = json.loads(r.data) if isinstance(r.data, str) else r.data
         msg["events"].append({"kind": r.kind, "step": r.step, "time": r.time, "rank": r.rank, "data": data or {}})
     scalars: dict[tuple[int, int], dict[str, Any]] = {}
     for r in conn.execute(text("SELECT key, step, time, rank, value, is_nan FROM scalar WHERE run_id = :r AND "
-                               "rank = :s AND step BETWEEN :a AND :b ORDER BY step, key"), p):
+                               f"rank IN ({rk}) AND step BETWEEN :a AND :b ORDER BY step, key"), p):
         s = scalars.setdefault((r.step, r.rank), {"step": r.step, "time": r.time, "rank": r.rank, "values": {}})
         s["values"][r.key] = enc_nan(r.value, bool(r.is_nan))
     msg["scalars"] = list(scalars.values())
@@ -172,7 +175,7 @@ class _PgListener:
             if p.get("origin") == self.hub.origin or not self.hub.has_subscribers(p["run_id"]):
                 return
             with self.engine.connect() as conn:
-                msg = message_from_db(conn, p["run_id"], int(p["source"]), int(p["seq"]))
+                msg = message_from_db(conn, p["run_id"], int(p["source"]), int(p["seq"]), p.get("ranks"))
             if msg is not None:
                 self.hub.publish(p["run_id"], msg)
         except Exception:

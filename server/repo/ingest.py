@@ -415,8 +415,15 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         acked = _advance_cursor(conn, run_id, source, acked)
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_notify(:c, :p)"),
-                     {"c": NOTIFY_CHANNEL, "p": json.dumps({"origin": origin, "run_id": run_id, "source": source, "seq": seq})})
+                     {"c": NOTIFY_CHANNEL, "p": json.dumps({"origin": origin, "run_id": run_id, "source": source, "seq": seq,
+                                              "ranks": _ranks(batch)})})
     return IngestResult(run_id, source, seq, acked, False, len(rows), step_min, step_max)
+
+
+def _ranks(batch: Batch) -> list[int]:
+    """The ranks a batch holds rows for (``source`` is not always the rank), for live readers."""
+    ranks = {s.rank for s in batch.steps} | {e.rank for e in batch.events} | {s.rank for s in batch.scalars}
+    return sorted(ranks)[:64]
 
 
 def _is_integrity_error(e: BaseException) -> bool:

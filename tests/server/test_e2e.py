@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -100,13 +101,16 @@ def test_live_fan_out_across_two_processes_on_postgresql(tmp_path, mk, fresh_pg)
         with connect(a.replace("http", "ws") + "/api/v1/runs/run1/live") as live:
             assert json.loads(live.recv(timeout=30))["type"] == "subscribed"
             # ingest into process B, over HTTP and over its websocket
-            assert _post(b + "/api/v1/ingest", wire.encode_batch(mk(1, [1, 2, 3])))["acked"] == 1
+            # the agent's source is not always its rank: source 4097 sends rank 1's rows
+            first = dataclasses.replace(mk(1, [1, 2, 3], source=1), source=4097)
+            assert _post(b + "/api/v1/ingest", wire.encode_batch(first))["acked"] == 1
             msg = json.loads(live.recv(timeout=30))
-            assert msg["type"] == "batch" and msg["seq"] == 1 and [s["step"] for s in msg["steps"]] == [1, 2, 3]
+            assert msg["type"] == "batch" and msg["seq"] == 1 and msg["source"] == 4097
+            assert [(s["step"], s["rank"]) for s in msg["steps"]] == [(1, 1), (2, 1), (3, 1)]
             assert msg["events"][0]["data"]["layers"] == ["layer.1"]
             assert {s["step"]: s["values"]["lr"] for s in msg["scalars"]} == {1: 0.1, 2: 0.1, 3: 0.1}
             with connect(b.replace("http", "ws") + "/api/v1/ingest/ws") as ws:
-                ws.send(wire.encode_batch(mk(2, [4])).decode())
+                ws.send(wire.encode_batch(dataclasses.replace(mk(2, [4], source=1), source=4097)).decode())
                 assert json.loads(ws.recv(timeout=30))["acked"] == 2
             msg = json.loads(live.recv(timeout=30))
             assert msg["seq"] == 2 and msg["steps"][0]["total_norm"] == 4.0
