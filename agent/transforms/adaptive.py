@@ -365,6 +365,12 @@ class AutoClip(Transform):
     clipping on the first step): the semantics of ``autoclip.torch.QuantileClip(...,
     global_threshold=True)`` 0.2.1, whose ``quantile`` is ``percentile/100``.
 
+    ``per_parameter=True`` keeps one history per gradient tensor and clips each tensor against
+    its own (an (L, history) device ring): with ``include_current=False`` this is autoclip 0.2.1's
+    default ``QuantileClip``. Its report adds ``layer_coef`` and ``layer_threshold`` and ``coef`` is
+    the smallest layer coefficient; a non-finite step skips every history, not only the bad
+    tensor's. The parameter set must not change between steps.
+
     A non-finite norm never enters the history and is never clipped (the package puts NaN into
     its history and then multiplies later gradients by NaN for up to ``history_length`` steps).
 
@@ -380,7 +386,8 @@ class AutoClip(Transform):
     name: ClassVar[str] = "autoclip"
     slot: ClassVar[Slot] = Slot.GLOBAL
 
-    def __init__(self, percentile: float = 10.0, history: int = 10_000, *, include_current: bool = True) -> None:
+    def __init__(self, percentile: float = 10.0, history: int = 10_000, *, include_current: bool = True,
+                 per_parameter: bool = False) -> None:
         if not 0.0 <= percentile <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}")
         if history < 1:
@@ -388,10 +395,13 @@ class AutoClip(Transform):
         self.percentile = float(percentile)
         self.history = int(history)
         self.include_current = bool(include_current)
+        self.per_parameter = bool(per_parameter)
         self.reset()
 
     def reset(self) -> None:
-        self._hist = torch.full((self.history,), float("nan"), dtype=torch.float64)
+        # per_parameter: (L, history), allocated at the first step when L is known
+        shape = (0, self.history) if self.per_parameter else (self.history,)
+        self._hist = torch.full(shape, float("nan"), dtype=torch.float64)
         self._pos = torch.zeros((), dtype=torch.int64)
         self._len = torch.zeros((), dtype=torch.int64)
 
@@ -405,6 +415,8 @@ class AutoClip(Transform):
     def apply_(self, ctx: GradContext) -> None:
         dev = ctx.device
         self._to(dev)
+        if self.per_parameter:
+            return self._apply_per_parameter(ctx)
         dt = self._hist.dtype
         x = ctx.total_norm().to(dt)
         fin = ctx.finite() & torch.isfinite(x)
@@ -426,6 +438,38 @@ class AutoClip(Transform):
         ctx.report(self.name, norm=x.float(), threshold=thr.float(), coef=coef.float(),
                    history_len=self._len.float(), skipped_update=(~fin).float())
 
+    def _apply_per_parameter(self, ctx: GradContext) -> None:
+        """Each parameter against its own history (autoclip 0.2.1's default QuantileClip)."""
+        dev, L = ctx.device, len(ctx)
+        if self._hist.shape[0] == 0:
+            self._hist = torch.full((L, self.history), float("nan"), dtype=self._hist.dtype, device=dev)
+        elif self._hist.shape[0] != L:
+            raise ValueError(f"AutoClip(per_parameter=True) keeps {self._hist.shape[0]} histories, "
+                             f"this step has {L} gradients")
+        dt = self._hist.dtype
+        x = ctx.norms.to(dt)
+        fin = ctx.finite() & torch.isfinite(x).all()
+        q = self.percentile / 100.0
+        if not self.include_current:
+            thr = torch.nanquantile(self._hist, q, dim=1)
+        slot = self._pos.view(1)
+        col = self._hist.index_select(1, slot)[:, 0]
+        self._hist.index_copy_(1, slot, torch.where(fin, x, col).view(L, 1))
+        step = fin.to(torch.int64)
+        self._pos.copy_((self._pos + step) % self.history)
+        self._len.copy_((self._len + step).clamp_max(self.history))
+        if self.include_current:
+            thr = torch.nanquantile(self._hist, q, dim=1)
+        thr = torch.where(torch.isnan(thr), torch.full_like(thr, float("inf")), thr)
+        coef = torch.where(fin, (thr / (x + 1e-6)).clamp_max(1.0), torch.ones_like(x))
+        for i, g in enumerate(ctx.grads):
+            g.mul_(coef[i].to(g.dtype))
+        if ctx._norms is not None:
+            ctx.set_norms(ctx._norms * coef.to(ctx._norms.dtype))
+        ctx.report(self.name, norm=torch.linalg.vector_norm(x).float(),
+                   coef=coef.min().float() if L else torch.ones((), device=dev), layer_coef=coef.float(),
+                   layer_threshold=thr.float(), history_len=self._len.float(), skipped_update=(~fin).float())
+
     def events(self, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return _clip_events(self.name, values)
 
@@ -435,12 +479,14 @@ class AutoClip(Transform):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         hist = torch.as_tensor(state["history"]).detach().clone()
-        if hist.numel() != self.history:
-            raise ValueError(f"state holds a history of {hist.numel()}, this AutoClip keeps {self.history}")
+        if hist.shape[-1] != self.history or (hist.ndim == 2) != self.per_parameter:
+            raise ValueError(f"state holds a history of shape {tuple(hist.shape)}, this AutoClip keeps "
+                             f"{self.history}{' per parameter' if self.per_parameter else ''}")
         self._hist = hist
         self._pos = torch.as_tensor(state["pos"]).detach().clone()
         self._len = torch.as_tensor(state["len"]).detach().clone()
 
     def __repr__(self) -> str:
-        return f"AutoClip(percentile={self.percentile}, history={self.history}, include_current={self.include_current})"
+        return (f"AutoClip(percentile={self.percentile}, history={self.history}, "
+                f"include_current={self.include_current}, per_parameter={self.per_parameter})")
 

@@ -394,6 +394,57 @@ def test_autoclip_matches_package_global_quantile_clip():
                 torch.testing.assert_close(b.grad, a.grad, rtol=2e-6, atol=1e-9, msg=f"case {case} step {step}")
 
 
+def test_autoclip_per_parameter_matches_package_default_quantile_clip():
+    """per_parameter=True, include_current=False == autoclip 0.2.1 QuantileClip() (local thresholds)."""
+    rng = random.Random(12)
+    for case, (q, hl) in enumerate([(0.9, 1000), (0.5, 4), (0.2, 9)]):
+        seq = grads_with_norms(spiky_norms(rng, 30), seed=40 + case)
+        for grads in seq:  # give each tensor its own spikes
+            for g in grads:
+                g.mul_(rng.choice([1.0, 1.0, 1.0, 8.0]))
+        theirs, ours = Net(), Net()
+        qc = autoclip_torch.QuantileClip(theirs.parameters(), quantile=q, history_length=hl)
+        ac = AutoClip(percentile=100 * q, history=hl, include_current=False, per_parameter=True)
+        clipped = 0
+        for step, grads in enumerate(seq):
+            set_grads(list(theirs.parameters()), grads)
+            set_grads(list(ours.parameters()), grads)
+            qc.step()
+            r = ac(ours.parameters())
+            clipped += int((r["layer_coef"] < 1).sum())
+            for a, b in zip(theirs.parameters(), ours.parameters()):
+                torch.testing.assert_close(b.grad, a.grad, rtol=2e-6, atol=1e-9, msg=f"case {case} step {step}")
+        assert clipped > 0
+
+
+def test_autoclip_per_parameter_nan_package_vs_ours():
+    seq = grads_with_norms([1.0 + 0.05 * i for i in range(12)], seed=5)
+    bad = [g.clone() for g in seq[4]]
+    bad[0][0, 0] = float("nan")
+    net = Net()
+    qc = autoclip_torch.QuantileClip(net.parameters(), quantile=0.5, history_length=100)
+    for i, grads in enumerate(seq):
+        set_grads(list(net.parameters()), bad if i == 4 else grads)
+        qc.step()
+    assert net.a.grad.isnan().all()  # the poisoned tensor's gradient stays NaN
+    a, b = AutoClip(50.0, 100, include_current=False, per_parameter=True), \
+        AutoClip(50.0, 100, include_current=False, per_parameter=True)
+    na, nb = Net(), Net()
+    for i, grads in enumerate(seq):
+        if i == 4:
+            set_grads(list(na.parameters()), bad)
+            r = a(na.parameters())
+            assert r["skipped_update"].item() == 1.0 and torch.equal(r["layer_coef"], torch.ones(3))
+            continue
+        set_grads(list(na.parameters()), grads)
+        set_grads(list(nb.parameters()), grads)
+        a(na.parameters()), b(nb.parameters())
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(na.parameters(), nb.parameters()))
+    assert torch.isfinite(na.a.grad).all()
+    with pytest.raises(ValueError, match="histories"):
+        a(list(na.parameters())[:2])
+
+
 def test_autoclip_package_breaks_on_nan_ours_keeps_working():
     norms = [1.0 + 0.1 * i for i in range(10)] + [1.0] * 10
     seq = grads_with_norms(norms, seed=3)
@@ -473,7 +524,8 @@ def test_global_clippers_low_precision(dtype):
 @pytest.mark.parametrize("make", [lambda: ZClip(warmup_steps=4, max_grad_norm=None),
                                   lambda: ZClip(warmup_steps=10, mode="percentile"),
                                   lambda: AutoClip(30.0, history=6),
-                                  lambda: AutoClip(90.0, history=50, include_current=False)])
+                                  lambda: AutoClip(90.0, history=50, include_current=False),
+                                  lambda: AutoClip(70.0, history=5, per_parameter=True)])
 def test_state_dict_resume_exactly(make):
     rng = random.Random(8)
     seq = grads_with_norms(spiky_norms(rng, 30), seed=8)
