@@ -193,3 +193,49 @@ def test_encode_float_rules() -> None:
         wire.decode_float({}, "x")
     with pytest.raises(WireError, match="null is not allowed"):
         wire.decode_float(None, "x", nullable=False)
+
+
+def _one_layer_step(col: object, name: str = "mean") -> dict:
+    d = _valid()
+    d["steps"][0]["layer_ids"] = [0, 1]
+    d["steps"][0]["layers"] = {k: ([1, 2] if k in ("numel", "nonfinite") else [1.0, 2.0]) for k in LAYER_FIELDS}
+    d["steps"][0]["layers"][name] = col
+    return d
+
+
+def test_agent_sends_packed_columns_and_plain_lists_still_decode() -> None:
+    b = _random_batch(random.Random(3), n_layers=4, n_steps=2)
+    sent = json.loads(encode_batch(b))
+    packed = [c for s in sent["steps"] for c in s["layers"].values() if isinstance(c, dict)]
+    assert packed and all(c["dtype"] in ("f8", "i8") for c in packed)
+    plain = _one_layer_step([math.inf, 3.0])
+    assert wire.batch_from_dict(plain).steps[0].layers["mean"] == [math.inf, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("col", "name", "message"),
+    [
+        ({"dtype": "f4", "b64": ""}, "mean", "dtype must be 'f8'"),
+        ({"dtype": "f8", "b64": ""}, "numel", "dtype must be 'i8'"),
+        ({"dtype": "f8", "b64": "!!!"}, "mean", "not valid base64"),
+        ({"dtype": "f8", "b64": 5}, "mean", "b64 must be a base64 string"),
+        ({"dtype": "f8"}, "mean", "a packed column is"),
+        ({"dtype": "f8", "b64": "AAAAAAAA8D8="}, "mean", "expected 2 values (one per entry of layer_ids), got 1"),
+        ({"dtype": "i8", "b64": "//////////8AAAAAAAAAAA=="}, "nonfinite", "non-negative"),
+    ],
+)
+def test_packed_column_errors(col: object, name: str, message: str) -> None:
+    with pytest.raises(WireError) as ei:
+        wire.batch_from_dict(_one_layer_step(col, name))
+    assert message in str(ei.value)
+    assert f"layers.{name}" in str(ei.value)
+
+
+def test_layer_ids_fast_check_still_names_the_entry() -> None:
+    d = _one_layer_step([1.0, 2.0])
+    d["steps"][0]["layer_ids"] = [0, 1.5]
+    with pytest.raises(WireError, match=r"layer_ids\[1\]: expected a layer index"):
+        wire.batch_from_dict(d)
+    d["steps"][0]["layer_ids"] = [0, wire.MAX_LAYERS]
+    with pytest.raises(WireError, match=r"layer_ids\[1\]"):
+        wire.batch_from_dict(d)
