@@ -19,8 +19,8 @@ variant's run and stamps each step's arrival; latency = arrival - end of the ste
 same machine), over every timed and untimed step of the live variant.
 
 Memory: one more watcher streams 10,000 steps of a small model to the live server, then 10,000
-steps to the dead port; the process RSS and the Python heap (tracemalloc, agent threads included)
-are sampled every 1,000 steps.
+steps to the dead port; the process RSS and the number of allocated Python memory blocks
+(``sys.getallocatedblocks``, agent threads included) are sampled every 1,000 steps.
 
     .venv/bin/python bench/transport.py                 # ~3 min here
     .venv/bin/python bench/transport.py --rounds 4 --block 20 --memory-steps 2000   # quick
@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-import tracemalloc
 import urllib.request
 import warnings
 from pathlib import Path
@@ -258,12 +257,15 @@ def main() -> int:
             for _ in range(5):
                 v.step(a.batch)
         blocks: dict[str, list[list[float]]] = {v.name: [] for v in variants}
+        backlog: dict[str, int] = {}
         t_start = time.monotonic()
         for r in range(a.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for v in order:
                 v.step(a.batch)  # untimed: absorbs what the previous variant left behind
                 blocks[v.name].append([v.step(a.batch) for _ in range(a.block)])
+                if v.w is not None:
+                    backlog[v.name] = max(backlog.get(v.name, 0), v.w.stats()["batches_unsent"])
         bench_s = time.monotonic() - t_start
 
         def ratios(name: str, ref: str) -> list[float]:
@@ -274,6 +276,11 @@ def main() -> int:
         mx = {k: max(t for b in v for t in b) for k, v in blocks.items()}
         stats = {v.name: v.w.stats() for v in variants if v.w is not None}
 
+        summary = {k: round(v * 1e3, 2) for k, v in med.items()}
+        sys.stderr.write(f"timed rounds done in {bench_s:.0f} s; medians (ms): {summary}; down/live "
+                         f"{statistics.median(ratios('down', 'live')):.3f} slow/live "
+                         f"{statistics.median(ratios('slow', 'live')):.3f}\n")
+        sys.stderr.flush()
         live = variants[1]
         assert live.w is not None
         live.w.flush(30)
@@ -293,16 +300,16 @@ def main() -> int:
         for name, target in (("live", url), ("down", f"http://127.0.0.1:{_free_port()}")):
             m = _model(64, 4, seed=1)
             v = Variant(f"mem-{name}", m, target, tmp, keep_ends=False)
-            tracemalloc.start()
             samples = []
             t0 = time.monotonic()
+            every = max(1, a.memory_steps // 10)
             for i in range(1, a.memory_steps + 1):
                 v.step(32)
-                if i % 1000 == 0 or i == 100:
-                    cur, _ = tracemalloc.get_traced_memory()
-                    samples.append((i, _rss_mib(), cur / 2**20))
+                if i % every == 0 or i == 100:
+                    # RSS, and Python's allocated blocks (cheap, unlike tracemalloc, which would
+                    # slow every allocation of the training loop)
+                    samples.append((i, _rss_mib(), sys.getallocatedblocks() / 1000))
             el = time.monotonic() - t0
-            tracemalloc.stop()
             assert v.w is not None
             st = v.w.stats()
             v.w.close(timeout=2 if name == "down" else 20)
@@ -342,19 +349,20 @@ def main() -> int:
     out.append("Sink counters at the end of the timed rounds (records; `spooled` = on disk, not yet acknowledged):\n")
     for k, st in stats.items():
         out.append(f"- {k}: sent {st['sent']}, spooled {st['spooled']}, dropped {st['dropped']}, "
-                   f"rejected {st['rejected']}, reconnects {st['reconnects']}, batches {st['batches']}")
+                   f"rejected {st['rejected']}, reconnects {st['reconnects']}, batches {st['batches']}; "
+                   f"largest backlog seen after a block: {backlog.get(k, 0)} unacknowledged batches")
     out.append("")
     if lat:
         out.append(f"End-to-end latency, end of step -> arrival on `WS /api/v1/runs/{{id}}/live` (live variant, "
                    f"{len(lat)} steps, {missing} not seen): **p50 {statistics.median(lat) * 1e3:.0f} ms, "
                    f"p95 {_pct(lat, 0.95) * 1e3:.0f} ms**, max {max(lat) * 1e3:.0f} ms "
                    f"(flush interval 200 ms).\n")
-    out.append(f"Agent memory over {a.memory_steps} steps (MLP 4x64, batch 32; RSS of the training process / "
-               "Python heap traced by tracemalloc, MiB):\n")
+    out.append(f"Agent memory over {a.memory_steps} steps (MLP 4x64, batch 32; RSS of the training process in "
+               "MiB / allocated Python blocks in thousands):\n")
     out.append("| server | " + " | ".join(f"step {i}" for i, _, _ in mem_rows[0][1]) + " | end counters |")
     out.append("|---|" + "---|" * (len(mem_rows[0][1]) + 1))
     for name, samples, st, el in mem_rows:
-        cells = " | ".join(f"{rss:.0f} / {heap:.2f}" for _, rss, heap in samples)
+        cells = " | ".join(f"{rss:.0f} / {heap:.0f}k" for _, rss, heap in samples)
         out.append(f"| {name} | {cells} | sent {st['sent']}, spooled {st['spooled']}, dropped {st['dropped']} "
                    f"({el:.0f} s) |")
     out.append("")
