@@ -3,6 +3,7 @@
 Side by side in one run, each variant on its own identically initialised copy of the model:
 
   none   plain training step, no gradwatch
+  memory watch() into the in-memory sink (statistics, no transport): isolates the watcher's cost
   live   watch() streaming to a real ``gradwatch serve`` subprocess (SQLite, websocket)
   down   watch() pointed at a port where nothing listens (everything goes to the spool)
   slow   watch() streaming through a TCP relay (its own process) that holds every
@@ -249,6 +250,7 @@ def main() -> int:
         n_tensors = len(list(base.parameters()))
         variants = [
             Variant("none", copy.deepcopy(base), None, tmp),
+            Variant("memory", copy.deepcopy(base), "memory", tmp),
             Variant("live", copy.deepcopy(base), url, tmp, run_id=live_id),
             Variant("down", copy.deepcopy(base), f"http://127.0.0.1:{_free_port()}", tmp),
             Variant("slow", copy.deepcopy(base), f"http://127.0.0.1:{relay_port}", tmp),
@@ -264,7 +266,7 @@ def main() -> int:
             for v in order:
                 v.step(a.batch)  # untimed: absorbs what the previous variant left behind
                 blocks[v.name].append([v.step(a.batch) for _ in range(a.block)])
-                if v.w is not None:
+                if v.w is not None and v.name != "memory":
                     backlog[v.name] = max(backlog.get(v.name, 0), v.w.stats()["batches_unsent"])
         bench_s = time.monotonic() - t_start
 
@@ -274,14 +276,14 @@ def main() -> int:
         med = {k: statistics.median([t for b in v for t in b]) for k, v in blocks.items()}
         p95 = {k: _pct([t for b in v for t in b], 0.95) for k, v in blocks.items()}
         mx = {k: max(t for b in v for t in b) for k, v in blocks.items()}
-        stats = {v.name: v.w.stats() for v in variants if v.w is not None}
+        stats = {v.name: v.w.stats() for v in variants if v.w is not None and v.name != "memory"}
 
         summary = {k: round(v * 1e3, 2) for k, v in med.items()}
         sys.stderr.write(f"timed rounds done in {bench_s:.0f} s; medians (ms): {summary}; down/live "
                          f"{statistics.median(ratios('down', 'live')):.3f} slow/live "
                          f"{statistics.median(ratios('slow', 'live')):.3f}\n")
         sys.stderr.flush()
-        live = variants[1]
+        live = variants[2]
         assert live.w is not None
         live.w.flush(30)
         time.sleep(1.0)
@@ -292,7 +294,7 @@ def main() -> int:
         lat = [got[s] - live.ends[s] for s in live.ends if s in got]
         missing = len(live.ends) - len(lat)
         for v in variants:
-            if v.w is not None:
+            if v.w is not None and v.name != "memory":
                 v.w.close(timeout=2 if v.name in ("down", "slow") else 20)
 
         # memory over N steps, live then down
@@ -335,13 +337,17 @@ def main() -> int:
                f"same machine. Slow server: a relay process holding each client->server chunk {a.delay:g} s.\n")
     out.append("| variant | median step | p95 step | max step |")
     out.append("|---|---|---|---|")
-    for k in ("none", "live", "down", "slow"):
+    for k in ("none", "memory", "live", "down", "slow"):
         out.append(f"| {k} | {med[k] * 1e3:.2f} ms | {p95[k] * 1e3:.2f} ms | {mx[k] * 1e3:.1f} ms |")
     out.append("")
     out.append("| ratio (median over rounds of block-median ratios) | value | [min-max over rounds] |")
     out.append("|---|---|---|")
     out.append("| " + _ratio_row("down / live", ratios("down", "live")) + " |")
     out.append("| " + _ratio_row("slow / live", ratios("slow", "live")) + " |")
+    out.append("| " + _ratio_row("live / memory (the transport: drainer + sender threads, server on the same CPU)",
+                                 ratios("live", "memory")) + " |")
+    out.append("| " + _ratio_row("memory / none (the watcher's statistics alone, records kept in a list)",
+                                 ratios("memory", "none")) + " |")
     out.append("| " + _ratio_row("live / none (the whole agent: statistics + transport)", ratios("live", "none")) + " |")
     out.append("| " + _ratio_row("down / none", ratios("down", "none")) + " |")
     out.append("| " + _ratio_row("slow / none", ratios("slow", "none")) + " |")
