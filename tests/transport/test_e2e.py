@@ -133,13 +133,14 @@ def test_training_process_killed(server: ServerProc, tmp_path: Path) -> None:
 
 def test_slow_server_never_makes_a_step_wait(server: ServerProc, tmp_path: Path) -> None:
     model, opt, w = _watch(server.url, tmp_path / "fast")
-    fast = train(model, opt, w, 200)
+    fast = train(model, opt, w, 200, sleep=0.01)
     w.close(timeout=20)
     relay = DelayRelay(server.port, delay=0.5)  # every client->server chunk waits 0.5 s
     try:
         model, opt, w = _watch(relay.url, tmp_path / "slow")
         backlog = []
-        slow = train(model, opt, w, 200, on_step=lambda i: backlog.append(w.stats()["batches_unsent"]))
+        slow = train(model, opt, w, 200, sleep=0.01,
+                     on_step=lambda i: backlog.append(w.stats()["batches_unsent"]))
         t0 = time.monotonic()
         w.close(timeout=2)
         assert time.monotonic() - t0 < 3.5
