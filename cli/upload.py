@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "upload", help="send a spool directory or a file:PATH recording to a server",
         description="Send batches recorded offline (server='file:PATH') or left in a spool directory "

@@ -337,7 +337,7 @@ class BufferedSink(Sink):
                 recs: list[Any] = [it]
             else:
                 try:
-                    recs = list(it.resolve())  # type: ignore[union-attr]
+                    recs = list(it.resolve())
                 except Exception as e:
                     self._n_failed += 1
                     self.warn("resolve", f"gradwatch: could not read a step's statistics back ({e!r}); "

@@ -14,7 +14,7 @@ class MemorySink(Sink):
     """Keeps every record in memory. Pending device copies are resolved at :meth:`flush` (and
     when a record list is read), never inside :meth:`put`, so putting stays sync-free."""
 
-    def __init__(self, run, layers: LayerTable | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, run, layers: LayerTable | None = None) -> None:
         self.run = run
         self._layers = layers or (lambda: [])
         self._lock = threading.Lock()
@@ -55,7 +55,7 @@ class MemorySink(Sink):
             return {"sent": n, "spooled": 0, "dropped": 0, "pending": len(self._pending)}
 
     @property
-    def layers(self):  # type: ignore[no-untyped-def]
+    def layers(self):
         return self._layers()
 
     @property

@@ -170,7 +170,7 @@ class _Http:
         d = self._open(req, self.timeout, seq)
         d.setdefault("seq", seq)
         d["type"] = "ack"
-        return d  # type: ignore[no-any-return]
+        return d
 
     def close(self) -> None:
         pass
