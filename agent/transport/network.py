@@ -320,6 +320,7 @@ class NetworkSink(BufferedSink):
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_size = 0
         self._n_sent = 0
+        self._n_unsent = 0  # records in the index (on disk, not acknowledged)
         self._n_rejected = 0
         self._batches_sent = 0
         self._acked = 0
@@ -361,7 +362,7 @@ class NetworkSink(BufferedSink):
     def stats(self) -> dict[str, int]:
         s = super().stats()
         with self._cv:
-            s.update(sent=self._n_sent, spooled=sum(e[3] for e in self._index.values()),
+            s.update(sent=self._n_sent, spooled=self._n_unsent,
                      rejected=self._n_rejected, acked=self._acked, reconnects=self._reconnects,
                      batches_sent=self._batches_sent, batches_unsent=len(self._index),
                      connected=int(self._connected))
@@ -433,6 +434,8 @@ class NetworkSink(BufferedSink):
                         best = max(best, seq)
                         seg.last_seq = max(seg.last_seq, seq)
                         if seq > acked:
+                            if seq not in self._index:
+                                self._n_unsent += n
                             self._index[seq] = (seg, off, length, n)
                             n_left += 1
                 off += length + 1
@@ -449,6 +452,7 @@ class NetworkSink(BufferedSink):
     def _on_written(self, seq: int, seg: Segment, off: int, length: int, records: int, raw: bytes) -> None:
         with self._cv:
             self._index[seq] = (seg, off, length, records)
+            self._n_unsent += records
             self._seg_pending[seg.path] = self._seg_pending.get(seg.path, 0) + 1
             new_seg = seg.path not in self._segs
             self._segs[seg.path] = seg
@@ -493,6 +497,7 @@ class NetworkSink(BufferedSink):
         e = self._index.pop(seq, None)
         if e is None:
             return None
+        self._n_unsent -= e[3]
         raw = self._cache.pop(seq, None)
         if raw is not None:
             self._cache_size -= len(raw)
