@@ -273,3 +273,26 @@ for i in range(7):
     assert "gradwatch upload" in p.stderr
     bs = [json.loads(ln.raw) for ln in read_batches(tmp_path / "r.jsonl")]
     assert sum(len(b["steps"]) for b in bs) == 7 and bs[-1]["status"] == "finished"
+
+
+def test_network_sink_never_closed_is_closed_at_exit_within_its_timeout(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = f"""
+import time
+from gradwatch.agent.transport import make_sink
+from gradwatch.agent.wire import RunInfo, StepRecord
+s = make_sink("http://127.0.0.1:{free_port()}", run=RunInfo(run_id="e" * 32), layers=list,
+              spool_dir="{tmp_path / 'spool'}", connect_timeout=0.5, close_timeout=3)
+for i in range(9):
+    s.put(StepRecord(step=i, time=0.0))
+"""
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 < 30
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("gradwatch:")]
+    assert len(lines) == 1 and "9 records" in lines[0] and "gradwatch upload" in lines[0], p.stderr
+    bs = read_batches(tmp_path / "spool")
+    assert sum(ln.steps for ln in bs) == 9 and bs[-1].status == "finished"
