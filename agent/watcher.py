@@ -63,6 +63,7 @@ def watch(
     token: str | None = None,
     scaler: Any = None,
     sink: Sink | Callable[..., Sink] | None = None,
+    transport: dict[str, Any] | None = None,
 ) -> Watcher:
     """Attach gradwatch to ``optimizer``: statistics once per optimizer step, transforms, streaming.
 
@@ -90,6 +91,9 @@ def watch(
             finds the watcher by itself).
         sink: inject a :class:`Sink`, or a factory ``f(run=, layers=, rank=)`` (tests, custom
             transports); overrides ``server``.
+        transport: options for the sink, e.g. ``{"spool_dir": ..., "flush_interval": 0.2,
+            "close_timeout": 10.0, "buffer_max": 10_000, "backoff_max": 10.0}``; unknown keys
+            raise TypeError here.
 
     Returns:
         The :class:`Watcher` (a context manager). With ``GRADWATCH_DISABLED=1`` it is inert.
@@ -116,7 +120,9 @@ def watch(
         server=server, token=token, project=project, run=run, run_id=run_id, every=every, include=include,
         exclude=exclude, ranks=ranks, config=dict(config) if config is not None else None, tags=tuple(tags),
     )
-    return Watcher(model, optimizer, cfg, transforms=transforms, scaler=scaler, sink=sink)
+    if transport is not None and not isinstance(transport, dict):
+        raise TypeError(f"transport: expected a dict of sink options, got {type(transport).__name__}")
+    return Watcher(model, optimizer, cfg, transforms=transforms, scaler=scaler, sink=sink, transport=transport)
 
 
 def _dist() -> tuple[int, int]:
@@ -144,7 +150,9 @@ class Watcher:
         transforms: Iterable[Transform] = (),
         scaler: Any = None,
         sink: Sink | Callable[..., Sink] | None = None,
+        transport: dict[str, Any] | None = None,
     ) -> None:
+        self._transport = dict(transport or {})
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module or None, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -214,9 +222,11 @@ class Watcher:
             return sink
         if sink is not None:
             return sink(run=run, layers=self._registry.table, rank=self.rank)
-        opts: dict[str, Any] = {}
+        opts: dict[str, Any] = dict(self._transport)
         if self.config.token:
             opts["token"] = self.config.token
+        if self.config.run_id is not None:  # an adopted id: the run may already hold batches
+            opts.setdefault("resume", True)
         return make_sink(self.config.server, run=run, layers=self._registry.table, rank=self.rank, **opts)
 
     def _params(self) -> list[Tensor]:

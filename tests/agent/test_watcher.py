@@ -842,3 +842,21 @@ def test_agent_config_from_env_precedence_and_errors() -> None:
         AgentConfig(project="")
     f = compile_filter(["enc.*", "head.weight"], lambda n, p: n.endswith("bias"))
     assert [f(n, None) for n in ("enc.w", "enc.bias", "head.weight", "dec.w")] == [True, False, True, False]
+
+
+def test_transport_options_reach_the_sink_and_unknown_ones_are_refused(tmp_path) -> None:
+    import torch
+
+    from gradwatch.agent import watch
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="unknown gradwatch transport option"):
+        watch(model, opt, server=f"file:{tmp_path / 'a.gwrec'}", transport={"flush_intervall": 1.0})
+    with pytest.raises(TypeError, match="transport: expected a dict"):
+        watch(model, opt, server=f"file:{tmp_path / 'a.gwrec'}", transport=[("x", 1)])  # type: ignore[arg-type]
+    w = watch(model, opt, server=f"file:{tmp_path / 'b.gwrec'}", transport={"flush_interval": 0.05})
+    try:
+        assert w.sink is not None and w.sink.flush_interval == 0.05  # type: ignore[attr-defined]
+    finally:
+        w.close()
