@@ -42,51 +42,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from cifar_resnet import ResNetCifar  # bench/ is on sys.path when a script here runs
 
 # ----------------------------------------------------------------------------------------------
 # models (shapes of BASELINES.md §A)
-
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.pad = cout - cin
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.b1(self.c1(x)))
-        out = self.b2(self.c2(out))
-        sc = x
-        if self.stride != 1 or self.pad:  # option A: subsample + zero-pad channels
-            sc = x[:, :, :: self.stride, :: self.stride]
-            sc = F.pad(sc, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + sc)
-
-
-class ResNet20(nn.Module):
-    """CIFAR ResNet-20 (He et al. 2016), option-A shortcuts, BN: 0.27 M params, 59 grad tensors."""
-
-    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-        layers = []
-        cin = width
-        for i, w in enumerate((width, 2 * width, 4 * width)):
-            for j in range(3):
-                layers.append(_Block(cin, w, 2 if (i > 0 and j == 0) else 1))
-                cin = w
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.layers(x)
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 class TinyLM(nn.Module):
@@ -106,7 +65,7 @@ def make_task(name: str) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]
     g = torch.Generator().manual_seed(0)
     if name == "resnet20":
         x, y = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
-        return ResNet20(), lambda m: F.cross_entropy(m(x), y)
+        return ResNetCifar(depth=20, width=16), lambda m: F.cross_entropy(m(x), y)
     if name == "mlp":
         layers: list[nn.Module] = []
         for _ in range(8):
