@@ -4,6 +4,7 @@ from __future__ import annotations
 
 try:
     import torch
+    from torch import Tensor
 except ImportError as e:  # pragma: no cover - exercised only without torch
     raise ImportError(
         "gradwatch.agent needs PyTorch for this feature; install your own build "
@@ -14,4 +15,4 @@ TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")
 if TORCH_VERSION < (2, 4):  # pragma: no cover
     raise ImportError(f"gradwatch needs torch >= 2.4, found {torch.__version__}")
 
-__all__ = ["torch", "TORCH_VERSION"]
+__all__ = ["torch", "Tensor", "TORCH_VERSION"]

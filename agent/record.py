@@ -25,12 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._torch import torch
+from ._torch import Tensor, torch
 from .stats import HostCopy, PendingCopy, finalize, layer_moments, pack_dtype
 from .transforms.base import GradContext, Slot, Transform, apply_transforms
 from .wire import EVENT_KINDS, Event, LayerInfo, StepRecord
-
-Tensor = torch.Tensor
 
 __all__ = ["LayerRegistry", "Recorder", "StepPending", "clean_name"]
 

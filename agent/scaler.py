@@ -42,11 +42,10 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
-from ._torch import torch
+from ._torch import Tensor, torch
 from .transforms.base import GradContext, Transform, apply_transforms, order_transforms
 from .wire import Event
 
-Tensor = torch.Tensor
 OptState = torch.amp.grad_scaler.OptState
 _refresh_per_optimizer_state = torch.amp.grad_scaler._refresh_per_optimizer_state
 
@@ -468,12 +467,12 @@ class GradScaler(torch.amp.GradScaler):
             # Host verdicts first: torch's in-place sum below writes into the first found_inf.
             dirty = []
             for oid, state in states:
-                rec = self._gw_iter.get(oid)
-                found = rec["found"] if rec is not None else None
+                cur = self._gw_iter.get(oid)
+                found = cur["found"] if cur is not None else None
                 if found is None and state["found_inf_per_device"]:
                     found = bool(sum(v.item() for v in state["found_inf_per_device"].values()))  # host sync
-                    if rec is not None:
-                        rec["found"] = found
+                    if cur is not None:
+                        cur["found"] = found
                 if found:
                     dirty.append(oid)
             found_inf_combined = found_infs[0]

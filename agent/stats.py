@@ -22,9 +22,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._torch import torch
-
-Tensor = torch.Tensor
+from ._torch import Tensor, torch
 
 __all__ = [
     "MOMENT_COLUMNS",

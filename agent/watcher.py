@@ -31,14 +31,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ._torch import torch
+from ._torch import Tensor, torch
 from .config import AgentConfig, compile_filter
 from .record import LayerRegistry, Recorder, warn_once_factory
 from .transforms.base import Transform, order_transforms
 from .transport import Sink, make_sink
 from .wire import _MAX_KEY, EVENT_KINDS, Event, RunInfo, ScalarRecord
-
-Tensor = torch.Tensor
 
 __all__ = ["watch", "Watcher"]
 

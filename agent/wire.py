@@ -105,7 +105,7 @@ def decode_float(v: Any, where: str, *, nullable: bool = True) -> float | None:
     """Decode one float encoded by :func:`encode_float`, raising WireError on anything else."""
     t = type(v)
     if t is float:
-        return v  # type: ignore[no-any-return]
+        return v
     if t is int:
         return float(v)
     if v is None:

@@ -22,10 +22,8 @@ import fnmatch
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from gradwatch.agent._torch import torch
+from gradwatch.agent._torch import Tensor, torch
 from gradwatch.agent.transforms.base import GradContext, Slot, Transform, as_param_list
-
-Tensor = torch.Tensor
 
 __all__ = ["AGC", "ZClip", "AutoClip"]
 

@@ -18,9 +18,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
-from .._torch import torch
-
-Tensor = torch.Tensor
+from .._torch import Tensor, torch
 
 __all__ = ["Slot", "GradContext", "Transform", "order_transforms", "apply_transforms", "as_param_list"]
 
@@ -101,7 +99,7 @@ class GradContext:
             if not self.grads:
                 self._norms = torch.zeros(0, dtype=torch.float32, device=self.device)
             else:
-                parts = []
+                parts: list[Tensor] = []
                 for _dev, _dt, idx in self.groups:
                     ns = torch._foreach_norm([self.grads[i] for i in idx], 2, dtype=torch.float32)
                     parts.extend(n.to(self.device, non_blocking=True) for n in ns)
@@ -142,7 +140,7 @@ def _torch_group_order(grads: Sequence[Tensor]) -> tuple[list[int], list[tuple[t
     try:
         from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-        grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)  # type: ignore[list-item]
+        grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)
         raw = [(dev, dt, list(idx)) for (dev, dt), (_ts, idx) in grouped.items()]
     except Exception:  # private API moved: fall back to first-appearance order
         d: dict[tuple[torch.device, torch.dtype], list[int]] = {}

@@ -22,10 +22,8 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-from .._torch import torch
+from .._torch import Tensor, torch
 from .base import GradContext, Slot, Transform
-
-Tensor = torch.Tensor
 
 __all__ = ["ClipNorm", "ClipValue"]
 

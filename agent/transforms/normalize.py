@@ -20,10 +20,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from gradwatch.agent._torch import torch
+from gradwatch.agent._torch import Tensor, torch
 from gradwatch.agent.transforms.base import GradContext, Slot, Transform
-
-Tensor = torch.Tensor
 
 __all__ = ["AutoscaledNorm", "Centralize", "ZScoreNorm", "ALPHA_MODES"]
 
@@ -82,7 +80,7 @@ def _layer_moments(ctx: GradContext, idx: list[int], dt: torch.dtype) -> tuple[T
         mask = _const(tuple(v is None for v in varis), torch.bool, dev)
         var = torch.where(mask, (s2 / n - mean.square()).clamp_min(0), low)
     else:
-        var = torch.stack(varis)  # type: ignore[arg-type]
+        var = torch.stack(varis)
     return n, mean, var
 
 
