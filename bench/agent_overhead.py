@@ -131,7 +131,7 @@ def build_variants(task: str, names: list[str], tmp: Path) -> list[Variant]:
         elif name == "wandb":
             import wandb
 
-            run = wandb.init(mode="offline", dir=str(tmp), project="bench", reinit="create_new")
+            run = wandb.init(mode="offline", dir=str(tmp), project="bench", reinit="finish_previous")
             run.watch(v.model, log="gradients", log_freq=1)
             v.after_step = lambda i, run=run: run.log({"step": i})
             v.close = run.finish
