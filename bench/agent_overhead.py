@@ -16,8 +16,9 @@ table shows the median ratio over rounds with [min-max].
 Host syncs: Tensor.item/tolist/__bool__/__float__/__int__/cpu/numpy calls made on the training
 thread during one step are counted (on a GPU each would stall the host until the stream drains).
 
-Second table: each transform alone on fixed gradients, timed interleaved against one read pass
-(_foreach_norm) and one read-write pass (_foreach_mul_) over the same gradient memory, so
+Second table: what each transform adds inside the pipeline (``apply_`` on a context whose norms
+the statistics pass already computed), on fixed gradients, timed interleaved against one read
+pass (_foreach_norm) and one read-write pass (_foreach_mul_) over the same gradient memory, so
 "adds at most one pass" reads directly as a ratio.
 
     .venv/bin/python bench/agent_overhead.py                  # all models, ~10 min here
@@ -218,7 +219,9 @@ def bench_task(task: str, names: list[str], rounds: int, block: int, warmup: int
 
 
 def bench_transforms(task: str, reps: int) -> list[tuple[str, float, float, float]]:
-    """Each transform on fixed gradients vs one read pass and one read-write pass."""
+    """What each transform adds inside the pipeline, on fixed gradients, against one read pass and
+    one read-write pass over the same memory. As in ``watch()``, the per-layer norms are already
+    in the context (the statistics pass computed them), so only ``apply_`` is timed."""
     from gradwatch.agent import (
         AGC,
         AutoClip,
@@ -229,6 +232,7 @@ def bench_transforms(task: str, reps: int) -> list[tuple[str, float, float, floa
         ZClip,
         ZScoreNorm,
     )
+    from gradwatch.agent.transforms.base import GradContext
 
     model, loss_fn = make_task(task)
     loss_fn(model).backward()
@@ -236,22 +240,30 @@ def bench_transforms(task: str, reps: int) -> list[tuple[str, float, float, floa
     grads = [p.grad for p in params]
     saved = [g.clone() for g in grads]
 
-    def restore() -> None:
+    def timed(t: object) -> float:
         torch._foreach_copy_(grads, saved)
+        ctx = GradContext(params)
+        _ = ctx.norms  # filled by the statistics pass in watch(); not part of the transform's cost
+        t0 = time.perf_counter()
+        t.apply_(ctx)  # type: ignore[attr-defined]
+        return time.perf_counter() - t0
 
-    ops: dict[str, Callable[[], object]] = {
-        "read pass (_foreach_norm)": lambda: torch._foreach_norm(grads, 2),
-        "read-write pass (_foreach_mul_)": lambda: torch._foreach_mul_(grads, 1.0),
+    def plain(f: Callable[[], object]) -> float:
+        torch._foreach_copy_(grads, saved)
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
+    ops: dict[str, Callable[[], float]] = {
+        "read pass (_foreach_norm)": lambda: plain(lambda: torch._foreach_norm(grads, 2)),
+        "read-write pass (_foreach_mul_)": lambda: plain(lambda: torch._foreach_mul_(grads, 1.0)),
     }
     for t in (ClipNorm(1.0), ClipValue(0.01), AGC(), ZClip(), AutoClip(), AutoscaledNorm(), Centralize(), ZScoreNorm()):
-        ops[type(t).__name__] = lambda t=t: t(params)
+        ops[type(t).__name__] = lambda t=t: timed(t)
     times: dict[str, list[float]] = {k: [] for k in ops}
     for _ in range(reps):
         for k, f in ops.items():
-            restore()
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(f())
     med = {k: statistics.median(v) for k, v in times.items()}
     rd, rw = med["read pass (_foreach_norm)"], med["read-write pass (_foreach_mul_)"]
     return [(k, m * 1e3, m / rd, m / rw) for k, m in med.items()]
@@ -289,7 +301,7 @@ def main() -> int:
             sys.stdout.flush()
         if not args.skip_transforms:
             for task in args.models.split(","):
-                print(f"\n## transforms alone on fixed gradients: {task} (median of {args.transform_reps})")
+                print(f"\n## transforms inside the pipeline, fixed gradients: {task} (median of {args.transform_reps})")
                 print("| op | ms | / one read pass | / one read-write pass |")
                 print("|---|---|---|---|")
                 for k, ms, r1, r2 in bench_transforms(task, args.transform_reps):
