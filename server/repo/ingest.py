@@ -90,6 +90,19 @@ def _merge_sql(pg: bool) -> str:
 _MERGE = {True: _merge_sql(True), False: _merge_sql(False)}
 
 
+def _merge_unnest_sql() -> str:
+    """PostgreSQL: the same upsert as one statement over column arrays (one round trip per batch
+    instead of one per block row, which dominated ingest time over TCP)."""
+    ints = ("layer_id", "block", "rank", "step_min", "step_max", "n")
+    types = ["int8" if (c in ints or c.endswith(("_cnt", "_nan"))) else "float8" for c in _BLOCK_COLS]
+    head, tail = _MERGE[True].split(" VALUES ", 1)
+    arrays = ", ".join(f"%b::{t}[]" for t in types)  # %b: binary parameters (no per-element text dumping)
+    return f"{head} SELECT * FROM unnest({arrays}) {tail[tail.index('ON CONFLICT'):]}"
+
+
+_MERGE_UNNEST = _merge_unnest_sql()
+
+
 def _block_rows(batch: Batch, ids: dict[int, int], cols_by_step: list[tuple[Any, list[list[Any]], list[int] | None]],
                 ) -> list[tuple[Any, ...]]:
     """Per (layer, block, rank) aggregates of this batch's own rows.
@@ -131,7 +144,12 @@ def _merge_blocks(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     raw: Any = conn.connection.driver_connection
     cur = raw.cursor()
     try:
-        cur.executemany(_MERGE[pg], rows)
+        # One statement may not update the same row twice: a key repeated within the batch (layers
+        # missing from some steps of a block) goes row by row.
+        if pg and len({r[:3] for r in rows}) == len(rows):
+            cur.execute(_MERGE_UNNEST, [list(col) for col in zip(*rows)])
+        else:
+            cur.executemany(_MERGE[pg], rows)
     finally:
         cur.close()
 

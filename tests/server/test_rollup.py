@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+from sqlalchemy import text
 
 from gradwatch.agent import wire
 from gradwatch.server.db.engine import Database, make_engine
@@ -108,5 +109,36 @@ def test_blocks_match_rows(db_url, mk):
             x = series.layer_series(conn, layers[0][0], "l2", start=30, end=80, max_points=None, rank=0,
                                     use_blocks=False)
             assert all(p["value"] != 5.0 for p in x["points"])
+    finally:
+        engine.dispose()
+
+
+def test_blocks_match_rows_when_layers_come_and_go_within_a_block(db_url, mk):
+    """A layer absent from some steps of a block (its grad was None) shows up in two groups of one
+    batch: the block upsert must not try to update one block row twice in one statement."""
+    engine = make_engine(db_url)
+    db = Database(engine)
+    try:
+        b = mk(1, range(1, 41), values=_val, events=False)
+        steps = []
+        for s in b.steps:  # layer 1 present only on even steps
+            keep = [i for i in s.layer_ids if i != 1 or s.step % 2 == 0]
+            cols = {k: [v[s.layer_ids.index(i)] for i in keep] for k, v in s.layers.items()}
+            steps.append(wire.StepRecord(step=s.step, time=s.time, rank=s.rank, layer_ids=keep, layers=cols))
+        _store(db, wire.Batch(run=b.run, seq=1, layers=b.layers, steps=steps))
+        with db.read() as conn:
+            layers = resolve_layers(conn, "run1", [])
+            for k in (0, 1):
+                lid = layers[k][0]
+                x = series.layer_series(conn, lid, "l2", start=1, end=40, max_points=1)
+                rows = series.layer_series(conn, lid, "l2", start=1, end=40, max_points=None, use_blocks=False)["points"]
+                assert sum(bk["count"] for bk in x["buckets"]) == len(rows) == (20 if k == 1 else 40)
+                fin = [_num(p["value"]) for p in rows if _num(p["value"]) is not None]
+                assert max(_num(bk["max"]) for bk in x["buckets"] if bk["max"] is not None) == max(fin)
+                # the block row itself holds every step of the layer exactly once
+                n, l2_max = conn.execute(text("SELECT n, l2_max FROM layer_stat_block WHERE layer_id = :l"),
+                                         {"l": lid}).one()
+                assert n == len(rows)
+                assert l2_max == max(fin)
     finally:
         engine.dispose()
