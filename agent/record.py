@@ -373,8 +373,8 @@ class Recorder:
 
         def add_scalar(key: str, t: Tensor | float) -> None:
             nonlocal off
-            if not isinstance(t, torch.Tensor):
-                t = torch.tensor(float(t), dtype=torch.float32)
+            if not isinstance(t, torch.Tensor):  # a fill on the device: no host-to-device copy
+                t = torch.full((), float(t), dtype=pd, device=dev)
             parts.append(t.reshape(-1)[:1])
             scalars[key] = off
             off += 1
