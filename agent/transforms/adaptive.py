@@ -13,7 +13,8 @@ history live on the gradients' device (float64, float32 on MPS). The global clip
 context's cached per-layer norms (computed once per step, shared with the statistics pass) and
 make one write pass (``_foreach_mul_`` by the coefficient, 1 when no clipping is needed, as
 ``clip_grad_norm_`` does). AGC makes one read pass over the parameters and the gradients (unit
-norms) and one write pass.
+norms) and one write pass, with a few calls per tensor at most; its unit-to-layer index is copied
+to the device once per parameter layout (the first step), never per step.
 """
 
 from __future__ import annotations
@@ -59,6 +60,37 @@ def _clip_events(name: str, values: dict[str, Any]) -> list[tuple[str, dict[str,
     return []
 
 
+class _AGCGroup:
+    """One (device, dtype) group of an AGC plan: which gradients are clipped and how their units
+    lie in the flat per-unit vector (layer order, so each layer's units are contiguous)."""
+
+    __slots__ = ("dev", "dtype", "small", "big", "big_dims", "big_units", "big_views")
+
+    def __init__(self, dev: torch.device, dtype: torch.dtype) -> None:
+        self.dev = dev
+        self.dtype = dtype
+        self.small: list[int] = []  # ctx indices of clipped grads with ndim <= 1 (one unit each)
+        self.big: list[int] = []  # ctx indices of clipped grads with ndim >= 2 (one unit per row)
+        self.big_dims: list[tuple[int, ...]] = []  # dims reduced for each big grad: 1..ndim-1
+        self.big_units: list[int] = []  # shape[0] of each big grad
+        self.big_views: list[tuple[int, ...]] = []  # (units, 1, ..., 1): the coefficient view
+
+
+class _AGCPlan:
+    """What AGC needs to know about a layer layout, built once and reused while it recurs.
+
+    Units are laid out group by group; within a group, the one-unit grads first, then the rows
+    of each larger grad, both in context order."""
+
+    __slots__ = ("groups", "n_units", "seg", "mask")
+
+    def __init__(self, groups: list[_AGCGroup], n_units: int, seg: Tensor, mask: Tensor) -> None:
+        self.groups = groups
+        self.n_units = n_units
+        self.seg = seg  # (n_units,) int64 on ctx.device: the layer (ctx index) of each unit
+        self.mask = mask  # (L,) bool on ctx.device: layers that are clipped
+
+
 class AGC(Transform):
     """Adaptive Gradient Clipping (Brock et al. 2021, NFNets), ALGORITHMS.md §6.
 
@@ -83,7 +115,13 @@ class AGC(Transform):
             Linear by default.
 
     Reports per layer: ``clipped_units`` (count), ``min_coef``, and ``layers`` (1 where a unit
-    was clipped). Cost: one read pass over W and G (unit norms, fp32) and one write pass.
+    was clipped). Cost: one read pass over W and G (unit norms, fp32) and one write pass, in a
+    number of calls that does not grow with the number of units: per (device, dtype) group, one
+    foreach norm for all one-unit tensors (biases, gains), one row-norm reduction per larger
+    tensor for G and for W, about twenty ops on the flat vector of units, one foreach multiply by
+    broadcast per-unit coefficients, and segment reductions (``index_add_``/``scatter_reduce_``)
+    for the per-layer reports and the norm cache. The layout (which tensors, their units, the
+    unit-to-layer index) is planned once and reused while the parameter set recurs.
 
     Example::
 
@@ -102,10 +140,12 @@ class AGC(Transform):
         self.eps = float(eps)
         self._patterns: list[str] = []
         self._ids: set[int] = set()
+        self._plans: dict[tuple[Any, ...], _AGCPlan] = {}
         self.add_exclude(exclude)
 
     def add_exclude(self, exclude: Iterable[Any]) -> None:
         """Exclude more parameters (names/patterns, tensors or modules)."""
+        self._plans = {}
         if isinstance(exclude, (str, torch.Tensor, torch.nn.Module)):
             exclude = [exclude]
         for e in exclude:
@@ -137,30 +177,104 @@ class AGC(Transform):
             self.apply_(ctx)
         return ctx.reports.get(self.name, {})
 
+    def _plan(self, ctx: GradContext) -> _AGCPlan:
+        """The layout plan for this step's gradients (cached: the same layout recurs every step,
+        so the host-built index tensors are copied to the device once, not per step)."""
+        key = (ctx.device, tuple(map(id, ctx.params)), tuple(ctx.names),
+               tuple((g.shape, g.dtype, g.device) for g in ctx.grads))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        groups: list[_AGCGroup] = []
+        seg: list[int] = []
+        mask = [False] * len(ctx)
+        for dev, dt, idx in ctx.groups:
+            grp = _AGCGroup(dev, dt)
+            for i in idx:
+                p, g = ctx.params[i], ctx.grads[i]
+                if g.numel() == 0 or self._excluded(p, ctx.names[i]):
+                    continue
+                mask[i] = True
+                if g.ndim >= 2:
+                    grp.big.append(i)
+                    grp.big_dims.append(tuple(range(1, g.ndim)))
+                    grp.big_units.append(g.shape[0])
+                    grp.big_views.append((g.shape[0],) + (1,) * (g.ndim - 1))
+                else:
+                    grp.small.append(i)
+            if grp.small or grp.big:
+                groups.append(grp)
+                seg.extend(grp.small)
+                for i, u in zip(grp.big, grp.big_units):
+                    seg.extend([i] * u)
+        plan = _AGCPlan(groups, len(seg), torch.tensor(seg, dtype=torch.int64, device=ctx.device),
+                        torch.tensor(mask, dtype=torch.bool, device=ctx.device))
+        if len(self._plans) >= 8:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def _unit_norms(self, ctx: GradContext, grp: _AGCGroup) -> tuple[Tensor, Tensor]:
+        """(units,) float32 unit norms of the gradients and of the weights of one group, in the
+        plan's unit order (one-unit tensors first, then each larger tensor's rows)."""
+        gs: list[Tensor] = []
+        ws: list[Tensor] = []
+        if grp.small:
+            # one foreach call for the grads and weights of all biases/gains/scalars (a loop in
+            # C++ on CPU, a multi-tensor kernel on CUDA); same per-tensor norm as linalg.vector_norm
+            ns = len(grp.small)
+            both = torch.stack(torch._foreach_norm([ctx.grads[i] for i in grp.small]
+                                                   + [ctx.params[i].detach() for i in grp.small], 2,
+                                                   dtype=torch.float32))
+            gs.append(both[:ns])
+            ws.append(both[ns:])
+        for i, dims in zip(grp.big, grp.big_dims):
+            gs.append(torch.linalg.vector_norm(ctx.grads[i], 2, dim=dims, dtype=torch.float32))
+            ws.append(torch.linalg.vector_norm(ctx.params[i].detach(), 2, dim=dims, dtype=torch.float32))
+        if len(gs) == 1:
+            return gs[0], ws[0]
+        return torch.cat(gs), torch.cat(ws)
+
     def apply_(self, ctx: GradContext) -> None:
         dev = ctx.device
         L = len(ctx)
-        clipped = torch.zeros(L, dtype=torch.float32, device=dev)
-        min_coef = torch.ones(L, dtype=torch.float32, device=dev)
-        new_norms: list[Tensor] = []
-        for i, (p, name, g) in enumerate(zip(ctx.params, ctx.names, ctx.grads)):
-            if self._excluded(p, name) or g.numel() == 0:
-                if ctx._norms is not None:
-                    new_norms.append(ctx._norms[i])
-                continue
-            dims = tuple(range(1, g.ndim)) if g.ndim >= 2 else None
-            gn = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=g.ndim >= 2, dtype=torch.float32)
-            wn = torch.linalg.vector_norm(p.detach(), 2, dim=dims, keepdim=p.ndim >= 2, dtype=torch.float32)
+        plan = self._plan(ctx)
+        if not plan.n_units:
+            ctx.report(self.name, clipped_units=torch.zeros(L, dtype=torch.float32, device=dev),
+                       min_coef=torch.ones(L, dtype=torch.float32, device=dev),
+                       layers=torch.zeros(L, dtype=torch.float32, device=dev))
+            return
+        keeps: list[Tensor] = []
+        coefs: list[Tensor] = []
+        gns: list[Tensor] = []
+        for grp in plan.groups:
+            gn, wn = self._unit_norms(ctx, grp)
             mx = self.clipping * wn.clamp_min(self.eps)
             keep = (gn < mx) | ~torch.isfinite(gn) | ~torch.isfinite(mx)
             coef = torch.where(keep, torch.ones_like(gn), mx / gn.clamp_min(1e-6))
-            g.mul_(coef.to(g.dtype))
-            clipped[i] = (~keep).sum().to(dev, torch.float32)
-            min_coef[i] = coef.min().to(dev)
-            if ctx._norms is not None:
-                new_norms.append(torch.linalg.vector_norm(gn * coef).to(dev))
+            # one write pass: each gradient times its per-unit coefficients (a broadcast view of
+            # the flat vector, in the gradient's dtype as before), all in one foreach call
+            c = coef.to(grp.dtype)
+            ns = len(grp.small)
+            views: list[Tensor] = list(c[:ns].unbind(0)) if ns else []
+            if grp.big:
+                views.extend(v.view(s) for v, s in zip(c[ns:].split(grp.big_units), grp.big_views))
+            torch._foreach_mul_([ctx.grads[i] for i in grp.small] + [ctx.grads[i] for i in grp.big], views)
+            keeps.append(keep.to(dev, non_blocking=True))
+            coefs.append(coef.to(dev, non_blocking=True))
+            gns.append(gn.to(dev, non_blocking=True))
+        keep = keeps[0] if len(keeps) == 1 else torch.cat(keeps)
+        coef = coefs[0] if len(coefs) == 1 else torch.cat(coefs)
+        # per-layer reports: segment reductions over the flat unit vector (layers without units
+        # keep the initial value: 0 clipped, coefficient 1)
+        clipped = torch.zeros(L, dtype=torch.float32, device=dev).index_add_(0, plan.seg, (~keep).to(torch.float32))
+        min_coef = torch.ones(L, dtype=torch.float32, device=dev).scatter_reduce_(0, plan.seg, coef, "amin")
         if ctx._norms is not None:
-            ctx.set_norms(torch.stack(new_norms).to(torch.float32))
+            # new layer norm = sqrt(sum over units of (||G_i|| coef_i)^2): no pass over the grads
+            gn = gns[0] if len(gns) == 1 else torch.cat(gns)
+            acc = _state_dtype(dev)
+            sq = torch.zeros(L, dtype=acc, device=dev).index_add_(0, plan.seg, (gn * coef).to(acc).square())
+            ctx.set_norms(torch.where(plan.mask, sq.sqrt().to(torch.float32), ctx._norms))
         ctx.report(self.name, clipped_units=clipped, min_coef=min_coef, layers=(clipped > 0).float())
 
     def events(self, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

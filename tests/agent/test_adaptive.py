@@ -162,6 +162,239 @@ def test_agc_keeps_norm_cache_valid():
         torch.testing.assert_close(ctx.norms, fresh, rtol=1e-5, atol=1e-7)
 
 
+# AGC against straightforward references: the vectorized implementation must agree with a per-tensor
+# one (bit for bit on CPU: same reductions, same rounding of the coefficient to the grad's dtype)
+# and with a per-unit Python loop (within fp32 rounding), on mixed layouts, dtypes and NaN/inf.
+
+MIXED_SHAPES = [(), (1,), (7,), (3, 5), (1, 9), (6, 1), (4, 3, 3, 3), (2, 1, 2, 3, 2), (0,), (0, 4), (3, 0),
+                (5, 2, 0, 1), (16, 8), (2, 3)]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def agc_ref_per_tensor(ctx, lam, eps, excluded):
+    """The per-tensor formulation (one tensor at a time, units along dims 1..ndim-1), returning
+    (clipped, min_coef, new_norm or None) per layer, grads edited in place."""
+    out = []
+    for p, g in zip(ctx.params, ctx.grads):
+        if id(p) in excluded or g.numel() == 0:
+            out.append((0.0, 1.0, None))
+            continue
+        dims = tuple(range(1, g.ndim)) if g.ndim >= 2 else None
+        gn = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=g.ndim >= 2, dtype=torch.float32)
+        wn = torch.linalg.vector_norm(p.detach(), 2, dim=dims, keepdim=p.ndim >= 2, dtype=torch.float32)
+        mx = lam * wn.clamp_min(eps)
+        keep = (gn < mx) | ~torch.isfinite(gn) | ~torch.isfinite(mx)
+        coef = torch.where(keep, torch.ones_like(gn), mx / gn.clamp_min(1e-6))
+        g.mul_(coef.to(g.dtype))
+        out.append((float((~keep).sum()), float(coef.min()), float(torch.linalg.vector_norm((gn * coef).double()))))
+    return out
+
+
+def agc_ref_per_unit(p, g, lam, eps):
+    """One output unit at a time, in float64 (the definition, ALGORITHMS.md §6)."""
+    g, w = g.double().clone(), p.detach().double()
+    if g.numel() == 0:
+        return g, 0
+    units = [(None, g, w)] if g.ndim <= 1 else [(i, g[i], w[i]) for i in range(g.shape[0])]
+    clipped = 0
+    for i, gu, wu in units:
+        gn, mx = float(gu.norm()), lam * max(float(wu.norm()), eps)
+        if gn < mx or not math.isfinite(gn) or not math.isfinite(mx):
+            continue
+        clipped += 1
+        c = mx / max(gn, 1e-6)
+        if i is None:
+            g.mul_(c)
+        else:
+            g[i].mul_(c)
+    return g, clipped
+
+
+def random_agc_case(rng, case, dtypes=DTYPES):
+    """Parameters with mixed shapes and dtypes, some grads None, NaN/inf in some grad and weight
+    units, scales spread so that some units clip and others do not."""
+    gen = torch.Generator().manual_seed(case)
+    ps = []
+    for _ in range(rng.randint(1, 9)):
+        shape = rng.choice(MIXED_SHAPES)
+        dt = rng.choice(dtypes)
+        w = torch.randn(shape, generator=gen) * rng.choice([0.0, 1e-3, 0.3, 1.0, 5.0])
+        g = torch.randn(shape, generator=gen) * rng.choice([1e-4, 1e-2, 0.1, 3.0])
+        if w.ndim >= 2 and w.shape[0] > 1 and rng.random() < 0.3:
+            w[rng.randrange(w.shape[0])] = 0.0  # a dead unit: the eps floor decides
+        for t, bads in ((g, [float("nan"), float("inf"), -float("inf")]), (w, [float("inf"), float("nan")])):
+            if t.numel() and rng.random() < 0.3:
+                t.view(-1)[rng.randrange(t.numel())] = rng.choice(bads)
+        p = torch.nn.Parameter(w.to(dt))
+        p.grad = None if rng.random() < 0.12 else g.to(dt)
+        ps.append(p)
+    return ps
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16,), (torch.bfloat16,), DTYPES])
+def test_agc_vectorized_matches_per_tensor_reference_bitwise(dtypes):
+    rng = random.Random(hash(dtypes) % 1000)
+    for case in range(120):
+        ps = random_agc_case(rng, case, dtypes)
+        lam, eps = rng.choice([0.01, 0.05, 0.3]), rng.choice([1e-3, 1e-1, 0.0])
+        excluded = {id(p) for p in ps if rng.random() < 0.15}
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        for p, t in zip(ps, twins):
+            t.grad = None if p.grad is None else p.grad.clone()
+        ctx = GradContext(ps)
+        if not len(ctx):
+            continue
+        _ = ctx.norms
+        AGC(lam, eps, exclude=[p for p in ps if id(p) in excluded]).apply_(ctx)
+        rctx = GradContext(twins)
+        want = agc_ref_per_tensor(rctx, lam, eps, {id(t) for p, t in zip(ps, twins) if id(p) in excluded})
+        for a, b in zip(ctx.grads, rctx.grads):
+            assert a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan())
+            assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), case
+        rep = ctx.reports["agc"]
+        assert rep["clipped_units"].tolist() == [w[0] for w in want]
+        assert rep["min_coef"].tolist() == [pytest.approx(w[1], rel=0, abs=0) for w in want]
+        assert rep["layers"].tolist() == [float(w[0] > 0) for w in want]
+        assert rep["clipped_units"].dtype == rep["min_coef"].dtype == torch.float32
+        old_norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in rctx.grads])
+        for i, w in enumerate(want):
+            got = float(ctx.norms[i])
+            if w[2] is None:  # untouched layer: the cache entry is the one handed in
+                continue
+            if math.isfinite(w[2]):
+                assert got == pytest.approx(w[2], rel=1e-6)
+            else:
+                assert not math.isfinite(got) and (math.isnan(got) == math.isnan(w[2]))
+        # and the cache says what a fresh measurement of the clipped grads says
+        # (within the rounding of the clipped grads to their dtype)
+        rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+        for got, fresh, g in zip(ctx.norms.tolist(), old_norms.tolist(), rctx.grads):
+            if math.isfinite(fresh):
+                assert got == pytest.approx(fresh, rel=rtol[g.dtype], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_agc_vectorized_matches_per_unit_loop(dtype):
+    rng = random.Random(11)
+    tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for case in range(100):
+        ps = random_agc_case(rng, 1000 + case, (dtype,))
+        lam, eps = rng.choice([0.01, 0.05, 0.3]), rng.choice([1e-3, 1e-1])
+        raw = [None if p.grad is None else p.grad.clone() for p in ps]
+        ctx = GradContext(ps)
+        if not len(ctx):
+            continue
+        AGC(lam, eps).apply_(ctx)
+        clipped = dict(zip(map(id, ctx.params), ctx.reports["agc"]["clipped_units"].tolist()))
+        for p, g in zip(ps, raw):
+            if g is None:
+                assert p.grad is None
+                continue
+            want, n = agc_ref_per_unit(p, g, lam, eps)
+            got = p.grad.double()
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+            fin = torch.isfinite(want)
+            tiny = torch.finfo(dtype).smallest_normal  # fp16 subnormals carry few bits
+            torch.testing.assert_close(got[fin], want[fin], rtol=4 * tol, atol=tiny)
+            # a unit exactly at the threshold could go either way in fp32; random data never is
+            assert clipped[id(p)] == n
+
+
+def test_agc_nonfinite_units_and_weights_untouched_with_coef_one():
+    W = torch.nn.Parameter(torch.tensor([[1.0, 1.0], [float("inf"), 1.0], [1.0, float("nan")], [1.0, 1.0]]))
+    W.grad = torch.tensor([[float("inf"), 9.0], [5.0, 5.0], [5.0, 5.0], [5.0, 5.0]])
+    b = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    b.grad = torch.tensor([float("nan"), 1.0])
+    ctx = GradContext([W, b])
+    _ = ctx.norms
+    AGC().apply_(ctx)
+    assert W.grad[0, 0].item() == float("inf") and W.grad[0, 1].item() == 9.0  # non-finite grad unit
+    assert torch.equal(W.grad[1:3], torch.full((2, 2), 5.0))  # non-finite weight units
+    torch.testing.assert_close(W.grad[3].norm(), torch.tensor(0.01 * math.sqrt(2)))
+    assert b.grad[0].isnan() and b.grad[1].item() == 1.0
+    rep = ctx.reports["agc"]
+    assert rep["clipped_units"].tolist() == [1.0, 0.0] and rep["layers"].tolist() == [1.0, 0.0]
+    assert rep["min_coef"][0].item() < 1.0 and rep["min_coef"][1].item() == 1.0
+
+
+def test_agc_excluded_empty_and_all_excluded_layers():
+    a = torch.nn.Parameter(torch.ones(3, 2))
+    e = torch.nn.Parameter(torch.ones(0, 4))
+    s = torch.nn.Parameter(torch.tensor(2.0))
+    for p in (a, e, s):
+        p.grad = torch.full_like(p, 10.0)
+    ctx = GradContext([a, e, s])
+    _ = ctx.norms
+    before = ctx.norms.clone()
+    AGC(exclude=[a]).apply_(ctx)
+    assert torch.equal(a.grad, torch.full((3, 2), 10.0)) and s.grad.item() == pytest.approx(0.02)
+    rep = ctx.reports["agc"]
+    assert rep["clipped_units"].tolist() == [0.0, 0.0, 1.0]
+    assert ctx.norms[:2].tolist() == before[:2].tolist() and ctx.norms[2].item() == pytest.approx(0.02)
+    ctx = GradContext([a, e])
+    AGC(exclude=[a]).apply_(ctx)
+    assert ctx.reports["agc"]["clipped_units"].tolist() == [0.0, 0.0]
+    assert ctx.reports["agc"]["min_coef"].tolist() == [1.0, 1.0]
+
+
+def test_agc_plan_follows_layout_changes_and_new_excludes():
+    rng = random.Random(3)
+    agc = AGC(0.05)
+    layouts = [random_agc_case(rng, 500 + k, (torch.float32,)) for k in range(3)]
+    for step in range(9):
+        ps = layouts[step % 3]
+        for p in ps:
+            if p.grad is not None:
+                p.grad.normal_()
+        raw = [None if p.grad is None else p.grad.clone() for p in ps]
+        if step == 6:
+            agc.add_exclude(ps[0])
+        ctx = GradContext(ps)
+        if not len(ctx):
+            continue
+        agc.apply_(ctx)
+        for p, g in zip(ps, raw):
+            if g is None:
+                continue
+            if step >= 6 and p is ps[0]:
+                assert torch.equal(p.grad, g)
+            else:
+                want, _ = agc_ref_per_unit(p, g, 0.05, 1e-3)
+                fin = torch.isfinite(want)
+                torch.testing.assert_close(p.grad.double()[fin], want[fin], rtol=1e-5, atol=1e-30)
+    assert len(agc._plans) <= 8
+
+
+def test_agc_no_host_sync_on_the_training_path():
+    """No Tensor method that reads a value on the host is called (a sync on an accelerator)."""
+    rng = random.Random(4)
+    ps = random_agc_case(rng, 77)
+    ps.append(torch.nn.Parameter(torch.randn(8, 4)))
+    ps[-1].grad = torch.randn(8, 4)
+    agc = AGC()
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+    saved = {m: getattr(torch.Tensor, m) for m in names}
+    calls = []
+
+    def spy(m):
+        def f(self, *a, **k):
+            calls.append(m)
+            return saved[m](self, *a, **k)
+        return f
+
+    try:
+        for m in names:
+            setattr(torch.Tensor, m, spy(m))
+        for _ in range(2):  # the first step builds the plan, the second reuses it
+            ctx = GradContext(ps)
+            _ = ctx.norms
+            agc.apply_(ctx)
+    finally:
+        for m, f in saved.items():
+            setattr(torch.Tensor, m, f)
+    assert calls == []
+
+
 # ---------------------------------------------------------------------------------- ZClip
 
 
