@@ -86,6 +86,8 @@ class GradContext:
         self.step = step
         self.reports: dict[str, dict[str, Tensor]] = {}
         self._norms: Tensor | None = None
+        self._sums: Tensor | None = None
+        self._sums_versions: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -112,6 +114,27 @@ class GradContext:
         instead call ``set_norms(norms * c)`` to keep the cache valid without a pass."""
         self._norms = norms
 
+    # -- signed sums ---------------------------------------------------------------------------
+
+    def set_sums(self, sums: Tensor | None) -> None:
+        """Hand in the (L,) float32 signed sums of the current grads, each ``g.sum(dtype=float32)``
+        (the statistics pass's sum column), so a normalizer need not read the grads again.
+
+        Unlike norms, no transform keeps sums up to date: they are valid only while no gradient
+        was edited in place since they were handed in, which :meth:`cached_sums` checks with the
+        tensors' version counters (host-side integers, no device access)."""
+        self._sums = sums
+        self._sums_versions = _versions(self.grads) if sums is not None else None
+        if self._sums_versions is None:
+            self._sums = None
+
+    def cached_sums(self) -> Tensor | None:
+        """The sums handed to :meth:`set_sums` if no grad changed since, else None."""
+        if self._sums is None or _versions(self.grads) != self._sums_versions:
+            self._sums = None
+            return None
+        return self._sums
+
     def total_norm(self) -> Tensor:
         """0-dim float32 global L2 norm of the current grads, as ``get_total_norm`` computes it."""
         return torch.linalg.vector_norm(self.norms, 2)
@@ -131,6 +154,14 @@ class GradContext:
         d = self.reports.setdefault(transform, {})
         for k, v in values.items():
             d[k] = v if isinstance(v, torch.Tensor) else torch.full((), float(v), dtype=torch.float32, device=self.device)
+
+
+def _versions(ts: Sequence[Tensor]) -> tuple[int, ...] | None:
+    """In-place version counters of ``ts`` (None for inference tensors, which have none)."""
+    try:
+        return tuple(t._version for t in ts)
+    except RuntimeError:
+        return None
 
 
 def _torch_group_order(grads: Sequence[Tensor]) -> tuple[list[int], list[tuple[torch.device, torch.dtype, list[int]]]]:

@@ -7,9 +7,12 @@ moves; the step record then carries ``skipped_update = 1``.
 
 Kernel passes per step (over gradient memory, eligible layers only):
 
-* reads: one signed-sum pass per layer (fp32 accumulation); the sum of squares comes from the
-  context's cached norms, computed once per step and shared with the statistics pass and the
-  clippers (variance = s2/n - mean² finished in float64, as the statistics pass does);
+* reads: one signed-sum pass per layer (fp32 accumulation), or none when the statistics pass
+  handed its sum column to the context (``ctx.set_sums``: the same ``g.sum(dtype=float32)``,
+  valid while no grad was edited since, checked with version counters); the sum of squares
+  comes from the context's cached norms, computed once per step and shared with the statistics
+  pass and the clippers (variance = s2/n - mean² finished in float64, as the statistics pass
+  does). Centralize reads row means instead, which nothing else computes;
 * writes: ``g.mul_(scale).add_(shift)`` per layer (``sub_`` for Centralize).
 
 After the edit the context's norm cache is updated analytically from the moments (no extra pass),
@@ -64,9 +67,14 @@ def _layer_moments(ctx: GradContext, idx: list[int], dt: torch.dtype) -> tuple[T
     1e-7·mean²/var). Welford (``var_mean``) would avoid that but costs ~10 plain passes on CPU."""
     dev = ctx.device
     n = _const(tuple(float(ctx.grads[i].numel()) for i in idx), dt, dev)
-    sums = torch.stack([ctx.grads[i].sum(dtype=torch.float32).to(dev, non_blocking=True) for i in idx])
+    sel = _const(tuple(idx), torch.int64, dev)
+    cached = ctx.cached_sums()
+    if cached is not None:  # the statistics pass's sum column: the same fp32 sums, no read
+        sums = cached.index_select(0, sel)
+    else:
+        sums = torch.stack([ctx.grads[i].sum(dtype=torch.float32).to(dev, non_blocking=True) for i in idx])
     mean = sums.to(dt) / n
-    s2 = ctx.norms.index_select(0, _const(tuple(idx), torch.int64, dev)).to(dt).square()
+    s2 = ctx.norms.index_select(0, sel).to(dt).square()
     var = (s2 / n - mean.square()).clamp_min(0)
     return n, mean, var
 
@@ -84,10 +92,24 @@ def _fused_affine_(ctx: GradContext, idx: list[int], shift: Tensor, scale: Tenso
 
     ``mul_`` then ``add_`` rather than ``addcmul(out=g)``: with 0-dim tensor operands the fused
     kernel runs ~10x slower on CPU than the two vectorized in-place ops. With scale 1 and shift
-    -0.0 (a non-finite step) both are exact identities, signed zeros included."""
+    -0.0 (a non-finite step) both are exact identities, signed zeros included.
+
+    One foreach call per op and (device, dtype) group, with per-layer 0-dim operands rounded to
+    the grad's dtype first (the same arithmetic as a per-layer ``mul_``/``add_`` loop, without
+    its two ``select`` and two ``to`` calls per layer)."""
+    by_group: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for k, i in enumerate(idx):
         g = ctx.grads[i]
-        g.mul_(scale[k].to(g.dtype)).add_(shift[k].to(g.dtype))
+        by_group.setdefault((g.device, g.dtype), []).append(k)
+    for (dev, dtype), ks in by_group.items():
+        gs = [ctx.grads[idx[k]] for k in ks]
+        if len(ks) == len(idx):
+            sc, sh = scale, shift
+        else:
+            sel = _const(tuple(ks), torch.int64, scale.device)
+            sc, sh = scale.index_select(0, sel), shift.index_select(0, sel)
+        torch._foreach_mul_(gs, list(sc.to(dev, dtype).unbind(0)))
+        torch._foreach_add_(gs, list(sh.to(dev, dtype).unbind(0)))
 
 
 def _layer_mask(ctx: GradContext, idx: list[int], on: Tensor) -> Tensor:
@@ -149,8 +171,8 @@ class AutoscaledNorm(Transform):
     Non-finite steps: the gradients are left untouched (exact identity) and σ_ref does not
     move; ``skipped_update`` is 1 in the record.
 
-    Cost: one moment read pass per eligible layer plus one fused write pass (``addcmul``);
-    no host sync.
+    Cost: one signed-sum read per eligible layer (none with sums from the statistics pass) plus
+    ``mul_`` and ``add_`` writes; no host sync.
 
     Example::
 
@@ -282,7 +304,8 @@ class ZScoreNorm(_Stateless):
     (this is the transform the GAN paper criticizes: low-std layers get amplified). Stateless;
     on a non-finite step the edit is an exact identity.
 
-    Cost: one moment read pass and one fused write pass per layer.
+    Cost: one signed-sum read per layer (none with sums from the statistics pass) plus ``mul_``
+    and ``add_`` writes.
 
     Example::
 

@@ -403,3 +403,84 @@ def test_zscore_random_reference(dtype):
                 out = p.grad.double()
                 assert abs(out.mean().item()) < 1e-5
                 assert out.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------- sums from the stats pass
+
+
+def _twin(ps):
+    out = []
+    for p in ps:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+@pytest.mark.parametrize("make", [AutoscaledNorm, ZScoreNorm])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16,), (torch.bfloat16,), tuple(DTYPES)])
+def test_sums_from_statistics_pass_give_identical_results(make, dtypes):
+    """The statistics pass's sum column is the same ``g.sum(dtype=float32)`` the normalizer would
+    compute: handing it in changes nothing, bit for bit (grads, reports, state, norm cache)."""
+    from gradwatch.agent.stats import layer_moments
+
+    rng = random.Random(21)
+    a, b = make(), make()
+    for case in range(40):
+        ps = []
+        for k, s in enumerate(random_shapes(rng) + [(3, 4)]):
+            ps += make_params([s], rng.choice(dtypes), seed=100 * case + k)
+        if rng.random() < 0.2:  # a non-finite step: identity either way
+            g = rng.choice(ps).grad
+            if g.numel():
+                g.view(-1)[0] = rng.choice([float("nan"), float("inf")])
+        qs = _twin(ps)
+        cp, cq = GradContext(ps), GradContext(qs)
+        m = layer_moments(cp.grads)
+        cp.set_norms(m[:, 1].contiguous())
+        cp.set_sums(m[:, 0])
+        cq.set_norms(m[:, 1].contiguous())
+        assert cp.cached_sums() is not None
+        a.apply_(cp)
+        b.apply_(cq)
+        for x, y in zip(cp.grads, cq.grads):
+            assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(), y.nan_to_num())
+        for k, v in cp.reports[a.name].items():
+            assert torch.equal(v.nan_to_num(), cq.reports[b.name][k].nan_to_num()), k
+        assert torch.equal(cp.norms.nan_to_num(), cq.norms.nan_to_num())
+        for k, v in a.state_dict().items():
+            assert (v == b.state_dict()[k]) if not isinstance(v, torch.Tensor) else torch.equal(v, b.state_dict()[k])
+
+
+@pytest.mark.parametrize("make", [AutoscaledNorm, ZScoreNorm])
+def test_handed_in_sums_skip_the_sum_read_and_stale_sums_are_ignored(make, monkeypatch):
+    ps = make_params([(4, 3), (2, 3, 3, 3), (5,)], seed=3)
+    calls = []
+    orig = torch.Tensor.sum
+
+    def counting_sum(self, *a, **k):
+        calls.append(tuple(self.shape))
+        return orig(self, *a, **k)
+
+    ctx = GradContext(ps)
+    _ = ctx.norms
+    ctx.set_sums(torch.stack([g.sum(dtype=torch.float32) for g in ctx.grads]))
+    monkeypatch.setattr(torch.Tensor, "sum", counting_sum)
+    make().apply_(ctx)
+    assert not [c for c in calls if c in {(4, 3), (2, 3, 3, 3)}]  # no read of an eligible grad
+    assert ctx.cached_sums() is None  # the normalizer edited the grads: the sums are stale now
+    monkeypatch.undo()
+
+    # sums handed in, then a grad edited in place: the stale sums must not be used
+    ps = make_params([(4, 3), (6, 2)], seed=4)
+    qs = _twin(ps)
+    cp, cq = GradContext(ps), GradContext(qs)
+    cp.set_sums(torch.stack([g.sum(dtype=torch.float32) for g in cp.grads]))
+    for c in (cp, cq):
+        c.grads[0].add_(5.0)
+        _ = c.norms
+    assert cp.cached_sums() is None
+    make().apply_(cp)
+    make().apply_(cq)
+    for x, y in zip(cp.grads, cq.grads):
+        assert torch.equal(x, y)
