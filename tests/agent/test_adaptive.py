@@ -609,6 +609,64 @@ def test_autoclip_threshold_equals_numpy_percentile(include_current):
             seen.append(x)
 
 
+@pytest.mark.parametrize("per_parameter", [False, True])
+@pytest.mark.parametrize("include_current", [True, False])
+def test_autoclip_sorted_history_gives_nanquantile_bit_for_bit(per_parameter, include_current):
+    """The threshold comes from a sorted copy of the ring kept in step by insert/remove instead of
+    a sort per step: it must equal ``torch.nanquantile`` of the ring exactly, through wrap-around,
+    repeated norms (ties), non-finite steps that must not enter, and a state_dict round trip."""
+    rng = random.Random(31 + 2 * per_parameter + include_current)
+    for case in range(25):
+        hist_len = rng.choice([1, 2, 3, 5, 8, 13])
+        pct = rng.choice([0.0, 10.0, 33.3, 50.0, 90.0, 99.9, 100.0])
+        ac = AutoClip(pct, history=hist_len, include_current=include_current, per_parameter=per_parameter)
+        net = Net()
+        ps = list(net.parameters())
+        pool = [float(v) for v in np.round(np.exp(np.random.default_rng(case).normal(size=6)), 2)]
+        for step in range(rng.randint(hist_len, 3 * hist_len + 5)):
+            before = ac.state_dict()["history"].clone()
+            gs = grads_with_norms([rng.choice(pool)], seed=case * 1000 + step)[0]  # ties on purpose
+            if rng.random() < 0.15:
+                gs[rng.randrange(3)].view(-1)[0] = rng.choice([float("nan"), float("inf")])
+            set_grads(ps, gs)
+            r = ac(ps)
+            hist = ac.state_dict()["history"]
+            ref = hist if include_current else before
+            if ref.numel() == 0:  # per-parameter histories are allocated at the first step
+                ref = torch.full_like(hist, float("nan"))
+            want = torch.nanquantile(ref, pct / 100.0, dim=-1)
+            want = torch.where(torch.isnan(want), torch.full_like(want, float("inf")), want)
+            got = r["layer_threshold"].double() if per_parameter else r["threshold"].double()
+            want = want.float().double()
+            assert torch.equal(got, want), (case, step)
+            q64 = ac._quantile()  # float64, against nanquantile of the ring after this step
+            assert torch.equal(q64.nan_to_num(nan=1e300, posinf=1e300), torch.nanquantile(
+                hist.view(-1, hist_len), pct / 100.0, dim=1).nan_to_num(nan=1e300, posinf=1e300)), (case, step)
+            s = ac._sorted_hist()
+            full_sort = torch.where(torch.isnan(hist), torch.full_like(hist, float("inf")), hist)
+            assert torch.equal(s, full_sort.view(-1, hist_len).sort(dim=1).values), (case, step)
+            if step == hist_len:  # resume from a state_dict: the sorted copy is rebuilt
+                twin = AutoClip(pct, history=hist_len, include_current=include_current, per_parameter=per_parameter)
+                twin.load_state_dict(ac.state_dict())
+                ac = twin
+
+
+def test_autoclip_steady_state_has_no_sort():
+    """Once the sorted copy exists, a step does not sort (a full 10 000-entry history would cost
+    a 10 000-element sort per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ac = AutoClip()
+    ps = make_params([(4, 3), (3,)])
+    for _ in range(3):
+        ac(ps)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ac(ps)
+    names = {e.name for e in prof.events()}
+    assert not {n for n in names if "sort" in n and "searchsorted" not in n}
+    assert not {n for n in names if "quantile" in n}
+
+
 def test_autoclip_matches_package_global_quantile_clip():
     """include_current=False has the semantics of autoclip 0.2.1 QuantileClip(global_threshold=True)."""
     rng = random.Random(6)
