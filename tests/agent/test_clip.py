@@ -436,3 +436,31 @@ def test_clip_norm_has_no_host_sync_cuda():
         ClipValue(1.0)(ps)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_clip_value_one_pass_on_large_tensors_matches_torch_bit_for_bit():
+    """foreach=None clamps tensors of >= _ONE_PASS_NUMEL elements with one clamp_ (torch: the
+    foreach clamp_min_/clamp_max_ pair): same elements, signed zeros, NaN and inf included."""
+    from gradwatch.agent.transforms.clip import _ONE_PASS_NUMEL
+
+    rng = random.Random("clipvalue-large")
+    gen = torch.Generator().manual_seed(7)
+    for case in range(12):
+        ps = []
+        for _ in range(rng.randint(1, 4)):
+            n = rng.choice([_ONE_PASS_NUMEL - 1, _ONE_PASS_NUMEL, 3 * _ONE_PASS_NUMEL + 5, 17, 0])
+            dt = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+            g = torch.randn(n, generator=gen) * 10 ** rng.uniform(-3, 1)
+            if n:
+                k = torch.randint(0, n, (8,), generator=gen)
+                g[k] = torch.tensor([0.0, -0.0, INF, -INF, NAN, 0.0, -0.0, NAN])
+            g = g.to(dt).reshape(-1, 1) if n % 2 else g.to(dt)
+            p = torch.nn.Parameter(torch.zeros(g.shape, dtype=dt))
+            p.grad = g
+            ps.append(p)
+        v = rng.choice([0.0, 1e-3, 0.05, 1.0, INF])
+        ref = twin(ps)
+        clip_grad_value_(ref, v)
+        ClipValue(v)(ps)
+        for a, b in zip(ps, ref):
+            assert bits_equal(a.grad, b.grad) and torch.equal(torch.signbit(a.grad), torch.signbit(b.grad)), case
