@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, WebSocket
@@ -31,13 +32,15 @@ from gradwatch.server.api.deps import (
 )
 from gradwatch.server.errors import DomainError
 from gradwatch.server.live import message_from_batch
-from gradwatch.server.repo.ingest import RowsOverlap, read_acked, store_batch
+from gradwatch.server.repo.ingest import Prepared, RowsOverlap, prepare_batch, read_acked, store_batch
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ingest"])
 
 #: Frames decoded ahead of the batch being stored, per connection.
 _PIPELINE = 4
+#: Batches of one stream written at once on PostgreSQL.
+_STORES_IN_FLIGHT = 2
 _CLOSE_CODES = {400: 1007, 422: 1007, 413: 1009, 409: 1007, 503: 1011}
 
 
@@ -57,27 +60,35 @@ def _parse(data: bytes | str) -> Any:
 def decode_object(gw: AppState, obj: Any) -> Batch:
     """Validate one parsed batch through the wire schema. Raises IngestFailure (422)."""
     try:
-        return batch_from_dict(obj)
+        return batch_from_dict(obj, packed_as_array=True)
     except WireError as e:
         gw.metrics.error("schema")
         seq = obj.get("seq") if isinstance(obj, dict) and type(obj.get("seq")) is int else None
         raise IngestFailure(422, str(e), "schema", seq) from None
 
 
-def decode_frame(gw: AppState, data: bytes | str) -> Batch | dict[str, Any]:
-    """Parse and validate one websocket frame (in a worker thread): a Batch, or a hello dict."""
+def decode_frame(gw: AppState, data: bytes | str) -> Prepared | dict[str, Any]:
+    """Parse, validate and prepare one websocket frame (in a worker thread): a Prepared batch,
+    or a hello dict."""
     obj = _parse(data)
     if isinstance(obj, dict) and obj.get("type") == "hello":
         return obj
-    return decode_object(gw, obj)
+    batch = decode_object(gw, obj)
+    try:
+        with gw.db.read() as conn:
+            return prepare_batch(conn, batch)
+    except Exception:  # the database is down: storing will say so (503)
+        log.debug("preparing batch %s/%s failed", batch.run.run_id, batch.seq, exc_info=True)
+        return Prepared(batch)
 
 
-def store(gw: AppState, batch: Batch, t0: float) -> dict[str, Any]:
+def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
     """Store one decoded batch in its own transaction and publish it live. Raises IngestFailure."""
+    batch, prepared = (item.batch, item) if isinstance(item, Prepared) else (item, None)
     try:
         try:
             with gw.db.write() as conn:
-                res = store_batch(conn, batch, origin=gw.hub.origin)
+                res = store_batch(conn, batch, origin=gw.hub.origin, prepared=prepared)
         except RowsOverlap:  # rare: rows resent under a new seq; retry with ON CONFLICT DO NOTHING
             with gw.db.write() as conn:
                 res = store_batch(conn, batch, origin=gw.hub.origin, upsert=True)
@@ -204,31 +215,85 @@ async def ingest_ws(ws: WebSocket) -> None:
         await pending.put(None)
 
     receiver = asyncio.ensure_future(receive())
+    # PostgreSQL: a batch whose layers all exist may be written while the one before it commits
+    # (acks still go out in order); SQLite has one writer, so batches go one at a time.
+    inflight: deque[asyncio.Future[Any]] = deque()
+    overlap = 1 if gw.db.sqlite else _STORES_IN_FLIGHT
+    reported: dict[tuple[str, int], int] = {}
+
+    async def settle() -> bool:
+        """Answer the oldest store in flight; False when the connection must end."""
+        try:
+            ack = await inflight.popleft()
+        except IngestFailure as e:
+            if e.status == 409:  # the batch is refused, the stream is fine
+                await ws.send_json({"type": "error", "seq": e.seq, "status": 409, "error": e.message})
+                return True
+            await _fail(ws, e.status, e.message, e.seq)
+            return False
+        ack.pop("rows", None)
+        # Batches written side by side may commit out of order, so a later batch can see an
+        # older ``acked``; the stored cursor only grows, and so must what the client is told.
+        key = (ack["run_id"], ack["source"])
+        ack["acked"] = reported[key] = max(ack["acked"], reported.get(key, 0))
+        await ws.send_json({"type": "ack", **ack})
+        return True
+
+    async def settle_all() -> bool:
+        while inflight:
+            if not await settle():
+                return False
+        return True
+
+    getter: asyncio.Future[Any] | None = None
     try:
         while True:
-            item = await pending.get()
+            if getter is None:
+                getter = asyncio.ensure_future(pending.get())
+            if inflight:  # answer stores as they finish, also while no new frame comes
+                await asyncio.wait((getter, inflight[0]), return_when=asyncio.FIRST_COMPLETED)
+                if inflight[0].done():
+                    if not await settle():
+                        return
+                    continue
+            item = await getter
+            getter = None
             if item is None:
+                await settle_all()
                 return
             t0, fut = item
             try:
                 decoded = await fut
-                if isinstance(decoded, dict):
-                    await ws.send_json(await run_in_threadpool(_hello, gw, decoded))
-                    continue
-                ack = await run_in_threadpool(store, gw, decoded, t0)
             except IngestFailure as e:
+                if not await settle_all():
+                    return
                 if e.kind == "json":
                     gw.metrics.error("json")
-                if e.status == 409:  # the batch is refused, the stream is fine
-                    await ws.send_json({"type": "error", "seq": e.seq, "status": 409, "error": e.message})
-                    continue
                 await _fail(ws, e.status, e.message, e.seq)
                 return
-            ack.pop("rows", None)
-            await ws.send_json({"type": "ack", **ack})
+            if isinstance(decoded, dict):
+                if not await settle_all():
+                    return
+                try:
+                    await ws.send_json(await run_in_threadpool(_hello, gw, decoded))
+                except IngestFailure as e:
+                    await _fail(ws, e.status, e.message, e.seq)
+                    return
+                continue
+            cap = overlap if decoded.layers_known else 1
+            while len(inflight) >= cap:
+                if not await settle():
+                    return
+            inflight.append(asyncio.ensure_future(run_in_threadpool(store, gw, decoded, t0)))
+            while inflight and inflight[0].done():
+                if not await settle():
+                    return
     except (WebSocketDisconnect, RuntimeError):
         return
     finally:
+        for f in (*inflight, getter):
+            if f is not None:
+                f.cancel()
         receiver.cancel()
         with contextlib.suppress(BaseException):
             await receiver

@@ -14,9 +14,9 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, case, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
@@ -35,6 +35,7 @@ from gradwatch.server.db.models import (
 )
 from gradwatch.server.encoding import enc_value
 from gradwatch.server.errors import Conflict
+from gradwatch.server.repo.frame import BlockColumns, LayerFrame, pg_binary_array
 
 #: Channel for cross-process live notifications on PostgreSQL.
 NOTIFY_CHANNEL = "gradwatch_ingest"
@@ -45,8 +46,6 @@ _PG_TYPES = ["int8", "int8", "int4", "int8", "float8", "float8", "float8", "floa
              "float8", "int4"]
 _SQLITE_INSERT = (f"INSERT INTO layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(_LAYER_STAT_COLUMNS))}) ON CONFLICT DO NOTHING")
-_PG_INSERT = (f"INSERT INTO layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) "
-              f"VALUES ({', '.join(['%s'] * len(_LAYER_STAT_COLUMNS))}) ON CONFLICT DO NOTHING")
 _PG_COPY = f"COPY layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 
 
@@ -103,53 +102,43 @@ def _merge_unnest_sql() -> str:
 _MERGE_UNNEST = _merge_unnest_sql()
 
 
-def _block_rows(batch: Batch, ids: dict[int, int], cols_by_step: list[tuple[Any, list[list[Any]], list[int] | None]],
-                ) -> list[tuple[Any, ...]]:
-    """Per (layer, block, rank) aggregates of this batch's own rows.
+class _PgArray(bytes):
+    """A parameter already in PostgreSQL's binary array format (see ``frame.pg_binary_array``)."""
 
-    Steps of one block are transposed with ``zip(*columns)`` so min/max/sum run in C over each
-    layer's values (a few hundred calls per block instead of one per value).
-    """
-    groups: dict[tuple[int, int, tuple[int, ...]], list[Any]] = {}
-    for item in cols_by_step:
-        s = item[0]
-        groups.setdefault((s.step // BLOCK_STEPS, s.rank, tuple(s.layer_ids)), []).append(item)
-    out: list[tuple[Any, ...]] = []
-    for (block, rank, lids), items in groups.items():
-        nl = len(lids)
-        steps = [it[0].step for it in items]
-        head = [[ids[i] for i in lids], [block] * nl, [rank] * nl, [min(steps)] * nl, [max(steps)] * nl,
-                [len(items)] * nl]
-        aggs: list[list[Any]] = []
-        for k in range(len(LAYER_FLOAT_COLUMNS)):
-            cols = [it[1][k] for it in items]
-            if any(None in c for c in cols):
-                per_layer = [[v for v in t if v is not None] for t in zip(*cols)]
-                aggs += [[min(v) if v else None for v in per_layer], [max(v) if v else None for v in per_layer],
-                         [sum(v) if v else None for v in per_layer], [len(v) for v in per_layer]]
-            else:
-                tr = list(zip(*cols))
-                aggs += [list(map(min, tr)), list(map(max, tr)), list(map(sum, tr)), [len(items)] * nl]
-            masks = [it[2] for it in items if it[2] is not None]
-            b = 1 << k
-            aggs.append([sum(1 for m in t if m & b) for t in zip(*masks)] if masks else [0] * nl)
-        out.extend(zip(*head, *aggs))
-    return out
+    oid = 0
 
 
-def _merge_blocks(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    if not rows:
+class _Int8Array(_PgArray):
+    oid = 1016
+
+
+class _Float8Array(_PgArray):
+    oid = 1022
+
+
+def _array_dumpers(cur: Any) -> None:
+    from psycopg.adapt import Dumper
+    from psycopg.pq import Format
+
+    for cls in (_Int8Array, _Float8Array):
+        dumper = type(f"{cls.__name__}Dumper", (Dumper,), {"format": Format.BINARY, "oid": cls.oid,
+                                                          "dump": lambda self, obj: obj})
+        cur.adapters.register_dumper(cls, dumper)
+
+
+def _merge_blocks(conn: Connection, blocks: BlockColumns) -> None:
+    if not len(blocks):
         return
-    pg = conn.dialect.name == "postgresql"
     raw: Any = conn.connection.driver_connection
     cur = raw.cursor()
     try:
-        # One statement may not update the same row twice: a key repeated within the batch (layers
-        # missing from some steps of a block) goes row by row.
-        if pg and len({r[:3] for r in rows}) == len(rows):
-            cur.execute(_MERGE_UNNEST, [list(col) for col in zip(*rows)])
+        if conn.dialect.name == "postgresql":
+            _array_dumpers(cur)
+            params = [(_Int8Array if c.dtype.kind == "i" else _Float8Array)(a)
+                      for (c, _), a in zip(blocks.columns, blocks.pg_arrays())]
+            cur.execute(_MERGE_UNNEST, params)
         else:
-            cur.executemany(_MERGE[pg], rows)
+            cur.executemany(_MERGE[False], blocks.rows())
     finally:
         cur.close()
 
@@ -178,26 +167,6 @@ class IngestResult:
 
 def _dialect_insert(conn: Connection, table: Any) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
-
-def _nan_free(col: list[Any], bit: int, masks: list[int] | None) -> tuple[list[Any], list[int] | None]:
-    """Return ``col`` with NaN replaced by None and the NaN bits set in ``masks`` (created lazily)."""
-    try:
-        s = sum(col)
-        if s == s:  # no NaN (inf - inf also lands in the slow path, which is correct)
-            return col, masks
-    except TypeError:  # None present (l2_post not measured)
-        if not any(v is not None and v != v for v in col):
-            return col, masks
-    if masks is None:
-        masks = [0] * len(col)
-    out = list(col)
-    b = 1 << bit
-    for j, v in enumerate(col):
-        if v is not None and v != v:
-            masks[j] |= b
-            out[j] = None
-    return out, masks
 
 
 def ensure_run(conn: Connection, batch: Batch, now: float) -> None:
@@ -284,51 +253,24 @@ def _layer_ids(conn: Connection, batch: Batch) -> dict[int, int]:
     return out
 
 
-def _layer_rows(batch: Batch, ids: dict[int, int]) -> tuple[list[tuple[Any, ...]], list[Any]]:
-    """Row tuples for ``layer_stat`` plus, per step, the NaN-free float columns and NaN masks."""
-    rows: list[tuple[Any, ...]] = []
-    per_step: list[Any] = []
-    for s in batch.steps:
-        if not s.layer_ids:
-            continue
-        c = s.layers
-        masks: list[int] | None = None
-        floats = []
-        for bit, name in enumerate(LAYER_FLOAT_COLUMNS):
-            col, masks = _nan_free(c[name], bit, masks)
-            floats.append(col)
-        mean, var, std, l2, maxabs, l2_post = floats
-        rows.extend(zip([ids[i] for i in s.layer_ids], repeat(s.step), repeat(s.rank), c["numel"], mean, var,
-                        std, l2, maxabs, c["nonfinite"], l2_post, masks if masks is not None else repeat(0)))
-        per_step.append((s, floats, masks))
-    return rows, per_step
-
-
 class RowsOverlap(Exception):
     """Binary COPY hit rows already stored by another batch; retry the batch with ``upsert=True``."""
 
 
-def _insert_layer_rows(conn: Connection, rows: list[tuple[Any, ...]], upsert: bool) -> bool:
+def _insert_layer_rows(conn: Connection, frame: LayerFrame, copy: bytes | None = None,
+                       rows: list[tuple[Any, ...]] | None = None) -> bool:
     """Bulk insert through the raw driver; rows already stored (same layer, step, rank) are kept.
 
     First write wins, so an agent that restarts and resends overlapping steps under new seqs is
-    not stuck behind a rejected batch. PostgreSQL: binary COPY (no conflict handling); on a key
-    violation the whole transaction is retried with ``INSERT ... ON CONFLICT DO NOTHING``.
-    Returns whether every row was new (else the rollup blocks are recomputed from the table).
+    not stuck behind a rejected batch. PostgreSQL: one binary COPY stream built in numpy (no
+    conflict handling: a key violation raises RowsOverlap and the batch is retried with
+    ``upsert=True``). Returns whether every row was new.
     """
-    if not rows:
-        return True
     raw: Any = conn.connection.driver_connection
     if conn.dialect.name == "postgresql":
-        if upsert:
-            with raw.cursor() as cur:
-                cur.executemany(_PG_INSERT, rows)
-            return False
         try:
             with raw.cursor() as cur, cur.copy(_PG_COPY) as cp:
-                cp.set_types(_PG_TYPES)
-                for r in rows:
-                    cp.write_row(r)
+                cp.write(copy if copy is not None else frame.copy_binary())
         except Exception as e:
             if _is_integrity_error(e):
                 raise RowsOverlap(str(e)) from None
@@ -336,10 +278,27 @@ def _insert_layer_rows(conn: Connection, rows: list[tuple[Any, ...]], upsert: bo
         return True
     cur = raw.cursor()
     try:
-        cur.executemany(_SQLITE_INSERT, rows)
-        return bool(cur.rowcount == len(rows))
+        cur.executemany(_SQLITE_INSERT, rows if rows is not None else frame.rows())
+        return bool(cur.rowcount == len(frame))
     finally:
         cur.close()
+
+
+_PG_INSERT_RETURNING = (
+    f"INSERT INTO layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"%b::{t}[]" for t in _PG_TYPES) + ") ON CONFLICT DO NOTHING RETURNING layer_id, step, rank")
+
+
+def _insert_returning_pg(conn: Connection, frame: LayerFrame) -> np.ndarray:
+    """Insert ``frame`` with ON CONFLICT DO NOTHING; a mask of the rows that were new."""
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as cur:
+        _array_dumpers(cur)
+        cur.execute(_PG_INSERT_RETURNING, [(_Int8Array if c.dtype.kind == "i" else _Float8Array)(pg_binary_array(c, z))
+                                           for c, z in frame.columns()])
+        new = set(cur.fetchall())
+    return np.fromiter(((k in new) for k in zip(frame.layer_id.tolist(), frame.step.tolist(), frame.rank.tolist())),
+                       bool, len(frame))
 
 
 def _insert_values(conn: Connection, stmt: Any, rows: list[dict[str, Any]], chunk: int = 500) -> None:
@@ -383,9 +342,60 @@ def _insert_step_rows(conn: Connection, batch: Batch) -> None:
         cur.close()
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A decoded batch with the work that needs no write transaction already done.
+
+    The websocket handler prepares the next batches in worker threads while the current one is
+    being written, so building columns, COPY streams and rollup aggregates overlaps the
+    database's own work. ``ids`` is the layer mapping read before the transaction; the write
+    re-reads it and rebuilds if it changed (a run deleted and recreated meanwhile).
+    """
+
+    batch: Batch
+    ids: dict[int, int] | None = None
+    frame: LayerFrame | None = None
+    blocks: BlockColumns | None = None
+    copy: bytes | None = None  # PostgreSQL: the COPY stream
+    rows: list[tuple[Any, ...]] | None = None  # SQLite: the executemany rows
+
+    @property
+    def layers_known(self) -> bool:
+        """Whether every layer of the batch existed already (no layer rows to create)."""
+        return self.ids is not None
+
+
+def _needed_layers(batch: Batch) -> set[int]:
+    needed = {la.index for la in batch.layers}
+    for s in batch.steps:
+        needed.update(s.layer_ids)
+    return needed
+
+
+def prepare_batch(conn: Connection | None, batch: Batch) -> Prepared:
+    """Do a batch's pre-transaction work; ``conn`` is a read connection (None: decode only)."""
+    if conn is None or not batch.steps:
+        return Prepared(batch)
+    existing = {idx: (lid, name) for lid, idx, name in
+                conn.execute(select(Layer.id, Layer.idx, Layer.name).where(Layer.run_id == batch.run.run_id))}
+    if not _needed_layers(batch) <= existing.keys() or any(existing[la.index][1] != la.name for la in batch.layers):
+        return Prepared(batch)
+    ids = {idx: lid for idx, (lid, _) in existing.items()}
+    frame = LayerFrame.from_batch(batch, ids)
+    pg = conn.dialect.name == "postgresql"
+    if pg:
+        return Prepared(batch, ids, frame, frame.blocks(), copy=frame.copy_binary() if len(frame) else None)
+    return Prepared(batch, ids, frame, frame.blocks(), rows=list(frame.rows()))
+
+
 def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin: str = "",
-                upsert: bool = False) -> IngestResult:
+                upsert: bool = False, prepared: Prepared | None = None) -> IngestResult:
     """Store ``batch`` in the caller's transaction; a batch stored before changes nothing.
+
+    Locks are taken in one order by every writer (rollup blocks by key, the run row, then the
+    (run, source) cursor row last), so on PostgreSQL several batches of one stream can be in
+    flight at once without deadlocks, and the cursor's ``acked`` stays exact: whoever takes
+    the cursor last sees every seq committed before it.
 
     Raises:
         Conflict: the run exists in another project.
@@ -394,7 +404,6 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     now = time.time() if now is None else now
     run_id, source, seq = batch.run.run_id, batch.source, batch.seq
     ensure_run(conn, batch, now)
-    acked = _lock_cursor(conn, run_id, source)
     steps = [s.step for s in batch.steps] + [e.step for e in batch.events] + [s.step for s in batch.scalars]
     step_min, step_max = (min(steps), max(steps)) if steps else (None, None)
     ins = _dialect_insert(conn, IngestBatch).values(
@@ -402,16 +411,25 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         step_min=step_min, step_max=step_max,
     ).on_conflict_do_nothing().returning(IngestBatch.seq)
     if conn.execute(ins).first() is None:
-        return IngestResult(run_id, source, seq, acked, True, 0, step_min, step_max)
+        return IngestResult(run_id, source, seq, read_acked(conn, run_id, source), True, 0, step_min, step_max)
 
     ids = _layer_ids(conn, batch)
-    rows, per_step = _layer_rows(batch, ids)
-    all_new = _insert_layer_rows(conn, rows, upsert)
-    if rows and not all_new:
-        lsteps = [st.step for st, _, _ in per_step]
-        _update_blocks(conn, {r[0] for r in rows}, min(lsteps), max(lsteps))
-    elif rows:
-        _merge_blocks(conn, _block_rows(batch, ids, per_step))
+    if prepared is not None and prepared.ids == ids and prepared.frame is not None:
+        frame, blocks, copy, rows = prepared.frame, prepared.blocks, prepared.copy, prepared.rows
+    else:
+        frame, blocks, copy, rows = LayerFrame.from_batch(batch, ids), None, None, None
+    merge: BlockColumns | None = None
+    if len(frame):
+        if conn.dialect.name == "postgresql" and upsert:
+            # Merge only what this batch really added (exact, and safe beside concurrent writers,
+            # unlike recomputing blocks from a snapshot of the rows).
+            frame = frame.subset(_insert_returning_pg(conn, frame))
+            merge = frame.blocks() if len(frame) else None
+        elif _insert_layer_rows(conn, frame, copy, rows):
+            merge = blocks if blocks is not None else frame.blocks()
+        else:  # SQLite, some rows existed: recompute the touched blocks (one writer: no race)
+            _update_blocks(conn, set(np.unique(frame.layer_id).tolist()), int(frame.step.min()),
+                           int(frame.step.max()))
     if batch.steps:
         _insert_step_rows(conn, batch)
     scalars = [{"run_id": run_id, "key": k, "step": s.step, "rank": s.rank, "time": s.time,
@@ -422,6 +440,10 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     if batch.events:
         _insert_values(conn, insert(Event), [{"run_id": run_id, "kind": e.kind, "step": e.step, "rank": e.rank,
                                       "time": e.time, "data": enc_value(e.data)} for e in batch.events])
+    # Rows that other writers also update come last (blocks, run, cursor, in that order): a
+    # concurrent batch of the same stream waits only for this short tail.
+    if merge is not None:
+        _merge_blocks(conn, merge)
     values: dict[str, Any] = {"updated_at": now}
     if batch.status:
         values["status"] = batch.status
@@ -429,13 +451,14 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         values["last_step"] = case((Run.last_step.is_(None) | (Run.last_step < step_max), step_max),
                                    else_=Run.last_step)
     conn.execute(update(Run).where(Run.id == run_id).values(**values))
+    acked = _lock_cursor(conn, run_id, source)
     if seq == acked + 1:
         acked = _advance_cursor(conn, run_id, source, acked)
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_notify(:c, :p)"),
                      {"c": NOTIFY_CHANNEL, "p": json.dumps({"origin": origin, "run_id": run_id, "source": source, "seq": seq,
                                               "ranks": _ranks(batch)})})
-    return IngestResult(run_id, source, seq, acked, False, len(rows), step_min, step_max)
+    return IngestResult(run_id, source, seq, acked, False, len(frame), step_min, step_max)
 
 
 def _ranks(batch: Batch) -> list[int]:

@@ -1,0 +1,277 @@
+"""A batch's layer rows as columns (numpy), and the bulk forms the databases take.
+
+Ingest is most of the server's work, and per-row Python (building tuples, finding NaN, folding
+rollup aggregates) cost more than the database itself. Here a batch's per-layer columns become
+one float64/int64 array per field, NaN and null are found with vector ops, the 64-step rollup
+aggregates are segment reductions, and PostgreSQL gets its binary COPY stream assembled in
+numpy: no Python object per value on that path. SQLite still needs one tuple per row
+(``executemany`` is its only bulk path).
+
+Storage semantics are those of the ``layer_stat`` table: NaN is stored as NULL with its bit set in
+``nan_mask`` (bit k for ``LAYER_FLOAT_COLUMNS[k]``); a value that was not measured (``null`` on
+the wire) is NULL with the bit clear; ±inf are stored as they are.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+
+from gradwatch.agent.wire import Batch
+from gradwatch.server.db.models import BLOCK_STEPS, LAYER_FLOAT_COLUMNS
+
+_F8 = np.dtype("<f8")
+_I8 = np.dtype("<i8")
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+#: ``layer_stat`` columns in table order with their PostgreSQL binary types; None marks a float
+#: column that may be NULL (its position in LAYER_FLOAT_COLUMNS decides the null-pattern bit).
+_COPY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("layer_id", ">i8"), ("step", ">i8"), ("rank", ">i4"), ("numel", ">i8"), ("mean", ">f8"), ("var", ">f8"),
+    ("std", ">f8"), ("l2", ">f8"), ("maxabs", ">f8"), ("nonfinite", ">i8"), ("l2_post", ">f8"), ("nan_mask", ">i4"),
+)
+
+
+def _column(pieces: Sequence[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """Concatenate one field over the steps; returns (values, null mask or None).
+
+    A piece is an ``array.array`` (a packed wire column: zero-copy view) or a list (a JSON
+    column, which may hold None = not measured; NaN stands in for it in the values).
+    """
+    parts: list[np.ndarray] = []
+    nulls: list[np.ndarray] | None = None
+    for i, p in enumerate(pieces):
+        if isinstance(p, array):
+            parts.append(np.frombuffer(p, dtype=np.float64 if p.typecode == "d" else np.int64).astype(dtype, copy=False))
+            if nulls is not None:
+                nulls.append(np.zeros(len(p), bool))
+            continue
+        if None in p:
+            if nulls is None:
+                nulls = [np.zeros(len(q), bool) for q in pieces[:i]]
+            isnull = np.fromiter((v is None for v in p), bool, len(p))
+            nulls.append(isnull)
+            parts.append(np.array([np.nan if v is None else v for v in p], dtype=dtype))
+        else:
+            parts.append(np.array(p, dtype=dtype))
+            if nulls is not None:
+                nulls.append(np.zeros(len(p), bool))
+    if not parts:
+        return np.empty(0, dtype), None
+    vals = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return vals, (None if nulls is None else np.concatenate(nulls))
+
+
+@dataclass(slots=True)
+class LayerFrame:
+    """The layer rows of one batch, column-wise, in wire order (step by step)."""
+
+    layer_id: np.ndarray  # int64, the layer table's ids
+    step: np.ndarray  # int64
+    rank: np.ndarray  # int64
+    numel: np.ndarray  # int64
+    nonfinite: np.ndarray  # int64
+    floats: list[np.ndarray]  # float64 per LAYER_FLOAT_COLUMNS, NaN where stored NULL
+    stored_null: list[np.ndarray | None]  # per float column: stored as NULL (NaN or not measured); None = none
+    nan: list[np.ndarray | None]  # per float column: was NaN; None = none
+    nan_mask: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    @classmethod
+    def from_batch(cls, batch: Batch, ids: dict[int, int]) -> LayerFrame:
+        steps = [s for s in batch.steps if s.layer_ids]
+        counts = np.fromiter((len(s.layer_ids) for s in steps), np.int64, len(steps))
+        n = int(counts.sum())
+        idx = np.fromiter(chain.from_iterable(s.layer_ids for s in steps), np.int64, n)
+        lut = np.zeros(max(ids) + 1 if ids else 1, np.int64)
+        lut[np.fromiter(ids.keys(), np.int64, len(ids))] = np.fromiter(ids.values(), np.int64, len(ids))
+        layer_id = lut[idx] if n else idx
+        step = np.repeat(np.fromiter((s.step for s in steps), np.int64, len(steps)), counts)
+        rank = np.repeat(np.fromiter((s.rank for s in steps), np.int64, len(steps)), counts)
+        numel, _ = _column([s.layers["numel"] for s in steps], _I8)
+        nonfinite, _ = _column([s.layers["nonfinite"] for s in steps], _I8)
+        floats: list[np.ndarray] = []
+        stored_null: list[np.ndarray | None] = []
+        nans: list[np.ndarray | None] = []
+        nan_mask = np.zeros(n, np.int64)
+        for bit, name in enumerate(LAYER_FLOAT_COLUMNS):
+            vals, null = _column([s.layers[name] for s in steps], _F8)
+            isnan = np.isnan(vals)
+            if not isnan.any():
+                floats.append(vals)
+                stored_null.append(None)
+                nans.append(None)
+                continue
+            nan = isnan if null is None else isnan & ~null
+            floats.append(vals)
+            stored_null.append(isnan)
+            if nan.any():
+                nans.append(nan)
+                nan_mask |= nan.astype(np.int64) << bit
+            else:
+                nans.append(None)
+        return cls(layer_id, step, rank, numel, nonfinite, floats, stored_null, nans, nan_mask)
+
+    def subset(self, keep: np.ndarray) -> LayerFrame:
+        """The rows where ``keep`` is true."""
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[keep]
+
+        return LayerFrame(self.layer_id[keep], self.step[keep], self.rank[keep], self.numel[keep],
+                          self.nonfinite[keep], [v[keep] for v in self.floats], [pick(z) for z in self.stored_null],
+                          [pick(z) for z in self.nan], self.nan_mask[keep])
+
+    def columns(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(values, NULL mask or None) per ``layer_stat`` column, in table order."""
+        f = dict(zip(LAYER_FLOAT_COLUMNS, zip(self.floats, self.stored_null)))
+        return [(self.layer_id, None), (self.step, None), (self.rank, None), (self.numel, None), f["mean"], f["var"],
+                f["std"], f["l2"], f["maxabs"], (self.nonfinite, None), f["l2_post"], (self.nan_mask, None)]
+
+    # ------------------------------------------------------------------ SQLite
+
+    def rows(self) -> Iterator[tuple[Any, ...]]:
+        """Row tuples in ``layer_stat`` column order (NULL as None), for ``executemany``."""
+        floats = [_with_nulls(vals, null) for vals, null in zip(self.floats, self.stored_null)]
+        mean, var, std, l2, maxabs, l2_post = floats
+        return zip(self.layer_id.tolist(), self.step.tolist(), self.rank.tolist(), self.numel.tolist(), mean, var,
+                   std, l2, maxabs, self.nonfinite.tolist(), l2_post, self.nan_mask.tolist())
+
+    # ------------------------------------------------------------------ PostgreSQL
+
+    def copy_binary(self) -> bytes:
+        """The whole ``COPY layer_stat (...) FROM STDIN (FORMAT BINARY)`` stream.
+
+        Binary COPY frames every field with its length (-1 for NULL), so rows differ in size with
+        their NULL pattern; rows are grouped by pattern (usually one or two per batch: COPY does
+        not care about order) and each group is one packed record array.
+        """
+        n = len(self)
+        pattern = np.zeros(n, np.int64)
+        for bit, null in enumerate(self.stored_null):
+            if null is not None:
+                pattern |= null.astype(np.int64) << bit
+        source = {"layer_id": self.layer_id, "step": self.step, "rank": self.rank, "numel": self.numel,
+                  "nonfinite": self.nonfinite, "nan_mask": self.nan_mask}
+        source.update(zip(LAYER_FLOAT_COLUMNS, self.floats))
+        out = [_COPY_HEADER]
+        groups: list[int] = np.unique(pattern).tolist() if n else []
+        for p in groups:
+            sel = None if len(groups) == 1 else np.flatnonzero(pattern == p)
+            m = n if sel is None else len(sel)
+            fields: list[tuple[str, str]] = [("nf", ">i2")]
+            values: list[tuple[str, int, np.ndarray | None]] = []
+            for name, typ in _COPY_COLUMNS:
+                bit = LAYER_FLOAT_COLUMNS.index(name) if name in LAYER_FLOAT_COLUMNS else -1
+                fields.append((f"{name}_len", ">i4"))
+                if bit >= 0 and (p >> bit) & 1:
+                    values.append((name, -1, None))
+                    continue
+                fields.append((name, typ))
+                col = source[name]
+                values.append((name, np.dtype(typ).itemsize, col if sel is None else col[sel]))
+            rec = np.empty(m, np.dtype(fields))
+            rec["nf"] = len(_COPY_COLUMNS)
+            for name, size, val in values:
+                rec[f"{name}_len"] = size
+                if val is not None:
+                    rec[name] = val
+            out.append(rec.tobytes())
+        out.append(_COPY_TRAILER)
+        return b"".join(out)
+
+    # ------------------------------------------------------------------ rollup
+
+    def blocks(self) -> BlockColumns:
+        """Per (layer, block, rank) aggregates of these rows, one entry per key, columns in the
+        order of ``layer_stat_block`` (``ingest._BLOCK_COLS``); an aggregate over no value is NULL."""
+        with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as Python's sum makes it
+            return self._blocks(len(self))
+
+    def _blocks(self, n: int) -> BlockColumns:
+        if not n:
+            return BlockColumns([])
+        block = self.step // BLOCK_STEPS
+        order = np.lexsort((self.step, self.rank, block, self.layer_id))
+        lid, blk, rk, st = self.layer_id[order], block[order], self.rank[order], self.step[order]
+        change = np.empty(n, bool)
+        change[0] = True
+        change[1:] = (lid[1:] != lid[:-1]) | (blk[1:] != blk[:-1]) | (rk[1:] != rk[:-1])
+        starts = np.flatnonzero(change)
+        ends = np.append(starts[1:], n) - 1
+        size = np.diff(np.append(starts, n))
+        zero = np.zeros(len(starts), np.int64)
+        cols: list[tuple[np.ndarray, np.ndarray | None]] = [
+            (lid[starts], None), (blk[starts], None), (rk[starts], None), (st[starts], None), (st[ends], None),
+            (size, None)]
+        for vals, null, nan in zip(self.floats, self.stored_null, self.nan):
+            v = vals[order]
+            if null is None:
+                cols += [(np.minimum.reduceat(v, starts), None), (np.maximum.reduceat(v, starts), None),
+                         (np.add.reduceat(v, starts), None), (size, None), (zero, None)]
+                continue
+            ok = ~null[order]
+            cnt = np.add.reduceat(ok.astype(np.int64), starts)
+            empty = cnt == 0
+            empty_or_none = empty if empty.any() else None
+            cols += [(np.minimum.reduceat(np.where(ok, v, np.inf), starts), empty_or_none),
+                     (np.maximum.reduceat(np.where(ok, v, -np.inf), starts), empty_or_none),
+                     (np.add.reduceat(np.where(ok, v, 0.0), starts), empty_or_none), (cnt, None),
+                     (np.add.reduceat(nan[order].astype(np.int64), starts) if nan is not None else zero, None)]
+        return BlockColumns(cols)
+
+
+def _with_nulls(col: np.ndarray, null: np.ndarray | None) -> list[Any]:
+    out = col.tolist()
+    if null is not None:
+        for j in np.flatnonzero(null).tolist():
+            out[j] = None
+    return out
+
+
+_PG_ARRAY_OID = {"i": (20, ">i8"), "f": (701, ">f8")}  # element oid (int8, float8), binary type
+_PG_ELEM = {"i": struct.Struct(">iq"), "f": struct.Struct(">id")}  # length prefix + value
+_NULL_ELEM = struct.pack(">i", -1)
+
+
+def pg_binary_array(col: np.ndarray, null: np.ndarray | None) -> bytes:
+    """A one-dimensional int8[]/float8[] in PostgreSQL's binary array format (NULL where ``null``).
+
+    psycopg dumps a Python list element by element (~0.6 us a value); this is one numpy pass.
+    """
+    oid, typ = _PG_ARRAY_OID[col.dtype.kind]
+    n = len(col)
+    has_null = null is not None and bool(null.any())
+    head = struct.pack(">iiIii", 1, int(has_null), oid, n, 1)
+    if not has_null:
+        rec = np.empty(n, np.dtype([("len", ">i4"), ("v", typ)]))
+        rec["len"] = 8
+        rec["v"] = col
+        return head + rec.tobytes()
+    if null is not None and bool(null.all()):
+        return head + _NULL_ELEM * n
+    pack = _PG_ELEM[col.dtype.kind].pack
+    return head + b"".join(_NULL_ELEM if z else pack(8, v) for v, z in zip(col.tolist(), null.tolist()))  # type: ignore[union-attr]
+
+
+@dataclass(slots=True)
+class BlockColumns:
+    """Rollup rows of one batch, column-wise: (values, NULL mask or None) per column."""
+
+    columns: list[tuple[np.ndarray, np.ndarray | None]]
+
+    def __len__(self) -> int:
+        return len(self.columns[0][0]) if self.columns else 0
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return list(zip(*(_with_nulls(c, z) for c, z in self.columns)))
+
+    def pg_arrays(self) -> list[bytes]:
+        return [pg_binary_array(c, z) for c, z in self.columns]
