@@ -24,6 +24,48 @@ from gradwatch.agent.wire import Event, LayerInfo, RunInfo, ScalarRecord, StepRe
 REPO = Path(__file__).resolve().parents[2]
 
 
+class BlockingIO:
+    """Records which threads do network or disk-sync calls while active.
+
+    "The server is slow or down never slows a step" is checked by structure, not by timing
+    (these machines are shared): the training thread must make no socket call and no fsync, so
+    nothing the server does can reach it.
+    """
+
+    _SOCKET = ("connect", "connect_ex", "send", "sendall", "recv", "recv_into", "sendto", "recvfrom")
+
+    def __init__(self) -> None:
+        self.threads: dict[int, set[str]] = {}
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._lock = threading.Lock()
+
+    def _wrap(self, owner: Any, name: str) -> None:
+        orig = getattr(owner, name)
+        rec = self
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            with rec._lock:
+                rec.threads.setdefault(threading.get_ident(), set()).add(name)
+            return orig(*a, **k)
+
+        self._saved.append((owner, name, orig))
+        setattr(owner, name, wrapper)
+
+    def __enter__(self) -> BlockingIO:
+        for name in self._SOCKET:
+            self._wrap(socket.socket, name)
+        self._wrap(socket, "create_connection")
+        self._wrap(os, "fsync")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, name, orig in reversed(self._saved):
+            setattr(owner, name, orig)
+
+    def on(self, ident: int) -> set[str]:
+        return self.threads.get(ident, set())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

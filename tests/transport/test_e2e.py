@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from gradwatch.agent import watch
 from gradwatch.agent.transport.spool import read_batches
 from gradwatch.agent.wire import decode_batch
 
-from .conftest import DelayRelay, ServerProc, assert_exactly_once, db_counts, free_port, run_cli
+from .conftest import BlockingIO, DelayRelay, ServerProc, assert_exactly_once, db_counts, free_port, run_cli
 from .train import N_LAYERS, build, sink_factory, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::gradwatch.agent.transport.buffered.TransportWarning")]
@@ -56,32 +55,30 @@ def test_server_killed_mid_run_and_restarted(server: ServerProc, tmp_path: Path)
         if i == 160:
             threading.Thread(target=lambda: (server.start(), restarted.set()), daemon=True).start()
 
-    times = train(model, opt, w, 300, sleep=0.005, on_step=chaos)
+    with BlockingIO() as io:
+        train(model, opt, w, 300, sleep=0.005, on_step=chaos)
     assert restarted.wait(60)
     assert w.flush(30)
     st = w.stats()
     w.close(timeout=30)
     assert st["reconnects"] >= 1 and st["dropped"] == 0 and st["spooled"] == 0, st
     assert_exactly_once(server.db, w.run_id, range(300), N_LAYERS)
-    assert max(times) < 2.0  # no step waited for the restart (~seconds)
+    assert io.on(threading.get_ident()) == set()  # no step can wait for the restart: no I/O in the step
+    assert io.threads  # (the recorder saw the sender's calls)
 
 
 def test_server_never_comes_up_then_upload(server_factory: Any, tmp_path: Path, capsys: Any) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # baseline: the same loop with an offline file recording (no network at all)
-    model, opt = build()
-    wf = watch(model, opt, server=f"file:{tmp_path / 'baseline.jsonl'}")
-    base = train(model, opt, wf, 200)
-    wf.close()
     model, opt, w = _watch(url, tmp_path / "spool", connect_timeout=1.0)
-    down = train(model, opt, w, 200)
+    with BlockingIO() as io:
+        train(model, opt, w, 200)
     st = w.stats()
     t0 = time.monotonic()
     w.close(timeout=5)
-    assert time.monotonic() - t0 < 6
-    assert statistics.median(down) < 1.5 * statistics.median(base) + 0.002, (statistics.median(down),
-                                                                           statistics.median(base))
+    assert time.monotonic() - t0 < 5 + 3  # close honours its timeout (a wide margin: shared machines)
+    assert io.on(threading.get_ident()) == set() and "connect" in set().union(*io.threads.values())
     assert st["sent"] == 0 and st["dropped"] == 0
     line = [ln for ln in capsys.readouterr().err.splitlines() if w.run_id in ln and "not delivered" in ln]
     assert len(line) == 1 and "gradwatch upload" in line[0]
@@ -132,24 +129,19 @@ def test_training_process_killed(server: ServerProc, tmp_path: Path) -> None:
 
 
 def test_slow_server_never_makes_a_step_wait(server: ServerProc, tmp_path: Path) -> None:
-    model, opt, w = _watch(server.url, tmp_path / "fast")
-    fast = train(model, opt, w, 200, sleep=0.01)
-    w.close(timeout=20)
     relay = DelayRelay(server.port, delay=0.5)  # every client->server chunk waits 0.5 s
     try:
         model, opt, w = _watch(relay.url, tmp_path / "slow")
         backlog = []
-        slow = train(model, opt, w, 200, sleep=0.01,
-                     on_step=lambda i: backlog.append(w.stats()["batches_unsent"]))
+        with BlockingIO() as io:
+            train(model, opt, w, 200, sleep=0.01, on_step=lambda i: backlog.append(w.stats()["batches_unsent"]))
         t0 = time.monotonic()
         w.close(timeout=2)
-        assert time.monotonic() - t0 < 3.5
+        assert time.monotonic() - t0 < 2 + 3  # close honours its timeout (a wide margin: shared machines)
     finally:
         relay.close()
     assert max(backlog) > 1  # the server fell behind: the backlog lived in the spool, not in the step
-    assert statistics.median(slow) < 1.5 * statistics.median(fast) + 0.002, (statistics.median(slow),
-                                                                           statistics.median(fast))
-    assert max(slow) < 0.4  # no step waited for one 0.5 s server round trip
+    assert io.on(threading.get_ident()) == set()  # no step can wait for a server round trip
     st = w.stats()
     assert st["dropped"] == 0
     if (tmp_path / "slow").exists() and list((tmp_path / "slow").glob("*.jsonl")):
