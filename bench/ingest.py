@@ -114,11 +114,14 @@ def make_batches(n_rows: int, run_id: str, seed: int = 0) -> list[wire.Batch]:
     for b in range(n_batches):
         steps = []
         for _ in range(STEPS_PER_BATCH):
-            v = [rnd.random() for _ in range(LAYERS)]
+            mean = [rnd.gauss(0, 1e-4) for _ in range(LAYERS)]
+            std = [rnd.uniform(1e-4, 1e-2) for _ in range(LAYERS)]
+            l2 = [s * 256 for s in std]
             steps.append(wire.StepRecord(
                 step=step, time=time.time(), layer_ids=ids,
-                layers={"numel": [65536] * LAYERS, "mean": v, "var": v, "std": v, "l2": v, "maxabs": v,
-                        "nonfinite": [0] * LAYERS, "l2_post": v},
+                layers={"numel": [65536] * LAYERS, "mean": mean, "var": [s * s for s in std], "std": std, "l2": l2,
+                        "maxabs": [s * rnd.uniform(3, 6) for s in std], "nonfinite": [0] * LAYERS,
+                        "l2_post": [x * rnd.uniform(0.5, 1) for x in l2]},
                 total_norm=1.0, clip_coef=1.0, loss_scale=65536.0))
             step += 1
         out.append(wire.Batch(run=wire.RunInfo(run_id=run_id), seq=b + 1, layers=layers if b == 0 else [],
@@ -132,7 +135,7 @@ def ingest_via_server(url: str, batches: list[bytes], rows: int, tmp: Path, wind
     from websockets.sync.client import connect
 
     with server(url, tmp / "bench-server.log") as base:
-        with connect(base.replace("http", "ws") + "/api/v1/ingest/ws", max_size=None) as ws:
+        with connect(base.replace("http", "ws") + "/api/v1/ingest/ws", max_size=None, compression=None) as ws:
             sem = threading.Semaphore(window)
             done = threading.Event()
             last: list[dict] = []
@@ -157,8 +160,11 @@ def ingest_via_server(url: str, batches: list[bytes], rows: int, tmp: Path, wind
     return rows / dt
 
 
-def ingest_raw(kind: str, url: str, batches: list[wire.Batch]) -> float:
-    """The raw driver's best: pre-built tuples, one executemany/COPY + commit per batch."""
+def ingest_raw(kind: str, url: str, batches: list[wire.Batch], stream: bool = False) -> float:
+    """The raw driver's best: pre-built tuples, one executemany/COPY + commit per batch.
+
+    ``stream`` (PostgreSQL): COPY a pre-built binary stream instead of ``write_row`` tuples (the
+    server builds its stream the same way, in numpy), so neither side is timed building input."""
     from gradwatch.server.db.engine import make_engine
     from gradwatch.server.repo.ingest import _LAYER_STAT_COLUMNS, _PG_COPY, _PG_TYPES, ensure_run
 
@@ -178,6 +184,10 @@ def ingest_raw(kind: str, url: str, batches: list[wire.Batch]) -> float:
                             c["var"], c["std"], c["l2"], c["maxabs"], c["nonfinite"], c["l2_post"], [0] * LAYERS))
         prepared.append(rows)
     n = sum(len(r) for r in prepared)
+    if stream:
+        from gradwatch.server.repo.frame import LayerFrame
+
+        streams = [LayerFrame.from_batch(b, ids).copy_binary() for b in batches]
     if kind == "sqlite":
         import sqlite3
 
@@ -198,8 +208,11 @@ def ingest_raw(kind: str, url: str, batches: list[wire.Batch]) -> float:
 
         with psycopg.connect(_libpq(url)) as con:
             t0 = time.perf_counter()
-            for rows in prepared:
+            for i, rows in enumerate(prepared):
                 with con.cursor() as cur, cur.copy(_PG_COPY) as cp:
+                    if stream:
+                        cp.write(streams[i])
+                        continue
                     cp.set_types(_PG_TYPES)
                     for r in rows:
                         cp.write_row(r)
@@ -294,7 +307,8 @@ def main() -> None:
     ap.add_argument("--ingest-rows", type=int, default=500_000, help="layer rows for the ingest comparison")
     ap.add_argument("--rows", type=int, default=20_000_000, help="layer rows of the query run (0: skip)")
     ap.add_argument("--backends", default="sqlite,postgresql")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="calls per query latency")
+    ap.add_argument("--ingest-repeats", type=int, default=3, help="side-by-side ingest measurements")
     args = ap.parse_args()
     kinds = args.backends.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
@@ -306,14 +320,35 @@ def main() -> None:
     n_rows = sum(b.row_count for b in batches)
     print(f"\n## ingest: {n_rows} layer rows in {len(batches)} batches of {LAYERS}x{STEPS_PER_BATCH}, "
           f"{sum(map(len, encoded)) / len(encoded) / 1024:.0f} KiB each")
-    print(f"{'database':<12}{'raw driver rows/s':>20}{'server ws rows/s':>20}{'ratio':>8}")
+    print(f"(each repeat measures the raw driver and the server back to back, alternating which goes first; "
+          f"{args.ingest_repeats} repeats, median ratio)")
+    print(f"{'database':<28}{'raw driver rows/s':>20}{'server ws rows/s':>20}{'ratio':>8}   per repeat")
     for kind in kinds:
-        with database(kind, tmp) as u1:
-            raw = ingest_raw(kind, u1, batches)
-        with database(kind, tmp) as u2:
-            srv = ingest_via_server(u2, encoded, n_rows, tmp)
+        raws: list[float] = []
+        srvs: list[float] = []
+        raw_modes: list[tuple[float, float]] = []
+        for rep in range(args.ingest_repeats):
+            order = ("raw", "srv") if rep % 2 == 0 else ("srv", "raw")
+            for what in order:
+                with database(kind, tmp) as u:
+                    if what == "raw":
+                        r = ingest_raw(kind, u, batches)
+                        if kind != "sqlite":
+                            with database(kind, tmp) as u2:
+                                r2 = ingest_raw(kind, u2, batches, stream=True)
+                            raw_modes.append((r, r2))
+                            r = max(r, r2)
+                        raws.append(r)
+                    else:
+                        srvs.append(ingest_via_server(u, encoded, n_rows, tmp))
+        ratios = [s / r for s, r in zip(srvs, raws)]
         method = "executemany" if kind == "sqlite" else "COPY binary"
-        print(f"{kind + ' (' + method + ')':<12}{raw:>20,.0f}{srv:>20,.0f}{srv / raw:>8.2f}")
+        print(f"{kind + ' (' + method + ')':<28}{statistics.median(raws):>20,.0f}{statistics.median(srvs):>20,.0f}"
+              f"{statistics.median(ratios):>8.2f}   {' '.join(f'{x:.2f}' for x in ratios)}")
+        if raw_modes:
+            print(f"{'':<28}(raw = the faster of COPY write_row tuples, median "
+                  f"{statistics.median(m[0] for m in raw_modes):,.0f}, and COPY of a pre-built binary stream, "
+                  f"median {statistics.median(m[1] for m in raw_modes):,.0f})")
 
     if args.rows:
         print(f"\n## queries on one run of {args.rows:,} layer rows ({LAYERS} layers, step-major)")
