@@ -18,10 +18,20 @@ thread during one step are counted (on a GPU each would stall the host until the
 
 Second table: what each transform adds inside the pipeline (``apply_`` on a context whose norms
 the statistics pass already computed), on fixed gradients, timed interleaved against one read
-pass (_foreach_norm) and one read-write pass (_foreach_mul_) over the same gradient memory, so
-"adds at most one pass" reads directly as a ratio.
+pass (_foreach_norm) and one read-write pass (_foreach_mul_) over the same gradient memory. On
+small models that ratio is mostly launch cost, not memory traffic.
 
-    .venv/bin/python bench/agent_overhead.py                  # all models, ~10 min here
+Third table, marginal passes (issue 3: "each transform adds at most one pass over the gradient
+memory"): the same ops on synthetic gradients with the model's layer layout at two sizes (every
+tensor k1 and k2 times larger, same tensor count and AGC units), all interleaved;
+marginal = (t_big - t_small) / (rw_big - rw_small) counts read-write passes per byte and
+fixed = t_small - marginal * rw_small is the part that does not grow with the bytes.
+
+``[sums]`` rows hand the statistics pass's fp32 sums to the normalizer (GradContext.set_sums),
+which watch() does once record.py passes them. AutoClip runs with a full 10 000-norm history.
+
+    .venv/bin/python bench/agent_overhead.py                  # everything, ~12 min here
+    .venv/bin/python bench/agent_overhead.py --skip-steps     # transform tables only, ~3 min
     .venv/bin/python bench/agent_overhead.py --models resnet20 --rounds 3 --block 10
 """
 
@@ -218,10 +228,17 @@ def bench_task(task: str, names: list[str], rounds: int, block: int, warmup: int
     return {n: (statistics.median(rs), min(rs), max(rs), syncs[n], bm) for n, rs in ratios.items()}
 
 
-def bench_transforms(task: str, reps: int) -> list[tuple[str, float, float, float]]:
-    """What each transform adds inside the pipeline, on fixed gradients, against one read pass and
-    one read-write pass over the same memory. As in ``watch()``, the per-layer norms are already
-    in the context (the statistics pass computed them), so only ``apply_`` is timed."""
+_READ, _RW = "read pass (_foreach_norm)", "read-write pass (_foreach_mul_)"
+_SUMS = " [sums]"  # row suffix: the statistics pass's sums handed in (GradContext.set_sums)
+
+
+def transform_ops(params: list[nn.Parameter], *, sums_rows: bool = True) -> dict[str, Callable[[], float]]:
+    """Timed callables (seconds) on ``params``' gradients, each restoring the gradients first:
+    one read pass, one read-write pass, and ``apply_`` of every transform inside the pipeline.
+    As in ``watch()``, the per-layer norms are already in the context (the statistics pass
+    computed them), so only ``apply_`` is timed. ``[sums]`` rows also hand the statistics pass's
+    fp32 sums to the context (``set_sums``; record.py does not do that yet). AutoClip starts from
+    a full 10 000-norm history (its steady state: the threshold work grows with the history)."""
     from gradwatch.agent import (
         AGC,
         AutoClip,
@@ -234,39 +251,122 @@ def bench_transforms(task: str, reps: int) -> list[tuple[str, float, float, floa
     )
     from gradwatch.agent.transforms.base import GradContext
 
-    model, loss_fn = make_task(task)
-    loss_fn(model).backward()
-    params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     saved = [g.clone() for g in grads]
+    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2))))
+    autoclip = AutoClip()
+    g = torch.Generator().manual_seed(1)
+    hist = norm * torch.exp(0.2 * torch.randn(autoclip.history, generator=g, dtype=torch.float64))
+    autoclip.load_state_dict({"history": hist, "pos": torch.tensor(0), "len": torch.tensor(autoclip.history)})
 
-    def timed(t: object) -> float:
+    def prepare(sums: bool = False) -> GradContext:
+        """Untimed, before every op alike (so every op starts from the same cache state): restore
+        the gradients, then what the statistics pass does in watch() (per-layer norms, and the
+        sums for [sums] rows)."""
         torch._foreach_copy_(grads, saved)
         ctx = GradContext(params)
-        _ = ctx.norms  # filled by the statistics pass in watch(); not part of the transform's cost
+        _ = ctx.norms
+        if sums:
+            ctx.set_sums(torch.stack([x.sum(dtype=torch.float32) for x in ctx.grads]))
+        return ctx
+
+    def timed(t: object, sums: bool = False) -> float:
+        ctx = prepare(sums)
         t0 = time.perf_counter()
         t.apply_(ctx)  # type: ignore[attr-defined]
         return time.perf_counter() - t0
 
     def plain(f: Callable[[], object]) -> float:
-        torch._foreach_copy_(grads, saved)
+        prepare()
         t0 = time.perf_counter()
         f()
         return time.perf_counter() - t0
 
     ops: dict[str, Callable[[], float]] = {
-        "read pass (_foreach_norm)": lambda: plain(lambda: torch._foreach_norm(grads, 2)),
-        "read-write pass (_foreach_mul_)": lambda: plain(lambda: torch._foreach_mul_(grads, 1.0)),
+        _READ: lambda: plain(lambda: torch._foreach_norm(grads, 2)),
+        _RW: lambda: plain(lambda: torch._foreach_mul_(grads, 1.0)),
     }
-    for t in (ClipNorm(1.0), ClipValue(0.01), AGC(), ZClip(), AutoClip(), AutoscaledNorm(), Centralize(), ZScoreNorm()):
+    for t in (ClipNorm(1.0), ClipValue(0.01), AGC(), ZClip(), autoclip, AutoscaledNorm(), Centralize(), ZScoreNorm()):
         ops[type(t).__name__] = lambda t=t: timed(t)
+    if sums_rows:
+        for t in (AutoscaledNorm(), ZScoreNorm()):
+            ops[type(t).__name__ + _SUMS] = lambda t=t: timed(t, sums=True)
+    for f in ops.values():  # warm-up: caches, AGC's layout plan, constant index tensors
+        for _ in range(3):
+            f()
+    return ops
+
+
+def bench_transforms(task: str, reps: int) -> list[tuple[str, float, float, float]]:
+    """What each transform adds inside the pipeline, on the model's real gradients, against one
+    read pass and one read-write pass over the same memory (interleaved, medians)."""
+    model, loss_fn = make_task(task)
+    loss_fn(model).backward()
+    ops = transform_ops([p for p in model.parameters() if p.grad is not None])
     times: dict[str, list[float]] = {k: [] for k in ops}
-    for _ in range(reps):
-        for k, f in ops.items():
-            times[k].append(f())
+    names = list(ops)
+    for r in range(reps):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            times[k].append(ops[k]())
     med = {k: statistics.median(v) for k, v in times.items()}
-    rd, rw = med["read pass (_foreach_norm)"], med["read-write pass (_foreach_mul_)"]
+    rd, rw = med[_READ], med[_RW]
     return [(k, m * 1e3, m / rd, m / rw) for k, m in med.items()]
+
+
+def scaled_params(task: str, k: int, seed: int = 0) -> list[nn.Parameter]:
+    """The model's parameter layout (same tensors, same count, same units) with every tensor k
+    times larger: dim 1 of tensors with ndim >= 2 (rows keep their number: AGC's units do not
+    change), dim 0 of 1-d tensors, 0-d unchanged. Random weights and gradients (with an offset,
+    so centering matters), float32."""
+    model, _ = make_task(task)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for p in model.parameters():
+        s = tuple(p.shape)
+        if len(s) >= 2:
+            s = (s[0], s[1] * k) + s[2:]
+        elif len(s) == 1:
+            s = (s[0] * k,)
+        q = nn.Parameter(torch.randn(s, generator=gen) * 0.05)
+        q.grad = torch.randn(s, generator=gen) * 0.01 + 0.002
+        out.append(q)
+    del model
+    return out
+
+
+def bench_marginal(task: str, sizes: tuple[int, int], reps: int) -> tuple[dict[str, tuple[float, float, float, float]], list[float], list[float]]:
+    """Marginal passes: each op on the same layer layout at two large gradient sizes (every tensor
+    x``sizes[0]`` and x``sizes[1]``; by default both well past the 32 MB L3 cache, so the extra
+    bytes are memory traffic) and at the model's own size (x1), everything interleaved (all ops of
+    all sizes in a rotating order each round), medians over ``reps``:
+
+        marginal = (t_big - t_small) / (rw_big - rw_small)   read-write passes per gradient byte
+        fixed    = t_x1 - marginal * rw_x1                    ms that do not grow with the bytes
+
+    The fixed cost is taken at x1, where ``t`` is small: at the large sizes it would be the
+    difference of two large noisy numbers. Returns {op: (marginal, p25, p75, fixed_ms)} (p25/p75:
+    quartiles of the per-round marginal estimates, i.e. the noise), the gradient MB and the
+    read-write-pass ms at x1, small and big."""
+    mults = (1, sizes[0], sizes[1])
+    psets = [scaled_params(task, k) for k in mults]
+    mb = [sum(p.numel() * p.element_size() for p in ps) / 2**20 for ps in psets]  # grads: same shapes
+    ops = [transform_ops(ps) for ps in psets]
+    keys = [(n, j) for n in ops[0] for j in range(3)]
+    times: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
+    for r in range(reps):
+        for n, j in keys[r % len(keys):] + keys[: r % len(keys)]:
+            times[(n, j)].append(ops[j][n]())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rw = [med[(_RW, j)] for j in range(3)]
+    out = {}
+    for n in ops[0]:
+        marg = (med[(n, 2)] - med[(n, 1)]) / (rw[2] - rw[1])
+        per_round = sorted((b - s) / (rb - rs) for s, b, rs, rb in
+                           zip(times[(n, 1)], times[(n, 2)], times[(_RW, 1)], times[(_RW, 2)]) if rb > rs)
+        q = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else [marg, marg, marg]
+        out[n] = (marg, q[0], q[2], (med[(n, 0)] - marg * rw[0]) * 1e3)
+    del ops, psets
+    return out, mb, [t * 1e3 for t in rw]
 
 
 def main() -> int:
@@ -279,6 +379,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--transform-reps", type=int, default=30)
     ap.add_argument("--skip-transforms", action="store_true")
+    ap.add_argument("--skip-steps", action="store_true", help="only the transform tables")
+    ap.add_argument("--skip-marginal", action="store_true")
+    ap.add_argument("--marginal-sizes", default="resnet20=64:256,mlp=2:8,transformer=4:16",
+                    help="per model: the two large tensor-size multipliers (others: 1:8); the defaults "
+                         "put both (~60 and ~250 MB of gradients) well past a 32 MB L3 cache")
+    ap.add_argument("--marginal-reps", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -287,10 +393,12 @@ def main() -> int:
     names = args.variants.split(",")
     if "base" not in names:
         names.insert(0, "base")
-    print(f"# agent overhead  torch {torch.__version__}  threads {args.threads}  {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"# agent overhead  torch {torch.__version__}  threads {args.threads}  "
+          f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC  (python {' '.join(sys.argv)})")
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for task in args.models.split(","):
+        for task in ([] if args.skip_steps else args.models.split(",")):
             res = bench_task(task, names, args.rounds, args.block, args.warmup, tmp)
             bm = next(iter(res.values()))[4]
             print(f"\n## {task}  (baseline step ~{bm:.0f} ms; ratio = median over {args.rounds} rounds [min-max])")
@@ -307,6 +415,35 @@ def main() -> int:
                 for k, ms, r1, r2 in bench_transforms(task, args.transform_reps):
                     print(f"| {k} | {ms:.2f} | {r1:.2f} | {r2:.2f} |")
                 sys.stdout.flush()
+        if not args.skip_marginal:
+            tasks = args.models.split(",")
+            spec = dict(kv.split("=") for kv in args.marginal_sizes.split(",") if kv)
+            sizes: dict[str, tuple[int, int]] = {}
+            for t in tasks:
+                k1, k2 = (int(v) for v in spec.get(t, "1:8").split(":"))
+                sizes[t] = (k1, k2)
+            mres: dict[str, tuple[dict[str, tuple[float, float, float, float]], list[float], list[float]]] = {}
+            for task in tasks:
+                mres[task] = bench_marginal(task, sizes[task], args.marginal_reps)
+            print(f"\n## marginal passes: same layer layout at several gradient sizes (median of "
+                  f"{args.marginal_reps}, interleaved)")
+            for task in tasks:
+                _, mb, rw = mres[task]
+                k = (1,) + sizes[task]
+                print(f"- {task}: every tensor " + ", ".join(
+                    f"x{m}: {b:.1f} MB of fp32 gradients, one read-write pass {t:.2f} ms" for m, b, t in zip(k, mb, rw)))
+            print("\nmarginal = (t_big - t_small) / (rw_big - rw_small) over the two large sizes, in read-write passes "
+                  "over the gradient memory [25th-75th percentile of the per-round estimates]; "
+                  "fixed = t_x1 - marginal * rw_x1 (ms, at the model's own size)\n")
+            print("| op | " + " | ".join(f"{t} marginal | {t} fixed ms" for t in tasks) + " |")
+            print("|---|" + "---|---|" * len(tasks))
+            for op in mres[tasks[0]][0]:
+                cells = []
+                for task in tasks:
+                    m, lo, hi, fx = mres[task][0][op]
+                    cells.append(f"{m:.2f} [{lo:.2f}-{hi:.2f}] | {fx:.2f}")
+                print(f"| {op} | " + " | ".join(cells) + " |")
+    print(f"\n(bench wall time {(time.perf_counter() - t_start) / 60:.1f} min)")
     return 0
 
 
