@@ -22,6 +22,7 @@ from gradwatch.server.api import export, ingest, live, runs, system
 from gradwatch.server.api.deps import AppState
 from gradwatch.server.db.engine import Database, make_engine
 from gradwatch.server.db.migrate import upgrade_to_head
+from gradwatch.server.decode import Decoder
 from gradwatch.server.errors import DomainError
 from gradwatch.server.live import LiveHub
 from gradwatch.server.metrics import Metrics
@@ -52,7 +53,8 @@ def create_app(settings: ServerSettings | None = None, *,
             await asyncio.to_thread(upgrade_to_head, engine)
         hub = LiveHub()
         hub.bind(asyncio.get_running_loop())
-        app.state.gw = AppState(settings=settings, db=Database(engine), metrics=Metrics(), hub=hub)
+        decoder = Decoder(settings.ingest_decode_workers)
+        app.state.gw = AppState(settings=settings, db=Database(engine), metrics=Metrics(), hub=hub, decoder=decoder)
         await asyncio.to_thread(hub.start_listener, engine)
         if not settings.auth_enabled:
             log.warning("no GRADWATCH_TOKEN set: the API accepts unauthenticated reads and writes")
@@ -60,6 +62,7 @@ def create_app(settings: ServerSettings | None = None, *,
             yield
         finally:
             await asyncio.to_thread(hub.stop)
+            decoder.close()
             engine.dispose()
 
     app = FastAPI(title="gradwatch", version="1", lifespan=lifespan,

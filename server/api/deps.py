@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 
 from gradwatch.server.db.engine import Database
+from gradwatch.server.decode import Decoder
 from gradwatch.server.live import LiveHub
 from gradwatch.server.metrics import Metrics
 from gradwatch.server.settings import ServerSettings
@@ -24,6 +25,7 @@ class AppState:
     db: Database
     metrics: Metrics
     hub: LiveHub
+    decoder: Decoder
 
 
 class ErrorBody(BaseModel):
