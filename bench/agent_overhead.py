@@ -22,16 +22,20 @@ pass (_foreach_norm) and one read-write pass (_foreach_mul_) over the same gradi
 small models that ratio is mostly launch cost, not memory traffic.
 
 Third table, marginal passes (issue 3: "each transform adds at most one pass over the gradient
-memory"): the same ops on synthetic gradients with the model's layer layout at two sizes (every
-tensor k1 and k2 times larger, same tensor count and AGC units), all interleaved;
-marginal = (t_big - t_small) / (rw_big - rw_small) counts read-write passes per byte and
-fixed = t_small - marginal * rw_small is the part that does not grow with the bytes.
+memory"): the same ops on synthetic gradients with the model's layer layout at its own size and
+at two large sizes (every tensor k1 and k2 times larger, same tensor count and AGC units, both
+past the L3 cache); marginal = (t_big - t_small) / (rw_big - rw_small) counts read-write passes
+per gradient byte and fixed = t_x1 - marginal * rw_x1 is the part that does not grow with the
+bytes (at the model's own size).
+
+All transform rounds (every model, every size) are interleaved round by round, so that a burst
+of load from another process on this shared machine lands on a few rounds of every op.
 
 ``[sums]`` rows hand the statistics pass's fp32 sums to the normalizer (GradContext.set_sums),
 which watch() does once record.py passes them. AutoClip runs with a full 10 000-norm history.
 
-    .venv/bin/python bench/agent_overhead.py                  # everything, ~12 min here
-    .venv/bin/python bench/agent_overhead.py --skip-steps     # transform tables only, ~3 min
+    .venv/bin/python bench/agent_overhead.py                  # everything: ~10 min of step tables + ~2
+    .venv/bin/python bench/agent_overhead.py --skip-steps     # transform tables only, ~2 min here
     .venv/bin/python bench/agent_overhead.py --models resnet20 --rounds 3 --block 10
 """
 
@@ -49,6 +53,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -297,20 +302,37 @@ def transform_ops(params: list[nn.Parameter], *, sums_rows: bool = True) -> dict
     return ops
 
 
-def bench_transforms(task: str, reps: int) -> list[tuple[str, float, float, float]]:
+class Interleaved:
+    """Timed callables run round by round, in an order that rotates each round. The caller
+    interleaves the rounds of several of these (models, sizes), so a burst of load from another
+    process on this shared machine lands on a few rounds of every op, not on all rounds of one
+    model; medians then ignore it."""
+
+    def __init__(self, ops: dict[Any, Callable[[], float]]) -> None:
+        self.ops = ops
+        self.keys = list(ops)
+        self.times: dict[Any, list[float]] = {k: [] for k in ops}
+
+    def round(self, r: int) -> None:
+        n = len(self.keys)
+        for k in self.keys[r % n:] + self.keys[: r % n]:
+            self.times[k].append(self.ops[k]())
+
+    def median(self, k: Any) -> float:
+        return statistics.median(self.times[k])
+
+
+def bench_transforms(task: str) -> Interleaved:
     """What each transform adds inside the pipeline, on the model's real gradients, against one
-    read pass and one read-write pass over the same memory (interleaved, medians)."""
+    read pass and one read-write pass over the same memory."""
     model, loss_fn = make_task(task)
     loss_fn(model).backward()
-    ops = transform_ops([p for p in model.parameters() if p.grad is not None])
-    times: dict[str, list[float]] = {k: [] for k in ops}
-    names = list(ops)
-    for r in range(reps):
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            times[k].append(ops[k]())
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rd, rw = med[_READ], med[_RW]
-    return [(k, m * 1e3, m / rd, m / rw) for k, m in med.items()]
+    return Interleaved(transform_ops([p for p in model.parameters() if p.grad is not None]))
+
+
+def transforms_table(b: Interleaved) -> list[tuple[str, float, float, float]]:
+    rd, rw = b.median(_READ), b.median(_RW)
+    return [(k, b.median(k) * 1e3, b.median(k) / rd, b.median(k) / rw) for k in b.keys]
 
 
 def scaled_params(task: str, k: int, seed: int = 0) -> list[nn.Parameter]:
@@ -334,39 +356,36 @@ def scaled_params(task: str, k: int, seed: int = 0) -> list[nn.Parameter]:
     return out
 
 
-def bench_marginal(task: str, sizes: tuple[int, int], reps: int) -> tuple[dict[str, tuple[float, float, float, float]], list[float], list[float]]:
+def bench_marginal(task: str, sizes: tuple[int, int]) -> tuple[Interleaved, list[float]]:
     """Marginal passes: each op on the same layer layout at two large gradient sizes (every tensor
     x``sizes[0]`` and x``sizes[1]``; by default both well past the 32 MB L3 cache, so the extra
-    bytes are memory traffic) and at the model's own size (x1), everything interleaved (all ops of
-    all sizes in a rotating order each round), medians over ``reps``:
+    bytes are memory traffic) and at the model's own size (x1), all interleaved:
 
         marginal = (t_big - t_small) / (rw_big - rw_small)   read-write passes per gradient byte
         fixed    = t_x1 - marginal * rw_x1                    ms that do not grow with the bytes
 
     The fixed cost is taken at x1, where ``t`` is small: at the large sizes it would be the
-    difference of two large noisy numbers. Returns {op: (marginal, p25, p75, fixed_ms)} (p25/p75:
-    quartiles of the per-round marginal estimates, i.e. the noise), the gradient MB and the
-    read-write-pass ms at x1, small and big."""
-    mults = (1, sizes[0], sizes[1])
-    psets = [scaled_params(task, k) for k in mults]
+    difference of two large noisy numbers. Returns the bench (keys ``(op, 0|1|2)`` for x1, small,
+    big) and the gradient MB at the three sizes."""
+    psets = [scaled_params(task, k) for k in (1, sizes[0], sizes[1])]
     mb = [sum(p.numel() * p.element_size() for p in ps) / 2**20 for ps in psets]  # grads: same shapes
-    ops = [transform_ops(ps) for ps in psets]
-    keys = [(n, j) for n in ops[0] for j in range(3)]
-    times: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
-    for r in range(reps):
-        for n, j in keys[r % len(keys):] + keys[: r % len(keys)]:
-            times[(n, j)].append(ops[j][n]())
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rw = [med[(_RW, j)] for j in range(3)]
+    per_size = [transform_ops(ps) for ps in psets]
+    return Interleaved({(n, j): f for j, ops in enumerate(per_size) for n, f in ops.items()}), mb
+
+
+def marginal_table(b: Interleaved) -> tuple[dict[str, tuple[float, float, float, float]], list[float]]:
+    """{op: (marginal, p25, p75, fixed_ms)} (p25/p75: quartiles of the per-round marginal
+    estimates, i.e. the noise) and the read-write-pass ms at x1, small and big."""
+    rw = [b.median((_RW, j)) for j in range(3)]
     out = {}
-    for n in ops[0]:
-        marg = (med[(n, 2)] - med[(n, 1)]) / (rw[2] - rw[1])
-        per_round = sorted((b - s) / (rb - rs) for s, b, rs, rb in
-                           zip(times[(n, 1)], times[(n, 2)], times[(_RW, 1)], times[(_RW, 2)]) if rb > rs)
+    for n in dict.fromkeys(k[0] for k in b.keys):
+        marg = (b.median((n, 2)) - b.median((n, 1))) / (rw[2] - rw[1])
+        t = b.times
+        per_round = sorted((big - s) / (rb - rs) for s, big, rs, rb in
+                           zip(t[(n, 1)], t[(n, 2)], t[(_RW, 1)], t[(_RW, 2)]) if rb > rs)
         q = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else [marg, marg, marg]
-        out[n] = (marg, q[0], q[2], (med[(n, 0)] - marg * rw[0]) * 1e3)
-    del ops, psets
-    return out, mb, [t * 1e3 for t in rw]
+        out[n] = (marg, q[0], q[2], (b.median((n, 0)) - marg * rw[0]) * 1e3)
+    return out, [x * 1e3 for x in rw]
 
 
 def main() -> int:
@@ -407,28 +426,31 @@ def main() -> int:
             for n, (m, lo, hi, s, _) in res.items():
                 print(f"| {n} | {m:.3f} [{lo:.3f}-{hi:.3f}] | {s} |")
             sys.stdout.flush()
-        if not args.skip_transforms:
-            for task in args.models.split(","):
-                print(f"\n## transforms inside the pipeline, fixed gradients: {task} (median of {args.transform_reps})")
-                print("| op | ms | / one read pass | / one read-write pass |")
-                print("|---|---|---|---|")
-                for k, ms, r1, r2 in bench_transforms(task, args.transform_reps):
-                    print(f"| {k} | {ms:.2f} | {r1:.2f} | {r2:.2f} |")
-                sys.stdout.flush()
-        if not args.skip_marginal:
-            tasks = args.models.split(",")
-            spec = dict(kv.split("=") for kv in args.marginal_sizes.split(",") if kv)
-            sizes: dict[str, tuple[int, int]] = {}
-            for t in tasks:
-                k1, k2 = (int(v) for v in spec.get(t, "1:8").split(":"))
-                sizes[t] = (k1, k2)
-            mres: dict[str, tuple[dict[str, tuple[float, float, float, float]], list[float], list[float]]] = {}
-            for task in tasks:
-                mres[task] = bench_marginal(task, sizes[task], args.marginal_reps)
+        tasks = args.models.split(",")
+        spec = dict(kv.split("=") for kv in args.marginal_sizes.split(",") if kv)
+        sizes: dict[str, tuple[int, int]] = {}
+        for t in tasks:
+            k1, k2 = (int(v) for v in spec.get(t, "1:8").split(":"))
+            sizes[t] = (k1, k2)
+        tables = {} if args.skip_transforms else {t: bench_transforms(t) for t in tasks}
+        margs = {} if args.skip_marginal else {t: bench_marginal(t, sizes[t]) for t in tasks}
+        runs = [(b, args.transform_reps) for b in tables.values()] + [(b, args.marginal_reps) for b, _ in margs.values()]
+        for r in range(max((n for _, n in runs), default=0)):
+            for b, n in runs[r % len(runs):] + runs[: r % len(runs)]:
+                if r < n:
+                    b.round(r)
+        for task, b in tables.items():
+            print(f"\n## transforms inside the pipeline, fixed gradients: {task} (median of {args.transform_reps})")
+            print("| op | ms | / one read pass | / one read-write pass |")
+            print("|---|---|---|---|")
+            for k, ms, r1, r2 in transforms_table(b):
+                print(f"| {k} | {ms:.2f} | {r1:.2f} | {r2:.2f} |")
+        if margs:
+            mres = {t: marginal_table(b) for t, (b, _) in margs.items()}
             print(f"\n## marginal passes: same layer layout at several gradient sizes (median of "
                   f"{args.marginal_reps}, interleaved)")
             for task in tasks:
-                _, mb, rw = mres[task]
+                mb, rw = margs[task][1], mres[task][1]
                 k = (1,) + sizes[task]
                 print(f"- {task}: every tensor " + ", ".join(
                     f"x{m}: {b:.1f} MB of fp32 gradients, one read-write pass {t:.2f} ms" for m, b, t in zip(k, mb, rw)))
