@@ -34,7 +34,7 @@ of load from another process on this shared machine lands on a few rounds of eve
 ``[sums]`` rows hand the statistics pass's fp32 sums to the normalizer (GradContext.set_sums),
 which watch() does once record.py passes them. AutoClip runs with a full 10 000-norm history.
 
-    .venv/bin/python bench/agent_overhead.py                  # everything: ~10 min of step tables + ~2
+    .venv/bin/python bench/agent_overhead.py                  # everything: ~10 min of step tables + ~2 min
     .venv/bin/python bench/agent_overhead.py --skip-steps     # transform tables only, ~2 min here
     .venv/bin/python bench/agent_overhead.py --models resnet20 --rounds 3 --block 10
 """
