@@ -343,6 +343,7 @@ class Recorder:
         l2col = m[:, 1].contiguous()  # contiguous: reductions over it match torch's clip_grad bit for bit
         if n_dense_all and grad_scale is None:
             ctx.set_norms(l2col[:n_dense_all])
+            ctx.set_sums(m[:n_dense_all, 0])  # same g.sum(dtype=float32): normalizers skip their own read
         total = torch.linalg.vector_norm(l2col, 2) if m.shape[0] else torch.zeros((), device=dev)
 
         return _Measured(plan, m, total, sparse_vals, sparse_numels, dev, pd)

@@ -223,3 +223,33 @@ def test_watch_and_scaler_together_refuse_two_global_clippers():
         watch(m, opt, server="memory", transforms=[ZClip(), AutoClip()])
     with pytest.raises(ValueError, match="global clipper"):
         GradScaler("cpu", transforms=[ClipNorm(1.0), AutoClip()])
+
+
+@pytest.mark.parametrize("make", [AutoscaledNorm, ZScoreNorm, Centralize])
+def test_normalizer_inside_watch_equals_the_standalone_transform(make):
+    """Inside watch() the normalizers reuse the statistics pass's per-layer sums instead of reading
+    the gradients again; the gradients they leave must be exactly the standalone result."""
+    torch.manual_seed(0)
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.01)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.01)
+    t_a, t_b = make(), make()
+    w = watch(a, opt_a, server="memory", transforms=[t_a])
+    grads = []
+
+    def keep(*_):
+        grads.append([p.grad.clone() for p in a.parameters()])
+
+    opt_a.register_step_pre_hook(keep)  # registered after watch's own: sees the transformed grads
+    for s in range(4):
+        for m, opt, t in ((a, opt_a, None), (b, opt_b, t_b)):
+            opt.zero_grad()
+            _loss(m, s).backward()
+            if t is not None:
+                t(m.parameters())
+                for g, p in zip(grads[s], m.parameters()):
+                    assert torch.equal(g, p.grad), (s, make.__name__)
+            opt.step()
+    w.close()
+    assert len(grads) == 4
