@@ -84,7 +84,7 @@ def database(kind: str, tmp: Path) -> Iterator[str]:
 @contextmanager
 def server(url: str, log: Path) -> Iterator[str]:
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_") or k == "GRADWATCH_SERVER_INGEST_DECODE_WORKERS"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gradwatch.cli", "serve", "--port", str(port), "--db", url,
                                  "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -22,7 +22,6 @@ from gradwatch.server.api import export, ingest, live, runs, system
 from gradwatch.server.api.deps import AppState
 from gradwatch.server.db.engine import Database, make_engine
 from gradwatch.server.db.migrate import upgrade_to_head
-from gradwatch.server.decode import Decoder
 from gradwatch.server.errors import DomainError
 from gradwatch.server.live import LiveHub
 from gradwatch.server.metrics import Metrics
@@ -53,8 +52,7 @@ def create_app(settings: ServerSettings | None = None, *,
             await asyncio.to_thread(upgrade_to_head, engine)
         hub = LiveHub()
         hub.bind(asyncio.get_running_loop())
-        decoder = Decoder(settings.ingest_decode_workers)
-        app.state.gw = AppState(settings=settings, db=Database(engine), metrics=Metrics(), hub=hub, decoder=decoder)
+        app.state.gw = AppState(settings=settings, db=Database(engine), metrics=Metrics(), hub=hub)
         await asyncio.to_thread(hub.start_listener, engine)
         if not settings.auth_enabled:
             log.warning("no GRADWATCH_TOKEN set: the API accepts unauthenticated reads and writes")
@@ -62,7 +60,6 @@ def create_app(settings: ServerSettings | None = None, *,
             yield
         finally:
             await asyncio.to_thread(hub.stop)
-            decoder.close()
             engine.dispose()
 
     app = FastAPI(title="gradwatch", version="1", lifespan=lifespan,

@@ -30,8 +30,6 @@ class ServerSettings(BaseSettings):
     max_points_limit: int = Field(100_000, gt=0)
     #: Run migrations to head when the app starts.
     migrate_on_start: bool = True
-    #: Processes that decode websocket ingest frames beside the writer (0: decode in threads).
-    ingest_decode_workers: int = Field(1, ge=0, le=64)
     #: Rows per chunk when streaming exports.
     export_chunk_rows: int = Field(50_000, gt=0)
 

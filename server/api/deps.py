@@ -11,7 +11,6 @@ from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 
 from gradwatch.server.db.engine import Database
-from gradwatch.server.decode import Decoder
 from gradwatch.server.live import LiveHub
 from gradwatch.server.metrics import Metrics
 from gradwatch.server.settings import ServerSettings
@@ -25,7 +24,6 @@ class AppState:
     db: Database
     metrics: Metrics
     hub: LiveHub
-    decoder: Decoder
 
 
 class ErrorBody(BaseModel):

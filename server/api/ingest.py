@@ -67,26 +67,19 @@ def decode_object(gw: AppState, obj: Any) -> Batch:
         raise IngestFailure(422, str(e), "schema", seq) from None
 
 
-async def decode_frame(gw: AppState, data: bytes | str) -> Prepared | dict[str, Any]:
-    """Decode one websocket frame (in the decode worker) and prepare its batch (in a thread):
-    a Prepared batch, or a hello dict. Raises IngestFailure."""
-    d = await gw.decoder.decode(data)
-    if d.hello is not None:
-        return d.hello
-    if d.batch is None:
-        if d.kind == "schema":
-            gw.metrics.error("schema")
-        raise IngestFailure(d.status, d.message, d.kind, d.seq)
-    return await run_in_threadpool(_prepare, gw, d.batch, d.frame)
-
-
-def _prepare(gw: AppState, batch: Batch, frame: Any) -> Prepared:
+def decode_frame(gw: AppState, data: bytes | str) -> Prepared | dict[str, Any]:
+    """Parse, validate and prepare one websocket frame (in a worker thread): a Prepared batch,
+    or a hello dict."""
+    obj = _parse(data)
+    if isinstance(obj, dict) and obj.get("type") == "hello":
+        return obj
+    batch = decode_object(gw, obj)
     try:
         with gw.db.read() as conn:
-            return prepare_batch(conn, batch, frame)
+            return prepare_batch(conn, batch)
     except Exception:  # the database is down: storing will say so (503)
         log.debug("preparing batch %s/%s failed", batch.run.run_id, batch.seq, exc_info=True)
-        return Prepared(batch, index_frame=frame)
+        return Prepared(batch)
 
 
 def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
@@ -98,7 +91,7 @@ def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
                 res = store_batch(conn, batch, origin=gw.hub.origin, prepared=prepared)
         except RowsOverlap:  # rare: rows resent under a new seq; retry with ON CONFLICT DO NOTHING
             with gw.db.write() as conn:
-                res = store_batch(conn, batch, origin=gw.hub.origin, upsert=True, prepared=prepared)
+                res = store_batch(conn, batch, origin=gw.hub.origin, upsert=True)
     except DomainError as e:
         gw.metrics.error("conflict")
         raise IngestFailure(e.status, e.message, "conflict", batch.seq) from None
@@ -216,7 +209,7 @@ async def ingest_ws(ws: WebSocket) -> None:
                         413, f"batch: frame of {len(data)} bytes exceeds the limit of {limit}", "too_large"))
                     await pending.put((t0, fut))
                     break
-                await pending.put((t0, asyncio.ensure_future(decode_frame(gw, data))))
+                await pending.put((t0, asyncio.ensure_future(run_in_threadpool(decode_frame, gw, data))))
         except (WebSocketDisconnect, RuntimeError):
             pass
         await pending.put(None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -68,12 +68,6 @@ def _column(pieces: Sequence[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndar
     return vals, (None if nulls is None else np.concatenate(nulls))
 
 
-def _lookup(ids: dict[int, int], idx: np.ndarray) -> np.ndarray:
-    lut = np.zeros(max(ids) + 1 if ids else 1, np.int64)
-    lut[np.fromiter(ids.keys(), np.int64, len(ids))] = np.fromiter(ids.values(), np.int64, len(ids))
-    return lut[idx]
-
-
 @dataclass(slots=True)
 class LayerFrame:
     """The layer rows of one batch, column-wise, in wire order (step by step)."""
@@ -92,14 +86,14 @@ class LayerFrame:
         return len(self.step)
 
     @classmethod
-    def from_batch(cls, batch: Batch, ids: dict[int, int] | None) -> LayerFrame:
-        """``ids`` maps the batch's layer indices to ``layer.id``; None keeps the indices (map
-        them later with :meth:`with_ids`, e.g. after decoding in another process)."""
+    def from_batch(cls, batch: Batch, ids: dict[int, int]) -> LayerFrame:
         steps = [s for s in batch.steps if s.layer_ids]
         counts = np.fromiter((len(s.layer_ids) for s in steps), np.int64, len(steps))
         n = int(counts.sum())
         idx = np.fromiter(chain.from_iterable(s.layer_ids for s in steps), np.int64, n)
-        layer_id = _lookup(ids, idx) if ids is not None and n else idx
+        lut = np.zeros(max(ids) + 1 if ids else 1, np.int64)
+        lut[np.fromiter(ids.keys(), np.int64, len(ids))] = np.fromiter(ids.values(), np.int64, len(ids))
+        layer_id = lut[idx] if n else idx
         step = np.repeat(np.fromiter((s.step for s in steps), np.int64, len(steps)), counts)
         rank = np.repeat(np.fromiter((s.rank for s in steps), np.int64, len(steps)), counts)
         numel, _ = _column([s.layers["numel"] for s in steps], _I8)
@@ -125,10 +119,6 @@ class LayerFrame:
             else:
                 nans.append(None)
         return cls(layer_id, step, rank, numel, nonfinite, floats, stored_null, nans, nan_mask)
-
-    def with_ids(self, ids: dict[int, int]) -> LayerFrame:
-        """This frame of layer indices with ``layer.id`` values instead."""
-        return replace(self, layer_id=_lookup(ids, self.layer_id) if len(self) else self.layer_id)
 
     def subset(self, keep: np.ndarray) -> LayerFrame:
         """The rows where ``keep`` is true."""

@@ -355,9 +355,6 @@ class Prepared:
     batch: Batch
     ids: dict[int, int] | None = None
     frame: LayerFrame | None = None
-    #: The batch's layer rows keyed by layer index, when decoding already built them (the
-    #: batch's own columns are then dropped).
-    index_frame: LayerFrame | None = None
     blocks: BlockColumns | None = None
     copy: bytes | None = None  # PostgreSQL: the COPY stream
     rows: list[tuple[Any, ...]] | None = None  # SQLite: the executemany rows
@@ -375,20 +372,20 @@ def _needed_layers(batch: Batch) -> set[int]:
     return needed
 
 
-def prepare_batch(conn: Connection | None, batch: Batch, index_frame: LayerFrame | None = None) -> Prepared:
+def prepare_batch(conn: Connection | None, batch: Batch) -> Prepared:
     """Do a batch's pre-transaction work; ``conn`` is a read connection (None: decode only)."""
     if conn is None or not batch.steps:
-        return Prepared(batch, index_frame=index_frame)
+        return Prepared(batch)
     existing = {idx: (lid, name) for lid, idx, name in
                 conn.execute(select(Layer.id, Layer.idx, Layer.name).where(Layer.run_id == batch.run.run_id))}
     if not _needed_layers(batch) <= existing.keys() or any(existing[la.index][1] != la.name for la in batch.layers):
-        return Prepared(batch, index_frame=index_frame)
+        return Prepared(batch)
     ids = {idx: lid for idx, (lid, _) in existing.items()}
-    frame = index_frame.with_ids(ids) if index_frame is not None else LayerFrame.from_batch(batch, ids)
-    if conn.dialect.name == "postgresql":
-        return Prepared(batch, ids, frame, index_frame=index_frame, blocks=frame.blocks(),
-                        copy=frame.copy_binary() if len(frame) else None)
-    return Prepared(batch, ids, frame, index_frame=index_frame, blocks=frame.blocks(), rows=list(frame.rows()))
+    frame = LayerFrame.from_batch(batch, ids)
+    pg = conn.dialect.name == "postgresql"
+    if pg:
+        return Prepared(batch, ids, frame, frame.blocks(), copy=frame.copy_binary() if len(frame) else None)
+    return Prepared(batch, ids, frame, frame.blocks(), rows=list(frame.rows()))
 
 
 def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin: str = "",
@@ -419,8 +416,6 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     ids = _layer_ids(conn, batch)
     if prepared is not None and prepared.ids == ids and prepared.frame is not None:
         frame, blocks, copy, rows = prepared.frame, prepared.blocks, prepared.copy, prepared.rows
-    elif prepared is not None and prepared.index_frame is not None:
-        frame, blocks, copy, rows = prepared.index_frame.with_ids(ids), None, None, None
     else:
         frame, blocks, copy, rows = LayerFrame.from_batch(batch, ids), None, None, None
     merge: BlockColumns | None = None
