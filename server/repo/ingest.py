@@ -257,8 +257,7 @@ class RowsOverlap(Exception):
     """Binary COPY hit rows already stored by another batch; retry the batch with ``upsert=True``."""
 
 
-def _insert_layer_rows(conn: Connection, frame: LayerFrame, copy: bytes | None = None,
-                       rows: list[tuple[Any, ...]] | None = None) -> bool:
+def _insert_layer_rows(conn: Connection, frame: LayerFrame, copy: bytes | None = None) -> bool:
     """Bulk insert through the raw driver; rows already stored (same layer, step, rank) are kept.
 
     First write wins, so an agent that restarts and resends overlapping steps under new seqs is
@@ -278,7 +277,7 @@ def _insert_layer_rows(conn: Connection, frame: LayerFrame, copy: bytes | None =
         return True
     cur = raw.cursor()
     try:
-        cur.executemany(_SQLITE_INSERT, rows if rows is not None else frame.rows())
+        cur.executemany(_SQLITE_INSERT, frame.rows())
         return bool(cur.rowcount == len(frame))
     finally:
         cur.close()
@@ -357,7 +356,6 @@ class Prepared:
     frame: LayerFrame | None = None
     blocks: BlockColumns | None = None
     copy: bytes | None = None  # PostgreSQL: the COPY stream
-    rows: list[tuple[Any, ...]] | None = None  # SQLite: the executemany rows
 
     @property
     def layers_known(self) -> bool:
@@ -382,10 +380,11 @@ def prepare_batch(conn: Connection | None, batch: Batch) -> Prepared:
         return Prepared(batch)
     ids = {idx: lid for idx, (lid, _) in existing.items()}
     frame = LayerFrame.from_batch(batch, ids)
-    pg = conn.dialect.name == "postgresql"
-    if pg:
+    if conn.dialect.name == "postgresql":
         return Prepared(batch, ids, frame, frame.blocks(), copy=frame.copy_binary() if len(frame) else None)
-    return Prepared(batch, ids, frame, frame.blocks(), rows=list(frame.rows()))
+    # SQLite: the rows stay a lazy zip for executemany (one tuple alive at a time, so the cyclic
+    # GC never walks thousands of them)
+    return Prepared(batch, ids, frame, frame.blocks())
 
 
 def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin: str = "",
@@ -415,9 +414,9 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
 
     ids = _layer_ids(conn, batch)
     if prepared is not None and prepared.ids == ids and prepared.frame is not None:
-        frame, blocks, copy, rows = prepared.frame, prepared.blocks, prepared.copy, prepared.rows
+        frame, blocks, copy = prepared.frame, prepared.blocks, prepared.copy
     else:
-        frame, blocks, copy, rows = LayerFrame.from_batch(batch, ids), None, None, None
+        frame, blocks, copy = LayerFrame.from_batch(batch, ids), None, None
     merge: BlockColumns | None = None
     if len(frame):
         if conn.dialect.name == "postgresql" and upsert:
@@ -425,7 +424,7 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
             # unlike recomputing blocks from a snapshot of the rows).
             frame = frame.subset(_insert_returning_pg(conn, frame))
             merge = frame.blocks() if len(frame) else None
-        elif _insert_layer_rows(conn, frame, copy, rows):
+        elif _insert_layer_rows(conn, frame, copy):
             merge = blocks if blocks is not None else frame.blocks()
         else:  # SQLite, some rows existed: recompute the touched blocks (one writer: no race)
             _update_blocks(conn, set(np.unique(frame.layer_id).tolist()), int(frame.step.min()),
