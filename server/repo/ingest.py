@@ -328,15 +328,21 @@ def _step_rows(batch: Batch, pg: bool) -> list[tuple[Any, ...]]:
 
 
 def _insert_step_rows(conn: Connection, batch: Batch) -> None:
-    """Step records through the raw driver too (psycopg pipelines executemany into one round trip)."""
+    """Step records through the raw driver too."""
     pg = conn.dialect.name == "postgresql"
     ph = "%s" if pg else "?"
     sql = (f"INSERT INTO step_record ({', '.join(_STEP_COLUMNS)}) VALUES ({', '.join([ph] * len(_STEP_COLUMNS))}) "
            "ON CONFLICT DO NOTHING")
     raw: Any = conn.connection.driver_connection
+    rows = _step_rows(batch, pg)
     cur = raw.cursor()
     try:
-        cur.executemany(sql, _step_rows(batch, pg))
+        if pg and 1 < len(rows) <= 1000:  # one statement: psycopg's pipelined executemany costs more
+            one = f"({', '.join([ph] * len(_STEP_COLUMNS))})"
+            cur.execute(sql.replace(f"VALUES {one}", "VALUES " + ", ".join([one] * len(rows))),
+                        [v for r in rows for v in r])
+        else:
+            cur.executemany(sql, rows)
     finally:
         cur.close()
 
