@@ -272,6 +272,3 @@ class BlockColumns:
 
     def rows(self) -> list[tuple[Any, ...]]:
         return list(zip(*(_with_nulls(c, z) for c, z in self.columns)))
-
-    def pg_arrays(self) -> list[bytes]:
-        return [pg_binary_array(c, z) for c, z in self.columns]

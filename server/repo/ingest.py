@@ -115,14 +115,22 @@ class _Float8Array(_PgArray):
     oid = 1022
 
 
-def _array_dumpers(cur: Any) -> None:
-    from psycopg.adapt import Dumper
-    from psycopg.pq import Format
+_DUMPERS: list[tuple[type, type]] = []
 
-    for cls in (_Int8Array, _Float8Array):
-        dumper = type(f"{cls.__name__}Dumper", (Dumper,), {"format": Format.BINARY, "oid": cls.oid,
-                                                          "dump": lambda self, obj: obj})
+
+def pg_array_params(cur: Any, columns: list[tuple[np.ndarray, np.ndarray | None]]) -> list[_PgArray]:
+    """``columns`` ((values, NULL mask or None) each) as binary int8[]/float8[] parameters for
+    ``cur``, whose dumpers pass the pre-built bytes through untouched."""
+    if not _DUMPERS:
+        from psycopg.adapt import Dumper
+        from psycopg.pq import Format
+
+        for array_cls in (_Int8Array, _Float8Array):
+            _DUMPERS.append((array_cls, type(f"{array_cls.__name__}Dumper", (Dumper,), {
+                "format": Format.BINARY, "oid": array_cls.oid, "dump": lambda self, obj: obj})))
+    for cls, dumper in _DUMPERS:
         cur.adapters.register_dumper(cls, dumper)
+    return [(_Int8Array if c.dtype.kind == "i" else _Float8Array)(pg_binary_array(c, z)) for c, z in columns]
 
 
 def _merge_blocks(conn: Connection, blocks: BlockColumns) -> None:
@@ -132,10 +140,7 @@ def _merge_blocks(conn: Connection, blocks: BlockColumns) -> None:
     cur = raw.cursor()
     try:
         if conn.dialect.name == "postgresql":
-            _array_dumpers(cur)
-            params = [(_Int8Array if c.dtype.kind == "i" else _Float8Array)(a)
-                      for (c, _), a in zip(blocks.columns, blocks.pg_arrays())]
-            cur.execute(_MERGE_UNNEST, params)
+            cur.execute(_MERGE_UNNEST, pg_array_params(cur, blocks.columns))
         else:
             cur.executemany(_MERGE[False], blocks.rows())
     finally:
@@ -302,9 +307,7 @@ def _insert_returning_pg(conn: Connection, frame: LayerFrame) -> np.ndarray:
     """Insert ``frame`` with ON CONFLICT DO NOTHING; a mask of the rows that were new."""
     raw: Any = conn.connection.driver_connection
     with raw.cursor() as cur:
-        _array_dumpers(cur)
-        cur.execute(_PG_INSERT_RETURNING, [(_Int8Array if c.dtype.kind == "i" else _Float8Array)(pg_binary_array(c, z))
-                                           for c, z in frame.columns()])
+        cur.execute(_PG_INSERT_RETURNING, pg_array_params(cur, frame.columns()))
         new = set(cur.fetchall())
     return np.fromiter(((k in new) for k in zip(frame.layer_id.tolist(), frame.step.tolist(), frame.rank.tolist())),
                        bool, len(frame))

@@ -197,7 +197,7 @@ def test_copy_stream_and_arrays_round_trip_through_postgresql(fresh_pg):
     """PostgreSQL itself reads the COPY stream and the array parameters back to the same values."""
     import psycopg
 
-    from gradwatch.server.repo.ingest import _array_dumpers, _Float8Array, _Int8Array
+    from gradwatch.server.repo.ingest import pg_array_params
 
     cols = ", ".join(f"{c} {t}" for c, t in zip(_LAYER_STAT_COLUMNS, ["int8", "int8", "int4", "int8", "float8", "float8",
                                                                       "float8", "float8", "float8", "int8", "float8",
@@ -218,9 +218,8 @@ def test_copy_stream_and_arrays_round_trip_through_postgresql(fresh_pg):
                 assert all(_same(x, y) for x, y in zip(g, w)), (seed, g, w)
             # the same columns as binary array parameters
             with con.cursor() as cur:
-                _array_dumpers(cur)
                 for vals, null in frame.columns():
-                    p = (_Int8Array if vals.dtype.kind == "i" else _Float8Array)(pg_binary_array(vals, null))
+                    (p,) = pg_array_params(cur, [(vals, null)])
                     back = cur.execute("SELECT %b::" + ("int8[]" if vals.dtype.kind == "i" else "float8[]"), [p]).fetchone()[0]
                     exp = [None if (null is not None and z) else v for v, z in
                            zip(vals.tolist(), null.tolist() if null is not None else [False] * len(vals))]
