@@ -30,12 +30,8 @@ _F8 = np.dtype("<f8")
 _I8 = np.dtype("<i8")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
-#: ``layer_stat`` columns in table order with their PostgreSQL binary types; None marks a float
-#: column that may be NULL (its position in LAYER_FLOAT_COLUMNS decides the null-pattern bit).
-_COPY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("layer_id", ">i8"), ("step", ">i8"), ("rank", ">i4"), ("numel", ">i8"), ("mean", ">f8"), ("var", ">f8"),
-    ("std", ">f8"), ("l2", ">f8"), ("maxabs", ">f8"), ("nonfinite", ">i8"), ("l2_post", ">f8"), ("nan_mask", ">i4"),
-)
+#: Binary COPY types of the ``layer_stat`` columns, in table order (that of :meth:`LayerFrame.columns`).
+_COPY_TYPES = (">i8", ">i8", ">i4", ">i8", ">f8", ">f8", ">f8", ">f8", ">f8", ">i8", ">f8", ">i4")
 
 
 def _column(pieces: Sequence[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
@@ -153,36 +149,31 @@ class LayerFrame:
         their NULL pattern; rows are grouped by pattern (usually one or two per batch: COPY does
         not care about order) and each group is one packed record array.
         """
+        cols = self.columns()
         n = len(self)
         pattern = np.zeros(n, np.int64)
-        for bit, null in enumerate(self.stored_null):
+        for k, (_, null) in enumerate(cols):
             if null is not None:
-                pattern |= null.astype(np.int64) << bit
-        source = {"layer_id": self.layer_id, "step": self.step, "rank": self.rank, "numel": self.numel,
-                  "nonfinite": self.nonfinite, "nan_mask": self.nan_mask}
-        source.update(zip(LAYER_FLOAT_COLUMNS, self.floats))
+                pattern |= null.astype(np.int64) << k
         out = [_COPY_HEADER]
         groups: list[int] = np.unique(pattern).tolist() if n else []
         for p in groups:
             sel = None if len(groups) == 1 else np.flatnonzero(pattern == p)
-            m = n if sel is None else len(sel)
             fields: list[tuple[str, str]] = [("nf", ">i2")]
-            values: list[tuple[str, int, np.ndarray | None]] = []
-            for name, typ in _COPY_COLUMNS:
-                bit = LAYER_FLOAT_COLUMNS.index(name) if name in LAYER_FLOAT_COLUMNS else -1
-                fields.append((f"{name}_len", ">i4"))
-                if bit >= 0 and (p >> bit) & 1:
-                    values.append((name, -1, None))
+            values: list[tuple[int, int, np.ndarray | None]] = []
+            for k, ((vals, _), typ) in enumerate(zip(cols, _COPY_TYPES)):
+                fields.append((f"len{k}", ">i4"))
+                if (p >> k) & 1:
+                    values.append((k, -1, None))
                     continue
-                fields.append((name, typ))
-                col = source[name]
-                values.append((name, np.dtype(typ).itemsize, col if sel is None else col[sel]))
-            rec = np.empty(m, np.dtype(fields))
-            rec["nf"] = len(_COPY_COLUMNS)
-            for name, size, val in values:
-                rec[f"{name}_len"] = size
+                fields.append((f"v{k}", typ))
+                values.append((k, np.dtype(typ).itemsize, vals if sel is None else vals[sel]))
+            rec = np.empty(n if sel is None else len(sel), np.dtype(fields))
+            rec["nf"] = len(cols)
+            for k, size, val in values:
+                rec[f"len{k}"] = size
                 if val is not None:
-                    rec[name] = val
+                    rec[f"v{k}"] = val
             out.append(rec.tobytes())
         out.append(_COPY_TRAILER)
         return b"".join(out)
