@@ -330,6 +330,7 @@ class NetworkSink(BufferedSink):
         self._offline: str | None = None
         self._connected = False
         self._down = False
+        self._attempts = 0  # connection attempts that have ended (in success or failure)
         self._ever_connected = False
         self._ws_failures = 0
         self._http_only_left = 0
@@ -352,6 +353,16 @@ class NetworkSink(BufferedSink):
 
     def _wait_delivered(self, deadline: float | None) -> bool:
         with self._cv:
+            if self._index and not self._connected and self._offline is None:
+                # the sender may be waiting out a backoff while the server is back: have it try
+                # now, and judge by that attempt
+                tried = self._attempts
+                self._kick.set()
+                while not self._connected and self._attempts == tried and self._offline is None:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cv.wait(0.05 if left is None else min(left, 0.05))
             # wait while there is a chance of delivery (connecting or connected); when the server
             # is down, what is written is durably spooled, which is all flush promises
             while self._index and self._offline is None and not self._down:
@@ -623,6 +634,7 @@ class NetworkSink(BufferedSink):
                 with self._cv:
                     self._connected = False
                     self._down = True
+                    self._attempts += 1
                     self._cache.clear()
                     self._cache_size = 0
                     self._cv.notify_all()
@@ -640,7 +652,11 @@ class NetworkSink(BufferedSink):
                 continue
             except Exception as e:  # pragma: no cover - defensive
                 self._last_error = repr(e)
+                with self._cv:
+                    self._attempts += 1
+                    self._cv.notify_all()
                 self._kick.wait(backoff_delay(attempt, self.backoff_base, self.backoff_max))
+                self._kick.clear()
                 attempt += 1
                 continue
             with self._cv:
@@ -650,6 +666,7 @@ class NetworkSink(BufferedSink):
                 self._ever_connected = True
                 self._connected = True
                 self._down = False
+                self._attempts += 1
                 self._conn = conn
                 self._confirm_upto(acked)
                 self._cv.notify_all()

@@ -67,6 +67,25 @@ def test_server_killed_mid_run_and_restarted(server: ServerProc, tmp_path: Path)
     assert io.threads  # (the recorder saw the sender's calls)
 
 
+def test_flush_after_the_server_is_back_delivers_without_waiting_out_the_backoff(server: ServerProc,
+                                                                                  tmp_path: Path) -> None:
+    # a backoff far longer than flush's timeout: only an immediate retry by flush can deliver in time
+    model, opt, w = _watch(server.url, tmp_path / "spool", backoff_base=60.0, backoff_max=120.0)
+    train(model, opt, w, 20)
+    assert w.flush(20)
+    server.kill()
+    train(model, opt, w, 40)
+    assert w.flush(10)  # server down: flush returns once the records are durably spooled
+    spooled = w.stats()["spooled"]
+    assert spooled > 0
+    server.start()
+    assert w.flush(20)
+    st = w.stats()
+    assert st["reconnects"] >= 1 and st["spooled"] == 0 and st["dropped"] == 0, st
+    w.close(timeout=20)
+    assert_exactly_once(server.db, w.run_id, range(60), N_LAYERS)
+
+
 def test_server_never_comes_up_then_upload(server_factory: Any, tmp_path: Path, capsys: Any) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
