@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._torch import Tensor, torch
-from .stats import HostCopy, PendingCopy, finalize, layer_moments, pack_dtype
+from .stats import HostCopy, PendingCopy, finalize, layer_moments, pack_dtype, row_stats
 from .transforms.base import GradContext, Slot, Transform, apply_transforms
 from .wire import EVENT_KINDS, Event, LayerInfo, StepRecord
 
@@ -296,7 +296,7 @@ class Recorder:
         meas = None
         if record:
             try:
-                meas = self._measure(ctx, grad_scale)
+                meas = self._measure(ctx, grad_scale, transforms[0] if transforms and not skip else None)
             except Exception as e:  # noqa: BLE001 - a measuring failure must not cost the transforms
                 self._on_error("measuring gradients", e)
                 ctx.set_norms(None)
@@ -320,10 +320,14 @@ class Recorder:
             self._on_error("packing step statistics", e)
             return None
 
-    def _measure(self, ctx: GradContext, grad_scale: Tensor | None) -> _Measured:
+    def _measure(self, ctx: GradContext, grad_scale: Tensor | None, first: Transform | None = None) -> _Measured:
         """Moments of every dense grad (their norms feed the context and the total norm) and of
         the measured sparse grads, before any transform. No host sync on accelerators except for
-        coalescing a sparse CUDA gradient."""
+        coalescing a sparse CUDA gradient.
+
+        When the first transform reads per-unit sums or norms (Centralize, AGC), they are taken
+        here instead and handed to it: the layer's sum or norm then comes from its rows, so the
+        gradient is read once for both. (Only the first: any later one sees edited grads.)"""
         plan = self._get_plan(ctx)
         sparse_vals: list[Tensor] = []
         sparse_numels: list[int] = []
@@ -334,7 +338,12 @@ class Recorder:
             self.registry.mark_sparse(lid)
         dev = ctx.device if len(ctx) else (sparse_vals[0].device if sparse_vals else torch.device("cpu"))
         pd = pack_dtype(dev)
-        m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev)
+        rows = None
+        if first is not None and grad_scale is None and len(ctx):
+            want_sums, want_norms = first.wanted_rows(ctx)
+            if want_sums or want_norms:
+                rows = row_stats(ctx.grads, want_sums, want_norms)
+        m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev, rows=rows)
         if grad_scale is not None:
             inv = grad_scale.reshape(()).to(device=dev, dtype=torch.float32).reciprocal()
             one = torch.ones((), dtype=torch.float32, device=dev)
@@ -344,6 +353,7 @@ class Recorder:
         if n_dense_all and grad_scale is None:
             ctx.set_norms(l2col[:n_dense_all])
             ctx.set_sums(m[:n_dense_all, 0])  # same g.sum(dtype=float32): normalizers skip their own read
+            ctx.set_rows(rows)
         total = torch.linalg.vector_norm(l2col, 2) if m.shape[0] else torch.zeros((), device=dev)
 
         return _Measured(plan, m, total, sparse_vals, sparse_numels, dev, pd)

@@ -27,6 +27,10 @@ from ._torch import Tensor, torch
 __all__ = [
     "MOMENT_COLUMNS",
     "layer_moments",
+    "RowStats",
+    "row_stats",
+    "row_sums",
+    "row_norms",
     "finalize",
     "merge",
     "LayerStats",
@@ -47,11 +51,50 @@ def _group_indices(tensors: Sequence[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _moments_group(ts: list[Tensor], eager_nonfinite: bool) -> Tensor:
-    """(k, 4) float32 moments of same-device, same-dtype dense tensors."""
+def row_sums(g: Tensor) -> Tensor:
+    """(shape[0],) fp32 sums of each output unit (all dims but 0) of a tensor with ndim >= 2."""
+    return g.sum(dim=tuple(range(1, g.ndim)), dtype=torch.float32)
+
+
+def row_norms(g: Tensor) -> Tensor:
+    """(shape[0],) fp32 L2 norms of each output unit (all dims but 0) of a tensor with ndim >= 2."""
+    return torch.linalg.vector_norm(g, 2, dim=tuple(range(1, g.ndim)), dtype=torch.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class RowStats:
+    """Per-output-unit sums and L2 norms of some gradients, keyed by their index in the list the
+    statistics pass measured. A transform that needs them (Centralize's row means, AGC's unit
+    norms) asks for them up front; the statistics pass then reads those tensors row-wise and
+    derives their layer sum and norm from the rows, so the gradient is read once for both."""
+
+    sums: dict[int, Tensor]
+    norms: dict[int, Tensor]
+
+
+def row_stats(grads: Sequence[Tensor], sum_idx: Sequence[int] = (), norm_idx: Sequence[int] = ()) -> RowStats:
+    """:func:`row_sums` of ``grads[i]`` for i in ``sum_idx``, :func:`row_norms` for ``norm_idx``
+    (tensors with ndim < 2 or no elements are left out)."""
+    def ok(i: int) -> bool:
+        return grads[i].ndim >= 2 and grads[i].numel() > 0
+    return RowStats({i: row_sums(grads[i]) for i in sum_idx if ok(i)},
+                    {i: row_norms(grads[i]) for i in norm_idx if ok(i)})
+
+
+def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | None = None,
+                   rows: RowStats | None = None) -> Tensor:
+    """(k, 4) float32 moments of same-device, same-dtype dense tensors (``idx``: their indices
+    in ``rows``; a tensor with row sums or row norms there is not read again for them)."""
     dev = ts[0].device
-    l2 = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in ts])
+    if rows is None or idx is None or not (rows.sums or rows.norms):
+        l2 = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
+        sums = torch.stack([t.sum(dtype=torch.float32) for t in ts])
+    else:
+        need = [k for k, i in enumerate(idx) if i not in rows.norms]
+        fe = iter(torch._foreach_norm([ts[k] for k in need], 2, dtype=torch.float32) if need else ())
+        l2 = torch.stack([torch.linalg.vector_norm(rows.norms[i]) if i in rows.norms else next(fe) for i in idx])
+        sums = torch.stack([rows.sums[i].sum() if i in rows.sums else t.sum(dtype=torch.float32)
+                            for t, i in zip(ts, idx)])
     if dev.type == "cpu":
         maxabs = torch.stack([_maxabs_cpu(t) for t in ts])
     else:
@@ -76,7 +119,8 @@ def _maxabs_cpu(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = None, out_device: torch.device | None = None) -> Tensor:
+def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = None, out_device: torch.device | None = None,
+                  rows: RowStats | None = None) -> Tensor:
     """Raw per-tensor moments of dense gradients, in the order given.
 
     Args:
@@ -85,6 +129,9 @@ def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = Non
         eager_nonfinite: count non-finite elements of every tensor (default: only on non-CPU
             devices, where the lazy rule would need a host sync).
         out_device: where the result lives (default: the first tensor's device).
+        rows: row sums/norms already taken of some of ``grads`` (:func:`row_stats`, same
+            indices): those tensors' sum and L2 columns are derived from their rows (the same
+            fp32 values up to summation order) instead of another read.
 
     Returns:
         ``(len(grads), 4)`` float32 tensor with columns :data:`MOMENT_COLUMNS`. No host sync on
@@ -98,7 +145,7 @@ def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = Non
     for idx in groups:
         ts = [grads[i] for i in idx]
         eager = eager_nonfinite if eager_nonfinite is not None else ts[0].device.type != "cpu"
-        results.append(_moments_group(ts, eager).to(out_device, non_blocking=True))
+        results.append(_moments_group(ts, eager, idx, rows).to(out_device, non_blocking=True))
     if len(groups) == 1:
         return results[0]
     if [i for idx in groups for i in idx] == list(range(len(grads))):

@@ -34,6 +34,7 @@ from typing import Any
 from ._torch import Tensor, torch
 from .config import AgentConfig, compile_filter
 from .record import LayerRegistry, Recorder, warn_once_factory
+from .transforms.adaptive import AGC
 from .transforms.base import Transform, order_transforms
 from .transport import Sink, make_sink
 from .wire import _MAX_KEY, EVENT_KINDS, Event, RunInfo, ScalarRecord
@@ -130,6 +131,24 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def _exclude_classifier(model: torch.nn.Module | None, transforms: Sequence[Transform]) -> None:
+    """ALGORITHMS.md §6: AGC leaves the final classifier alone. For each AGC whose ``exclude``
+    was left to its default, exclude the model's last ``nn.Linear`` (once)."""
+    if model is None:
+        return
+    agcs = [t for t in transforms if isinstance(t, AGC) and t.default_exclude]
+    if not agcs:
+        return
+    last = None
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            last = m
+    for t in agcs:
+        t.default_exclude = False
+        if last is not None:
+            t.add_exclude([last])
+
+
 class Watcher:
     """The attached monitor of one optimizer; made by :func:`watch`.
 
@@ -163,6 +182,14 @@ class Watcher:
         if isinstance(transforms, Transform):
             transforms = [transforms]
         self.transforms: list[Transform] = order_transforms(transforms)
+        self._model = model
+        _exclude_classifier(model, self.transforms)
+        scaler_ts = list(getattr(scaler, "_gw_transforms", ()) or ())
+        if scaler_ts:
+            try:
+                order_transforms(scaler_ts + [t for t in self.transforms if all(t is not e for e in scaler_ts)])
+            except ValueError as e:
+                raise ValueError(f"transforms: conflict with the scaler's transforms: {e}") from None
         self.config = cfg
         self.rank, self.world_size = _dist()
         self._optimizer = optimizer
@@ -330,6 +357,14 @@ class Watcher:
         return order_transforms(list(extra) + self.transforms)
 
     def _union(self, extra: Sequence[Transform]) -> list[Transform]:
+        """The scaler's transforms with the watcher's own, in canonical order.
+
+        Raises:
+            ValueError: the two lists contradict each other (two normalizers or two global
+                clippers). A scaler built without ``watcher=`` meets the watcher only at its
+                first step, so this is the earliest the conflict can be seen; running either
+                list alone instead would silently train with a configuration nobody asked for.
+        """
         if not extra:
             return self.transforms
         key = tuple(id(t) for t in extra)
@@ -338,8 +373,8 @@ class Watcher:
             try:
                 union = order_transforms(list(extra) + own)
             except ValueError as e:
-                self._report("combining the scaler's transforms with the watcher's (using the scaler's)", e)
-                union = order_transforms(extra)
+                raise ValueError(f"GradScaler(transforms=...) conflicts with watch(transforms=...): {e}") from None
+            _exclude_classifier(self._model, union)
             self._union_cache = (key, union)
         return self._union_cache[1]
 
@@ -355,10 +390,10 @@ class Watcher:
         # The next optimizer.step() belongs to this step (fused optimizers are stepped even when
         # skipped; the kernel leaves the parameters alone): its pre-hook must not record again.
         self._scaler_pending = True
+        union = self._union(list(transforms))  # a contradictory configuration raises, once, here
         with self._guard("measuring the scaled optimizer step"):
             step = self._step
             self._step += 1
-            union = self._union(list(transforms))
             record = self.recording and step % self.config.every == 0
             if not record and (not union or skipped):
                 return

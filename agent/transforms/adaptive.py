@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
+from gradwatch.agent.stats import row_norms
 from gradwatch.agent.transforms.base import GradContext, Slot, Transform, as_param_list
 
 __all__ = ["AGC", "ZClip", "AutoClip"]
@@ -79,14 +80,13 @@ class _AGCGroup:
     """One (device, dtype) group of an AGC plan: which gradients are clipped and how their units
     lie in the flat per-unit vector (layer order, so each layer's units are contiguous)."""
 
-    __slots__ = ("dev", "dtype", "small", "big", "big_dims", "big_units", "big_views")
+    __slots__ = ("dev", "dtype", "small", "big", "big_units", "big_views")
 
     def __init__(self, dev: torch.device, dtype: torch.dtype) -> None:
         self.dev = dev
         self.dtype = dtype
         self.small: list[int] = []  # ctx indices of clipped grads with ndim <= 1 (one unit each)
         self.big: list[int] = []  # ctx indices of clipped grads with ndim >= 2 (one unit per row)
-        self.big_dims: list[tuple[int, ...]] = []  # dims reduced for each big grad: 1..ndim-1
         self.big_units: list[int] = []  # shape[0] of each big grad
         self.big_views: list[tuple[int, ...]] = []  # (units, 1, ..., 1): the coefficient view
 
@@ -116,24 +116,29 @@ class AGC(Transform):
         G_i  ← G_i · max_i / max(||G_i||, 1e-6)  otherwise
 
     Units whose gradient or weight norm is not finite are left untouched (coefficient 1), so an
-    overflow is never turned into NaN; the loss scaler skips such steps anyway. AGC reads the
-    parameters themselves, so it must run before the optimizer step.
+    overflow is never turned into NaN; the loss scaler skips such steps anyway. AGC is
+    stateless, so a non-finite step cannot corrupt it. AGC reads the parameters themselves, so
+    it must run before the optimizer step.
 
     Args:
         clipping: λ, the allowed ratio of gradient norm to weight norm (default 0.01).
         eps: floor of the weight norm, so zero-initialized units can still learn (1e-3).
-        exclude: parameters never clipped. The paper leaves the final classifier unclipped; a
-            standalone AGC has no model to find it in, so say which: parameter names or
-            ``fnmatch`` patterns (matched against the names the driver knows, e.g.
-            ``"fc.*"``; when called as ``t(model.named_parameters())`` the names are those),
-            parameter tensors, or modules (all their parameters). ``watch`` excludes the last
-            Linear by default.
+        exclude: parameters never clipped: parameter names or ``fnmatch`` patterns (e.g.
+            ``"fc.*"``, matched against the names the driver knows: ``watch`` names every
+            parameter, a standalone call knows names only from ``t(model.named_parameters())``;
+            patterns without names raise ValueError rather than match nothing), parameter
+            tensors, or modules (all their parameters). The paper leaves the final classifier
+            unclipped: the default ``None`` lets ``watch`` exclude the model's last
+            ``nn.Linear``; a standalone AGC has no model, so there it excludes nothing.
+            ``exclude=()`` clips everything, in ``watch`` too.
 
     Reports per layer: ``clipped_units`` (count), ``min_coef``, and ``layers`` (1 where a unit
-    was clipped). Cost: one read pass over W and G (unit norms, fp32) and one write pass, in a
-    number of calls that does not grow with the number of units: per (device, dtype) group, one
-    foreach norm for all one-unit tensors (biases, gains), one row-norm reduction per larger
-    tensor for G and for W, about twenty ops on the flat vector of units, one foreach multiply by
+    was clipped). Cost: one read of W and G (unit norms, fp32; inside
+    ``watch()`` the statistics pass takes G's row norms in its own read when AGC is the first
+    transform, see :meth:`wanted_rows`) and one write pass over G, in a number of calls that does
+    not grow with the number of units: per (device, dtype) group, one foreach norm for all
+    one-unit tensors (biases, gains), one row-norm reduction per larger tensor for G and for W,
+    about twenty ops on the flat vector of units, one foreach multiply by
     broadcast per-unit coefficients, and segment reductions (``index_add_``/``scatter_reduce_``)
     for the per-layer reports and the norm cache. The layout (which tensors, their units, the
     unit-to-layer index) is planned once and reused while the parameter set recurs.
@@ -146,7 +151,7 @@ class AGC(Transform):
     name: ClassVar[str] = "agc"
     slot: ClassVar[Slot] = Slot.UNITWISE
 
-    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, *, exclude: Iterable[Any] = ()) -> None:
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, *, exclude: Iterable[Any] | None = None) -> None:
         if not clipping > 0:
             raise ValueError(f"clipping must be positive, got {clipping}")
         if not eps >= 0:
@@ -156,7 +161,9 @@ class AGC(Transform):
         self._patterns: list[str] = []
         self._ids: set[int] = set()
         self._plans: dict[tuple[Any, ...], _AGCPlan] = {}
-        self.add_exclude(exclude)
+        #: whether the caller left ``exclude`` to the default (``watch`` then adds the last Linear)
+        self.default_exclude = exclude is None
+        self.add_exclude(() if exclude is None else exclude)
 
     def add_exclude(self, exclude: Iterable[Any]) -> None:
         """Exclude more parameters (names/patterns, tensors or modules)."""
@@ -200,6 +207,10 @@ class AGC(Transform):
         plan = self._plans.get(key)
         if plan is not None:
             return plan
+        if self._patterns and len(ctx) and not any(ctx.names):
+            raise ValueError(f"AGC(exclude={self._patterns!r}): name patterns need parameter names, and this "
+                             "call has none; pass the tensors or modules themselves, call it with "
+                             "model.named_parameters(), or run it inside watch()")
         groups: list[_AGCGroup] = []
         seg: list[int] = []
         mask = [False] * len(ctx)
@@ -212,7 +223,6 @@ class AGC(Transform):
                 mask[i] = True
                 if g.ndim >= 2:
                     grp.big.append(i)
-                    grp.big_dims.append(tuple(range(1, g.ndim)))
                     grp.big_units.append(g.shape[0])
                     grp.big_views.append((g.shape[0],) + (1,) * (g.ndim - 1))
                 else:
@@ -229,9 +239,13 @@ class AGC(Transform):
         self._plans[key] = plan
         return plan
 
-    def _unit_norms(self, ctx: GradContext, grp: _AGCGroup) -> tuple[Tensor, Tensor]:
+    def wanted_rows(self, ctx: GradContext) -> tuple[list[int], list[int]]:
+        return [], [i for grp in self._plan(ctx).groups for i in grp.big]
+
+    def _unit_norms(self, ctx: GradContext, grp: _AGCGroup, handed: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
         """(units,) float32 unit norms of the gradients and of the weights of one group, in the
-        plan's unit order (one-unit tensors first, then each larger tensor's rows)."""
+        plan's unit order (one-unit tensors first, then each larger tensor's rows). Gradient row
+        norms handed in by the statistics pass (``ctx.set_rows``) are not taken again."""
         gs: list[Tensor] = []
         ws: list[Tensor] = []
         if grp.small:
@@ -243,9 +257,10 @@ class AGC(Transform):
                                                    dtype=torch.float32))
             gs.append(both[:ns])
             ws.append(both[ns:])
-        for i, dims in zip(grp.big, grp.big_dims):
-            gs.append(torch.linalg.vector_norm(ctx.grads[i], 2, dim=dims, dtype=torch.float32))
-            ws.append(torch.linalg.vector_norm(ctx.params[i].detach(), 2, dim=dims, dtype=torch.float32))
+        for i in grp.big:
+            h = handed.get(i)
+            gs.append(h if h is not None else row_norms(ctx.grads[i]))
+            ws.append(row_norms(ctx.params[i].detach()))
         if len(gs) == 1:
             return gs[0], ws[0]
         return torch.cat(gs), torch.cat(ws)
@@ -262,8 +277,10 @@ class AGC(Transform):
         keeps: list[Tensor] = []
         coefs: list[Tensor] = []
         gns: list[Tensor] = []
+        rows = ctx.cached_rows()
+        handed = rows.norms if rows is not None else {}
         for grp in plan.groups:
-            gn, wn = self._unit_norms(ctx, grp)
+            gn, wn = self._unit_norms(ctx, grp, handed)
             mx = self.clipping * wn.clamp_min(self.eps)
             keep = (gn < mx) | ~torch.isfinite(gn) | ~torch.isfinite(mx)
             coef = torch.where(keep, torch.ones_like(gn), mx / gn.clamp_min(1e-6))
@@ -333,6 +350,8 @@ class ZClip(Transform):
 
     name: ClassVar[str] = "zclip"
     slot: ClassVar[Slot] = Slot.GLOBAL
+    config_keys: ClassVar[tuple[str, ...]] = ("alpha", "z_thresh", "max_grad_norm", "eps", "warmup_steps", "mode",
+                                              "clip_option", "clip_factor", "skip_update_on_spike")
 
     def __init__(
         self,
@@ -464,9 +483,10 @@ class ZClip(Transform):
         return ev
 
     def state_dict(self) -> dict[str, Any]:
-        return {k.lstrip("_"): getattr(self, k).detach().clone() for k in self._STATE}
+        return {**{k.lstrip("_"): getattr(self, k).detach().clone() for k in self._STATE}, "config": self.config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_config(state)
         new = {k: torch.as_tensor(state[k.lstrip("_")]).detach().clone() for k in self._STATE}
         if new["_buffer"].numel() != max(self.warmup_steps, 1):
             raise ValueError(f"state has a warm-up buffer of {new['_buffer'].numel()}, this ZClip has {self.warmup_steps}")
@@ -496,7 +516,9 @@ class AutoClip(Transform):
     its own (an (L, history) device ring): with ``include_current=False`` this is autoclip 0.2.1's
     default ``QuantileClip``. Its report adds ``layer_coef`` and ``layer_threshold`` and ``coef`` is
     the smallest layer coefficient; a non-finite step skips every history, not only the bad
-    tensor's. The parameter set must not change between steps.
+    tensor's. The parameters with gradients must stay the same from step to step (each history
+    belongs to one tensor; a change raises ValueError rather than compare a tensor against
+    another's history).
 
     A non-finite norm never enters the history and is never clipped (the package puts NaN into
     its history and then multiplies later gradients by NaN for up to ``history_length`` steps).
@@ -514,6 +536,7 @@ class AutoClip(Transform):
 
     name: ClassVar[str] = "autoclip"
     slot: ClassVar[Slot] = Slot.GLOBAL
+    config_keys: ClassVar[tuple[str, ...]] = ("percentile", "history", "include_current", "per_parameter")
 
     def __init__(self, percentile: float = 10.0, history: int = 10_000, *, include_current: bool = True,
                  per_parameter: bool = False) -> None:
@@ -535,6 +558,7 @@ class AutoClip(Transform):
         self._len = torch.zeros((), dtype=torch.int64)
         self._sorted: Tensor | None = None
         self._slots: Tensor | None = None
+        self._keys: tuple[int, ...] | None = None  # per_parameter: the parameters the rows belong to
 
     def _to(self, device: torch.device) -> None:
         dt = _state_dtype(device)
@@ -616,12 +640,20 @@ class AutoClip(Transform):
     def _apply_per_parameter(self, ctx: GradContext) -> None:
         """Each parameter against its own history (autoclip 0.2.1's default QuantileClip)."""
         dev, L = ctx.device, len(ctx)
+        keys = tuple(map(id, ctx.params))
         if self._hist.shape[0] == 0:
             self._hist = torch.full((L, self.history), float("nan"), dtype=self._hist.dtype, device=dev)
             self._sorted = None
         elif self._hist.shape[0] != L:
             raise ValueError(f"AutoClip(per_parameter=True) keeps {self._hist.shape[0]} histories, "
                              f"this step has {L} gradients")
+        elif self._keys is not None and keys != self._keys:
+            # same count, other tensors (a grad that was None now is not, and another is None):
+            # row i would be compared against another parameter's history
+            raise ValueError("AutoClip(per_parameter=True): the parameters with gradients changed since the "
+                             "histories were started; each history belongs to one parameter, so the set "
+                             "must stay the same (reset() starts over)")
+        self._keys = keys
         dt = self._hist.dtype
         x = ctx.norms.to(dt)
         fin = ctx.finite() & torch.isfinite(x).all()
@@ -646,9 +678,10 @@ class AutoClip(Transform):
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self._hist.detach().clone(), "pos": self._pos.detach().clone(),
-                "len": self._len.detach().clone()}
+                "len": self._len.detach().clone(), "config": self.config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_config(state)
         hist = torch.as_tensor(state["history"]).detach().clone()
         if hist.shape[-1] != self.history or (hist.ndim == 2) != self.per_parameter:
             raise ValueError(f"state holds a history of shape {tuple(hist.shape)}, this AutoClip keeps "
@@ -657,6 +690,7 @@ class AutoClip(Transform):
         self._pos = torch.as_tensor(state["pos"]).detach().clone()
         self._len = torch.as_tensor(state["len"]).detach().clone()
         self._sorted = self._slots = None
+        self._keys = None  # rows are re-bound, in order, to the next step's parameters
 
     def __repr__(self) -> str:
         return (f"AutoClip(percentile={self.percentile}, history={self.history}, "

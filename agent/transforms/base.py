@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from .._torch import Tensor, torch
+from ..stats import RowStats
 
 __all__ = ["Slot", "GradContext", "Transform", "order_transforms", "apply_transforms", "as_param_list"]
 
@@ -88,6 +89,8 @@ class GradContext:
         self._norms: Tensor | None = None
         self._sums: Tensor | None = None
         self._sums_versions: tuple[int, ...] | None = None
+        self._rows: RowStats | None = None
+        self._rows_versions: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -134,6 +137,23 @@ class GradContext:
             self._sums = None
             return None
         return self._sums
+
+    def set_rows(self, rows: RowStats | None) -> None:
+        """Hand in per-output-unit sums/norms of the current grads (keys: indices into
+        :attr:`grads`), taken by the statistics pass because the first transform asked for
+        them (:meth:`Transform.wanted_rows`). Valid, like sums, only while no grad was edited."""
+        self._rows = rows
+        self._rows_versions = _versions(self.grads) if rows is not None else None
+        if self._rows_versions is None:
+            self._rows = None
+
+    def cached_rows(self) -> RowStats | None:
+        """The rows handed to :meth:`set_rows` if no grad changed since, else None. Read them
+        once, before editing any grad."""
+        if self._rows is None or _versions(self.grads) != self._rows_versions:
+            self._rows = None
+            return None
+        return self._rows
 
     def total_norm(self) -> Tensor:
         """0-dim float32 global L2 norm of the current grads, as ``get_total_norm`` computes it."""
@@ -213,10 +233,33 @@ class Transform:
             self.apply_(ctx)
         return ctx.reports.get(self.name, {})
 
+    def wanted_rows(self, ctx: GradContext) -> tuple[list[int], list[int]]:
+        """Indices (into ``ctx.grads``) whose per-unit sums and per-unit L2 norms this transform
+        would read; when it runs first in a pipeline, the statistics pass takes them in its own
+        read (:class:`~gradwatch.agent.stats.RowStats`) and hands them in with ``set_rows``."""
+        return [], []
+
     def events(self, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         """Host side, after the step's values came back: the events this step deserves, as
         ``(kind, data)`` pairs (e.g. a ``clip`` event when the coefficient was below 1)."""
         return []
+
+    #: constructor settings a saved state is only valid for (checked by :meth:`check_config`)
+    config_keys: ClassVar[tuple[str, ...]] = ()
+
+    def config(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.config_keys}
+
+    def check_config(self, state: dict[str, Any]) -> None:
+        """Refuse a state saved by a transform configured differently (its running statistics
+        mean something else); states saved before configs were recorded are accepted."""
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            return
+        diff = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
+        if diff:
+            raise ValueError(f"{type(self).__name__}: state was saved with other settings: "
+                             + ", ".join(f"{k}={a!r} (this one has {b!r})" for k, (a, b) in diff.items()))
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
+from gradwatch.agent.stats import row_sums
 from gradwatch.agent.transforms.base import GradContext, Slot, Transform
 
 __all__ = ["AutoscaledNorm", "Centralize", "ZScoreNorm", "ALPHA_MODES"]
@@ -57,26 +58,49 @@ def _eligible(ctx: GradContext, min_ndim: int = 2) -> list[int]:
     return [i for i, g in enumerate(ctx.grads) if g.ndim >= min_ndim and g.numel() >= 2]
 
 
-def _layer_moments(ctx: GradContext, idx: list[int], dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(n, mean, population var) of each layer in ``idx``, as (len(idx),) ``dt`` tensors on ctx.device.
+#: A layer whose mean is large against its spread (mean² > _ILL·var) is ill-conditioned for the
+#: fast variance ``s2/n - mean²``: fp32 sums lose about 1e-7·mean²/var of it, and the affine form
+#: ``g·s + shift`` of the edit loses as much. Such layers take the exact route (on CPU, where
+#: knowing which layers they are costs no device sync).
+_ILL = 100.0
 
-    One cheap read per layer: the signed sum, accumulated in fp32. The sum of squares comes from
-    the context's cached fp32 norms (filled by the statistics pass in a pipeline, so free there),
-    and ``var = s2/n - mean²`` is finished in ``dt`` (float64) and clamped at 0. This is the
-    statistics pass's own formula; it loses accuracy only when |mean| >> std (relative error about
-    1e-7·mean²/var). Welford (``var_mean``) would avoid that but costs ~10 plain passes on CPU."""
+
+def _layer_moments(ctx: GradContext, idx: list[int], dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """(n, mean, population var, ill) of each layer in ``idx``: three (len(idx),) ``dt`` tensors
+    on ctx.device, and the positions (into ``idx``) of ill-conditioned layers.
+
+    CPU: one cheap read per layer, the signed sum in fp32 (none when the statistics pass handed
+    its sums in); the sum of squares comes from the context's cached fp32 norms and
+    ``var = s2/n - mean²`` is finished in ``dt`` (float64), as the statistics pass does. Welford
+    (``var_mean``) costs ~10 plain passes on this CPU, so it runs only for the ill-conditioned
+    layers (|mean| > 10·std), in float64, where the fast formula has lost too many digits.
+
+    Accelerators: ``var_mean`` per layer, one read, exact and without a sync (branching on the
+    conditioning would be a sync); ``ill`` is then empty."""
     dev = ctx.device
     n = _const(tuple(float(ctx.grads[i].numel()) for i in idx), dt, dev)
+    if dev.type != "cpu":
+        vm = [torch.var_mean(ctx.grads[i] if ctx.grads[i].dtype in (torch.float32, torch.float64)
+              else ctx.grads[i].float(), correction=0) for i in idx]
+        var = torch.stack([v.to(dev, dt, non_blocking=True) for v, _ in vm])
+        mean = torch.stack([m.to(dev, dt, non_blocking=True) for _, m in vm])
+        return n, mean, var, []
     sel = _const(tuple(idx), torch.int64, dev)
     cached = ctx.cached_sums()
     if cached is not None:  # the statistics pass's sum column: the same fp32 sums, no read
         sums = cached.index_select(0, sel)
     else:
-        sums = torch.stack([ctx.grads[i].sum(dtype=torch.float32).to(dev, non_blocking=True) for i in idx])
+        sums = torch.stack([ctx.grads[i].sum(dtype=torch.float32) for i in idx])
     mean = sums.to(dt) / n
     s2 = ctx.norms.index_select(0, sel).to(dt).square()
     var = (s2 / n - mean.square()).clamp_min(0)
-    return n, mean, var
+    ill = (mean.square() > _ILL * var).nonzero().flatten().tolist()  # CPU: a host read, no device
+    if ill:
+        var, mean = var.clone(), mean.clone()
+        for k in ill:
+            v, m = torch.var_mean(ctx.grads[idx[k]].to(torch.float64), correction=0)
+            var[k], mean[k] = v, m
+    return n, mean, var, ill
 
 
 def _finite_flag(ctx: GradContext, *extra: Tensor) -> Tensor:
@@ -87,29 +111,40 @@ def _finite_flag(ctx: GradContext, *extra: Tensor) -> Tensor:
     return fin
 
 
-def _fused_affine_(ctx: GradContext, idx: list[int], shift: Tensor, scale: Tensor) -> None:
-    """g <- g * scale_l + shift_l for each layer l in idx, in place.
+def _normalize_(ctx: GradContext, idx: list[int], mean: Tensor, scale: Tensor, ill: list[int]) -> None:
+    """g <- (g - mean_l) · scale_l for each layer l in idx, in place (mean 0 and scale 1 on a
+    non-finite step: an exact identity, signed zeros included).
 
-    ``mul_`` then ``add_`` rather than ``addcmul(out=g)``: with 0-dim tensor operands the fused
-    kernel runs ~10x slower on CPU than the two vectorized in-place ops. With scale 1 and shift
-    -0.0 (a non-finite step) both are exact identities, signed zeros included.
-
-    One foreach call per op and (device, dtype) group, with per-layer 0-dim operands rounded to
-    the grad's dtype first (the same arithmetic as a per-layer ``mul_``/``add_`` loop, without
-    its two ``select`` and two ``to`` calls per layer)."""
-    by_group: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    * CPU, fp32/fp64: ONE pass per layer, ``torch.add(shift, g, alpha=scale, out=g)`` with
+      ``shift = -mean·scale`` (a fused multiply-add; the scales are read on the host, which on
+      CPU costs no device sync). ``mul_`` + ``add_`` would be two passes, and ``addcmul`` with
+      0-dim operands is 4-5x slower than either on CPU.
+    * ill-conditioned layers (see ``_ILL``) and fp16/bf16 grads: subtract first, then scale,
+      in a wider dtype (float64 / float32) rounded once into the grad, so a constant gradient
+      becomes exact zeros and a large fp16 amplification cannot overflow before the subtraction.
+    * accelerators, fp32/fp64: ``_foreach_sub_`` then ``_foreach_mul_`` per (device, dtype)
+      group (two passes; one would need a fused kernel)."""
+    dev0 = scale.device
+    ill_set = set(ill)
+    on_cpu = dev0.type == "cpu"
+    scales = scale.tolist() if on_cpu else None
+    shifts = (-mean * scale).unbind(0) if on_cpu else ()
+    fast: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for k, i in enumerate(idx):
         g = ctx.grads[i]
-        by_group.setdefault((g.device, g.dtype), []).append(k)
-    for (dev, dtype), ks in by_group.items():
-        gs = [ctx.grads[idx[k]] for k in ks]
-        if len(ks) == len(idx):
-            sc, sh = scale, shift
+        if g.dtype in _LOW_PRECISION or k in ill_set:
+            wide = torch.float64 if k in ill_set else torch.float32
+            g.copy_(g.to(wide).sub_(mean[k].to(g.device, wide)).mul_(scale[k].to(g.device, wide)))
+        elif on_cpu and g.device.type == "cpu":
+            assert scales is not None
+            torch.add(shifts[k], g, alpha=scales[k], out=g)
         else:
-            sel = _const(tuple(ks), torch.int64, scale.device)
-            sc, sh = scale.index_select(0, sel), shift.index_select(0, sel)
-        torch._foreach_mul_(gs, list(sc.to(dev, dtype).unbind(0)))
-        torch._foreach_add_(gs, list(sh.to(dev, dtype).unbind(0)))
+            fast.setdefault((g.device, g.dtype), []).append(k)
+    for (dev, dtype), ks in fast.items():
+        sel = _const(tuple(ks), torch.int64, dev0)
+        gs = [ctx.grads[idx[k]] for k in ks]
+        torch._foreach_sub_(gs, list(mean.index_select(0, sel).to(dev, dtype).unbind(0)))
+        torch._foreach_mul_(gs, list(scale.index_select(0, sel).to(dev, dtype).unbind(0)))
 
 
 def _layer_mask(ctx: GradContext, idx: list[int], on: Tensor) -> Tensor:
@@ -165,7 +200,8 @@ class AutoscaledNorm(Transform):
     natural decline of the global gradient std and never amplifies). The variants are options:
     ``"sqrt_ratio_to_initial"`` (α = sqrt(σ_t/σ_ref)), ``"ratio_to_previous"`` (σ_ref is the last
     finite step's σ), ``"none"`` (centering only, α = 1). ``clamp_max=None`` removes the cap.
-    If σ_ref is 0, α = 1. α_t, σ_t and σ_ref are reported every step so the reading can be
+    A step whose σ is 0 (all-zero or constant grads) gets α = 1 and does not become the
+    reference. α_t, σ_t and σ_ref are reported every step so the reading can be
     revisited.
 
     Non-finite steps: the gradients are left untouched (exact identity) and σ_ref does not
@@ -212,7 +248,7 @@ class AutoscaledNorm(Transform):
                        sigma_ref=self._sigma_ref.float(), skipped_update=torch.zeros((), device=dev),
                        layers=_layer_mask(ctx, idx, one.bool()))
             return
-        n, mean, var = _layer_moments(ctx, idx, dt)
+        n, mean, var, ill = _layer_moments(ctx, idx, dt)
         big_n = n.sum()
         grand = (n * mean).sum() / big_n
         ss = (n * var).sum() + (n * (mean - grand).square()).sum()  # total squared deviation
@@ -231,13 +267,11 @@ class AutoscaledNorm(Transform):
 
         # commit state only on finite steps
         new_ref = sigma if self.alpha_mode == "ratio_to_previous" else ref
-        self._sigma_ref.copy_(torch.where(fin, new_ref, self._sigma_ref))
-        self._initialized.copy_(self._initialized | fin)
+        self._sigma_ref.copy_(torch.where(fin & (sigma > 0), new_ref, self._sigma_ref))
+        # a σ of 0 (all-zero or constant grads) is no reference: every later α would be 1
+        self._initialized.copy_(self._initialized | (fin & (sigma > 0)))
 
-        neg0 = torch.full_like(mean, -0.0)
-        shift = torch.where(fin, -alpha * mean, neg0)
-        scale = alpha.expand_as(mean)
-        _fused_affine_(ctx, idx, shift, scale)
+        _normalize_(ctx, idx, torch.where(fin, mean, torch.zeros_like(mean)), alpha.expand_as(mean), ill)
         _update_norms(ctx, idx, alpha * (n * var).sqrt() if _exact(ctx, idx) else None, fin)
         ctx.report(self.name, alpha=alpha.float(), sigma=sigma.float(), sigma_ref=ref.float(),
                    skipped_update=(~fin).float(), layers=_layer_mask(ctx, idx, fin))
@@ -249,6 +283,8 @@ class AutoscaledNorm(Transform):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("alpha_mode", self.alpha_mode) != self.alpha_mode:
             raise ValueError(f"state was saved with alpha_mode={state['alpha_mode']!r}, this is {self.alpha_mode!r}")
+        if state.get("clamp_max", self.clamp_max) != self.clamp_max:
+            raise ValueError(f"state was saved with clamp_max={state['clamp_max']!r}, this is {self.clamp_max!r}")
         self._sigma_ref = torch.as_tensor(state["sigma_ref"]).detach().clone().to(torch.float64)
         self._initialized = torch.as_tensor(state["initialized"]).detach().clone().to(torch.bool)
 
@@ -265,8 +301,9 @@ class Centralize(_Stateless):
     ``ndim > 3``. 1-D grads are untouched. Stateless; on a non-finite step the edit is skipped
     (``inf - inf`` would turn an overflow into NaN).
 
-    Cost: one read pass (row ``mean`` in fp32) and one write pass (``sub_``); the norm cache is
-    invalidated (a following clipper re-measures).
+    Cost: one write pass (``sub_``) plus one read for the row sums (fp32), which inside
+    ``watch()`` the statistics pass takes in its own read (:meth:`wanted_rows`); the norm cache
+    is invalidated (a following clipper re-measures).
 
     Example::
 
@@ -278,14 +315,20 @@ class Centralize(_Stateless):
     def __init__(self, conv_only: bool = False) -> None:
         self.conv_only = conv_only
 
+    def wanted_rows(self, ctx: GradContext) -> tuple[list[int], list[int]]:
+        return _eligible(ctx, 4 if self.conv_only else 2), []
+
     def apply_(self, ctx: GradContext) -> None:
         idx = _eligible(ctx, 4 if self.conv_only else 2)
         fin = ctx.finite()
+        rows = ctx.cached_rows()
+        handed = rows.sums if rows is not None else {}
         for i in idx:
             g = ctx.grads[i]
-            m = g.mean(dim=tuple(range(1, g.ndim)), keepdim=True, dtype=torch.float32)
+            s = handed.get(i)
+            m = (s if s is not None else row_sums(g)) / (g.numel() // g.shape[0])
             m = torch.where(fin.to(m.device), m, torch.zeros((), dtype=m.dtype, device=m.device))
-            g.sub_(m.to(g.dtype))
+            g.sub_(m.to(g.dtype).view((g.shape[0],) + (1,) * (g.ndim - 1)))
         if idx:
             # |g|² - row_n·Σm² would cancel for rows that centre to ~0: re-measure when needed.
             _update_norms(ctx, idx, None, fin)
@@ -324,11 +367,10 @@ class ZScoreNorm(_Stateless):
         fin = ctx.finite()
         amp = torch.ones(len(ctx), dtype=torch.float32, device=dev)
         if idx:
-            n, mean, var = _layer_moments(ctx, idx, dt)
+            n, mean, var, ill = _layer_moments(ctx, idx, dt)
             std = (var * n / (n - 1)).sqrt()
             scale = torch.where(fin, 1.0 / (std + self.eps), torch.ones_like(std))
-            shift = torch.where(fin, -mean * scale, torch.full_like(mean, -0.0))
-            _fused_affine_(ctx, idx, shift, scale)
+            _normalize_(ctx, idx, torch.where(fin, mean, torch.zeros_like(mean)), scale, ill)
             _update_norms(ctx, idx, (n * var).sqrt() * scale if _exact(ctx, idx) else None, fin)
             amp[_const(tuple(idx), torch.int64, dev)] = scale.float()
         ctx.report(self.name, amplification=amp, layers=_layer_mask(ctx, idx, fin),

@@ -20,6 +20,11 @@ autoclip_torch = pytest.importorskip("autoclip.torch")
 SHAPES = [(5,), (1,), (1, 1), (0, 3), (3, 4), (1, 6), (6, 1), (2, 3, 3, 3), (2, 2, 2, 2, 2), (4,)]
 
 
+def _tensors(t):
+    """A transform's running state without its saved settings (``config``)."""
+    return {k: v for k, v in t.state_dict().items() if k != "config"}
+
+
 def make_params(shapes, dtype=torch.float32, seed=0, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     ps = []
@@ -518,8 +523,8 @@ def test_zclip_package_breaks_on_nonfinite_ours_keeps_working(kind):
             r = a(na.parameters())
             assert r["skipped_update"].item() == 1.0 and r["coef"].item() == 1.0
             assert torch.equal(na.a.grad.isnan(), bad[0].isnan())  # nothing new became NaN
-            for k, v in a.state_dict().items():
-                assert torch.equal(v, b.state_dict()[k]), k
+            for k, v in _tensors(a).items():
+                assert torch.equal(v, _tensors(b)[k]), k
             continue
         set_grads(list(na.parameters()), grads)
         set_grads(list(nb.parameters()), grads)
@@ -528,7 +533,7 @@ def test_zclip_package_breaks_on_nonfinite_ours_keeps_working(kind):
             assert torch.equal(p.grad, q.grad)
         assert torch.equal(ra["coef"], rb["coef"])
     assert rb["coef"].item() < 0.5  # the final spike is clipped
-    assert all(torch.isfinite(v).all() for k, v in a.state_dict().items() if k != "buffer")
+    assert all(torch.isfinite(v).all() for k, v in _tensors(a).items() if k != "buffer")
 
     if kind == "inf":  # the package turns inf into NaN with its default fixed cap; ours never does
         zp2 = zclip_pkg.ZClip(warmup_steps=1)  # default max_grad_norm=1.0 -> coefficient 0 on inf
@@ -559,7 +564,7 @@ def test_zclip_found_inf_from_scaler_skips_update():
     r = ctx.reports["zclip"]
     assert r["skipped_update"].item() == 1.0 and r["coef"].item() == 1.0
     assert all(torch.equal(p.grad, g) for p, g in zip(ps, raw))
-    for k, v in zc.state_dict().items():
+    for k, v in _tensors(zc).items():
         assert torch.equal(v, before[k])
 
 
@@ -763,8 +768,8 @@ def test_autoclip_package_breaks_on_nan_ours_keeps_working():
                 r = a(na.parameters())
                 assert r["skipped_update"].item() == 1.0 and r["coef"].item() == 1.0
                 assert torch.equal(na.c.grad.isnan(), bad[2].isnan())
-                for k, v in a.state_dict().items():
-                    assert torch.equal(v.nan_to_num(-1.0), b.state_dict()[k].nan_to_num(-1.0)), k
+                for k, v in _tensors(a).items():
+                    assert torch.equal(v.nan_to_num(-1.0), _tensors(b)[k].nan_to_num(-1.0)), k
                 continue
             set_grads(list(na.parameters()), grads)
             set_grads(list(nb.parameters()), grads)
@@ -839,3 +844,51 @@ def test_state_dict_resume_exactly(make):
     assert a.state_dict().keys() == make().state_dict().keys()
     with pytest.raises(ValueError):
         (ZClip(warmup_steps=99) if isinstance(a, ZClip) else AutoClip(history=99)).load_state_dict(b.state_dict())
+
+
+def test_autoclip_per_parameter_histories_belong_to_their_parameters():
+    """Same number of grads, other tensors (one grad became None, another appeared): comparing a
+    tensor against another's history would clip it silently; it raises instead."""
+    ac = AutoClip(50.0, 10, per_parameter=True)
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad, b.grad, c.grad = torch.ones(3), torch.ones(3) * 100, None
+    ac([a, b, c])
+    ac([a, b, c])  # the same set again is fine
+    a.grad, c.grad = None, torch.ones(3)
+    before = b.grad.clone()
+    with pytest.raises(ValueError, match="parameters with gradients changed"):
+        ac([a, b, c])
+    assert torch.equal(b.grad, before)  # refused before touching anything
+    # a count change is refused too; after reset() a new set starts fresh
+    a.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="keeps 2 histories, this step has 3"):
+        ac([a, b, c])
+    ac.reset()
+    r = ac([a, b, c])
+    assert r["history_len"].item() == 1.0 and r["layer_threshold"].tolist() == pytest.approx([3 ** 0.5, 30000 ** 0.5, 3 ** 0.5])
+    # after load_state_dict (a new process: other tensors) the rows bind to the next step's set
+    twin = AutoClip(50.0, 10, per_parameter=True)
+    twin.load_state_dict(ac.state_dict())
+    x, y, z = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    x.grad, y.grad, z.grad = torch.ones(3), torch.ones(3), torch.ones(3)
+    twin([x, y, z])
+
+
+@pytest.mark.parametrize("make,other", [
+    (lambda: ZClip(z_thresh=2.5), lambda: ZClip(z_thresh=3.0)),
+    (lambda: ZClip(mode="percentile"), lambda: ZClip(mode="zscore")),
+    (lambda: AutoClip(percentile=10.0), lambda: AutoClip(percentile=25.0)),
+    (lambda: AutoClip(include_current=False), lambda: AutoClip(include_current=True)),
+])
+def test_state_saved_with_other_settings_is_refused(make, other):
+    a = make()
+    p = torch.nn.Parameter(torch.zeros(3))
+    for v in (1.0, 2.0, 3.0):
+        p.grad = torch.full((3,), v)
+        a([p])
+    b = other()
+    with pytest.raises(ValueError, match="saved with other settings"):
+        b.load_state_dict(a.state_dict())
+    make().load_state_dict(a.state_dict())  # the same settings: accepted
+    legacy = {k: v for k, v in a.state_dict().items() if k != "config"}
+    other().load_state_dict(legacy)  # a state from before settings were saved: accepted as it is

@@ -192,8 +192,12 @@ def test_gan_zero_reference_gives_alpha_one():
     p.grad = torch.full((2, 2), 3.0)  # sigma 0 at the first step
     t([p])
     assert torch.equal(p.grad, torch.zeros(2, 2))
+    assert not t.state_dict()["initialized"].item()  # a zero sigma is no reference
     p.grad = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    assert t([p])["alpha"].item() == 1.0
+    r = t([p])
+    assert r["alpha"].item() == 1.0 and r["sigma_ref"].item() == r["sigma"].item() > 0
+    p.grad = torch.tensor([[1.0, 2.0], [3.0, 4.0]]) * 0.5
+    assert t([p])["alpha"].item() == pytest.approx(0.5, rel=1e-6)
 
 
 def _inject(grads, rng, kind):
@@ -403,6 +407,76 @@ def test_zscore_random_reference(dtype):
                 out = p.grad.double()
                 assert abs(out.mean().item()) < 1e-5
                 assert out.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("make", [AutoscaledNorm, ZScoreNorm])
+def test_ill_conditioned_layers_mean_far_above_std(make):
+    """|mean| up to 1e6 x std: the fast variance (s2/n - mean^2 from fp32 sums) would cancel to
+    noise; the result must still match the float64 reference, the norm cache must stay right,
+    and a clipper after the normalizer must honour its bound."""
+    from gradwatch.agent import ClipNorm
+    from gradwatch.agent.transforms.base import apply_transforms
+
+    rng = random.Random(5)
+    for case in range(40):
+        shapes = [(rng.randint(2, 40), rng.randint(2, 40)), (rng.randint(2, 8), 3, 3, 3), (7,)]
+        ps = make_params(shapes, seed=case, offset=False)
+        ratio = 10.0 ** rng.uniform(1, 6)
+        for p in ps[:2]:
+            p.grad.mul_(1.0 / ratio).add_(rng.choice([-1.0, 1.0]) * rng.uniform(0.1, 10))
+        raw = [p.grad.double().clone() for p in ps]
+        t = make()
+        ctx = GradContext(ps)
+        _ = ctx.norms  # as the statistics pass leaves it
+        t.apply_(ctx)
+        if make is ZScoreNorm:
+            want = [(g - g.mean()) / (g.std() + 1e-12) for g in raw[:2]]
+        else:
+            want = [g - g.mean() for g in raw[:2]]  # the first step: alpha = 1
+        for p, w in zip(ps[:2], want):
+            torch.testing.assert_close(p.grad.double(), w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+        assert torch.equal(ps[2].grad.double(), raw[2])
+        fresh = torch.stack([p.grad.float().norm() for p in ctx.params])
+        torch.testing.assert_close(ctx.norms, fresh, rtol=1e-4, atol=1e-6 * float(fresh.max()))
+        # normalizer then a tight clip, in one pipeline: the clipped total norm is the bound
+        qs = make_params(shapes, seed=case, offset=False)
+        for q, g in zip(qs, raw):
+            q.grad.copy_(g)
+        ctx = GradContext(qs)
+        _ = ctx.norms
+        bound = 0.5 * sum(float(w.norm()) ** 2 for w in want) ** 0.5
+        apply_transforms(ctx, [make(), ClipNorm(bound)])
+        total = float(torch.stack([q.grad.double().norm() for q in qs[:2]]).norm())
+        assert total <= bound * (1 + 1e-5) + 1e-12
+
+
+@pytest.mark.parametrize("value", [0.1, 3.0, -7.7, 1e-3, 12345.678])
+@pytest.mark.parametrize("shape", [(2, 2), (30, 30), (100, 1000), (4, 3, 5, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_gradient_becomes_exact_zeros(value, shape, dtype):
+    p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+    p.grad = torch.full(shape, value, dtype=dtype)
+    r = ZScoreNorm()([p])
+    assert torch.equal(p.grad, torch.zeros(shape, dtype=dtype))
+    assert r["amplification"].item() == pytest.approx(1e12, rel=1e-6)  # 1/(0 + eps): std is exactly 0
+    p.grad = torch.full(shape, value, dtype=dtype)
+    AutoscaledNorm()([p])
+    assert torch.equal(p.grad, torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("std", [1e-7, 1e-5, 1e-3])
+def test_zscore_low_precision_large_amplification_stays_finite(dtype, std):
+    """An fp16 scale above 65504 must not overflow: subtract first, scale in fp32, round once."""
+    g = (torch.randn(64, 64, generator=torch.Generator().manual_seed(2)) * std).to(dtype)
+    p = torch.nn.Parameter(torch.zeros(64, 64, dtype=dtype))
+    p.grad = g.clone()
+    ZScoreNorm()([p])
+    out = p.grad.double()
+    assert torch.isfinite(out).all()
+    gd = g.double()
+    want = (gd - gd.mean()) / (gd.std() + 1e-12)
+    torch.testing.assert_close(out, want, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 8)
 
 
 # ---------------------------------------------------------------------------------- sums from the stats pass

@@ -253,3 +253,116 @@ def test_normalizer_inside_watch_equals_the_standalone_transform(make):
             opt.step()
     w.close()
     assert len(grads) == 4
+
+
+def test_scaler_without_watcher_conflicting_with_the_watcher_raises_at_its_first_step():
+    """A GradScaler built without watcher= meets the watcher at its first step: a contradiction
+    (two global clippers) must raise there, not silently drop the watcher's transforms."""
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    w = watch(m, opt, server="memory", transforms=[AutoscaledNorm(), ClipNorm(1.0)])
+    scaler = GradScaler("cpu", transforms=[ZClip(max_grad_norm=None)])
+    opt.zero_grad()
+    scaler.scale(_loss(m, 0)).backward()
+    with pytest.raises(ValueError, match="conflicts with watch.*global clipper"):
+        scaler.step(opt)
+    w.close()
+    # and without a conflict both lists run: the watcher's normalizer and the scaler's clipper
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    w = watch(m, opt, server="memory", transforms=[AutoscaledNorm()])
+    scaler = GradScaler("cpu", transforms=[ZClip(max_grad_norm=None)])
+    opt.zero_grad()
+    scaler.scale(_loss(m, 0)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert set(w.sink.steps[0].transforms) == {"autoscaled_norm", "zclip"}
+    assert abs(m[0].weight.grad.double().mean().item()) < 1e-6 * m[0].weight.grad.abs().max().item()
+    w.close()
+
+
+def test_watch_refuses_a_scaler_whose_transforms_conflict():
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    scaler = GradScaler("cpu", transforms=[ZClip()])
+    with pytest.raises(ValueError, match="transforms: conflict with the scaler"):
+        watch(m, opt, server="memory", scaler=scaler, transforms=[ClipNorm(1.0)])
+
+
+def test_agc_name_patterns_without_names_raise_instead_of_matching_nothing():
+    m = _model()
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    with pytest.raises(ValueError, match="name patterns need parameter names"):
+        AGC(exclude=["3.*"])(m.parameters())
+    before = m[3].weight.grad.clone()
+    r = AGC(exclude=["3.*"])(m.named_parameters())  # names known: the classifier is left alone
+    assert torch.equal(m[3].weight.grad, before) and r["layers"].tolist()[-2:] == [0.0, 0.0]
+    assert r["layers"].tolist()[0] == 1.0
+    # inside a GradScaler with no watcher there are no names either
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    scaler = GradScaler("cpu", transforms=[AGC(exclude=["3.*"])])
+    opt.zero_grad()
+    scaler.scale(_loss(m, 0)).backward()
+    with pytest.raises(ValueError, match="name patterns need parameter names"):
+        scaler.step(opt)
+
+
+def test_agc_in_watch_leaves_the_final_classifier_alone_by_default():
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    agc = AGC(1e-6)
+    w = watch(m, opt, server="memory", transforms=[agc])
+    opt.zero_grad()
+    _loss(m, 0).backward()
+    raw = m[3].weight.grad.clone(), m[3].bias.grad.clone()
+    opt.step()
+    assert torch.equal(m[3].weight.grad, raw[0]) and torch.equal(m[3].bias.grad, raw[1])
+    assert w.sink.steps[0].transforms["agc"]["layers"] == [1.0, 1.0, 0.0, 0.0]
+    w.close()
+
+
+@pytest.mark.parametrize("first", ["centralize", "agc"])
+def test_row_stats_from_the_statistics_pass_first_transform_reads_no_rows_itself(first, monkeypatch):
+    """Inside watch() the statistics pass takes the row sums (Centralize) or gradient row norms
+    (AGC) its first transform needs, in its own read: the transform computes none of them
+    itself, and leaves exactly the grads the standalone transform leaves."""
+    import gradwatch.agent.transforms.adaptive as adaptive
+    import gradwatch.agent.transforms.normalize as normalize
+
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.01), torch.optim.SGD(b.parameters(), lr=0.01)
+    make = {"centralize": lambda: [Centralize()], "agc": lambda: [AGC(1e-3), ClipNorm(0.5)]}[first]
+    w = watch(a, opt_a, server="memory", transforms=make())
+    standalone = make()
+    if first == "agc":
+        standalone[0].add_exclude([b[3]])  # what watch() does for the final classifier
+    calls: list[int] = []
+    for mod, fn in ((normalize, "row_sums"), (adaptive, "row_norms")):
+        orig = getattr(mod, fn)
+
+        def spy(g, orig=orig):  # noqa: ANN001, ANN202
+            calls.append(g.data_ptr())
+            return orig(g)
+
+        monkeypatch.setattr(mod, fn, spy)
+    seen = []
+    opt_a.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in a.parameters()]))
+    for s in range(3):
+        opt_a.zero_grad()
+        _loss(a, s).backward()
+        calls.clear()
+        opt_a.step()
+        # no gradient's rows taken by the transform (AGC still takes the weights': not gradients)
+        assert not set(calls) & {p.grad.data_ptr() for p in a.parameters()}
+        opt_b.zero_grad()
+        _loss(b, s).backward()
+        ctx = GradContext(list(b.parameters()), [n for n, _ in b.named_parameters()])
+        calls.clear()
+        apply_transforms(ctx, order_transforms(standalone))
+        assert set(calls) & {p.grad.data_ptr() for p in b.parameters()}  # standalone: it reads them
+        for x, y in zip(seen[s], b.parameters()):
+            assert torch.equal(x, y.grad), (s, first)
+        opt_b.step()
+    w.close()

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from gradwatch.agent.stats import HostCopy, finalize, layer_moments, merge, pack_dtype
+from gradwatch.agent.stats import (
+    HostCopy,
+    finalize,
+    layer_moments,
+    merge,
+    pack_dtype,
+    row_norms,
+    row_stats,
+    row_sums,
+)
 
 
 def _ref(t: torch.Tensor) -> tuple[int, float, float, float, float, float, int]:
@@ -102,6 +111,40 @@ def test_sparse_values_path() -> None:
 def test_cancellation_is_clamped_not_negative() -> None:
     st = finalize(3, 3e8, math.sqrt(3) * 1e8, 1e8, 0)  # three equal values: var 0 up to rounding
     assert st.var >= 0.0 and st.std >= 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_stats_feed_the_layer_columns(dtype: torch.dtype) -> None:
+    """Tensors measured row-wise (for Centralize/AGC) get their layer sum and L2 norm from their
+    rows: the same values as the direct reductions up to fp32 summation order; the other columns
+    and the other tensors are unchanged, NaN/inf included."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(7, 3), (128,), (16, 4, 3, 3), (1, 5), (0, 4), (33, 5), (2, 1, 2, 3, 2)]
+    for case in range(20):
+        grads = [(torch.randn(s, generator=g) * 0.3 + 0.05).to(dtype) for s in shapes]
+        if case % 4 == 1:
+            grads[2].view(-1)[5] = float("nan")
+        if case % 4 == 2:
+            grads[5][3, 1] = float("inf")
+        sums_for, norms_for = [0, 2, 4, 6] if case % 2 else [5], [0, 2, 5, 3] if case % 3 else []
+        rows = row_stats(grads, sums_for, norms_for)
+        assert set(rows.sums) == set(sums_for) - {4} and set(rows.norms) == set(norms_for)  # (0, 4): no rows
+        for i, r in rows.sums.items():
+            want = grads[i].sum(dim=tuple(range(1, grads[i].ndim)), dtype=torch.float32)
+            assert r.dtype == torch.float32 and torch.equal(r.nan_to_num(), want.nan_to_num())
+            assert torch.equal(row_sums(grads[i]).nan_to_num(), r.nan_to_num())
+        for i, r in rows.norms.items():
+            assert torch.equal(row_norms(grads[i]).nan_to_num(), r.nan_to_num()) and r.shape == (grads[i].shape[0],)
+        direct, derived = layer_moments(grads), layer_moments(grads, rows=rows)
+        for i in range(len(grads)):
+            a, b = direct[i], derived[i]
+            assert torch.equal(a[2:].nan_to_num(), b[2:].nan_to_num())  # maxabs, nonfinite: not from rows
+            if i not in rows.sums and i not in rows.norms:
+                assert torch.equal(a.nan_to_num(), b.nan_to_num())
+                continue
+            assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+            fin = torch.isfinite(a[:2])
+            torch.testing.assert_close(b[:2][fin], a[:2][fin], rtol=2e-6, atol=1e-6)
 
 
 def test_host_copy_cpu_roundtrip() -> None:

@@ -685,8 +685,17 @@ def test_per_layer_transform_reports_align_with_layer_ids() -> None:
     rec = w.sink.steps[0]
     assert rec.layer_ids == [0, 1, 2]
     per_layer = rec.transforms["agc"]["layers"]
-    assert isinstance(per_layer, list) and len(per_layer) == 3 and all(v == 1.0 for v in per_layer)
+    # the model's last Linear is AGC's final classifier: left unclipped by default (ALGORITHMS §6)
+    assert isinstance(per_layer, list) and per_layer == [1.0, 1.0, 0.0]
     assert rec.layers["l2_post"][0] < rec.layers["l2"][0]
+    assert rec.layers["l2_post"][2] == rec.layers["l2"][2]
+    w.close()
+    # exclude=() clips every layer, the classifier included
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w = watch(m, opt, server="memory", include="*.weight", transforms=[AGC(clipping=1e-4, exclude=())])
+    _train(m, opt, w, 1)
+    assert w.sink.steps[0].transforms["agc"]["layers"] == [1.0, 1.0, 1.0]
     w.close()
 
 
