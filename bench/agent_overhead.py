@@ -31,8 +31,9 @@ bytes (at the model's own size).
 All transform rounds (every model, every size) are interleaved round by round, so that a burst
 of load from another process on this shared machine lands on a few rounds of every op.
 
-``[sums]`` rows hand the statistics pass's fp32 sums to the normalizer (GradContext.set_sums),
-which watch() does once record.py passes them. AutoClip runs with a full 10 000-norm history.
+``[watch]`` rows hand the transform what watch()'s statistics pass hands it (fp32 sums, and for a
+first Centralize or AGC the row sums/norms it asked for); ``statistics pass [rows for X]`` times
+that statistics pass against the plain one. AutoClip runs with a full 10 000-norm history.
 
     .venv/bin/python bench/agent_overhead.py                  # everything: ~10 min of step tables + ~2 min
     .venv/bin/python bench/agent_overhead.py --skip-steps     # transform tables only, ~2 min here
@@ -234,16 +235,22 @@ def bench_task(task: str, names: list[str], rounds: int, block: int, warmup: int
 
 
 _READ, _RW = "read pass (_foreach_norm)", "read-write pass (_foreach_mul_)"
-_SUMS = " [sums]"  # row suffix: the statistics pass's sums handed in (GradContext.set_sums)
+_STATS = "statistics pass (layer_moments)"
+_WATCH = " [watch]"  # row suffix: with what the statistics pass hands in inside watch()
 
 
-def transform_ops(params: list[nn.Parameter], *, sums_rows: bool = True) -> dict[str, Callable[[], float]]:
+def transform_ops(params: list[nn.Parameter], *, watch_rows: bool = True) -> dict[str, Callable[[], float]]:
     """Timed callables (seconds) on ``params``' gradients, each restoring the gradients first:
-    one read pass, one read-write pass, and ``apply_`` of every transform inside the pipeline.
-    As in ``watch()``, the per-layer norms are already in the context (the statistics pass
-    computed them), so only ``apply_`` is timed. ``[sums]`` rows also hand the statistics pass's
-    fp32 sums to the context (``set_sums``; record.py does not do that yet). AutoClip starts from
-    a full 10 000-norm history (its steady state: the threshold work grows with the history)."""
+    one read pass, one read-write pass, the statistics pass, and ``apply_`` of every transform.
+
+    Plain rows: the transform on a context whose per-layer norms are already cached (the
+    clippers' case in ``watch()``; the normalizers then still read their sums, AGC and
+    Centralize their row norms/sums): about what a standalone call costs. ``[watch]`` rows: the
+    context as ``watch()`` hands it over after its statistics pass (``Recorder._measure``): sums
+    (``set_sums``) and, when this transform is the first, the row sums/norms it asked for
+    (``wanted_rows`` / ``set_rows``). ``statistics pass ... [rows for X]`` times the statistics
+    pass itself when it also takes X's rows, against the plain statistics pass: what the rows
+    cost there. AutoClip starts from a full 10 000-norm history (its steady state)."""
     from gradwatch.agent import (
         AGC,
         AutoClip,
@@ -254,6 +261,7 @@ def transform_ops(params: list[nn.Parameter], *, sums_rows: bool = True) -> dict
         ZClip,
         ZScoreNorm,
     )
+    from gradwatch.agent.stats import layer_moments, row_stats
     from gradwatch.agent.transforms.base import GradContext
 
     grads = [p.grad for p in params]
@@ -264,19 +272,30 @@ def transform_ops(params: list[nn.Parameter], *, sums_rows: bool = True) -> dict
     hist = norm * torch.exp(0.2 * torch.randn(autoclip.history, generator=g, dtype=torch.float64))
     autoclip.load_state_dict({"history": hist, "pos": torch.tensor(0), "len": torch.tensor(autoclip.history)})
 
-    def prepare(sums: bool = False) -> GradContext:
+    def measure(ctx: GradContext, first: object | None) -> None:
+        """What Recorder._measure does before the transforms."""
+        rows = None
+        if first is not None:
+            s, n = first.wanted_rows(ctx)  # type: ignore[attr-defined]
+            rows = row_stats(ctx.grads, s, n) if (s or n) else None
+        m = layer_moments(ctx.grads, rows=rows)
+        ctx.set_norms(m[:, 1].contiguous())
+        ctx.set_sums(m[:, 0])
+        ctx.set_rows(rows)
+
+    def prepare(in_watch: bool = False, t: object | None = None) -> GradContext:
         """Untimed, before every op alike (so every op starts from the same cache state): restore
-        the gradients, then what the statistics pass does in watch() (per-layer norms, and the
-        sums for [sums] rows)."""
+        the gradients, then the per-layer norms (plain) or the whole statistics pass ([watch])."""
         torch._foreach_copy_(grads, saved)
         ctx = GradContext(params)
-        _ = ctx.norms
-        if sums:
-            ctx.set_sums(torch.stack([x.sum(dtype=torch.float32) for x in ctx.grads]))
+        if in_watch:
+            measure(ctx, t)
+        else:
+            _ = ctx.norms
         return ctx
 
-    def timed(t: object, sums: bool = False) -> float:
-        ctx = prepare(sums)
+    def timed(t: object, in_watch: bool = False) -> float:
+        ctx = prepare(in_watch, t)
         t0 = time.perf_counter()
         t.apply_(ctx)  # type: ignore[attr-defined]
         return time.perf_counter() - t0
@@ -287,15 +306,25 @@ def transform_ops(params: list[nn.Parameter], *, sums_rows: bool = True) -> dict
         f()
         return time.perf_counter() - t0
 
+    def stats_pass(first: object | None) -> float:
+        torch._foreach_copy_(grads, saved)
+        ctx = GradContext(params)
+        t0 = time.perf_counter()
+        measure(ctx, first)
+        return time.perf_counter() - t0
+
     ops: dict[str, Callable[[], float]] = {
         _READ: lambda: plain(lambda: torch._foreach_norm(grads, 2)),
         _RW: lambda: plain(lambda: torch._foreach_mul_(grads, 1.0)),
+        _STATS: lambda: stats_pass(None),
     }
     for t in (ClipNorm(1.0), ClipValue(0.01), AGC(), ZClip(), autoclip, AutoscaledNorm(), Centralize(), ZScoreNorm()):
         ops[type(t).__name__] = lambda t=t: timed(t)
-    if sums_rows:
-        for t in (AutoscaledNorm(), ZScoreNorm()):
-            ops[type(t).__name__ + _SUMS] = lambda t=t: timed(t, sums=True)
+    if watch_rows:
+        for t in (AGC(), AutoscaledNorm(), Centralize(), ZScoreNorm()):
+            ops[type(t).__name__ + _WATCH] = lambda t=t: timed(t, in_watch=True)
+        for t in (AGC(), Centralize()):
+            ops[f"{_STATS} [rows for {type(t).__name__}]"] = lambda t=t: stats_pass(t)
     for f in ops.values():  # warm-up: caches, AGC's layout plan, constant index tensors
         for _ in range(3):
             f()

@@ -65,6 +65,14 @@ def _eligible(ctx: GradContext, min_ndim: int = 2) -> list[int]:
 _ILL = 100.0
 
 
+def _host_is_device(dev: torch.device) -> bool:
+    """Whether reading a value of ``dev`` on the host costs no device sync (CPU). Decides the
+    CPU routes below (fast moments with a host-side conditioning check, one-pass edits with host
+    scalars) against the accelerator routes (``var_mean``, foreach edits); tests patch it to run
+    the accelerator routes on CPU."""
+    return dev.type == "cpu"
+
+
 def _layer_moments(ctx: GradContext, idx: list[int], dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """(n, mean, population var, ill) of each layer in ``idx``: three (len(idx),) ``dt`` tensors
     on ctx.device, and the positions (into ``idx``) of ill-conditioned layers.
@@ -79,7 +87,7 @@ def _layer_moments(ctx: GradContext, idx: list[int], dt: torch.dtype) -> tuple[T
     conditioning would be a sync); ``ill`` is then empty."""
     dev = ctx.device
     n = _const(tuple(float(ctx.grads[i].numel()) for i in idx), dt, dev)
-    if dev.type != "cpu":
+    if not _host_is_device(dev):
         vm = [torch.var_mean(ctx.grads[i] if ctx.grads[i].dtype in (torch.float32, torch.float64)
               else ctx.grads[i].float(), correction=0) for i in idx]
         var = torch.stack([v.to(dev, dt, non_blocking=True) for v, _ in vm])
@@ -126,7 +134,7 @@ def _normalize_(ctx: GradContext, idx: list[int], mean: Tensor, scale: Tensor, i
       group (two passes; one would need a fused kernel)."""
     dev0 = scale.device
     ill_set = set(ill)
-    on_cpu = dev0.type == "cpu"
+    on_cpu = _host_is_device(dev0)
     scales = scale.tolist() if on_cpu else None
     shifts = (-mean * scale).unbind(0) if on_cpu else ()
     fast: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -135,7 +143,7 @@ def _normalize_(ctx: GradContext, idx: list[int], mean: Tensor, scale: Tensor, i
         if g.dtype in _LOW_PRECISION or k in ill_set:
             wide = torch.float64 if k in ill_set else torch.float32
             g.copy_(g.to(wide).sub_(mean[k].to(g.device, wide)).mul_(scale[k].to(g.device, wide)))
-        elif on_cpu and g.device.type == "cpu":
+        elif on_cpu and _host_is_device(g.device):
             assert scales is not None
             torch.add(shifts[k], g, alpha=scales[k], out=g)
         else:

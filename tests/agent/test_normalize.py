@@ -558,3 +558,41 @@ def test_handed_in_sums_skip_the_sum_read_and_stale_sums_are_ignored(make, monke
     make().apply_(cq)
     for x, y in zip(cp.grads, cq.grads):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("make", [AutoscaledNorm, ZScoreNorm])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accelerator_routes_match_the_reference(make, dtype, monkeypatch):
+    """The routes taken on CUDA (exact ``var_mean`` moments, foreach ``sub_`` then ``mul_``, no
+    host reads) run here on CPU with the device check patched: same references, same
+    invariants, non-finite steps still exact identities, and no host read at all."""
+    import gradwatch.agent.transforms.normalize as normalize
+
+    monkeypatch.setattr(normalize, "_host_is_device", lambda dev: False)
+    rng = random.Random(77)
+    tol = TOL[dtype]
+    reads = []
+    for case in range(60):
+        ps = make_params(random_shapes(rng) + [(5, 4)], dtype, seed=case, scale=rng.choice([1e-3, 1.0, 100.0]))
+        if case % 5 == 4:  # |mean| = 1000 std: the exact moments need no special route here
+            g = ps[-1].grad
+            g.copy_((torch.randn(g.shape, generator=torch.Generator().manual_seed(case)) * 1e-2 + 10.0).to(dtype))
+        raw = [p.grad.clone() for p in ps]
+        nonfinite = case % 7 == 6
+        if nonfinite:
+            ps[-1].grad.view(-1)[0] = float("nan")
+            raw[-1] = ps[-1].grad.clone()
+        ctx = GradContext(ps)
+        _ = ctx.norms
+        orig = torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or orig(self))
+        make().apply_(ctx)
+        monkeypatch.setattr(torch.Tensor, "tolist", orig)
+        for p, g in zip(ps, raw):
+            if nonfinite or not gan_eligible(g):
+                assert torch.equal(p.grad.isnan(), g.isnan()) and torch.equal(p.grad.nan_to_num(), g.nan_to_num())
+                continue
+            gd = g.double()
+            want = (gd - gd.mean()) / (gd.std() + 1e-12) if make is ZScoreNorm else gd - gd.mean()
+            torch.testing.assert_close(p.grad.double(), want, rtol=4 * tol, atol=8 * tol * float(want.abs().max()))
+    assert not reads
