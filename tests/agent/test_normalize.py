@@ -585,7 +585,7 @@ def test_accelerator_routes_match_the_reference(make, dtype, monkeypatch):
         ctx = GradContext(ps)
         _ = ctx.norms
         orig = torch.Tensor.tolist
-        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or orig(self))
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self, orig=orig: reads.append(1) or orig(self))
         make().apply_(ctx)
         monkeypatch.setattr(torch.Tensor, "tolist", orig)
         for p, g in zip(ps, raw):
