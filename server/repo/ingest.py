@@ -304,13 +304,21 @@ _PG_INSERT_RETURNING = (
 
 
 def _insert_returning_pg(conn: Connection, frame: LayerFrame) -> np.ndarray:
-    """Insert ``frame`` with ON CONFLICT DO NOTHING; a mask of the rows that were new."""
+    """Insert ``frame`` with ON CONFLICT DO NOTHING; a mask of the rows that were new.
+
+    A key the batch itself holds twice (the wire allows two records of one step and rank) is
+    inserted once, from its first row (the second conflicts with the first within the
+    statement): only that first row is marked new, so the rollup counts it once."""
     raw: Any = conn.connection.driver_connection
     with raw.cursor() as cur:
         cur.execute(_PG_INSERT_RETURNING, pg_array_params(cur, frame.columns()))
         new = set(cur.fetchall())
-    return np.fromiter(((k in new) for k in zip(frame.layer_id.tolist(), frame.step.tolist(), frame.rank.tolist())),
-                       bool, len(frame))
+    mask = np.zeros(len(frame), bool)
+    for j, k in enumerate(zip(frame.layer_id.tolist(), frame.step.tolist(), frame.rank.tolist())):
+        if k in new:
+            mask[j] = True
+            new.discard(k)
+    return mask
 
 
 def _insert_values(conn: Connection, stmt: Any, rows: list[dict[str, Any]], chunk: int = 500) -> None:
