@@ -25,7 +25,8 @@ _h = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _h
 _spec.loader.exec_module(_h)
 
-TABLES = {"run", "layer", "layer_stat", "step_record", "scalar", "event", "ingest_batch", "ingest_cursor"}
+TABLES = {"run", "layer", "layer_stat", "layer_stat_block", "step_record", "scalar", "event", "ingest_batch",
+          "ingest_cursor"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -56,6 +57,43 @@ def test_upgrade_downgrade_upgrade(empty_url: str) -> None:
         upgrade_to_head(engine)
         assert TABLES <= set(inspect(engine).get_table_names())
         upgrade_to_head(engine)  # idempotent
+    finally:
+        engine.dispose()
+
+
+def test_0002_backfills_the_rollup_from_existing_rows_and_downgrades_cleanly(empty_url: str) -> None:
+    """A database holding rows from before the rollup existed: upgrading builds its blocks from
+    the rows (NaN as NULL + mask bit); downgrading to 0001 drops the blocks, keeps the rows."""
+    from sqlalchemy import text
+
+    engine = make_engine(empty_url)
+    try:
+        upgrade_to_head(engine, "0001")
+        rows = []
+        for lid in (1, 2):
+            for step in range(0, 150):
+                nan = step % 17 == 3
+                rows.append({"lid": lid, "step": step, "l2": None if nan else float(step * lid), "mask": 8 if nan else 0})
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO layer_stat (layer_id, step, rank, l2, nan_mask) "
+                              "VALUES (:lid, :step, 0, :l2, :mask)"), rows)
+        upgrade_to_head(engine)
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT layer_id, block, n, step_min, step_max, l2_min, l2_max, l2_sum, l2_cnt, "
+                                    "l2_nan FROM layer_stat_block ORDER BY layer_id, block")).all()
+        want = []
+        for lid in (1, 2):
+            for blk in range(3):
+                rs = [r for r in rows if r["lid"] == lid and r["step"] // 64 == blk]
+                vals = [r["l2"] for r in rs if r["l2"] is not None]
+                want.append((lid, blk, len(rs), rs[0]["step"], rs[-1]["step"], min(vals), max(vals), sum(vals),
+                             len(vals), len(rs) - len(vals)))
+        assert [tuple(r) for r in got] == want
+        downgrade(engine, "0001")
+        names = set(inspect(engine).get_table_names())
+        assert "layer_stat_block" not in names and "layer_stat" in names
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM layer_stat")).scalar_one() == len(rows)
     finally:
         engine.dispose()
 
