@@ -21,6 +21,7 @@ so a following clipper does not need to re-read the gradients.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
@@ -322,12 +323,25 @@ class Centralize(_Stateless):
 
     def __init__(self, conv_only: bool = False) -> None:
         self.conv_only = conv_only
+        self._warned: set[int] = set()
+
+    def _warn_single_column(self, ctx: GradContext, idx: list[int]) -> None:
+        """ALGORITHMS.md §5: a weight with one element per output unit (Linear with
+        ``in_features == 1``) centres to all zeros; legitimate, but the user should know."""
+        for i in idx:
+            p, g = ctx.params[i], ctx.grads[i]
+            if g.numel() == g.shape[0] and id(p) not in self._warned:
+                self._warned.add(id(p))
+                name = ctx.names[i] or f"a {tuple(g.shape)} parameter"
+                warnings.warn(f"Centralize: {name} has one element per output unit, so its centred gradient is "
+                              "all zeros (it will not learn); exclude it or use conv_only=True", stacklevel=4)
 
     def wanted_rows(self, ctx: GradContext) -> tuple[list[int], list[int]]:
         return _eligible(ctx, 4 if self.conv_only else 2), []
 
     def apply_(self, ctx: GradContext) -> None:
         idx = _eligible(ctx, 4 if self.conv_only else 2)
+        self._warn_single_column(ctx, idx)
         fin = ctx.finite()
         rows = ctx.cached_rows()
         handed = rows.sums if rows is not None else {}

@@ -596,3 +596,19 @@ def test_accelerator_routes_match_the_reference(make, dtype, monkeypatch):
             want = (gd - gd.mean()) / (gd.std() + 1e-12) if make is ZScoreNorm else gd - gd.mean()
             torch.testing.assert_close(p.grad.double(), want, rtol=4 * tol, atol=8 * tol * float(want.abs().max()))
     assert not reads
+
+
+def test_gc_warns_once_for_a_weight_with_one_element_per_unit():
+    p = torch.nn.Parameter(torch.zeros(4, 1))
+    q = torch.nn.Parameter(torch.zeros(4, 3))
+    t = Centralize()
+    with pytest.warns(UserWarning, match="one element per output unit"):
+        p.grad, q.grad = torch.randn(4, 1), torch.randn(4, 3)
+        t([p, q])
+    assert torch.equal(p.grad, torch.zeros(4, 1))
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        p.grad, q.grad = torch.randn(4, 1), torch.randn(4, 3)
+        t([p, q])  # once per parameter
