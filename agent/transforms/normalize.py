@@ -1,19 +1,22 @@
 """Gradient normalizers (slot S5a, ALGORITHMS.md §3-5): AutoscaledNorm, Centralize, ZScoreNorm.
 
-All three edit ``p.grad`` in place, on the device, without a host sync. On a step whose
+All three edit ``p.grad`` in place, on the device, without a device sync. On a step whose
 gradients are not all finite (unknown on the host: guarded on the device through
-``ctx.finite()``) the edit becomes an exact identity (``-0.0 + 1·g``) and no running statistic
-moves; the step record then carries ``skipped_update = 1``.
+``ctx.finite()``) the edit becomes an exact identity (subtract 0, scale by 1) and no running
+statistic moves; the step record then carries ``skipped_update = 1``.
 
 Kernel passes per step (over gradient memory, eligible layers only):
 
-* reads: one signed-sum pass per layer (fp32 accumulation), or none when the statistics pass
+* reads, CPU: one signed-sum pass per layer (fp32 accumulation), or none when the statistics pass
   handed its sum column to the context (``ctx.set_sums``: the same ``g.sum(dtype=float32)``,
   valid while no grad was edited since, checked with version counters); the sum of squares
-  comes from the context's cached norms, computed once per step and shared with the statistics
-  pass and the clippers (variance = s2/n - mean² finished in float64, as the statistics pass
-  does). Centralize reads row means instead, which nothing else computes;
-* writes: ``g.mul_(scale).add_(shift)`` per layer (``sub_`` for Centralize).
+  comes from the context's cached norms (variance = s2/n - mean² finished in float64, as the
+  statistics pass does), and the few ill-conditioned layers (|mean| > 10 std, where that formula
+  cancels) are re-read exactly in float64. Accelerators: ``var_mean`` per layer (one read,
+  exact; picking out ill-conditioned layers there would be a sync). Centralize reads row sums,
+  which the statistics pass takes for it when it is the first transform (``wanted_rows``);
+* writes: one pass on CPU (``torch.add(shift, g, alpha=scale)``), ``sub_`` + ``mul_`` on
+  accelerators, ``sub_`` for Centralize.
 
 After the edit the context's norm cache is updated analytically from the moments (no extra pass),
 so a following clipper does not need to re-read the gradients.
@@ -217,7 +220,7 @@ class AutoscaledNorm(Transform):
     move; ``skipped_update`` is 1 in the record.
 
     Cost: one signed-sum read per eligible layer (none with sums from the statistics pass) plus
-    ``mul_`` and ``add_`` writes; no host sync.
+    one write pass (CPU; two on accelerators, see the module docstring); no device sync.
 
     Example::
 
@@ -369,8 +372,8 @@ class ZScoreNorm(_Stateless):
     (this is the transform the GAN paper criticizes: low-std layers get amplified). Stateless;
     on a non-finite step the edit is an exact identity.
 
-    Cost: one signed-sum read per layer (none with sums from the statistics pass) plus ``mul_``
-    and ``add_`` writes.
+    Cost: one signed-sum read per layer (none with sums from the statistics pass) plus one write
+    pass (CPU; two on accelerators).
 
     Example::
 
