@@ -35,6 +35,9 @@ __all__ = [
     "EVENT_KINDS",
     "RUN_STATUSES",
     "MAX_LAYERS",
+    "MAX_RANK",
+    "MAX_DEPTH",
+    "INT64_MAX",
     "WireError",
     "RunInfo",
     "LayerInfo",
@@ -48,6 +51,7 @@ __all__ = [
     "batch_from_dict",
     "encode_float",
     "decode_float",
+    "validate_run_id",
 ]
 
 #: Major version of the schema. The server rejects other majors with a clear 4xx.
@@ -74,6 +78,13 @@ RUN_STATUSES: frozenset[str] = frozenset({"running", "finished", "crashed"})
 MAX_LAYERS = 100_000
 MAX_NAME = 512
 _MAX_KEY = 128
+#: Largest rank, source or world size (stored as 32-bit integers; this keeps them far inside).
+MAX_RANK = 1 << 20
+#: Free-form values (config, event data, transforms) hold values at most this many levels below
+#: the top object; deeper ones are refused, which also keeps every recursive walk of them short.
+MAX_DEPTH = 8
+#: Steps, seqs and the integer columns are stored as signed 64-bit integers.
+INT64_MAX = 2**63 - 1
 
 
 class WireError(ValueError):
@@ -107,7 +118,10 @@ def decode_float(v: Any, where: str, *, nullable: bool = True) -> float | None:
     if t is float:
         return v
     if t is int:
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:  # JSON integers are unbounded; float64 stops near 1.8e308
+            raise WireError(f"{where}: integer of {len(str(v))} digits is too large for a float") from None
     if v is None:
         if nullable:
             return None
@@ -180,14 +194,19 @@ def _dec_list(v: Any, where: str, n: int, *, integer: bool = False, nullable: bo
         raise WireError(f"{where}: expected {n} values (one per entry of layer_ids), got {len(v)}")
     if integer:
         for i, x in enumerate(v):
-            if type(x) is not int or x < 0:
+            if type(x) is not int or not 0 <= x <= INT64_MAX:
                 if nullable and x is None:
                     continue
+                if type(x) is int and x > 0:
+                    raise WireError(f"{where}[{i}]: {str(x)[:40]} is out of range [0, {INT64_MAX}] (a 64-bit integer)")
                 raise WireError(f"{where}[{i}]: expected a non-negative integer, got {x!r:.40}")
         return v
-    # Fast path: all plain floats/ints.
+    # Fast path: all plain floats/ints (an int too big for a float falls through to be named).
     if all(type(x) is float or type(x) is int for x in v):
-        return [float(x) for x in v]
+        try:
+            return [float(x) for x in v]
+        except OverflowError:
+            pass
     return [decode_float(x, f"{where}[{i}]", nullable=nullable) for i, x in enumerate(v)]
 
 
@@ -361,11 +380,11 @@ def _obj(v: Any, where: str) -> dict[str, Any]:
     return v
 
 
-def _int(v: Any, where: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int:
+def _int(v: Any, where: str, *, lo: int = 0, hi: int = INT64_MAX) -> int:
     if type(v) is not int:
         raise WireError(f"{where}: expected an integer, got {type(v).__name__}")
     if not lo <= v <= hi:
-        raise WireError(f"{where}: {v} is out of range [{lo}, {hi}]")
+        raise WireError(f"{where}: {str(v)[:40]} is out of range [{lo}, {hi}]")
     return v
 
 
@@ -396,8 +415,8 @@ def _bool(v: Any, where: str) -> bool:
 
 def _dec_value(v: Any, where: str, depth: int = 0) -> Any:
     """Decode a free-form JSON value, turning encoded non-finite strings back into floats."""
-    if depth > 8:
-        raise WireError(f"{where}: nested too deeply")
+    if depth > MAX_DEPTH:
+        raise WireError(f"{where}: nested too deeply (at most {MAX_DEPTH} levels)")
     t = type(v)
     if t is str and v in _SPECIAL:
         return _SPECIAL[v]
@@ -423,11 +442,12 @@ _SCALAR_KEYS = frozenset({"step", "time", "rank", "values"})
 _EVENT_KEYS = frozenset({"kind", "step", "time", "rank", "data"})
 
 
-def _run_id(v: Any, where: str) -> str:
+def validate_run_id(v: Any, where: str) -> str:
+    """A run id as the server stores it (the stream's hello is checked with it too). Raises WireError."""
     s = _str(v, where, max_len=64)
     assert s is not None
-    if not s or not all(c.isalnum() or c in "-_" for c in s):
-        raise WireError(f"{where}: must be 1-64 characters of letters, digits, '-' or '_'")
+    if not s or not s.isascii() or not all(c.isalnum() or c in "-_" for c in s):  # isalnum alone takes "²", "é"
+        raise WireError(f"{where}: must be 1-64 characters of ASCII letters, digits, '-' or '_'")
     return s
 
 
@@ -468,17 +488,18 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
     if type(config) is not dict:
         raise WireError("batch.run.config: expected an object")
     run = RunInfo(
-        run_id=_run_id(rd["run_id"], "batch.run.run_id"),
+        run_id=validate_run_id(rd["run_id"], "batch.run.run_id"),
         project=_str(rd.get("project", "default"), "batch.run.project") or "default",
         name=_str(rd.get("name"), "batch.run.name", nullable=True),
         config=config,
         tags=[_str(t, f"batch.run.tags[{i}]", max_len=_MAX_KEY) for i, t in enumerate(_list(rd.get("tags") or [], "batch.run.tags", 256))],  # type: ignore[misc]
         started_at=_finite_time(rd.get("started_at"), "batch.run.started_at", nullable=True),
-        world_size=_int(rd.get("world_size", 1), "batch.run.world_size", lo=1, hi=1 << 20),
+        world_size=_int(rd.get("world_size", 1), "batch.run.world_size", lo=1, hi=MAX_RANK),
     )
     status = d.get("status")
-    if status is not None and status not in RUN_STATUSES:
-        raise WireError(f"batch.status: must be one of {sorted(RUN_STATUSES)} or null, got {status!r:.40}")
+    if status is not None and (type(status) is not str or status not in RUN_STATUSES):
+        got = repr(status)[:40] if type(status) is str else type(status).__name__
+        raise WireError(f"batch.status: must be one of {sorted(RUN_STATUSES)} or null, got {got}")
 
     layers = []
     for i, la in enumerate(_list(d.get("layers") or [], "batch.layers", MAX_LAYERS)):
@@ -536,7 +557,7 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
         steps.append(StepRecord(
             step=_int(s["step"], f"{w}.step"),
             time=_finite_time(s["time"], f"{w}.time") or 0.0,
-            rank=_int(s.get("rank", 0), f"{w}.rank", hi=1 << 20),
+            rank=_int(s.get("rank", 0), f"{w}.rank", hi=MAX_RANK),
             layer_ids=ids,
             layers=dec_cols,
             total_norm=decode_float(s.get("total_norm"), f"{w}.total_norm"),
@@ -559,7 +580,7 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
         scalars.append(ScalarRecord(
             step=_int(s["step"], f"{w}.step"),
             time=_finite_time(s["time"], f"{w}.time") or 0.0,
-            rank=_int(s.get("rank", 0), f"{w}.rank", hi=1 << 20),
+            rank=_int(s.get("rank", 0), f"{w}.rank", hi=MAX_RANK),
             values={_str(k, f"{w}.values key", max_len=_MAX_KEY): decode_float(v, f"{w}.values.{k}")  # type: ignore[misc]
                     for k, v in vals.items()},
         ))
@@ -572,23 +593,25 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
         for k in ("kind", "step", "time"):
             if k not in e:
                 raise WireError(f"{w}.{k}: missing")
-        if e["kind"] not in EVENT_KINDS:
-            raise WireError(f"{w}.kind: must be one of {sorted(EVENT_KINDS)}, got {e['kind']!r:.40}")
+        kind = e["kind"]
+        if type(kind) is not str or kind not in EVENT_KINDS:
+            got = repr(kind)[:40] if type(kind) is str else type(kind).__name__
+            raise WireError(f"{w}.kind: must be one of {sorted(EVENT_KINDS)}, got {got}")
         data = _dec_value(e.get("data") or {}, f"{w}.data")
         if type(data) is not dict:
             raise WireError(f"{w}.data: expected an object")
         events.append(Event(
-            kind=e["kind"],
+            kind=kind,
             step=_int(e["step"], f"{w}.step"),
             time=_finite_time(e["time"], f"{w}.time") or 0.0,
-            rank=_int(e.get("rank", 0), f"{w}.rank", hi=1 << 20),
+            rank=_int(e.get("rank", 0), f"{w}.rank", hi=MAX_RANK),
             data=data,
         ))
 
     return Batch(
         run=run,
         seq=_int(d["seq"], "batch.seq"),
-        source=_int(d.get("source", 0), "batch.source", hi=1 << 20),
+        source=_int(d.get("source", 0), "batch.source", hi=MAX_RANK),
         sent_at=_finite_time(d.get("sent_at", 0.0), "batch.sent_at") or 0.0,
         layers=layers,
         steps=steps,
@@ -605,4 +628,6 @@ def decode_batch(data: bytes | str) -> Batch:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise WireError(f"batch: not valid JSON ({e})") from None
+    except RecursionError:  # the C parser's own guard, some 1000 levels down
+        raise WireError(f"batch: nested too deeply (free-form values hold at most {MAX_DEPTH} levels)") from None
     return batch_from_dict(obj)

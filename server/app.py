@@ -2,14 +2,15 @@
 
 Layout: ``/api/v1/...`` (REST + websockets), ``/healthz``, ``/metrics``, ``/docs``, ``/openapi.json``.
 The root ``/`` belongs to the dashboard: pass ``dashboard=`` (a callable that mounts it on the app);
-without one, ``/`` redirects to ``/docs``.
+without one, ``/`` redirects to ``/docs``. Every request body is bounded by ``max_body_bytes``
+(:class:`BodyLimit`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.exc import DataError, IntegrityError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradwatch.server.api import export, ingest, live, runs, system
 from gradwatch.server.api.deps import AppState
@@ -30,6 +32,71 @@ from gradwatch.server.settings import ServerSettings, get_settings
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a request body over ``limit`` bytes is answered 413 before any route
+    (or FastAPI's body parsing) sees it, so no route can be made to buffer an unbounded body.
+
+    A declared Content-Length over the limit is refused without reading a byte; a body without
+    one (chunked) is counted as it streams in and handed on whole once it fits. ``exempt`` paths
+    enforce their own limit (ingest: its own messages and metrics, and a limit that may differ).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, exempt: Collection[str] = ()) -> None:
+        self.app, self.limit, self.exempt = app, limit, frozenset(exempt)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if path in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and (len(declared) > 18 or int(declared) > self.limit):
+            await self._refuse(scope, receive, send, f"request body of {declared.decode()[:40]} bytes exceeds "
+                                                     f"the limit of {self.limit} bytes")
+            return
+        chunks: list[bytes] = []
+        size = 0
+        first: Message
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                first = message
+                break
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                await self._refuse(scope, receive, send, f"request body exceeds the limit of {self.limit} bytes")
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> None:
+        # No "connection: close": the server would drop the socket while the client is still
+        # sending, and the client would see a reset instead of this answer. Kept open, the server
+        # discards the rest of the body (without buffering it) and the client reads the 413.
+        await JSONResponse({"detail": message}, 413)(scope, receive, send)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -69,6 +136,8 @@ def create_app(settings: ServerSettings | None = None, *,
     app.include_router(export.router, prefix=API_PREFIX)
     app.include_router(live.router, prefix=API_PREFIX)
     app.include_router(system.router)
+    # ingest checks the same setting itself, with its own messages and metrics
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt={f"{API_PREFIX}/ingest"})
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from gradwatch.agent.wire import MAX_DEPTH
+
 RUN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_STEP = 2**62
 
@@ -13,6 +15,21 @@ MAX_STEP = 2**62
 def _no_nul(v: str | None) -> str | None:
     if v is not None and "\x00" in v:
         raise ValueError("must not contain NUL characters")
+    return v
+
+
+def _shallow(v: dict[str, Any]) -> dict[str, Any]:
+    """Refuse values nested deeper than the wire lets an agent send them (a run's config is the
+    same field either way), before anything walks them recursively."""
+    stack: list[tuple[Any, int]] = [(v, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested too deeply (at most {MAX_DEPTH} levels)")
+        if isinstance(x, dict):
+            stack.extend((y, depth + 1) for y in x.values())
+        elif isinstance(x, list):
+            stack.extend((y, depth + 1) for y in x)
     return v
 
 
@@ -51,7 +68,7 @@ class RunCreate(BaseModel):
     project: Annotated[Text, Field(min_length=1, max_length=512)] = "default"
     name: Annotated[Text, Field(max_length=512)] | None = None
     tags: list[Tag] = Field(default_factory=list, max_length=256)
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: Annotated[dict[str, Any], AfterValidator(_shallow)] = Field(default_factory=dict)
     notes: Annotated[Text, Field(max_length=100_000)] | None = None
 
 

@@ -24,10 +24,11 @@ class ServerSettings(BaseSettings):
     )
     token: str | None = Field(None, validation_alias=AliasChoices("token", "GRADWATCH_TOKEN"))
     read_token: str | None = Field(None, validation_alias=AliasChoices("read_token", "GRADWATCH_READ_TOKEN"))
-    #: Largest accepted ingest body or websocket frame, in bytes.
+    #: Largest accepted request body (every route) or ingest websocket frame, in bytes.
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
-    #: Largest ``max_points`` a series query may ask for.
-    max_points_limit: int = Field(100_000, gt=0)
+    #: Largest ``max_points`` a series query may ask for, and what one that leaves it out gets
+    #: (at most 10,000: a series response stays bounded).
+    max_points_limit: int = Field(10_000, gt=0, le=10_000)
     #: Run migrations to head when the app starts.
     migrate_on_start: bool = True
     #: Rows per chunk when streaming exports.

@@ -2,6 +2,8 @@
 
 Decoding goes only through :mod:`gradwatch.agent.wire`. Status codes: 400 not JSON, 413 too big,
 422 schema or wire-version error (the WireError message), 409 conflicting data, 503 storage down.
+A payload that trips anything else while it is decoded is still the payload's fault: 422, never a
+500 (the agent resends 5xx forever, so a 5xx for bad data would wedge its stream).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from gradwatch.agent.wire import Batch, WireError, batch_from_dict
+from gradwatch.agent.wire import MAX_DEPTH, MAX_RANK, Batch, WireError, batch_from_dict, validate_run_id
 from gradwatch.server.api.deps import (
     ERRORS,
     AppState,
@@ -41,7 +43,7 @@ router = APIRouter(tags=["ingest"])
 _PIPELINE = 4
 #: Batches of one stream written at once on PostgreSQL.
 _STORES_IN_FLIGHT = 2
-_CLOSE_CODES = {400: 1007, 422: 1007, 413: 1009, 409: 1007, 503: 1011}
+_CLOSE_CODES = {400: 1007, 422: 1007, 413: 1009, 409: 1007, 500: 1011, 503: 1011}
 
 
 class IngestFailure(Exception):
@@ -50,11 +52,16 @@ class IngestFailure(Exception):
         self.status, self.message, self.kind, self.seq = status, message, kind, seq
 
 
-def _parse(data: bytes | str) -> Any:
+def _parse(gw: AppState, data: bytes | str) -> Any:
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
+        gw.metrics.error("json")
         raise IngestFailure(400, f"batch: not valid JSON ({e})", "json") from None
+    except RecursionError:  # valid JSON, but deeper than the parser goes (and than any batch is)
+        gw.metrics.error("schema")
+        raise IngestFailure(422, f"batch: nested too deeply (free-form values hold at most {MAX_DEPTH} levels)",
+                            "schema") from None
 
 
 def decode_object(gw: AppState, obj: Any) -> Batch:
@@ -63,14 +70,22 @@ def decode_object(gw: AppState, obj: Any) -> Batch:
         return batch_from_dict(obj, packed_as_array=True)
     except WireError as e:
         gw.metrics.error("schema")
-        seq = obj.get("seq") if isinstance(obj, dict) and type(obj.get("seq")) is int else None
-        raise IngestFailure(422, str(e), "schema", seq) from None
+        raise IngestFailure(422, str(e), "schema", _seq_of(obj)) from None
+    except Exception as e:  # a wire bug this payload found: still the payload's 422, never a 500
+        gw.metrics.error("schema")
+        log.exception("decoding a batch raised %s (not a WireError)", type(e).__name__)
+        raise IngestFailure(422, f"batch: could not be decoded ({type(e).__name__}: {str(e)[:120]})", "schema",
+                            _seq_of(obj)) from None
+
+
+def _seq_of(obj: Any) -> int | None:
+    return obj.get("seq") if isinstance(obj, dict) and type(obj.get("seq")) is int else None
 
 
 def decode_frame(gw: AppState, data: bytes | str) -> Prepared | dict[str, Any]:
     """Parse, validate and prepare one websocket frame (in a worker thread): a Prepared batch,
     or a hello dict."""
-    obj = _parse(data)
+    obj = _parse(gw, data)
     if isinstance(obj, dict) and obj.get("type") == "hello":
         return obj
     batch = decode_object(gw, obj)
@@ -109,7 +124,7 @@ def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
 def ingest_bytes(gw: AppState, data: bytes) -> dict[str, Any]:
     """Parse, validate and store one POSTed batch (runs in a worker thread). Raises IngestFailure."""
     t0 = time.perf_counter()
-    return store(gw, decode_object(gw, _parse(data)), t0)
+    return store(gw, decode_object(gw, _parse(gw, data)), t0)
 
 
 class IngestAck(BaseModel):
@@ -152,8 +167,6 @@ async def ingest(request: Request) -> Any:
     try:
         return await run_in_threadpool(ingest_bytes, gw, b"".join(chunks))
     except IngestFailure as e:
-        if e.kind == "json":
-            gw.metrics.error("json")
         return JSONResponse({"detail": e.message}, e.status)
 
 
@@ -180,6 +193,8 @@ async def ingest_ws(ws: WebSocket) -> None:
 
     Frames are parsed and validated in worker threads while the previous batch is being
     stored (decoding and storing overlap on two cores); storing and acks stay strictly in order.
+    Every way a connection ends on the server's side sends an error message and a close frame
+    with a code (1007 bad data, 1009 too big, 1011 server error) and a reason.
     """
     gw = state(ws)
     await ws.accept()
@@ -210,8 +225,10 @@ async def ingest_ws(ws: WebSocket) -> None:
                     await pending.put((t0, fut))
                     break
                 await pending.put((t0, asyncio.ensure_future(run_in_threadpool(decode_frame, gw, data))))
-        except (WebSocketDisconnect, RuntimeError):
+        except WebSocketDisconnect:
             pass
+        except Exception:  # the main loop still ends (below), and says so to the client
+            log.exception("receiving from an ingest stream failed")
         await pending.put(None)
 
     receiver = asyncio.ensure_future(receive())
@@ -265,20 +282,29 @@ async def ingest_ws(ws: WebSocket) -> None:
             try:
                 decoded = await fut
             except IngestFailure as e:
-                if not await settle_all():
-                    return
-                if e.kind == "json":
-                    gw.metrics.error("json")
-                await _fail(ws, e.status, e.message, e.seq)
+                if await settle_all():
+                    await _fail(ws, e.status, e.message, e.seq)
+                return
+            except Exception as e:  # decode_frame's own guards missed it: a server bug
+                log.exception("decoding an ingest frame failed")
+                gw.metrics.error("internal")
+                if await settle_all():
+                    await _fail(ws, 500, f"server error while decoding the frame ({type(e).__name__})", None)
                 return
             if isinstance(decoded, dict):
                 if not await settle_all():
                     return
                 try:
-                    await ws.send_json(await run_in_threadpool(_hello, gw, decoded))
+                    reply = await run_in_threadpool(_hello, gw, decoded)
                 except IngestFailure as e:
                     await _fail(ws, e.status, e.message, e.seq)
                     return
+                except Exception as e:
+                    log.exception("answering an ingest hello failed")
+                    gw.metrics.error("internal")
+                    await _fail(ws, 500, f"server error while answering hello ({type(e).__name__})", None)
+                    return
+                await ws.send_json(reply)
                 continue
             cap = overlap if decoded.layers_known else 1
             while len(inflight) >= cap:
@@ -288,8 +314,13 @@ async def ingest_ws(ws: WebSocket) -> None:
             while inflight and inflight[0].done():
                 if not await settle():
                     return
-    except (WebSocketDisconnect, RuntimeError):
+    except WebSocketDisconnect:
         return
+    except Exception as e:  # a send after the client left (RuntimeError) or a server bug: close with a reason
+        if type(e) is not RuntimeError:
+            log.exception("ingest stream failed")
+            gw.metrics.error("internal")
+        await _fail(ws, 500, f"server error ({type(e).__name__})", None)
     finally:
         for f in (*inflight, getter):
             if f is not None:
@@ -300,9 +331,23 @@ async def ingest_ws(ws: WebSocket) -> None:
 
 
 def _hello(gw: AppState, obj: dict[str, Any]) -> dict[str, Any]:
-    run_id, source = obj.get("run_id"), obj.get("source", 0)
-    if not isinstance(run_id, str) or type(source) is not int or len(run_id) > 64:
-        raise IngestFailure(422, "hello: expected {type: hello, run_id: str, source: int}", "schema")
-    with gw.db.read() as conn:
-        acked = read_acked(conn, run_id, source)
+    """The ack cursor of ``{type: hello, run_id, source}``, checked as strictly as a batch's run and
+    source (an id the database cannot hold would otherwise fail inside the query)."""
+    try:
+        run_id = validate_run_id(obj.get("run_id"), "hello.run_id")
+    except WireError as e:
+        gw.metrics.error("schema")
+        raise IngestFailure(422, str(e), "schema") from None
+    source = obj.get("source", 0)
+    if type(source) is not int or not 0 <= source <= MAX_RANK:
+        gw.metrics.error("schema")
+        got = str(source)[:40] if type(source) is int else type(source).__name__
+        raise IngestFailure(422, f"hello.source: expected an integer in [0, {MAX_RANK}], got {got}", "schema")
+    try:
+        with gw.db.read() as conn:
+            acked = read_acked(conn, run_id, source)
+    except Exception as e:
+        gw.metrics.error("storage")
+        log.exception("reading the ack cursor of %s/%s failed", run_id, source)
+        raise IngestFailure(503, f"storage unavailable: {type(e).__name__}", "storage") from None
     return {"type": "ack", "run_id": run_id, "source": source, "seq": None, "acked": acked, "duplicate": False}

@@ -1,5 +1,10 @@
 """Runs, layers and their series: ``/runs``, ``/runs/{id}``, ``/layers``, ``/stats``, ``/heatmap``,
-``/steps``, ``/scalars``, ``/events``. Sync routes: each opens its own connection or transaction."""
+``/steps``, ``/scalars``, ``/events``. Sync routes: each opens its own connection or transaction.
+
+Every series response is bounded: at most ``max_points`` buckets per series (10,000 at most, and
+the default when it is left out, so a long run is downsampled rather than sent row by row) and at
+most :data:`MAX_CELLS` values per response across layers.
+"""
 
 from __future__ import annotations
 
@@ -31,14 +36,25 @@ write = [Depends(require_write)]
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
 Start = Annotated[int | None, Query(ge=0, le=MAX_STEP, description="first step (inclusive)")]
 End = Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step (inclusive)")]
-MaxPoints = Annotated[int | None, Query(ge=1, le=100_000, description="downsample into at most this many buckets")]
+#: Largest ``max_points`` (the server's ``max_points_limit`` may lower it), and the default.
+MAX_POINTS = 10_000
+#: Values one series response may hold across its layers (layers × buckets).
+MAX_CELLS = 2_000_000
+#: Heatmap buckets per layer when ``max_points`` is left out.
+HEATMAP_POINTS = 200
+MaxPoints = Annotated[int | None, Query(
+    ge=1, le=MAX_POINTS, description=f"downsample into at most this many buckets (default and most: {MAX_POINTS:,}; "
+    "raw points, one per step and rank, when the range spans no more steps than this)")]
 QueryText = Annotated[str | None, Query(max_length=512, pattern=r"^[^\x00]*$")]
 
 
-def _max_points(request: Request, v: int | None) -> int | None:
+def _max_points(request: Request, v: int | None) -> int:
+    """``max_points`` as asked, or the server's limit when left out (a series is never unbounded)."""
     lim = state(request).settings.max_points_limit
-    if v is not None and v > lim:
-        raise Invalid(f"max_points: at most {lim}")
+    if v is None:
+        return lim
+    if v > lim:
+        raise Invalid(f"max_points: at most {lim} on this server, got {v}")
     return v
 
 
@@ -53,7 +69,7 @@ def list_runs(request: Request, project: QueryText = None, status: QueryText = N
 
 
 @router.post("/runs", response_model=RunRead, status_code=201, dependencies=write,
-             responses={**ERRORS, 409: {"model": ErrorBody}})
+             responses={**ERRORS, 409: {"model": ErrorBody}, 413: {"model": ErrorBody}})
 def create_run(request: Request, body: RunCreate) -> Any:
     """Create a run explicitly (runs are also created by the first batch that names them)."""
     with state(request).db.write() as conn:
@@ -68,7 +84,8 @@ def get_run(request: Request, run_id: RunId) -> Any:
         return FastJSONResponse(repo.get_run(conn, run_id))
 
 
-@router.patch("/runs/{run_id}", response_model=RunRead, dependencies=write, responses=ERRORS)
+@router.patch("/runs/{run_id}", response_model=RunRead, dependencies=write,
+              responses={**ERRORS, 413: {"model": ErrorBody}})
 def update_run(request: Request, run_id: RunId, body: RunUpdate) -> Any:
     """Change name, tags, notes or status; fields left out are kept."""
     values = {k: getattr(body, k) for k in body.model_fields_set}
@@ -103,7 +120,12 @@ def layer_stats(request: Request, run_id: RunId, layer: LayerSpecs = None,
                 stat: Annotated[str, Query(max_length=32)] = "l2", start: Start = None, end: End = None,
                 max_points: MaxPoints = None, rank: Annotated[int | None, Query(ge=0, le=1 << 20)] = None
                 ) -> Any:
-    """Per-layer series of one statistic; with ``max_points`` each bucket keeps min, max, mean, count."""
+    """Per-layer series of one statistic: raw points while the range spans at most ``max_points``
+    steps, else buckets that keep min, max, mean and count (so a spike stays visible).
+
+    Left out, ``max_points`` is the server's limit (10,000) shared out so that the layers asked for
+    hold at most 2,000,000 values in all (200 layers: 10,000 each; 1,000 layers: 2,000 each); a
+    ``max_points`` given with more layers than that allows is refused with 422."""
     mp = _max_points(request, max_points)
     if stat not in series.LAYER_STATS:
         raise Invalid(f"unknown stat {stat!r}; expected one of {list(series.LAYER_STATS)}")
@@ -112,6 +134,11 @@ def layer_stats(request: Request, run_id: RunId, layer: LayerSpecs = None,
         layers = repo.resolve_layers(conn, run_id, layer or [])
         if len(layers) > 1000:
             raise Invalid("stats: at most 1000 layers per request; use /heatmap for more")
+        if max_points is None:
+            mp = max(1, min(mp, MAX_CELLS // max(1, len(layers))))
+        elif len(layers) * mp > MAX_CELLS:
+            raise Invalid(f"max_points: {len(layers)} layers × {mp} points is more than the {MAX_CELLS:,} values "
+                          f"one response holds; ask for at most {MAX_CELLS // len(layers)} points or fewer layers")
         out = []
         for lid, idx, name in layers:
             s = series.layer_series(conn, lid, stat, start=start, end=end, max_points=mp, rank=rank)
@@ -122,15 +149,22 @@ def layer_stats(request: Request, run_id: RunId, layer: LayerSpecs = None,
 @router.get("/runs/{run_id}/heatmap", dependencies=read, responses=ERRORS)
 def layer_heatmap(request: Request, run_id: RunId, layers: LayerSpecs = None,
                   stat: Annotated[str, Query(max_length=32)] = "l2", start: Start = None, end: End = None,
-                  max_points: Annotated[int, Query(ge=1, le=100_000)] = 200,
+                  max_points: Annotated[int | None, Query(ge=1, le=MAX_POINTS, description=(
+                      f"buckets per layer (default {HEATMAP_POINTS}, fewer when that many layers would exceed "
+                      f"{MAX_CELLS:,} values)"))] = None,
                   agg: Annotated[str, Query(max_length=8)] = "max") -> Any:
-    """Many layers at once: a matrix ``values[layer][bucket]`` of the bucket's max (or min/mean)."""
+    """Many layers at once: a matrix ``values[layer][bucket]`` of the bucket's max (or min/mean).
+
+    The buckets span the steps the layers hold within ``start``..``end``. A matrix of more than
+    2,000,000 values (layers × buckets) is refused with 422; left out, ``max_points`` is 200, or
+    as many as fit that budget for the layers asked for."""
     mp = _max_points(request, max_points)
-    assert mp is not None
     with state(request).db.read() as conn:
         repo.require_run(conn, run_id)
         ls = repo.resolve_layers(conn, run_id, layers or [])
-        out = series.heatmap(conn, ls, stat, start=start, end=end, max_points=mp, agg=agg)
+        if max_points is None:
+            mp = max(1, min(HEATMAP_POINTS, mp, MAX_CELLS // max(1, len(ls))))
+        out = series.heatmap(conn, ls, stat, start=start, end=end, max_points=mp, agg=agg, max_cells=MAX_CELLS)
     return FastJSONResponse({"run_id": run_id, **out})
 
 
@@ -139,7 +173,8 @@ def step_series(request: Request, run_id: RunId,
                 fields: Annotated[str | None, Query(max_length=200, description="comma-separated")] = None,
                 start: Start = None, end: End = None, max_points: MaxPoints = None,
                 skipped: bool | None = None) -> Any:
-    """Step-level series (total norm before/after, clip coefficient, loss scale, skipped)."""
+    """Step-level series (total norm before/after, clip coefficient, loss scale, skipped): raw points
+    while the range spans at most ``max_points`` steps (default 10,000), else min/max/mean buckets."""
     mp = _max_points(request, max_points)
     names = [f.strip() for f in fields.split(",") if f.strip()] if fields else []
     with state(request).db.read() as conn:
@@ -151,7 +186,8 @@ def step_series(request: Request, run_id: RunId,
 @router.get("/runs/{run_id}/scalars", dependencies=read, responses=ERRORS)
 def scalar_series(request: Request, run_id: RunId, key: QueryText = None, start: Start = None, end: End = None,
                   max_points: MaxPoints = None) -> Any:
-    """User scalars from ``Watcher.log``: the keys, or one key's series."""
+    """User scalars from ``Watcher.log``: the keys, or one key's series (raw points while the range
+    spans at most ``max_points`` steps, default 10,000, else min/max/mean buckets)."""
     mp = _max_points(request, max_points)
     with state(request).db.read() as conn:
         repo.require_run(conn, run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -20,6 +21,9 @@ from gradwatch.server.db.models import (
 )
 from gradwatch.server.encoding import enc, enc_value
 from gradwatch.server.errors import Conflict, Invalid, NotFound
+
+#: A layer spec that is not a layer's name may be its index.
+_INDEX = re.compile(r"-?[0-9]+")
 
 _RUN_COLUMNS = (Run.id, Run.project, Run.name, Run.status, Run.config, Run.tags, Run.notes, Run.world_size,
                 Run.started_at, Run.created_at, Run.updated_at, Run.last_step)
@@ -117,7 +121,7 @@ def resolve_layers(conn: Connection, run_id: str, specs: list[str]) -> list[tupl
     out = []
     for s in specs:
         r = by_name.get(s)
-        if r is None and s.lstrip("-").isdigit():
+        if r is None and _INDEX.fullmatch(s):  # ASCII digits only: str.isdigit() also takes "²"
             r = by_idx.get(int(s))
         if r is None:
             raise NotFound(f"layer {s!r} not found in run {run_id!r}")

@@ -101,14 +101,16 @@ def _bucket(step_min: int, step_max: int, mn: Any, mx: Any, mean: Any, count: in
 
 
 def _range(conn: Connection, sql_from: str, params: dict[str, Any], start: int | None,
-           end: int | None) -> tuple[int, int] | None:
-    if start is not None and end is not None:
+           end: int | None, *, clamp: bool = False) -> tuple[int, int] | None:
+    """The step range to read: [start, end], a missing end taken from the data. ``clamp``: also
+    cut a given range down to the data's (buckets then only span steps that exist)."""
+    if start is not None and end is not None and not clamp:
         return (start, end) if start <= end else None
     lo, hi = conn.execute(text(f"SELECT min(step), max(step) {sql_from}"), params).one()
     if lo is None:
         return None
-    s = lo if start is None else start
-    e = hi if end is None else end
+    s = lo if start is None else max(start, lo) if clamp else start
+    e = hi if end is None else min(end, hi) if clamp else end
     return (s, e) if s <= e else None
 
 
@@ -149,8 +151,13 @@ def layer_series(conn: Connection, layer_id: int, stat: str, *, start: int | Non
 
 
 def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, start: int | None,
-            end: int | None, max_points: int, agg: str = "max", use_blocks: bool = True) -> dict[str, Any]:
-    """Many layers at once: a (layers × buckets) matrix of ``agg`` (max, min or mean) of ``stat``."""
+            end: int | None, max_points: int, agg: str = "max", use_blocks: bool = True,
+            max_cells: int | None = None) -> dict[str, Any]:
+    """Many layers at once: a (layers × buckets) matrix of ``agg`` (max, min or mean) of ``stat``.
+
+    The buckets span the steps the layers hold within [start, end] (the matrix is allocated whole,
+    so an empty stretch of the requested range would cost memory for nothing); more than
+    ``max_cells`` values in all is refused (Invalid) before any is read."""
     if stat not in LAYER_STATS:
         raise Invalid(f"unknown stat {stat!r}; expected one of {list(LAYER_STATS)}")
     fn = {"max": "max", "min": "min", "mean": "avg"}.get(agg)
@@ -166,15 +173,23 @@ def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, 
     # index probe per layer and end instead:
     rng = _range(conn, "FROM (SELECT (SELECT min(s.step) FROM layer_stat s WHERE s.layer_id = l.id) AS step "
                        f"FROM layer l WHERE l.id IN ({ids}) UNION ALL SELECT (SELECT max(s.step) FROM layer_stat s "
-                       f"WHERE s.layer_id = l.id) FROM layer l WHERE l.id IN ({ids})) x", {}, start, end)
+                       f"WHERE s.layer_id = l.id) FROM layer l WHERE l.id IN ({ids})) x", {}, start, end, clamp=True)
     if rng is None:
         return out
     w = _width(rng[0], rng[1], max_points)
     pos = {lid: k for k, (lid, _, _) in enumerate(layers)}
-    if _blocks_apply(stat, w, use_blocks):
+    blocks = _blocks_apply(stat, w, use_blocks)
+    if blocks:
         w = -(-w // BLOCK_STEPS) * BLOCK_STEPS
         a0 = rng[0] // BLOCK_STEPS * BLOCK_STEPS
         nb = (rng[1] - a0) // w + 1
+    else:
+        nb = (rng[1] - rng[0]) // w + 1
+    if max_cells is not None and len(layers) * nb > max_cells:
+        raise Invalid(f"heatmap: {len(layers)} layers × {nb} buckets = {len(layers) * nb:,} values, more than "
+                      f"the {max_cells:,} one response holds; ask for fewer layers, a smaller max_points or a "
+                      "narrower start/end")
+    if blocks:
         merged = _combine(_block_parts(conn, [lid for lid, _, _ in layers], stat, rng[0], rng[1], w, None))
         values_b: list[list[Any]] = [[None] * nb for _ in layers]
         nans_b: list[list[int]] = [[0] * nb for _ in layers]
@@ -184,7 +199,6 @@ def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, 
             nans_b[pos[lid]][bk] = nn
         out.update(steps=[max(rng[0], a0 + k * w) for k in range(nb)], bucket_width=w, values=values_b, nan=nans_b)
         return out
-    nb = (rng[1] - rng[0]) // w + 1
     nan = _nan_expr(stat)
     rows = conn.execute(text(
         f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({stat}), sum({nan}) {where} "

@@ -239,3 +239,82 @@ def test_layer_ids_fast_check_still_names_the_entry() -> None:
     d["steps"][0]["layer_ids"] = [0, wire.MAX_LAYERS]
     with pytest.raises(WireError, match=r"layer_ids\[1\]"):
         wire.batch_from_dict(d)
+
+
+_HUGE = 10**400  # a JSON integer no float64 holds
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (["status"], ["running"], "batch.status: must be one of ['crashed', 'finished', 'running'] or null, got list"),
+        (["status"], {"a": 1}, "batch.status: must be one of"),
+        (["events", 0, "kind"], ["overflow"], "batch.events[0].kind: must be one of"),
+        (["events", 0, "kind"], {}, "got dict"),
+        (["steps", 0, "time"], _HUGE, "batch.steps[0].time: integer of 401 digits is too large for a float"),
+        (["steps", 0, "total_norm"], _HUGE, "batch.steps[0].total_norm: integer of 401 digits"),
+        (["scalars", 0, "values", "loss"], -_HUGE, "batch.scalars[0].values.loss: integer of"),
+        (["scalars", 0, "time"], _HUGE, "batch.scalars[0].time: integer of"),
+        (["events", 0, "time"], _HUGE, "batch.events[0].time: integer of"),
+        (["run", "started_at"], _HUGE, "batch.run.started_at: integer of"),
+        (["sent_at"], _HUGE, "batch.sent_at: integer of"),
+        (["steps", 0, "step"], 2**63, "batch.steps[0].step: 9223372036854775808 is out of range"),
+        (["seq"], _HUGE, "batch.seq: 1000000000000000000000000000000000000000 is out of range"),
+        (["source"], 2**70, "batch.source: 1180591620717411303424 is out of range [0, 1048576]"),
+        (["steps", 0, "rank"], 2**31, "batch.steps[0].rank: 2147483648 is out of range"),
+        (["run", "world_size"], 2**40, "batch.run.world_size"),
+    ],
+    ids=lambda v: str(v)[:24],
+)
+def test_values_python_cannot_hash_or_convert_are_wire_errors(path: list, value: object, message: str) -> None:
+    """Each of these raised TypeError or OverflowError (a 500 on the server) instead of naming the field."""
+    bad = _set(_valid(), path, value)
+    with pytest.raises(WireError) as ei:
+        wire.batch_from_dict(bad)
+    assert message in str(ei.value)
+    assert len(str(ei.value)) < 300  # a 401-digit number is not echoed back whole
+
+
+@pytest.mark.parametrize("name", ["mean", "l2_post"])
+def test_float_column_integer_too_big_for_a_float_names_the_entry(name: str) -> None:
+    with pytest.raises(WireError, match=rf"layers\.{name}\[1\]: integer of 401 digits is too large"):
+        wire.batch_from_dict(_one_layer_step([1, _HUGE], name))
+
+
+@pytest.mark.parametrize("name", ["numel", "nonfinite"])
+@pytest.mark.parametrize("value", [2**63, 2**64 + 5, _HUGE], ids=["2**63", "2**64+5", "10**400"])
+def test_integer_columns_are_bounded_to_int64(name: str, value: int) -> None:
+    """The server stores these as BIGINT; a bigger one overflowed numpy in storage (a 503 the agent retries forever)."""
+    with pytest.raises(WireError, match=rf"layers\.{name}\[1\]: \d+ is out of range \[0, 9223372036854775807\]"):
+        wire.batch_from_dict(_one_layer_step([1, value], name))
+    ok = wire.batch_from_dict(_one_layer_step([1, wire.INT64_MAX], name))
+    assert ok.steps[0].layers[name] == [1, wire.INT64_MAX]
+
+
+def test_json_deeper_than_the_parser_goes_is_a_wire_error() -> None:
+    with pytest.raises(WireError, match="batch: nested too deeply"):
+        decode_batch(b"[" * 100_000 + b"]" * 100_000)
+    d = _valid()
+    d["run"]["config"] = {"x": json.loads("[" * 500 + "]" * 500)}
+    with pytest.raises(WireError, match=r"batch.run.config.x\[0\]\[0\].*nested too deeply"):
+        decode_batch(json.dumps(d))
+
+
+def test_free_form_values_may_nest_exactly_max_depth_levels() -> None:
+    d = _valid()
+    v: object = 1
+    for _ in range(wire.MAX_DEPTH - 1):
+        v = [v]
+    d["run"]["config"] = {"deep": v}  # the leaf sits MAX_DEPTH levels below the config object
+    assert wire.batch_from_dict(d).run.config == {"deep": v}
+    d["run"]["config"] = {"deep": [v]}
+    with pytest.raises(WireError, match="nested too deeply"):
+        wire.batch_from_dict(d)
+
+
+def test_validate_run_id_is_the_batch_rule() -> None:
+    assert wire.validate_run_id("run-1_a", "hello.run_id") == "run-1_a"
+    for bad, msg in [("a\x00b", "NUL"), ("", "must be 1-64"), ("a b", "must be 1-64"), (5, "expected a string"),
+                     ("a" * 65, "longer than 64"), ("run²", "ASCII"), ("café", "ASCII")]:
+        with pytest.raises(WireError, match=f"hello.run_id: .*{msg}"):
+            wire.validate_run_id(bad, "hello.run_id")

@@ -9,6 +9,7 @@ fail when ``CI=true`` and are skipped (with the reason) otherwise.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import shutil
@@ -196,3 +197,35 @@ def fresh_pg() -> Iterator[str]:
         yield url
     finally:
         pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def hostile_payloads() -> list[tuple[str, bytes, int, str]]:
+    """Batches that once made ingest answer 500 (or 503 forever): (label, body, status, message part).
+    Each refers to run ``run1`` at seq 2, so a test can check nothing stored under seq 1 changed."""
+    good = wire.batch_to_dict(make_batch(2, [3]))
+    step, cols = good["steps"][0], good["steps"][0]["layers"]
+
+    def body(**kw: Any) -> bytes:
+        return json.dumps({**good, **kw}).encode()
+
+    return [
+        ("deep JSON", b"[" * 100_000 + b"]" * 100_000, 422, "nested too deeply"),
+        ("deep JSON object", b'{"a":' * 50_000 + b"1" + b"}" * 50_000, 422, "nested too deeply"),
+        ("status list", body(status=["running"]), 422, "batch.status: must be one of"),
+        ("kind dict", body(events=[{**good["events"][0], "kind": {"x": 1}}]), 422, "batch.events[0].kind"),
+        ("time 10**400", body(steps=[{**step, "time": 10**400}]), 422, "batch.steps[0].time: integer of 401"),
+        ("scalar 10**400", body(scalars=[{**good["scalars"][0], "values": {"loss": 10**400}}]), 422,
+         "batch.scalars[0].values.loss"),
+        ("float column 10**400", body(steps=[{**step, "layers": {**cols, "l2": [1.0, 10**400, 1.0, 1.0]}}]), 422,
+         "batch.steps[0].layers.l2[1]"),
+        ("numel 2**64", body(steps=[{**step, "layers": {**cols, "numel": [1, 2**64, 1, 1]}}]), 422,
+         "batch.steps[0].layers.numel[1]: 18446744073709551616 is out of range"),
+        ("nonfinite 2**63", body(steps=[{**step, "layers": {**cols, "nonfinite": [2**63, 0, 0, 0]}}]), 422,
+         "batch.steps[0].layers.nonfinite[0]"),
+        ("source 2**70", body(source=2**70), 422, "batch.source"),
+    ]
+
+
+@pytest.fixture
+def hostile() -> list[tuple[str, bytes, int, str]]:
+    return hostile_payloads()

@@ -85,6 +85,15 @@ def test_events_by_kind_and_range(client, mk, post):
     assert [e["kind"] for e in r["data"]] == ["spike"]
     r = client.get("/api/v1/runs/run1/events", params={"limit": 2, "offset": 1}).json()
     assert r["count"] == 4 and [e["step"] for e in r["data"]] == [5, 9]
+    # end is inclusive, alone or with start and kind
+    r = client.get("/api/v1/runs/run1/events", params={"end": 9}).json()
+    assert r["count"] == 3 and [e["step"] for e in r["data"]] == [2, 5, 9]
+    r = client.get("/api/v1/runs/run1/events", params={"end": 8}).json()
+    assert [e["step"] for e in r["data"]] == [2, 5]
+    r = client.get("/api/v1/runs/run1/events", params={"start": 5, "end": 9, "kind": "overflow"}).json()
+    assert r["count"] == 1 and [e["step"] for e in r["data"]] == [9]
+    assert client.get("/api/v1/runs/run1/events", params={"end": 1}).json() == {
+        "data": [], "count": 0, "limit": 1000, "offset": 0}
 
 
 def test_runs_list_filter_page_patch_delete(client, mk, post):
@@ -175,7 +184,14 @@ def test_auth_tokens_401_403_and_open_health(make_settings, mk, post):
         assert c.patch("/api/v1/runs/run1", json={"name": "x"}, headers=w).status_code == 200
         m = c.get("/metrics", headers=r_)
         assert m.status_code == 200 and "gradwatch_ingest_rows_total 4" in m.text
-        assert 'gradwatch_ingest_errors_total' in m.text and "gradwatch_ingest_seconds_count 1" in m.text
+        assert "gradwatch_ingest_seconds_count 1" in m.text
+        assert 'gradwatch_ingest_errors_total{kind="schema"}' not in m.text
+        # a rejected batch shows up as a labelled sample, and counts up
+        for n in (1, 2):
+            assert c.post("/api/v1/ingest", content=b'{"wire_version": 1}', headers=w).status_code == 422
+            assert f'\ngradwatch_ingest_errors_total{{kind="schema"}} {n}\n' in c.get("/metrics", headers=r_).text
+        m = c.get("/metrics", headers=r_).text
+        assert "gradwatch_ingest_rows_total 4" in m and "gradwatch_ingest_seconds_count 1" in m
 
 
 def test_openapi_lists_the_contract_paths(client):

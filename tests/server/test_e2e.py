@@ -95,6 +95,35 @@ def test_websocket_ingest_through_uvicorn(db_url, tmp_path, mk):
         assert len(pts) == 50
 
 
+def test_hostile_frames_and_hellos_get_a_close_frame_through_uvicorn(db_url, tmp_path, mk, hostile):
+    """Over a real socket: each bad frame or hello is answered with an error message and a close
+    frame carrying a code and a reason (not a dropped connection), and the server keeps serving."""
+    frames = [(label, body, needle) for label, body, _, needle in hostile]
+    frames += [("hello source 2**70", json.dumps({"type": "hello", "run_id": "run1", "source": 2**70}).encode(),
+                "hello.source"),
+               ("hello NUL run_id", json.dumps({"type": "hello", "run_id": "r\x00", "source": 0}).encode(),
+                "hello.run_id: contains a NUL character")]
+    with serve(db_url, tmp_path / "server.log") as base:
+        ws_url = base.replace("http", "ws") + "/api/v1/ingest/ws"
+        with connect(ws_url) as ws:
+            ws.send(wire.encode_batch(mk(1, [1, 2])).decode())
+            assert json.loads(ws.recv(timeout=30))["acked"] == 1
+        for label, body, needle in frames:
+            with connect(ws_url) as ws:
+                ws.send(body)
+                err = json.loads(ws.recv(timeout=30))
+                assert err["type"] == "error" and needle in err["error"], (label, err)
+                with pytest.raises(ConnectionClosed) as ei:
+                    ws.recv(timeout=30)
+                rcvd = ei.value.rcvd
+                assert rcvd is not None and rcvd.code == 1007 and rcvd.reason, (label, rcvd)
+                assert err["error"].startswith(rcvd.reason), (label, rcvd.reason)
+        with connect(ws_url) as ws:
+            ws.send(wire.encode_batch(mk(2, [3])).decode())
+            assert json.loads(ws.recv(timeout=30))["acked"] == 2
+        assert [p["step"] for p in _get(base + "/api/v1/runs/run1/steps")["points"]] == [1, 2, 3]
+
+
 def test_live_fan_out_across_two_processes_on_postgresql(tmp_path, mk, fresh_pg):
     url = fresh_pg
     with serve(url, tmp_path / "a.log") as a, serve(url, tmp_path / "b.log") as b:

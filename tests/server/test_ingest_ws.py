@@ -109,3 +109,89 @@ def test_live_needs_a_token_when_configured(make_settings):
             assert _closed(ws)["code"] == 1008
         with c.websocket_connect("/api/v1/runs/x/live", headers={"Authorization": "Bearer r"}) as ws:
             assert ws.receive_json()["type"] == "subscribed"
+
+
+def _export(client) -> str:
+    return client.get("/api/v1/runs/run1/export").text
+
+
+def test_hostile_frames_close_1007_with_a_reason_and_the_server_keeps_serving(client, mk, hostile):
+    """Each of these once dropped the connection with no close frame (an exception out of the handler)."""
+    with client.websocket_connect("/api/v1/ingest/ws") as ws:
+        ws.send_text(wire.encode_batch(mk(1, [1, 2])).decode())
+        assert ws.receive_json()["acked"] == 1
+    before = _export(client)
+    for label, body, status, needle in hostile:
+        with client.websocket_connect("/api/v1/ingest/ws") as ws:
+            ws.send_bytes(body)
+            err = ws.receive_json()
+            assert err["type"] == "error" and err["status"] == status and needle in err["error"], (label, err)
+            closed = _closed(ws)
+            assert closed["code"] == 1007, (label, closed)
+            assert closed["reason"] and closed["reason"] in err["error"], (label, closed)
+    assert _export(client) == before
+    with client.websocket_connect("/api/v1/ingest/ws") as ws:  # a following good batch is stored
+        ws.send_text(wire.encode_batch(mk(2, [3])).decode())
+        assert ws.receive_json()["acked"] == 2
+    assert [p["step"] for p in client.get("/api/v1/runs/run1/steps").json()["points"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("hello,needle", [
+    ({"run_id": "run1", "source": 2**70}, "hello.source: expected an integer in [0, 1048576], got 1180591620717411303424"),
+    ({"run_id": "run1", "source": -1}, "hello.source: expected an integer in [0, 1048576], got -1"),
+    ({"run_id": "run1", "source": "0"}, "hello.source: expected an integer in [0, 1048576], got str"),
+    ({"run_id": "ru\x00n1", "source": 0}, "hello.run_id: contains a NUL character"),
+    ({"run_id": "a/b", "source": 0}, "hello.run_id: must be 1-64 characters of ASCII letters, digits, '-' or '_'"),
+    ({"source": 0}, "hello.run_id: expected a string, got NoneType"),
+])
+def test_bad_hello_closes_1007_with_a_reason(client, mk, hello, needle):
+    with client.websocket_connect("/api/v1/ingest/ws") as ws:
+        ws.send_text(wire.encode_batch(mk(1, [1])).decode())
+        assert ws.receive_json()["acked"] == 1
+        ws.send_text(json.dumps({"type": "hello", **hello}))
+        err = ws.receive_json()
+        assert err == {"type": "error", "seq": None, "status": 422, "error": needle}
+        closed = _closed(ws)
+        assert closed["code"] == 1007 and closed["reason"] == needle
+    with client.websocket_connect("/api/v1/ingest/ws") as ws:
+        ws.send_text(json.dumps({"type": "hello", "run_id": "run1", "source": 0}))
+        assert ws.receive_json()["acked"] == 1
+        ws.send_text(wire.encode_batch(mk(2, [2])).decode())
+        assert ws.receive_json()["acked"] == 2
+
+
+def test_server_errors_in_a_stream_close_1011_with_a_reason(client, mk, monkeypatch):
+    from gradwatch.server.api import ingest
+
+    with client.websocket_connect("/api/v1/ingest/ws") as ws:
+        ws.send_text(wire.encode_batch(mk(1, [1])).decode())
+        assert ws.receive_json()["acked"] == 1
+    before = _export(client)
+
+    def broken_acked(*a, **kw):
+        raise ConnectionError("database went away")
+
+    with monkeypatch.context() as m:  # the database fails under a hello: 503, 1011
+        m.setattr(ingest, "read_acked", broken_acked)
+        with client.websocket_connect("/api/v1/ingest/ws") as ws:
+            ws.send_text(json.dumps({"type": "hello", "run_id": "run1", "source": 0}))
+            assert ws.receive_json()["error"] == "storage unavailable: ConnectionError"
+            closed = _closed(ws)
+            assert closed["code"] == 1011 and closed["reason"] == "storage unavailable: ConnectionError"
+
+    def broken_decode(gw, data):
+        raise ZeroDivisionError("a bug")
+
+    with monkeypatch.context() as m:  # a bug under a frame: 500, 1011
+        m.setattr(ingest, "decode_frame", broken_decode)
+        with client.websocket_connect("/api/v1/ingest/ws") as ws:
+            ws.send_text(wire.encode_batch(mk(2, [2])).decode())
+            err = ws.receive_json()
+            assert err["status"] == 500 and err["error"] == "server error while decoding the frame (ZeroDivisionError)"
+            closed = _closed(ws)
+            assert closed["code"] == 1011 and closed["reason"] == err["error"]
+    assert _export(client) == before
+    assert 'gradwatch_ingest_errors_total{kind="internal"} 1' in client.get("/metrics").text
+    with client.websocket_connect("/api/v1/ingest/ws") as ws:
+        ws.send_text(wire.encode_batch(mk(2, [2])).decode())
+        assert ws.receive_json()["acked"] == 2
