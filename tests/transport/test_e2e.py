@@ -93,6 +93,11 @@ def test_server_never_comes_up_then_upload(server_factory: Any, tmp_path: Path, 
     model, opt, w = _watch(url, tmp_path / "spool", connect_timeout=1.0)
     with BlockingIO() as io:
         train(model, opt, w, 200)
+        # on a loaded machine the sender may not have tried to connect yet when the loop ends:
+        # wait for its first try (checked below), without the training thread doing anything
+        deadline = time.monotonic() + 30
+        while not any("connect" in v for v in list(io.threads.values())) and time.monotonic() < deadline:
+            time.sleep(0.05)
     st = w.stats()
     t0 = time.monotonic()
     w.close(timeout=5)
