@@ -10,6 +10,7 @@ ignore it and the count says it was there). Queries are plain SQL over the clust
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -95,9 +96,18 @@ def _block_parts(conn: Connection, layer_ids: list[int], stat: str, a: int, b: i
     return parts
 
 
+def _mean(mn: Any, mx: Any, mean: Any) -> float | None:
+    """A bucket's mean, NaN when it holds both +inf and -inf (their sum is NaN). Read off min and
+    max, so it holds whatever the sum became on the way: PostgreSQL keeps NaN, SQLite turns it
+    into NULL (a NULL block sum is then dropped when blocks merge), and ``avg`` follows each."""
+    if mn == -math.inf and mx == math.inf:
+        return math.nan
+    return None if mean is None else float(mean)
+
+
 def _bucket(step_min: int, step_max: int, mn: Any, mx: Any, mean: Any, count: int, nan: int) -> dict[str, Any]:
     return {"step_min": step_min, "step_max": step_max, "min": enc(mn), "max": enc(mx),
-            "mean": enc(None if mean is None else float(mean)), "count": int(count), "nan": int(nan or 0)}
+            "mean": enc(_mean(mn, mx, mean)), "count": int(count), "nan": int(nan or 0)}
 
 
 def _range(conn: Connection, sql_from: str, params: dict[str, Any], start: int | None,
@@ -194,19 +204,21 @@ def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, 
         values_b: list[list[Any]] = [[None] * nb for _ in layers]
         nans_b: list[list[int]] = [[0] * nb for _ in layers]
         for (lid, bk), (_, _, mn, mx, sm, cnt, _, nn) in merged.items():
-            v = {"max": mx, "min": mn, "mean": None if not cnt or sm is None else sm / cnt}[agg]
+            v = {"max": mx, "min": mn, "mean": _mean(mn, mx, None if not cnt or sm is None else sm / cnt)}[agg]
             values_b[pos[lid]][bk] = "NaN" if v is None and nn else enc(v)
             nans_b[pos[lid]][bk] = nn
         out.update(steps=[max(rng[0], a0 + k * w) for k in range(nb)], bucket_width=w, values=values_b, nan=nans_b)
         return out
     nan = _nan_expr(stat)
     rows = conn.execute(text(
-        f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({stat}), sum({nan}) {where} "
+        f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({stat}), sum({nan}), min({stat}), max({stat}) {where} "
         f"AND step BETWEEN :a AND :b GROUP BY layer_id, bk"), {"a": rng[0], "b": rng[1], "w": w}).all()
     values: list[list[Any]] = [[None] * nb for _ in layers]
     nans: list[list[int]] = [[0] * nb for _ in layers]
-    for lid, bk, v, n in rows:
+    for lid, bk, v, n, mn, mx in rows:
         k = pos[lid]
+        if agg == "mean":
+            v = _mean(mn, mx, v)
         values[k][bk] = "NaN" if v is None and n else enc(None if v is None else float(v))
         nans[k][bk] = int(n or 0)
     out.update(steps=[rng[0] + b * w for b in range(nb)], bucket_width=w, values=values, nan=nans)
@@ -256,7 +268,7 @@ def step_series(conn: Connection, run_id: str, fields: list[str], *, start: int 
         b: dict[str, Any] = {"step_min": r[1], "step_max": r[2], "count": int(r[3]), "skipped": int(r[4] or 0)}
         for k, f in enumerate(fields):
             mn, mx, mean, n = r[5 + 4 * k: 9 + 4 * k]
-            b[f] = {"min": enc(mn), "max": enc(mx), "mean": enc(None if mean is None else float(mean)),
+            b[f] = {"min": enc(mn), "max": enc(mx), "mean": enc(_mean(mn, mx, mean)),
                     "nan": int(n or 0)}
         buckets.append(b)
     return {"downsampled": True, "bucket_width": w, "buckets": buckets}

@@ -21,6 +21,8 @@ def _val(s: int, i: int) -> float:
         return math.nan
     if r < 0.04:
         return math.inf
+    if r < 0.045:
+        return -math.inf
     return r * (100 if s % 97 == 0 else 1)
 
 
