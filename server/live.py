@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 
 from gradwatch.agent.wire import Batch
+from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan, enc_value
 from gradwatch.server.repo.ingest import NOTIFY_CHANNEL
 
@@ -29,13 +30,45 @@ _STEP_FIELDS = ("total_norm", "total_norm_post", "clip_coef", "loss_scale")
 _QUEUE_SIZE = 1000
 
 
-def message_from_batch(batch: Batch) -> dict[str, Any]:
-    """The live message for a batch this process just stored."""
+#: Per-layer statistics a live subscriber may ask for (``?layers=l2,maxabs``).
+LIVE_LAYER_STATS: tuple[str, ...] = ("numel", "nonfinite", *LAYER_FLOAT_COLUMNS)
+
+
+def _layer_block(ids: list[int], cols: dict[str, Any]) -> dict[str, Any]:
+    """One step's per-layer statistics, column-wise: ``index`` (the layer's index in the run's
+    layer table) and one list per statistic, NaN/inf as strings like everywhere in the API."""
+    out: dict[str, Any] = {"index": list(ids)}
+    for k in LIVE_LAYER_STATS:
+        v = cols.get(k)
+        if v is not None:
+            out[k] = [enc(x) for x in v] if k in LAYER_FLOAT_COLUMNS else [None if x is None else int(x) for x in v]
+    return out
+
+
+def project(message: dict[str, Any], stats: tuple[str, ...]) -> dict[str, Any]:
+    """``message`` as one subscriber asked for it: per-layer blocks cut to ``stats`` (none: no
+    ``layers`` key at all). The hub builds each message once for every subscriber of a run."""
+    if not any("layers" in st for st in message.get("steps", ())):
+        return message
+    steps = []
+    for st in message["steps"]:
+        st = dict(st)
+        blk = st.pop("layers", None)
+        if stats and blk is not None:
+            st["layers"] = {"index": blk["index"], **{k: blk[k] for k in stats if k in blk}}
+        steps.append(st)
+    return {**message, "steps": steps}
+
+
+def message_from_batch(batch: Batch, layers: bool = False) -> dict[str, Any]:
+    """The live message for a batch this process just stored (``layers``: with every step's
+    per-layer statistics, when some subscriber asked for them)."""
     return {
         "type": "batch", "run_id": batch.run.run_id, "source": batch.source, "seq": batch.seq,
         "steps": [{"step": s.step, "time": s.time, "rank": s.rank, "total_norm": enc(s.total_norm),
                    "total_norm_post": enc(s.total_norm_post), "clip_coef": enc(s.clip_coef),
-                   "loss_scale": enc(s.loss_scale), "skipped": s.skipped} for s in batch.steps],
+                   "loss_scale": enc(s.loss_scale), "skipped": s.skipped,
+                   **({"layers": _layer_block(s.layer_ids, s.layers)} if layers else {})} for s in batch.steps],
         "events": [{"kind": e.kind, "step": e.step, "time": e.time, "rank": e.rank, "data": enc_value(e.data)}
                    for e in batch.events],
         "scalars": [{"step": s.step, "time": s.time, "rank": s.rank, "values": enc_value(s.values)}
@@ -44,9 +77,9 @@ def message_from_batch(batch: Batch) -> dict[str, Any]:
 
 
 def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
-                    ranks: list[int] | None = None) -> dict[str, Any] | None:
+                    ranks: list[int] | None = None, layers: bool = False) -> dict[str, Any] | None:
     """The live message for a batch stored by another process: the rows of the batch's ranks
-    (``ranks``; default ``[source]``) within its step range."""
+    (``ranks``; default ``[source]``) within its step range (``layers``: per-layer rows too)."""
     row = conn.execute(text("SELECT step_min, step_max FROM ingest_batch WHERE run_id = :r AND source = :s "
                             "AND seq = :q"), {"r": run_id, "s": source, "q": seq}).first()
     if row is None:
@@ -65,6 +98,8 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
             st[f] = enc_nan(getattr(r, f), bool(r.nan_mask & (1 << bit)))
         st["skipped"] = bool(r.skipped)
         msg["steps"].append(st)
+    if layers and msg["steps"]:
+        _layers_from_db(conn, msg["steps"], run_id, rk, p)
     for r in conn.execute(text(f"SELECT kind, step, time, rank, data FROM event WHERE run_id = :r AND rank IN ({rk}) "
                                "AND step BETWEEN :a AND :b ORDER BY step, id"), p):
         data = json.loads(r.data) if isinstance(r.data, str) else r.data
@@ -78,32 +113,61 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
     return msg
 
 
+def _layers_from_db(conn: Connection, steps: list[dict[str, Any]], run_id: str, rk: str, p: dict[str, Any]) -> None:
+    """Attach each step's per-layer block, read back from ``layer_stat`` (NaN: NULL + mask bit)."""
+    by_key = {(st["step"], st["rank"]): st for st in steps}
+    cols = ", ".join(f"s.{c}" for c in LIVE_LAYER_STATS)
+    acc: dict[tuple[int, int], dict[str, list[Any]]] = {}
+    for r in conn.execute(text(
+            f"SELECT s.step, s.rank, l.idx, s.nan_mask, {cols} FROM layer_stat s JOIN layer l ON l.id = s.layer_id "
+            f"WHERE l.run_id = :r AND s.rank IN ({rk}) AND s.step BETWEEN :a AND :b ORDER BY s.step, s.rank, l.idx"), p):
+        if (r[0], r[1]) not in by_key:
+            continue
+        blk = acc.setdefault((r[0], r[1]), {"index": [], **{k: [] for k in LIVE_LAYER_STATS}})
+        blk["index"].append(r[2])
+        for k, v in zip(LIVE_LAYER_STATS, r[4:]):
+            if k in LAYER_FLOAT_COLUMNS:
+                v = enc_nan(v, bool(r[3] & (1 << LAYER_FLOAT_COLUMNS.index(k))))
+            blk[k].append(v)
+    for key, blk in acc.items():
+        by_key[key]["layers"] = blk
+
+
 class LiveHub:
     """Subscriber queues per run, fed from any thread; the event loop is bound at app start."""
 
     def __init__(self) -> None:
         self.origin = uuid.uuid4().hex
         self._subs: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self._layer_subs: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: _PgListener | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def subscribe(self, run_id: str) -> asyncio.Queue[dict[str, Any]]:
+    def subscribe(self, run_id: str, layers: bool = False) -> asyncio.Queue[dict[str, Any]]:
+        """A queue of ``run_id``'s live messages; ``layers``: this subscriber wants per-layer
+        statistics, so messages for the run are built with them."""
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_QUEUE_SIZE)
         self._subs.setdefault(run_id, set()).add(q)
+        if layers:
+            self._layer_subs.setdefault(run_id, set()).add(q)
         return q
 
     def unsubscribe(self, run_id: str, q: asyncio.Queue[dict[str, Any]]) -> None:
-        subs = self._subs.get(run_id)
-        if subs is not None:
-            subs.discard(q)
-            if not subs:
-                self._subs.pop(run_id, None)
+        for d in (self._subs, self._layer_subs):
+            subs = d.get(run_id)
+            if subs is not None:
+                subs.discard(q)
+                if not subs:
+                    d.pop(run_id, None)
 
     def has_subscribers(self, run_id: str) -> bool:
         return bool(self._subs.get(run_id))
+
+    def wants_layers(self, run_id: str) -> bool:
+        return bool(self._layer_subs.get(run_id))
 
     def publish(self, run_id: str, message: dict[str, Any]) -> None:
         """Deliver to every subscriber of ``run_id``; callable from any thread. Slow consumers drop."""
@@ -175,7 +239,8 @@ class _PgListener:
             if p.get("origin") == self.hub.origin or not self.hub.has_subscribers(p["run_id"]):
                 return
             with self.engine.connect() as conn:
-                msg = message_from_db(conn, p["run_id"], int(p["source"]), int(p["seq"]), p.get("ranks"))
+                msg = message_from_db(conn, p["run_id"], int(p["source"]), int(p["seq"]), p.get("ranks"),
+                                      layers=self.hub.wants_layers(p["run_id"]))
             if msg is not None:
                 self.hub.publish(p["run_id"], msg)
         except Exception:

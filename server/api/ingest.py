@@ -116,7 +116,7 @@ def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
         raise IngestFailure(503, f"storage unavailable: {type(e).__name__}", "storage", batch.seq) from None
     gw.metrics.observe_batch(res.rows, time.perf_counter() - t0, res.duplicate)
     if not res.duplicate and gw.hub.has_subscribers(res.run_id):
-        gw.hub.publish(res.run_id, message_from_batch(batch))
+        gw.hub.publish(res.run_id, message_from_batch(batch, layers=gw.hub.wants_layers(res.run_id)))
     return {"run_id": res.run_id, "source": res.source, "seq": res.seq, "acked": res.acked,
             "duplicate": res.duplicate, "rows": res.rows}
 

@@ -146,6 +146,15 @@ def test_live_fan_out_across_two_processes_on_postgresql(tmp_path, mk, fresh_pg)
             # and data ingested into A itself arrives too (in-process path)
             _post(a + "/api/v1/ingest", wire.encode_batch(mk(3, [5])))
             assert json.loads(live.recv(timeout=30))["seq"] == 3
+        # per-layer statistics on request, read back from the database by the other process
+        with connect(a.replace("http", "ws") + "/api/v1/runs/run1/live?layers=l2,mean") as live:
+            assert json.loads(live.recv(timeout=30))["type"] == "subscribed"
+            nan = float("nan")
+            _post(b + "/api/v1/ingest", wire.encode_batch(mk(4, [6, 7], values=lambda s, i: nan if i == 1 else s + i)))
+            msg = json.loads(live.recv(timeout=30))
+            assert msg["seq"] == 4 and [st["step"] for st in msg["steps"]] == [6, 7]
+            blk = msg["steps"][1]["layers"]
+            assert blk == {"index": [0, 1, 2, 3], "l2": [7.0, "NaN", 9.0, 10.0], "mean": [7.0, "NaN", 9.0, 10.0]}
 
 
 def test_server_never_imports_torch():

@@ -103,6 +103,30 @@ def test_live_subscriber_receives_ingested_batches(client, mk, post):
         assert live.receive_json()["seq"] == 2
 
 
+def test_live_layers_on_request_only(client, mk, post):
+    """``?layers=`` adds each step's per-layer statistics (NaN/inf as strings); subscribers that
+    did not ask get none, on the same run at the same time; an unknown name closes 1008."""
+    nan, inf = float("nan"), float("inf")
+    vals = {(2, 1): nan, (2, 2): inf}
+    with client.websocket_connect("/api/v1/runs/run1/live?layers=l2,nonfinite") as some, \
+            client.websocket_connect("/api/v1/runs/run1/live?layers=all") as every, \
+            client.websocket_connect("/api/v1/runs/run1/live") as plain:
+        for ws in (some, every, plain):
+            assert ws.receive_json()["type"] == "subscribed"
+        assert post(client, mk(1, [1, 2], values=lambda s, i: vals.get((s, i), s + i / 10))).status_code == 200
+        a, b, c = some.receive_json(), every.receive_json(), plain.receive_json()
+        assert all("layers" not in st for st in c["steps"])
+        blk = a["steps"][1]["layers"]
+        assert set(blk) == {"index", "l2", "nonfinite"} and blk["index"] == [0, 1, 2, 3]
+        assert blk["l2"] == [2.0, "NaN", "Infinity", 2.3] and blk["nonfinite"] == [0, 0, 0, 0]
+        full = b["steps"][0]["layers"]
+        assert set(full) == {"index", "numel", "nonfinite", "mean", "var", "std", "l2", "maxabs", "l2_post"}
+        assert full["numel"] == [10, 20, 30, 40] and full["mean"] == [1.0, 1.1, 1.2, 1.3]
+    with client.websocket_connect("/api/v1/runs/run1/live?layers=l2,bogus") as ws:
+        closed = _closed(ws)
+        assert closed["code"] == 1008 and "bogus" in closed["reason"]
+
+
 def test_live_needs_a_token_when_configured(make_settings):
     with TestClient(create_app(make_settings(token="w", read_token="r"))) as c:
         with c.websocket_connect("/api/v1/runs/x/live") as ws:
