@@ -494,6 +494,16 @@ def main() -> int:
                     m, lo, hi, fx = mres[task][0][op]
                     cells.append(f"{m:.2f} [{lo:.2f}-{hi:.2f}] | {fx:.2f}")
                 print(f"| {op} | " + " | ".join(cells) + " |")
+            # the rows' own cost: the marginal above mixes sizes; compare the two statistics
+            # passes size by size instead (each median over the same interleaved rounds)
+            print("\nstatistics pass taking a first transform's rows, time / the plain statistics pass, per size\n")
+            print("| rows for | " + " | ".join(f"{t} x{k}" for t in tasks for k in (1,) + sizes[t]) + " |")
+            print("|---|" + "---|" * (3 * len(tasks)))
+            for what in ("AGC", "Centralize"):
+                op = f"{_STATS} [rows for {what}]"
+                cells = [f"{margs[t][0].median((op, j)) / margs[t][0].median((_STATS, j)):.2f}"
+                         for t in tasks for j in range(3)]
+                print(f"| {what} | " + " | ".join(cells) + " |")
     print(f"\n(bench wall time {(time.perf_counter() - t_start) / 60:.1f} min)")
     return 0
 
