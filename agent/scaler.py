@@ -534,10 +534,36 @@ class GradScaler(torch.amp.GradScaler):
 
     # -- checkpoints -------------------------------------------------------------------------------
 
+    #: Key of the scaler's own transforms' state in :meth:`state_dict` (torch's scaler ignores it).
+    TRANSFORMS_KEY = "gradwatch_transforms"
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's scaler state, plus (only when some of this scaler's transforms keep state)
+        their running state under :attr:`TRANSFORMS_KEY`, so ZClip/AutoClip/AutoscaledNorm resume with the scaler.
+        torch's own ``load_state_dict`` reads its keys by name and ignores this one."""
+        sd = super().state_dict()
+        states = [[type(t).__name__, t.state_dict()] for t in self._gw_transforms]
+        if sd and any(st for _, st in states):  # stateless transforms (ClipNorm...): torch's dict as is
+            sd[self.TRANSFORMS_KEY] = states
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch (accepts torch's scaler's ``state_dict()`` and vice versa)."""
+        """As torch (accepts torch's scaler's ``state_dict()`` and vice versa); restores the
+        transforms' state when the dict carries it.
+
+        Raises:
+            ValueError: the saved transforms are not this scaler's (names, in order).
+        """
+        saved = state_dict.get(self.TRANSFORMS_KEY) if isinstance(state_dict, dict) else None
+        if saved is not None:
+            names, mine = [n for n, _ in saved], [type(t).__name__ for t in self._gw_transforms]
+            if names != mine:
+                raise ValueError(f"state_dict: saved transforms {names} do not match this scaler's {mine}")
         super().load_state_dict(state_dict)
         self._gw_mirror = None  # rebuilt from _init_scale/_init_growth_tracker, which torch just set
+        if saved is not None and self._enabled:
+            for t, (_, st) in zip(self._gw_transforms, saved):
+                t.load_state_dict(st)
 
     def __getstate__(self) -> dict[str, Any]:
         if self._enabled and len(self._per_optimizer_states) != 0:

@@ -883,3 +883,38 @@ def test_with_real_watcher_events_name_layers():
     assert ev[1][1]["layers"] == ["bias"] and ev[1][1]["scale_before"] == 32.0 and ev[1][1]["scale_after"] == 16.0
     assert [st.skipped for st in w.sink.steps] == [False, True, False]
     w.close()
+
+
+def test_state_dict_carries_the_scalers_transforms():
+    """ZClip's running statistics resume with the scaler; torch's scaler loads the same dict
+    (the extra key is ignored), and a scaler with other transforms refuses it."""
+    from gradwatch.agent import AutoClip, ZClip
+
+    def run(scaler, model, opt, steps):
+        for s in range(steps):
+            opt.zero_grad()
+            x = torch.randn(4, 3, generator=torch.Generator().manual_seed(s))
+            scaler.scale(model(x).square().sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    zc = ZClip(warmup_steps=2, max_grad_norm=None)
+    a = GradScaler("cpu", init_scale=4.0, transforms=[zc])
+    run(a, m, opt, 5)
+    sd = a.state_dict()
+    assert "gradwatch_transforms" in sd and sd["gradwatch_transforms"][0][0] == "ZClip"
+    b = GradScaler("cpu", transforms=[ZClip(warmup_steps=2, max_grad_norm=None)])
+    b.load_state_dict(copy.deepcopy(sd))
+    for k, v in zc.state_dict().items():
+        w = b._gw_transforms[0].state_dict()[k]
+        assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, k
+    assert b.get_scale() == a.get_scale()
+    t = torch.amp.GradScaler("cpu")
+    t.load_state_dict(copy.deepcopy(sd))
+    assert t.get_scale() == a.get_scale()
+    with pytest.raises(ValueError, match="do not match"):
+        GradScaler("cpu", transforms=[AutoClip()]).load_state_dict(copy.deepcopy(sd))
+    assert "gradwatch_transforms" not in GradScaler("cpu").state_dict()  # no transforms: torch's dict as is
