@@ -149,6 +149,18 @@ def _exclude_classifier(model: torch.nn.Module | None, transforms: Sequence[Tran
             t.add_exclude([last])
 
 
+def _combine(scaler_ts: Sequence[Transform], own: Sequence[Transform], what: str) -> list[Transform]:
+    """A scaler's transforms with a watcher's (each instance once), in canonical order.
+
+    Raises:
+        ValueError: ``what: ...`` when the two lists contradict each other.
+    """
+    try:
+        return order_transforms(list(scaler_ts) + [t for t in own if all(t is not e for e in scaler_ts)])
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
 class Watcher:
     """The attached monitor of one optimizer; made by :func:`watch`.
 
@@ -186,10 +198,7 @@ class Watcher:
         _exclude_classifier(model, self.transforms)
         scaler_ts = list(getattr(scaler, "_gw_transforms", ()) or ())
         if scaler_ts:
-            try:
-                order_transforms(scaler_ts + [t for t in self.transforms if all(t is not e for e in scaler_ts)])
-            except ValueError as e:
-                raise ValueError(f"transforms: conflict with the scaler's transforms: {e}") from None
+            _combine(scaler_ts, self.transforms, "transforms: conflict with the scaler's transforms")
         self.config = cfg
         self.rank, self.world_size = _dist()
         self._optimizer = optimizer
@@ -369,11 +378,7 @@ class Watcher:
             return self.transforms
         key = tuple(id(t) for t in extra)
         if self._union_cache is None or self._union_cache[0] != key:
-            own = [t for t in self.transforms if all(t is not e for e in extra)]
-            try:
-                union = order_transforms(list(extra) + own)
-            except ValueError as e:
-                raise ValueError(f"GradScaler(transforms=...) conflicts with watch(transforms=...): {e}") from None
+            union = _combine(extra, self.transforms, "GradScaler(transforms=...) conflicts with watch(transforms=...)")
             _exclude_classifier(self._model, union)
             self._union_cache = (key, union)
         return self._union_cache[1]

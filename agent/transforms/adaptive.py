@@ -486,7 +486,7 @@ class ZClip(Transform):
         return {**{k.lstrip("_"): getattr(self, k).detach().clone() for k in self._STATE}, "config": self.config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_config(state)
+        self.check_config(state.get("config"))
         new = {k: torch.as_tensor(state[k.lstrip("_")]).detach().clone() for k in self._STATE}
         if new["_buffer"].numel() != max(self.warmup_steps, 1):
             raise ValueError(f"state has a warm-up buffer of {new['_buffer'].numel()}, this ZClip has {self.warmup_steps}")
@@ -681,7 +681,7 @@ class AutoClip(Transform):
                 "len": self._len.detach().clone(), "config": self.config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_config(state)
+        self.check_config(state.get("config"))
         hist = torch.as_tensor(state["history"]).detach().clone()
         if hist.shape[-1] != self.history or (hist.ndim == 2) != self.per_parameter:
             raise ValueError(f"state holds a history of shape {tuple(hist.shape)}, this AutoClip keeps "

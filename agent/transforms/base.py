@@ -250,10 +250,10 @@ class Transform:
     def config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.config_keys}
 
-    def check_config(self, state: dict[str, Any]) -> None:
+    def check_config(self, saved: Any) -> None:
         """Refuse a state saved by a transform configured differently (its running statistics
-        mean something else); states saved before configs were recorded are accepted."""
-        saved = state.get("config")
+        mean something else): ``saved`` maps setting names to the saved values; settings it
+        lacks (a state saved before they were recorded) are accepted."""
         if not isinstance(saved, dict):
             return
         diff = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}

@@ -229,6 +229,7 @@ class AutoscaledNorm(Transform):
 
     name: ClassVar[str] = "autoscaled_norm"
     slot: ClassVar[Slot] = Slot.NORMALIZE
+    config_keys: ClassVar[tuple[str, ...]] = ("alpha_mode", "clamp_max")
 
     def __init__(self, alpha_mode: str = "ratio_to_initial", clamp_max: float | None = 1.0) -> None:
         if alpha_mode not in ALPHA_MODES:
@@ -289,14 +290,12 @@ class AutoscaledNorm(Transform):
                    skipped_update=(~fin).float(), layers=_layer_mask(ctx, idx, fin))
 
     def state_dict(self) -> dict[str, Any]:
+        # the settings sit beside the state (as they always have), not under "config"
         return {"sigma_ref": self._sigma_ref.detach().clone(), "initialized": self._initialized.detach().clone(),
-                "alpha_mode": self.alpha_mode, "clamp_max": self.clamp_max}
+                **self.config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("alpha_mode", self.alpha_mode) != self.alpha_mode:
-            raise ValueError(f"state was saved with alpha_mode={state['alpha_mode']!r}, this is {self.alpha_mode!r}")
-        if state.get("clamp_max", self.clamp_max) != self.clamp_max:
-            raise ValueError(f"state was saved with clamp_max={state['clamp_max']!r}, this is {self.clamp_max!r}")
+        self.check_config(state)
         self._sigma_ref = torch.as_tensor(state["sigma_ref"]).detach().clone().to(torch.float64)
         self._initialized = torch.as_tensor(state["initialized"]).detach().clone().to(torch.bool)
 
