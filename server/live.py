@@ -117,6 +117,8 @@ def _layers_from_db(conn: Connection, steps: list[dict[str, Any]], run_id: str, 
     """Attach each step's per-layer block, read back from ``layer_stat`` (NaN: NULL + mask bit)."""
     by_key = {(st["step"], st["rank"]): st for st in steps}
     cols = ", ".join(f"s.{c}" for c in LIVE_LAYER_STATS)
+    # the nan_mask bit of each float statistic (None: an integer column)
+    bits = [1 << LAYER_FLOAT_COLUMNS.index(k) if k in LAYER_FLOAT_COLUMNS else None for k in LIVE_LAYER_STATS]
     acc: dict[tuple[int, int], dict[str, list[Any]]] = {}
     for r in conn.execute(text(
             f"SELECT s.step, s.rank, l.idx, s.nan_mask, {cols} FROM layer_stat s JOIN layer l ON l.id = s.layer_id "
@@ -125,10 +127,8 @@ def _layers_from_db(conn: Connection, steps: list[dict[str, Any]], run_id: str, 
             continue
         blk = acc.setdefault((r[0], r[1]), {"index": [], **{k: [] for k in LIVE_LAYER_STATS}})
         blk["index"].append(r[2])
-        for k, v in zip(LIVE_LAYER_STATS, r[4:]):
-            if k in LAYER_FLOAT_COLUMNS:
-                v = enc_nan(v, bool(r[3] & (1 << LAYER_FLOAT_COLUMNS.index(k))))
-            blk[k].append(v)
+        for k, bit, v in zip(LIVE_LAYER_STATS, bits, r[4:]):
+            blk[k].append(v if bit is None else enc_nan(v, bool(r[3] & bit)))
     for key, blk in acc.items():
         by_key[key]["layers"] = blk
 
