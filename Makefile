@@ -1,5 +1,7 @@
 # The two commands of the README:
-#   make run   - set up (if needed) and run the main job
+#   make run   - set up (if needed) and run the main job: `gradwatch demo`, a server and a real
+#                training run streaming into it; serves http://127.0.0.1:8000/ until Ctrl-C
+#                (DEMO_ARGS="--steps 50 --exit" ends by itself; any `gradwatch demo` flag goes there)
 #   make test  - set up (if needed) and run the whole test suite
 # Both build .venv on first use. torch 2.13.0 is installed before the project so that pip never
 # resolves a multi-GB CUDA build for the CPU-only machines this runs on.
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python examples/train_digits.py --out runs/digits.gwrec
+	$(BIN)/gradwatch demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # subcommand modules, in help order
-_COMMANDS = ("serve", "db", "upload")
+_COMMANDS = ("demo", "serve", "db", "upload")
 
 
 def build_parser() -> argparse.ArgumentParser:

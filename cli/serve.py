@@ -1,9 +1,17 @@
-"""``gradwatch serve``: migrate the database, then serve the API (and later the dashboard) with uvicorn."""
+"""``gradwatch serve``: migrate the database, then serve the API and the dashboard with uvicorn."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from gradwatch.server.settings import ServerSettings
+
+_LOCAL = ("127.0.0.1", "localhost", "::1")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -16,23 +24,59 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def configure_logging(level: str) -> None:
+    """Our log lines at ``level``; Alembic's per-migration and plugin-setup chatter only when debugging."""
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if level.lower() != "debug":
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def urls(host: str, port: int) -> tuple[str, str]:
+    """The dashboard and API-docs URLs a user opens for a server bound to ``host``."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    base = f"http://{shown}:{port}"
+    return f"{base}/", f"{base}/docs"
+
+
+def make_server(settings: ServerSettings, host: str, port: int, log_level: str) -> uvicorn.Server:
+    """The uvicorn server for ``settings`` (``gradwatch serve`` and ``gradwatch demo`` share it)."""
     import uvicorn
 
     from gradwatch.server.app import create_app
+
+    app = create_app(settings)
+    # uvicorn's own frame limit sits above ours so oversized frames get our 1009 + message.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            ws_max_size=settings.max_body_bytes + (1 << 20))
+    return uvicorn.Server(config)
+
+
+def settings_for(db: str | None) -> ServerSettings:
     from gradwatch.server.settings import ServerSettings
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(database_url=args.db) if args.db else ServerSettings()
+    return ServerSettings(database_url=db) if db else ServerSettings()  # type: ignore[call-arg]
+
+
+def describe_db(settings: Any) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.database_url).render_as_string(hide_password=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    settings = settings_for(args.db)
     log = logging.getLogger("gradwatch.serve")
-    if not settings.auth_enabled and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not settings.auth_enabled and args.host not in _LOCAL:
         log.warning("binding %s without GRADWATCH_TOKEN: anyone who can reach it can read and write", args.host)
-    app = create_app(settings)
+    server = make_server(settings, args.host, args.port, args.log_level)
+    dash, docs = urls(args.host, args.port)
+    print(f"gradwatch: dashboard {dash}  API docs {docs}  database {describe_db(settings)}", flush=True)
     _tune_gc()
-    # uvicorn's own frame limit sits above ours so oversized frames get our 1009 + message.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                ws_max_size=settings.max_body_bytes + (1 << 20))
-    return 0
+    server.run()
+    return 0 if server.started else 3  # uvicorn's own exit status for a failed startup
 
 
 def _tune_gc() -> None:

@@ -1,8 +1,10 @@
-"""Train a small CNN on scikit-learn's 8x8 digits with gradwatch attached (the job `make run` runs).
+"""Train a small CNN on scikit-learn's 8x8 digits with gradwatch attached, recording offline.
 
 Everything is local and offline: the data ships with scikit-learn, and by default the run is
 recorded to ``runs/digits.gwrec`` (one JSON line per batch), which ``gradwatch upload`` can send to
-a server later. Point ``--out`` at a server instead (``--out http://127.0.0.1:8000``) to stream live.
+a server later. The file holds this run only (an earlier recording there is replaced) unless
+``--append`` is given. Point ``--out`` at a server instead (``--out http://127.0.0.1:8000``) to
+stream live; ``gradwatch demo`` does that with a server of its own.
 
     .venv/bin/python examples/train_digits.py --out runs/digits.gwrec
 """
@@ -11,41 +13,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 from gradwatch.agent import ClipNorm, watch
-
-
-def make_model() -> nn.Module:
-    """A small CNN for 1x8x8 inputs (~10k parameters, 10 gradient tensors)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
-    )
-
-
-def load(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 1797 digits, scaled to [0, 1], split 80/20 with a fixed permutation."""
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
-    n_train = int(0.8 * len(y))
-    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    acc = (model(x).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
+from gradwatch.cli.digits import accuracy, load, make_model
 
 
 def target(out: str) -> str:
@@ -66,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--project", default="examples")
     ap.add_argument("--run", default="digits-cnn")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run to an existing recording file instead of replacing it")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -73,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     server = target(args.out)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "project", "run")}
+    if server.startswith("file:") and not args.append:
+        old = Path(server[len("file:"):])
+        if old.is_file():
+            old.unlink()
+            print(f"replacing the earlier recording {old} (--append keeps it)")
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "project", "run", "append")}
     t0 = time.perf_counter()
     print(f"digits: {len(y_tr)} train / {len(y_te)} test images, "
           f"{sum(p.numel() for p in model.parameters())} parameters; recording to {server}")

@@ -37,7 +37,7 @@ def test_train_digits_one_epoch_writes_decodable_batches(tmp_path: Path) -> None
     assert steps == list(range(len(steps))) and len(steps) == 45  # 1437 images / batch 32
     assert all(s.total_norm_post is not None and s.total_norm_post <= 1.0 + 1e-5 for b in batches for s in b.steps)
     names = {la.name for b in batches for la in b.layers}
-    assert "0.weight" in names and "8.bias" in names
+    assert "conv1.weight" in names and "fc.bias" in names
     scalars = [s for b in batches for s in b.scalars]
     assert {"loss", "accuracy", "lr"} <= set().union(*(s.values for s in scalars))
     assert any("test_accuracy" in s.values for s in scalars)
