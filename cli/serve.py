@@ -56,7 +56,7 @@ def make_server(settings: ServerSettings, host: str, port: int, log_level: str) 
 def settings_for(db: str | None) -> ServerSettings:
     from gradwatch.server.settings import ServerSettings
 
-    return ServerSettings(database_url=db) if db else ServerSettings()  # type: ignore[call-arg]
+    return ServerSettings(database_url=db) if db else ServerSettings()
 
 
 def describe_db(settings: Any) -> str:
