@@ -33,7 +33,7 @@ try:
     from lightning.pytorch import Callback
 except ModuleNotFoundError:  # the standalone package
     try:
-        from pytorch_lightning import Callback  # type: ignore[no-redef]
+        from pytorch_lightning import Callback  # type: ignore[assignment]
     except ModuleNotFoundError:
         raise ModuleNotFoundError(
             "gradwatch.agent.lightning needs PyTorch Lightning: pip install \"gradwatch[lightning]\"",
@@ -47,7 +47,7 @@ from .watcher import Watcher, watch
 __all__ = ["GradwatchCallback"]
 
 
-class GradwatchCallback(Callback):  # type: ignore[misc]
+class GradwatchCallback(Callback):
     """Attach gradwatch to the trainer's (single) optimizer when training starts.
 
     Args:
