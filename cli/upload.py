@@ -111,13 +111,17 @@ def _upload(args: argparse.Namespace, url: str, token: str | None, lines: list[A
                 time.sleep(backoff_delay(attempt, 0.5, 5.0))
         return None
 
+    from .progress import Progress
+
     t0 = time.monotonic()
+    bar = Progress(sum(len(g) for g in groups.values()), "uploading", unit="batches")
     try:
         for (run_id, source), by_seq in groups.items():
             acked = call(http.hello, run_id, source)
             for seq in sorted(by_seq):
                 ln = by_seq[seq]
                 totals["batches"] += 1
+                bar.update(totals["batches"])
                 runs[run_id]["batches"] += 1
                 runs[run_id]["steps"] += ln.steps
                 if seq <= acked:
@@ -139,6 +143,8 @@ def _upload(args: argparse.Namespace, url: str, token: str | None, lines: list[A
     except _Transient as e:
         _err(f"cannot reach the server at {url} ({e}); nothing is lost: run the same command again")
         return 1
+    finally:
+        bar.close()
 
     # complete the runs whose recording has no end-of-run record
     status_notes = []

@@ -63,6 +63,6 @@ class FileSink(BufferedSink):
             extra = f"; {lost} record(s) could not be written (writer stalled or closed too early)"
         if self._drainer.is_alive():
             extra += f"; the writer did not finish within the close timeout ({self.close_timeout:g} s)"
-        _say(f"gradwatch: run {self.run.run_id} recorded to {self.path} ({st['spooled']} records){extra}; "
+        _say(f"gradwatch: run {self.run.run_id} recorded to {self.path} ({st['spooled']} records in {st['batches']} batches){extra}; "
              f"send it with: {upload_hint(self.path)}")
         _ = time  # (kept for symmetry with the network sink's deadline handling)
