@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-
 #: bytes the SQLite write-ahead log is truncated to after a checkpoint (the autocheckpoint's 1000 pages)
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
