@@ -16,6 +16,7 @@ series of one layer and a 200-layer heatmap (median of several calls over HTTP).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -302,6 +303,63 @@ def time_get(url: str, n: int) -> tuple[float, dict]:
 
 # ------------------------------------------------------------------ main
 
+# ------------------------------------------------------------------ scale-out: 1 vs 2 server processes
+
+def scale_out(total_rows: int, repeats: int, tmp: Path, streams: int = 4) -> None:
+    """``streams`` agents' websocket streams (one run each) into one PostgreSQL, through one server
+    process or spread over two (as behind a load balancer); rows/s of the whole, and a check
+    that every row was stored exactly once."""
+    import psycopg
+    from websockets.sync.client import connect
+
+    runs = [make_batches(total_rows // streams, f"scale-{i}", seed=i) for i in range(streams)]
+    encoded = [[wire.encode_batch(b) for b in bs] for bs in runs]
+    n_rows = sum(b.row_count for bs in runs for b in bs)
+
+    def stream(base: str, frames: list[bytes], errors: list[str], window: int = 8) -> None:
+        try:
+            with connect(base.replace("http", "ws") + "/api/v1/ingest/ws", max_size=None, compression=None) as ws:
+                acked = sent = 0
+                while acked < len(frames):
+                    while sent < len(frames) and sent - acked < window:
+                        ws.send(frames[sent])
+                        sent += 1
+                    msg = json.loads(ws.recv(timeout=300))
+                    if msg.get("type") != "ack":
+                        raise RuntimeError(msg)
+                    acked = max(acked, int(msg["acked"]))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    print(f"\n## scale-out: {streams} agent streams, {n_rows:,} layer rows in all, into one PostgreSQL")
+    print(f"{'server processes':<20}{'rows/s':>14}{'stored':>14}   per repeat")
+    for n_proc in (1, 2):
+        rates: list[float] = []
+        stored = 0
+        for _ in range(repeats):
+            with database("postgresql", tmp) as url, contextlib.ExitStack() as stack:
+                bases = [stack.enter_context(server(url, tmp / f"scale-{k}.log")) for k in range(n_proc)]
+                errors: list[str] = []
+                threads = [threading.Thread(target=stream, args=(bases[i % n_proc], encoded[i], errors))
+                           for i in range(streams)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(900)
+                dt = time.perf_counter() - t0
+                if errors:
+                    raise RuntimeError(errors)
+                with psycopg.connect(_libpq(url)) as conn:
+                    stored = conn.execute("SELECT COUNT(*) FROM layer_stat").fetchone()[0]  # type: ignore[index]
+                    dup = conn.execute("SELECT COUNT(*) - COUNT(DISTINCT (layer_id, step, rank)) FROM layer_stat"
+                                       ).fetchone()[0]  # type: ignore[index]
+                assert stored == n_rows and dup == 0, (stored, n_rows, dup)
+                rates.append(n_rows / dt)
+        print(f"{n_proc:<20}{statistics.median(rates):>14,.0f}{stored:>14,}   "
+              f"{' '.join(f'{r:,.0f}' for r in rates)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ingest-rows", type=int, default=500_000, help="layer rows for the ingest comparison")
@@ -309,9 +367,16 @@ def main() -> None:
     ap.add_argument("--backends", default="sqlite,postgresql")
     ap.add_argument("--repeats", type=int, default=5, help="calls per query latency")
     ap.add_argument("--ingest-repeats", type=int, default=3, help="side-by-side ingest measurements")
+    ap.add_argument("--scale-out", action="store_true",
+                    help="only the 1-process vs 2-process ingest comparison on PostgreSQL (--ingest-rows in all)")
     args = ap.parse_args()
     kinds = args.backends.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    if args.scale_out:
+        print(f"# gradwatch bench/ingest.py --scale-out  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
+              f"cpus={os.cpu_count()}")
+        scale_out(args.ingest_rows, args.ingest_repeats, tmp)
+        return
     print(f"# gradwatch bench/ingest.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
           f"cpus={os.cpu_count()}  ingest_rows={args.ingest_rows}  rows={args.rows}")
 
