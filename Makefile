@@ -11,14 +11,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# extra pip options, e.g. PIP_FLAGS=--no-compile (the fresh-clone test: skips byte-compiling ~2 GB)
+PIP_FLAGS ?=
+PIP := $(BIN)/python -m pip install -q $(PIP_FLAGS)
 
 .PHONY: setup run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
