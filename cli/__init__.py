@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # subcommand modules, in help order
-_COMMANDS = ("demo", "serve", "db", "upload")
+_COMMANDS = ("demo", "serve", "db", "upload", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
