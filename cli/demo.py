@@ -142,6 +142,7 @@ def train(url: str, steps: int, *, inject: bool, seed: int) -> Trained:
     with watch(model, opt, server=url, project="demo", run="digits-cnn", config=config, tags=["demo"],
                transforms=[AutoscaledNorm(), ClipNorm(1.0)]) as w, \
             Progress(steps, "training", unit="steps") as bar:
+        print(f"gradwatch demo: run page {url}/runs/{w.run_id}", flush=True)
         step = 0
         while step < steps:
             perm = torch.randperm(len(y_tr), generator=g).to(device)

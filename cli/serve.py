@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -46,11 +47,22 @@ def make_server(settings: ServerSettings, host: str, port: int, log_level: str) 
 
     from gradwatch.server.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, dashboard=_dashboard())
     # uvicorn's own frame limit sits above ours so oversized frames get our 1009 + message.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             ws_max_size=settings.max_body_bytes + (1 << 20))
     return uvicorn.Server(config)
+
+
+def _dashboard() -> Callable[[Any], Any] | None:
+    """The dashboard's mount function, or None (``/`` then redirects to ``/docs``) when the
+    ``[dashboard]`` extra is not installed."""
+    try:
+        from gradwatch.dashboard.app import mount
+    except ImportError as e:
+        logging.getLogger("gradwatch.serve").warning("dashboard not available (%s): pip install 'gradwatch[dashboard]'", e)
+        return None
+    return mount
 
 
 def settings_for(db: str | None) -> ServerSettings:

@@ -57,6 +57,7 @@ def test_demo_no_serve_streams_into_a_running_server(gw: Any, tmp_path: Path) ->
                           timeout=300, env=gw.clean_env(GRADWATCH_URL=base), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"streaming into the server at {base}" in proc.stdout
+    assert f"run page {base}/runs/{run_id_of(proc.stdout)}" in proc.stdout
     assert "bfloat16 autocast" in proc.stdout and "GradScaler, AutoscaledNorm, ClipNorm" in proc.stdout
     assert f"injecting an overflow into conv2.weight at step {steps // 2}" in proc.stdout
     assert f"{steps}/{steps} steps 100%" in proc.stderr  # the progress bar (plain lines off a terminal)
