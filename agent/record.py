@@ -302,15 +302,7 @@ class Recorder:
                 ctx.set_norms(None)
         ran = bool(transforms) and not skip and len(ctx) > 0
         if transforms:
-            try:
-                apply_transforms(ctx, transforms)
-            except Exception as e:  # noqa: BLE001
-                if isinstance(e, RuntimeError) and any(getattr(t, "error_if_nonfinite", False) for t in transforms) \
-                        and "non-finite" in str(e):
-                    e._gradwatch_raise = True  # type: ignore[attr-defined]  # the user asked for this error
-                    raise
-                self._on_error("applying transforms", e)
-                ctx.set_norms(None)  # grads may be half-edited: post norms are measured afresh
+            apply_transforms(ctx, transforms)  # a TransformError propagates: the optimizer must not step
         if meas is None:
             return None
         try:

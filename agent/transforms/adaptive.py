@@ -25,7 +25,14 @@ from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
 from gradwatch.agent.stats import row_norms
-from gradwatch.agent.transforms.base import GradContext, Slot, Transform, as_param_list
+from gradwatch.agent.transforms.base import (
+    GradContext,
+    Slot,
+    Transform,
+    TransformLayoutError,
+    apply_transforms,
+    as_param_list,
+)
 
 __all__ = ["AGC", "ZClip", "AutoClip"]
 
@@ -195,9 +202,15 @@ class AGC(Transform):
         else:
             names, params = None, items
         ctx = GradContext(params, names)
-        if len(ctx):
-            self.apply_(ctx)
+        apply_transforms(ctx, [self], wrap=False)
         return ctx.reports.get(self.name, {})
+
+    def check(self, ctx: GradContext) -> None:
+        if self._patterns and len(ctx) and not any(ctx.names):
+            raise TransformLayoutError(
+                f"AGC(exclude={self._patterns!r}): name patterns need parameter names, and this call has none; "
+                "pass the tensors or modules themselves, call it with model.named_parameters(), or run it "
+                "inside watch()", transform=self.name)
 
     def _plan(self, ctx: GradContext) -> _AGCPlan:
         """The layout plan for this step's gradients (cached: the same layout recurs every step,
@@ -207,10 +220,6 @@ class AGC(Transform):
         plan = self._plans.get(key)
         if plan is not None:
             return plan
-        if self._patterns and len(ctx) and not any(ctx.names):
-            raise ValueError(f"AGC(exclude={self._patterns!r}): name patterns need parameter names, and this "
-                             "call has none; pass the tensors or modules themselves, call it with "
-                             "model.named_parameters(), or run it inside watch()")
         groups: list[_AGCGroup] = []
         seg: list[int] = []
         mask = [False] * len(ctx)
@@ -637,23 +646,30 @@ class AutoClip(Transform):
         ctx.report(self.name, norm=x.float(), threshold=thr.float(), coef=coef.float(),
                    history_len=self._len.float(), skipped_update=(~fin).float())
 
+    def check(self, ctx: GradContext) -> None:
+        """Per parameter, each history belongs to one tensor: refuse a step whose set of
+        parameters with gradients is not the one the histories were started with."""
+        if not self.per_parameter or self._hist.shape[0] == 0:
+            return
+        if self._hist.shape[0] != len(ctx):
+            raise TransformLayoutError(f"AutoClip(per_parameter=True) keeps {self._hist.shape[0]} histories, "
+                                       f"this step has {len(ctx)} gradients", transform=self.name)
+        if self._keys is not None and tuple(map(id, ctx.params)) != self._keys:
+            # same count, other tensors (a grad that was None now is not, and another is None):
+            # row i would be compared against another parameter's history
+            raise TransformLayoutError(
+                "AutoClip(per_parameter=True): the parameters with gradients changed since the histories were "
+                "started; each history belongs to one parameter, so the set must stay the same (reset() starts "
+                "over)", transform=self.name)
+
     def _apply_per_parameter(self, ctx: GradContext) -> None:
-        """Each parameter against its own history (autoclip 0.2.1's default QuantileClip)."""
+        """Each parameter against its own history (autoclip 0.2.1's default QuantileClip);
+        :meth:`check` has accepted the layout."""
         dev, L = ctx.device, len(ctx)
-        keys = tuple(map(id, ctx.params))
         if self._hist.shape[0] == 0:
             self._hist = torch.full((L, self.history), float("nan"), dtype=self._hist.dtype, device=dev)
             self._sorted = None
-        elif self._hist.shape[0] != L:
-            raise ValueError(f"AutoClip(per_parameter=True) keeps {self._hist.shape[0]} histories, "
-                             f"this step has {L} gradients")
-        elif self._keys is not None and keys != self._keys:
-            # same count, other tensors (a grad that was None now is not, and another is None):
-            # row i would be compared against another parameter's history
-            raise ValueError("AutoClip(per_parameter=True): the parameters with gradients changed since the "
-                             "histories were started; each history belongs to one parameter, so the set "
-                             "must stay the same (reset() starts over)")
-        self._keys = keys
+        self._keys = tuple(map(id, ctx.params))
         dt = self._hist.dtype
         x = ctx.norms.to(dt)
         fin = ctx.finite() & torch.isfinite(x).all()
