@@ -20,12 +20,12 @@ which the sink calls off the training thread.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._torch import Tensor, torch
+from ._warn import warn
 from .stats import HostCopy, PendingCopy, finalize, layer_moments, pack_dtype, row_stats
 from .transforms.base import GradContext, Slot, Transform, apply_transforms
 from .wire import EVENT_KINDS, Event, LayerInfo, StepRecord
@@ -451,12 +451,8 @@ def warn_once_factory(prefix: str = "gradwatch") -> tuple[Callable[[str, BaseExc
             first = kind not in seen
             seen[kind] = seen.get(kind, 0) + 1
         if first:
-            warnings.warn(
-                f"{prefix}: {kind} failed ({type(exc).__name__}: {exc}); training continues without it. "
-                "This warning is shown once per kind of failure.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warn(f"{prefix}: {kind} failed ({type(exc).__name__}: {exc}); training continues without it. "
+                 "This warning is shown once per kind of failure.")
 
     return report, seen
 

@@ -49,6 +49,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from ._torch import Tensor, torch
+from ._warn import warn
 from .transforms.base import GradContext, Transform, apply_transforms, order_transforms
 from .wire import Event
 
@@ -345,11 +346,11 @@ class GradScaler(torch.amp.GradScaler):
     def _gw_warn_scaled(self, optimizer: Any) -> None:
         if not getattr(self, "_gw_warned_scaled", False):
             self._gw_warned_scaled = True
-            warnings.warn(
+            warn(
                 f"gradwatch.GradScaler: {type(optimizer).__name__} unscales its gradients inside its fused "
                 "kernel (fp16 gradients or the grad_scaler= protocol), so the scaler's transforms are "
                 "skipped for its steps; use fp32 master parameters to get them.",
-                stacklevel=4,
+                UserWarning,
             )
 
     def _gw_watcher_for(self, optimizer: Any) -> Any:

@@ -24,10 +24,10 @@ so a following clipper does not need to re-read the gradients.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
+from gradwatch.agent._warn import warn
 from gradwatch.agent.stats import row_sums
 from gradwatch.agent.transforms.base import GradContext, Slot, Transform
 
@@ -335,8 +335,8 @@ class Centralize(_Stateless):
             if g.numel() == g.shape[0] and id(p) not in self._warned:
                 self._warned.add(id(p))
                 name = ctx.names[i] or f"a {tuple(g.shape)} parameter"
-                warnings.warn(f"Centralize: {name} has one element per output unit, so its centred gradient is "
-                              "all zeros (it will not learn); exclude it or use conv_only=True", stacklevel=4)
+                warn(f"gradwatch: Centralize: {name} has one element per output unit, so its centred gradient is "
+                     "all zeros (it will not learn); exclude it or use conv_only=True", UserWarning)
 
     def wanted_rows(self, ctx: GradContext) -> tuple[list[int], list[int]]:
         return _eligible(ctx, 4 if self.conv_only else 2), []
