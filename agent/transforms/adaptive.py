@@ -20,10 +20,12 @@ to the device once per parameter layout (the first step), never per step.
 from __future__ import annotations
 
 import fnmatch
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
+from gradwatch.agent.consts import device_tensor
 from gradwatch.agent.stats import row_norms
 from gradwatch.agent.transforms.base import (
     GradContext,
@@ -50,19 +52,9 @@ def _scale_all_(ctx: GradContext, coef: Tensor) -> None:
         ctx.set_norms(ctx._norms * coef.to(ctx._norms.dtype))
 
 
-_INDEX: dict[tuple[tuple[int, ...], str], Tensor] = {}
-
-
-def _index(idx: list[int], device: torch.device) -> Tensor:
-    """``torch.tensor(idx)`` on ``device``, built once per (indices, device): layouts recur every
-    step, so the host-to-device copy happens at the first step only."""
-    key = (tuple(idx), str(device))
-    t = _INDEX.get(key)
-    if t is None:
-        if len(_INDEX) > 256:
-            _INDEX.clear()
-        t = _INDEX[key] = torch.tensor(idx, dtype=torch.int64, device=device)
-    return t
+#: Layouts whose AGC plans are kept (least recently used dropped): a mixture of experts or
+#: alternating frozen branches revisit a few layouts, each revisit a dictionary hit.
+_PLANS = 64
 
 
 def _num(v: Any) -> float:
@@ -167,14 +159,14 @@ class AGC(Transform):
         self.eps = float(eps)
         self._patterns: list[str] = []
         self._ids: set[int] = set()
-        self._plans: dict[tuple[Any, ...], _AGCPlan] = {}
+        self._plans: OrderedDict[tuple[Any, ...], _AGCPlan] = OrderedDict()
         #: whether the caller left ``exclude`` to the default (``watch`` then adds the last Linear)
         self.default_exclude = exclude is None
         self.add_exclude(() if exclude is None else exclude)
 
     def add_exclude(self, exclude: Iterable[Any]) -> None:
         """Exclude more parameters (names/patterns, tensors or modules)."""
-        self._plans = {}
+        self._plans = OrderedDict()
         if isinstance(exclude, (str, torch.Tensor, torch.nn.Module)):
             exclude = [exclude]
         for e in exclude:
@@ -219,6 +211,7 @@ class AGC(Transform):
                tuple((g.shape, g.dtype, g.device) for g in ctx.grads))
         plan = self._plans.get(key)
         if plan is not None:
+            self._plans.move_to_end(key)
             return plan
         groups: list[_AGCGroup] = []
         seg: list[int] = []
@@ -241,11 +234,11 @@ class AGC(Transform):
                 seg.extend(grp.small)
                 for i, u in zip(grp.big, grp.big_units):
                     seg.extend([i] * u)
-        plan = _AGCPlan(groups, len(seg), torch.tensor(seg, dtype=torch.int64, device=ctx.device),
-                        torch.tensor(mask, dtype=torch.bool, device=ctx.device))
-        if len(self._plans) >= 8:
-            self._plans.clear()
+        plan = _AGCPlan(groups, len(seg), device_tensor(seg, torch.int64, ctx.device),
+                        device_tensor(mask, torch.bool, ctx.device))
         self._plans[key] = plan
+        if len(self._plans) > _PLANS:  # least recently used first: alternating layouts stay cached
+            self._plans.popitem(last=False)
         return plan
 
     def wanted_rows(self, ctx: GradContext) -> tuple[list[int], list[int]]:
@@ -681,7 +674,7 @@ class AutoClip(Transform):
         thr = torch.where(torch.isnan(thr), torch.full_like(thr, float("inf")), thr)
         coef = torch.where(fin, (thr / (x + 1e-6)).clamp_max(1.0), torch.ones_like(x))
         for dev_g, dtype, idx in ctx.groups:  # per-layer coefficients, rounded to each grad's dtype
-            c = coef.index_select(0, _index(idx, dev)).to(dev_g, dtype)
+            c = coef.index_select(0, device_tensor(idx, torch.int64, dev)).to(dev_g, dtype)
             torch._foreach_mul_([ctx.grads[i] for i in idx], list(c.unbind(0)))
         if ctx._norms is not None:
             ctx.set_norms(ctx._norms * coef.to(ctx._norms.dtype))

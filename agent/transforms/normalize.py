@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
 from gradwatch.agent._warn import warn
+from gradwatch.agent.consts import device_tensor
 from gradwatch.agent.stats import row_sums
 from gradwatch.agent.transforms.base import GradContext, Slot, Transform
 
@@ -42,19 +43,10 @@ def _state_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-_CONSTS: dict[tuple[Any, ...], Tensor] = {}
-
-
 def _const(values: tuple[Any, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small constant vector on ``device``, built once per (values, dtype, device): the same
-    layer layout recurs every step, so no host-to-device copy is issued after the first one."""
-    key = (values, dtype, str(device))
-    t = _CONSTS.get(key)
-    if t is None:
-        if len(_CONSTS) > 256:
-            _CONSTS.clear()
-        t = _CONSTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return t
+    """A small constant vector on ``device`` (indices, element counts), built without a blocking
+    copy and cached: the same layer layouts recur step after step."""
+    return device_tensor(values, dtype, device)
 
 
 def _eligible(ctx: GradContext, min_ndim: int = 2) -> list[int]:
