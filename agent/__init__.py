@@ -20,6 +20,9 @@ _EXPORTS: dict[str, str] = {
     "GradScaler": "scaler",
     "ScalerUsageError": "scaler",
     "Transform": "transforms.base",
+    "TransformError": "transforms.base",
+    "NonFiniteNormError": "transforms.base",
+    "TransformLayoutError": "transforms.base",
     "ClipNorm": "transforms.clip",
     "ClipValue": "transforms.clip",
     "AGC": "transforms.adaptive",
@@ -35,7 +38,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time names resolve lazily
     from .scaler import GradScaler, ScalerUsageError  # noqa: F401
     from .transforms.adaptive import AGC, AutoClip, ZClip  # noqa: F401
-    from .transforms.base import Transform  # noqa: F401
+    from .transforms.base import NonFiniteNormError, Transform, TransformError, TransformLayoutError  # noqa: F401
     from .transforms.clip import ClipNorm, ClipValue  # noqa: F401
     from .transforms.normalize import AutoscaledNorm, Centralize, ZScoreNorm  # noqa: F401
     from .watcher import Watcher, watch  # noqa: F401

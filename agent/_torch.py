@@ -11,8 +11,11 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
         "(e.g. `pip install torch`) or `pip install 'gradwatch[torch]'`."
     ) from e
 
+#: The oldest torch the agent supports: the one CI runs its tests on (pyproject's ``torch`` extra
+#: declares the same floor; a test keeps the three in step).
+MIN_TORCH = (2, 13)
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-if TORCH_VERSION < (2, 4):  # pragma: no cover
-    raise ImportError(f"gradwatch needs torch >= 2.4, found {torch.__version__}")
+if TORCH_VERSION < MIN_TORCH:  # pragma: no cover
+    raise ImportError(f"gradwatch needs torch >= {'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}")
 
-__all__ = ["torch", "Tensor", "TORCH_VERSION"]
+__all__ = ["torch", "Tensor", "TORCH_VERSION", "MIN_TORCH"]

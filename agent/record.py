@@ -20,12 +20,14 @@ which the sink calls off the training thread.
 from __future__ import annotations
 
 import threading
-import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._torch import Tensor, torch
+from ._warn import warn
+from .consts import device_tensor
 from .stats import HostCopy, PendingCopy, finalize, layer_moments, pack_dtype, row_stats
 from .transforms.base import GradContext, Slot, Transform, apply_transforms
 from .wire import EVENT_KINDS, Event, LayerInfo, StepRecord
@@ -33,6 +35,8 @@ from .wire import EVENT_KINDS, Event, LayerInfo, StepRecord
 __all__ = ["LayerRegistry", "Recorder", "StepPending", "clean_name"]
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+#: Layouts (sets of parameters with gradients) whose plans are kept, least recently used dropped.
+_PLANS = 64
 #: Report keys a global clipper may use for its coefficient (copied to StepRecord.clip_coef).
 _COEF_KEYS = ("clip_coef", "coef")
 
@@ -260,7 +264,7 @@ class Recorder:
     def __init__(self, registry: LayerRegistry, on_error: Callable[[str, BaseException], None]) -> None:
         self.registry = registry
         self.host = HostCopy()
-        self._plan: _Plan | None = None
+        self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()  # LRU: layouts may alternate
         self._on_error = on_error
 
     @torch.no_grad()
@@ -302,15 +306,7 @@ class Recorder:
                 ctx.set_norms(None)
         ran = bool(transforms) and not skip and len(ctx) > 0
         if transforms:
-            try:
-                apply_transforms(ctx, transforms)
-            except Exception as e:  # noqa: BLE001
-                if isinstance(e, RuntimeError) and any(getattr(t, "error_if_nonfinite", False) for t in transforms) \
-                        and "non-finite" in str(e):
-                    e._gradwatch_raise = True  # type: ignore[attr-defined]  # the user asked for this error
-                    raise
-                self._on_error("applying transforms", e)
-                ctx.set_norms(None)  # grads may be half-edited: post norms are measured afresh
+            apply_transforms(ctx, transforms)  # a TransformError propagates: the optimizer must not step
         if meas is None:
             return None
         try:
@@ -429,8 +425,9 @@ class Recorder:
 
     def _get_plan(self, ctx: GradContext) -> _Plan:
         key = tuple(id(p) for p in ctx.params) + (-1,) + tuple(id(p) for p in ctx.sparse)
-        plan = self._plan
-        if plan is not None and plan.key == key:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
             return plan
         reg = self.registry
         rows = [(reg.lookup(p), r) for r, p in enumerate(ctx.params)]
@@ -438,14 +435,16 @@ class Recorder:
         dense_rows = [r for _, r in rows]
         sel = None
         if dense_rows != list(range(len(ctx.params))):
-            sel = torch.tensor(dense_rows, dtype=torch.long, device=ctx.device)
+            sel = device_tensor(dense_rows, torch.long, ctx.device)  # no blocking host-to-device copy
         sparse = sorted((reg.lookup(p), i, p) for i, p in enumerate(ctx.sparse) if reg.lookup(p) >= 0)
         plan = _Plan(
             key=key, dense_rows=dense_rows, dense_ids=[lid for lid, _ in rows],
             dense_numels=[ctx.params[r].numel() for r in dense_rows], sel=sel,
             sparse_params=[p for _, _, p in sparse], sparse_ids=[lid for lid, _, _ in sparse],
         )
-        self._plan = plan
+        self._plans[key] = plan
+        if len(self._plans) > _PLANS:
+            self._plans.popitem(last=False)
         return plan
 
 
@@ -459,12 +458,8 @@ def warn_once_factory(prefix: str = "gradwatch") -> tuple[Callable[[str, BaseExc
             first = kind not in seen
             seen[kind] = seen.get(kind, 0) + 1
         if first:
-            warnings.warn(
-                f"{prefix}: {kind} failed ({type(exc).__name__}: {exc}); training continues without it. "
-                "This warning is shown once per kind of failure.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warn(f"{prefix}: {kind} failed ({type(exc).__name__}: {exc}); training continues without it. "
+                 "This warning is shown once per kind of failure.")
 
     return report, seen
 

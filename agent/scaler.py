@@ -4,9 +4,11 @@
 keep working and ``state_dict()`` has torch's exact format in both directions. It changes three
 things around torch's algorithm, none of which changes a number torch computes:
 
-1. ``step()`` always unscales explicitly first (ALGORITHMS.md §1, S2), also for fused
-   optimizers, so that statistics and transforms see the true gradients. The fused kernel then
-   receives ``grad_scale=None`` and torch's ``found_inf``, exactly as after a user's ``unscale_``.
+1. ``step()`` always unscales explicitly first, also for fused optimizers (any optimizer with
+   ``_step_supports_amp_scaling``), so that statistics and transforms see the true gradients.
+   Where torch would hand the kernel ``grad_scale = scale * preset`` it then hands
+   ``ones * preset`` (a tensor, as an optimizer computing ``grad / self.grad_scale`` expects) and
+   torch's ``found_inf``.
 2. Between the skip decision and ``optimizer.step()`` it hands the unscaled gradients to an
    attached watcher, or applies its own ``transforms``.
 3. ``update()`` emits ``overflow``, ``skipped``, ``scale_growth`` and ``manual_scale`` events,
@@ -23,8 +25,12 @@ attaches itself as ``optimizer._gradwatch_watcher`` (or is passed as ``watcher=`
   step. For fused optimizers torch calls ``optimizer.step()`` even on skipped steps (the kernel
   leaves the parameters alone given ``found_inf``); we keep that, so the watcher's step pre-hook
   fires on those too and must recognize a step it already handled.
-* ``watcher._on_scaler_event(kind, data)`` receives every event. Without a watcher, events are
-  appended to :attr:`GradScaler.events`, a bounded deque of :class:`~gradwatch.agent.wire.Event`.
+* ``watcher._on_scaler_event(kind, data)`` receives the events of its own optimizer
+  (``skipped``; ``overflow`` naming its layers) and those of the shared scale (``overflow``,
+  ``scale_growth``, ``manual_scale``: every watcher of the iteration gets them, since each run
+  records the scale). ``watcher=`` on the scaler takes every event instead. Events of optimizers
+  without a watcher are appended to :attr:`GradScaler.events`, a bounded deque of
+  :class:`~gradwatch.agent.wire.Event`.
 * ``watcher._param_name(param) -> str | None`` (optional) names layers in events. Otherwise a
   layer is ``"group{g}.param{j}"`` (its position in ``optimizer.param_groups``), prefixed with
   ``"opt{k}."`` for the k-th optimizer (k > 0) this scaler has stepped.
@@ -43,6 +49,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from ._torch import Tensor, torch
+from ._warn import warn
 from .transforms.base import GradContext, Transform, apply_transforms, order_transforms
 from .wire import Event
 
@@ -301,6 +308,7 @@ class GradScaler(torch.amp.GradScaler):
                 self._gw_warn_scaled(optimizer)
             return super().step(optimizer, *args, **kwargs)
         unscaled = True
+        by_user = optimizer_state["stage"] is OptState.UNSCALED  # the user called unscale_ themselves
         if optimizer_state["stage"] is OptState.READY:
             if any(p.grad is not None and p.grad.dtype == torch.float16 for g in optimizer.param_groups for p in g["params"]):
                 self._check_inf_per_device(optimizer)  # torch's path: check only, grads stay scaled
@@ -320,11 +328,14 @@ class GradScaler(torch.amp.GradScaler):
         scale = self._get_scale_async()
         assert scale is not None  # checked by _check_scale_growth_tracker above
         found_inf = cast(Tensor, sum([t.to(scale.device, non_blocking=True) for t in found_infs.values()]))
-        optimizer.grad_scale = (  # type: ignore[attr-defined]
-            getattr(optimizer, "grad_scale", None)
-            if optimizer_state["stage"] == OptState.UNSCALED
-            else scale * getattr(optimizer, "grad_scale", 1)
-        )
+        if by_user or optimizer_state["stage"] != OptState.UNSCALED:
+            optimizer.grad_scale = (  # type: ignore[attr-defined]
+                getattr(optimizer, "grad_scale", None)
+                if optimizer_state["stage"] == OptState.UNSCALED
+                else scale * getattr(optimizer, "grad_scale", 1)
+            )
+        else:  # unscaled here, where torch would hand the kernel scale * preset: ones * preset
+            optimizer.grad_scale = torch.ones_like(scale) * getattr(optimizer, "grad_scale", 1)  # type: ignore[attr-defined]
         optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         retval = optimizer.step(*args, **kwargs)
         optimizer_state["stage"] = OptState.STEPPED
@@ -335,11 +346,11 @@ class GradScaler(torch.amp.GradScaler):
     def _gw_warn_scaled(self, optimizer: Any) -> None:
         if not getattr(self, "_gw_warned_scaled", False):
             self._gw_warned_scaled = True
-            warnings.warn(
+            warn(
                 f"gradwatch.GradScaler: {type(optimizer).__name__} unscales its gradients inside its fused "
                 "kernel (fp16 gradients or the grad_scaler= protocol), so the scaler's transforms are "
                 "skipped for its steps; use fp32 master parameters to get them.",
-                stacklevel=4,
+                UserWarning,
             )
 
     def _gw_watcher_for(self, optimizer: Any) -> Any:
@@ -450,11 +461,11 @@ class GradScaler(torch.amp.GradScaler):
                 raise AttributeError(
                     f"new_scale must be a float or a 1-element tensor, got {type(new_scale).__name__}"
                 )
-            watcher = self._gw_event_watcher()
-            self._gw_emit("manual_scale", {"scale_before": before, "scale_after": float(host_scale)}, watcher)
+            for watcher in self._gw_event_watchers():
+                self._gw_emit("manual_scale", {"scale_before": before, "scale_after": float(host_scale)}, watcher)
             for rec in self._gw_iter.values():  # verdicts known on the host; found_inf is not consumed
                 if rec.get("stepped") and rec["found"]:
-                    self._gw_emit("skipped", {"optimizer": rec["index"], "layers": rec["layers"]}, watcher)
+                    self._gw_emit("skipped", {"optimizer": rec["index"], "layers": rec["layers"]}, self._gw_rec_watcher(rec))
         else:
             states = list(self._per_optimizer_states.items())
             found_infs = [
@@ -492,39 +503,46 @@ class GradScaler(torch.amp.GradScaler):
         self._gw_iter = {}
         self._gw_updates += 1
 
-    def _gw_event_watcher(self) -> Any:
-        """Where this iteration's events go: ``watcher=``, else the first stepped optimizer's."""
-        if self._gw_watcher is not None:
-            return self._gw_watcher
+    def _gw_rec_watcher(self, rec: dict[str, Any]) -> Any:
+        """Where one optimizer's events go: ``watcher=``, else that optimizer's own watcher
+        (None: :attr:`events`)."""
+        return self._gw_watcher_for(rec["opt"])
+
+    def _gw_event_watchers(self) -> list[Any]:
+        """Where the scale's own events go: every distinct destination of this iteration's
+        optimizers (each watched run records the shared scale), :attr:`events` counted once."""
+        out: list[Any] = []
         for rec in self._gw_iter.values():
-            w = getattr(rec["opt"], "_gradwatch_watcher", None)
-            if w is not None:
-                return w
-        return None
+            w = self._gw_rec_watcher(rec)
+            if all(w is not o for o in out):
+                out.append(w)
+        return out or [self._gw_watcher]
 
     def _gw_events_after_update(self, before: float, after: float, tracker: int, dirty: Sequence[int]) -> None:
-        watcher = self._gw_event_watcher()
+        watchers = self._gw_event_watchers()
         if dirty:
-            layers: list[str] = []
+            layers: dict[int, list[str]] = {id(w): [] for w in watchers}  # each run names its own layers
             for oid in dirty:
                 rec = self._gw_iter.get(oid)
                 if rec is None:
                     continue
                 if rec["layers"] is None:
                     rec["layers"] = self._gw_bad_layers(rec["opt"])
-                layers.extend(rec["layers"])
-            self._gw_emit(
-                "overflow",
-                {"scale_before": before, "scale_after": after, "growth_tracker": tracker, "layers": layers},
-                watcher,
-            )
+                layers.setdefault(id(self._gw_rec_watcher(rec)), []).extend(rec["layers"])
+            for w in watchers:
+                self._gw_emit(
+                    "overflow",
+                    {"scale_before": before, "scale_after": after, "growth_tracker": tracker, "layers": layers[id(w)]},
+                    w,
+                )
             for oid in dirty:
                 rec = self._gw_iter.get(oid)
                 if rec is None or "stepped" not in rec:
                     continue
-                self._gw_emit("skipped", {"optimizer": rec["index"], "layers": rec["layers"]}, watcher)
+                self._gw_emit("skipped", {"optimizer": rec["index"], "layers": rec["layers"]}, self._gw_rec_watcher(rec))
         elif after > before:
-            self._gw_emit("scale_growth", {"scale_before": before, "scale_after": after}, watcher)
+            for w in watchers:
+                self._gw_emit("scale_growth", {"scale_before": before, "scale_after": after}, w)
 
     def _gw_emit(self, kind: str, data: dict[str, Any], watcher: Any) -> None:
         if watcher is not None:

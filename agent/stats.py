@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._torch import Tensor, torch
+from .consts import device_tensor
 
 __all__ = [
     "MOMENT_COLUMNS",
@@ -153,7 +154,7 @@ def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = Non
         return torch.cat(results)
     out = torch.empty((len(grads), len(MOMENT_COLUMNS)), dtype=torch.float32, device=out_device)
     for idx, r in zip(groups, results):
-        out[torch.tensor(idx, device=out_device)] = r
+        out[device_tensor(idx, torch.long, out_device)] = r  # no blocking host-to-device copy
     return out
 
 
@@ -222,31 +223,46 @@ class PendingCopy:
 class HostCopy:
     """One device→host copy per recorded step, without making the training stream wait.
 
-    On CUDA the packed tensor is copied ``non_blocking`` into a pinned buffer taken from a small
-    ring, an event is recorded, and the reader synchronizes on that event later. A buffer returns
+    On an accelerator (CUDA, XPU, MPS: any device type whose ``torch.<type>`` module has an
+    ``Event``) the packed tensor is copied ``non_blocking`` into a host buffer taken from a small
+    ring (pinned where the backend has pinned memory), an event is recorded on the device's
+    current stream, and the reader synchronizes on that event later. A buffer returns
     to the ring only after it was read, so step t+1 never overwrites what the sender is still
     reading; when every ring buffer is still unread, a fresh one is allocated (the ring is
     bounded, so memory stays flat once the reader keeps up). On CPU the tensor itself is handed
-    over: it is freshly computed each step and nobody writes to it again.
+    over: it is freshly computed each step and nobody writes to it again. The one documented
+    exception: a device type without an event API gets a blocking copy (no way to know later when
+    an asynchronous one has landed).
     """
 
     def __init__(self, ring: int = 4) -> None:
         self._ring = ring
-        self._free: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+        self._free: dict[tuple[str, int, torch.dtype], list[Tensor]] = {}
         self._lock = threading.Lock()
 
     def submit(self, packed: Tensor) -> PendingCopy:
-        if packed.device.type != "cuda":
+        dev = packed.device
+        if dev.type == "cpu":
+            return PendingCopy(packed.detach(), None, None)
+        backend = getattr(torch, dev.type, None)
+        if getattr(backend, "Event", None) is None:  # no event API: the documented blocking exception
             return PendingCopy(packed.detach().to("cpu"), None, None)
-        key = (packed.numel(), packed.dtype)
+        key = (dev.type, packed.numel(), packed.dtype)
         with self._lock:
             free = self._free.setdefault(key, [])
             buf = free.pop() if free else None
         if buf is None:
-            buf = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            try:
+                buf = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            except RuntimeError:  # a backend without pinned memory
+                buf = torch.empty(packed.shape, dtype=packed.dtype)
         buf.copy_(packed, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        event = backend.Event()  # type: ignore[union-attr]
+        stream = getattr(backend, "current_stream", None)
+        if stream is not None:
+            event.record(stream(dev))  # the copy's stream, which need not be the current device's
+        else:
+            event.record()
 
         def release(buf: Tensor = buf) -> None:
             with self._lock:

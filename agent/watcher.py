@@ -6,12 +6,16 @@ use: accumulated over micro-batches, all-reduced by DDP, unscaled by the loss sc
 added to ``forward`` or ``backward``, so a ``torch.compile``-d model gets no graph break.
 
 Failure policy: arguments are validated in :func:`watch` (errors name the argument); after that,
-no monitoring failure raises into the training loop. Each kind of failure warns once
-(``RuntimeWarning``) and is counted in :meth:`Watcher.stats`; training continues (a failed
-measurement never costs the step its transforms). Two exceptions, both asked for by the caller:
-:meth:`Watcher.log` with a value that is not a number (a programming error, deterministic from
-the first call) raises ``TypeError`` at once, and ``ClipNorm(error_if_nonfinite=True)`` raises
-its ``RuntimeError`` exactly as ``clip_grad_norm_`` would.
+no *monitoring* failure (statistics, packing, transport) raises into the training loop. Each kind
+of failure warns once (``RuntimeWarning``) and is counted in :meth:`Watcher.stats`; training
+continues (a failed measurement never costs the step its transforms). *Transforms* are control,
+not monitoring: a transform that refuses or fails raises a
+:class:`~gradwatch.agent.TransformError` out of ``optimizer.step()`` (or ``scaler.step()``)
+before the optimizer steps, with the gradients untouched or, after an unexpected mid-edit
+failure, discarded (never half-transformed; see :func:`~gradwatch.agent.transforms.base.apply_transforms`).
+A user who asked for clipping never silently gets an unclipped step. ``ClipNorm(error_if_nonfinite=True)``'s
+error is such a ``TransformError`` (``NonFiniteNormError``, still a ``RuntimeError`` as in torch).
+:meth:`Watcher.log` with a value that is not a number (a programming error) raises ``TypeError``.
 
 Loss scaling: ``gradwatch.GradScaler`` hands the step to the watcher itself
 (:meth:`Watcher._on_scaler_step`), so skipped steps, the loss scale and overflow events are all
@@ -19,8 +23,9 @@ recorded. With torch's own ``torch.amp.GradScaler`` the pre-hook sees unscaled g
 unscales before ``step()``), but a step torch skips never calls ``step()`` and so is invisible;
 pass ``scaler=`` to record the loss scale. For fused optimizers torch does not unscale, it sets
 ``optimizer.grad_scale``/``found_inf``: statistics are divided by the scale on the device, and when
-the watcher has transforms it unscales the grads in place first (one foreach multiply) and clears
-``grad_scale`` so the fused kernel does not divide twice.
+the watcher has transforms it unscales the grads in place first (one foreach multiply) and sets
+``grad_scale`` to ones so the fused kernel does not divide twice (a tensor still, as an optimizer
+reading ``self.grad_scale`` expects under a scaler).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from ._torch import Tensor, torch
 from .config import AgentConfig, compile_filter
 from .record import LayerRegistry, Recorder, warn_once_factory
 from .transforms.adaptive import AGC
-from .transforms.base import Transform, order_transforms
+from .transforms.base import Transform, TransformError, order_transforms
 from .transport import Sink, make_sink
 from .wire import _MAX_KEY, EVENT_KINDS, Event, RunInfo, ScalarRecord
 
@@ -293,9 +298,9 @@ class Watcher:
     def _guard(self, kind: str) -> Iterator[None]:
         try:
             yield
+        except TransformError:
+            raise  # control, not monitoring: the optimizer must not step
         except Exception as e:  # noqa: BLE001 - monitoring never raises into training
-            if getattr(e, "_gradwatch_raise", False):  # an error the user opted into (error_if_nonfinite)
-                raise
             self._report(kind, e)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -304,8 +309,13 @@ class Watcher:
         if self._scaler_pending:  # gradwatch's GradScaler already handled this step
             self._scaler_pending = False
             return
-        with self._guard("measuring the optimizer step"):
-            self._on_step(optimizer)
+        step = self._step
+        try:
+            with self._guard("measuring the optimizer step"):
+                self._on_step(optimizer)
+        except TransformError:
+            self._step = step  # the optimizer does not step: the next attempt is the same step
+            raise
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._scaler_pending = False
@@ -336,7 +346,8 @@ class Watcher:
                 transforms = []
             else:
                 self._unscale_(params, grad_scale)
-                optimizer.grad_scale = None  # type: ignore[attr-defined]  # the fused kernel must not divide again
+                # the fused kernel must not divide again, and an optimizer reading grad_scale expects a tensor
+                optimizer.grad_scale = torch.ones_like(grad_scale)  # type: ignore[attr-defined]
                 grad_scale = None
         pending = self._recorder.step(
             params, transforms=transforms, record=record, step=step, time=now, rank=self.rank,
@@ -389,25 +400,35 @@ class Watcher:
         ``optimizer.step()`` (or instead of it when ``skipped``): measures the unscaled grads,
         applies the scaler's and the watcher's transforms (unless skipped), and records the loss
         scale and the skip. The pre-hook of the following ``optimizer.step()`` is then a no-op.
-        Never raises. No host sync."""
+        No host sync.
+
+        Raises:
+            TransformError: a transform refused or failed (the scaler does not step then).
+            ValueError: the scaler's and the watcher's transforms contradict each other.
+        """
         if not self.enabled or self._closed:
             return
         # The next optimizer.step() belongs to this step (fused optimizers are stepped even when
         # skipped; the kernel leaves the parameters alone): its pre-hook must not record again.
         self._scaler_pending = True
-        union = self._union(list(transforms))  # a contradictory configuration raises, once, here
-        with self._guard("measuring the scaled optimizer step"):
-            step = self._step
-            self._step += 1
-            record = self.recording and step % self.config.every == 0
-            if not record and (not union or skipped):
-                return
-            pending = self._recorder.step(
-                self._params(), transforms=union, record=record, step=step, time=_time.time(), rank=self.rank,
-                skip=bool(skipped), loss_scale=getattr(scaler, "_scale", None), has_scaler=True,
-            )
-            if pending is not None and self.sink is not None:
-                self.sink.put(pending)
+        step = self._step
+        try:
+            union = self._union(list(transforms))  # a contradictory configuration raises, once, here
+            with self._guard("measuring the scaled optimizer step"):
+                self._step += 1
+                record = self.recording and step % self.config.every == 0
+                if not record and (not union or skipped):
+                    return
+                pending = self._recorder.step(
+                    self._params(), transforms=union, record=record, step=step, time=_time.time(), rank=self.rank,
+                    skip=bool(skipped), loss_scale=getattr(scaler, "_scale", None), has_scaler=True,
+                )
+                if pending is not None and self.sink is not None:
+                    self.sink.put(pending)
+        except (TransformError, ValueError):
+            self._scaler_pending = False  # no optimizer.step() follows
+            self._step = step
+            raise
 
     def _param_name(self, param: Tensor) -> str:
         """The layer name of ``param`` (the scaler names layers in its events with this)."""

@@ -35,6 +35,13 @@ of load from another process on this shared machine lands on a few rounds of eve
 first Centralize or AGC the row sums/norms it asked for); ``statistics pass [rows for X]`` times
 that statistics pass against the plain one. AutoClip runs with a full 10 000-norm history.
 
+Small-step table (issue 10): deep MLPs with 6 to 302 parameter tensors, one thread, interleaved
+in one run: what ``watch(every=1)`` (all statistics, file sink) adds to a step against what one
+``clip_grad_norm_(params, inf, foreach=True)`` adds on the same parameters (one foreach reduction,
+a cost a user already accepts), and the aten ops one recorded step issues on the training thread
+(``TorchDispatchMode`` around ``optimizer.step()``, minus the optimizer's own ops).
+
+    .venv/bin/python bench/agent_overhead.py --small-steps-only   # the small-step table, ~3 min here
     .venv/bin/python bench/agent_overhead.py                  # everything: ~10 min of step tables + ~2 min
     .venv/bin/python bench/agent_overhead.py --skip-steps     # transform tables only, ~2 min here
     .venv/bin/python bench/agent_overhead.py --models resnet20 --rounds 3 --block 10
@@ -60,6 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from cifar_resnet import ResNetCifar  # bench/ is on sys.path when a script here runs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # ----------------------------------------------------------------------------------------------
 # models (shapes of BASELINES.md §A)
@@ -232,6 +240,100 @@ def bench_task(task: str, names: list[str], rounds: int, block: int, warmup: int
         v.close()
     bm = statistics.median(base_ms)
     return {n: (statistics.median(rs), min(rs), max(rs), syncs[n], bm) for n, rs in ratios.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# small steps: the per-tensor cost (issue 10)
+
+
+def _deep_mlp(tensors: int, width: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(max(tensors // 2, 1)):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+class _OpCount(TorchDispatchMode):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = str(func.overloadpacket.__name__)
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_ops(v: Variant) -> dict[str, int]:
+    """aten ops dispatched on this thread during one ``optimizer.step()`` of ``v``."""
+    v.opt.zero_grad(set_to_none=True)
+    v.loss_fn(v.model).backward()
+    v.after_backward()
+    with _OpCount() as c:
+        v.opt.step()
+    return c.ops
+
+
+def bench_small(sizes: list[int], width: int, batch: int, rounds: int, block: int, tmp: Path) -> list[dict[str, Any]]:
+    from gradwatch.agent import watch
+
+    out = []
+    for n in sizes:
+        torch.manual_seed(0)
+        model = _deep_mlp(n, width)
+        x, y = torch.randn(batch, width), torch.randn(batch, width)
+
+        def loss_fn(m: nn.Module, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            return F.mse_loss(m(x), y)
+
+        base, clip, watched = (Variant(k, copy.deepcopy(model), loss_fn) for k in ("base", "clip", "watch"))
+        params = list(clip.model.parameters())
+        clip.after_backward = lambda ps=params: torch.nn.utils.clip_grad_norm_(ps, float("inf"), foreach=True)
+        w = watch(watched.model, watched.opt, server=f"file:{tmp / f'small{n}.gwrec'}", project="bench", every=1)
+        variants = [base, clip, watched]
+        for v in variants:
+            for _ in range(5):
+                v.step()
+        base_ops, watch_ops = _step_ops(base), _step_ops(watched)
+        extra = {k: watch_ops.get(k, 0) - base_ops.get(k, 0) for k in watch_ops}
+        meds: dict[str, list[float]] = {v.name: [] for v in variants}
+        for r in range(rounds):
+            for v in variants[r % 3:] + variants[: r % 3]:
+                v.step()
+                ts = []
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    v.step()
+                    ts.append(time.perf_counter() - t0)
+                meds[v.name].append(statistics.median(ts))
+        w.close()
+        adds_w = [a - b for a, b in zip(meds["watch"], meds["base"])]
+        adds_c = [a - b for a, b in zip(meds["clip"], meds["base"])]
+        ratios = [a / c for a, c in zip(adds_w, adds_c) if c > 0]
+        out.append({
+            "tensors": sum(1 for _ in model.parameters()), "base_us": statistics.median(meds["base"]) * 1e6,
+            "watch_us": statistics.median(adds_w) * 1e6, "clip_us": statistics.median(adds_c) * 1e6,
+            "ratio": statistics.median(ratios) if ratios else float("nan"),
+            "ratio_lo": min(ratios, default=float("nan")), "ratio_hi": max(ratios, default=float("nan")),
+            "ops": sum(extra.values()),
+            "top": sorted(((c, k) for k, c in extra.items() if c), reverse=True)[:6],
+        })
+    return out
+
+
+def print_small(res: list[dict[str, Any]], width: int, batch: int, rounds: int) -> None:
+    print(f"\n## small steps: deep MLPs (width {width}, batch {batch}), one thread, watch(every=1) with all "
+          f"statistics to a file sink against clip_grad_norm_(params, inf, foreach=True); median of {rounds} "
+          "interleaved rounds [min-max of the per-round ratio]")
+    print("| parameter tensors | base step µs | watch adds µs | clip_grad_norm_ adds µs | watch / clip | "
+          "aten ops per recorded step | ops per tensor | most frequent ops |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in res:
+        top = ", ".join(f"{k} {c}" for c, k in r["top"])
+        print(f"| {r['tensors']} | {r['base_us']:,.0f} | {r['watch_us']:,.0f} | {r['clip_us']:,.0f} | "
+              f"{r['ratio']:.1f} [{r['ratio_lo']:.1f}-{r['ratio_hi']:.1f}] | {r['ops']} | "
+              f"{r['ops'] / r['tensors']:.2f} | {top} |")
+    sys.stdout.flush()
 
 
 _READ, _RW = "read pass (_foreach_norm)", "read-write pass (_foreach_mul_)"
@@ -433,6 +535,13 @@ def main() -> int:
                     help="per model: the two large tensor-size multipliers (others: 1:8); the defaults "
                          "put both (~60 and ~250 MB of gradients) well past a 32 MB L3 cache")
     ap.add_argument("--marginal-reps", type=int, default=30)
+    ap.add_argument("--small-sizes", default="6,18,50,98,302", help="parameter tensors of the deep MLPs")
+    ap.add_argument("--small-width", type=int, default=256)
+    ap.add_argument("--small-batch", type=int, default=32)
+    ap.add_argument("--small-rounds", type=int, default=7)
+    ap.add_argument("--small-block", type=int, default=10)
+    ap.add_argument("--small-steps-only", action="store_true", help="only the small-step table (one thread)")
+    ap.add_argument("--skip-small", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -446,6 +555,15 @@ def main() -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if not args.skip_small:
+            torch.set_num_threads(1)
+            sizes = [int(s) for s in args.small_sizes.split(",")]
+            small = bench_small(sizes, args.small_width, args.small_batch, args.small_rounds, args.small_block, tmp)
+            print_small(small, args.small_width, args.small_batch, args.small_rounds)
+            torch.set_num_threads(args.threads)
+            if args.small_steps_only:
+                print(f"\n(bench wall time {(time.perf_counter() - t_start) / 60:.1f} min)")
+                return 0
         for task in ([] if args.skip_steps else args.models.split(",")):
             res = bench_task(task, names, args.rounds, args.block, args.warmup, tmp)
             bm = next(iter(res.values()))[4]

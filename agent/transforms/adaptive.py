@@ -20,12 +20,21 @@ to the device once per parameter layout (the first step), never per step.
 from __future__ import annotations
 
 import fnmatch
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
+from gradwatch.agent.consts import device_tensor
 from gradwatch.agent.stats import row_norms
-from gradwatch.agent.transforms.base import GradContext, Slot, Transform, as_param_list
+from gradwatch.agent.transforms.base import (
+    GradContext,
+    Slot,
+    Transform,
+    TransformLayoutError,
+    apply_transforms,
+    as_param_list,
+)
 
 __all__ = ["AGC", "ZClip", "AutoClip"]
 
@@ -43,19 +52,9 @@ def _scale_all_(ctx: GradContext, coef: Tensor) -> None:
         ctx.set_norms(ctx._norms * coef.to(ctx._norms.dtype))
 
 
-_INDEX: dict[tuple[tuple[int, ...], str], Tensor] = {}
-
-
-def _index(idx: list[int], device: torch.device) -> Tensor:
-    """``torch.tensor(idx)`` on ``device``, built once per (indices, device): layouts recur every
-    step, so the host-to-device copy happens at the first step only."""
-    key = (tuple(idx), str(device))
-    t = _INDEX.get(key)
-    if t is None:
-        if len(_INDEX) > 256:
-            _INDEX.clear()
-        t = _INDEX[key] = torch.tensor(idx, dtype=torch.int64, device=device)
-    return t
+#: Layouts whose AGC plans are kept (least recently used dropped): a mixture of experts or
+#: alternating frozen branches revisit a few layouts, each revisit a dictionary hit.
+_PLANS = 64
 
 
 def _num(v: Any) -> float:
@@ -160,14 +159,14 @@ class AGC(Transform):
         self.eps = float(eps)
         self._patterns: list[str] = []
         self._ids: set[int] = set()
-        self._plans: dict[tuple[Any, ...], _AGCPlan] = {}
+        self._plans: OrderedDict[tuple[Any, ...], _AGCPlan] = OrderedDict()
         #: whether the caller left ``exclude`` to the default (``watch`` then adds the last Linear)
         self.default_exclude = exclude is None
         self.add_exclude(() if exclude is None else exclude)
 
     def add_exclude(self, exclude: Iterable[Any]) -> None:
         """Exclude more parameters (names/patterns, tensors or modules)."""
-        self._plans = {}
+        self._plans = OrderedDict()
         if isinstance(exclude, (str, torch.Tensor, torch.nn.Module)):
             exclude = [exclude]
         for e in exclude:
@@ -195,9 +194,15 @@ class AGC(Transform):
         else:
             names, params = None, items
         ctx = GradContext(params, names)
-        if len(ctx):
-            self.apply_(ctx)
+        apply_transforms(ctx, [self], wrap=False)
         return ctx.reports.get(self.name, {})
+
+    def check(self, ctx: GradContext) -> None:
+        if self._patterns and len(ctx) and not any(ctx.names):
+            raise TransformLayoutError(
+                f"AGC(exclude={self._patterns!r}): name patterns need parameter names, and this call has none; "
+                "pass the tensors or modules themselves, call it with model.named_parameters(), or run it "
+                "inside watch()", transform=self.name)
 
     def _plan(self, ctx: GradContext) -> _AGCPlan:
         """The layout plan for this step's gradients (cached: the same layout recurs every step,
@@ -206,11 +211,8 @@ class AGC(Transform):
                tuple((g.shape, g.dtype, g.device) for g in ctx.grads))
         plan = self._plans.get(key)
         if plan is not None:
+            self._plans.move_to_end(key)
             return plan
-        if self._patterns and len(ctx) and not any(ctx.names):
-            raise ValueError(f"AGC(exclude={self._patterns!r}): name patterns need parameter names, and this "
-                             "call has none; pass the tensors or modules themselves, call it with "
-                             "model.named_parameters(), or run it inside watch()")
         groups: list[_AGCGroup] = []
         seg: list[int] = []
         mask = [False] * len(ctx)
@@ -232,11 +234,11 @@ class AGC(Transform):
                 seg.extend(grp.small)
                 for i, u in zip(grp.big, grp.big_units):
                     seg.extend([i] * u)
-        plan = _AGCPlan(groups, len(seg), torch.tensor(seg, dtype=torch.int64, device=ctx.device),
-                        torch.tensor(mask, dtype=torch.bool, device=ctx.device))
-        if len(self._plans) >= 8:
-            self._plans.clear()
+        plan = _AGCPlan(groups, len(seg), device_tensor(seg, torch.int64, ctx.device),
+                        device_tensor(mask, torch.bool, ctx.device))
         self._plans[key] = plan
+        if len(self._plans) > _PLANS:  # least recently used first: alternating layouts stay cached
+            self._plans.popitem(last=False)
         return plan
 
     def wanted_rows(self, ctx: GradContext) -> tuple[list[int], list[int]]:
@@ -637,23 +639,30 @@ class AutoClip(Transform):
         ctx.report(self.name, norm=x.float(), threshold=thr.float(), coef=coef.float(),
                    history_len=self._len.float(), skipped_update=(~fin).float())
 
+    def check(self, ctx: GradContext) -> None:
+        """Per parameter, each history belongs to one tensor: refuse a step whose set of
+        parameters with gradients is not the one the histories were started with."""
+        if not self.per_parameter or self._hist.shape[0] == 0:
+            return
+        if self._hist.shape[0] != len(ctx):
+            raise TransformLayoutError(f"AutoClip(per_parameter=True) keeps {self._hist.shape[0]} histories, "
+                                       f"this step has {len(ctx)} gradients", transform=self.name)
+        if self._keys is not None and tuple(map(id, ctx.params)) != self._keys:
+            # same count, other tensors (a grad that was None now is not, and another is None):
+            # row i would be compared against another parameter's history
+            raise TransformLayoutError(
+                "AutoClip(per_parameter=True): the parameters with gradients changed since the histories were "
+                "started; each history belongs to one parameter, so the set must stay the same (reset() starts "
+                "over)", transform=self.name)
+
     def _apply_per_parameter(self, ctx: GradContext) -> None:
-        """Each parameter against its own history (autoclip 0.2.1's default QuantileClip)."""
+        """Each parameter against its own history (autoclip 0.2.1's default QuantileClip);
+        :meth:`check` has accepted the layout."""
         dev, L = ctx.device, len(ctx)
-        keys = tuple(map(id, ctx.params))
         if self._hist.shape[0] == 0:
             self._hist = torch.full((L, self.history), float("nan"), dtype=self._hist.dtype, device=dev)
             self._sorted = None
-        elif self._hist.shape[0] != L:
-            raise ValueError(f"AutoClip(per_parameter=True) keeps {self._hist.shape[0]} histories, "
-                             f"this step has {L} gradients")
-        elif self._keys is not None and keys != self._keys:
-            # same count, other tensors (a grad that was None now is not, and another is None):
-            # row i would be compared against another parameter's history
-            raise ValueError("AutoClip(per_parameter=True): the parameters with gradients changed since the "
-                             "histories were started; each history belongs to one parameter, so the set "
-                             "must stay the same (reset() starts over)")
-        self._keys = keys
+        self._keys = tuple(map(id, ctx.params))
         dt = self._hist.dtype
         x = ctx.norms.to(dt)
         fin = ctx.finite() & torch.isfinite(x).all()
@@ -665,7 +674,7 @@ class AutoClip(Transform):
         thr = torch.where(torch.isnan(thr), torch.full_like(thr, float("inf")), thr)
         coef = torch.where(fin, (thr / (x + 1e-6)).clamp_max(1.0), torch.ones_like(x))
         for dev_g, dtype, idx in ctx.groups:  # per-layer coefficients, rounded to each grad's dtype
-            c = coef.index_select(0, _index(idx, dev)).to(dev_g, dtype)
+            c = coef.index_select(0, device_tensor(idx, torch.int64, dev)).to(dev_g, dtype)
             torch._foreach_mul_([ctx.grads[i] for i in idx], list(c.unbind(0)))
         if ctx._norms is not None:
             ctx.set_norms(ctx._norms * coef.to(ctx._norms.dtype))

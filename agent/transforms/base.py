@@ -21,7 +21,45 @@ from typing import Any, ClassVar
 from .._torch import Tensor, torch
 from ..stats import RowStats
 
-__all__ = ["Slot", "GradContext", "Transform", "order_transforms", "apply_transforms", "as_param_list"]
+__all__ = [
+    "Slot", "GradContext", "Transform", "order_transforms", "apply_transforms", "as_param_list",
+    "TransformError", "NonFiniteNormError", "TransformLayoutError",
+]
+
+
+class TransformError(RuntimeError):
+    """A gradient transform could not do what it was asked to do.
+
+    Raised into the training loop (out of ``optimizer.step()`` or ``scaler.step()``) *before*
+    the optimizer steps: a user who asked for clipping must never get an unclipped step. The
+    step's gradients are then never half-transformed; :attr:`grads` says which state they are in:
+
+    * ``"untouched"``: as they were before the first transform (nothing was edited, or the
+      pipeline restored its snapshot);
+    * ``"discarded"``: a transform failed after editing in place with no snapshot to restore
+      from (an unexpected error, e.g. out of memory); every ``p.grad`` of the step was set to
+      None, so an optimizer stepped anyway leaves the parameters alone.
+
+    Attributes:
+        transform: the failing transform's ``name`` (``""`` when unknown).
+        grads: ``"untouched"`` or ``"discarded"`` (see above).
+    """
+
+    def __init__(self, message: str, *, transform: str = "", grads: str = "untouched") -> None:
+        super().__init__(message)
+        self.transform = transform
+        self.grads = grads
+
+
+class NonFiniteNormError(TransformError):
+    """The total norm is NaN or inf and the transform was built with ``error_if_nonfinite=True``
+    (torch's ``clip_grad_norm_`` raises a ``RuntimeError`` there; this is one)."""
+
+
+class TransformLayoutError(TransformError, ValueError):
+    """The step's set of parameters with gradients does not fit the transform's running state
+    (e.g. ``AutoClip(per_parameter=True)`` keeps one history per parameter). Raised by
+    :meth:`Transform.check`, before any gradient is edited."""
 
 
 class Slot(enum.IntEnum):
@@ -223,14 +261,28 @@ class Transform:
     slot: ClassVar[Slot] = Slot.GLOBAL
 
     def apply_(self, ctx: GradContext) -> None:
-        """Edit ``ctx.grads`` in place and ``ctx.report(self.name, ...)`` what was done."""
+        """Edit ``ctx.grads`` in place and ``ctx.report(self.name, ...)`` what was done.
+
+        Any refusal that does not depend on gradient values belongs in :meth:`check`; a
+        value-dependent refusal (a :class:`TransformError`) must come before the first edit and
+        be announced by :meth:`may_refuse`."""
         raise NotImplementedError
+
+    def check(self, ctx: GradContext) -> None:
+        """Refuse (raise a :class:`TransformError`) what this transform cannot do with ``ctx``,
+        judged on the host without reading the device; called for every transform of a pipeline
+        before any of them edits a gradient."""
+
+    def may_refuse(self) -> bool:
+        """True when :meth:`apply_` may raise a :class:`TransformError` depending on gradient
+        values (``ClipNorm(error_if_nonfinite=True)``). A pipeline where such a transform runs
+        after another one snapshots the gradients first, so that it can restore them."""
+        return False
 
     @torch.no_grad()
     def __call__(self, parameters: Tensor | Iterable[Tensor]) -> dict[str, Tensor]:
         ctx = GradContext(as_param_list(parameters))
-        if len(ctx):
-            self.apply_(ctx)
+        apply_transforms(ctx, [self], wrap=False)  # torch's own errors stay torch's
         return ctx.reports.get(self.name, {})
 
     def wanted_rows(self, ctx: GradContext) -> tuple[list[int], list[int]]:
@@ -299,9 +351,60 @@ def order_transforms(transforms: Iterable[Transform]) -> list[Transform]:
 
 
 @torch.no_grad()
-def apply_transforms(ctx: GradContext, transforms: Sequence[Transform]) -> None:
-    """Run already-ordered transforms on ``ctx`` unless the step is known to be skipped."""
+def apply_transforms(ctx: GradContext, transforms: Sequence[Transform], *, wrap: bool = True) -> None:
+    """Run already-ordered transforms on ``ctx`` unless the step is known to be skipped.
+
+    All or nothing: every transform's :meth:`~Transform.check` runs before the first edit; when
+    a transform that :meth:`~Transform.may_refuse` follows another, the gradients are copied
+    first (one read and write of each, only in that configuration) and restored if it refuses.
+
+    Raises:
+        TransformError: a transform refused or failed (with ``wrap``, any other exception is
+            wrapped in one, chained as its ``__cause__``); its ``grads`` says what the gradients
+            hold now. Without ``wrap`` (a transform called on its own, like torch's utilities)
+            other exceptions propagate as they are, after the same restore-or-discard.
+    """
     if ctx.skip or not len(ctx):
         return
     for t in transforms:
-        t.apply_(ctx)
+        try:
+            t.check(ctx)
+        except TransformError as e:
+            e.transform = e.transform or t.name
+            raise
+        except Exception as e:
+            if not wrap:
+                raise
+            raise TransformError(f"{type(t).__name__} refused the step ({type(e).__name__}: {e}); the optimizer "
+                                 "did not step and the gradients are untouched", transform=t.name) from e
+    snapshot = None
+    if any(t.may_refuse() for t in transforms[1:]):
+        snapshot = [g.clone() for g in ctx.grads]
+    before = _versions(ctx.grads)
+    for t in transforms:
+        try:
+            t.apply_(ctx)
+        except Exception as e:
+            _fail(ctx, t, e, snapshot, before, wrap)
+
+
+def _fail(ctx: GradContext, t: Transform, e: Exception, snapshot: list[Tensor] | None,
+          before: tuple[int, ...] | None, wrap: bool) -> None:
+    """Leave the gradients untouched (restored) or discarded, never half-edited; raise."""
+    if snapshot is not None:
+        for g, s in zip(ctx.grads, snapshot):
+            g.copy_(s)
+        state, what = "untouched", "restored to their values before the transforms"
+    elif before is not None and _versions(ctx.grads) == before:
+        state, what = "untouched", "untouched"
+    else:
+        for p in ctx.params:
+            p.grad = None
+        state, what = "discarded", "discarded (set to None: they were partly edited)"
+    if isinstance(e, TransformError):
+        e.transform, e.grads = e.transform or t.name, state
+        raise e
+    if not wrap:
+        raise e
+    raise TransformError(f"{type(t).__name__} failed ({type(e).__name__}: {e}); the optimizer did not step and "
+                         f"the gradients are {what}", transform=t.name, grads=state) from e

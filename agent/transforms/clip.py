@@ -23,7 +23,7 @@ import math
 from typing import Any, ClassVar
 
 from .._torch import Tensor, torch
-from .base import GradContext, Slot, Transform
+from .base import GradContext, NonFiniteNormError, Slot, Transform
 
 __all__ = ["ClipNorm", "ClipValue"]
 
@@ -67,8 +67,11 @@ class ClipNorm(Transform):
         max_norm: the largest allowed total norm; ``0`` zeroes the gradients and ``inf`` never
             clips, as in torch.
         norm_type: order of the p-norm, any ``p > 0`` or ``inf``.
-        error_if_nonfinite: raise torch's ``RuntimeError`` when the total norm is NaN or inf.
-            This check reads the norm on the host: one device sync per call.
+        error_if_nonfinite: raise :class:`~gradwatch.agent.TransformError`'s subclass
+            ``NonFiniteNormError`` (a ``RuntimeError`` with torch's message) when the total norm
+            is NaN or inf, before any gradient is edited; inside ``watch`` it propagates out of
+            ``optimizer.step()`` before the optimizer steps. This check reads the norm on the
+            host: one device sync per call.
         foreach: ``None`` picks foreach kernels where supported, ``True`` forces them (raising
             on unsupported devices), ``False`` loops per tensor; as in torch.
 
@@ -129,11 +132,14 @@ class ClipNorm(Transform):
             parts.extend(n.to(ctx.device) for n in ns)
         return torch.stack(parts)
 
+    def may_refuse(self) -> bool:
+        return self.error_if_nonfinite
+
     def apply_(self, ctx: GradContext) -> None:
         norms = self._layer_norms(ctx)
         total = torch.linalg.vector_norm(norms, self.norm_type)
         if self.error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):  # host sync
-            raise RuntimeError(
+            raise NonFiniteNormError(
                 f"The total norm of order {self.norm_type} for gradients from "
                 "`parameters` is non-finite, so it cannot be clipped. To disable "
                 "this error and scale the gradients by the non-finite norm anyway, "

@@ -24,10 +24,11 @@ so a following clipper does not need to re-read the gradients.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
+from gradwatch.agent._warn import warn
+from gradwatch.agent.consts import device_tensor
 from gradwatch.agent.stats import row_sums
 from gradwatch.agent.transforms.base import GradContext, Slot, Transform
 
@@ -42,19 +43,10 @@ def _state_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-_CONSTS: dict[tuple[Any, ...], Tensor] = {}
-
-
 def _const(values: tuple[Any, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small constant vector on ``device``, built once per (values, dtype, device): the same
-    layer layout recurs every step, so no host-to-device copy is issued after the first one."""
-    key = (values, dtype, str(device))
-    t = _CONSTS.get(key)
-    if t is None:
-        if len(_CONSTS) > 256:
-            _CONSTS.clear()
-        t = _CONSTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return t
+    """A small constant vector on ``device`` (indices, element counts), built without a blocking
+    copy and cached: the same layer layouts recur step after step."""
+    return device_tensor(values, dtype, device)
 
 
 def _eligible(ctx: GradContext, min_ndim: int = 2) -> list[int]:
@@ -335,8 +327,8 @@ class Centralize(_Stateless):
             if g.numel() == g.shape[0] and id(p) not in self._warned:
                 self._warned.add(id(p))
                 name = ctx.names[i] or f"a {tuple(g.shape)} parameter"
-                warnings.warn(f"Centralize: {name} has one element per output unit, so its centred gradient is "
-                              "all zeros (it will not learn); exclude it or use conv_only=True", stacklevel=4)
+                warn(f"gradwatch: Centralize: {name} has one element per output unit, so its centred gradient is "
+                     "all zeros (it will not learn); exclude it or use conv_only=True", UserWarning)
 
     def wanted_rows(self, ctx: GradContext) -> tuple[list[int], list[int]]:
         return _eligible(ctx, 4 if self.conv_only else 2), []

@@ -28,13 +28,13 @@ import logging
 import sys
 import threading
 import time
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._warn import warn
 from ..wire import Batch, Event, LayerInfo, RunInfo, ScalarRecord, StepRecord, encode_batch
 from .base import Item, LayerTable, Sink
 from .spool import Segment, SegmentWriter
@@ -72,7 +72,7 @@ class WarnOnce:
             self._seen.add(kind)
         logger.debug(message)
         try:
-            warnings.warn(message, TransportWarning, stacklevel=2)
+            warn(message, TransportWarning)
         except Exception:  # a warnings filter set to "error" must not kill the sender thread
             logger.warning(message)
         return True
