@@ -35,6 +35,7 @@ from gradwatch.server.api.deps import (
 from gradwatch.server.errors import DomainError
 from gradwatch.server.live import message_from_batch
 from gradwatch.server.repo.ingest import Prepared, RowsOverlap, prepare_batch, read_acked, store_batch
+from gradwatch.server.schemas import RUN_ID_PATTERN
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ingest"])
@@ -171,7 +172,7 @@ async def ingest(request: Request) -> Any:
 
 
 @router.get("/ingest/ack", response_model=AckState, dependencies=[Depends(require_read)], responses=ERRORS)
-def ingest_ack(request: Request, run_id: str = Query(..., max_length=64),
+def ingest_ack(request: Request, run_id: str = Query(..., pattern=RUN_ID_PATTERN),
                source: int = Query(0, ge=0, le=1 << 20)) -> Any:
     """Highest contiguous seq stored for (run, source); 0 if nothing."""
     with state(request).db.read() as conn:
