@@ -294,3 +294,38 @@ def test_one_run_id_rule_everywhere() -> None:
         assert AgentConfig(run_id=good).run_id == good
         assert re.fullmatch(RUN_ID_PATTERN, good)
 
+
+# ------------------------------------------------------------------ 3. two servers on one SQLite file
+
+
+def test_two_servers_started_together_on_a_new_sqlite_file_then_under_load(server_factory: Any,
+                                                                           tmp_path: Path) -> None:
+    for trial in range(3):  # started together on a fresh file: both come up every time
+        db = tmp_path / f"shared-{trial}.db"
+        a, b = server_factory(), server_factory()
+        for s in (a, b):
+            s.db = db
+            s.start(wait=False)
+        a.wait_ready()
+        b.wait_ready()
+        if trial < 2:
+            a.stop()
+            b.stop()
+    runs = [new_run() for _ in range(4)]
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        sinks = [make_sink((a, b)[i % 2].url, run=r, layers=lambda: layers_of(N), spool_dir=tmp_path / f"sp{i}",
+                           flush_interval=0.02, batch_max_steps=8, close_timeout=120) for i, r in enumerate(runs)]
+        for step in range(300):
+            for s in sinks:
+                s.put(step_record(step, N))
+                s.put(scalar_record(step))
+        for s in sinks:
+            s.close()
+    assert not _transport_warnings(got)  # no 503, no refused or broken stream
+    for r in runs:
+        c = db_counts(a.db, r.run_id)
+        assert set(c["steps"]) == {(i, 0) for i in range(300)} and all(n == 1 for n in c["steps"].values())
+        assert c["stats"] == {(i, 0): N for i in range(300)} and c["status"] == "finished"
+    logs = "".join(p.read_text() for s in (a, b) for p in s.root.glob("server-*.log"))
+    assert "database is locked" not in logs and "Traceback" not in logs
