@@ -359,6 +359,7 @@ class NetworkSink(BufferedSink):
         self._index: OrderedDict[int, tuple[Segment | None, int, int, int]] = OrderedDict()
         self._mem: OrderedDict[int, bytes] = OrderedDict()
         self._mem_size = 0
+        self._sending: set[int] = set()  # seqs handed to the current connection, not yet acknowledged
         self._disk_error: str | None = None  # why the last spool write failed (None: the disk works)
         self._disk_reason = ""
         self._disk_failures = 0
@@ -559,6 +560,10 @@ class NetworkSink(BufferedSink):
         self._disk_error = f"{self._disk_reason}: {e.strerror or e}"
         self._disk_failures += 1
         self._disk_retry_at = time.monotonic() + min(10.0, 0.5 * 2.0 ** min(self._disk_failures - 1, 5))
+        with self._cv:  # the failed writer closed its segment: what is acknowledged there can go now
+            for p, seg in list(self._segs.items()):
+                if seg.closed and not self._seg_pending.get(p):
+                    self._delete(p)
         self.warn("disk", f"gradwatch: cannot write the spool {self.spool_dir} ({self._disk_error}); holding up to "
                           f"{self.memory_bytes >> 20} MB of monitoring data of run {self.run.run_id} in memory and "
                           "sending it directly while the server answers; the disk is retried. Training is not "
@@ -573,8 +578,11 @@ class NetworkSink(BufferedSink):
             self._n_unsent += n
             self._mem[seq] = raw
             self._mem_size += len(raw)
-            while self._mem_size > self.memory_bytes and len(self._mem) > 1:
-                old, _ = next(iter(self._mem.items()))
+            # the oldest held batch goes first, unless it is on the wire (its ack may still come):
+            # in flight are at most ``window`` batches, so memory stays bounded all the same
+            for old in [q for q in self._mem if q not in self._sending][:-1]:
+                if self._mem_size <= self.memory_bytes:
+                    break
                 e = self._release(old)
                 lost += e[3] if e is not None else 0
             self._cv.notify_all()
@@ -644,6 +652,7 @@ class NetworkSink(BufferedSink):
         raw = self._mem.pop(seq, None)
         if raw is not None:
             self._mem_size -= len(raw)
+        self._sending.discard(seq)
         if e[0] is None:
             return e
         p = e[0].path
@@ -843,6 +852,7 @@ class NetworkSink(BufferedSink):
                 with self._cv:
                     self._connected = False
                     self._conn = None
+                    self._sending.clear()
                     self._cv.notify_all()
             if not continue_ok:
                 # a connection that breaks at once (a server failing every batch with 5xx) must
@@ -896,6 +906,8 @@ class NetworkSink(BufferedSink):
                 with self._cv:
                     seq = self._next_seq(nxt)
                     raw = self._raw(seq) if seq is not None else None
+                    if seq is not None:
+                        self._sending.add(seq)
                 if seq is None:
                     break
                 nxt = seq + 1
