@@ -329,3 +329,35 @@ def test_two_servers_started_together_on_a_new_sqlite_file_then_under_load(serve
         assert c["stats"] == {(i, 0): N for i in range(300)} and c["status"] == "finished"
     logs = "".join(p.read_text() for s in (a, b) for p in s.root.glob("server-*.log"))
     assert "database is locked" not in logs and "Traceback" not in logs
+
+
+# ------------------------------------------------------------------ 4. idle streams
+
+
+def test_an_idle_stream_closed_by_the_server_reconnects_quietly(server_factory: Any, tmp_path: Path) -> None:
+    srv = server_factory(env={"GRADWATCH_SERVER_INGEST_IDLE_TIMEOUT": "0.5"}).start()
+    run = new_run()
+
+    def idle_closes() -> int:
+        import urllib.request
+
+        with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as r:
+            m = re.search(r'^gradwatch_ingest_errors_total\{kind="idle"\} (\d+)$', r.read().decode(), re.M)
+        return int(m.group(1)) if m else 0
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        sink = make_sink(srv.url, run=run, layers=lambda: layers_of(N), spool_dir=tmp_path / "spool",
+                         flush_interval=0.02, close_timeout=60)
+        for i in range(10):
+            sink.put(step_record(i, N))
+        assert sink.flush(60)
+        _wait(lambda: idle_closes() >= 1)  # the server closed the quiet stream
+        for i in range(10, 20):
+            sink.put(step_record(i, N))
+        assert sink.flush(60)
+        st = sink.stats()
+        sink.close()
+    assert not _transport_warnings(got)
+    assert st["sent"] == 20 and st["reconnects"] >= 1
+    assert set(db_counts(srv.db, run.run_id)["steps"]) == {(i, 0) for i in range(20)}
