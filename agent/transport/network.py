@@ -959,7 +959,7 @@ class NetworkSink(BufferedSink):
             except Exception:
                 pass
         # what the disk refused during the run goes there now if it can (else it is lost with the process)
-        if self._mem and self.writer is not None:
+        if self._mem and self.writer is not None and self._drainer_done.is_set():  # (the writer is the drainer's)
             self._spill()
         with self._cv:
             held = [self._index[q][3] for q in self._mem if q in self._index]
