@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .wire import validate_run_id
 
 __all__ = ["AgentConfig", "DEFAULT_URL", "env_flag", "compile_filter"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -83,8 +83,8 @@ class AgentConfig:
             raise ValueError(f"project: expected a non-empty string of at most 512 characters, got {self.project!r}")
         if self.run is not None and (not isinstance(self.run, str) or len(self.run) > 512):
             raise ValueError(f"run: expected a run name (string of at most 512 characters) or None, got {self.run!r}")
-        if self.run_id is not None and (not isinstance(self.run_id, str) or not _RUN_ID.match(self.run_id)):
-            raise ValueError(f"run_id: expected 1-64 characters of letters, digits, '-' or '_', got {self.run_id!r}")
+        if self.run_id is not None:
+            validate_run_id(self.run_id, "run_id")  # the wire's rule (a WireError is a ValueError)
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"every: expected a positive integer, got {self.every!r}")
         if self.ranks not in ("zero", "all"):

@@ -24,6 +24,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import sys
 from array import array
 from dataclasses import dataclass, field
@@ -442,11 +443,17 @@ _SCALAR_KEYS = frozenset({"step", "time", "rank", "values"})
 _EVENT_KEYS = frozenset({"kind", "step", "time", "rank", "data"})
 
 
+#: The one run-id rule (agent config, wire, server schemas), always applied as a full match:
+#: ``re.match`` with ``$`` would take "abc\n".
+RUN_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+_RUN_ID_RE = re.compile(RUN_ID_PATTERN)
+
+
 def validate_run_id(v: Any, where: str) -> str:
     """A run id as the server stores it (the stream's hello is checked with it too). Raises WireError."""
     s = _str(v, where, max_len=64)
     assert s is not None
-    if not s or not s.isascii() or not all(c.isalnum() or c in "-_" for c in s):  # isalnum alone takes "²", "é"
+    if _RUN_ID_RE.fullmatch(s) is None:
         raise WireError(f"{where}: must be 1-64 characters of ASCII letters, digits, '-' or '_'")
     return s
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -83,9 +84,10 @@ def database(kind: str, tmp: Path) -> Iterator[str]:
 
 
 @contextmanager
-def server(url: str, log: Path) -> Iterator[str]:
+def server(url: str, log: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+    env.update(extra_env or {})
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gradwatch.cli", "serve", "--port", str(port), "--db", url,
                                  "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -99,6 +101,7 @@ def server(url: str, log: Path) -> Iterator[str]:
                 if proc.poll() is not None:
                     raise RuntimeError(log.read_text()[-2000:]) from None
                 time.sleep(0.2)
+        server.pid = proc.pid  # type: ignore[attr-defined]  # for the memory figure
         yield base
     finally:
         proc.terminate()
@@ -360,6 +363,70 @@ def scale_out(total_rows: int, repeats: int, tmp: Path, streams: int = 4) -> Non
               f"{' '.join(f'{r:,.0f}' for r in rates)}")
 
 
+# ------------------------------------------------------------------ part 3: server memory
+
+
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak so far) of a process, in MB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def memory_figure(tmp: Path, n: int, size_mb: float, pythonpath: str | None = None) -> dict[str, float]:
+    """Server RSS while ``n`` batches of about ``size_mb`` MB each are POSTed at once (SQLite),
+    as the agent sends them (503 + Retry-After: wait and resend). Returns idle, peak and settled RSS."""
+    rows_per_batch = max(LAYERS, int(size_mb * 1e6 / 95))  # ~95 bytes of encoded JSON per layer row
+    global STEPS_PER_BATCH
+    saved, STEPS_PER_BATCH = STEPS_PER_BATCH, max(1, rows_per_batch // LAYERS)
+    try:
+        batches = make_batches(rows_per_batch * n, "mem")
+    finally:
+        STEPS_PER_BATCH = saved
+    bodies = [wire.encode_batch(b) for b in batches]
+    busy = [0]
+    env = {"PYTHONPATH": pythonpath} if pythonpath else {}
+    with database("sqlite", tmp) as url, server(url, tmp / "bench-mem.log", env) as base:
+        pid = server.pid  # type: ignore[attr-defined]
+        post(base, bodies[0])  # the run and its layers exist; the first batch is not part of the figure
+        time.sleep(1.0)
+        idle = _rss_mb(pid)
+        hwm_before = _rss_mb(pid, "VmHWM")
+
+        def send(body: bytes) -> None:
+            while True:
+                try:
+                    post(base, body)
+                    return
+                except urllib.error.HTTPError as e:
+                    if e.code != 503:
+                        raise
+                    busy[0] += 1
+                    time.sleep(float(e.headers.get("Retry-After") or 1))
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=send, args=(b,)) for b in bodies[1:]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        dt = time.perf_counter() - t0
+        peak = _rss_mb(pid, "VmHWM")
+        settled = _rss_mb(pid)
+        for _ in range(20):  # the heap is trimmed right after the burst; give it a moment
+            time.sleep(0.25)
+            settled = min(settled, _rss_mb(pid))
+    return {"batch_mb": sum(map(len, bodies[1:])) / len(bodies[1:]) / 1e6, "idle": idle,
+            "peak": max(peak, hwm_before), "after": settled, "seconds": dt, "busy_503": busy[0]}
+
+
+def post(base: str, body: bytes) -> dict:
+    req = urllib.request.Request(base + "/api/v1/ingest", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ingest-rows", type=int, default=500_000, help="layer rows for the ingest comparison")
@@ -369,7 +436,22 @@ def main() -> None:
     ap.add_argument("--ingest-repeats", type=int, default=3, help="side-by-side ingest measurements")
     ap.add_argument("--scale-out", action="store_true",
                     help="only the 1-process vs 2-process ingest comparison on PostgreSQL (--ingest-rows in all)")
+    ap.add_argument("--memory", action="store_true",
+                    help="only the memory figure: server RSS for concurrent large batches (SQLite)")
+    ap.add_argument("--memory-batches", type=int, default=6, help="batches POSTed at once for --memory")
+    ap.add_argument("--memory-mb", type=float, default=29.0, help="size of each of them, MB of JSON")
+    ap.add_argument("--server-pythonpath", default=None,
+                    help="PYTHONPATH of the server process (a checkout of another commit, to compare)")
     args = ap.parse_args()
+    if args.memory:
+        tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+        m = memory_figure(tmp, args.memory_batches + 1, args.memory_mb, args.server_pythonpath)
+        print(f"# gradwatch bench/ingest.py --memory  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
+              f"server={args.server_pythonpath or 'this checkout'}")
+        print(f"{args.memory_batches} concurrent POSTs of {m['batch_mb']:.1f} MB: RSS idle {m['idle']:.0f} MB, "
+              f"peak {m['peak']:.0f} MB, after {m['after']:.0f} MB; {m['busy_503']} answers 503 (resent after "
+              f"Retry-After); {m['seconds']:.1f} s")
+        return
     kinds = args.backends.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     if args.scale_out:

@@ -40,7 +40,7 @@ def _err(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradwatch.agent.transport.spool import ReadReport, read_batches
+    from gradwatch.agent.transport.spool import ReadReport, read_batches, read_notes
 
     url = args.server or os.environ.get("GRADWATCH_URL") or "http://127.0.0.1:8000"
     token = args.token if args.token is not None else os.environ.get("GRADWATCH_TOKEN")
@@ -50,8 +50,16 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         _err(str(e))
         return 2
+    notes = read_notes(args.path)
     for t in report.truncated:
-        print(f"note: {t}: truncated last line (the writer was killed mid-write); skipped")
+        print(f"note: {t}: truncated last line ({_truncation_cause(t, notes)}); skipped")
+    for n in notes:
+        lost = n.get("lost") or {}
+        if lost:
+            why = ", ".join(f"{c} {r}" for r, c in sorted(lost.items()))
+            print(f"note: run {n['run_id']} source {n.get('source')}: the agent lost {sum(lost.values())} records "
+                  f"it could not spool ({why}{': ' + n['disk_error'] if n.get('disk_error') else ''})")
+    args.notes = notes
     for c in report.corrupt:
         print(f"note: {c}; skipped")
     if not lines:
@@ -61,6 +69,19 @@ def run(args: argparse.Namespace) -> int:
             _err(f"no readable batches in {args.path}")
         return 1
     return _upload(args, url, token, lines, report)
+
+
+def _truncation_cause(where: str, notes: list[dict[str, Any]]) -> str:
+    """Why a spool line is cut short: the agent's own note when it left one (a failed write, with
+    its error), else the one cause that leaves no note (the process was killed mid-write)."""
+    from pathlib import Path
+
+    name = Path(where.rsplit(":", 1)[0]).name
+    for n in notes:
+        if n.get("disk_error") and name.startswith(f"{n.get('source')}-") and \
+                Path(n["path"]).parent == Path(where.rsplit(":", 1)[0]).parent:
+            return f"the agent's write failed: {n['disk_error']}"
+    return "the writer was killed mid-write"
 
 
 def _upload(args: argparse.Namespace, url: str, token: str | None, lines: list[Any], report: Any) -> int:
@@ -93,10 +114,15 @@ def _upload(args: argparse.Namespace, url: str, token: str | None, lines: list[A
         groups.setdefault((ln.run_id, ln.source), {}).setdefault(ln.seq, ln)
     runs: dict[str, dict[str, Any]] = {}
     for (run_id, _), by_seq in groups.items():
-        r = runs.setdefault(run_id, {"status": None, "batches": 0, "steps": 0})
+        r = runs.setdefault(run_id, {"status": None, "batches": 0, "steps": 0, "noted": None})
         for ln in by_seq.values():
             if ln.status:
                 r["status"] = ln.status
+    for n in getattr(args, "notes", []):
+        # the end-of-run record may have been lost with a full disk; the agent's note still says
+        # how the run ended, so a finished run is not marked crashed
+        if n["run_id"] in runs and n.get("status") in ("finished", "crashed"):
+            runs[n["run_id"]]["noted"] = n["status"]
     totals = {"batches": 0, "rows": 0, "stored_before": 0, "duplicates": 0, "rejected": 0}
     rejected_msgs: list[str] = []
 
@@ -151,14 +177,15 @@ def _upload(args: argparse.Namespace, url: str, token: str | None, lines: list[A
     for run_id, r in runs.items():
         st = r["status"]
         if st is None and args.status != "keep":
-            st = "crashed" if args.status == "auto" else args.status
+            st = (r["noted"] or "crashed") if args.status == "auto" else args.status
             req = urllib.request.Request(f"{eps['base']}/api/v1/runs/{run_id}", method="PATCH",
                                          data=json.dumps({"status": st}).encode(),
                                          headers={**headers, "Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=30) as resp:
                     resp.read()
-                status_notes.append(f"run {run_id}: no end-of-run record, marked {st}")
+                how = "as the agent's note says" if r["noted"] and args.status == "auto" else "marked"
+                status_notes.append(f"run {run_id}: no end-of-run record, {how} {st}")
             except (urllib.error.URLError, OSError) as e:
                 _err(f"could not set the status of run {run_id}: {e}")
                 return 1
@@ -184,7 +211,7 @@ def _upload(args: argparse.Namespace, url: str, token: str | None, lines: list[A
                 Path(f).unlink()
             except OSError:
                 pass
-        for f in list(p.glob("*.last")) + list(p.glob("*/*.last")):
+        for f in [*p.glob("*.last"), *p.glob("*/*.last"), *p.glob("*.note.json"), *p.glob("*/*.note.json")]:
             try:
                 f.unlink()
             except OSError:

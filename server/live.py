@@ -11,6 +11,7 @@ for that run, reads the batch's rows back from the database. Payloads stay far b
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import threading
@@ -133,8 +134,72 @@ def _layers_from_db(conn: Connection, steps: list[dict[str, Any]], run_id: str, 
         by_key[key]["layers"] = blk
 
 
+class _Steps:
+    """A set of steps kept as sorted disjoint ``[lo, hi]`` ranges (live steps arrive nearly in
+    order, so this stays a handful of ranges however long the run)."""
+
+    __slots__ = ("lo", "hi")
+
+    def __init__(self) -> None:
+        self.lo: list[int] = []
+        self.hi: list[int] = []
+
+    def add(self, x: int) -> bool:
+        """Add ``x``; False when it was already there."""
+        lo, hi = self.lo, self.hi
+        i = bisect.bisect_right(lo, x) - 1  # the last range starting at or before x
+        if i >= 0 and x <= hi[i]:
+            return False
+        if i >= 0 and hi[i] == x - 1:
+            hi[i] = x
+            if i + 1 < len(lo) and lo[i + 1] == x + 1:  # bridges two ranges
+                hi[i] = hi.pop(i + 1)
+                lo.pop(i + 1)
+        elif i + 1 < len(lo) and lo[i + 1] == x + 1:
+            lo[i + 1] = x
+        else:
+            lo.insert(i + 1, x)
+            hi.insert(i + 1, x)
+        return True
+
+
+class _Delivered:
+    """What a run's subscribers were sent, so that each step, scalar and event goes out once:
+    a batch read back from the database by its step range also holds rows of neighbouring
+    batches that share a step, and a run's batches may be stored by several processes."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, _Steps] = {}
+        self.scalars: dict[tuple[int, str], _Steps] = {}
+        self.events: set[tuple[int, int, str, float]] = set()
+
+    def new_only(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """``message`` without what was sent before (None: nothing new in a non-empty message)."""
+        if message.get("type") != "batch":
+            return message
+        steps = [st for st in message.get("steps", ())
+                 if self.steps.setdefault(st["rank"], _Steps()).add(st["step"])]
+        events = []
+        for e in message.get("events", ()):
+            key = (e["rank"], e["step"], e["kind"], e["time"])
+            if key not in self.events:
+                self.events.add(key)
+                events.append(e)
+        scalars = []
+        for sc in message.get("scalars", ()):
+            values = {k: v for k, v in sc["values"].items()
+                      if self.scalars.setdefault((sc["rank"], k), _Steps()).add(sc["step"])}
+            if values:
+                scalars.append(sc if len(values) == len(sc["values"]) else {**sc, "values": values})
+        had = message.get("steps") or message.get("events") or message.get("scalars")
+        if had and not (steps or events or scalars):
+            return None
+        return {**message, "steps": steps, "events": events, "scalars": scalars}
+
+
 class LiveHub:
-    """Subscriber queues per run, fed from any thread; the event loop is bound at app start."""
+    """Subscriber queues per run, fed from any thread; the event loop is bound at app start.
+    Messages are filtered on the loop's thread so each row reaches a subscriber once."""
 
     def __init__(self) -> None:
         self.origin = uuid.uuid4().hex
@@ -142,6 +207,7 @@ class LiveHub:
         self._layer_subs: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: _PgListener | None = None
+        self._delivered: dict[str, _Delivered] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -162,6 +228,8 @@ class LiveHub:
                 subs.discard(q)
                 if not subs:
                     d.pop(run_id, None)
+        if run_id not in self._subs:
+            self._delivered.pop(run_id, None)
 
     def has_subscribers(self, run_id: str) -> bool:
         return bool(self._subs.get(run_id))
@@ -177,6 +245,12 @@ class LiveHub:
         loop.call_soon_threadsafe(self._deliver, run_id, message)
 
     def _deliver(self, run_id: str, message: dict[str, Any]) -> None:
+        if run_id not in self._subs:
+            return
+        new = self._delivered.setdefault(run_id, _Delivered()).new_only(message)
+        if new is None:
+            return
+        message = new
         for q in list(self._subs.get(run_id, ())):
             try:
                 q.put_nowait(message)

@@ -7,8 +7,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gradwatch.agent.wire import MAX_DEPTH
+from gradwatch.agent.wire import RUN_ID_PATTERN as _RUN_ID
 
-RUN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+#: the wire's run-id rule, anchored for pydantic (whose regex engine's ``$`` is the end of the text)
+RUN_ID_PATTERN = rf"^{_RUN_ID}$"
 MAX_STEP = 2**62
 
 

@@ -33,6 +33,17 @@ class ServerSettings(BaseSettings):
     migrate_on_start: bool = True
     #: Rows per chunk when streaming exports.
     export_chunk_rows: int = Field(50_000, gt=0)
+    #: Bytes of ingest payloads being decoded and stored at once, all connections together. A
+    #: batch costs a few times its size in memory while stored, so this bounds the server's peak;
+    #: a websocket frame beyond it waits (back-pressure), a POST waits ``ingest_wait_seconds``
+    #: and then gets 503 with ``Retry-After``.
+    ingest_max_inflight_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    #: How long a POSTed batch waits for room under ``ingest_max_inflight_bytes``.
+    ingest_wait_seconds: float = Field(10.0, ge=0)
+    #: An ingest websocket that sends no frame for this long is closed (code 1001; agents reconnect).
+    ingest_idle_timeout: float = Field(600.0, gt=0)
+    #: Ingest websockets open at once per client (its bearer token, or its address without one).
+    ingest_max_connections: int = Field(64, gt=0)
 
     @field_validator("database_url")
     @classmethod

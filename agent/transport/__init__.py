@@ -17,7 +17,8 @@ __all__ = ["make_sink", "Sink", "Pending", "Item", "LayerTable"]
 _FILE_OPTIONS = frozenset({"flush_interval", "batch_max_steps", "batch_max_rows", "buffer_max", "close_timeout",
                            "send_status", "quiet"})
 _NETWORK_OPTIONS = frozenset({"token", "spool_dir", "connect_timeout", "request_timeout", "backoff_max",
-                              "backoff_base", "ws", "window", "resume", "cache_bytes", "segment_bytes"})
+                              "backoff_base", "ws", "window", "resume", "cache_bytes", "segment_bytes",
+                              "memory_bytes"})
 #: Options that only mean something for another kind of target; accepted and ignored so that
 #: ``watch(server=..., token=...)`` works unchanged whatever the target.
 _IGNORED = _NETWORK_OPTIONS

@@ -144,7 +144,9 @@ class BufferedSink(Sink):
         self._n_dropped = 0
         self._n_records = 0  # records written to the log
         self._n_failed = 0  # items whose resolve() or encoding failed
+        self._lost: dict[str, int] = {}  # records lost after they were batched, by reason (ENOSPC, ...)
         self._seq = 0  # last seq written
+        self._items_done = 0  # items of the current _process call marked done
         self._done_cv = threading.Condition()
         self._closing = False
         self._closed = False
@@ -264,8 +266,18 @@ class BufferedSink(Sink):
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"sent": 0, "spooled": self._n_records, "dropped": self._n_dropped, "rejected": 0,
-                    "pending": max(0, self._n_put - self._n_done), "failed": self._n_failed,
-                    "batches": self._seq, "acked": 0, "reconnects": 0}
+                    "lost": sum(self._lost.values()), "pending": max(0, self._n_put - self._n_done),
+                    "failed": self._n_failed, "batches": self._seq, "acked": 0, "reconnects": 0}
+
+    def lost_reasons(self) -> dict[str, int]:
+        """Records lost after they were batched, by reason (``ENOSPC``: the disk was full...)."""
+        with self._lock:
+            return dict(self._lost)
+
+    def _count_lost(self, n: int, reason: str) -> None:
+        if n:
+            with self._lock:
+                self._lost[reason] = self._lost.get(reason, 0) + n
 
     # ------------------------------------------------------------------ drainer thread
 
@@ -291,7 +303,11 @@ class BufferedSink(Sink):
                     items, self._q = self._q, deque()
                     closing = self._closing
                 if items:
-                    self._process(items)
+                    try:
+                        self._process(items)
+                    except Exception as e:  # a bug in one batch must not end monitoring for the run
+                        self.warn("drainer", f"gradwatch: the {self.kind} sink could not write a batch ({e!r}); "
+                                             "its records are skipped. Training is not affected.")
                 if self._sync_requested:
                     self._sync_requested = False
                     self._sync()
@@ -326,6 +342,14 @@ class BufferedSink(Sink):
             self.writer.sync()
 
     def _process(self, items: deque[Item]) -> None:
+        self._items_done = 0
+        try:
+            self._process_items(items)
+        finally:
+            self._mark_done(len(items) - self._items_done)  # whatever an exception left unaccounted
+
+    def _process_items(self, items: deque[Item]) -> None:
+        """Batch and write ``items`` (``_items_done`` counts those marked done)."""
         steps: list[StepRecord] = []
         scalars: list[ScalarRecord] = []
         events: list[Event] = []
@@ -355,10 +379,12 @@ class BufferedSink(Sink):
                     or len(scalars) + len(events) >= 4 * self.batch_max_steps):
                 self._write_batch(steps, scalars, events)
                 self._mark_done(taken)
+                self._items_done += taken
                 steps, scalars, events, rows, taken = [], [], [], 0, 0
         if steps or scalars or events:
             self._write_batch(steps, scalars, events)
         self._mark_done(taken)
+        self._items_done += taken
 
     def _mark_done(self, n: int) -> None:
         if n:
@@ -388,12 +414,35 @@ class BufferedSink(Sink):
             self._n_failed += 1
             self.warn("encode", f"gradwatch: could not encode a batch ({e!r}); its records are skipped.")
             return
-        seg, off, length = self.writer.append(seq, raw)
         self._seq = seq
         n = len(steps) + len(scalars) + len(events)
         with self._lock:
             self._n_records += n
+        self._append(seq, raw, n)
+
+    def _append(self, seq: int, raw: bytes, n: int) -> None:
+        """Write one encoded batch to the log. A write that fails (full disk, read-only or vanished
+        directory) loses this batch, counted under its reason; the next batch tries the disk again.
+        The network sink overrides this to hold batches in memory instead."""
+        assert self.writer is not None
+        try:
+            seg, off, length = self.writer.append(seq, raw)
+        except OSError as e:
+            with self._lock:
+                self._n_records -= n
+            self._count_lost(n, os_reason(e))
+            self.warn("disk", f"gradwatch: cannot write monitoring data of run {self.run.run_id} ({e}); "
+                              "those records are lost (counted in stats()['lost']); the next batch tries again. "
+                              "Training is not affected.")
+            return
         self._on_written(seq, seg, off, length, n, raw)
+
+
+def os_reason(e: OSError) -> str:
+    """A short name for why a write failed: the errno's symbol (``ENOSPC``) when there is one."""
+    import errno
+
+    return errno.errorcode.get(e.errno or 0, type(e).__name__)
 
 
 def _path_str(p: Path | str) -> str:

@@ -56,11 +56,15 @@ class FileSink(BufferedSink):
     def _finish(self, deadline: float, lost_in_memory: int) -> None:
         st = self.stats()
         lost = st["dropped"] + lost_in_memory
-        if self.quiet and not lost:
+        failed = self.lost_reasons()
+        if self.quiet and not lost and not failed:
             return
         extra = ""
         if lost:
             extra = f"; {lost} record(s) could not be written (writer stalled or closed too early)"
+        if failed:
+            extra += f"; {sum(failed.values())} record(s) lost to failed writes (" + \
+                ", ".join(f"{n} {r}" for r, n in sorted(failed.items())) + ")"
         if self._drainer.is_alive():
             extra += f"; the writer did not finish within the close timeout ({self.close_timeout:g} s)"
         _say(f"gradwatch: run {self.run.run_id} recorded to {self.path} ({st['spooled']} records in {st['batches']} batches){extra}; "

@@ -47,8 +47,17 @@ from typing import Any
 
 from ..wire import RunInfo
 from .base import LayerTable
-from .buffered import BufferedSink, _say, upload_hint
-from .spool import Segment, SegmentWriter, _segment_key, read_at, rejected_name, spool_files
+from .buffered import BufferedSink, _say, os_reason, upload_hint
+from .spool import (
+    Segment,
+    SegmentWriter,
+    _segment_key,
+    note_name,
+    read_at,
+    rejected_name,
+    spool_files,
+    write_note,
+)
 
 __all__ = ["NetworkSink", "backoff_delay", "endpoints", "classify_http_error"]
 
@@ -81,7 +90,13 @@ def endpoints(url: str) -> dict[str, str]:
 
 
 class _Transient(Exception):
-    """The server is away or failed; reconnect later."""
+    """The server is away (``unreachable``) or answered 5xx/429 (``failing``); reconnect later,
+    not before ``retry_after`` seconds when the server said so."""
+
+    def __init__(self, message: str, kind: str = "unreachable", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
 
 
 class _Fatal(Exception):
@@ -93,7 +108,8 @@ class _Fatal(Exception):
 
 
 class _Rejected(Exception):
-    """The server refused one batch (4xx other than auth)."""
+    """The server refused a batch or the handshake (4xx other than auth). The sink treats it as
+    fatal for the run (the data stays in the spool); ``gradwatch upload`` counts it per batch."""
 
     def __init__(self, seq: int | None, status: int, message: str) -> None:
         super().__init__(message)
@@ -101,7 +117,8 @@ class _Rejected(Exception):
         self.status = status
 
 
-def classify_http_error(status: int, message: str, seq: int | None = None) -> Exception:
+def classify_http_error(status: int, message: str, seq: int | None = None,
+                        retry_after: float | None = None) -> Exception:
     """Map a server refusal to what the sender does about it."""
     if status in (401, 403):
         return _Fatal("auth", f"HTTP {status}: {message}")
@@ -110,8 +127,17 @@ def classify_http_error(status: int, message: str, seq: int | None = None) -> Ex
     if status == 404:
         return _Fatal("endpoint", f"HTTP 404 at the ingest endpoint (is this a gradwatch server?): {message}")
     if status in (408, 425, 429) or status >= 500:
-        return _Transient(f"HTTP {status}: {message}")
+        return _Transient(f"HTTP {status}: {message}", "failing", retry_after)
     return _Rejected(seq, status, message)
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds form only), capped at a minute."""
+    try:
+        v = headers.get("Retry-After") if headers is not None else None
+        return None if v is None else min(60.0, max(0.0, float(v)))
+    except (TypeError, ValueError):
+        return None
 
 
 def _detail(body: bytes) -> str:
@@ -149,7 +175,7 @@ class _Http:
                 body = e.read()
             except Exception:
                 body = b""
-            raise classify_http_error(e.code, _detail(body), seq) from None
+            raise classify_http_error(e.code, _detail(body), seq, _retry_after(e.headers)) from None
         except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
             raise _Transient(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
 
@@ -195,7 +221,7 @@ class _Ws:
         except InvalidStatus as e:
             status = e.response.status_code
             body = getattr(e.response, "body", b"") or b""
-            err = classify_http_error(status, _detail(body))
+            err = classify_http_error(status, _detail(body), None, _retry_after(e.response.headers))
             if isinstance(err, _Rejected):
                 raise _Fatal("endpoint", f"websocket handshake refused: HTTP {status}") from None
             raise err from None
@@ -213,13 +239,14 @@ class _Ws:
             if msg.get("type") == "ack" and msg.get("seq") is None:
                 return int(msg.get("acked") or 0)
             if msg.get("type") == "error":
-                raise classify_http_error(int(msg.get("status") or 400), str(msg.get("error")))
+                raise classify_http_error(int(msg.get("status") or 400), str(msg.get("error")),
+                                          None, msg.get("retry_after"))
 
     def send(self, seq: int, raw: bytes) -> None:
         try:
             self.ws.send(raw, text=True)
         except Exception as e:
-            raise _Transient(f"websocket send failed: {type(e).__name__}: {e}") from None
+            raise _closed(e, "websocket send failed") from None
 
     def recv(self, timeout: float) -> dict[str, Any] | None:
         try:
@@ -227,12 +254,7 @@ class _Ws:
         except TimeoutError:
             return None
         except Exception as e:  # ConnectionClosed and friends
-            rcvd = getattr(e, "rcvd", None)
-            code = getattr(rcvd, "code", None)
-            if code == 1008:  # policy: the server closes an unauthorised stream this way
-                raise _Fatal("auth", f"websocket closed by the server: {getattr(rcvd, 'reason', '') or 'policy'}"
-                             ) from None
-            raise _Transient(f"websocket closed: {type(e).__name__}: {e}") from None
+            raise _closed(e, "websocket closed") from None
         try:
             d = json.loads(m)
         except ValueError:
@@ -244,6 +266,20 @@ class _Ws:
             self.ws.close()
         except Exception:
             pass
+
+
+def _closed(e: Exception, what: str) -> Exception:
+    """What a websocket closed under us means, from the server's close code."""
+    rcvd = getattr(e, "rcvd", None)
+    code = getattr(rcvd, "code", None)
+    reason = getattr(rcvd, "reason", "") or str(code)
+    if code == 1008:  # policy: the server closes an unauthorised stream this way
+        return _Fatal("auth", f"websocket closed by the server: {reason}")
+    if code == 1001:  # the server closed an idle stream (or is shutting down): just reconnect
+        return _Transient(f"websocket closed by the server: {reason}", "idle")
+    if code in (1011, 1013):  # server error / try again later (the server is busy)
+        return _Transient(f"websocket closed by the server: {reason}", "failing", 1.0 if code == 1013 else None)
+    return _Transient(f"{what}: {type(e).__name__}: {e}")
 
 
 #: websockets >= 15 wants ``legacy=True`` to return a plain long-lived connection without warning
@@ -282,6 +318,8 @@ class NetworkSink(BufferedSink):
         cache_bytes: encoded batches kept in memory for sending while connected.
         segment_bytes: size at which the spool starts a new segment file (acknowledged
             segments are deleted, so this bounds the disk a healthy stream uses).
+        memory_bytes: encoded batches held in memory while the spool cannot be written (a full
+            disk); beyond it the oldest held batch is dropped and counted as lost with the reason.
         resume: True when the run existed before this process (makes seq continuation stricter).
         **options: ``flush_interval``, ``batch_max_steps``, ``batch_max_rows``, ``buffer_max``,
             ``close_timeout``.
@@ -296,7 +334,7 @@ class NetworkSink(BufferedSink):
                  connect_timeout: float = 5.0, request_timeout: float = 30.0,
                  backoff_max: float = BACKOFF_MAX, backoff_base: float = BACKOFF_BASE, ws: bool = True,
                  window: int = 32, resume: bool | None = None, cache_bytes: int = 16 << 20,
-                 segment_bytes: int = 8 << 20, **options: Any) -> None:
+                 segment_bytes: int = 8 << 20, memory_bytes: int = 64 << 20, **options: Any) -> None:
         super().__init__(run, layers, rank=rank, **options)
         self.url = url
         self.eps = endpoints(url)
@@ -314,9 +352,18 @@ class NetworkSink(BufferedSink):
         self.resume = resume
         self.cache_bytes = int(cache_bytes)
         self.segment_bytes = int(segment_bytes)
+        self.memory_bytes = int(memory_bytes)
 
         self._cv = threading.Condition()
-        self._index: OrderedDict[int, tuple[Segment, int, int, int]] = OrderedDict()
+        # seq -> (segment, offset, length, records); segment None: held in memory (_mem), not on disk
+        self._index: OrderedDict[int, tuple[Segment | None, int, int, int]] = OrderedDict()
+        self._mem: OrderedDict[int, bytes] = OrderedDict()
+        self._mem_size = 0
+        self._sending: set[int] = set()  # seqs handed to the current connection, not yet acknowledged
+        self._disk_error: str | None = None  # why the last spool write failed (None: the disk works)
+        self._disk_reason = ""
+        self._disk_failures = 0
+        self._disk_retry_at = 0.0
         self._seg_pending: dict[Path, int] = {}
         self._segs: dict[Path, Segment] = {}
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -340,6 +387,9 @@ class NetworkSink(BufferedSink):
         self._conn: Any = None
         self._writer_ready = threading.Event()
         self._last_error = ""
+        self._last_kind = ""  # unreachable | failing: what the last failed attempt met
+        self._close_deadline = float("inf")
+        self._offline_reason = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -399,8 +449,11 @@ class NetworkSink(BufferedSink):
                 self.run.run_id, self.source)
         except _Fatal as f:
             self._go_offline(f)
+        except _Rejected as r:
+            self._go_offline(_Fatal("refused", f"HTTP {r.status}: {r}"))
         except _Transient as e:
             self._last_error = str(e)
+            self._last_kind = e.kind
         local = self._adopt_spool(remote or 0)
         if remote is None and local == 0 and self.resume:
             # A resumed run whose history we cannot see (server away, no spool here): take a
@@ -486,6 +539,88 @@ class NetworkSink(BufferedSink):
                         self._delete(p)
             self._cv.notify_all()
 
+    def _append(self, seq: int, raw: bytes, n: int) -> None:
+        """Spool one batch. When the spool cannot be written, hold it in memory (sent from there
+        while the server answers) and retry the disk with backoff; once a retry works, the held
+        batches move to disk first, oldest first."""
+        assert self.writer is not None
+        if self._disk_error is not None and (time.monotonic() < self._disk_retry_at or not self._spill()):
+            self._hold(seq, raw, n)
+            return
+        try:
+            seg, off, length = self.writer.append(seq, raw)
+        except OSError as e:
+            self._disk_failed(e)
+            self._hold(seq, raw, n)
+            return
+        self._on_written(seq, seg, off, length, n, raw)
+
+    def _disk_failed(self, e: OSError) -> None:
+        self._disk_reason = os_reason(e)
+        self._disk_error = f"{self._disk_reason}: {e.strerror or e}"
+        self._disk_failures += 1
+        self._disk_retry_at = time.monotonic() + min(10.0, 0.5 * 2.0 ** min(self._disk_failures - 1, 5))
+        with self._cv:  # the failed writer closed its segment: what is acknowledged there can go now
+            for p, seg in list(self._segs.items()):
+                if seg.closed and not self._seg_pending.get(p):
+                    self._delete(p)
+        self.warn("disk", f"gradwatch: cannot write the spool {self.spool_dir} ({self._disk_error}); holding up to "
+                          f"{self.memory_bytes >> 20} MB of monitoring data of run {self.run.run_id} in memory and "
+                          "sending it directly while the server answers; the disk is retried. Training is not "
+                          "affected.")
+
+    def _hold(self, seq: int, raw: bytes, n: int) -> None:
+        """Keep a batch the spool could not take in memory; past ``memory_bytes`` the oldest held
+        batch is dropped and counted as lost under the disk's error."""
+        lost = 0
+        with self._cv:
+            self._index[seq] = (None, 0, len(raw), n)
+            self._n_unsent += n
+            self._mem[seq] = raw
+            self._mem_size += len(raw)
+            # the oldest held batch goes first, unless it is on the wire (its ack may still come):
+            # in flight are at most ``window`` batches, so memory stays bounded all the same
+            for old in [q for q in self._mem if q not in self._sending][:-1]:
+                if self._mem_size <= self.memory_bytes:
+                    break
+                e = self._release(old)
+                lost += e[3] if e is not None else 0
+            self._cv.notify_all()
+        if lost:
+            self._count_lost(lost, self._disk_reason or "disk")
+            self.warn("lost", f"gradwatch: the spool {self.spool_dir} cannot be written ({self._disk_error}) and "
+                              f"the server does not take the data fast enough: dropping the oldest monitoring "
+                              f"records of run {self.run.run_id} beyond {self.memory_bytes >> 20} MB in memory "
+                              "(counted in stats()['lost']). Training is not affected.")
+
+    def _spill(self) -> bool:
+        """Move the batches held in memory to the spool, oldest first. False (and a later retry)
+        when the disk still fails."""
+        while True:
+            with self._cv:
+                if not self._mem:
+                    break
+                seq, raw = next(iter(self._mem.items()))
+            assert self.writer is not None
+            try:
+                seg, off, length = self.writer.append(seq, raw)
+            except OSError as e:
+                self._disk_failed(e)
+                return False
+            with self._cv:
+                self._segs.setdefault(seg.path, seg)
+                entry = self._index.get(seq)
+                if self._mem.pop(seq, None) is not None:
+                    self._mem_size -= len(raw)
+                if entry is not None and entry[0] is None:  # (else: acknowledged meanwhile; a spare line)
+                    self._index[seq] = (seg, off, length, entry[3])
+                    self._seg_pending[seg.path] = self._seg_pending.get(seg.path, 0) + 1
+        if self._disk_error is not None:
+            logger.info("gradwatch: the spool %s can be written again", self.spool_dir)
+        self._disk_error = None
+        self._disk_failures = 0
+        return True
+
     def _write_marker(self, seq: int) -> None:
         if seq <= 0:
             return
@@ -506,7 +641,7 @@ class NetworkSink(BufferedSink):
         except OSError:
             pass
 
-    def _release(self, seq: int) -> tuple[Segment, int, int, int] | None:
+    def _release(self, seq: int) -> tuple[Segment | None, int, int, int] | None:
         e = self._index.pop(seq, None)
         if e is None:
             return None
@@ -514,6 +649,12 @@ class NetworkSink(BufferedSink):
         raw = self._cache.pop(seq, None)
         if raw is not None:
             self._cache_size -= len(raw)
+        raw = self._mem.pop(seq, None)
+        if raw is not None:
+            self._mem_size -= len(raw)
+        self._sending.discard(seq)
+        if e[0] is None:
+            return e
         p = e[0].path
         left = self._seg_pending.get(p, 1) - 1
         self._seg_pending[p] = left
@@ -552,11 +693,11 @@ class NetworkSink(BufferedSink):
                               f"(HTTP {status}: {message}); it is kept in {path} and not retried.")
 
     def _raw(self, seq: int) -> bytes | None:
-        raw = self._cache.get(seq)
+        raw = self._cache.get(seq) or self._mem.get(seq)
         if raw is not None:
             return raw
         e = self._index.get(seq)
-        if e is None:
+        if e is None or e[0] is None:
             return None
         try:
             return read_at(e[0].path, e[1], e[2])
@@ -568,14 +709,17 @@ class NetworkSink(BufferedSink):
             if self._offline is not None:
                 return
             self._offline = f.kind
+            self._offline_reason = str(f)
             self._cache.clear()
             self._cache_size = 0
             self._cv.notify_all()
         what = {"auth": "rejected our credentials", "version": "does not accept this agent's wire version",
-                "endpoint": "does not offer the gradwatch ingest API"}.get(f.kind, "refused us")
+                "endpoint": "does not offer the gradwatch ingest API",
+                "refused": "refused monitoring data"}.get(f.kind, "refused us")
         hint = " (set GRADWATCH_TOKEN or watch(token=...))" if f.kind == "auth" else ""
-        self.warn(f.kind, f"gradwatch: the server at {self.url} {what}{hint}: {f}. Monitoring data of run "
-                          f"{self.run.run_id} is kept in {self.spool_dir}; send it later with: "
+        self.warn(f.kind, f"gradwatch: the server at {self.url} {what}{hint}: {f}. Nothing more is sent for run "
+                          f"{self.run.run_id}; its monitoring data is kept in {self.spool_dir}; once the cause is "
+                          f"fixed, send it with: "
                           f"{upload_hint(self.spool_dir)} --server {self.eps['base']}")
 
     # ------------------------------------------------------------------ sender thread
@@ -613,15 +757,40 @@ class NetworkSink(BufferedSink):
                 return http
             raise
 
+    def _wait_retry(self, attempt: int, retry_after: float | None = None) -> None:
+        """Wait before reconnecting: capped exponential backoff (short while closing, bounded by
+        the close deadline), never less than the server's ``Retry-After``."""
+        if self._closing_sender:
+            delay = backoff_delay(attempt, 0.1, 1.0)
+        else:
+            delay = backoff_delay(attempt, self.backoff_base, self.backoff_max)
+        if retry_after:
+            delay = max(delay, retry_after)
+        delay = min(delay, max(0.0, self._close_deadline - time.monotonic()))
+        self._kick.wait(delay)
+        self._kick.clear()
+
+    def _failed_attempt(self, e: _Transient) -> None:
+        if e.kind == "idle":  # nothing wrong: reconnect when there is something to send
+            return
+        self._last_error = str(e)
+        self._last_kind = e.kind
+        if e.kind == "failing":
+            self.warn("failing", f"gradwatch: the server at {self.url} is failing ({e}); monitoring data is "
+                                 f"spooled to {self.spool_dir} and resent with backoff. Training is not affected.")
+        else:
+            self.warn("unreachable", f"gradwatch: cannot reach the server at {self.url} ({e}); monitoring data "
+                                     f"is spooled to {self.spool_dir} and will be sent when it is back. "
+                                     "Training is not affected.")
+
     def _send_main(self) -> None:
         self._writer_ready.wait()
         attempt = 0
-        tried_at_close = False
         while True:
             with self._cv:
                 if self._abandon or self._offline is not None:
                     break
-                if self._closing_sender and self._all_done():
+                if self._closing_sender and (self._all_done() or time.monotonic() >= self._close_deadline):
                     break
             try:
                 conn = self._connect()
@@ -629,8 +798,11 @@ class NetworkSink(BufferedSink):
             except _Fatal as f:
                 self._go_offline(f)
                 break
+            except _Rejected as r:
+                self._go_offline(_Fatal("refused", f"HTTP {r.status}: {r}"))
+                break
             except _Transient as e:
-                self._last_error = str(e)
+                self._failed_attempt(e)
                 with self._cv:
                     self._connected = False
                     self._down = True
@@ -638,16 +810,7 @@ class NetworkSink(BufferedSink):
                     self._cache.clear()
                     self._cache_size = 0
                     self._cv.notify_all()
-                self.warn("unreachable", f"gradwatch: cannot reach the server at {self.url} ({e}); monitoring "
-                                         f"data is spooled to {self.spool_dir} and will be sent when it is back. "
-                                         "Training is not affected.")
-                if self._closing_sender:
-                    if tried_at_close or self._abandon:
-                        break
-                    tried_at_close = True
-                    continue
-                self._kick.wait(backoff_delay(attempt, self.backoff_base, self.backoff_max))
-                self._kick.clear()
+                self._wait_retry(attempt, e.retry_after)
                 attempt += 1
                 continue
             except Exception as e:  # pragma: no cover - defensive
@@ -655,8 +818,7 @@ class NetworkSink(BufferedSink):
                 with self._cv:
                     self._attempts += 1
                     self._cv.notify_all()
-                self._kick.wait(backoff_delay(attempt, self.backoff_base, self.backoff_max))
-                self._kick.clear()
+                self._wait_retry(attempt)
                 attempt += 1
                 continue
             with self._cv:
@@ -671,37 +833,35 @@ class NetworkSink(BufferedSink):
                 self._confirm_upto(acked)
                 self._cv.notify_all()
             connected_at = time.monotonic()
-            failed = False
+            retry_after: float | None = None
             try:
                 self._pump(conn)
+                continue_ok = True
             except _Fatal as f:
                 self._go_offline(f)
                 break
             except _Transient as e:
-                self._last_error = str(e)
-                failed = True
+                self._failed_attempt(e)
+                retry_after = e.retry_after
+                continue_ok = e.kind == "idle"  # reconnect at once, no backoff
             except Exception as e:  # pragma: no cover - defensive
                 self._last_error = repr(e)
-                failed = True
+                continue_ok = False
             finally:
                 conn.close()
                 with self._cv:
                     self._connected = False
                     self._conn = None
+                    self._sending.clear()
                     self._cv.notify_all()
-            if failed and not self._closing_sender:
+            if not continue_ok:
                 # a connection that breaks at once (a server failing every batch with 5xx) must
                 # not become a tight reconnect loop: back off unless it had lived a while
-                if time.monotonic() - connected_at < 5.0:
-                    self._kick.wait(backoff_delay(attempt, self.backoff_base, self.backoff_max))
-                    self._kick.clear()
+                if self._closing_sender or retry_after or time.monotonic() - connected_at < 5.0:
+                    self._wait_retry(attempt, retry_after)
                     attempt += 1
                 else:
                     attempt = 0
-            if self._closing_sender:
-                if tried_at_close:
-                    break
-                tried_at_close = True
 
     def _next_seq(self, nxt: int) -> int | None:
         if nxt in self._index:
@@ -728,13 +888,10 @@ class NetworkSink(BufferedSink):
             seq = msg.get("seq")
             if not isinstance(seq, int):
                 seq = inflight[0] if inflight else None
-            err = classify_http_error(int(msg.get("status") or 400), str(msg.get("error")), seq)
-            if isinstance(err, _Rejected) and err.seq is not None:
-                with self._cv:
-                    if err.seq in inflight:
-                        inflight.remove(err.seq)
-                    self._reject(err.seq, err.status, str(err))
-                return
+            err = classify_http_error(int(msg.get("status") or 400), str(msg.get("error")), seq,
+                                      msg.get("retry_after"))
+            if isinstance(err, _Rejected):
+                raise _Fatal("refused", f"HTTP {err.status}: {err}" + (f" (batch {seq})" if seq else ""))
             raise err
 
     def _pump(self, conn: Any) -> None:
@@ -749,6 +906,8 @@ class NetworkSink(BufferedSink):
                 with self._cv:
                     seq = self._next_seq(nxt)
                     raw = self._raw(seq) if seq is not None else None
+                    if seq is not None:
+                        self._sending.add(seq)
                 if seq is None:
                     break
                 nxt = seq + 1
@@ -761,9 +920,7 @@ class NetworkSink(BufferedSink):
                     try:
                         self._handle(conn.send(seq, raw), inflight)
                     except _Rejected as r:
-                        with self._cv:
-                            inflight.remove(seq)
-                            self._reject(seq, r.status, str(r))
+                        raise _Fatal("refused", f"HTTP {r.status}: {r} (batch {seq})") from None
                 else:
                     conn.send(seq, raw)
             if inflight and not conn.synchronous:
@@ -781,6 +938,7 @@ class NetworkSink(BufferedSink):
 
     def _finish(self, deadline: float, lost_in_memory: int) -> None:
         with self._cv:
+            self._close_deadline = deadline
             self._closing_sender = True
             self._cv.notify_all()
         self._kick.set()
@@ -795,37 +953,66 @@ class NetworkSink(BufferedSink):
                 conn = self._conn
             else:
                 conn = None
-            unsent_batches = len(self._index)
-            unsent = sum(e[3] for e in self._index.values())
-            rejected = self._n_rejected
         if conn is not None:
             try:
                 conn.close()
             except Exception:
                 pass
+        # what the disk refused during the run goes there now if it can (else it is lost with the process)
+        if self._mem and self.writer is not None and self._drainer_done.is_set():  # (the writer is the drainer's)
+            self._spill()
+        with self._cv:
+            held = [self._index[q][3] for q in self._mem if q in self._index]
+            unsent_batches = len(self._index) - len(held)
+            unsent = sum(e[3] for e in self._index.values()) - sum(held)
+            rejected = self._n_rejected
+        if held:
+            self._count_lost(sum(held), self._disk_reason or "disk")
+        lost = self.lost_reasons()
         dropped = self.stats()["dropped"] + lost_in_memory
-        if not unsent_batches and not rejected and not dropped:
-            self._cleanup()
-            logger.info("gradwatch: run %s: all %d records delivered to %s", self.run.run_id, self._n_sent, self.url)
-            return
-        self._write_marker(self._seq)
-        if self.writer is not None:
-            self.writer.close()
+        if not unsent_batches and not rejected:
+            self._cleanup()  # nothing left for an upload
+            if not dropped and not lost:
+                logger.info("gradwatch: run %s: all %d records delivered to %s", self.run.run_id, self._n_sent,
+                            self.url)
+                return
+        else:
+            self._write_marker(self._seq)
+            if self.writer is not None:
+                self.writer.close()
         parts = []
         if unsent_batches:
-            why = {"auth": "the server rejected our credentials", "version": "the server refused our wire version",
-                   "endpoint": "no gradwatch ingest API at that URL"}.get(self._offline or "")
-            if why is None:
-                why = ("close timeout reached" if timed_out or self._connected
-                       else f"server unreachable: {self._last_error}" if self._last_error else "server unreachable")
-            parts.append(f"{unsent} records ({unsent_batches} batches) not delivered to {self.url} ({why}); "
-                         f"kept in {self.spool_dir}; send them with: {upload_hint(self.spool_dir)}")
+            parts.append(f"{unsent} records ({unsent_batches} batches) not delivered to {self.url} "
+                         f"({self._why_undelivered(timed_out)}); kept in {self.spool_dir}; send them with: "
+                         f"{upload_hint(self.spool_dir)}")
         if rejected:
-            parts.append(f"{rejected} records rejected by the server, kept in "
+            parts.append(f"{rejected} records could not be read back from the spool, kept in "
                          f"{self.spool_dir / rejected_name(self.source)}")
+        if lost:
+            why = ", ".join(f"{n} {r}" for r, n in sorted(lost.items()))
+            err = f": {self._disk_error}" if self._disk_error else ""
+            parts.append(f"{sum(lost.values())} records lost because the spool could not be written ({why}{err})")
         if dropped:
             parts.append(f"{dropped} records dropped (buffer full or closed before written)")
-        _say(f"gradwatch: run {self.run.run_id}: " + "; ".join(parts))
+        if unsent_batches:
+            write_note(self.spool_dir, self.source, {
+                "run_id": self.run.run_id, "status": self._final_status, "sent": self._n_sent,
+                "unsent": unsent, "lost": lost, "disk_error": self._disk_error or "", "dropped": dropped})
+        _say(f"gradwatch: run {self.run.run_id}: {self._n_sent} records delivered; " + "; ".join(parts))
+
+    def _why_undelivered(self, timed_out: bool) -> str:
+        why = {"auth": "the server rejected our credentials", "version": "the server refused our wire version",
+               "endpoint": "no gradwatch ingest API at that URL",
+               "refused": f"the server refused them: {self._offline_reason}"}.get(self._offline or "")
+        if why is not None:
+            return why
+        after = f"gave up after the close timeout of {self.close_timeout:g} s"
+        if self._last_kind == "failing" and not self._connected:
+            return f"server failing: {self._last_error}; {after}"
+        if self._connected or (timed_out and not self._down):
+            return f"{after} while sending"
+        err = f": {self._last_error}" if self._last_error else ""
+        return f"server unreachable{err}; {after}"
 
     def _cleanup(self) -> None:
         """Everything was delivered: remove this source's spool files (and the directory when
@@ -835,7 +1022,7 @@ class NetworkSink(BufferedSink):
         with self._cv:
             for p in list(self._segs):
                 self._delete(p)
-        for p in [self._marker()]:
+        for p in [self._marker(), self.spool_dir / note_name(self.source)]:
             try:
                 p.unlink()
             except OSError:

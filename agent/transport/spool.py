@@ -17,6 +17,7 @@ Nothing here imports torch or any network library.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -35,6 +36,9 @@ __all__ = [
     "spool_files",
     "read_batches",
     "iter_lines",
+    "note_name",
+    "write_note",
+    "read_notes",
 ]
 
 REJECTED_PREFIX = "rejected"
@@ -185,27 +189,45 @@ class SegmentWriter:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             p = self.path
-        f = open(p, "ab")
-        # A previous writer killed mid-line leaves an unterminated line: start on a fresh one.
-        if f.tell() > 0:
-            with open(p, "rb") as r:
-                r.seek(-1, os.SEEK_END)
-                if r.read(1) != b"\n":
-                    f.write(b"\n")
+        # unbuffered: a failed write leaves nothing queued in a Python buffer that a later
+        # flush or close could half-write
+        f = open(p, "ab", buffering=0)
+        try:
+            # A previous writer killed mid-line leaves an unterminated line: start on a fresh one.
+            if f.tell() > 0:
+                with open(p, "rb") as r:
+                    r.seek(-1, os.SEEK_END)
+                    if r.read(1) != b"\n":
+                        _write_all(f, b"\n")
+        except OSError:
+            f.close()
+            raise
         self._f = f
         self.current = Segment(p, seq, seq - 1, f.tell())
         self.segments.append(self.current)
 
     def append(self, seq: int, raw: bytes) -> tuple[Segment, int, int]:
-        """Append one batch; returns (segment, offset, length) of its line."""
+        """Append one batch; returns (segment, offset, length) of its line.
+
+        Raises OSError (a full disk, a read-only or vanished directory) with nothing of the line
+        left behind where the file can be cut back; the segment is then closed and the next append
+        opens a fresh one, so one failure never wedges the writer.
+        """
         if self._f is None or (self.segmented and self.current is not None
                                and self.current.size >= self.max_segment_bytes):
             self.roll()
             self._open(seq)
         assert self.current is not None
         off = self._f.tell()
-        self._f.write(raw + b"\n")
-        self._f.flush()
+        try:
+            _write_all(self._f, raw + b"\n")
+        except OSError:
+            try:
+                os.ftruncate(self._f.fileno(), off)
+            except OSError:
+                pass
+            self.roll()
+            raise
         seg = self.current
         seg.last_seq = seq
         seg.size = off + len(raw) + 1
@@ -214,7 +236,10 @@ class SegmentWriter:
     def roll(self) -> None:
         """Close the current segment (the next append opens a new one)."""
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
             self._f = None
         if self.current is not None:
             self.current.closed = True
@@ -222,7 +247,6 @@ class SegmentWriter:
 
     def sync(self) -> None:
         if self._f is not None:
-            self._f.flush()
             try:
                 os.fsync(self._f.fileno())
             except OSError:
@@ -233,10 +257,51 @@ class SegmentWriter:
         self.roll()
 
 
+def _write_all(f: Any, data: bytes) -> None:
+    """Write ``data`` to an unbuffered file (a raw write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+
+
 def read_at(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(length)
+
+
+def note_name(source: int) -> str:
+    """The file beside a spool's segments where a closing sink leaves what it could not deliver."""
+    return f"{source}.note.json"
+
+
+def write_note(spool_dir: Path, source: int, note: dict[str, Any]) -> None:
+    """Best effort (the disk may still be full): the run's final status, what was lost and why,
+    for ``gradwatch upload`` to report instead of guessing from the files."""
+    try:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        (spool_dir / note_name(source)).write_text(json.dumps({"source": source, **note}))
+    except OSError:
+        pass
+
+
+def read_notes(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The notes in a spool directory (and its subdirectories one level deep)."""
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    out = []
+    for f in sorted([*p.glob("*.note.json"), *p.glob("*/*.note.json")]):
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and isinstance(d.get("run_id"), str):
+            out.append({**d, "path": str(f)})
+    return out
 
 
 def max_seq(path: str | os.PathLike[str], run_id: str, source: int) -> int:

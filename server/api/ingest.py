@@ -35,6 +35,7 @@ from gradwatch.server.api.deps import (
 from gradwatch.server.errors import DomainError
 from gradwatch.server.live import message_from_batch
 from gradwatch.server.repo.ingest import Prepared, RowsOverlap, prepare_batch, read_acked, store_batch
+from gradwatch.server.schemas import RUN_ID_PATTERN
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ingest"])
@@ -44,6 +45,90 @@ _PIPELINE = 4
 #: Batches of one stream written at once on PostgreSQL.
 _STORES_IN_FLIGHT = 2
 _CLOSE_CODES = {400: 1007, 422: 1007, 413: 1009, 409: 1007, 500: 1011, 503: 1011}
+
+
+class ByteBudget:
+    """Ingest bytes being decoded and stored at once (one per app, used on its event loop).
+
+    A batch costs a few times its encoded size while it is parsed, validated and stored, so
+    bounding the bytes in flight bounds the server's peak memory whatever the number of clients.
+    ``take`` waits until the bytes fit (one payload larger than the whole budget takes all of it).
+    After a burst, freed heap is handed back to the OS (glibc keeps it otherwise).
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._freed = asyncio.Event()
+        self._since_trim = 0
+
+    async def take(self, n: int, timeout: float | None = None) -> int | None:
+        """Reserve ``n`` bytes (capped at the total); the amount to release, or None on timeout."""
+        n = min(n, self.total)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while self.used and self.used + n > self.total:
+            freed = self._freed
+            left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if left is not None and left <= 0:
+                return None
+            try:
+                await asyncio.wait_for(freed.wait(), left)
+            except asyncio.TimeoutError:
+                return None
+        self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        if not n:
+            return
+        self.used -= n
+        self._since_trim += n
+        self._freed.set()  # wakes every waiter; each checks again
+        self._freed = asyncio.Event()
+        if self.used == 0 and self._since_trim >= _TRIM_AFTER:
+            self._since_trim = 0
+            asyncio.get_running_loop().run_in_executor(None, _malloc_trim)
+
+
+#: Bytes of payload released since the last trim before the heap is trimmed again.
+_TRIM_AFTER = 16 << 20
+
+
+def _malloc_trim() -> None:
+    """Return freed heap to the OS (glibc only; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class IngestLimits:
+    """The app's ingest bounds: bytes in flight and websockets per client."""
+
+    def __init__(self, settings: Any) -> None:
+        self.budget = ByteBudget(settings.ingest_max_inflight_bytes)
+        self.max_connections = settings.ingest_max_connections
+        self.connections: dict[str, int] = {}
+
+
+def limits(conn: Request | WebSocket) -> IngestLimits:
+    st = conn.app.state
+    lim = getattr(st, "gw_ingest_limits", None)
+    if lim is None:
+        lim = st.gw_ingest_limits = IngestLimits(state(conn).settings)
+    return lim
+
+
+def _client_key(conn: WebSocket) -> str:
+    """Who a connection counts against: its bearer token when it sends one, else its address."""
+    auth = conn.headers.get("authorization")
+    if auth:
+        import hashlib
+
+        return "token:" + hashlib.sha256(auth.encode()).hexdigest()[:16]
+    return "addr:" + (conn.client.host if conn.client else "?")
 
 
 class IngestFailure(Exception):
@@ -121,10 +206,16 @@ def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
             "duplicate": res.duplicate, "rows": res.rows}
 
 
-def ingest_bytes(gw: AppState, data: bytes) -> dict[str, Any]:
-    """Parse, validate and store one POSTed batch (runs in a worker thread). Raises IngestFailure."""
+def ingest_bytes(gw: AppState, data: bytes | list[bytes]) -> dict[str, Any]:
+    """Parse, validate and store one POSTed batch (runs in a worker thread). Raises IngestFailure.
+
+    ``data`` may be a one-item list that this function empties: the body's bytes are then freed
+    as soon as they are parsed instead of living on beside the decoded batch while it is stored."""
     t0 = time.perf_counter()
-    return store(gw, decode_object(gw, _parse(gw, data)), t0)
+    obj = _parse(gw, data.pop() if isinstance(data, list) else data)
+    batch = decode_object(gw, obj)
+    del obj
+    return store(gw, batch, t0)
 
 
 class IngestAck(BaseModel):
@@ -156,22 +247,45 @@ async def ingest(request: Request) -> Any:
     if declared and declared.isdigit() and int(declared) > limit:
         gw.metrics.error("too_large")
         return JSONResponse({"detail": f"batch: body of {declared} bytes exceeds the limit of {limit}"}, 413)
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            gw.metrics.error("too_large")
-            return JSONResponse({"detail": f"batch: body exceeds the limit of {limit} bytes"}, 413)
-        chunks.append(chunk)
+    budget = limits(request).budget
+    held = 0
+    if declared and declared.isdigit():  # wait for room before reading the body
+        got = await budget.take(int(declared), gw.settings.ingest_wait_seconds)
+        if got is None:
+            return _busy(gw)
+        held = got
     try:
-        return await run_in_threadpool(ingest_bytes, gw, b"".join(chunks))
-    except IngestFailure as e:
-        return JSONResponse({"detail": e.message}, e.status)
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                gw.metrics.error("too_large")
+                return JSONResponse({"detail": f"batch: body exceeds the limit of {limit} bytes"}, 413)
+            chunks.append(chunk)
+        if size > held:  # chunked, or longer than declared
+            got = await budget.take(size - held, gw.settings.ingest_wait_seconds)
+            if got is None:
+                return _busy(gw)
+            held += got
+        body = [b"".join(chunks)]
+        chunks.clear()  # one copy of the body, handed over (and dropped once parsed)
+        try:
+            return await run_in_threadpool(ingest_bytes, gw, body)
+        except IngestFailure as e:
+            return JSONResponse({"detail": e.message}, e.status)
+    finally:
+        budget.release(held)
+
+
+def _busy(gw: AppState) -> JSONResponse:
+    gw.metrics.error("busy")
+    return JSONResponse({"detail": "server busy: too many ingest bytes in flight; retry later"}, 503,
+                        headers={"Retry-After": "1"})
 
 
 @router.get("/ingest/ack", response_model=AckState, dependencies=[Depends(require_read)], responses=ERRORS)
-def ingest_ack(request: Request, run_id: str = Query(..., max_length=64),
+def ingest_ack(request: Request, run_id: str = Query(..., pattern=RUN_ID_PATTERN),
                source: int = Query(0, ge=0, le=1 << 20)) -> Any:
     """Highest contiguous seq stored for (run, source); 0 if nothing."""
     with state(request).db.read() as conn:
@@ -204,13 +318,43 @@ async def ingest_ws(ws: WebSocket) -> None:
         reason = "missing or invalid bearer token" if level == "none" else "this token grants read-only access"
         await ws.close(code=1008, reason=reason)
         return
+    lim = limits(ws)
+    key = _client_key(ws)
+    if lim.connections.get(key, 0) >= lim.max_connections:
+        gw.metrics.error("busy")
+        await ws.close(code=1013, reason=f"too many ingest connections from this client (at most "
+                                         f"{lim.max_connections}); retry later")
+        return
+    lim.connections[key] = lim.connections.get(key, 0) + 1
+    try:
+        await _stream(ws, gw, lim.budget)
+    finally:
+        lim.connections[key] -= 1
+        if not lim.connections[key]:
+            del lim.connections[key]
+
+
+_IDLE = (0.0, None, 0)
+
+
+async def _stream(ws: WebSocket, gw: AppState, budget: ByteBudget) -> None:
     limit = gw.settings.max_body_bytes
-    pending: asyncio.Queue[tuple[float, asyncio.Future[Any]] | None] = asyncio.Queue(_PIPELINE)
+    idle = gw.settings.ingest_idle_timeout
+    pending: asyncio.Queue[tuple[float, asyncio.Future[Any] | None, int] | None] = asyncio.Queue(_PIPELINE)
+    held: dict[int, int] = {}  # frame number -> bytes it holds of the budget
+    tokens = iter(range(1 << 62))
+
+    def free(tok: int) -> None:
+        budget.release(held.pop(tok, 0))
 
     async def receive() -> None:
         try:
             while True:
-                msg = await ws.receive()
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), idle)
+                except asyncio.TimeoutError:
+                    await pending.put(_IDLE)
+                    return
                 if msg["type"] == "websocket.disconnect":
                     break
                 data = msg.get("text")
@@ -222,9 +366,12 @@ async def ingest_ws(ws: WebSocket) -> None:
                     gw.metrics.error("too_large")
                     fut.set_exception(IngestFailure(
                         413, f"batch: frame of {len(data)} bytes exceeds the limit of {limit}", "too_large"))
-                    await pending.put((t0, fut))
+                    await pending.put((t0, fut, -1))
                     break
-                await pending.put((t0, asyncio.ensure_future(run_in_threadpool(decode_frame, gw, data))))
+                tok = next(tokens)
+                # back-pressure: no more frames are read from this socket until the bytes fit
+                held[tok] = await budget.take(len(data)) or 0
+                await pending.put((t0, asyncio.ensure_future(run_in_threadpool(decode_frame, gw, data)), tok))
         except WebSocketDisconnect:
             pass
         except Exception:  # the main loop still ends (below), and says so to the client
@@ -278,20 +425,29 @@ async def ingest_ws(ws: WebSocket) -> None:
             if item is None:
                 await settle_all()
                 return
-            t0, fut = item
+            t0, fut, tok = item
+            if fut is None:  # no frame for ``idle`` seconds
+                if await settle_all():
+                    gw.metrics.error("idle")
+                    with contextlib.suppress(Exception):
+                        await ws.close(code=1001, reason=f"idle for {idle:g} s; reconnect to send more")
+                return
             try:
                 decoded = await fut
             except IngestFailure as e:
+                free(tok)
                 if await settle_all():
                     await _fail(ws, e.status, e.message, e.seq)
                 return
             except Exception as e:  # decode_frame's own guards missed it: a server bug
+                free(tok)
                 log.exception("decoding an ingest frame failed")
                 gw.metrics.error("internal")
                 if await settle_all():
                     await _fail(ws, 500, f"server error while decoding the frame ({type(e).__name__})", None)
                 return
             if isinstance(decoded, dict):
+                free(tok)
                 if not await settle_all():
                     return
                 try:
@@ -310,7 +466,9 @@ async def ingest_ws(ws: WebSocket) -> None:
             while len(inflight) >= cap:
                 if not await settle():
                     return
-            inflight.append(asyncio.ensure_future(run_in_threadpool(store, gw, decoded, t0)))
+            stored = asyncio.ensure_future(run_in_threadpool(store, gw, decoded, t0))
+            stored.add_done_callback(lambda _, tok=tok: free(tok))  # type: ignore[misc]
+            inflight.append(stored)
             while inflight and inflight[0].done():
                 if not await settle():
                     return
@@ -328,6 +486,8 @@ async def ingest_ws(ws: WebSocket) -> None:
         receiver.cancel()
         with contextlib.suppress(BaseException):
             await receiver
+        for tok in list(held):
+            free(tok)
 
 
 def _hello(gw: AppState, obj: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,11 @@
-"""Engine factory: SQLite gets WAL and the pragmas a concurrent reader/writer needs."""
+"""Engine factory: SQLite gets WAL and the pragmas a concurrent reader/writer needs.
+
+Several server processes may share one SQLite file (a second ``gradwatch serve`` on the same
+directory). Every write transaction then starts with ``BEGIN IMMEDIATE``: it takes the file's
+write lock up front, waiting up to ``busy_timeout`` for another process to finish. A deferred
+``BEGIN`` that reads first and writes later cannot wait (SQLite answers "database is locked" at
+once when its snapshot is stale), so writers of two processes would fail instead of queueing.
+"""
 
 from __future__ import annotations
 
@@ -19,26 +26,32 @@ def is_sqlite(engine_or_url: Engine | str) -> bool:
     return url.get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+#: Execution option marking a connection whose transactions write (SQLite: ``BEGIN IMMEDIATE``).
+WRITE_OPTION = "gradwatch_write"
+
+
+def make_engine(url: str, *, busy_timeout: float = 30.0, **kwargs: Any) -> Engine:
     """Create the engine for ``url``.
 
     SQLite: WAL (readers never block the writer), synchronous=NORMAL (durable at checkpoints, safe
     with WAL), busy_timeout (wait instead of "database is locked"), foreign_keys, and a bounded
     write-ahead log (``WAL_SIZE_LIMIT``). The driver's own transaction handling is switched off and
-    SQLAlchemy emits ``BEGIN`` itself, so raw DBAPI ``executemany`` calls inside a SQLAlchemy
+    SQLAlchemy emits ``BEGIN`` itself (``BEGIN IMMEDIATE`` on connections marked with the
+    ``gradwatch_write`` execution option), so raw DBAPI ``executemany`` calls inside a SQLAlchemy
     transaction are part of that transaction.
     """
     if is_sqlite(url):
-        connect_args = {"check_same_thread": False, "timeout": 30}
+        busy_ms = int(busy_timeout * 1000)
+        connect_args = {"check_same_thread": False, "timeout": busy_timeout}
         engine = create_engine(url, connect_args=connect_args, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")  # first: switching to WAL may wait too
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             # After a checkpoint that empties the log, cut the -wal file back to this size (it is
             # never shrunk otherwise: a reader that pinned an old snapshot during heavy ingest left
@@ -48,7 +61,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
@@ -73,8 +86,10 @@ class Database:
     def write(self) -> Iterator[Connection]:
         """A transaction committed on success and rolled back on any exception."""
         if self.sqlite:
-            with self._write_lock, self.engine.begin() as conn:
-                yield conn
+            with self._write_lock, self.engine.connect() as conn:
+                conn.execution_options(**{WRITE_OPTION: True})
+                with conn.begin():
+                    yield conn
         else:
             with self.engine.begin() as conn:
                 yield conn

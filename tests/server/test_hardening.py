@@ -218,3 +218,101 @@ def test_run_ids_the_rest_api_cannot_address_are_refused_at_ingest(client, mk, p
         r = post(client, mk(1, [1], run_id=rid))
         assert r.status_code == 422 and r.json()["detail"].startswith("batch.run.run_id: must be 1-64 characters")
     assert client.get("/api/v1/runs").json()["count"] == 0
+
+
+# ------------------------------------------------------------------ bounded memory and connections
+
+
+def test_an_idle_ingest_websocket_is_closed_with_a_reason(make_settings, mk):
+    with TestClient(create_app(make_settings(ingest_idle_timeout=0.3))) as client:
+        with client.websocket_connect("/api/v1/ingest/ws") as ws:
+            ws.send_text(wire.encode_batch(mk(1, [1])).decode())
+            assert ws.receive_json()["acked"] == 1
+            msg = ws.receive()  # then nothing: the server closes it (bounded by the timeout above)
+            assert msg["type"] == "websocket.close" and msg["code"] == 1001, msg
+            assert "idle for 0.3 s" in msg["reason"]
+        assert _errors(client, "idle") == 1
+        with client.websocket_connect("/api/v1/ingest/ws") as ws:  # a new stream goes on
+            ws.send_text(json.dumps({"type": "hello", "run_id": "run1", "source": 0}))
+            assert ws.receive_json()["acked"] == 1
+
+
+def test_ingest_websockets_per_client_are_capped(make_settings, mk):
+    with TestClient(create_app(make_settings(ingest_max_connections=2))) as client:
+        with client.websocket_connect("/api/v1/ingest/ws") as a, client.websocket_connect("/api/v1/ingest/ws") as b:
+            for ws in (a, b):
+                ws.send_text(json.dumps({"type": "hello", "run_id": "run1", "source": 0}))
+                assert ws.receive_json()["type"] == "ack"
+            with client.websocket_connect("/api/v1/ingest/ws") as c:
+                msg = c.receive()
+                assert msg["type"] == "websocket.close" and msg["code"] == 1013, msg
+                assert "too many ingest connections from this client (at most 2)" in msg["reason"]
+        with client.websocket_connect("/api/v1/ingest/ws") as c:  # room again once they closed
+            c.send_text(wire.encode_batch(mk(1, [1])).decode())
+            assert c.receive_json()["acked"] == 1
+
+
+def test_byte_budget_waits_times_out_and_wakes_waiters():
+    import asyncio
+
+    from gradwatch.server.api.ingest import ByteBudget
+
+    async def scenario() -> list:
+        b = ByteBudget(100)
+        got = [await b.take(60), await b.take(500, timeout=0)]  # 60, then no room: None
+        waiter = asyncio.ensure_future(b.take(50))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        b.release(60)
+        got.append(await asyncio.wait_for(waiter, 30))
+        got.append(await b.take(500, timeout=0))  # 50 held: no room for a capped 100
+        b.release(50)
+        got.append(await b.take(500))  # alone, an oversized payload takes the whole budget
+        got.append(b.used)
+        return got
+
+    assert asyncio.run(scenario()) == [60, None, 50, None, 100, 100]
+
+
+def test_posts_beyond_the_bytes_in_flight_get_503_with_retry_after(make_settings, mk, monkeypatch):
+    """While one batch holds the budget, another POST waits ``ingest_wait_seconds`` and is then
+    answered 503 with Retry-After (which the agent honours); afterwards it is accepted."""
+    import threading
+
+    from gradwatch.server.api import ingest
+
+    entered, release = threading.Event(), threading.Event()
+    real = ingest.ingest_bytes
+
+    def slow(gw, data):
+        entered.set()
+        release.wait(60)
+        return real(gw, data)
+
+    monkeypatch.setattr(ingest, "ingest_bytes", slow)
+    body = wire.encode_batch(mk(1, [1, 2, 3]))
+    with TestClient(create_app(make_settings(ingest_max_inflight_bytes=len(body), ingest_wait_seconds=0.2))) as client:
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(client.post(
+            "/api/v1/ingest", content=body, headers={"Content-Type": "application/json"})))
+        t.start()
+        assert entered.wait(60)
+        r = client.post("/api/v1/ingest", content=wire.encode_batch(mk(2, [4])),
+                        headers={"Content-Type": "application/json"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+        release.set()
+        t.join(60)
+        assert first[0].status_code == 200
+        r = client.post("/api/v1/ingest", content=wire.encode_batch(mk(2, [4])),
+                        headers={"Content-Type": "application/json"})
+        assert r.status_code == 200 and r.json()["acked"] == 2
+        assert _errors(client, "busy") == 1
+
+
+def test_the_agent_honours_retry_after():
+    from gradwatch.agent.transport.network import _retry_after, classify_http_error
+
+    err = classify_http_error(503, "busy", None, _retry_after({"Retry-After": "7"}))
+    assert getattr(err, "kind", None) == "failing" and getattr(err, "retry_after", None) == 7.0
+    assert _retry_after({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    assert _retry_after({"Retry-After": "99999"}) == 60.0

@@ -219,3 +219,62 @@ def test_server_errors_in_a_stream_close_1011_with_a_reason(client, mk, monkeypa
     with client.websocket_connect("/api/v1/ingest/ws") as ws:
         ws.send_text(wire.encode_batch(mk(2, [2])).decode())
         assert ws.receive_json()["acked"] == 2
+
+
+def test_steps_reach_a_live_subscriber_exactly_once_across_two_postgresql_processes(tmp_path, mk, fresh_pg):
+    """Batches alternate between processes A and B, and each holds a scalar of the next batch's
+    first step (neighbouring batches share a step): a subscriber on A gets each step, scalar and
+    event once, whether A stored it (in-process path) or B did (read back by step range)."""
+    import dataclasses
+    import importlib.util
+    import time as _time
+    import urllib.request
+    from pathlib import Path
+
+    from websockets.sync.client import connect
+
+    spec = importlib.util.spec_from_file_location("gw_test_e2e", Path(__file__).with_name("test_e2e.py"))
+    assert spec is not None and spec.loader is not None
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    serve = e2e.serve  # the uvicorn-process helper of the end-to-end tests
+
+    n, per = 40, 10
+
+    def batch(k: int) -> wire.Batch:
+        b = mk(k + 1, range(per * k + 1, per * (k + 1) + 1))  # (mk's loss is 1/step: no step 0)
+        late = wire.ScalarRecord(per * (k + 1) + 1, 1.0, {"late": float(k)}, rank=0)
+        return dataclasses.replace(b, scalars=[*b.scalars, late])
+
+    def post(base: str, b: wire.Batch) -> None:
+        req = urllib.request.Request(base + "/api/v1/ingest", wire.encode_batch(b), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["seq"] == b.seq
+
+    with serve(fresh_pg, tmp_path / "a.log") as a, serve(fresh_pg, tmp_path / "b.log") as b:
+        with connect(a.replace("http", "ws") + "/api/v1/runs/run1/live") as live:
+            assert json.loads(live.recv(timeout=30))["type"] == "subscribed"
+            for k in range(n):
+                post((a, b)[k % 2], batch(k))
+            sentinel = mk(n + 1, [per * n + 5])
+            post(b, sentinel)
+            steps: dict[int, int] = {}
+            scalars: dict[tuple[int, str], int] = {}
+            events: dict[int, int] = {}
+            deadline = _time.monotonic() + 120
+            while per * n + 5 not in steps:
+                assert _time.monotonic() < deadline, f"missing {sorted(set(range(1, per * n + 1)) - set(steps))[:10]}"
+                msg = json.loads(live.recv(timeout=60))
+                for st in msg["steps"]:
+                    steps[st["step"]] = steps.get(st["step"], 0) + 1
+                for sc in msg["scalars"]:
+                    for key in sc["values"]:
+                        scalars[(sc["step"], key)] = scalars.get((sc["step"], key), 0) + 1
+                for ev in msg["events"]:
+                    events[ev["step"]] = events.get(ev["step"], 0) + 1
+    want = [*range(1, per * n + 1), per * n + 5]
+    assert sorted(steps) == want
+    assert [s for s, c in steps.items() if c != 1] == []  # each step exactly once
+    assert [k for k, c in scalars.items() if c != 1] == []
+    assert {(s + 1, "late") for s in range(per, per * (n + 1), per)} <= set(scalars)
+    assert events == {per * k + 1: 1 for k in range(n)} | {per * n + 5: 1}

@@ -281,3 +281,118 @@ class DelayRelay:
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gradwatch.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+class FlakyProxy:
+    """A real TCP proxy in front of the server that, while ``failing`` is set, answers every
+    request itself with ``status`` (an HTTP response, also to websocket upgrades) instead of
+    forwarding it: a server behind a load balancer that is restarting. Counts its refusals."""
+
+    def __init__(self, target_port: int, status: int = 503, failing: bool = True) -> None:
+        self.target = target_port
+        self.status = status
+        self.failing = failing
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        if self.failing:
+            try:
+                c.settimeout(10)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                body = json.dumps({"detail": "maintenance"}).encode()
+                c.sendall(f"HTTP/1.1 {self.status} Service Unavailable\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                with self._lock:
+                    self.refused += 1
+            except OSError:
+                pass
+            finally:
+                c.close()
+            return
+        try:
+            u = socket.create_connection(("127.0.0.1", self.target))
+        except OSError:
+            c.close()
+            return
+        with self._lock:
+            self._open += [c, u]
+        threading.Thread(target=DelayRelay._pipe, args=(c, u, 0.0), daemon=True).start()
+        threading.Thread(target=DelayRelay._pipe, args=(u, c, 0.0), daemon=True).start()
+
+    def fail(self) -> None:
+        """Start refusing, and cut the connections being relayed (the server behind went away)."""
+        self.failing = True
+        with self._lock:
+            socks, self._open = self._open, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DiskQuota:
+    """A spool directory on a tiny filesystem, emulated: the spool's raw writes fail with ENOSPC
+    (after writing the part that fits, as a real full disk does) once the files under ``root``
+    hold ``limit`` bytes. Raise ``limit`` to free space."""
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root = root
+        self.limit = limit
+        self.failures = 0
+
+    def used(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file()) if self.root.exists() else 0
+
+    def __enter__(self) -> DiskQuota:
+        import errno
+
+        from gradwatch.agent.transport import spool
+
+        self._orig = orig = spool._write_all
+        quota = self
+
+        def write_all(f: Any, data: bytes) -> None:
+            room = quota.limit - quota.used()
+            if room < len(data):
+                if room > 0:
+                    orig(f, data[:room])
+                quota.failures += 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            orig(f, data)
+
+        spool._write_all = write_all
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from gradwatch.agent.transport import spool
+
+        spool._write_all = self._orig

@@ -50,7 +50,10 @@ def test_upload_errors_are_clear(tmp_path: Path) -> None:
     assert p.returncode == 0 and "SPOOL_OR_FILE" in p.stdout
 
 
-def test_rejected_batch_is_kept_counted_and_not_retried(server: ServerProc, tmp_path: Path) -> None:
+def test_refused_batch_stops_the_sink_and_upload_stores_the_rest_and_names_it(server: ServerProc,
+                                                                              tmp_path: Path) -> None:
+    """A 4xx for a batch is fatal for the sink (issue 10): everything from it on stays in the
+    spool; ``gradwatch upload`` then stores what the server takes and reports the refused batch."""
     run = new_run()
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
@@ -62,20 +65,21 @@ def test_rejected_batch_is_kept_counted_and_not_retried(server: ServerProc, tmp_
         # a batch the server's schema refuses (422): the websocket is closed with 1007
         b.put(Event(kind="not-a-kind", step=5, time=time.time()))
         assert b.flush(20)
-        time.sleep(0.3)
         for i in range(6, 10):
-            b.put(step_record(i, 3))  # the stream goes on after the refusal
+            b.put(step_record(i, 3))  # spooled, not sent: the sink stopped at the refusal
         assert b.flush(20)
         st = b.stats()
         b.close(timeout=10)
-    assert st["rejected"] == 1 and st["sent"] == 9 and st["spooled"] == 0, st
+    assert st["sent"] == 5 and st["spooled"] == 5, st
     msgs = [str(g.message) for g in got if g.category is TransportWarning]
-    assert len(msgs) == 1 and "rejected a batch" in msgs[0] and "not-a-kind" in msgs[0]
-    kept = read_batches(tmp_path / "spool" / "rejected-0.jsonl")
-    assert len(kept) == 1 and b"not-a-kind" in kept[0].raw
+    assert len(msgs) == 1 and "refused" in msgs[0] and "not-a-kind" in msgs[0]
+    assert set(db_counts(server.db, run.run_id)["steps"]) == {(i, 0) for i in range(5)}
+    p = run_cli("upload", str(tmp_path / "spool"), "--server", server.url)
+    assert p.returncode == 1 and "not-a-kind" in p.stderr and "1 rejected" in p.stdout
     c = db_counts(server.db, run.run_id)
     assert set(c["steps"]) == {(i, 0) for i in (0, 1, 2, 3, 4, 6, 7, 8, 9)}
     assert c["status"] == "finished"
+    assert read_batches(tmp_path / "spool")  # the files are kept for inspection
 
 
 def test_upload_a_spool_of_several_ranks(server: ServerProc, tmp_path: Path) -> None:
