@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -206,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
     if args.open:
         _open_browser(dash)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill`, docker stop: stop as Ctrl-C does, cleaning up
     try:
         done = train(url, args.steps, inject=not args.no_inject, seed=args.seed)
         print(f"gradwatch demo: run {done.run_id} finished: {done.steps} steps, test accuracy "
@@ -223,6 +226,10 @@ def run(args: argparse.Namespace) -> int:
         if serving is not None:
             serving.stop()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _open_browser(url: str) -> None:

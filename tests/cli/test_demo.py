@@ -70,7 +70,8 @@ def test_demo_no_serve_streams_into_a_running_server(gw: Any, tmp_path: Path) ->
     check_run(gw, base, run_id_of(quiet.stdout), 12, injected=False)
 
 
-def test_demo_serves_prints_the_url_at_once_and_stops_on_ctrl_c(gw: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_serves_prints_the_url_at_once_and_stops_on_ctrl_c(gw: Any, tmp_path: Path, sig: int) -> None:
     port = gw.free_port()
     steps = 40
     proc = subprocess.Popen(DEMO + ["--steps", str(steps), "--port", str(port)], stdout=subprocess.PIPE,
@@ -91,7 +92,7 @@ def test_demo_serves_prints_the_url_at_once_and_stops_on_ctrl_c(gw: Any, tmp_pat
         check_run(gw, base, run_id_of(out), steps, injected=True)
         assert gw.get_json(f"{base}/healthz")  # still serving after training
         assert (tmp_db / "gradwatch.db").exists()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "stopped" in rest
         assert not tmp_db.exists()  # the temporary database goes with the demo
