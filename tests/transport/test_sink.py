@@ -191,22 +191,15 @@ def test_put_never_blocks_and_memory_stays_bounded_while_the_writer_is_wedged(tm
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         tracemalloc.start()
-        t0 = time.perf_counter()
-        worst = 0.0
-        for _ in range(100_000):
-            a = time.perf_counter()
+        for _ in range(100_000):  # a put that waited for the wedged drainer would never return
             sink.put(rec)
-            d = time.perf_counter() - a
-            if d > worst:
-                worst = d
-        total = time.perf_counter() - t0
+        assert not gate.is_set()
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     st = sink.stats()
     assert st["dropped"] == 100_000 - 1000  # oldest dropped, counted
     assert st["pending"] <= 1000 + 1
     assert peak < 2_000_000, peak  # bounded: no growth with the number of puts
-    assert total < 5.0 and worst < 0.5, (total, worst)
     assert sum(1 for g in got if g.category is TransportWarning) == 1
     gate.set()
     sink.close(timeout=5)
