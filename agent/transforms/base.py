@@ -112,12 +112,27 @@ class GradContext:
         skip: bool | None = None,
         step: int = 0,
     ) -> None:
-        pairs = [(p, n) for p, n in zip(params, names or [""] * len(params)) if p.grad is not None and not p.grad.is_sparse]
-        self.sparse: list[Tensor] = [p for p in params if p.grad is not None and p.grad.is_sparse]
-        ordered, groups = _torch_group_order([p.grad for p, _ in pairs])  # type: ignore[misc]
-        self.params: list[Tensor] = [pairs[i][0] for i in ordered]
-        self.names: list[str] = [pairs[i][1] for i in ordered]
-        self.grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
+        # one pass, each .grad read once: on models with hundreds of tensors this runs every step
+        ps: list[Tensor] = []
+        ns: list[str] = []
+        gs: list[Tensor] = []
+        self.sparse: list[Tensor] = []
+        for p, n in zip(params, names or [""] * len(params)):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                self.sparse.append(p)
+            else:
+                ps.append(p)
+                ns.append(n)
+                gs.append(g)
+        ordered, groups = _torch_group_order(gs)
+        if len(groups) > 1:  # several (device, dtype) groups: torch's order differs from ours
+            ps, ns, gs = [ps[i] for i in ordered], [ns[i] for i in ordered], [gs[i] for i in ordered]
+        self.params: list[Tensor] = ps
+        self.names: list[str] = ns
+        self.grads: list[Tensor] = gs
         self.groups: list[tuple[torch.device, torch.dtype, list[int]]] = groups
         self.device: torch.device = self.grads[0].device if self.grads else torch.device("cpu")
         self.found_inf = found_inf
