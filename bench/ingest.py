@@ -119,9 +119,9 @@ def make_batches(n_rows: int, run_id: str, seed: int = 0) -> list[wire.Batch]:
             l2 = [s * 256 for s in std]
             steps.append(wire.StepRecord(
                 step=step, time=time.time(), layer_ids=ids,
-                layers={"numel": [65536] * LAYERS, "mean": mean, "var": [s * s for s in std], "std": std, "l2": l2,
+                layers={"numel": [65536] * LAYERS, "mean": mean, "m2": [s * s * 65536 for s in std], "l2": l2,
                         "maxabs": [s * rnd.uniform(3, 6) for s in std], "nonfinite": [0] * LAYERS,
-                        "l2_post": [x * rnd.uniform(0.5, 1) for x in l2]},
+                        "l2_post": [x * rnd.uniform(0.5, 1) for x in l2], "wnorm": [x * 40 for x in l2]},
                 total_norm=1.0, clip_coef=1.0, loss_scale=65536.0))
             step += 1
         out.append(wire.Batch(run=wire.RunInfo(run_id=run_id), seq=b + 1, layers=layers if b == 0 else [],

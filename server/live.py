@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import uuid
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
+from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, LAYER_FIELDS, with_derived
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan, enc_value
@@ -30,18 +32,23 @@ _STEP_FIELDS = ("total_norm", "total_norm_post", "clip_coef", "loss_scale")
 _QUEUE_SIZE = 1000
 
 
-#: Per-layer statistics a live subscriber may ask for (``?layers=l2,maxabs``).
-LIVE_LAYER_STATS: tuple[str, ...] = ("numel", "nonfinite", *LAYER_FLOAT_COLUMNS)
+#: Stored per-layer fields the live stream carries (the spec's, in spec order).
+_LIVE_STORED: tuple[str, ...] = tuple(f.name for f in LAYER_FIELDS if "live" in f.expose)
+#: Per-layer statistics a live subscriber may ask for (``?layers=l2,maxabs``): stored and derived.
+LIVE_LAYER_STATS: tuple[str, ...] = _LIVE_STORED + tuple(d.name for d in DERIVED_LAYER_FIELDS if "live" in d.expose)
+_FLOAT_STATS = frozenset(LAYER_FLOAT_COLUMNS) | {d.name for d in DERIVED_LAYER_FIELDS}
 
 
 def _layer_block(ids: list[int], cols: dict[str, Any]) -> dict[str, Any]:
     """One step's per-layer statistics, column-wise: ``index`` (the layer's index in the run's
     layer table) and one list per statistic, NaN/inf as strings like everywhere in the API."""
     out: dict[str, Any] = {"index": list(ids)}
+    if "m2" in cols and "numel" in cols:
+        cols = with_derived({k: list(v) for k, v in cols.items()})
     for k in LIVE_LAYER_STATS:
         v = cols.get(k)
         if v is not None:
-            out[k] = [enc(x) for x in v] if k in LAYER_FLOAT_COLUMNS else [None if x is None else int(x) for x in v]
+            out[k] = [enc(x) for x in v] if k in _FLOAT_STATS else [None if x is None else int(x) for x in v]
     return out
 
 
@@ -116,21 +123,21 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
 def _layers_from_db(conn: Connection, steps: list[dict[str, Any]], run_id: str, rk: str, p: dict[str, Any]) -> None:
     """Attach each step's per-layer block, read back from ``layer_stat`` (NaN: NULL + mask bit)."""
     by_key = {(st["step"], st["rank"]): st for st in steps}
-    cols = ", ".join(f"s.{c}" for c in LIVE_LAYER_STATS)
+    cols = ", ".join(f"s.{c}" for c in _LIVE_STORED)
     # the nan_mask bit of each float statistic (None: an integer column)
-    bits = [1 << LAYER_FLOAT_COLUMNS.index(k) if k in LAYER_FLOAT_COLUMNS else None for k in LIVE_LAYER_STATS]
+    bits = [1 << LAYER_FLOAT_COLUMNS.index(k) if k in LAYER_FLOAT_COLUMNS else None for k in _LIVE_STORED]
     acc: dict[tuple[int, int], dict[str, list[Any]]] = {}
     for r in conn.execute(text(
             f"SELECT s.step, s.rank, l.idx, s.nan_mask, {cols} FROM layer_stat s JOIN layer l ON l.id = s.layer_id "
             f"WHERE l.run_id = :r AND s.rank IN ({rk}) AND s.step BETWEEN :a AND :b ORDER BY s.step, s.rank, l.idx"), p):
         if (r[0], r[1]) not in by_key:
             continue
-        blk = acc.setdefault((r[0], r[1]), {"index": [], **{k: [] for k in LIVE_LAYER_STATS}})
+        blk = acc.setdefault((r[0], r[1]), {"index": [], **{k: [] for k in _LIVE_STORED}})
         blk["index"].append(r[2])
-        for k, bit, v in zip(LIVE_LAYER_STATS, bits, r[4:]):
-            blk[k].append(v if bit is None else enc_nan(v, bool(r[3] & bit)))
+        for k, bit, v in zip(_LIVE_STORED, bits, r[4:]):
+            blk[k].append(v if bit is None else (math.nan if r[3] & bit else v))
     for key, blk in acc.items():
-        by_key[key]["layers"] = blk
+        by_key[key]["layers"] = _layer_block(blk.pop("index"), blk)
 
 
 class LiveHub:

@@ -2,7 +2,7 @@
 
 The layer-stat rows (hundreds per step) bypass SQLAlchemy's executemany and go through the raw
 driver in the same transaction: ``sqlite3.executemany`` or psycopg binary ``COPY``, which is
-1.6-5x faster (BASELINES.md section B). Rows are built column-wise with ``zip`` from the wire's
+1.6-5x faster (``docs/storage.md``). Rows are built column-wise with ``zip`` from the wire's
 columnar layout. Idempotency: ``ingest_batch`` is keyed on (run, source, seq); a batch seen
 before changes nothing. The per-(run, source) ``ingest_cursor`` row is locked first, so batches
 of one source are serialised and the contiguous ``acked`` value is always right.
@@ -21,10 +21,12 @@ from sqlalchemy import Connection, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
+from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, ROLLUP_STATS
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import (
     BLOCK_STEPS,
     LAYER_FLOAT_COLUMNS,
+    LAYER_STAT_COLUMNS,
     STEP_FLOAT_COLUMNS,
     Event,
     IngestCursor,
@@ -34,15 +36,23 @@ from gradwatch.server.db.models import (
 )
 from gradwatch.server.encoding import enc_value
 from gradwatch.server.errors import Conflict
-from gradwatch.server.repo.frame import BlockColumns, LayerFrame, pg_binary_array
+from gradwatch.server.repo.frame import PG_TYPES, BlockColumns, LayerFrame, pg_binary_array
 
 #: Channel for cross-process live notifications on PostgreSQL.
 NOTIFY_CHANNEL = "gradwatch_ingest"
 
-_LAYER_STAT_COLUMNS = ("layer_id", "step", "rank", "numel", "mean", "var", "std", "l2", "maxabs",
-                       "nonfinite", "l2_post", "nan_mask")
-_PG_TYPES = ["int8", "int8", "int4", "int8", "float8", "float8", "float8", "float8", "float8", "int8",
-             "float8", "int4"]
+_LAYER_STAT_COLUMNS = LAYER_STAT_COLUMNS
+_PG_TYPES = PG_TYPES
+_DERIVED = {d.name: d for d in DERIVED_LAYER_FIELDS}
+
+
+def stat_sql(stat: str) -> tuple[str, str]:
+    """(value expression, NaN-flag expression) of a per-layer statistic over ``layer_stat`` rows:
+    a stored column, or a derived one computed from them (NaN where its input was NaN)."""
+    d = _DERIVED.get(stat)
+    col = stat if d is None else d.sql
+    bit = LAYER_FLOAT_COLUMNS.index(stat if d is None else d.nan_from) if (d or stat in LAYER_FLOAT_COLUMNS) else None
+    return col, "0" if bit is None else f"((nan_mask / {1 << bit}) % 2)"
 _SQLITE_INSERT = (f"INSERT INTO layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(_LAYER_STAT_COLUMNS))}) ON CONFLICT DO NOTHING")
 _PG_COPY = f"COPY layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
@@ -51,9 +61,10 @@ _PG_COPY = f"COPY layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) FROM STDIN (FORM
 def _rollup_sql() -> str:
     cols = ["layer_id", "block", "rank", "step_min", "step_max", "n"]
     sel = ["layer_id", f"step / {BLOCK_STEPS}", "rank", "min(step)", "max(step)", "count(*)"]
-    for bit, st in enumerate(LAYER_FLOAT_COLUMNS):
+    for st in ROLLUP_STATS:
+        v, nan = stat_sql(st)
         cols += [f"{st}_min", f"{st}_max", f"{st}_sum", f"{st}_cnt", f"{st}_nan"]
-        sel += [f"min({st})", f"max({st})", f"sum({st})", f"count({st})", f"sum((nan_mask / {1 << bit}) % 2)"]
+        sel += [f"min({v})", f"max({v})", f"sum({v})", f"count({v})", f"sum({nan})"]
     update = ", ".join(f"{c} = excluded.{c}" for c in cols[3:])
     return (f"INSERT INTO layer_stat_block ({', '.join(cols)}) SELECT {', '.join(sel)} FROM layer_stat "
             "WHERE layer_id IN ({ids}) AND step BETWEEN :lo AND :hi "
@@ -63,7 +74,7 @@ def _rollup_sql() -> str:
 
 _ROLLUP = _rollup_sql()
 _BLOCK_COLS = ["layer_id", "block", "rank", "step_min", "step_max", "n"] + [
-    f"{st}_{agg}" for st in LAYER_FLOAT_COLUMNS for agg in ("min", "max", "sum", "cnt", "nan")]
+    f"{st}_{agg}" for st in ROLLUP_STATS for agg in ("min", "max", "sum", "cnt", "nan")]
 
 
 def _merge_sql(pg: bool) -> str:
@@ -76,7 +87,7 @@ def _merge_sql(pg: bool) -> str:
 
     sets = [f"step_min = {lo}({t}.step_min, excluded.step_min)", f"step_max = {hi}({t}.step_max, excluded.step_max)",
             f"n = {t}.n + excluded.n"]
-    for st in LAYER_FLOAT_COLUMNS:
+    for st in ROLLUP_STATS:
         sets += [f"{st}_min = {nn(lo, st + '_min')}", f"{st}_max = {nn(hi, st + '_max')}",
                  f"{st}_sum = coalesce({t}.{st}_sum + excluded.{st}_sum, {t}.{st}_sum, excluded.{st}_sum)",
                  f"{st}_cnt = {t}.{st}_cnt + excluded.{st}_cnt", f"{st}_nan = {t}.{st}_nan + excluded.{st}_nan"]

@@ -15,19 +15,15 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from gradwatch.server.db.models import BLOCK_STEPS, LAYER_FLOAT_COLUMNS, STEP_FLOAT_COLUMNS
+from gradwatch.agent.spec import ROLLUP_STATS, SERIES_LAYER_STATS
+from gradwatch.server.db.models import BLOCK_STEPS, STEP_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan
 from gradwatch.server.errors import Invalid
+from gradwatch.server.repo.ingest import stat_sql
 
-#: Per-layer statistics a series can be asked for.
-LAYER_STATS: tuple[str, ...] = ("numel", "nonfinite", *LAYER_FLOAT_COLUMNS)
+#: Per-layer statistics a series can be asked for (stored and derived; from the spec).
+LAYER_STATS: tuple[str, ...] = SERIES_LAYER_STATS
 STEP_FIELDS: tuple[str, ...] = STEP_FLOAT_COLUMNS
-
-
-def _nan_expr(stat: str) -> str:
-    if stat in LAYER_FLOAT_COLUMNS:
-        return f"((nan_mask / {1 << LAYER_FLOAT_COLUMNS.index(stat)}) % 2)"
-    return "0"
 
 
 def _width(start: int, end: int, max_points: int | None) -> int:
@@ -37,7 +33,7 @@ def _width(start: int, end: int, max_points: int | None) -> int:
 
 
 def _blocks_apply(stat: str, w: int, use_blocks: bool) -> bool:
-    return use_blocks and stat in LAYER_FLOAT_COLUMNS and w >= BLOCK_STEPS
+    return use_blocks and stat in ROLLUP_STATS and w >= BLOCK_STEPS
 
 
 def _combine(parts: list[tuple[Any, ...]]) -> dict[Any, list[Any]]:
@@ -84,13 +80,13 @@ def _block_parts(conn: Connection, layer_ids: list[int], stat: str, a: int, b: i
         edges = [(a, first_full - 1), (last_full + 1, b)]
     else:
         edges = [(a, b)]
-    nan = _nan_expr(stat)
+    col, nan = stat_sql(stat)
     for lo, hi in edges:
         if lo > hi:
             continue
         rows = conn.execute(text(
-            f"SELECT layer_id, (step - :a0) / :w AS bk, min(step), max(step), min({stat}), max({stat}), sum({stat}), "
-            f"count({stat}), count(*), sum({nan}) FROM layer_stat WHERE layer_id IN ({ids}) "
+            f"SELECT layer_id, (step - :a0) / :w AS bk, min(step), max(step), min({col}), max({col}), sum({col}), "
+            f"count({col}), count(*), sum({nan}) FROM layer_stat WHERE layer_id IN ({ids}) "
             f"AND step BETWEEN :lo AND :hi{rk} GROUP BY layer_id, bk"), {**params, "lo": lo, "hi": hi}).all()
         parts += [((r[0], r[1]), *r[2:]) for r in rows]
     return parts
@@ -140,9 +136,9 @@ def layer_series(conn: Connection, layer_id: int, stat: str, *, start: int | Non
     params.update(a=rng[0], b=rng[1])
     where += " AND step BETWEEN :a AND :b"
     w = _width(rng[0], rng[1], max_points)
-    nan = _nan_expr(stat)
+    col, nan = stat_sql(stat)
     if w == 1:
-        rows = conn.execute(text(f"SELECT step, rank, {stat}, {nan} {where} ORDER BY step, rank"), params).all()
+        rows = conn.execute(text(f"SELECT step, rank, {col}, {nan} {where} ORDER BY step, rank"), params).all()
         return {"downsampled": False, "points": [{"step": s, "rank": r, "value": enc_nan(v, bool(n))}
                                                  for s, r, v, n in rows]}
     if _blocks_apply(stat, w, use_blocks):
@@ -155,7 +151,7 @@ def layer_series(conn: Connection, layer_id: int, stat: str, *, start: int | Non
         return {"downsampled": True, "bucket_width": w, "buckets": buckets}
     params["w"] = w
     rows = conn.execute(text(
-        f"SELECT (step - :a) / :w AS bk, min(step), max(step), min({stat}), max({stat}), avg({stat}), "
+        f"SELECT (step - :a) / :w AS bk, min(step), max(step), min({col}), max({col}), avg({col}), "
         f"count(*), sum({nan}) {where} GROUP BY bk ORDER BY bk"), params).all()
     return {"downsampled": True, "bucket_width": w, "buckets": [_bucket(*r[1:]) for r in rows]}
 
@@ -209,9 +205,9 @@ def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, 
             nans_b[pos[lid]][bk] = nn
         out.update(steps=[max(rng[0], a0 + k * w) for k in range(nb)], bucket_width=w, values=values_b, nan=nans_b)
         return out
-    nan = _nan_expr(stat)
+    col, nan = stat_sql(stat)
     rows = conn.execute(text(
-        f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({stat}), sum({nan}), min({stat}), max({stat}) {where} "
+        f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({col}), sum({nan}), min({col}), max({col}) {where} "
         f"AND step BETWEEN :a AND :b GROUP BY layer_id, bk"), {"a": rng[0], "b": rng[1], "w": w}).all()
     values: list[list[Any]] = [[None] * nb for _ in layers]
     nans: list[list[int]] = [[0] * nb for _ in layers]

@@ -137,3 +137,46 @@ def test_cli_db_upgrade(tmp_path: Path) -> None:
         assert TABLES <= set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
+
+
+def test_0003_converts_var_std_rows_to_m2_and_back(empty_url: str) -> None:
+    """A database filled by the previous schema (var/std columns, their NaN bits): upgrading turns
+    var into m2 = var·numel, moves the NaN bits, rebuilds the rollup with the derived var/std; the
+    API's var is the stored one again; downgrading restores var/std and the old bits."""
+    from sqlalchemy import text
+
+    engine = make_engine(empty_url)
+    try:
+        upgrade_to_head(engine, "0002")
+        rows = []
+        for step in range(0, 100):
+            nan_var = step % 13 == 5
+            nan_l2 = step % 11 == 4
+            rows.append({"lid": 1, "step": step, "numel": 8, "mean": 0.5 * step, "var": None if nan_var else step / 4,
+                         "std": None if nan_var else (step / 4) ** 0.5, "l2": None if nan_l2 else 2.0 * step,
+                         "mask": (6 if nan_var else 0) | (8 if nan_l2 else 0)})
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO layer_stat (layer_id, step, rank, numel, mean, var, std, l2, nan_mask) "
+                              "VALUES (:lid, :step, 0, :numel, :mean, :var, :std, :l2, :mask)"), rows)
+        upgrade_to_head(engine)
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT step, m2, l2, wnorm, nan_mask FROM layer_stat ORDER BY step")).all()
+            blocks = conn.execute(text("SELECT block, var_max, var_nan, std_max, l2_nan FROM layer_stat_block "
+                                       "ORDER BY block")).all()
+        for r, (step, m2, l2, wnorm, mask) in zip(rows, got):
+            assert m2 == (None if r["var"] is None else r["var"] * 8) and l2 == r["l2"] and wnorm is None
+            assert mask == (2 if r["var"] is None else 0) | (4 if r["l2"] is None else 0), step
+        for blk, var_max, var_nan, std_max, l2_nan in blocks:
+            rs = [r for r in rows if r["step"] // 64 == blk]
+            vs = [r["var"] for r in rs if r["var"] is not None]
+            assert var_max == pytest.approx(max(vs)) and std_max == pytest.approx(max(vs) ** 0.5)
+            assert var_nan == len(rs) - len(vs) and l2_nan == sum(r["l2"] is None for r in rs)
+        downgrade(engine, "0002")
+        with engine.connect() as conn:
+            back = conn.execute(text("SELECT var, std, l2, nan_mask FROM layer_stat ORDER BY step")).all()
+        for r, (var, std, l2, mask) in zip(rows, back):
+            assert (var is None) == (r["var"] is None) and l2 == r["l2"] and mask == r["mask"]
+            if var is not None:
+                assert var == pytest.approx(r["var"]) and std == pytest.approx(r["std"])
+    finally:
+        engine.dispose()
