@@ -4,7 +4,7 @@
 keep working and ``state_dict()`` has torch's exact format in both directions. It changes three
 things around torch's algorithm, none of which changes a number torch computes:
 
-1. ``step()`` always unscales explicitly first (ALGORITHMS.md §1, S2), also for fused
+1. ``step()`` always unscales explicitly first (docs/transforms.md, Loss scaling, S2), also for fused
    optimizers, so that statistics and transforms see the true gradients. The fused kernel then
    receives ``grad_scale=None`` and torch's ``found_inf``, exactly as after a user's ``unscale_``.
 2. Between the skip decision and ``optimizer.step()`` it hands the unscaled gradients to an
