@@ -3,7 +3,9 @@
 Existing rows convert: ``m2 = var · numel`` (as exact as the var they were stored with), their
 NaN bits move to the new column order (mean, m2, l2, maxabs, l2_post, wnorm), ``wnorm`` is
 NULL (not measured). The rollup is rebuilt from the converted rows: it keeps the derived var
-and std beside the stored statistics. Downgrade restores var/std from m2 (var = m2/numel).
+and std beside the stored statistics, and each block's gradient moments pooled over its steps
+(``mom_n``, ``mom_mean``, ``mom_m2``; finite rows, ``mom_skip`` counts the others). Downgrade
+restores var/std from m2 (var = m2/numel).
 
 Frozen here on purpose: the SQL below must not follow later changes of the spec.
 
@@ -33,10 +35,16 @@ _OLD = (("mean", "mean", 0), ("var", "var", 1), ("std", "std", 2), ("l2", "l2", 
         ("l2_post", "l2_post", 5))
 
 
-def _block_table(stats: Sequence[str]) -> None:
+_FINITE = "(mean IS NOT NULL AND m2 IS NOT NULL AND mean BETWEEN -1.7e308 AND 1.7e308 AND m2 <= 1.7e308)"
+
+
+def _block_table(stats: Sequence[str], pooled: bool) -> None:
     cols = [sa.Column('layer_id', sa.BigInteger(), nullable=False), sa.Column('block', sa.BigInteger(), nullable=False),
             sa.Column('rank', sa.Integer(), nullable=False), sa.Column('step_min', sa.BigInteger(), nullable=False),
             sa.Column('step_max', sa.BigInteger(), nullable=False), sa.Column('n', sa.Integer(), nullable=False)]
+    if pooled:
+        cols += [sa.Column('mom_n', sa.BigInteger(), nullable=False), sa.Column('mom_mean', sa.Double(), nullable=True),
+                 sa.Column('mom_m2', sa.Double(), nullable=True), sa.Column('mom_skip', sa.Integer(), nullable=False)]
     for st in stats:
         cols += [sa.Column(f'{st}_min', sa.Double(), nullable=True), sa.Column(f'{st}_max', sa.Double(), nullable=True),
                  sa.Column(f'{st}_sum', sa.Double(), nullable=True), sa.Column(f'{st}_cnt', sa.Integer(), nullable=False),
@@ -46,14 +54,23 @@ def _block_table(stats: Sequence[str]) -> None:
                     sqlite_with_rowid=False)
 
 
-def _backfill(stats: Sequence[tuple[str, str, int]]) -> None:
+def _backfill(stats: Sequence[tuple[str, str, int]], pooled: bool) -> None:
     cols = ["layer_id", "block", "rank", "step_min", "step_max", "n"]
     sel = ["layer_id", "step / 64", "rank", "min(step)", "max(step)", "count(*)"]
+    join = ""
+    if pooled:  # two passes around each block's weighted mean g.mu
+        cols += ["mom_n", "mom_mean", "mom_m2", "mom_skip"]
+        sel += [f"sum(CASE WHEN {_FINITE} THEN numel ELSE 0 END)", "max(g.mu)",
+                f"CASE WHEN max(g.mu) IS NULL THEN NULL ELSE sum(CASE WHEN {_FINITE} THEN m2 + numel * (mean - g.mu) "
+                "* (mean - g.mu) ELSE 0.0 END) END", f"sum(CASE WHEN {_FINITE} THEN 0 ELSE 1 END)"]
+        join = ("LEFT JOIN (SELECT layer_id AS g_lid, step / 64 AS g_blk, rank AS g_rank, sum(numel * mean) / "
+                f"sum(numel) AS mu FROM layer_stat WHERE {_FINITE} AND numel > 0 GROUP BY layer_id, step / 64, rank) g "
+                "ON g.g_lid = layer_id AND g.g_blk = step / 64 AND g.g_rank = rank ")
     for st, v, bit in stats:
         cols += [f"{st}_min", f"{st}_max", f"{st}_sum", f"{st}_cnt", f"{st}_nan"]
         sel += [f"min({v})", f"max({v})", f"sum({v})", f"count({v})", f"sum((nan_mask / {1 << bit}) % 2)"]
     op.execute(f"INSERT INTO layer_stat_block ({', '.join(cols)}) SELECT {', '.join(sel)} FROM layer_stat "
-               "GROUP BY layer_id, step / 64, rank")
+               f"{join}GROUP BY layer_id, step / 64, rank")
 
 
 def upgrade() -> None:
@@ -67,8 +84,8 @@ def upgrade() -> None:
     with op.batch_alter_table('layer_stat', schema=None) as batch_op:
         batch_op.drop_column('var')
         batch_op.drop_column('std')
-    _block_table([s for s, _, _ in _NEW])
-    _backfill(_NEW)
+    _block_table([s for s, _, _ in _NEW], pooled=True)
+    _backfill(_NEW, pooled=True)
 
 
 def downgrade() -> None:
@@ -81,5 +98,5 @@ def downgrade() -> None:
     with op.batch_alter_table('layer_stat', schema=None) as batch_op:
         batch_op.drop_column('m2')
         batch_op.drop_column('wnorm')
-    _block_table([s for s, _, _ in _OLD])
-    _backfill(_OLD)
+    _block_table([s for s, _, _ in _OLD], pooled=False)
+    _backfill(_OLD, pooled=False)

@@ -207,6 +207,11 @@ layer_stat_block = Table(
     Column("n", Integer, nullable=False),
     *[Column(f"{stat}_{agg}", typ, nullable=agg in ("min", "max", "sum"))
       for stat in ROLLUP_STATS for agg, typ in BLOCK_AGGS],
+    # the block's gradient elements pooled over its steps (finite rows; mom_skip counts the others)
+    Column("mom_n", BigInteger, nullable=False),
+    Column("mom_mean", Double, nullable=True),
+    Column("mom_m2", Double, nullable=True),
+    Column("mom_skip", Integer, nullable=False),
     PrimaryKeyConstraint("layer_id", "block", "rank"),
     sqlite_with_rowid=False,
 )

@@ -140,6 +140,12 @@ class LayerFrame:
         return [(self.layer_id, None), (self.step, None), (self.rank, None), *(f[x.name] for x in LAYER_FIELDS),
                 (self.nan_mask, None)]
 
+    def _pooled(self, order: np.ndarray, starts: np.ndarray, size: np.ndarray
+                ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        mean, _, _ = self._stat("mean")
+        m2, _, _ = self._stat("m2")
+        return _pooled_segments(self.numel[order], mean[order], m2[order], starts, size)
+
     def _stat(self, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(values, stored-NULL mask, NaN mask) of a stored float field or a derived one."""
         if name not in _DERIVED:
@@ -220,6 +226,7 @@ class LayerFrame:
         cols: list[tuple[np.ndarray, np.ndarray | None]] = [
             (lid[starts], None), (blk[starts], None), (rk[starts], None), (st[starts], None), (st[ends], None),
             (size, None)]
+        cols += self._pooled(order, starts, size)
         for vals, null, nan in map(self._stat, ROLLUP_STATS):
             v = vals[order]
             if null is None:
@@ -235,6 +242,24 @@ class LayerFrame:
                      (np.add.reduceat(np.where(ok, v, 0.0), starts), empty_or_none), (cnt, None),
                      (np.add.reduceat(nan[order].astype(np.int64), starts) if nan is not None else zero, None)]
         return BlockColumns(cols)
+
+
+def _pooled_segments(numel: np.ndarray, mean: np.ndarray, m2: np.ndarray, starts: np.ndarray,
+                     size: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(mom_n, mom_mean, mom_m2, mom_skip) per segment: the moments of the segment's rows pooled,
+    finite rows only; the n-way form of :func:`gradwatch.agent.spec.merge_moments`,
+    ``M2 = Σ m2_i + Σ n_i (mean_i − mean)²`` around the weighted mean (two passes, exact)."""
+    fin = np.isfinite(mean) & np.isfinite(m2)
+    n = np.where(fin, numel, 0)
+    big_n = np.add.reduceat(n, starts)
+    empty = big_n == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu = np.add.reduceat(np.where(fin, n * mean, 0.0), starts) / np.where(empty, 1, big_n)
+        dev = np.where(fin, mean - np.repeat(mu, size), 0.0)
+        q = np.add.reduceat(np.where(fin, m2, 0.0) + n * dev * dev, starts)
+    skip = np.add.reduceat((~fin).astype(np.int64), starts)
+    none = empty if empty.any() else None
+    return [(big_n, None), (mu, none), (q, none), (skip, None)]
 
 
 def _with_nulls(col: np.ndarray, null: np.ndarray | None) -> list[Any]:

@@ -58,23 +58,53 @@ _SQLITE_INSERT = (f"INSERT INTO layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) "
 _PG_COPY = f"COPY layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 
 
+#: A ``layer_stat`` row whose moments enter the pooled block moments (finite mean and m2).
+_FINITE = "(mean IS NOT NULL AND m2 IS NOT NULL AND mean BETWEEN -1.7e308 AND 1.7e308 AND m2 <= 1.7e308)"
+_POOLED_COLS = ["mom_n", "mom_mean", "mom_m2", "mom_skip"]
+
+
 def _rollup_sql() -> str:
-    cols = ["layer_id", "block", "rank", "step_min", "step_max", "n"]
-    sel = ["layer_id", f"step / {BLOCK_STEPS}", "rank", "min(step)", "max(step)", "count(*)"]
+    """Recompute blocks from stored rows; the pooled moments in two passes around each block's
+    weighted mean (``g.mu``), the n-way form of Chan's merge."""
+    cols = ["layer_id", "block", "rank", "step_min", "step_max", "n", *_POOLED_COLS]
+    sel = ["layer_id", f"step / {BLOCK_STEPS}", "rank", "min(step)", "max(step)", "count(*)",
+           f"sum(CASE WHEN {_FINITE} THEN numel ELSE 0 END)", "max(g.mu)",
+           f"CASE WHEN max(g.mu) IS NULL THEN NULL ELSE sum(CASE WHEN {_FINITE} THEN m2 + numel * (mean - g.mu) * "
+           "(mean - g.mu) ELSE 0.0 END) END", f"sum(CASE WHEN {_FINITE} THEN 0 ELSE 1 END)"]
     for st in ROLLUP_STATS:
         v, nan = stat_sql(st)
         cols += [f"{st}_min", f"{st}_max", f"{st}_sum", f"{st}_cnt", f"{st}_nan"]
         sel += [f"min({v})", f"max({v})", f"sum({v})", f"count({v})", f"sum({nan})"]
     update = ", ".join(f"{c} = excluded.{c}" for c in cols[3:])
+    where = "WHERE layer_id IN ({ids}) AND step BETWEEN :lo AND :hi"
+    means = (f"SELECT layer_id AS g_lid, step / {BLOCK_STEPS} AS g_blk, rank AS g_rank, "
+             f"sum(numel * mean) / sum(numel) AS mu FROM layer_stat {where} AND {_FINITE} AND numel > 0 "
+             f"GROUP BY layer_id, step / {BLOCK_STEPS}, rank")
     return (f"INSERT INTO layer_stat_block ({', '.join(cols)}) SELECT {', '.join(sel)} FROM layer_stat "
-            "WHERE layer_id IN ({ids}) AND step BETWEEN :lo AND :hi "
-            f"GROUP BY layer_id, step / {BLOCK_STEPS}, rank "
+            f"LEFT JOIN ({means}) g ON g.g_lid = layer_id AND g.g_blk = step / {BLOCK_STEPS} AND g.g_rank = rank "
+            f"{where} GROUP BY layer_id, step / {BLOCK_STEPS}, rank "
             f"ON CONFLICT (layer_id, block, rank) DO UPDATE SET {update}")
 
 
 _ROLLUP = _rollup_sql()
-_BLOCK_COLS = ["layer_id", "block", "rank", "step_min", "step_max", "n"] + [
+_BLOCK_COLS = ["layer_id", "block", "rank", "step_min", "step_max", "n", *_POOLED_COLS] + [
     f"{st}_{agg}" for st in ROLLUP_STATS for agg in ("min", "max", "sum", "cnt", "nan")]
+
+
+def _pooled_merge_sql(t: str) -> list[str]:
+    """Chan's pairwise merge (:func:`gradwatch.agent.spec.merge_moments`) of a block's stored
+    pooled moments with a batch's, as SET clauses (one dialect-neutral form)."""
+    a_n, b_n = f"{t}.mom_n", "excluded.mom_n"
+    delta = f"(excluded.mom_mean - {t}.mom_mean)"
+    frac = f"(CAST({b_n} AS DOUBLE PRECISION) / ({a_n} + {b_n}))"
+    w = f"(CAST({a_n} AS DOUBLE PRECISION) * {b_n} / ({a_n} + {b_n}))"
+
+    def pick(merged: str, col: str) -> str:
+        return (f"CASE WHEN {b_n} = 0 THEN {t}.{col} WHEN {a_n} = 0 THEN excluded.{col} ELSE {merged} END")
+
+    return [f"mom_mean = {pick(f'{t}.mom_mean + {delta} * {frac}', 'mom_mean')}",
+            f"mom_m2 = {pick(f'{t}.mom_m2 + excluded.mom_m2 + {delta} * {delta} * {w}', 'mom_m2')}",
+            f"mom_n = {a_n} + {b_n}", f"mom_skip = {t}.mom_skip + excluded.mom_skip"]
 
 
 def _merge_sql(pg: bool) -> str:
@@ -86,7 +116,7 @@ def _merge_sql(pg: bool) -> str:
         return f"coalesce({fn}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})"
 
     sets = [f"step_min = {lo}({t}.step_min, excluded.step_min)", f"step_max = {hi}({t}.step_max, excluded.step_max)",
-            f"n = {t}.n + excluded.n"]
+            f"n = {t}.n + excluded.n", *_pooled_merge_sql(t)]
     for st in ROLLUP_STATS:
         sets += [f"{st}_min = {nn(lo, st + '_min')}", f"{st}_max = {nn(hi, st + '_max')}",
                  f"{st}_sum = coalesce({t}.{st}_sum + excluded.{st}_sum, {t}.{st}_sum, excluded.{st}_sum)",
@@ -102,7 +132,7 @@ _MERGE = {True: _merge_sql(True), False: _merge_sql(False)}
 def _merge_unnest_sql() -> str:
     """PostgreSQL: the same upsert as one statement over column arrays (one round trip per batch
     instead of one per block row, which dominated ingest time over TCP)."""
-    ints = ("layer_id", "block", "rank", "step_min", "step_max", "n")
+    ints = ("layer_id", "block", "rank", "step_min", "step_max", "n", "mom_n", "mom_skip")
     types = ["int8" if (c in ints or c.endswith(("_cnt", "_nan"))) else "float8" for c in _BLOCK_COLS]
     head, tail = _MERGE[True].split(" VALUES ", 1)
     arrays = ", ".join(f"%b::{t}[]" for t in types)  # %b: binary parameters (no per-element text dumping)

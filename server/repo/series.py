@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from gradwatch.agent.spec import ROLLUP_STATS, SERIES_LAYER_STATS
+from gradwatch.agent.spec import ROLLUP_STATS, SERIES_LAYER_STATS, Moments, merge_moments, std_of
 from gradwatch.server.db.models import BLOCK_STEPS, STEP_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan
 from gradwatch.server.errors import Invalid
@@ -92,6 +92,57 @@ def _block_parts(conn: Connection, layer_ids: list[int], stat: str, a: int, b: i
     return parts
 
 
+#: Statistics whose buckets also carry ``pooled``: the moments of all gradient elements of the
+#: bucket's steps and ranks, as if concatenated (``docs/statistics.md``).
+POOLED_STATS: tuple[str, ...] = ("mean", "var", "std")
+
+
+def _pooled(conn: Connection, layer_id: int, a: int, b: int, w: int, key0: int, rank: int | None,
+            blocks: bool) -> dict[int, dict[str, Any]]:
+    """Per bucket ``(start − key0) // w``: Chan's merge (:func:`merge_moments`) over the pooled
+    moments of the whole blocks inside [a, b] and over the rows outside them. Rows with a
+    non-finite mean or M2 are left out and counted in ``skipped``."""
+    B = BLOCK_STEPS
+    params: dict[str, Any] = {"lid": layer_id}
+    rk = ""
+    if rank is not None:
+        rk = " AND rank = :rank"
+        params["rank"] = rank
+    acc: dict[int, list[Any]] = {}
+
+    def add(bk: int, n: Any, mean: Any, m2: Any, skip: int) -> None:
+        cur = acc.setdefault(bk, [Moments(0, 0.0, 0.0), 0])
+        if n and mean is not None and m2 is not None and math.isfinite(mean) and math.isfinite(m2):
+            cur[0] = merge_moments(cur[0], Moments(int(n), float(mean), float(m2)))
+        cur[1] += int(skip or 0)
+
+    edges = [(a, b)]
+    if blocks:
+        first_full = a if a % B == 0 else a // B * B + B
+        last_full = b if (b + 1) % B == 0 else b // B * B - 1
+        if first_full <= last_full:
+            for blk, n, mean, m2, skip in conn.execute(text(
+                    f"SELECT block, mom_n, mom_mean, mom_m2, mom_skip FROM layer_stat_block WHERE layer_id = :lid "
+                    f"AND block BETWEEN :blo AND :bhi{rk} ORDER BY block, rank"),
+                    {**params, "blo": first_full // B, "bhi": last_full // B}):
+                add((blk * B - key0) // w, n, mean, m2, skip)
+            edges = [(a, first_full - 1), (last_full + 1, b)]
+    for lo, hi in edges:
+        if lo > hi:
+            continue
+        for step, n, mean, m2 in conn.execute(text(
+                f"SELECT step, numel, mean, m2 FROM layer_stat WHERE layer_id = :lid AND step BETWEEN :lo AND :hi{rk} "
+                "ORDER BY step, rank"), {**params, "lo": lo, "hi": hi}):
+            fin = mean is not None and m2 is not None and math.isfinite(mean) and math.isfinite(m2)
+            add((step - key0) // w, n if fin else 0, mean, m2, 0 if fin else 1)
+    out = {}
+    for bk, (mom, skip) in acc.items():
+        var = mom.var
+        out[bk] = {"count": mom.n, "mean": enc(mom.mean) if mom.n else None, "var": enc(var) if mom.n else None,
+                   "std": enc(std_of(var)) if mom.n else None, "skipped": skip}
+    return out
+
+
 def _mean(mn: Any, mx: Any, mean: Any) -> float | None:
     """A bucket's mean, NaN when it holds both +inf and -inf (their sum is NaN). Read off min and
     max, so it holds whatever the sum became on the way: PostgreSQL keeps NaN, SQLite turns it
@@ -144,16 +195,25 @@ def layer_series(conn: Connection, layer_id: int, stat: str, *, start: int | Non
     if _blocks_apply(stat, w, use_blocks):
         w = -(-w // BLOCK_STEPS) * BLOCK_STEPS  # whole blocks per bucket (at most max_points buckets)
         merged = _combine(_block_parts(conn, [layer_id], stat, rng[0], rng[1], w, rank))
+        pooled = (_pooled(conn, layer_id, rng[0], rng[1], w, rng[0] // BLOCK_STEPS * BLOCK_STEPS, rank, True)
+                  if stat in POOLED_STATS else None)
         buckets = []
         for key in sorted(merged):
             smin, smax, mn, mx, sm, cnt, n, nn = merged[key]
             buckets.append(_bucket(smin, smax, mn, mx, None if not cnt or sm is None else sm / cnt, n, nn))
+            if pooled is not None:
+                buckets[-1]["pooled"] = pooled.get(key[1])
         return {"downsampled": True, "bucket_width": w, "buckets": buckets}
     params["w"] = w
     rows = conn.execute(text(
         f"SELECT (step - :a) / :w AS bk, min(step), max(step), min({col}), max({col}), avg({col}), "
         f"count(*), sum({nan}) {where} GROUP BY bk ORDER BY bk"), params).all()
-    return {"downsampled": True, "bucket_width": w, "buckets": [_bucket(*r[1:]) for r in rows]}
+    buckets = [_bucket(*r[1:]) for r in rows]
+    if stat in POOLED_STATS:
+        pooled = _pooled(conn, layer_id, rng[0], rng[1], w, rng[0], rank, False)
+        for r, bkt in zip(rows, buckets):
+            bkt["pooled"] = pooled.get(r[0])
+    return {"downsampled": True, "bucket_width": w, "buckets": buckets}
 
 
 def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, start: int | None,
