@@ -39,6 +39,8 @@ __all__ = [
     "std_of",
     "layer_field",
     "with_derived",
+    "TransformValue",
+    "TRANSFORM_VALUES",
 ]
 
 #: Where a field may be read: REST series, the live stream, exports.
@@ -207,3 +209,58 @@ def with_derived(cols: dict[str, Any]) -> dict[str, Any]:
     var = [None if q is None else moments_var(n or 0, q) for n, q in zip(cols["numel"], cols["m2"])]
     std = [None if v is None else std_of(v) for v in var]
     return {**cols, "var": var, "std": std}
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms: what each one reports per step (``docs/transforms.md`` says how it computes them)
+
+
+@dataclass(frozen=True, slots=True)
+class TransformValue:
+    """One value a transform reports per recorded step. ``per_layer``: a list aligned with the
+    step's layers (kept with the step record); otherwise one number, stored as a series the
+    server serves at ``/runs/{id}/transforms``, in live messages and in the export."""
+
+    name: str
+    unit: str
+    doc: str
+    per_layer: bool = False
+
+
+def _tv(name: str, unit: str, doc: str, per_layer: bool = False) -> TransformValue:
+    return TransformValue(name, unit, doc, per_layer)
+
+
+_SKIPPED = _tv("skipped_update", "flag", "1 when the gradients were not finite and the state was not updated")
+_LAYERS = _tv("layers", "flag", "1 for each layer the transform changed", per_layer=True)
+
+#: Reported values per transform name. Settings that never change (max_norm, clip_value's
+#: bound...) are not re-sent per step: they are the transforms' constructor arguments.
+TRANSFORM_VALUES: dict[str, tuple[TransformValue, ...]] = {
+    "clip_norm": (_tv("total_norm", "grad units", "total norm before clipping"),
+                  _tv("total_norm_post", "grad units", "total norm after clipping"),
+                  _tv("coef", "ratio", "clip coefficient min(1, max_norm/(total+1e-6))")),
+    "clip_value": (_tv("clip_value", "grad units", "the bound elements were clamped to"),
+                   _tv("clipped", "elements", "elements clamped, per layer", per_layer=True)),
+    "agc": (_tv("clipped_units", "units", "output units clipped, per layer", per_layer=True),
+            _tv("min_coef", "ratio", "smallest unit coefficient, per layer", per_layer=True), _LAYERS),
+    "zclip": (_tv("norm", "grad units", "total norm x_t"), _tv("threshold", "grad units", "clipping threshold"),
+              _tv("coef", "ratio", "coefficient applied"), _tv("mean", "grad units", "EMA of the norm"),
+              _tv("std", "grad units", "EMA standard deviation of the norm"),
+              _tv("z", "z-score", "z-score of the norm (NaN during warm-up)"),
+              _tv("spike", "flag", "1 when z exceeded the threshold"), _tv("warmup", "flag", "1 during warm-up"),
+              _SKIPPED),
+    "autoclip": (_tv("norm", "grad units", "total norm x_t"),
+                 _tv("threshold", "grad units", "the percentile of the norm history"),
+                 _tv("coef", "ratio", "coefficient applied (smallest one per parameter)"),
+                 _tv("history_len", "steps", "norms in the history"),
+                 _tv("layer_coef", "ratio", "per-parameter mode: coefficient per layer", per_layer=True),
+                 _tv("layer_threshold", "grad units", "per-parameter mode: threshold per layer", per_layer=True),
+                 _SKIPPED),
+    "autoscaled_norm": (_tv("alpha", "ratio", "the global multiplier α_t"),
+                        _tv("sigma", "grad units", "global std σ_t of the eligible gradients"),
+                        _tv("sigma_ref", "grad units", "reference std σ_ref"), _SKIPPED, _LAYERS),
+    "centralize": (_LAYERS, _SKIPPED),
+    "zscore_norm": (_tv("amplification", "ratio", "1/(std+eps) applied, per layer", per_layer=True), _LAYERS,
+                    _SKIPPED),
+}

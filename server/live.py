@@ -24,7 +24,7 @@ from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, LAYER_FIELDS, with_derive
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan, enc_value
-from gradwatch.server.repo.ingest import NOTIFY_CHANNEL
+from gradwatch.server.repo.ingest import NOTIFY_CHANNEL, scalar_reports
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,11 @@ def project(message: dict[str, Any], stats: tuple[str, ...]) -> dict[str, Any]:
     return {**message, "steps": steps}
 
 
+def _scalar_reports(tr: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each transform's scalar values of one step (what ``/transforms`` serves), NaN/inf as strings."""
+    return {name: {k: enc(v) for k, v in vals.items()} for name, vals in scalar_reports(tr).items()}
+
+
 def message_from_batch(batch: Batch, layers: bool = False) -> dict[str, Any]:
     """The live message for a batch this process just stored (``layers``: with every step's
     per-layer statistics, when some subscriber asked for them)."""
@@ -74,7 +79,7 @@ def message_from_batch(batch: Batch, layers: bool = False) -> dict[str, Any]:
         "type": "batch", "run_id": batch.run.run_id, "source": batch.source, "seq": batch.seq,
         "steps": [{"step": s.step, "time": s.time, "rank": s.rank, "total_norm": enc(s.total_norm),
                    "total_norm_post": enc(s.total_norm_post), "clip_coef": enc(s.clip_coef),
-                   "loss_scale": enc(s.loss_scale), "skipped": s.skipped,
+                   "loss_scale": enc(s.loss_scale), "skipped": s.skipped, "transforms": _scalar_reports(s.transforms),
                    **({"layers": _layer_block(s.layer_ids, s.layers)} if layers else {})} for s in batch.steps],
         "events": [{"kind": e.kind, "step": e.step, "time": e.time, "rank": e.rank, "data": enc_value(e.data)}
                    for e in batch.events],
@@ -104,7 +109,14 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
         for bit, f in enumerate(_STEP_FIELDS):
             st[f] = enc_nan(getattr(r, f), bool(r.nan_mask & (1 << bit)))
         st["skipped"] = bool(r.skipped)
+        st["transforms"] = {}
         msg["steps"].append(st)
+    by_step = {(st["step"], st["rank"]): st for st in msg["steps"]}
+    for r in conn.execute(text(f"SELECT step, rank, transform, field, value, is_nan FROM transform_value WHERE "
+                               f"run_id = :r AND rank IN ({rk}) AND step BETWEEN :a AND :b"), p):
+        owner = by_step.get((r.step, r.rank))
+        if owner is not None:
+            owner["transforms"].setdefault(r.transform, {})[r.field] = enc_nan(r.value, bool(r.is_nan))
     if layers and msg["steps"]:
         _layers_from_db(conn, msg["steps"], run_id, rk, p)
     for r in conn.execute(text(f"SELECT kind, step, time, rank, data FROM event WHERE run_id = :r AND rank IN ({rk}) "

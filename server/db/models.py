@@ -143,6 +143,27 @@ class Scalar(Base):
     )
 
 
+class TransformValue(Base):
+    """One scalar a transform reported at one step and rank (``agent.spec.TRANSFORM_VALUES``):
+    a long table, so the server needs no per-transform schema. NaN: NULL with ``is_nan``.
+    Per-layer lists stay in ``step_record.transforms``."""
+
+    __tablename__ = "transform_value"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    transform: Mapped[str] = mapped_column(String(128))
+    field: Mapped[str] = mapped_column(String(128))
+    step: Mapped[int] = mapped_column(BigInteger)
+    rank: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float | None] = mapped_column(Double)
+    is_nan: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        PrimaryKeyConstraint("run_id", "transform", "field", "step", "rank"),
+        {"sqlite_with_rowid": False},
+    )
+
+
 class Event(Base):
     __tablename__ = "event"
 

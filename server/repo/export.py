@@ -57,6 +57,12 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         ["step", "rank", "key", "time", "value"],
         ["value"],
     ),
+    "transforms": (
+        "SELECT step, rank, transform, field, value, is_nan FROM transform_value WHERE run_id = :r "
+        "ORDER BY transform, field, step, rank",
+        ["step", "rank", "transform", "field", "value"],
+        ["value"],
+    ),
     "events": (
         "SELECT id, step, rank, kind, time, data FROM event WHERE run_id = :r ORDER BY step, id",
         ["id", "step", "rank", "kind", "time", "data"],
@@ -75,7 +81,7 @@ def _rows(engine: Engine, table: str, run_id: str, chunk: int) -> Iterator[list[
             out = []
             for row in part:
                 r = list(row)
-                if table == "scalars":
+                if table in ("scalars", "transforms"):
                     if r[5]:
                         r[4] = _NAN
                     del r[5:]
@@ -122,6 +128,7 @@ def _schema(table: str) -> Any:
         "layer_stats": [i64, s, i64, i64, *(i64 if kinds.get(c) == "i8" else f64 for c in _LAYER_OUT)],
         "steps": [i64, i64, f64, f64, f64, f64, f64, pa.bool_()],
         "scalars": [i64, i64, s, f64, f64],
+        "transforms": [i64, i64, s, s, f64],
         "events": [i64, i64, i64, s, f64, s],
     }[table]
     return pa.schema(list(zip(TABLES[table][1], types)))

@@ -33,6 +33,7 @@ from gradwatch.server.db.models import (
     Layer,
     Run,
     Scalar,
+    TransformValue,
 )
 from gradwatch.server.encoding import enc_value
 from gradwatch.server.errors import Conflict
@@ -409,6 +410,25 @@ def _insert_step_rows(conn: Connection, batch: Batch) -> None:
         cur.close()
 
 
+def scalar_reports(tr: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each transform's scalar values of one step (numbers; per-layer lists and integers too big
+    for a float are left to the step record's JSON)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, vals in tr.items():
+        for field, v in vals.items():
+            if type(v) is float or (type(v) is int and abs(v) < 2**1000):
+                out.setdefault(name, {})[field] = float(v)
+    return out
+
+
+def _transform_rows(batch: Batch) -> list[dict[str, Any]]:
+    """Rows of ``transform_value`` for the batch's steps."""
+    run_id = batch.run.run_id
+    return [{"run_id": run_id, "transform": name, "field": field, "step": s.step, "rank": s.rank,
+             "value": None if v != v else v, "is_nan": v != v}
+            for s in batch.steps for name, vals in scalar_reports(s.transforms).items() for field, v in vals.items()]
+
+
 @dataclass(slots=True)
 class Prepared:
     """A decoded batch with the work that needs no write transaction already done.
@@ -501,6 +521,9 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
                for s in batch.scalars for k, v in s.values.items()]
     if scalars:
         _insert_values(conn, _dialect_insert(conn, Scalar).on_conflict_do_nothing(), scalars)
+    tvals = _transform_rows(batch)
+    if tvals:
+        _insert_values(conn, _dialect_insert(conn, TransformValue).on_conflict_do_nothing(), tvals)
     if batch.events:
         _insert_values(conn, insert(Event), [{"run_id": run_id, "kind": e.kind, "step": e.step, "rank": e.rank,
                                       "time": e.time, "data": enc_value(e.data)} for e in batch.events])

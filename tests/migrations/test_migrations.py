@@ -25,7 +25,7 @@ _h = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _h
 _spec.loader.exec_module(_h)
 
-TABLES = {"run", "layer", "layer_stat", "layer_stat_block", "step_record", "scalar", "event", "ingest_batch",
+TABLES = {"run", "layer", "layer_stat", "layer_stat_block", "step_record", "scalar", "event", "ingest_batch", "transform_value",
           "ingest_cursor"}
 
 
@@ -178,5 +178,36 @@ def test_0003_converts_var_std_rows_to_m2_and_back(empty_url: str) -> None:
             assert (var is None) == (r["var"] is None) and l2 == r["l2"] and mask == r["mask"]
             if var is not None:
                 assert var == pytest.approx(r["var"]) and std == pytest.approx(r["std"])
+    finally:
+        engine.dispose()
+
+
+def test_0004_backfills_transform_values_from_the_step_json(empty_url: str) -> None:
+    """Rows stored before transform values were a table: their scalar reports (NaN included) land
+    in ``transform_value``; per-layer lists stay in the JSON; downgrading drops the table."""
+    import json
+
+    from sqlalchemy import text
+
+    engine = make_engine(empty_url)
+    try:
+        upgrade_to_head(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO run (id, project, status, world_size, created_at, updated_at) "
+                              "VALUES ('r', 'p', 'running', 1, 0, 0)"))
+            for step in range(1, 4):
+                tr = {"zclip": {"threshold": float(step), "coef": "NaN" if step == 2 else 0.5},
+                      "agc": {"min_coef": [0.5, 1.0]}}
+                conn.execute(text("INSERT INTO step_record (run_id, step, rank, time, skipped, nan_mask, transforms) "
+                                  "VALUES ('r', :s, 0, 0, false, 0, :t)"), {"s": step, "t": json.dumps(tr)})
+        upgrade_to_head(engine)
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT transform, field, step, value, is_nan FROM transform_value "
+                                    "ORDER BY transform, field, step")).all()
+        assert [tuple(r) for r in got] == [("zclip", "coef", 1, 0.5, False), ("zclip", "coef", 2, None, True),
+                                           ("zclip", "coef", 3, 0.5, False), ("zclip", "threshold", 1, 1.0, False),
+                                           ("zclip", "threshold", 2, 2.0, False), ("zclip", "threshold", 3, 3.0, False)]
+        downgrade(engine, "0003")
+        assert "transform_value" not in set(inspect(engine).get_table_names())
     finally:
         engine.dispose()

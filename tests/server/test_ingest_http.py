@@ -25,7 +25,9 @@ def test_batch_is_stored_and_readable(client, mk, post):
     run = client.get("/api/v1/runs/run1").json()
     assert run["name"] == "test run" and run["last_step"] == 5 and run["layer_count"] == 4
     assert run["config"] == {"lr": 0.1} and run["tags"] == ["t"]
-    layers = client.get("/api/v1/runs/run1/layers").json()
+    page = client.get("/api/v1/runs/run1/layers").json()
+    layers = page["data"]
+    assert page["count"] == 4
     assert [la["name"] for la in layers] == ["layer.0", "layer.1", "layer.2", "layer.3"]
     assert layers[1]["shape"] == [2, 2] and layers[1]["dtype"] == "float32"
     s = client.get("/api/v1/runs/run1/stats", params={"layer": "layer.2", "stat": "l2"}).json()
