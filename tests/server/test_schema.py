@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 from sqlalchemy import event
 
 from gradwatch.agent import wire
@@ -106,3 +107,32 @@ def test_parquet_export_is_written_in_bounded_row_groups(client, mk, post):
     assert meta.num_rows == 90_000
     assert meta.num_row_groups == 2  # 50,000 + 40,000 (SQLite's driver hands over one row at a time)
     assert len(raw) < csv_len
+
+
+def test_a_version_1_batch_uploads_and_reads_back_the_same(client, mk):
+    """What an earlier agent spooled or wrote to a .gwrec file (wire version 1: finished var/std)
+    still uploads; /stats answers the var and std it was sent with."""
+    import json
+
+    d = wire.batch_to_dict(mk(1, range(1, 4), layers=2, events=False))
+    d["wire_version"] = 1
+    for st in d["steps"]:
+        cols = st["layers"]
+        n = len(st["layer_ids"])
+        cols.pop("m2"), cols.pop("wnorm")
+        cols["var"] = [0.25 * (k + 1) for k in range(n)]
+        cols["std"] = [math.sqrt(0.25 * (k + 1)) for k in range(n)]
+    r = client.post("/api/v1/ingest", content=json.dumps(d))
+    assert r.status_code == 200, r.text
+    for stat, want in (("var", [0.25, 0.5]), ("std", [0.5, math.sqrt(0.5)]), ("wnorm", [None, None])):
+        series = client.get("/api/v1/runs/run1/stats", params={"layer": "all", "stat": stat}).json()["series"]
+        for k, ser in enumerate(series):
+            got = [p["value"] for p in ser["points"]]
+            assert got == [want[k]] * 3 if want[k] is None else got == [pytest.approx(want[k], rel=1e-15)] * 3, stat
+
+
+def test_a_negative_m2_is_refused_with_a_clear_message(client, mk, post):
+    b = mk(1, [1], layers=2)
+    s = dataclasses.replace(b.steps[0], layers={**b.steps[0].layers, "m2": [1.0, -2.0]})
+    r = post(client, dataclasses.replace(b, steps=[s]))
+    assert r.status_code == 422 and "m2" in r.json()["detail"] and "negative" in r.json()["detail"]
