@@ -52,6 +52,7 @@ def _random_batch(rng: random.Random, n_layers: int = 5, n_steps: int = 3) -> Ba
         cols = {k: ([rng.randint(0, 10**12) for _ in ids] if k in ("numel", "nonfinite") else [f() for _ in ids])
                 for k in LAYER_FIELDS}
         cols["l2_post"] = [None if rng.random() < 0.3 else f() for _ in ids]
+        cols["m2"] = [abs(x) for x in cols["m2"]]  # never negative (the decoder refuses it)
         steps.append(StepRecord(step=s, time=1.7e9 + s, rank=rng.randint(0, 3), layer_ids=ids, layers=cols,
                                 total_norm=f(), total_norm_post=f(), clip_coef=f(), loss_scale=f(),
                                 skipped=rng.random() < 0.5,
@@ -354,6 +355,15 @@ def test_version_1_batches_decode_to_version_2_columns(seed: int, packed: bool) 
         assert list(s.layers["wnorm"]) == [None] * len(s.layer_ids)
     again = decode_batch(encode_batch(back))
     assert again.row_count == b.row_count
+
+
+def test_negative_m2_is_refused() -> None:
+    d = _valid()
+    d["steps"][0]["layer_ids"] = [0, 1]
+    d["steps"][0]["layers"] = {k: ([1, 2] if k in ("numel", "nonfinite") else [1.0, 2.0]) for k in LAYER_FIELDS}
+    d["steps"][0]["layers"]["m2"] = [1.0, -1e-30]
+    with pytest.raises(WireError, match=r"layers\.m2: a centred second moment is never negative"):
+        batch_from_dict(d)
 
 
 def test_version_1_still_refuses_version_2_columns() -> None:
