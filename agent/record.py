@@ -28,9 +28,11 @@ from typing import Any
 from ._torch import Tensor, torch
 from ._warn import warn
 from .consts import device_tensor
-from .stats import HostCopy, PendingCopy, finalize, layer_moments, pack_dtype, row_stats
+from .stats import MOMENT_COLUMNS, HostCopy, PendingCopy, finalize, layer_moments, pack_dtype, row_stats
 from .transforms.base import GradContext, Slot, Transform, apply_transforms
-from .wire import EVENT_KINDS, Event, LayerInfo, StepRecord
+from .wire import EVENT_KINDS, LAYER_FIELDS, Event, LayerInfo, StepRecord
+
+_K = len(MOMENT_COLUMNS)
 
 __all__ = ["LayerRegistry", "Recorder", "StepPending", "clean_name"]
 
@@ -141,7 +143,8 @@ class _Measured:
     """Pre-transform measurements of one step, still on the device."""
 
     plan: _Plan
-    m: Tensor  # (L_dense_all + L_sparse, 4) moments
+    m: Tensor  # (L_dense_all + L_sparse, len(MOMENT_COLUMNS)) moments
+    wnorm: Tensor  # (L_dense_all + L_sparse,) float32 weight norms
     total: Tensor
     sparse_vals: list[Tensor]
     sparse_numels: list[int]
@@ -199,23 +202,18 @@ class StepPending:
         n = lay.n_dense + lay.n_sparse
         layer_ids = plan.dense_ids + plan.sparse_ids
         numels = plan.dense_numels + self._sparse_numels
-        cols: dict[str, list[Any]] = {k: [] for k in ("numel", "mean", "var", "std", "l2", "maxabs", "nonfinite")}
-        for r in range(n):
-            s1, l2, mx, nf = v[4 * r: 4 * r + 4]
-            st = finalize(numels[r], s1, l2, mx, nf)
-            cols["numel"].append(st.numel)
-            cols["mean"].append(st.mean)
-            cols["var"].append(st.var)
-            cols["std"].append(st.std)
-            cols["l2"].append(st.l2)
-            cols["maxabs"].append(st.maxabs)
-            cols["nonfinite"].append(st.nonfinite)
+        stats = [finalize(numels[r], *v[_K * r: _K * r + _K]) for r in range(n)]
+        cols: dict[str, list[Any]] = {k: [getattr(st, k) for st in stats] for k in LAYER_FIELDS
+                                      if k not in ("l2_post", "wnorm")}
+        o = _K * n
+        cols["wnorm"] = list(v[o: o + n])
+        o += n
         if lay.has_post:
-            o = 4 * n
             # sparse grads are not touched by transforms: their post norm is the pre norm
             cols["l2_post"] = list(v[o: o + lay.n_dense]) + cols["l2"][lay.n_dense:]
         else:
             cols["l2_post"] = [None] * n
+        cols = {k: cols[k] for k in LAYER_FIELDS}
         sc = {k: v[o] for k, o in lay.scalars.items()}
         found_inf = sc.get("found_inf")
         skipped = bool(self._skipped) if self._skipped is not None else bool(found_inf is not None and found_inf > 0)
@@ -343,7 +341,7 @@ class Recorder:
         if grad_scale is not None:
             inv = grad_scale.reshape(()).to(device=dev, dtype=torch.float32).reciprocal()
             one = torch.ones((), dtype=torch.float32, device=dev)
-            m = m * torch.stack([inv, inv, inv, one])
+            m = m * torch.stack([inv, inv, inv, one, inv * inv])
         n_dense_all = len(ctx)
         l2col = m[:, 1].contiguous()  # contiguous: reductions over it match torch's clip_grad bit for bit
         if n_dense_all and grad_scale is None:
@@ -351,8 +349,11 @@ class Recorder:
             ctx.set_sums(m[:n_dense_all, 0])  # same g.sum(dtype=float32): normalizers skip their own read
             ctx.set_rows(rows)
         total = torch.linalg.vector_norm(l2col, 2) if m.shape[0] else torch.zeros((), device=dev)
-
-        return _Measured(plan, m, total, sparse_vals, sparse_numels, dev, pd)
+        # ‖w‖ per layer (the gradient-to-weight ratio's denominator): one foreach pass, recorded steps only
+        weights = [p.detach() for p in ctx.params] + [p.detach() for p in plan.sparse_params]
+        wn = (torch.stack([x.to(dev) for x in torch._foreach_norm(weights, 2, dtype=torch.float32)])
+              if weights else torch.zeros(0, dtype=torch.float32, device=dev))
+        return _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd)
 
     def _pack(self, ctx: GradContext, meas: _Measured, *, transforms: Sequence[Transform], ran: bool, step: int,
               time: float, rank: int, skip: bool | None, found_inf: Tensor | None,
@@ -362,11 +363,13 @@ class Recorder:
             meas.plan, meas.m, meas.total, meas.sparse_vals, meas.sparse_numels, meas.dev, meas.pd)
         n_dense_all = len(ctx)
         dense_m = m[:n_dense_all]
+        dense_w = meas.wnorm[:n_dense_all]
         if plan.sel is not None:
             dense_m = dense_m.index_select(0, plan.sel)
-        parts: list[Tensor] = [dense_m.reshape(-1), m[n_dense_all:].reshape(-1)]
+            dense_w = dense_w.index_select(0, plan.sel)
+        parts: list[Tensor] = [dense_m.reshape(-1), m[n_dense_all:].reshape(-1), dense_w, meas.wnorm[n_dense_all:]]
         scalars: dict[str, int] = {}
-        off = 4 * (len(plan.dense_rows) + len(sparse_vals))
+        off = (_K + 1) * (len(plan.dense_rows) + len(sparse_vals))
         post_total = None
         if ran:
             post = ctx.norms

@@ -4,7 +4,7 @@
 keep working and ``state_dict()`` has torch's exact format in both directions. It changes three
 things around torch's algorithm, none of which changes a number torch computes:
 
-1. ``step()`` always unscales explicitly first, also for fused optimizers (any optimizer with
+1. ``step()`` always unscales explicitly first (docs/transforms.md, Loss scaling, S2), also for fused optimizers (any optimizer with
    ``_step_supports_amp_scaling``), so that statistics and transforms see the true gradients.
    Where torch would hand the kernel ``grad_scale = scale * preset`` it then hands
    ``ones * preset`` (a tensor, as an optimizer computing ``grad / self.grad_scale`` expects) and

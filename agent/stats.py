@@ -1,18 +1,24 @@
 """Per-layer gradient statistics, computed on the gradients' device with few kernels.
 
-Pure functions: gradients in, a ``(L, 4)`` float32 tensor of raw moments out
-(:data:`MOMENT_COLUMNS`: sum, L2 norm, max-abs, non-finite count). The element count is
-known on the host from shapes, so it never crosses the device. Mean, population variance and
-std are finished on the host from ``(n, sum, l2)`` (:func:`finalize`); the raw form merges
-exactly across windows, micro-batches and DDP ranks (:func:`merge`).
+Pure functions: gradients in, a ``(L, 5)`` float32 tensor of raw moments out
+(:data:`MOMENT_COLUMNS`: sum, L2 norm, max-abs, non-finite count, centred second moment M2).
+The element count is known on the host from shapes, so it never crosses the device. The mean is
+finished on the host (:func:`finalize`); variance and std are derived from M2 when read
+(``docs/statistics.md``), and moments of several tensors or steps merge exactly with
+:func:`gradwatch.agent.spec.merge_moments`.
 
-Cost model (BASELINES.md §A, measured on this CPU): one foreach L2 pass, one signed-sum pass,
-``aminmax`` for max-abs on CPU (10x faster there than a foreach inf-norm), and the exact
-non-finite count only for layers whose norm is not finite (a finite L2 norm proves every element
-finite), which makes the count free on clean steps. On CUDA, branching on the norm would be a
-host sync, so the count is taken eagerly and max-abs uses the foreach inf-norm (few launches).
-No function here synchronizes with a CUDA device; :class:`HostCopy` moves a packed result to the
-host with one non-blocking copy into pinned memory that is read later, off the training thread.
+M2 is the shifted two-pass sum: with ``c = sum/n``, ``M2 = Σ(x−c)² − (Σ(x−c))²/n``, both sums
+in fp32 with torch's cascade summation. It stays within about 1e-7 relative of a float64
+two-pass reference even where |mean| ≫ std (``l2²/n − mean²`` loses ``1e-7·mean²/var`` there).
+
+Cost model (``docs/storage.md``, "agent cost"): one foreach L2 pass, one signed-sum pass, one
+shifted pass for M2, ``aminmax`` for max-abs on CPU (10x faster there than a foreach inf-norm),
+and the exact non-finite count only for layers whose norm is not finite (a finite L2 norm proves
+every element finite), which makes the count free on clean steps. On CUDA, branching on the norm
+would be a host sync, so the count is taken eagerly and max-abs uses the foreach inf-norm (few
+launches). No function here synchronizes with a CUDA device; :class:`HostCopy` moves a packed
+result to the host with one non-blocking copy into pinned memory that is read later, off the
+training thread.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 
 from ._torch import Tensor, torch
 from .consts import device_tensor
+from .spec import Moments, merge_moments, moments_var, std_of
 
 __all__ = [
     "MOMENT_COLUMNS",
@@ -41,7 +48,7 @@ __all__ = [
 ]
 
 #: Columns of :func:`layer_moments`' result.
-MOMENT_COLUMNS = ("sum", "l2", "maxabs", "nonfinite")
+MOMENT_COLUMNS = ("sum", "l2", "maxabs", "nonfinite", "m2")
 
 
 def _group_indices(tensors: Sequence[Tensor]) -> list[list[int]]:
@@ -108,7 +115,19 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
         bad = (~torch.isfinite(l2)).nonzero().flatten().tolist()
         for i in bad:
             nonfinite[i] = torch.isfinite(ts[i]).logical_not_().sum(dtype=torch.float32)
-    return torch.stack([sums, l2, maxabs.to(torch.float32), nonfinite], dim=1)
+    m2 = torch.stack([_centred_m2(t, s) for t, s in zip(ts, sums)])
+    return torch.stack([sums, l2, maxabs.to(torch.float32), nonfinite, m2], dim=1)
+
+
+def _centred_m2(t: Tensor, s: Tensor) -> Tensor:
+    """Σ(x − mean)² of ``t`` by the shifted two-pass sum around ``c = s/n`` (``s``: its fp32 sum);
+    the correction term removes what c's rounding left. No host sync."""
+    n = t.numel()
+    if n == 0:
+        return torch.zeros((), dtype=torch.float32, device=t.device)
+    d = torch.sub(t, s / n) if t.dtype == torch.float32 else torch.sub(t.float(), s / n)
+    s1 = d.sum()
+    return d.square_().sum() - s1 * s1 / n
 
 
 def _maxabs_cpu(t: Tensor) -> Tensor:
@@ -160,38 +179,45 @@ def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = Non
 
 @dataclass(frozen=True, slots=True)
 class LayerStats:
-    """Finished statistics of one gradient tensor (population variance)."""
+    """Finished statistics of one gradient tensor: the wire's per-layer fields (see
+    :data:`gradwatch.agent.spec.LAYER_FIELDS`); ``var``/``std`` are derived from ``m2``."""
 
     numel: int
     mean: float
-    var: float
-    std: float
+    m2: float
     l2: float
     maxabs: float
     nonfinite: int
 
+    @property
+    def var(self) -> float:
+        return moments_var(self.numel, self.m2)
 
-def finalize(numel: int, s1: float, l2: float, maxabs: float, nonfinite: float) -> LayerStats:
-    """Mean, population variance and std from raw moments, in float64 on the host.
+    @property
+    def std(self) -> float:
+        return std_of(self.var)
 
-    ``var = max(l2**2/n - mean**2, 0)``; non-finite inputs propagate as produced (NaN/inf),
-    they are data. An empty tensor reports zeros.
-    """
+
+def finalize(numel: int, s1: float, l2: float, maxabs: float, nonfinite: float, m2: float) -> LayerStats:
+    """The mean from the sum, in float64 on the host; M2 as measured, clamped at 0 (a rounding
+    residue of all-equal elements). Non-finite inputs propagate (NaN/inf are data). An empty
+    tensor reports zeros."""
     if numel == 0:
-        return LayerStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, int(nonfinite))
-    mean = s1 / numel
-    var = (l2 * l2) / numel - mean * mean
-    if var < 0.0:  # cancellation; NaN compares False and stays NaN
-        var = 0.0
-    return LayerStats(numel, mean, var, math.sqrt(var) if var == var and var >= 0 else var, l2, maxabs, int(nonfinite))
+        return LayerStats(0, 0.0, 0.0, 0.0, 0.0, int(nonfinite))
+    if m2 < 0.0:  # NaN compares False and stays NaN
+        m2 = 0.0
+    return LayerStats(numel, s1 / numel, m2, l2, maxabs, int(nonfinite))
 
 
-def merge(a: tuple[int, float, float, float, float], b: tuple[int, float, float, float, float]) -> tuple[int, float, float, float, float]:
-    """Merge two raw moment tuples ``(n, sum, l2, maxabs, nonfinite)`` exactly (windows, ranks)."""
-    n1, s1, l1, m1, f1 = a
-    n2, s2, l2, m2, f2 = b
-    m = m1 if m1 != m1 else (m2 if m2 != m2 else max(m1, m2))
-    return (n1 + n2, s1 + s2, math.sqrt(l1 * l1 + l2 * l2), m, f1 + f2)
+def merge(a: tuple[int, float, float, float, float, float],
+          b: tuple[int, float, float, float, float, float]) -> tuple[int, float, float, float, float, float]:
+    """Merge two raw tuples ``(n, sum, l2, maxabs, nonfinite, m2)`` of one tensor's parts
+    (windows, ranks): sums add, norms combine by root-sum-square, M2 by Chan's formula."""
+    n1, s1, l1, x1, f1, q1 = a
+    n2, s2, l2, x2, f2, q2 = b
+    x = x1 if x1 != x1 else (x2 if x2 != x2 else max(x1, x2))
+    mom = merge_moments(Moments(n1, s1 / n1 if n1 else 0.0, q1), Moments(n2, s2 / n2 if n2 else 0.0, q2))
+    return (n1 + n2, s1 + s2, math.sqrt(l1 * l1 + l2 * l2), x, f1 + f2, mom.m2)
 
 
 def pack_dtype(device: torch.device) -> torch.dtype:

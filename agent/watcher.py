@@ -137,7 +137,7 @@ def _dist() -> tuple[int, int]:
 
 
 def _exclude_classifier(model: torch.nn.Module | None, transforms: Sequence[Transform]) -> None:
-    """ALGORITHMS.md §6: AGC leaves the final classifier alone. For each AGC whose ``exclude``
+    """docs/transforms.md, AGC: AGC leaves the final classifier alone. For each AGC whose ``exclude``
     was left to its default, exclude the model's last ``nn.Linear`` (once)."""
     if model is None:
         return

@@ -30,9 +30,13 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from .spec import LAYER_FIELDS as _LAYER_SPEC
+
 __all__ = [
     "WIRE_VERSION",
+    "ACCEPTED_VERSIONS",
     "LAYER_FIELDS",
+    "V1_LAYER_FIELDS",
     "EVENT_KINDS",
     "RUN_STATUSES",
     "MAX_LAYERS",
@@ -55,12 +59,19 @@ __all__ = [
     "validate_run_id",
 ]
 
-#: Major version of the schema. The server rejects other majors with a clear 4xx.
-WIRE_VERSION = 1
+#: Version of the schema the agent writes. Version 2 sends exact moments (``m2``, the centred
+#: second moment, instead of finished var/std) and the weight norm ``wnorm``.
+WIRE_VERSION = 2
+#: Versions the decoder takes. A version-1 batch (spools and ``.gwrec`` files of earlier agents)
+#: is converted on decode: ``m2 = var · numel``, ``wnorm`` null. Others get a clear 4xx.
+ACCEPTED_VERSIONS: tuple[int, ...] = (1, 2)
 
-#: Per-layer columns of a step record, in this order. ``numel`` and ``nonfinite`` are integers;
-#: ``l2_post`` (the L2 norm after the transforms) is null when no transform ran that step.
-LAYER_FIELDS: tuple[str, ...] = ("numel", "mean", "var", "std", "l2", "maxabs", "nonfinite", "l2_post")
+#: Per-layer columns of a step record (declared in :mod:`gradwatch.agent.spec`), in this order.
+#: ``numel`` and ``nonfinite`` are integers; the nullable ones (``l2_post``: no transform ran;
+#: ``wnorm``: not measured) may be left out or hold nulls.
+LAYER_FIELDS: tuple[str, ...] = tuple(f.name for f in _LAYER_SPEC)
+#: The per-layer columns of wire version 1.
+V1_LAYER_FIELDS: tuple[str, ...] = ("numel", "mean", "var", "std", "l2", "maxabs", "nonfinite", "l2_post")
 
 #: Event kinds. ``overflow``: the loss scaler found inf/NaN (data: scale_before, scale_after,
 #: layers). ``scale_growth``: the scale grew. ``skipped``: the optimizer step was skipped.
@@ -70,7 +81,8 @@ EVENT_KINDS: frozenset[str] = frozenset(
     {"overflow", "scale_growth", "skipped", "clip", "nonfinite", "spike", "manual_scale"}
 )
 
-_INT_FIELDS = frozenset({"numel", "nonfinite"})
+_INT_FIELDS = frozenset(f.name for f in _LAYER_SPEC if not f.is_float)
+_NULLABLE = frozenset(f.name for f in _LAYER_SPEC if f.nullable) | {"l2_post"}
 
 #: Run statuses a batch may set.
 RUN_STATUSES: frozenset[str] = frozenset({"running", "finished", "crashed"})
@@ -479,9 +491,10 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
     ver = d["wire_version"]
     if type(ver) is not int:
         raise WireError("batch.wire_version: expected an integer")
-    if ver != WIRE_VERSION:
-        raise WireError(f"batch.wire_version: this server speaks wire version {WIRE_VERSION}, got {ver}; "
-                        "upgrade the older side")
+    if ver not in ACCEPTED_VERSIONS:
+        raise WireError(f"batch.wire_version: this server speaks wire versions {list(ACCEPTED_VERSIONS)}, "
+                        f"got {ver}; upgrade the older side")
+    fields = LAYER_FIELDS if ver == WIRE_VERSION else V1_LAYER_FIELDS
     _known(d, _BATCH_KEYS, "batch")
     for k in ("run", "seq"):
         if k not in d:
@@ -545,19 +558,23 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
         if len(set(ids)) != len(ids):
             raise WireError(f"{w}.layer_ids: contains duplicates")
         cols = _obj(s.get("layers") or {}, f"{w}.layers")
-        unknown = cols.keys() - set(LAYER_FIELDS)
+        unknown = cols.keys() - set(fields)
         if unknown:
-            raise WireError(f"{w}.layers: unknown column(s) {sorted(unknown)[:5]}; expected {list(LAYER_FIELDS)}")
+            raise WireError(f"{w}.layers: unknown column(s) {sorted(unknown)[:5]}; expected {list(fields)}")
         n = len(ids)
         dec_cols: dict[str, list[Any]] = {}
-        for k in LAYER_FIELDS:
+        for k in fields:
             if k not in cols:
-                if n and k != "l2_post":
+                if n and k not in _NULLABLE:
                     raise WireError(f"{w}.layers.{k}: missing")
                 dec_cols[k] = [None] * n
                 continue
             dec_cols[k] = _dec_list(cols[k], f"{w}.layers.{k}", n, integer=k in _INT_FIELDS,
-                                    nullable=k == "l2_post", as_array=packed_as_array)
+                                    nullable=k in _NULLABLE, as_array=packed_as_array)
+        if fields is V1_LAYER_FIELDS:
+            dec_cols = _from_v1(dec_cols, n, packed_as_array)
+        elif n and any(x < 0 for x in dec_cols["m2"] if x is not None):  # NaN compares False: data
+            raise WireError(f"{w}.layers.m2: a centred second moment is never negative")
         tr = _dec_value(s.get("transforms") or {}, f"{w}.transforms")
         if type(tr) is not dict or any(type(v) is not dict for v in tr.values()):
             raise WireError(f"{w}.transforms: expected an object of objects")
@@ -625,8 +642,18 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
         scalars=scalars,
         events=events,
         status=status,
-        wire_version=ver,
+        wire_version=WIRE_VERSION,  # columns converted above: a version-2 batch now
     )
+
+
+def _from_v1(cols: dict[str, Any], n: int, as_array: bool) -> dict[str, Any]:
+    """Version-1 columns as version-2 ones: ``m2 = var · numel`` (as exact as the var it was
+    sent with), ``wnorm`` not measured; ``std`` is dropped (derived from m2 when read)."""
+    m2 = [v * k if v is not None and k is not None else None for v, k in zip(cols["var"], cols["numel"])]
+    out = {k: cols[k] for k in LAYER_FIELDS if k in cols}
+    out["m2"] = array("d", m2) if as_array and None not in m2 else m2
+    out["wnorm"] = [None] * n
+    return {k: out[k] for k in LAYER_FIELDS}
 
 
 def decode_batch(data: bytes | str) -> Batch:

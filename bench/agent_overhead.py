@@ -8,7 +8,7 @@ Variants, each on its own identically initialised copy of the model:
   wandb     wandb.watch(log="gradients", log_freq=1) offline + wandb.log each step
   tb        TensorBoard SummaryWriter.add_histogram for every gradient, every step
 
-Method (BASELINES.md §A; the machine is shared and noisy): after warm-up, each round runs every
+Method (docs/storage.md, Agent cost; the machine is shared and noisy): after warm-up, each round runs every
 variant for one untimed step and then a block of timed steps, the starting variant rotating. A
 round's ratio is the variant's block median over the baseline's block median in that round; the
 table shows the median ratio over rounds with [min-max].
@@ -70,7 +70,7 @@ from cifar_resnet import ResNetCifar  # bench/ is on sys.path when a script here
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ----------------------------------------------------------------------------------------------
-# models (shapes of BASELINES.md §A)
+# models (shapes of docs/storage.md, Agent cost)
 
 
 class TinyLM(nn.Module):

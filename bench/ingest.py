@@ -123,9 +123,9 @@ def make_batches(n_rows: int, run_id: str, seed: int = 0) -> list[wire.Batch]:
             l2 = [s * 256 for s in std]
             steps.append(wire.StepRecord(
                 step=step, time=time.time(), layer_ids=ids,
-                layers={"numel": [65536] * LAYERS, "mean": mean, "var": [s * s for s in std], "std": std, "l2": l2,
+                layers={"numel": [65536] * LAYERS, "mean": mean, "m2": [s * s * 65536 for s in std], "l2": l2,
                         "maxabs": [s * rnd.uniform(3, 6) for s in std], "nonfinite": [0] * LAYERS,
-                        "l2_post": [x * rnd.uniform(0.5, 1) for x in l2]},
+                        "l2_post": [x * rnd.uniform(0.5, 1) for x in l2], "wnorm": [x * 40 for x in l2]},
                 total_norm=1.0, clip_coef=1.0, loss_scale=65536.0))
             step += 1
         out.append(wire.Batch(run=wire.RunInfo(run_id=run_id), seq=b + 1, layers=layers if b == 0 else [],
@@ -184,8 +184,8 @@ def ingest_raw(kind: str, url: str, batches: list[wire.Batch], stream: bool = Fa
         rows = []
         for s in b.steps:
             c = s.layers
-            rows.extend(zip([ids[i] for i in s.layer_ids], [s.step] * LAYERS, [0] * LAYERS, c["numel"], c["mean"],
-                            c["var"], c["std"], c["l2"], c["maxabs"], c["nonfinite"], c["l2_post"], [0] * LAYERS))
+            rows.extend(zip([ids[i] for i in s.layer_ids], [s.step] * LAYERS, [0] * LAYERS,
+                            *(c[k] for k in wire.LAYER_FIELDS), [0] * LAYERS))
         prepared.append(rows)
     n = sum(len(r) for r in prepared)
     if stream:
@@ -244,8 +244,8 @@ def build_big_run(kind: str, url: str, rows: int) -> tuple[str, int]:
                         [(run_id, i, f"model.layers.{i}.weight") for i in range(LAYERS)])
         con.execute("COMMIT")
         ids = [r[0] for r in con.execute("SELECT id FROM layer WHERE run_id = ? ORDER BY idx", (run_id,))]
-        sql = ("INSERT INTO layer_stat (layer_id, step, rank, numel, mean, var, std, l2, maxabs, nonfinite, l2_post, "
-               "nan_mask) VALUES (?, ?, 0, 65536, ?, ?, ?, ?, ?, 0, NULL, 0)")
+        sql = ("INSERT INTO layer_stat (layer_id, step, rank, numel, mean, m2, l2, maxabs, nonfinite, l2_post, "
+               "wnorm, nan_mask) VALUES (?, ?, 0, 65536, ?, ?, ?, ?, 0, NULL, ?, 0)")
         rnd = random.Random(1)
         chunk = 500
         for s0 in range(1, steps + 1, chunk):
@@ -253,7 +253,7 @@ def build_big_run(kind: str, url: str, rows: int) -> tuple[str, int]:
             for s in range(s0, min(s0 + chunk, steps + 1)):
                 for lid in ids:
                     v = rnd.random() + (100.0 if s % 9973 == 0 else 0.0)
-                    data.append((lid, s, v, v, v, v, v))
+                    data.append((lid, s, v, v * 65536, v, v, v))
             con.execute("BEGIN")
             con.executemany(sql, data)
             con.execute("COMMIT")
@@ -270,8 +270,9 @@ def build_big_run(kind: str, url: str, rows: int) -> tuple[str, int]:
                         "SELECT %s, i, 'model.layers.' || i || '.weight', '', false FROM generate_series(0, %s) i",
                         (run_id, LAYERS - 1))
             con.execute(
-                "INSERT INTO layer_stat (layer_id, step, rank, numel, mean, var, std, l2, maxabs, nonfinite, "
-                "l2_post, nan_mask) SELECT l.id, s, 0, 65536, v, v, v, v, v, 0, NULL, 0 FROM generate_series(1, %s) s "
+                "INSERT INTO layer_stat (layer_id, step, rank, numel, mean, m2, l2, maxabs, nonfinite, "
+                "l2_post, wnorm, nan_mask) SELECT l.id, s, 0, 65536, v, v * 65536, v, v, 0, NULL, v, 0 "
+                "FROM generate_series(1, %s) s "
                 "CROSS JOIN layer l CROSS JOIN LATERAL (SELECT random() + CASE WHEN s %% 9973 = 0 THEN 100 ELSE 0 END "
                 "+ 0 * l.id AS v) x WHERE l.run_id = %s ORDER BY s, l.idx", (steps, run_id))
             from gradwatch.server.repo.ingest import _ROLLUP

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from cifar_resnet import ResNetCifar  # bench/ is on sys.path when a script here runs
 
 from gradwatch.agent import AutoscaledNorm, Centralize, ZScoreNorm, watch
+from gradwatch.agent.spec import Moments, merge_all, moments_var, std_of
 
 HERE = Path(__file__).resolve().parent
 METHODS = {
@@ -96,17 +97,10 @@ def eligible_ids(w) -> list[int]:  # type: ignore[no-untyped-def]
 
 
 def pooled_std(rec, ids: set[int]) -> float:  # type: ignore[no-untyped-def]
-    """Population std of all eligible gradient entries, merged from per-layer (n, mean, var)."""
-    n = m1 = m2 = 0.0
-    for j, lid in enumerate(rec.layer_ids):
-        if lid not in ids:
-            continue
-        k, mean, var = rec.layers["numel"][j], rec.layers["mean"][j], rec.layers["var"][j]
-        n += k
-        m1 += k * mean
-        m2 += k * (var + mean * mean)
-    mu = m1 / n
-    return math.sqrt(max(m2 / n - mu * mu, 0.0))
+    """Population std of all eligible gradient entries, merged from per-layer moments (n, mean, M2)."""
+    L = rec.layers
+    return std_of(merge_all(Moments(L["numel"][j], L["mean"][j], L["m2"][j])
+                            for j, lid in enumerate(rec.layer_ids) if lid in ids).var)
 
 
 def train_one(task: tuple[torch.Tensor, ...], method: str, seed: int, args: argparse.Namespace) -> dict:
@@ -140,7 +134,7 @@ def train_one(task: tuple[torch.Tensor, ...], method: str, seed: int, args: argp
     for r in w.sink.steps:
         pos = {lid: j for j, lid in enumerate(r.layer_ids)}
         for i in ids:
-            per_layer[names[i]].append(r.layers["std"][pos[i]])
+            per_layer[names[i]].append(std_of(moments_var(r.layers["numel"][pos[i]], r.layers["m2"][pos[i]])))
     glob = [pooled_std(r, set(ids)) for r in w.sink.steps]
     alphas = [r.transforms.get("autoscaled_norm", {}).get("alpha") for r in w.sink.steps]
     return {"acc": correct / len(yte), "steps": steps, "per_layer": per_layer, "global": glob,

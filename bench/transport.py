@@ -9,7 +9,7 @@ Side by side in one run, each variant on its own identically initialised copy of
   slow   watch() streaming through a TCP relay (its own process) that holds every
          client->server chunk for ``--delay`` seconds: a server that answers slowly
 
-Method (as bench/agent_overhead.py, BASELINES.md §A): after warm-up, each round runs every variant
+Method (as bench/agent_overhead.py, docs/storage.md, Agent cost): after warm-up, each round runs every variant
 for one untimed step and then a block of timed steps, the starting variant rotating. A round's
 ratio is the variant's block median over the reference's block median in that round; the table
 shows the median ratio over rounds with [min-max]. The watchers stay open across rounds, so the

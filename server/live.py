@@ -14,16 +14,18 @@ import asyncio
 import bisect
 import json
 import logging
+import math
 import threading
 import uuid
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
+from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, LAYER_FIELDS, with_derived
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan, enc_value
-from gradwatch.server.repo.ingest import NOTIFY_CHANNEL
+from gradwatch.server.repo.ingest import NOTIFY_CHANNEL, scalar_reports
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +33,23 @@ _STEP_FIELDS = ("total_norm", "total_norm_post", "clip_coef", "loss_scale")
 _QUEUE_SIZE = 1000
 
 
-#: Per-layer statistics a live subscriber may ask for (``?layers=l2,maxabs``).
-LIVE_LAYER_STATS: tuple[str, ...] = ("numel", "nonfinite", *LAYER_FLOAT_COLUMNS)
+#: Stored per-layer fields the live stream carries (the spec's, in spec order).
+_LIVE_STORED: tuple[str, ...] = tuple(f.name for f in LAYER_FIELDS if "live" in f.expose)
+#: Per-layer statistics a live subscriber may ask for (``?layers=l2,maxabs``): stored and derived.
+LIVE_LAYER_STATS: tuple[str, ...] = _LIVE_STORED + tuple(d.name for d in DERIVED_LAYER_FIELDS if "live" in d.expose)
+_FLOAT_STATS = frozenset(LAYER_FLOAT_COLUMNS) | {d.name for d in DERIVED_LAYER_FIELDS}
 
 
 def _layer_block(ids: list[int], cols: dict[str, Any]) -> dict[str, Any]:
     """One step's per-layer statistics, column-wise: ``index`` (the layer's index in the run's
     layer table) and one list per statistic, NaN/inf as strings like everywhere in the API."""
     out: dict[str, Any] = {"index": list(ids)}
+    if "m2" in cols and "numel" in cols:
+        cols = with_derived({k: list(v) for k, v in cols.items()})
     for k in LIVE_LAYER_STATS:
         v = cols.get(k)
         if v is not None:
-            out[k] = [enc(x) for x in v] if k in LAYER_FLOAT_COLUMNS else [None if x is None else int(x) for x in v]
+            out[k] = [enc(x) for x in v] if k in _FLOAT_STATS else [None if x is None else int(x) for x in v]
     return out
 
 
@@ -61,6 +68,11 @@ def project(message: dict[str, Any], stats: tuple[str, ...]) -> dict[str, Any]:
     return {**message, "steps": steps}
 
 
+def _scalar_reports(tr: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each transform's scalar values of one step (what ``/transforms`` serves), NaN/inf as strings."""
+    return {name: {k: enc(v) for k, v in vals.items()} for name, vals in scalar_reports(tr).items()}
+
+
 def message_from_batch(batch: Batch, layers: bool = False) -> dict[str, Any]:
     """The live message for a batch this process just stored (``layers``: with every step's
     per-layer statistics, when some subscriber asked for them)."""
@@ -68,7 +80,7 @@ def message_from_batch(batch: Batch, layers: bool = False) -> dict[str, Any]:
         "type": "batch", "run_id": batch.run.run_id, "source": batch.source, "seq": batch.seq,
         "steps": [{"step": s.step, "time": s.time, "rank": s.rank, "total_norm": enc(s.total_norm),
                    "total_norm_post": enc(s.total_norm_post), "clip_coef": enc(s.clip_coef),
-                   "loss_scale": enc(s.loss_scale), "skipped": s.skipped,
+                   "loss_scale": enc(s.loss_scale), "skipped": s.skipped, "transforms": _scalar_reports(s.transforms),
                    **({"layers": _layer_block(s.layer_ids, s.layers)} if layers else {})} for s in batch.steps],
         "events": [{"kind": e.kind, "step": e.step, "time": e.time, "rank": e.rank, "data": enc_value(e.data)}
                    for e in batch.events],
@@ -98,7 +110,14 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
         for bit, f in enumerate(_STEP_FIELDS):
             st[f] = enc_nan(getattr(r, f), bool(r.nan_mask & (1 << bit)))
         st["skipped"] = bool(r.skipped)
+        st["transforms"] = {}
         msg["steps"].append(st)
+    by_step = {(st["step"], st["rank"]): st for st in msg["steps"]}
+    for r in conn.execute(text(f"SELECT step, rank, transform, field, value, is_nan FROM transform_value WHERE "
+                               f"run_id = :r AND rank IN ({rk}) AND step BETWEEN :a AND :b"), p):
+        owner = by_step.get((r.step, r.rank))
+        if owner is not None:
+            owner["transforms"].setdefault(r.transform, {})[r.field] = enc_nan(r.value, bool(r.is_nan))
     if layers and msg["steps"]:
         _layers_from_db(conn, msg["steps"], run_id, rk, p)
     for r in conn.execute(text(f"SELECT kind, step, time, rank, data FROM event WHERE run_id = :r AND rank IN ({rk}) "
@@ -117,21 +136,21 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
 def _layers_from_db(conn: Connection, steps: list[dict[str, Any]], run_id: str, rk: str, p: dict[str, Any]) -> None:
     """Attach each step's per-layer block, read back from ``layer_stat`` (NaN: NULL + mask bit)."""
     by_key = {(st["step"], st["rank"]): st for st in steps}
-    cols = ", ".join(f"s.{c}" for c in LIVE_LAYER_STATS)
+    cols = ", ".join(f"s.{c}" for c in _LIVE_STORED)
     # the nan_mask bit of each float statistic (None: an integer column)
-    bits = [1 << LAYER_FLOAT_COLUMNS.index(k) if k in LAYER_FLOAT_COLUMNS else None for k in LIVE_LAYER_STATS]
+    bits = [1 << LAYER_FLOAT_COLUMNS.index(k) if k in LAYER_FLOAT_COLUMNS else None for k in _LIVE_STORED]
     acc: dict[tuple[int, int], dict[str, list[Any]]] = {}
     for r in conn.execute(text(
             f"SELECT s.step, s.rank, l.idx, s.nan_mask, {cols} FROM layer_stat s JOIN layer l ON l.id = s.layer_id "
             f"WHERE l.run_id = :r AND s.rank IN ({rk}) AND s.step BETWEEN :a AND :b ORDER BY s.step, s.rank, l.idx"), p):
         if (r[0], r[1]) not in by_key:
             continue
-        blk = acc.setdefault((r[0], r[1]), {"index": [], **{k: [] for k in LIVE_LAYER_STATS}})
+        blk = acc.setdefault((r[0], r[1]), {"index": [], **{k: [] for k in _LIVE_STORED}})
         blk["index"].append(r[2])
-        for k, bit, v in zip(LIVE_LAYER_STATS, bits, r[4:]):
-            blk[k].append(v if bit is None else enc_nan(v, bool(r[3] & bit)))
+        for k, bit, v in zip(_LIVE_STORED, bits, r[4:]):
+            blk[k].append(v if bit is None else (math.nan if r[3] & bit else v))
     for key, blk in acc.items():
-        by_key[key]["layers"] = blk
+        by_key[key]["layers"] = _layer_block(blk.pop("index"), blk)
 
 
 class _Steps:

@@ -1,11 +1,15 @@
-"""Request and response bodies of the REST API (read views are separate from write actions)."""
+"""Request and response bodies of the REST API (read views are separate from write actions).
+
+Every list answers in one envelope, ``{"data": [...], "count": n, ...}``; series responses describe
+their statistics with the declared spec's meanings and units."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
+from gradwatch.agent.spec import SERIES_LAYER_STATS, STEP_FIELDS, TRANSFORM_VALUES, layer_field
 from gradwatch.agent.wire import MAX_DEPTH
 from gradwatch.agent.wire import RUN_ID_PATTERN as _RUN_ID
 
@@ -107,3 +111,127 @@ class EventPage(BaseModel):
     count: int
     limit: int
     offset: int
+
+
+# ---------------------------------------------------------------------------------------------
+# series responses (field descriptions come from the declared spec, ``agent/spec.py``)
+
+
+def _stat_doc() -> str:
+    return "; ".join(f"{f.name}: {f.doc} [{f.unit}]" for f in (*(layer_field(n) for n in SERIES_LAYER_STATS),))
+
+
+class Point(BaseModel):
+    step: int
+    rank: int
+    value: Number
+
+
+class Pooled(BaseModel):
+    """All gradient elements of the bucket's steps and ranks, as if concatenated."""
+
+    count: int = Field(description="elements pooled")
+    mean: Number
+    var: Number = Field(description="population variance of the pooled elements")
+    std: Number
+    skipped: int = Field(description="rows left out: their mean or M2 was not finite")
+
+
+class Bucket(BaseModel):
+    step_min: int
+    step_max: int
+    min: Number
+    max: Number
+    mean: Number = Field(description="mean of the per-step values (NaN when the bucket holds +inf and -inf)")
+    count: int = Field(description="rows in the bucket")
+    nan: int = Field(description="rows whose value was NaN")
+    pooled: Pooled | None = Field(None, description="mean/var/std series only: the pooled moments")
+
+
+class Series(BaseModel):
+    downsampled: bool
+    bucket_width: int | None = None
+    points: list[Point] | None = Field(None, description="raw values (when not downsampled)")
+    buckets: list[Bucket] | None = Field(None, description="min/max/mean buckets (when downsampled)")
+
+
+class LayerSeries(Series):
+    layer: int
+    name: str
+
+
+class StatsResponse(BaseModel):
+    run_id: str
+    stat: str = Field(description=_stat_doc())
+    series: list[LayerSeries]
+
+
+class HeatmapLayer(BaseModel):
+    index: int
+    name: str
+
+
+class HeatmapResponse(BaseModel):
+    run_id: str
+    layers: list[HeatmapLayer]
+    stat: str = Field(description=_stat_doc())
+    agg: str
+    steps: list[int] = Field(description="first step of each bucket")
+    bucket_width: int | None = None
+    values: list[list[Number]] = Field(description="values[layer][bucket]")
+    nan: list[list[int]] = Field(description="NaN rows per cell")
+
+
+class StepAgg(BaseModel):
+    min: Number
+    max: Number
+    mean: Number
+    nan: int
+
+
+_STEP_DOCS = {f.name: f"{f.doc} [{f.unit}]" for f in STEP_FIELDS}
+
+StepPoint = create_model(  # type: ignore[call-overload]
+    "StepPoint", step=(int, ...), rank=(int, ...), time=(float, ...), skipped=(bool, ...),
+    **{n: (Number, Field(None, description=d)) for n, d in _STEP_DOCS.items()})
+StepBucket = create_model(  # type: ignore[call-overload]
+    "StepBucket", step_min=(int, ...), step_max=(int, ...), count=(int, ...), skipped=(int, ...),
+    **{n: (StepAgg | None, Field(None, description=d)) for n, d in _STEP_DOCS.items()})
+
+
+class StepsResponse(BaseModel):
+    run_id: str
+    downsampled: bool
+    bucket_width: int | None = None
+    points: list[StepPoint] | None = None  # type: ignore[valid-type]
+    buckets: list[StepBucket] | None = None  # type: ignore[valid-type]
+
+
+class ScalarsResponse(Series):
+    run_id: str
+    key: str | None = None
+    keys: list[str] | None = Field(None, description="the run's scalar keys (when no key is given)")
+    downsampled: bool = False
+
+
+def _transform_doc() -> str:
+    return "; ".join(f"{t}: " + ", ".join(f"{v.name} ({v.doc})" for v in vals if not v.per_layer)
+                     for t, vals in TRANSFORM_VALUES.items())
+
+
+class TransformSeries(Series):
+    transform: str
+    field: str
+
+
+class TransformsResponse(BaseModel):
+    run_id: str
+    transforms: dict[str, list[str]] | None = Field(
+        None, description="each transform of the run and the values it reported (no transform asked for). "
+        + _transform_doc())
+    series: list[TransformSeries] | None = None
+
+
+class LayerPage(BaseModel):
+    data: list[LayerRead]
+    count: int

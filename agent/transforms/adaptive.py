@@ -1,4 +1,4 @@
-"""Adaptive clippers (ALGORITHMS.md §6-8): AGC (unit-wise, slot S5b), ZClip and AutoClip (global, S5c).
+"""Adaptive clippers (docs/transforms.md): AGC (unit-wise, slot S5b), ZClip and AutoClip (global, S5c).
 
 Unlike the published packages, these keep working after a non-finite step:
 
@@ -106,7 +106,7 @@ class _AGCPlan:
 
 
 class AGC(Transform):
-    """Adaptive Gradient Clipping (Brock et al. 2021, NFNets), ALGORITHMS.md §6.
+    """Adaptive Gradient Clipping (Brock et al. 2021, NFNets), docs/transforms.md, AGC.
 
     Per output unit i (dim 0 for ``ndim >= 2``; the whole tensor for ``ndim <= 1``)::
 
@@ -326,7 +326,7 @@ class AGC(Transform):
 class ZClip(Transform):
     """ZClip (Kumar et al. 2025, arXiv 2504.02507): z-score clipping of the total gradient norm.
 
-    Same arguments, defaults and arithmetic as the ``zclip`` 1.0.0 package (ALGORITHMS.md §7),
+    Same arguments, defaults and arithmetic as the ``zclip`` 1.0.0 package (docs/transforms.md, ZClip),
     checked step by step against it: a warm-up of ``warmup_steps`` norms (clipped only by
     ``max_grad_norm``, which defaults to 1.0 and so also acts as a fixed cap), then EMA mean and
     variance; in ``mode="zscore"`` a norm with z > ``z_thresh`` is clipped to
@@ -503,7 +503,7 @@ class ZClip(Transform):
 class AutoClip(Transform):
     """AutoClip (Seetharaman et al., MLSP 2020): clip the total norm to a percentile of its history.
 
-    The paper's algorithm (ALGORITHMS.md §8): append the current total norm ``x_t`` to the
+    The paper's algorithm (docs/transforms.md, AutoClip): append the current total norm ``x_t`` to the
     history, then clip to ``percentile(history, percentile)`` (linear interpolation, as
     ``numpy.percentile`` / ``torch.quantile``) exactly like ``clip_grad_norm_`` (coefficient
     ``min(1, thr/(x_t+1e-6))``). The history is a preallocated ring of the last ``history``

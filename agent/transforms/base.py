@@ -7,7 +7,7 @@ reuse the statistics pass, and collects what each transform reports as device te
 here synchronizes with the device: reports are packed and copied to the host once per step by
 whoever drives the pipeline (the watcher or the scaler).
 
-Order (ALGORITHMS.md §0): normalization, then unit-wise clipping, then element-wise clipping,
+Order (docs/transforms.md, Order): normalization, then unit-wise clipping, then element-wise clipping,
 then global clipping; at most one normalizer and one global clipper per pipeline.
 """
 

@@ -1,6 +1,6 @@
 """Fixed-threshold clipping: :class:`ClipNorm` and :class:`ClipValue`.
 
-They reproduce ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_`` (ALGORITHMS.md §2):
+They reproduce ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_`` (docs/transforms.md, ClipNorm):
 same grouping by (device, dtype), same foreach/per-tensor choice, same coefficient
 ``clamp(max_norm / (total + 1e-6), max=1)`` applied without a branch, so no host sync. For fp32
 gradients the results are bit-identical to torch. They differ on purpose in two places:

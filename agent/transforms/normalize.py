@@ -1,4 +1,4 @@
-"""Gradient normalizers (slot S5a, ALGORITHMS.md §3-5): AutoscaledNorm, Centralize, ZScoreNorm.
+"""Gradient normalizers (slot S5a, docs/transforms.md): AutoscaledNorm, Centralize, ZScoreNorm.
 
 All three edit ``p.grad`` in place, on the device, without a device sync. On a step whose
 gradients are not all finite (unknown on the host: guarded on the device through
@@ -199,7 +199,7 @@ class AutoscaledNorm(Transform):
         α_t = min(clamp_max, σ_t / σ_ref)            (alpha_mode="ratio_to_initial", default)
         g_p ← α_t · (g_p − mean(g_p))
 
-    **The paper's exact α_t is not in any text we could reach** (ALGORITHMS.md §3): the default is
+    **The paper's exact α_t is not in any text we could reach** (docs/transforms.md, AutoscaledNorm): the default is
     our reading of its description (one hyperparameter-free global factor that follows the
     natural decline of the global gradient std and never amplifies). The variants are options:
     ``"sqrt_ratio_to_initial"`` (α = sqrt(σ_t/σ_ref)), ``"ratio_to_previous"`` (σ_ref is the last
@@ -296,7 +296,7 @@ class AutoscaledNorm(Transform):
 
 
 class Centralize(_Stateless):
-    """Gradient Centralization (Yong et al., ECCV 2020), ALGORITHMS.md §5.
+    """Gradient Centralization (Yong et al., ECCV 2020), docs/transforms.md, Centralize.
 
     For each eligible weight gradient the mean over every dim except the output dim (dim 0) is
     subtracted, so each output unit's gradient sums to zero. ``conv_only=False`` (default,
@@ -320,7 +320,7 @@ class Centralize(_Stateless):
         self._warned: set[int] = set()
 
     def _warn_single_column(self, ctx: GradContext, idx: list[int]) -> None:
-        """ALGORITHMS.md §5: a weight with one element per output unit (Linear with
+        """docs/transforms.md, Centralize: a weight with one element per output unit (Linear with
         ``in_features == 1``) centres to all zeros; legitimate, but the user should know."""
         for i in idx:
             p, g = ctx.params[i], ctx.grads[i]
@@ -355,7 +355,7 @@ class Centralize(_Stateless):
 
 
 class ZScoreNorm(_Stateless):
-    """Z-score gradient normalization (ZNorm, Yun et al., arXiv 2408.01215), ALGORITHMS.md §4.
+    """Z-score gradient normalization (ZNorm, Yun et al., arXiv 2408.01215), docs/transforms.md, ZScoreNorm.
 
     Each eligible grad (``ndim > 1``, at least 2 elements) becomes
     ``(g − mean(g)) / (std(g) + eps)`` with the unbiased std and ``eps = 1e-12`` (the author's

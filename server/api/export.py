@@ -19,7 +19,7 @@ router = APIRouter(tags=["export"])
     **ERRORS, 200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
 def export_run(request: Request, run_id: RunId,
                format: Annotated[Literal["csv", "parquet"], Query()] = "csv",
-               table: Annotated[Literal["layer_stats", "steps", "events", "scalars"], Query()] = "layer_stats",
+               table: Annotated[Literal["layer_stats", "steps", "events", "scalars", "transforms"], Query()] = "layer_stats",
                ) -> StreamingResponse:
     """One table of a run; NaN/±inf survive (CSV spells them NaN/Infinity/-Infinity)."""
     gw = state(request)

@@ -1,5 +1,8 @@
 """Runs, layers and their series: ``/runs``, ``/runs/{id}``, ``/layers``, ``/stats``, ``/heatmap``,
-``/steps``, ``/scalars``, ``/events``. Sync routes: each opens its own connection or transaction.
+``/steps``, ``/scalars``, ``/transforms``, ``/events``. Sync routes: each opens its own connection
+or transaction. Every data endpoint declares its response model (so ``/openapi.json`` describes
+it); every list answers ``{"data": [...], "count": n}``; ``/stats`` and ``/heatmap`` take a
+bounded number of statements whatever the layer count.
 
 Every series response is bounded: at most ``max_points`` buckets per series (10,000 at most, and
 the default when it is left out, so a long run is downsampled rather than sent row by row) and at
@@ -22,11 +25,16 @@ from gradwatch.server.schemas import (
     MAX_STEP,
     RUN_ID_PATTERN,
     EventPage,
-    LayerRead,
+    HeatmapResponse,
+    LayerPage,
     RunCreate,
     RunPage,
     RunRead,
     RunUpdate,
+    ScalarsResponse,
+    StatsResponse,
+    StepsResponse,
+    TransformsResponse,
 )
 
 router = APIRouter(tags=["runs"])
@@ -105,17 +113,19 @@ def delete_run(request: Request, run_id: RunId) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/runs/{run_id}/layers", response_model=list[LayerRead], dependencies=read, responses=ERRORS)
+@router.get("/runs/{run_id}/layers", response_model=LayerPage, dependencies=read, responses=ERRORS)
 def list_layers(request: Request, run_id: RunId) -> Any:
+    """The run's layer table, in index order."""
     with state(request).db.read() as conn:
-        return FastJSONResponse(repo.list_layers(conn, run_id))
+        data = repo.list_layers(conn, run_id)
+    return FastJSONResponse({"data": data, "count": len(data)})
 
 
 LayerSpecs = Annotated[list[Annotated[str, Query(max_length=512)]] | None, Query(
     description="layer name or index, repeatable; 'all' for every layer")]
 
 
-@router.get("/runs/{run_id}/stats", dependencies=read, responses=ERRORS)
+@router.get("/runs/{run_id}/stats", response_model=StatsResponse, dependencies=read, responses=ERRORS)
 def layer_stats(request: Request, run_id: RunId, layer: LayerSpecs = None,
                 stat: Annotated[str, Query(max_length=32)] = "l2", start: Start = None, end: End = None,
                 max_points: MaxPoints = None, rank: Annotated[int | None, Query(ge=0, le=1 << 20)] = None
@@ -139,14 +149,13 @@ def layer_stats(request: Request, run_id: RunId, layer: LayerSpecs = None,
         elif len(layers) * mp > MAX_CELLS:
             raise Invalid(f"max_points: {len(layers)} layers × {mp} points is more than the {MAX_CELLS:,} values "
                           f"one response holds; ask for at most {MAX_CELLS // len(layers)} points or fewer layers")
-        out = []
-        for lid, idx, name in layers:
-            s = series.layer_series(conn, lid, stat, start=start, end=end, max_points=mp, rank=rank)
-            out.append({"layer": idx, "name": name, **s})
+        got = series.layers_series(conn, [lid for lid, _, _ in layers], stat, start=start, end=end, max_points=mp,
+                                   rank=rank)
+    out = [{"layer": idx, "name": name, **s} for (_, idx, name), s in zip(layers, got)]
     return FastJSONResponse({"run_id": run_id, "stat": stat, "series": out})
 
 
-@router.get("/runs/{run_id}/heatmap", dependencies=read, responses=ERRORS)
+@router.get("/runs/{run_id}/heatmap", response_model=HeatmapResponse, dependencies=read, responses=ERRORS)
 def layer_heatmap(request: Request, run_id: RunId, layers: LayerSpecs = None,
                   stat: Annotated[str, Query(max_length=32)] = "l2", start: Start = None, end: End = None,
                   max_points: Annotated[int | None, Query(ge=1, le=MAX_POINTS, description=(
@@ -168,7 +177,7 @@ def layer_heatmap(request: Request, run_id: RunId, layers: LayerSpecs = None,
     return FastJSONResponse({"run_id": run_id, **out})
 
 
-@router.get("/runs/{run_id}/steps", dependencies=read, responses=ERRORS)
+@router.get("/runs/{run_id}/steps", response_model=StepsResponse, dependencies=read, responses=ERRORS)
 def step_series(request: Request, run_id: RunId,
                 fields: Annotated[str | None, Query(max_length=200, description="comma-separated")] = None,
                 start: Start = None, end: End = None, max_points: MaxPoints = None,
@@ -183,7 +192,7 @@ def step_series(request: Request, run_id: RunId,
     return FastJSONResponse({"run_id": run_id, **out})
 
 
-@router.get("/runs/{run_id}/scalars", dependencies=read, responses=ERRORS)
+@router.get("/runs/{run_id}/scalars", response_model=ScalarsResponse, dependencies=read, responses=ERRORS)
 def scalar_series(request: Request, run_id: RunId, key: QueryText = None, start: Start = None, end: End = None,
                   max_points: MaxPoints = None) -> Any:
     """User scalars from ``Watcher.log``: the keys, or one key's series (raw points while the range
@@ -195,6 +204,29 @@ def scalar_series(request: Request, run_id: RunId, key: QueryText = None, start:
             return FastJSONResponse({"run_id": run_id, "keys": series.scalar_keys(conn, run_id)})
         out = series.scalar_series(conn, run_id, key, start=start, end=end, max_points=mp)
     return FastJSONResponse({"run_id": run_id, "key": key, **out})
+
+
+@router.get("/runs/{run_id}/transforms", response_model=TransformsResponse, dependencies=read, responses=ERRORS)
+def transform_series(request: Request, run_id: RunId, transform: QueryText = None,
+                     fields: Annotated[str | None, Query(max_length=1000, description="comma-separated")] = None,
+                     start: Start = None, end: End = None, max_points: MaxPoints = None) -> Any:
+    """Each transform's reported values (threshold, coefficient, α_t, σ_t, z-score...): the
+    transforms and their fields, or one transform's fields as series, raw points while the range
+    spans at most ``max_points`` steps, else min/max/mean buckets like ``/steps``."""
+    mp = _max_points(request, max_points)
+    with state(request).db.read() as conn:
+        repo.require_run(conn, run_id)
+        known = series.transform_fields(conn, run_id)
+        if transform is None:
+            return FastJSONResponse({"run_id": run_id, "transforms": known})
+        names = [f.strip() for f in fields.split(",") if f.strip()] if fields else known.get(transform, [])
+        bad = [f for f in names if f not in known.get(transform, [])]
+        if bad:
+            raise Invalid(f"transform {transform!r} reported no field(s) {bad[:5]}; it reported "
+                          f"{known.get(transform, [])}")
+        out = [{"transform": transform, "field": f, **series.transform_series(
+            conn, run_id, transform, f, start=start, end=end, max_points=mp)} for f in names[:64]]
+    return FastJSONResponse({"run_id": run_id, "series": out})
 
 
 @router.get("/runs/{run_id}/events", response_model=EventPage, dependencies=read, responses=ERRORS)

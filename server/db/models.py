@@ -1,6 +1,10 @@
 """Tables. Timestamps are float epoch seconds (the agent's clock), identical on both databases.
 
-Layout notes (see BASELINES.md section B): per-layer statistics are the big table, keyed by a
+The statistics columns of ``layer_stat``, ``step_record`` and ``layer_stat_block`` are derived
+from the declared spec (:mod:`gradwatch.agent.spec`); a migration must follow any change there
+(``tests/migrations`` fails while the migration head and the spec differ).
+
+Layout notes (``docs/storage.md``): per-layer statistics are the big table, keyed by a
 compact integer ``layer_id`` so one layer's series is one contiguous key range (SQLite stores it
 ``WITHOUT ROWID``, clustered on the key). Non-finite values: NaN is stored as NULL with bit *i*
 of ``nan_mask`` set (SQLite cannot store NaN; PostgreSQL can, but both encode it the same way so
@@ -28,12 +32,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from gradwatch.agent.spec import LAYER_FIELDS, LAYER_FLOAT_FIELDS, ROLLUP_STATS, STEP_FLOAT_FIELDS
 from gradwatch.server.db.base import Base, BigIntPK
 
 #: Float columns of ``layer_stat`` in nan_mask bit order.
-LAYER_FLOAT_COLUMNS: tuple[str, ...] = ("mean", "var", "std", "l2", "maxabs", "l2_post")
+LAYER_FLOAT_COLUMNS: tuple[str, ...] = LAYER_FLOAT_FIELDS
 #: Float columns of ``step_record`` in nan_mask bit order.
-STEP_FLOAT_COLUMNS: tuple[str, ...] = ("total_norm", "total_norm_post", "clip_coef", "loss_scale")
+STEP_FLOAT_COLUMNS: tuple[str, ...] = STEP_FLOAT_FIELDS
+#: SQL type of a spec dtype.
+SQL_TYPES: dict[str, Any] = {"f8": Double, "i8": BigInteger}
 
 RUN_ID_LEN = 64
 
@@ -77,28 +84,25 @@ class Layer(Base):
     )
 
 
+#: One row per (layer, step, rank): the big table. No FK (checked per row on SQLite). Its
+#: statistics columns are the spec's per-layer fields, in spec order.
+layer_stat = Table(
+    "layer_stat",
+    Base.metadata,
+    Column("layer_id", BigInteger, nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("rank", Integer, nullable=False),
+    *[Column(f.name, SQL_TYPES[f.dtype], nullable=True) for f in LAYER_FIELDS],
+    Column("nan_mask", Integer, nullable=False, default=0),
+    PrimaryKeyConstraint("layer_id", "step", "rank"),
+    sqlite_with_rowid=False,
+)
+#: ``layer_stat``'s columns in table order (what bulk inserts write).
+LAYER_STAT_COLUMNS: tuple[str, ...] = tuple(c.name for c in layer_stat.columns)
+
+
 class LayerStat(Base):
-    """One row per (layer, step, rank): the big table. No FK (checked per row on SQLite)."""
-
-    __tablename__ = "layer_stat"
-
-    layer_id: Mapped[int] = mapped_column(BigInteger)
-    step: Mapped[int] = mapped_column(BigInteger)
-    rank: Mapped[int] = mapped_column(Integer)
-    numel: Mapped[int | None] = mapped_column(BigInteger)
-    mean: Mapped[float | None] = mapped_column(Double)
-    var: Mapped[float | None] = mapped_column(Double)
-    std: Mapped[float | None] = mapped_column(Double)
-    l2: Mapped[float | None] = mapped_column(Double)
-    maxabs: Mapped[float | None] = mapped_column(Double)
-    nonfinite: Mapped[int | None] = mapped_column(BigInteger)
-    l2_post: Mapped[float | None] = mapped_column(Double)
-    nan_mask: Mapped[int] = mapped_column(Integer, default=0)
-
-    __table_args__ = (
-        PrimaryKeyConstraint("layer_id", "step", "rank"),
-        {"sqlite_with_rowid": False},
-    )
+    __table__ = layer_stat
 
 
 class StepRecord(Base):
@@ -135,6 +139,27 @@ class Scalar(Base):
 
     __table_args__ = (
         PrimaryKeyConstraint("run_id", "key", "step", "rank"),
+        {"sqlite_with_rowid": False},
+    )
+
+
+class TransformValue(Base):
+    """One scalar a transform reported at one step and rank (``agent.spec.TRANSFORM_VALUES``):
+    a long table, so the server needs no per-transform schema. NaN: NULL with ``is_nan``.
+    Per-layer lists stay in ``step_record.transforms``."""
+
+    __tablename__ = "transform_value"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    transform: Mapped[str] = mapped_column(String(128))
+    field: Mapped[str] = mapped_column(String(128))
+    step: Mapped[int] = mapped_column(BigInteger)
+    rank: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float | None] = mapped_column(Double)
+    is_nan: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        PrimaryKeyConstraint("run_id", "transform", "field", "step", "rank"),
         {"sqlite_with_rowid": False},
     )
 
@@ -188,7 +213,7 @@ class IngestCursor(Base):
 #: instead of rows (64x fewer), which keeps a 1,000-point series or a 200-layer heatmap over
 #: millions of rows fast on both databases regardless of the heap's physical order.
 BLOCK_STEPS = 64
-#: Aggregates kept per float statistic in ``layer_stat_block``.
+#: Aggregates kept per float statistic (stored or derived: :data:`ROLLUP_STATS`) in ``layer_stat_block``.
 BLOCK_AGGS: tuple[tuple[str, Any], ...] = (("min", Double), ("max", Double), ("sum", Double), ("cnt", Integer),
                                            ("nan", Integer))
 
@@ -202,7 +227,12 @@ layer_stat_block = Table(
     Column("step_max", BigInteger, nullable=False),
     Column("n", Integer, nullable=False),
     *[Column(f"{stat}_{agg}", typ, nullable=agg in ("min", "max", "sum"))
-      for stat in LAYER_FLOAT_COLUMNS for agg, typ in BLOCK_AGGS],
+      for stat in ROLLUP_STATS for agg, typ in BLOCK_AGGS],
+    # the block's gradient elements pooled over its steps (finite rows; mom_skip counts the others)
+    Column("mom_n", BigInteger, nullable=False),
+    Column("mom_mean", Double, nullable=True),
+    Column("mom_m2", Double, nullable=True),
+    Column("mom_skip", Integer, nullable=False),
     PrimaryKeyConstraint("layer_id", "block", "rank"),
     sqlite_with_rowid=False,
 )

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, LAYER_FIELDS, ROLLUP_STATS
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import BLOCK_STEPS, LAYER_FLOAT_COLUMNS
 
@@ -30,8 +31,13 @@ _F8 = np.dtype("<f8")
 _I8 = np.dtype("<i8")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
+#: Integer per-layer fields of the spec, in spec order.
+_INT_FIELDS = tuple(f.name for f in LAYER_FIELDS if not f.is_float)
 #: Binary COPY types of the ``layer_stat`` columns, in table order (that of :meth:`LayerFrame.columns`).
-_COPY_TYPES = (">i8", ">i8", ">i4", ">i8", ">f8", ">f8", ">f8", ">f8", ">f8", ">i8", ">f8", ">i4")
+_COPY_TYPES = (">i8", ">i8", ">i4", *(">f8" if f.is_float else ">i8" for f in LAYER_FIELDS), ">i4")
+#: PostgreSQL array types of the same columns (the ``unnest`` insert path).
+PG_TYPES = ["int8", "int8", "int4", *("float8" if f.is_float else "int8" for f in LAYER_FIELDS), "int4"]
+_DERIVED = {d.name for d in DERIVED_LAYER_FIELDS}
 
 
 def _column(pieces: Sequence[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
@@ -71,8 +77,7 @@ class LayerFrame:
     layer_id: np.ndarray  # int64, the layer table's ids
     step: np.ndarray  # int64
     rank: np.ndarray  # int64
-    numel: np.ndarray  # int64
-    nonfinite: np.ndarray  # int64
+    ints: list[np.ndarray]  # int64 per integer spec field (numel, nonfinite)
     floats: list[np.ndarray]  # float64 per LAYER_FLOAT_COLUMNS, NaN where stored NULL
     stored_null: list[np.ndarray | None]  # per float column: stored as NULL (NaN or not measured); None = none
     nan: list[np.ndarray | None]  # per float column: was NaN; None = none
@@ -92,8 +97,7 @@ class LayerFrame:
         layer_id = lut[idx] if n else idx
         step = np.repeat(np.fromiter((s.step for s in steps), np.int64, len(steps)), counts)
         rank = np.repeat(np.fromiter((s.rank for s in steps), np.int64, len(steps)), counts)
-        numel, _ = _column([s.layers["numel"] for s in steps], _I8)
-        nonfinite, _ = _column([s.layers["nonfinite"] for s in steps], _I8)
+        ints = [_column([s.layers[k] for s in steps], _I8)[0] for k in _INT_FIELDS]
         floats: list[np.ndarray] = []
         stored_null: list[np.ndarray | None] = []
         nans: list[np.ndarray | None] = []
@@ -114,31 +118,51 @@ class LayerFrame:
                 nan_mask |= nan.astype(np.int64) << bit
             else:
                 nans.append(None)
-        return cls(layer_id, step, rank, numel, nonfinite, floats, stored_null, nans, nan_mask)
+        return cls(layer_id, step, rank, ints, floats, stored_null, nans, nan_mask)
+
+    @property
+    def numel(self) -> np.ndarray:
+        return self.ints[_INT_FIELDS.index("numel")]
 
     def subset(self, keep: np.ndarray) -> LayerFrame:
         """The rows where ``keep`` is true."""
         def pick(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else a[keep]
 
-        return LayerFrame(self.layer_id[keep], self.step[keep], self.rank[keep], self.numel[keep],
-                          self.nonfinite[keep], [v[keep] for v in self.floats], [pick(z) for z in self.stored_null],
+        return LayerFrame(self.layer_id[keep], self.step[keep], self.rank[keep], [v[keep] for v in self.ints],
+                          [v[keep] for v in self.floats], [pick(z) for z in self.stored_null],
                           [pick(z) for z in self.nan], self.nan_mask[keep])
 
     def columns(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """(values, NULL mask or None) per ``layer_stat`` column, in table order."""
         f = dict(zip(LAYER_FLOAT_COLUMNS, zip(self.floats, self.stored_null)))
-        return [(self.layer_id, None), (self.step, None), (self.rank, None), (self.numel, None), f["mean"], f["var"],
-                f["std"], f["l2"], f["maxabs"], (self.nonfinite, None), f["l2_post"], (self.nan_mask, None)]
+        f.update((k, (v, None)) for k, v in zip(_INT_FIELDS, self.ints))
+        return [(self.layer_id, None), (self.step, None), (self.rank, None), *(f[x.name] for x in LAYER_FIELDS),
+                (self.nan_mask, None)]
+
+    def _pooled(self, order: np.ndarray, starts: np.ndarray, size: np.ndarray
+                ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        mean, _, _ = self._stat("mean")
+        m2, _, _ = self._stat("m2")
+        return _pooled_segments(self.numel[order], mean[order], m2[order], starts, size)
+
+    def _stat(self, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(values, stored-NULL mask, NaN mask) of a stored float field or a derived one."""
+        if name not in _DERIVED:
+            k = LAYER_FLOAT_COLUMNS.index(name)
+            return self.floats[k], self.stored_null[k], self.nan[k]
+        k = LAYER_FLOAT_COLUMNS.index("m2")
+        n = self.numel.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = np.where(n > 0, self.floats[k] / np.where(n > 0, n, 1.0), 0.0)
+            vals = var if name == "var" else np.sqrt(var)
+        return vals, self.stored_null[k], self.nan[k]
 
     # ------------------------------------------------------------------ SQLite
 
     def rows(self) -> Iterator[tuple[Any, ...]]:
         """Row tuples in ``layer_stat`` column order (NULL as None), for ``executemany``."""
-        floats = [_with_nulls(vals, null) for vals, null in zip(self.floats, self.stored_null)]
-        mean, var, std, l2, maxabs, l2_post = floats
-        return zip(self.layer_id.tolist(), self.step.tolist(), self.rank.tolist(), self.numel.tolist(), mean, var,
-                   std, l2, maxabs, self.nonfinite.tolist(), l2_post, self.nan_mask.tolist())
+        return zip(*(_with_nulls(v, z) for v, z in self.columns()))
 
     # ------------------------------------------------------------------ PostgreSQL
 
@@ -202,7 +226,8 @@ class LayerFrame:
         cols: list[tuple[np.ndarray, np.ndarray | None]] = [
             (lid[starts], None), (blk[starts], None), (rk[starts], None), (st[starts], None), (st[ends], None),
             (size, None)]
-        for vals, null, nan in zip(self.floats, self.stored_null, self.nan):
+        cols += self._pooled(order, starts, size)
+        for vals, null, nan in map(self._stat, ROLLUP_STATS):
             v = vals[order]
             if null is None:
                 cols += [(np.minimum.reduceat(v, starts), None), (np.maximum.reduceat(v, starts), None),
@@ -217,6 +242,24 @@ class LayerFrame:
                      (np.add.reduceat(np.where(ok, v, 0.0), starts), empty_or_none), (cnt, None),
                      (np.add.reduceat(nan[order].astype(np.int64), starts) if nan is not None else zero, None)]
         return BlockColumns(cols)
+
+
+def _pooled_segments(numel: np.ndarray, mean: np.ndarray, m2: np.ndarray, starts: np.ndarray,
+                     size: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(mom_n, mom_mean, mom_m2, mom_skip) per segment: the moments of the segment's rows pooled,
+    finite rows only; the n-way form of :func:`gradwatch.agent.spec.merge_moments`,
+    ``M2 = Σ m2_i + Σ n_i (mean_i − mean)²`` around the weighted mean (two passes, exact)."""
+    fin = np.isfinite(mean) & np.isfinite(m2)
+    n = np.where(fin, numel, 0)
+    big_n = np.add.reduceat(n, starts)
+    empty = big_n == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu = np.add.reduceat(np.where(fin, n * mean, 0.0), starts) / np.where(empty, 1, big_n)
+        dev = np.where(fin, mean - np.repeat(mu, size), 0.0)
+        q = np.add.reduceat(np.where(fin, m2, 0.0) + n * dev * dev, starts)
+    skip = np.add.reduceat((~fin).astype(np.int64), starts)
+    none = empty if empty.any() else None
+    return [(big_n, None), (mu, none), (q, none), (skip, None)]
 
 
 def _with_nulls(col: np.ndarray, null: np.ndarray | None) -> list[Any]:

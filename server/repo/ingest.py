@@ -2,7 +2,7 @@
 
 The layer-stat rows (hundreds per step) bypass SQLAlchemy's executemany and go through the raw
 driver in the same transaction: ``sqlite3.executemany`` or psycopg binary ``COPY``, which is
-1.6-5x faster (BASELINES.md section B). Rows are built column-wise with ``zip`` from the wire's
+1.6-5x faster (``docs/storage.md``). Rows are built column-wise with ``zip`` from the wire's
 columnar layout. Idempotency: ``ingest_batch`` is keyed on (run, source, seq); a batch seen
 before changes nothing. The per-(run, source) ``ingest_cursor`` row is locked first, so batches
 of one source are serialised and the contiguous ``acked`` value is always right.
@@ -21,49 +21,91 @@ from sqlalchemy import Connection, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
+from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, ROLLUP_STATS
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import (
     BLOCK_STEPS,
     LAYER_FLOAT_COLUMNS,
+    LAYER_STAT_COLUMNS,
     STEP_FLOAT_COLUMNS,
     Event,
     IngestCursor,
     Layer,
     Run,
     Scalar,
+    TransformValue,
 )
 from gradwatch.server.encoding import enc_value
 from gradwatch.server.errors import Conflict
-from gradwatch.server.repo.frame import BlockColumns, LayerFrame, pg_binary_array
+from gradwatch.server.repo.frame import PG_TYPES, BlockColumns, LayerFrame, pg_binary_array
 
 #: Channel for cross-process live notifications on PostgreSQL.
 NOTIFY_CHANNEL = "gradwatch_ingest"
 
-_LAYER_STAT_COLUMNS = ("layer_id", "step", "rank", "numel", "mean", "var", "std", "l2", "maxabs",
-                       "nonfinite", "l2_post", "nan_mask")
-_PG_TYPES = ["int8", "int8", "int4", "int8", "float8", "float8", "float8", "float8", "float8", "int8",
-             "float8", "int4"]
+_LAYER_STAT_COLUMNS = LAYER_STAT_COLUMNS
+_PG_TYPES = PG_TYPES
+_DERIVED = {d.name: d for d in DERIVED_LAYER_FIELDS}
+
+
+def stat_sql(stat: str) -> tuple[str, str]:
+    """(value expression, NaN-flag expression) of a per-layer statistic over ``layer_stat`` rows:
+    a stored column, or a derived one computed from them (NaN where its input was NaN)."""
+    d = _DERIVED.get(stat)
+    col = stat if d is None else d.sql
+    bit = LAYER_FLOAT_COLUMNS.index(stat if d is None else d.nan_from) if (d or stat in LAYER_FLOAT_COLUMNS) else None
+    return col, "0" if bit is None else f"((nan_mask / {1 << bit}) % 2)"
 _SQLITE_INSERT = (f"INSERT INTO layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(_LAYER_STAT_COLUMNS))}) ON CONFLICT DO NOTHING")
 _PG_COPY = f"COPY layer_stat ({', '.join(_LAYER_STAT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 
 
+#: A ``layer_stat`` row whose moments enter the pooled block moments (finite mean and m2).
+_FINITE = "(mean IS NOT NULL AND m2 IS NOT NULL AND mean BETWEEN -1.7e308 AND 1.7e308 AND m2 <= 1.7e308)"
+_POOLED_COLS = ["mom_n", "mom_mean", "mom_m2", "mom_skip"]
+
+
 def _rollup_sql() -> str:
-    cols = ["layer_id", "block", "rank", "step_min", "step_max", "n"]
-    sel = ["layer_id", f"step / {BLOCK_STEPS}", "rank", "min(step)", "max(step)", "count(*)"]
-    for bit, st in enumerate(LAYER_FLOAT_COLUMNS):
+    """Recompute blocks from stored rows; the pooled moments in two passes around each block's
+    weighted mean (``g.mu``), the n-way form of Chan's merge."""
+    cols = ["layer_id", "block", "rank", "step_min", "step_max", "n", *_POOLED_COLS]
+    sel = ["layer_id", f"step / {BLOCK_STEPS}", "rank", "min(step)", "max(step)", "count(*)",
+           f"sum(CASE WHEN {_FINITE} THEN numel ELSE 0 END)", "max(g.mu)",
+           f"CASE WHEN max(g.mu) IS NULL THEN NULL ELSE sum(CASE WHEN {_FINITE} THEN m2 + numel * (mean - g.mu) * "
+           "(mean - g.mu) ELSE 0.0 END) END", f"sum(CASE WHEN {_FINITE} THEN 0 ELSE 1 END)"]
+    for st in ROLLUP_STATS:
+        v, nan = stat_sql(st)
         cols += [f"{st}_min", f"{st}_max", f"{st}_sum", f"{st}_cnt", f"{st}_nan"]
-        sel += [f"min({st})", f"max({st})", f"sum({st})", f"count({st})", f"sum((nan_mask / {1 << bit}) % 2)"]
+        sel += [f"min({v})", f"max({v})", f"sum({v})", f"count({v})", f"sum({nan})"]
     update = ", ".join(f"{c} = excluded.{c}" for c in cols[3:])
+    where = "WHERE layer_id IN ({ids}) AND step BETWEEN :lo AND :hi"
+    means = (f"SELECT layer_id AS g_lid, step / {BLOCK_STEPS} AS g_blk, rank AS g_rank, "
+             f"sum(numel * mean) / sum(numel) AS mu FROM layer_stat {where} AND {_FINITE} AND numel > 0 "
+             f"GROUP BY layer_id, step / {BLOCK_STEPS}, rank")
     return (f"INSERT INTO layer_stat_block ({', '.join(cols)}) SELECT {', '.join(sel)} FROM layer_stat "
-            "WHERE layer_id IN ({ids}) AND step BETWEEN :lo AND :hi "
-            f"GROUP BY layer_id, step / {BLOCK_STEPS}, rank "
+            f"LEFT JOIN ({means}) g ON g.g_lid = layer_id AND g.g_blk = step / {BLOCK_STEPS} AND g.g_rank = rank "
+            f"{where} GROUP BY layer_id, step / {BLOCK_STEPS}, rank "
             f"ON CONFLICT (layer_id, block, rank) DO UPDATE SET {update}")
 
 
 _ROLLUP = _rollup_sql()
-_BLOCK_COLS = ["layer_id", "block", "rank", "step_min", "step_max", "n"] + [
-    f"{st}_{agg}" for st in LAYER_FLOAT_COLUMNS for agg in ("min", "max", "sum", "cnt", "nan")]
+_BLOCK_COLS = ["layer_id", "block", "rank", "step_min", "step_max", "n", *_POOLED_COLS] + [
+    f"{st}_{agg}" for st in ROLLUP_STATS for agg in ("min", "max", "sum", "cnt", "nan")]
+
+
+def _pooled_merge_sql(t: str) -> list[str]:
+    """Chan's pairwise merge (:func:`gradwatch.agent.spec.merge_moments`) of a block's stored
+    pooled moments with a batch's, as SET clauses (one dialect-neutral form)."""
+    a_n, b_n = f"{t}.mom_n", "excluded.mom_n"
+    delta = f"(excluded.mom_mean - {t}.mom_mean)"
+    frac = f"(CAST({b_n} AS DOUBLE PRECISION) / ({a_n} + {b_n}))"
+    w = f"(CAST({a_n} AS DOUBLE PRECISION) * {b_n} / ({a_n} + {b_n}))"
+
+    def pick(merged: str, col: str) -> str:
+        return (f"CASE WHEN {b_n} = 0 THEN {t}.{col} WHEN {a_n} = 0 THEN excluded.{col} ELSE {merged} END")
+
+    return [f"mom_mean = {pick(f'{t}.mom_mean + {delta} * {frac}', 'mom_mean')}",
+            f"mom_m2 = {pick(f'{t}.mom_m2 + excluded.mom_m2 + {delta} * {delta} * {w}', 'mom_m2')}",
+            f"mom_n = {a_n} + {b_n}", f"mom_skip = {t}.mom_skip + excluded.mom_skip"]
 
 
 def _merge_sql(pg: bool) -> str:
@@ -75,8 +117,8 @@ def _merge_sql(pg: bool) -> str:
         return f"coalesce({fn}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})"
 
     sets = [f"step_min = {lo}({t}.step_min, excluded.step_min)", f"step_max = {hi}({t}.step_max, excluded.step_max)",
-            f"n = {t}.n + excluded.n"]
-    for st in LAYER_FLOAT_COLUMNS:
+            f"n = {t}.n + excluded.n", *_pooled_merge_sql(t)]
+    for st in ROLLUP_STATS:
         sets += [f"{st}_min = {nn(lo, st + '_min')}", f"{st}_max = {nn(hi, st + '_max')}",
                  f"{st}_sum = coalesce({t}.{st}_sum + excluded.{st}_sum, {t}.{st}_sum, excluded.{st}_sum)",
                  f"{st}_cnt = {t}.{st}_cnt + excluded.{st}_cnt", f"{st}_nan = {t}.{st}_nan + excluded.{st}_nan"]
@@ -91,7 +133,7 @@ _MERGE = {True: _merge_sql(True), False: _merge_sql(False)}
 def _merge_unnest_sql() -> str:
     """PostgreSQL: the same upsert as one statement over column arrays (one round trip per batch
     instead of one per block row, which dominated ingest time over TCP)."""
-    ints = ("layer_id", "block", "rank", "step_min", "step_max", "n")
+    ints = ("layer_id", "block", "rank", "step_min", "step_max", "n", "mom_n", "mom_skip")
     types = ["int8" if (c in ints or c.endswith(("_cnt", "_nan"))) else "float8" for c in _BLOCK_COLS]
     head, tail = _MERGE[True].split(" VALUES ", 1)
     arrays = ", ".join(f"%b::{t}[]" for t in types)  # %b: binary parameters (no per-element text dumping)
@@ -368,6 +410,25 @@ def _insert_step_rows(conn: Connection, batch: Batch) -> None:
         cur.close()
 
 
+def scalar_reports(tr: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each transform's scalar values of one step (numbers; per-layer lists and integers too big
+    for a float are left to the step record's JSON)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, vals in tr.items():
+        for field, v in vals.items():
+            if type(v) is float or (type(v) is int and abs(v) < 2**1000):
+                out.setdefault(name, {})[field] = float(v)
+    return out
+
+
+def _transform_rows(batch: Batch) -> list[dict[str, Any]]:
+    """Rows of ``transform_value`` for the batch's steps."""
+    run_id = batch.run.run_id
+    return [{"run_id": run_id, "transform": name, "field": field, "step": s.step, "rank": s.rank,
+             "value": None if v != v else v, "is_nan": v != v}
+            for s in batch.steps for name, vals in scalar_reports(s.transforms).items() for field, v in vals.items()]
+
+
 @dataclass(slots=True)
 class Prepared:
     """A decoded batch with the work that needs no write transaction already done.
@@ -460,6 +521,9 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
                for s in batch.scalars for k, v in s.values.items()]
     if scalars:
         _insert_values(conn, _dialect_insert(conn, Scalar).on_conflict_do_nothing(), scalars)
+    tvals = _transform_rows(batch)
+    if tvals:
+        _insert_values(conn, _dialect_insert(conn, TransformValue).on_conflict_do_nothing(), tvals)
     if batch.events:
         _insert_values(conn, insert(Event), [{"run_id": run_id, "kind": e.kind, "step": e.step, "rank": e.rank,
                                       "time": e.time, "data": enc_value(e.data)} for e in batch.events])

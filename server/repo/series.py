@@ -15,19 +15,15 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from gradwatch.server.db.models import BLOCK_STEPS, LAYER_FLOAT_COLUMNS, STEP_FLOAT_COLUMNS
+from gradwatch.agent.spec import ROLLUP_STATS, SERIES_LAYER_STATS, Moments, merge_moments, std_of
+from gradwatch.server.db.models import BLOCK_STEPS, STEP_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan
 from gradwatch.server.errors import Invalid
+from gradwatch.server.repo.ingest import stat_sql
 
-#: Per-layer statistics a series can be asked for.
-LAYER_STATS: tuple[str, ...] = ("numel", "nonfinite", *LAYER_FLOAT_COLUMNS)
+#: Per-layer statistics a series can be asked for (stored and derived; from the spec).
+LAYER_STATS: tuple[str, ...] = SERIES_LAYER_STATS
 STEP_FIELDS: tuple[str, ...] = STEP_FLOAT_COLUMNS
-
-
-def _nan_expr(stat: str) -> str:
-    if stat in LAYER_FLOAT_COLUMNS:
-        return f"((nan_mask / {1 << LAYER_FLOAT_COLUMNS.index(stat)}) % 2)"
-    return "0"
 
 
 def _width(start: int, end: int, max_points: int | None) -> int:
@@ -37,7 +33,7 @@ def _width(start: int, end: int, max_points: int | None) -> int:
 
 
 def _blocks_apply(stat: str, w: int, use_blocks: bool) -> bool:
-    return use_blocks and stat in LAYER_FLOAT_COLUMNS and w >= BLOCK_STEPS
+    return use_blocks and stat in ROLLUP_STATS and w >= BLOCK_STEPS
 
 
 def _combine(parts: list[tuple[Any, ...]]) -> dict[Any, list[Any]]:
@@ -84,16 +80,68 @@ def _block_parts(conn: Connection, layer_ids: list[int], stat: str, a: int, b: i
         edges = [(a, first_full - 1), (last_full + 1, b)]
     else:
         edges = [(a, b)]
-    nan = _nan_expr(stat)
+    col, nan = stat_sql(stat)
     for lo, hi in edges:
         if lo > hi:
             continue
         rows = conn.execute(text(
-            f"SELECT layer_id, (step - :a0) / :w AS bk, min(step), max(step), min({stat}), max({stat}), sum({stat}), "
-            f"count({stat}), count(*), sum({nan}) FROM layer_stat WHERE layer_id IN ({ids}) "
+            f"SELECT layer_id, (step - :a0) / :w AS bk, min(step), max(step), min({col}), max({col}), sum({col}), "
+            f"count({col}), count(*), sum({nan}) FROM layer_stat WHERE layer_id IN ({ids}) "
             f"AND step BETWEEN :lo AND :hi{rk} GROUP BY layer_id, bk"), {**params, "lo": lo, "hi": hi}).all()
         parts += [((r[0], r[1]), *r[2:]) for r in rows]
     return parts
+
+
+#: Statistics whose buckets also carry ``pooled``: the moments of all gradient elements of the
+#: bucket's steps and ranks, as if concatenated (``docs/statistics.md``).
+POOLED_STATS: tuple[str, ...] = ("mean", "var", "std")
+
+
+def _pooled(conn: Connection, layer_ids: list[int], a: int, b: int, w: int, key0: int, rank: int | None,
+            blocks: bool) -> dict[tuple[int, int], dict[str, Any]]:
+    """Per (layer, bucket ``(start − key0) // w``): Chan's merge (:func:`merge_moments`) over the
+    pooled moments of the whole blocks inside [a, b] and over the rows outside them. Rows with a
+    non-finite mean or M2 are left out and counted in ``skipped``. Two statements at most."""
+    B = BLOCK_STEPS
+    ids = ",".join(str(int(i)) for i in layer_ids)
+    params: dict[str, Any] = {}
+    rk = ""
+    if rank is not None:
+        rk = " AND rank = :rank"
+        params["rank"] = rank
+    acc: dict[tuple[int, int], list[Any]] = {}
+
+    def add(key: tuple[int, int], n: Any, mean: Any, m2: Any, skip: int) -> None:
+        cur = acc.setdefault(key, [Moments(0, 0.0, 0.0), 0])
+        if n and mean is not None and m2 is not None and math.isfinite(mean) and math.isfinite(m2):
+            cur[0] = merge_moments(cur[0], Moments(int(n), float(mean), float(m2)))
+        cur[1] += int(skip or 0)
+
+    edges = [(a, b)]
+    if blocks:
+        first_full = a if a % B == 0 else a // B * B + B
+        last_full = b if (b + 1) % B == 0 else b // B * B - 1
+        if first_full <= last_full:
+            for lid, blk, n, mean, m2, skip in conn.execute(text(
+                    f"SELECT layer_id, block, mom_n, mom_mean, mom_m2, mom_skip FROM layer_stat_block WHERE layer_id "
+                    f"IN ({ids}) AND block BETWEEN :blo AND :bhi{rk} ORDER BY layer_id, block, rank"),
+                    {**params, "blo": first_full // B, "bhi": last_full // B}):
+                add((lid, (blk * B - key0) // w), n, mean, m2, skip)
+            edges = [(a, first_full - 1), (last_full + 1, b)]
+    edges = [(lo, hi) for lo, hi in edges if lo <= hi]
+    if edges:
+        cond = " OR ".join(f"step BETWEEN {int(lo)} AND {int(hi)}" for lo, hi in edges)
+        for lid, step, n, mean, m2 in conn.execute(text(
+                f"SELECT layer_id, step, numel, mean, m2 FROM layer_stat WHERE layer_id IN ({ids}) AND ({cond}){rk} "
+                "ORDER BY layer_id, step, rank"), params):
+            fin = mean is not None and m2 is not None and math.isfinite(mean) and math.isfinite(m2)
+            add((lid, (step - key0) // w), n if fin else 0, mean, m2, 0 if fin else 1)
+    out = {}
+    for key, (mom, skip) in acc.items():
+        var = mom.var
+        out[key] = {"count": mom.n, "mean": enc(mom.mean) if mom.n else None, "var": enc(var) if mom.n else None,
+                    "std": enc(std_of(var)) if mom.n else None, "skipped": skip}
+    return out
 
 
 def _mean(mn: Any, mx: Any, mean: Any) -> float | None:
@@ -124,40 +172,74 @@ def _range(conn: Connection, sql_from: str, params: dict[str, Any], start: int |
     return (s, e) if s <= e else None
 
 
+def _probe(ids: str, rank_filter: str) -> str:
+    """FROM clause of the first and last step of the layers ``ids``: min/max(step) over an IN list
+    would scan every row of those layers (seconds at 20M rows), so one index probe per layer and end."""
+    return ("FROM (SELECT (SELECT min(s.step) FROM layer_stat s WHERE s.layer_id = l.id" + rank_filter + ") AS step "
+            f"FROM layer l WHERE l.id IN ({ids}) UNION ALL SELECT (SELECT max(s.step) FROM layer_stat s "
+            f"WHERE s.layer_id = l.id{rank_filter}) FROM layer l WHERE l.id IN ({ids})) x")
+
+
 def layer_series(conn: Connection, layer_id: int, stat: str, *, start: int | None, end: int | None,
                  max_points: int | None, rank: int | None = None, use_blocks: bool = True) -> dict[str, Any]:
     """One layer's ``stat`` over a step range: raw points or min/max/mean buckets."""
+    return layers_series(conn, [layer_id], stat, start=start, end=end, max_points=max_points, rank=rank,
+                         use_blocks=use_blocks)[0]
+
+
+def layers_series(conn: Connection, layer_ids: list[int], stat: str, *, start: int | None, end: int | None,
+                  max_points: int | None, rank: int | None = None, use_blocks: bool = True) -> list[dict[str, Any]]:
+    """Several layers' ``stat`` over one step range (a missing end: the layers' own), on one
+    bucket grid: raw points or min/max/mean buckets, in a bounded number of statements whatever
+    the layer count (range probe, one aggregate pass or blocks plus edges, pooled moments)."""
     if stat not in LAYER_STATS:
         raise Invalid(f"unknown stat {stat!r}; expected one of {list(LAYER_STATS)}")
-    params: dict[str, Any] = {"lid": layer_id}
-    where = "FROM layer_stat WHERE layer_id = :lid"
+    if not layer_ids:
+        return []
+    ids = ",".join(str(int(i)) for i in layer_ids)
+    params: dict[str, Any] = {}
+    rk = rk_s = ""
     if rank is not None:
-        where += " AND rank = :rank"
+        rk, rk_s = " AND rank = :rank", " AND s.rank = :rank"
         params["rank"] = rank
-    rng = _range(conn, where, params, start, end)
+    rng = _range(conn, _probe(ids, rk_s), params, start, end)
     if rng is None:
-        return {"downsampled": False, "points": []}
-    params.update(a=rng[0], b=rng[1])
-    where += " AND step BETWEEN :a AND :b"
-    w = _width(rng[0], rng[1], max_points)
-    nan = _nan_expr(stat)
+        return [{"downsampled": False, "points": []} for _ in layer_ids]
+    a, b = rng
+    p = {**params, "a": a, "b": b}
+    where = f"FROM layer_stat WHERE layer_id IN ({ids}) AND step BETWEEN :a AND :b{rk}"
+    w = _width(a, b, max_points)
+    col, nan = stat_sql(stat)
     if w == 1:
-        rows = conn.execute(text(f"SELECT step, rank, {stat}, {nan} {where} ORDER BY step, rank"), params).all()
-        return {"downsampled": False, "points": [{"step": s, "rank": r, "value": enc_nan(v, bool(n))}
-                                                 for s, r, v, n in rows]}
-    if _blocks_apply(stat, w, use_blocks):
+        pts: dict[int, list[dict[str, Any]]] = {lid: [] for lid in layer_ids}
+        for lid, s, r, v, n in conn.execute(text(f"SELECT layer_id, step, rank, {col}, {nan} {where} "
+                                                 "ORDER BY layer_id, step, rank"), p):
+            pts[lid].append({"step": s, "rank": r, "value": enc_nan(v, bool(n))})
+        return [{"downsampled": False, "points": pts[lid]} for lid in layer_ids]
+    buckets: dict[int, list[dict[str, Any]]] = {lid: [] for lid in layer_ids}
+    blocks = _blocks_apply(stat, w, use_blocks)
+    if blocks:
         w = -(-w // BLOCK_STEPS) * BLOCK_STEPS  # whole blocks per bucket (at most max_points buckets)
-        merged = _combine(_block_parts(conn, [layer_id], stat, rng[0], rng[1], w, rank))
-        buckets = []
+        key0 = a // BLOCK_STEPS * BLOCK_STEPS
+        merged = _combine(_block_parts(conn, layer_ids, stat, a, b, w, rank))
         for key in sorted(merged):
             smin, smax, mn, mx, sm, cnt, n, nn = merged[key]
-            buckets.append(_bucket(smin, smax, mn, mx, None if not cnt or sm is None else sm / cnt, n, nn))
-        return {"downsampled": True, "bucket_width": w, "buckets": buckets}
-    params["w"] = w
-    rows = conn.execute(text(
-        f"SELECT (step - :a) / :w AS bk, min(step), max(step), min({stat}), max({stat}), avg({stat}), "
-        f"count(*), sum({nan}) {where} GROUP BY bk ORDER BY bk"), params).all()
-    return {"downsampled": True, "bucket_width": w, "buckets": [_bucket(*r[1:]) for r in rows]}
+            buckets[key[0]].append(_bucket(smin, smax, mn, mx, None if not cnt or sm is None else sm / cnt, n, nn))
+            buckets[key[0]][-1]["_key"] = key
+    else:
+        key0 = a
+        for r in conn.execute(text(
+                f"SELECT layer_id, (step - :a) / :w AS bk, min(step), max(step), min({col}), max({col}), avg({col}), "
+                f"count(*), sum({nan}) {where} GROUP BY layer_id, bk ORDER BY layer_id, bk"), {**p, "w": w}):
+            buckets[r[0]].append(_bucket(*r[2:]))
+            buckets[r[0]][-1]["_key"] = (r[0], r[1])
+    pooled = _pooled(conn, layer_ids, a, b, w, key0, rank, blocks) if stat in POOLED_STATS else None
+    for bs in buckets.values():
+        for bkt in bs:
+            key = bkt.pop("_key")
+            if pooled is not None:
+                bkt["pooled"] = pooled.get(key)
+    return [{"downsampled": True, "bucket_width": w, "buckets": buckets[lid]} for lid in layer_ids]
 
 
 def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, start: int | None,
@@ -179,11 +261,7 @@ def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, 
         return out
     ids = ",".join(str(int(lid)) for lid, _, _ in layers)
     where = f"FROM layer_stat WHERE layer_id IN ({ids})"
-    # min/max(step) over an IN list scans every row of those layers (seconds at 20M rows); one
-    # index probe per layer and end instead:
-    rng = _range(conn, "FROM (SELECT (SELECT min(s.step) FROM layer_stat s WHERE s.layer_id = l.id) AS step "
-                       f"FROM layer l WHERE l.id IN ({ids}) UNION ALL SELECT (SELECT max(s.step) FROM layer_stat s "
-                       f"WHERE s.layer_id = l.id) FROM layer l WHERE l.id IN ({ids})) x", {}, start, end, clamp=True)
+    rng = _range(conn, _probe(ids, ""), {}, start, end, clamp=True)
     if rng is None:
         return out
     w = _width(rng[0], rng[1], max_points)
@@ -209,9 +287,9 @@ def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, 
             nans_b[pos[lid]][bk] = nn
         out.update(steps=[max(rng[0], a0 + k * w) for k in range(nb)], bucket_width=w, values=values_b, nan=nans_b)
         return out
-    nan = _nan_expr(stat)
+    col, nan = stat_sql(stat)
     rows = conn.execute(text(
-        f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({stat}), sum({nan}), min({stat}), max({stat}) {where} "
+        f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({col}), sum({nan}), min({col}), max({col}) {where} "
         f"AND step BETWEEN :a AND :b GROUP BY layer_id, bk"), {"a": rng[0], "b": rng[1], "w": w}).all()
     values: list[list[Any]] = [[None] * nb for _ in layers]
     nans: list[list[int]] = [[0] * nb for _ in layers]
@@ -274,15 +352,13 @@ def step_series(conn: Connection, run_id: str, fields: list[str], *, start: int 
     return {"downsampled": True, "bucket_width": w, "buckets": buckets}
 
 
-def scalar_series(conn: Connection, run_id: str, key: str, *, start: int | None, end: int | None,
+def _value_series(conn: Connection, where: str, params: dict[str, Any], *, start: int | None, end: int | None,
                   max_points: int | None) -> dict[str, Any]:
-    """One user scalar (``Watcher.log``) over a step range, raw or bucketed."""
-    params: dict[str, Any] = {"r": run_id, "k": key}
-    where = "FROM scalar WHERE run_id = :r AND key = :k"
+    """A (value, is_nan) series of a long table (user scalars, transform values), raw or bucketed."""
     rng = _range(conn, where, params, start, end)
     if rng is None:
         return {"downsampled": False, "points": []}
-    params.update(a=rng[0], b=rng[1])
+    params = {**params, "a": rng[0], "b": rng[1]}
     where += " AND step BETWEEN :a AND :b"
     w = _width(rng[0], rng[1], max_points)
     nan = "(CASE WHEN is_nan THEN 1 ELSE 0 END)"
@@ -295,6 +371,29 @@ def scalar_series(conn: Connection, run_id: str, key: str, *, start: int | None,
         f"SELECT (step - :a) / :w AS bk, min(step), max(step), min(value), max(value), avg(value), count(*), "
         f"sum({nan}) {where} GROUP BY bk ORDER BY bk"), params).all()
     return {"downsampled": True, "bucket_width": w, "buckets": [_bucket(*r[1:]) for r in rows]}
+
+
+def scalar_series(conn: Connection, run_id: str, key: str, *, start: int | None, end: int | None,
+                  max_points: int | None) -> dict[str, Any]:
+    """One user scalar (``Watcher.log``) over a step range, raw or bucketed."""
+    return _value_series(conn, "FROM scalar WHERE run_id = :r AND key = :k", {"r": run_id, "k": key},
+                         start=start, end=end, max_points=max_points)
+
+
+def transform_series(conn: Connection, run_id: str, transform: str, field: str, *, start: int | None,
+                     end: int | None, max_points: int | None) -> dict[str, Any]:
+    """One value a transform reported (``agent.spec.TRANSFORM_VALUES``), raw or bucketed like /steps."""
+    return _value_series(conn, "FROM transform_value WHERE run_id = :r AND transform = :t AND field = :f",
+                         {"r": run_id, "t": transform, "f": field}, start=start, end=end, max_points=max_points)
+
+
+def transform_fields(conn: Connection, run_id: str) -> dict[str, list[str]]:
+    """The transforms of a run and the scalar values each reported."""
+    out: dict[str, list[str]] = {}
+    for t, f in conn.execute(text("SELECT DISTINCT transform, field FROM transform_value WHERE run_id = :r "
+                                  "ORDER BY transform, field"), {"r": run_id}):
+        out.setdefault(t, []).append(f)
+    return out
 
 
 def scalar_keys(conn: Connection, run_id: str) -> list[str]:

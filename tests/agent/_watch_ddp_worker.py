@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradwatch.agent import ClipNorm, watch
+from gradwatch.agent.spec import with_derived
 
 STEPS = 3
 
@@ -65,7 +66,7 @@ def main() -> None:
         w.close()
         table = {la.index: la.name for la in w.sink.layers}
         result["steps"] = [{"step": s.step, "rank": s.rank, "names": [table[i] for i in s.layer_ids],
-                            "layers": s.layers, "total_norm": s.total_norm} for s in w.sink.steps]
+                            "layers": with_derived(s.layers), "total_norm": s.total_norm} for s in w.sink.steps]
         result["scalar_ranks"] = [s.rank for s in w.sink.scalars]
         result["world_size"] = w.sink.run.world_size
     else:

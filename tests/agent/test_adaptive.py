@@ -1,5 +1,5 @@
 """AGC, ZClip and AutoClip: reference formulas, the published packages on clean inputs, and
-their failure on NaN/inf next to ours working (ALGORITHMS.md §6-8, PEERS.md)."""
+their failure on NaN/inf next to ours working (docs/transforms.md)."""
 
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def agc_ref_per_tensor(ctx, lam, eps, excluded):
 
 
 def agc_ref_per_unit(p, g, lam, eps):
-    """One output unit at a time, in float64 (the definition, ALGORITHMS.md §6)."""
+    """One output unit at a time, in float64 (the definition, docs/transforms.md, AGC)."""
     g, w = g.double().clone(), p.detach().double()
     if g.numel() == 0:
         return g, 0

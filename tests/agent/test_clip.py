@@ -1,4 +1,4 @@
-"""ClipNorm / ClipValue against torch.nn.utils.clip_grad_norm_ / clip_grad_value_ (ALGORITHMS.md §2)."""
+"""ClipNorm / ClipValue against torch.nn.utils.clip_grad_norm_ / clip_grad_value_ (docs/transforms.md, ClipNorm)."""
 
 from __future__ import annotations
 

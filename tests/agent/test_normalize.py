@@ -1,4 +1,4 @@
-"""AutoscaledNorm, Centralize and ZScoreNorm against reference formulas (ALGORITHMS.md §3-5).
+"""AutoscaledNorm, Centralize and ZScoreNorm against reference formulas (docs/transforms.md).
 
 Random cases cover 1-D, [1,1], empty, Linear, Conv2d (4-D) and Conv3d (5-D) shapes in fp32,
 fp16 and bf16; NaN/inf are injected at random layers and steps and compared with a twin that

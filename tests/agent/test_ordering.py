@@ -1,4 +1,4 @@
-"""Composition (ALGORITHMS.md §0): normalize, then unit-wise clip, then element-wise, then global
+"""Composition (docs/transforms.md, Order): normalize, then unit-wise clip, then element-wise, then global
 clip; contradictory lists are refused; the transforms work inside watch() and GradScaler()."""
 
 from __future__ import annotations

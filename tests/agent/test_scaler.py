@@ -1,4 +1,4 @@
-"""gradwatch's GradScaler against torch.amp.GradScaler (ALGORITHMS.md §1).
+"""gradwatch's GradScaler against torch.amp.GradScaler (docs/transforms.md, Loss scaling).
 
 Twin runs: the same model, optimizer and gradients go through torch's scaler and ours; scale
 sequences, skip decisions, return values and parameters must agree bit for bit.

@@ -1,4 +1,4 @@
-"""gradwatch.agent.stats against a naive per-tensor torch reference (ALGORITHMS.md §9)."""
+"""gradwatch.agent.stats against a naive per-tensor torch reference (definitions: docs/statistics.md)."""
 
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def test_matches_naive_reference(dtype: torch.dtype, rtol: float) -> None:
         assert st.numel == n and st.nonfinite == nf == 0
         for got, want in ((st.mean, mean), (st.l2, l2), (st.maxabs, mx)):
             assert got == pytest.approx(want, rel=rtol, abs=1e-6)
-        # var from (sum, l2) loses relative accuracy only when |mean| >> std (not the case here)
-        assert st.var == pytest.approx(var, rel=max(rtol, 1e-4), abs=1e-7)
-        assert st.std == pytest.approx(std, rel=max(rtol, 1e-4), abs=1e-6)
+        # var from the centred M2 is as exact as the reference, low-precision inputs included
+        assert st.var == pytest.approx(var, rel=1e-6, abs=1e-12)
+        assert st.std == pytest.approx(std, rel=1e-6, abs=1e-9)
 
 
 def test_mixed_dtypes_keep_input_order() -> None:
@@ -62,15 +62,14 @@ def test_vectors_from_algorithms_md() -> None:
     assert (a.numel, a.mean, a.var, a.std, a.l2, a.maxabs, a.nonfinite) == (1, 3.0, 0.0, 0.0, 3.0, 3.0, 0)
     (b,) = _stats([torch.tensor([1.0, -3.0])])
     assert (b.numel, b.mean, b.maxabs) == (2, -1.0, 3.0)
-    # l2 crosses the device as a float32 norm (the one clipping reuses), so var = l2**2/n - mean**2
-    # carries float32 rounding (~1e-7 relative), not float64 exactness.
-    assert b.var == pytest.approx(4.0, rel=1e-6) and b.std == pytest.approx(2.0, rel=1e-6)
+    # var comes from the centred M2 (exact here), not from l2**2/n - mean**2
+    assert b.var == 4.0 and b.std == 2.0
     assert b.l2 == pytest.approx(math.sqrt(10), rel=1e-7)
     # merge([1,-3], [2,2]) == stats of [1,-3,2,2]
-    ma = (2, -2.0, math.sqrt(10), 3.0, 0.0)
-    mb = (2, 4.0, math.sqrt(8), 2.0, 0.0)
-    n, s1, l2, mx, nf = merge(ma, mb)
-    st = finalize(n, s1, l2, mx, nf)
+    ma = (2, -2.0, math.sqrt(10), 3.0, 0.0, 8.0)
+    mb = (2, 4.0, math.sqrt(8), 2.0, 0.0, 0.0)
+    n, s1, l2, mx, nf, m2 = merge(ma, mb)
+    st = finalize(n, s1, l2, mx, nf, m2)
     assert (st.numel, st.mean, st.maxabs) == (4, 0.5, 3.0)
     assert st.var == pytest.approx(4.25, rel=1e-12)
     assert l2 * l2 == pytest.approx(18.0, rel=1e-12)
@@ -94,7 +93,7 @@ def test_empty_and_single_element() -> None:
     assert sts[0].numel == 0 and sts[0].mean == 0.0 and sts[0].l2 == 0.0
     assert (sts[1].mean, sts[1].var, sts[1].std, sts[1].maxabs) == (-2.5, 0.0, 0.0, 2.5)
     assert sts[2].numel == 0
-    assert layer_moments([]).shape == (0, 4)
+    assert layer_moments([]).shape == (0, 5)
 
 
 def test_sparse_values_path() -> None:
@@ -109,7 +108,7 @@ def test_sparse_values_path() -> None:
 
 
 def test_cancellation_is_clamped_not_negative() -> None:
-    st = finalize(3, 3e8, math.sqrt(3) * 1e8, 1e8, 0)  # three equal values: var 0 up to rounding
+    st = finalize(3, 3e8, math.sqrt(3) * 1e8, 1e8, 0, -1e-3)  # three equal values: M2 0 up to rounding
     assert st.var >= 0.0 and st.std >= 0.0
 
 
@@ -138,7 +137,9 @@ def test_row_stats_feed_the_layer_columns(dtype: torch.dtype) -> None:
         direct, derived = layer_moments(grads), layer_moments(grads, rows=rows)
         for i in range(len(grads)):
             a, b = direct[i], derived[i]
-            assert torch.equal(a[2:].nan_to_num(), b[2:].nan_to_num())  # maxabs, nonfinite: not from rows
+            assert torch.equal(a[2:4].nan_to_num(), b[2:4].nan_to_num())  # maxabs, nonfinite: not from rows
+            # M2 is centred on the sum's mean, whose rounding may differ: the same up to rounding
+            assert torch.allclose(a[4], b[4], rtol=1e-5, atol=1e-6, equal_nan=True)
             if i not in rows.sums and i not in rows.norms:
                 assert torch.equal(a.nan_to_num(), b.nan_to_num())
                 continue
@@ -169,3 +170,66 @@ def test_cuda_moments_no_sync_and_pinned_ring() -> None:
     vals = pend.values()
     assert vals[3] == 1.0  # non-finite count of the first grad, counted eagerly on device
     assert pend._buf.is_pinned()
+
+
+def _two_pass(t: torch.Tensor) -> tuple[float, float]:
+    """float64 two-pass mean and population variance of the same values (NaN/inf propagate)."""
+    x = t.detach().to(torch.float64).reshape(-1)
+    mean = x.sum() / x.numel()
+    return mean.item(), ((x - mean) ** 2).sum().item() / x.numel()
+
+
+def _close(got: float, want: float, rel: float, scale: float) -> bool:
+    if math.isnan(want):
+        return math.isnan(got)
+    return got == want or abs(got - want) <= rel * abs(want) + 1e-12 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(8))
+def test_variance_exact_where_mean_dwarfs_std(dtype: torch.dtype, seed: int) -> None:
+    """Recorded variance within 1e-6 relative of a float64 two-pass reference computed from the
+    same gradient values, with |mean| = 1e4·std, one element, all-equal elements, ±inf and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 5000, (1,), generator=g))
+    std = 10.0 ** float(torch.empty(1).uniform_(-3, 1, generator=g))
+    sign = 1.0 if seed % 2 else -1.0
+    mean = sign * 1e4 * std if dtype == torch.float32 else sign * 30.0 * std  # fp16's range stops at 65504
+    big = (torch.randn(n, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+    grads = [big, torch.full((1,), mean, dtype=dtype), torch.full((n,), mean, dtype=dtype),
+             torch.cat([big[:-2], torch.tensor([float("inf"), 1.0], dtype=dtype)]),
+             torch.cat([big[:-2], torch.tensor([float("-inf"), float("inf")], dtype=dtype)]),
+             torch.cat([big[:-1], torch.tensor([float("nan")], dtype=dtype)]),
+             (torch.randn(n, generator=g) * std).to(dtype)]
+    for k, (t, st) in enumerate(zip(grads, _stats(grads))):
+        want_mean, want_var = _two_pass(t)
+        scale = want_mean * want_mean if math.isfinite(want_mean) else 1.0
+        assert _close(st.var, want_var, 1e-6, scale), (k, st.var, want_var)
+        assert _close(st.mean, want_mean, 1e-6, abs(want_mean) if math.isfinite(want_mean) else 1.0), k
+
+
+def test_naive_formula_fails_where_m2_holds() -> None:
+    """The old ``l2²/n − mean²`` is off by orders of magnitude at |mean| = 1e4·std; M2 is not."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(100_000, generator=g) * 0.01 + 100.0
+    want = _two_pass(t)[1]
+    m = layer_moments([t]).double()[0]
+    naive = (m[1] ** 2 / t.numel() - (m[0] / t.numel()) ** 2).item()
+    (st,) = _stats([t])
+    assert abs(naive - want) / want > 1e-2
+    assert abs(st.var - want) / want < 1e-6
+
+
+def test_merged_moments_equal_the_concatenation() -> None:
+    """Chan's merge over parts (ranks, steps of a block, blocks of a bucket) gives the moments of
+    the concatenated values."""
+    from gradwatch.agent.spec import Moments, merge_all
+
+    g = torch.Generator().manual_seed(5)
+    parts = [torch.randn(int(k), generator=g, dtype=torch.float64) * s + 1e4 * s
+             for k, s in ((1, 1.0), (17, 2.0), (300, 0.5), (2, 3.0), (1000, 1.0))]
+    mom = [Moments(p.numel(), p.mean().item(), ((p - p.mean()) ** 2).sum().item()) for p in parts]
+    got = merge_all(mom)
+    mean, var = _two_pass(torch.cat(parts))
+    assert got.n == sum(p.numel() for p in parts)
+    assert got.mean == pytest.approx(mean, rel=1e-12) and got.var == pytest.approx(var, rel=1e-9)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gradwatch.agent import ClipNorm, GradScaler, watch
+from gradwatch.agent.spec import with_derived
 from gradwatch.agent.transforms.base import Slot, Transform
 from gradwatch.agent.transport.base import Sink
 from gradwatch.agent.wire import LAYER_FIELDS, StepRecord, decode_batch
@@ -60,10 +61,11 @@ def _names(m: nn.Module) -> dict[int, str]:
 def _assert_matches(rec: StepRecord, grads: dict[str, torch.Tensor], layers, rel: float = 1e-5) -> None:  # type: ignore[no-untyped-def]
     names = {la.index: la.name for la in layers}
     assert sorted(names[i] for i in rec.layer_ids) == sorted(grads)
+    cols = with_derived(rec.layers)
     for j, lid in enumerate(rec.layer_ids):
         want = _ref(grads[names[lid]])
         for k, v in want.items():
-            got = rec.layers[k][j]
+            got = cols[k][j]
             assert got == pytest.approx(v, rel=rel, abs=1e-7), (names[lid], k)
     total = math.sqrt(sum(_ref(g)["l2"] ** 2 for g in grads.values()))
     assert rec.total_norm == pytest.approx(total, rel=rel)
@@ -798,10 +800,11 @@ def test_empty_scalar_and_one_element_params() -> None:
         m(torch.ones(3)).backward()
         opt.step()
     rec = w.sink.steps[0]
-    cols = {w.sink.layers[i].name: {k: v[j] for k, v in rec.layers.items()} for j, i in enumerate(rec.layer_ids)}
+    cols = {w.sink.layers[i].name: {k: v[j] for k, v in with_derived(rec.layers).items()}
+            for j, i in enumerate(rec.layer_ids)}
     assert cols["empty"]["numel"] == 0 and cols["empty"]["mean"] == 0.0 and cols["empty"]["l2"] == 0.0
-    assert cols["scalar"] == {"numel": 1, "mean": 9.0, "var": 0.0, "std": 0.0, "l2": 9.0, "maxabs": 9.0,
-                              "nonfinite": 0, "l2_post": pytest.approx(9.0 / math.hypot(9.0, 6.0), rel=1e-5)}
+    assert cols["scalar"] == {"numel": 1, "mean": 9.0, "m2": 0.0, "var": 0.0, "std": 0.0, "l2": 9.0, "maxabs": 9.0,
+                              "nonfinite": 0, "wnorm": 2.0, "l2_post": pytest.approx(9.0 / math.hypot(9.0, 6.0), rel=1e-5)}
     assert cols["one"]["mean"] == 6.0 and cols["one"]["var"] == 0.0
     assert all(math.isfinite(v) for c in cols.values() for v in c.values())
     w.close()

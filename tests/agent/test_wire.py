@@ -12,6 +12,7 @@ import pytest
 from gradwatch.agent import wire
 from gradwatch.agent.wire import (
     LAYER_FIELDS,
+    WIRE_VERSION,
     Batch,
     Event,
     LayerInfo,
@@ -19,9 +20,11 @@ from gradwatch.agent.wire import (
     ScalarRecord,
     StepRecord,
     WireError,
+    batch_from_dict,
     batch_to_dict,
     decode_batch,
     encode_batch,
+    encode_float,
 )
 
 SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-300, 1e300, 5e-324]
@@ -49,6 +52,7 @@ def _random_batch(rng: random.Random, n_layers: int = 5, n_steps: int = 3) -> Ba
         cols = {k: ([rng.randint(0, 10**12) for _ in ids] if k in ("numel", "nonfinite") else [f() for _ in ids])
                 for k in LAYER_FIELDS}
         cols["l2_post"] = [None if rng.random() < 0.3 else f() for _ in ids]
+        cols["m2"] = [abs(x) for x in cols["m2"]]  # never negative (the decoder refuses it)
         steps.append(StepRecord(step=s, time=1.7e9 + s, rank=rng.randint(0, 3), layer_ids=ids, layers=cols,
                                 total_norm=f(), total_norm_post=f(), clip_coef=f(), loss_scale=f(),
                                 skipped=rng.random() < 0.5,
@@ -77,7 +81,7 @@ def test_round_trip_is_lossless_including_non_finite(seed: int) -> None:
 def test_layer_columns_come_back_as_floats_and_ints() -> None:
     b = _random_batch(random.Random(1), n_layers=4, n_steps=1)
     s = decode_batch(encode_batch(b)).steps[0]
-    for k in ("mean", "var", "std", "l2", "maxabs"):
+    for k in ("mean", "m2", "l2", "maxabs", "wnorm"):
         assert all(type(v) is float for v in s.layers[k])
     assert all(type(v) is int for v in s.layers["numel"])
 
@@ -104,7 +108,8 @@ _DELETE = object()
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        (["wire_version"], 2, "wire version 1, got 2"),
+        (["wire_version"], 3, "wire versions [1, 2], got 3"),
+        (["wire_version"], 0, "wire versions [1, 2], got 0"),
         (["wire_version"], "1", "wire_version: expected an integer"),
         (["wire_version"], _DELETE, "wire_version: missing"),
         (["seq"], -1, "batch.seq: -1 is out of range"),
@@ -318,3 +323,52 @@ def test_validate_run_id_is_the_batch_rule() -> None:
                      ("a" * 65, "longer than 64"), ("run²", "ASCII"), ("café", "ASCII")]:
         with pytest.raises(WireError, match=f"hello.run_id: .*{msg}"):
             wire.validate_run_id(bad, "hello.run_id")
+
+
+def _v1_dict(seed: int) -> tuple[dict, Batch]:
+    """A batch as an agent of wire version 1 wrote it: finished var/std, no m2, no wnorm."""
+    b = _random_batch(random.Random(seed))
+    d = batch_to_dict(b)
+    d["wire_version"] = 1
+    for s, st in zip(d["steps"], b.steps):
+        var = [abs(float(v)) if isinstance(v, float) and v == v else 2.5 for v in st.layers["mean"]]
+        cols = {k: st.layers[k] for k in ("numel", "mean", "l2", "maxabs", "nonfinite", "l2_post")}
+        cols["var"] = var
+        cols["std"] = [v ** 0.5 for v in var]
+        s["layers"] = {k: [encode_float(x) for x in v] if k not in ("numel", "nonfinite") else v
+                       for k, v in cols.items()}
+    return d, b
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("packed", [False, True])
+def test_version_1_batches_decode_to_version_2_columns(seed: int, packed: bool) -> None:
+    """Spools and .gwrec files of earlier agents keep uploading: m2 = var·numel, wnorm null, and
+    the decoded batch re-encodes as a valid version-2 batch."""
+    d, b = _v1_dict(seed)
+    back = batch_from_dict(json.loads(json.dumps(d)), packed_as_array=packed)
+    assert back.wire_version == WIRE_VERSION == 2
+    for s, src in zip(back.steps, d["steps"]):
+        assert list(s.layers) == list(LAYER_FIELDS)
+        var = [wire.decode_float(v, "var") for v in src["layers"]["var"]]
+        assert _same([float(x) for x in s.layers["m2"]], [v * n for v, n in zip(var, src["layers"]["numel"])])
+        assert list(s.layers["wnorm"]) == [None] * len(s.layer_ids)
+    again = decode_batch(encode_batch(back))
+    assert again.row_count == b.row_count
+
+
+def test_negative_m2_is_refused() -> None:
+    d = _valid()
+    d["steps"][0]["layer_ids"] = [0, 1]
+    d["steps"][0]["layers"] = {k: ([1, 2] if k in ("numel", "nonfinite") else [1.0, 2.0]) for k in LAYER_FIELDS}
+    d["steps"][0]["layers"]["m2"] = [1.0, -1e-30]
+    with pytest.raises(WireError, match=r"layers\.m2: a centred second moment is never negative"):
+        batch_from_dict(d)
+
+
+def test_version_1_still_refuses_version_2_columns() -> None:
+    d, _ = _v1_dict(0)
+    step = next(s for s in d["steps"] if s["layer_ids"])
+    step["layers"]["m2"] = [1.0] * len(step["layer_ids"])
+    with pytest.raises(WireError, match="unknown column"):
+        batch_from_dict(d)

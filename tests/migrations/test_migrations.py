@@ -25,7 +25,7 @@ _h = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _h
 _spec.loader.exec_module(_h)
 
-TABLES = {"run", "layer", "layer_stat", "layer_stat_block", "step_record", "scalar", "event", "ingest_batch",
+TABLES = {"run", "layer", "layer_stat", "layer_stat_block", "step_record", "scalar", "event", "ingest_batch", "transform_value",
           "ingest_cursor"}
 
 
@@ -135,5 +135,79 @@ def test_cli_db_upgrade(tmp_path: Path) -> None:
     engine = make_engine(url)
     try:
         assert TABLES <= set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_0003_converts_var_std_rows_to_m2_and_back(empty_url: str) -> None:
+    """A database filled by the previous schema (var/std columns, their NaN bits): upgrading turns
+    var into m2 = var·numel, moves the NaN bits, rebuilds the rollup with the derived var/std; the
+    API's var is the stored one again; downgrading restores var/std and the old bits."""
+    from sqlalchemy import text
+
+    engine = make_engine(empty_url)
+    try:
+        upgrade_to_head(engine, "0002")
+        rows = []
+        for step in range(0, 100):
+            nan_var = step % 13 == 5
+            nan_l2 = step % 11 == 4
+            rows.append({"lid": 1, "step": step, "numel": 8, "mean": 0.5 * step, "var": None if nan_var else step / 4,
+                         "std": None if nan_var else (step / 4) ** 0.5, "l2": None if nan_l2 else 2.0 * step,
+                         "mask": (6 if nan_var else 0) | (8 if nan_l2 else 0)})
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO layer_stat (layer_id, step, rank, numel, mean, var, std, l2, nan_mask) "
+                              "VALUES (:lid, :step, 0, :numel, :mean, :var, :std, :l2, :mask)"), rows)
+        upgrade_to_head(engine)
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT step, m2, l2, wnorm, nan_mask FROM layer_stat ORDER BY step")).all()
+            blocks = conn.execute(text("SELECT block, var_max, var_nan, std_max, l2_nan FROM layer_stat_block "
+                                       "ORDER BY block")).all()
+        for r, (step, m2, l2, wnorm, mask) in zip(rows, got):
+            assert m2 == (None if r["var"] is None else r["var"] * 8) and l2 == r["l2"] and wnorm is None
+            assert mask == (2 if r["var"] is None else 0) | (4 if r["l2"] is None else 0), step
+        for blk, var_max, var_nan, std_max, l2_nan in blocks:
+            rs = [r for r in rows if r["step"] // 64 == blk]
+            vs = [r["var"] for r in rs if r["var"] is not None]
+            assert var_max == pytest.approx(max(vs)) and std_max == pytest.approx(max(vs) ** 0.5)
+            assert var_nan == len(rs) - len(vs) and l2_nan == sum(r["l2"] is None for r in rs)
+        downgrade(engine, "0002")
+        with engine.connect() as conn:
+            back = conn.execute(text("SELECT var, std, l2, nan_mask FROM layer_stat ORDER BY step")).all()
+        for r, (var, std, l2, mask) in zip(rows, back):
+            assert (var is None) == (r["var"] is None) and l2 == r["l2"] and mask == r["mask"]
+            if var is not None:
+                assert var == pytest.approx(r["var"]) and std == pytest.approx(r["std"])
+    finally:
+        engine.dispose()
+
+
+def test_0004_backfills_transform_values_from_the_step_json(empty_url: str) -> None:
+    """Rows stored before transform values were a table: their scalar reports (NaN included) land
+    in ``transform_value``; per-layer lists stay in the JSON; downgrading drops the table."""
+    import json
+
+    from sqlalchemy import text
+
+    engine = make_engine(empty_url)
+    try:
+        upgrade_to_head(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO run (id, project, status, world_size, created_at, updated_at) "
+                              "VALUES ('r', 'p', 'running', 1, 0, 0)"))
+            for step in range(1, 4):
+                tr = {"zclip": {"threshold": float(step), "coef": "NaN" if step == 2 else 0.5},
+                      "agc": {"min_coef": [0.5, 1.0]}}
+                conn.execute(text("INSERT INTO step_record (run_id, step, rank, time, skipped, nan_mask, transforms) "
+                                  "VALUES ('r', :s, 0, 0, false, 0, :t)"), {"s": step, "t": json.dumps(tr)})
+        upgrade_to_head(engine)
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT transform, field, step, value, is_nan FROM transform_value "
+                                    "ORDER BY transform, field, step")).all()
+        assert [tuple(r) for r in got] == [("zclip", "coef", 1, 0.5, False), ("zclip", "coef", 2, None, True),
+                                           ("zclip", "coef", 3, 0.5, False), ("zclip", "threshold", 1, 1.0, False),
+                                           ("zclip", "threshold", 2, 2.0, False), ("zclip", "threshold", 3, 3.0, False)]
+        downgrade(engine, "0003")
+        assert "transform_value" not in set(inspect(engine).get_table_names())
     finally:
         engine.dispose()

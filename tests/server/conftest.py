@@ -150,15 +150,17 @@ def make_batch(seq: int = 1, steps: range | list[int] = range(1, 4), *, run_id: 
                layers: int = LAYERS, project: str = "default", status: str | None = None,
                values: Callable[[int, int], float] | None = None, events: bool = True,
                name: str | None = "test run", skipped: Callable[[int], bool] = lambda s: False) -> wire.Batch:
-    """A batch with ``layers`` layers per step; ``values(step, layer)`` sets every float stat."""
+    """A batch with ``layers`` layers per step; ``values(step, layer)`` sets every float stat
+    (``m2`` to ``|v|·numel``, so the derived variance is ``|v|`` up to one rounding)."""
     vf = values or (lambda s, i: float(s) + i / 10)
     recs = []
     for s in steps:
         v = [vf(s, i) for i in range(layers)]
         recs.append(wire.StepRecord(
             step=s, time=1000.0 + s, rank=source, layer_ids=list(range(layers)),
-            layers={"numel": [10 * (i + 1) for i in range(layers)], "mean": list(v), "var": list(v), "std": list(v),
-                    "l2": list(v), "maxabs": list(v), "nonfinite": [0] * layers, "l2_post": list(v)},
+            layers={"numel": [10 * (i + 1) for i in range(layers)], "mean": list(v),
+                    "m2": [abs(x) * 10 * (i + 1) for i, x in enumerate(v)],
+                    "l2": list(v), "maxabs": list(v), "nonfinite": [0] * layers, "l2_post": list(v), "wnorm": list(v)},
             total_norm=float(s), total_norm_post=float(s) / 2, clip_coef=0.5, loss_scale=65536.0,
             skipped=skipped(s)))
     steps = list(steps)

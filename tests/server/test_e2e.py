@@ -173,7 +173,9 @@ def test_pipelined_stream_on_postgresql_acks_in_order_and_rollups_stay_exact(tmp
 
     import psycopg
 
-    from gradwatch.server.db.models import BLOCK_STEPS, LAYER_FLOAT_COLUMNS
+    from gradwatch.agent.spec import ROLLUP_STATS
+    from gradwatch.server.db.models import BLOCK_STEPS
+    from gradwatch.server.repo.ingest import stat_sql
 
     def vals(s: int, i: int) -> float:
         return math.nan if (s * 7 + i) % 23 == 0 else ((s * 31 + i * 17) % 101) / 7.0
@@ -195,11 +197,12 @@ def test_pipelined_stream_on_postgresql_acks_in_order_and_rollups_stay_exact(tmp
         n, fives = con.execute("SELECT count(*), count(*) FILTER (WHERE l2 = 12345.5) FROM layer_stat").fetchone()
         assert n == 30 * 20 * 40 and fives == 0  # first write wins
         aggs = []
-        for bit, st in enumerate(LAYER_FLOAT_COLUMNS):
-            aggs += [f"min({st})", f"max({st})", f"sum({st})", f"count({st})", f"sum((nan_mask / {1 << bit}) % 2)"]
+        for st in ROLLUP_STATS:
+            v, nan = stat_sql(st)
+            aggs += [f"min({v})", f"max({v})", f"sum({v})", f"count({v})", f"sum({nan})"]
         want = con.execute(f"SELECT layer_id, step / {BLOCK_STEPS}, rank, min(step), max(step), count(*), "
                            f"{', '.join(aggs)} FROM layer_stat GROUP BY 1, 2, 3 ORDER BY 1, 2, 3").fetchall()
-        cols = [f"{st}_{a}" for st in LAYER_FLOAT_COLUMNS for a in ("min", "max", "sum", "cnt", "nan")]
+        cols = [f"{st}_{a}" for st in ROLLUP_STATS for a in ("min", "max", "sum", "cnt", "nan")]
         got = con.execute(f"SELECT layer_id, block, rank, step_min, step_max, n, {', '.join(cols)} "
                           "FROM layer_stat_block ORDER BY 1, 2, 3").fetchall()
     assert len(got) == len(want) > 0

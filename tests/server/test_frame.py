@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from gradwatch.agent import wire
+from gradwatch.agent.spec import LAYER_FIELDS, ROLLUP_STATS, Moments, merge_all
 from gradwatch.server.db.models import BLOCK_STEPS, LAYER_FLOAT_COLUMNS
 from gradwatch.server.repo.frame import LayerFrame, pg_binary_array
 from gradwatch.server.repo.ingest import _LAYER_STAT_COLUMNS
@@ -47,14 +48,16 @@ def random_batch(seed: int, packed: bool) -> wire.Batch:
                                     "nonfinite": [rnd.randint(0, 9) for _ in ids]}
             for name in LAYER_FLOAT_COLUMNS:
                 mode = rnd.random()
-                if name == "l2_post" and mode < 0.3:
+                if name in ("l2_post", "wnorm") and mode < 0.3:
                     cols[name] = [None] * len(ids)  # not measured this step
-                elif name == "l2_post" and mode < 0.45:
+                elif name in ("l2_post", "wnorm") and mode < 0.45:
                     cols[name] = [None if rnd.random() < 0.5 else _value(rnd) for _ in ids]
                 elif mode < 0.15:
                     cols[name] = [math.nan] * len(ids)
                 else:
                     cols[name] = [_value(rnd) for _ in ids]
+                if name == "m2":  # never negative (the wire refuses it)
+                    cols[name] = [abs(v) for v in cols[name]]
             steps.append(wire.StepRecord(step=step, time=1.0, rank=rank, layer_ids=ids, layers=cols))
     b = wire.Batch(run=wire.RunInfo(run_id="r"), seq=1,
                    layers=[wire.LayerInfo(i, f"l{i}") for i in range(n_layers)], steps=steps)
@@ -76,9 +79,21 @@ def reference_rows(b: wire.Batch, ids: dict[int, int]) -> list[tuple[Any, ...]]:
                     mask |= 1 << bit
                     v = None
                 vals[name] = v
-            out.append((ids[idx], s.step, s.rank, s.layers["numel"][j], vals["mean"], vals["var"], vals["std"],
-                        vals["l2"], vals["maxabs"], s.layers["nonfinite"][j], vals["l2_post"], mask))
+            out.append((ids[idx], s.step, s.rank,
+                        *(vals[f.name] if f.is_float else s.layers[f.name][j] for f in LAYER_FIELDS), mask))
     return out
+
+
+def _derived(r: tuple[Any, ...], name: str) -> tuple[Any, int]:
+    """(value, nan_mask bit) of a rollup statistic of a reference row: var/std from m2 and numel."""
+    if name not in ("var", "std"):
+        return r[_LAYER_STAT_COLUMNS.index(name)], LAYER_FLOAT_COLUMNS.index(name)
+    n, m2 = r[_LAYER_STAT_COLUMNS.index("numel")], r[_LAYER_STAT_COLUMNS.index("m2")]
+    bit = LAYER_FLOAT_COLUMNS.index("m2")
+    if m2 is None:
+        return None, bit
+    var = m2 / n if n > 0 else 0.0
+    return (var if name == "var" else math.sqrt(var)), bit
 
 
 def reference_blocks(rows: list[tuple[Any, ...]]) -> dict[tuple[int, int, int], list[Any]]:
@@ -86,12 +101,20 @@ def reference_blocks(rows: list[tuple[Any, ...]]) -> dict[tuple[int, int, int], 
     for r in rows:
         groups.setdefault((r[0], r[1] // BLOCK_STEPS, r[2]), []).append(r)
     out = {}
-    pos = {name: _LAYER_STAT_COLUMNS.index(name) for name in LAYER_FLOAT_COLUMNS}
     for key, rs in groups.items():
         steps = [r[1] for r in rs]
         agg: list[Any] = [min(steps), max(steps), len(rs)]
-        for bit, name in enumerate(LAYER_FLOAT_COLUMNS):
-            vals = [r[pos[name]] for r in rs if r[pos[name]] is not None]
+        col = {c: _LAYER_STAT_COLUMNS.index(c) for c in ("numel", "mean", "m2")}
+        fin = [r for r in rs if r[col["mean"]] is not None and r[col["m2"]] is not None
+               and math.isfinite(r[col["mean"]]) and math.isfinite(r[col["m2"]])]
+        mom = merge_all(Moments(r[col["numel"]], r[col["mean"]], r[col["m2"]]) for r in fin)
+        # the vectorised form centres on the weighted mean, whose rounding adds up to n·(ε·mean)² to m2
+        slack = 64 * mom.n * (2.3e-16 * mom.mean) ** 2 if mom.n and math.isfinite(mom.mean) else 0.0
+        agg += [mom.n, ("pooled", mom.mean if mom.n else None, 0.0), ("pooled", mom.m2 if mom.n else None, slack),
+                len(rs) - len(fin)]
+        for name in ROLLUP_STATS:
+            bit = _derived(rs[0], name)[1]
+            vals = [v for v in (_derived(r, name)[0] for r in rs) if v is not None]
             total = (sum(vals), sum(abs(v) for v in vals)) if vals else None  # (sum, scale of its rounding)
             agg += [min(vals) if vals else None, max(vals) if vals else None, total,
                     len(vals), sum(1 for r in rs if r[-1] >> bit & 1)]
@@ -123,8 +146,16 @@ def test_rows_and_blocks_match_the_reference(packed):
         for row in blocks:
             key, agg = row[:3], list(row[3:])
             exp = ref[key]
+            assert len(agg) == len(exp)
             for k, (x, y) in enumerate(zip(agg, exp)):
-                if k >= 3 and (k - 3) % 5 == 2 and y is not None:  # a sum: the order of additions may differ
+                if isinstance(y, tuple) and y[0] == "pooled":  # Chan's fold vs the vectorised n-way form
+                    want, slack = y[1], y[2]
+                    assert (x is None) == (want is None), (seed, key, k, x, want)
+                    if want is not None and x is not None and math.isfinite(want):
+                        assert abs(x - want) <= 1e-9 * abs(want) + slack, (seed, key, k, x, want)
+                    elif want is not None:
+                        assert _same(x, want) or not math.isfinite(x), (seed, key, k, x, want)
+                elif k >= 7 and (k - 7) % 5 == 2 and y is not None:  # a sum: the order of additions may differ
                     total, scale = y
                     if math.isfinite(total):
                         assert x is not None and abs(x - total) <= 1e-12 * scale, (seed, key, k, x, total)
@@ -197,11 +228,10 @@ def test_copy_stream_and_arrays_round_trip_through_postgresql(fresh_pg):
     """PostgreSQL itself reads the COPY stream and the array parameters back to the same values."""
     import psycopg
 
+    from gradwatch.server.repo.frame import PG_TYPES
     from gradwatch.server.repo.ingest import pg_array_params
 
-    cols = ", ".join(f"{c} {t}" for c, t in zip(_LAYER_STAT_COLUMNS, ["int8", "int8", "int4", "int8", "float8", "float8",
-                                                                      "float8", "float8", "float8", "int8", "float8",
-                                                                      "int4"]))
+    cols = ", ".join(f"{c} {t}" for c, t in zip(_LAYER_STAT_COLUMNS, PG_TYPES))
     with psycopg.connect(fresh_pg.replace("postgresql+psycopg://", "postgresql://", 1)) as con:
         con.execute(f"CREATE TABLE t (seq int4, {cols})")
         for seed in range(12):

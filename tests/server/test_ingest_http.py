@@ -25,7 +25,9 @@ def test_batch_is_stored_and_readable(client, mk, post):
     run = client.get("/api/v1/runs/run1").json()
     assert run["name"] == "test run" and run["last_step"] == 5 and run["layer_count"] == 4
     assert run["config"] == {"lr": 0.1} and run["tags"] == ["t"]
-    layers = client.get("/api/v1/runs/run1/layers").json()
+    page = client.get("/api/v1/runs/run1/layers").json()
+    layers = page["data"]
+    assert page["count"] == 4
     assert [la["name"] for la in layers] == ["layer.0", "layer.1", "layer.2", "layer.3"]
     assert layers[1]["shape"] == [2, 2] and layers[1]["dtype"] == "float32"
     s = client.get("/api/v1/runs/run1/stats", params={"layer": "layer.2", "stat": "l2"}).json()
@@ -43,11 +45,17 @@ def test_nonfinite_values_round_trip_everywhere(client, mk, post):
     b = wire.Batch(run=b.run, seq=1, layers=b.layers, steps=steps, scalars=scal)
     assert post(client, b).status_code == 200
     enc = wire.encode_float
-    for stat in ("mean", "var", "std", "l2", "maxabs", "l2_post"):
+    def derived(stat: str, v: float, n: int) -> float:  # var = m2/numel, std = sqrt(var), m2 = |v|·numel
+        var = abs(v) * n / n
+        return var if stat == "var" else math.sqrt(var) if var == var else var
+
+    for stat in ("mean", "var", "std", "l2", "maxabs", "l2_post", "wnorm"):
         series = client.get("/api/v1/runs/run1/stats", params={"layer": "all", "stat": stat}).json()["series"]
         for ser in series:
             i = ser["layer"]
-            assert [p["value"] for p in ser["points"]] == [enc(_special(s, i)) for s in range(1, 5)], (stat, i)
+            want = [_special(s, i) if stat not in ("var", "std") else derived(stat, _special(s, i), 10 * (i + 1))
+                    for s in range(1, 5)]
+            assert [p["value"] for p in ser["points"]] == [enc(x) for x in want], (stat, i)
     pts = client.get("/api/v1/runs/run1/steps").json()["points"]
     assert [p["total_norm"] for p in pts] == [enc(x) for x in SPECIAL]
     assert [p["loss_scale"] for p in pts] == [enc(SPECIAL[(k + 2) % 4]) for k in range(4)]

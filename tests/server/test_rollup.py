@@ -199,3 +199,61 @@ def test_plus_and_minus_inf_in_one_bucket_make_its_mean_nan_on_both_databases(db
                 assert h["values"][0][0] == "NaN" and h["values"][0][-1] == 2.0, (blocks, h)
     finally:
         engine.dispose()
+
+
+def test_pooled_bucket_moments_equal_the_concatenated_steps(db_url, mk):
+    """A bucket's ``pooled`` count/mean/var equal a float64 two-pass over the gradient values of
+    all its steps and ranks concatenated: through the ingest rollup (batches unaligned with
+    blocks, merged into stored blocks), whole blocks plus edge rows, and the row path. A step
+    whose moments are not finite is left out and counted."""
+    import dataclasses
+
+    import numpy as np
+
+    rnd = np.random.default_rng(11)
+    values: dict[tuple[int, int, int], np.ndarray] = {}
+    for step in range(1, 301):
+        for rank in (0, 1):
+            for layer in range(2):
+                std = 10.0 ** rnd.uniform(-2, 1)
+                values[step, rank, layer] = rnd.normal(1e4 * std, std, int(rnd.integers(1, 40)))
+    nan_step = 150  # rank 0, layer 0: a NaN gradient
+
+    def batch(seq: int, steps: range, rank: int) -> wire.Batch:
+        b = mk(seq, steps, source=rank, events=False, layers=2)
+        recs = []
+        for s in b.steps:
+            xs = [values[s.step, rank, i] for i in range(2)]
+            mean = [float(x.mean()) for x in xs]
+            m2 = [float(((x - x.mean()) ** 2).sum()) for x in xs]
+            if s.step == nan_step and rank == 0:
+                mean[0], m2[0] = math.nan, math.nan
+            recs.append(dataclasses.replace(s, layers={**s.layers, "numel": [len(x) for x in xs], "mean": mean,
+                                                       "m2": m2}))
+        return dataclasses.replace(b, steps=recs)
+
+    engine = make_engine(db_url)
+    db = Database(engine)
+    try:
+        batches = [batch(k + 1 + 100 * rank, range(1 + 37 * k, min(38 + 37 * k, 301)), rank)
+                   for rank in (0, 1) for k in range(9)]
+        random.Random(5).shuffle(batches)
+        for b in batches:
+            _store(db, b)
+        with db.read() as conn:
+            layers = resolve_layers(conn, "run1", [])
+            for (lid, idx, _), (start, end, mp, rank) in [(la, c) for la in layers for c in (
+                    (None, None, 3, None), (5, 290, 2, None), (1, 300, 30, None), (70, 260, 2, 1), (10, 80, 20, 0))]:
+                out = series.layer_series(conn, lid, "var", start=start, end=end, max_points=mp, rank=rank)
+                assert out["downsampled"] and out["buckets"]
+                for bkt in out["buckets"]:
+                    keys = [(s, r) for s in range(bkt["step_min"], bkt["step_max"] + 1) for r in (0, 1)
+                            if rank in (None, r)]
+                    bad = [k for k in keys if k == (nan_step, 0) and idx == 0]
+                    xs = np.concatenate([values[s, r, idx] for s, r in keys if (s, r) not in bad])
+                    p = bkt["pooled"]
+                    assert p["count"] == len(xs) and p["skipped"] == len(bad), (start, end, mp, bkt)
+                    assert p["mean"] == pytest.approx(xs.mean(), rel=1e-12)
+                    assert p["var"] == pytest.approx(((xs - xs.mean()) ** 2).mean(), rel=1e-9), (start, end, mp)
+    finally:
+        engine.dispose()

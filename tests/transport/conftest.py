@@ -202,10 +202,10 @@ def step_record(step: int, n_layers: int, rank: int = 0, nan: bool = False) -> S
     v = float(step % 7) + 0.5
     return StepRecord(
         step=step, time=time.time(), rank=rank, layer_ids=list(range(n_layers)),
-        layers={"numel": [64] * n_layers, "mean": [v * 1e-3] * n_layers, "var": [v] * n_layers,
-                "std": [v ** 0.5] * n_layers, "l2": [float("nan") if nan else v * 3] * n_layers,
+        layers={"numel": [64] * n_layers, "mean": [v * 1e-3] * n_layers, "m2": [v * 64] * n_layers,
+                "l2": [float("nan") if nan else v * 3] * n_layers,
                 "maxabs": [v * 2] * n_layers, "nonfinite": [1 if nan else 0] * n_layers,
-                "l2_post": [None] * n_layers},
+                "l2_post": [None] * n_layers, "wnorm": [v * 5] * n_layers},
         total_norm=v * 10, clip_coef=None, loss_scale=None, skipped=False)
 
 
