@@ -209,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
         _open_browser(dash)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `kill`, docker stop: stop as Ctrl-C does, cleaning up
+        # Ctrl-C even where SIGINT came in ignored (a job started in the background by a
+        # non-interactive shell, as CI runners do): the demo serves until told to stop.
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         done = train(url, args.steps, inject=not args.no_inject, seed=args.seed)
         print(f"gradwatch demo: run {done.run_id} finished: {done.steps} steps, test accuracy "

@@ -25,7 +25,7 @@ def check_run(gw: Any, base: str, run_id: str, steps: int, *, injected: bool) ->
     assert run["status"] == "finished" and run["last_step"] == steps - 1 and run["project"] == "demo"
     points = gw.get_json(f"{api}/steps?max_points={steps}")["points"]
     assert [p["step"] for p in points] == list(range(steps))
-    layers = {la["name"] for la in gw.get_json(f"{api}/layers")}
+    layers = {la["name"] for la in gw.get_json(f"{api}/layers")["data"]}
     assert {"conv1.weight", "conv2.weight", "fc.bias"} <= layers
     loss = gw.get_json(f"{api}/scalars?key=loss")
     assert loss and "loss" in str(loss)

@@ -97,7 +97,7 @@ def test_hf_trainer_callback_end_to_end(gw: Any, tmp_path: Path, monkeypatch: py
         assert p["total_norm_post"] <= 0.5 + 1e-5
     assert any(p["total_norm"] > 0.6 for p in points if not p["skipped"])  # HF's clip acted ...
     assert gw.get_json(f"{api}/events?kind=clip")["data"]  # ... and was recorded
-    layers = {la["name"] for la in gw.get_json(f"{api}/layers")}
+    layers = {la["name"] for la in gw.get_json(f"{api}/layers")["data"]}
     assert "classifier.weight" in layers and "bert.embeddings.word_embeddings.weight" in layers
     assert "grad_norm" in str(gw.get_json(f"{api}/scalars?key=grad_norm"))  # HF's own logs
     skipped = [p["step"] for p in points if p["skipped"]]
