@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
+from typing import Any
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,12 +29,23 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("gradwatch.serve")
     if not settings.auth_enabled and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s without GRADWATCH_TOKEN: anyone who can reach it can read and write", args.host)
-    app = create_app(settings)
+    app = create_app(settings, dashboard=_dashboard())
     _tune_gc()
     # uvicorn's own frame limit sits above ours so oversized frames get our 1009 + message.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 ws_max_size=settings.max_body_bytes + (1 << 20))
     return 0
+
+
+def _dashboard() -> Callable[[Any], Any] | None:
+    """The dashboard's mount function, or None (``/`` then redirects to ``/docs``) when the
+    ``[dashboard]`` extra is not installed."""
+    try:
+        from gradwatch.dashboard.app import mount
+    except ImportError as e:
+        logging.getLogger("gradwatch.serve").warning("dashboard not available (%s): pip install 'gradwatch[dashboard]'", e)
+        return None
+    return mount
 
 
 def _tune_gc() -> None:
