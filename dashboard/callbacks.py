@@ -6,6 +6,7 @@ the server's event loop, and the API requests it makes are served by the same lo
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -34,7 +35,7 @@ def _fmt_time(t: Any) -> str:
 
 
 def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return ""
     s = int(seconds)
     return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
@@ -45,7 +46,9 @@ def run_rows(runs: list[dict[str, Any]], now: float | None = None) -> list[dict[
     now = time.time() if now is None else now
     rows = []
     for r in runs:
-        start = num(r.get("started_at")) or r.get("created_at")
+        start = num(r.get("started_at"))
+        if start is None or not math.isfinite(start):
+            start = r.get("created_at")
         end = now if r.get("status") == "running" else r.get("updated_at")
         label = r.get("name") or r["run_id"]
         rows.append({"id": r["run_id"], "run_id": r["run_id"], "status": r.get("status"),
