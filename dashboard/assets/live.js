@@ -14,7 +14,7 @@
   var LINE_GRAPHS = {"norm-graph": ["total_norm", "total_norm_post"], "scale-graph": ["loss_scale"]};
   var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, cursor: -1, pending: [], timer: null,
            backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0};
-  var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0};
+  var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0};
 
   function num(v) {
     if (v === null || v === undefined) { return null; }
@@ -41,6 +41,9 @@
   /* one step record (rank 0) into the history, unless that step is already held */
   function keep(rec) {
     if (rec.rank || S.byStep[rec.step]) { return false; }
+    // a step older than what is drawn (an agent's backlog delivered late): the charts cannot
+    // append it in order, so they are redrawn from a fresh REST snapshot
+    if (S.cursor >= 0 && rec.step < S.cursor && !S.inGap) { S.late = true; }
     S.byStep[rec.step] = rec;
     var h = S.history;
     if (!h.length || h[h.length - 1].step < rec.step) { h.push(rec); }
@@ -70,18 +73,22 @@
   function flush() {
     var t0 = performance.now();
     S.timer = null;
+    if (S.filling) { schedule(); return; }  // drawn in step order: the gap's steps first
     var msgs = S.pending; S.pending = [];
     for (var i = 0; i < msgs.length; i++) {
       var m = msgs[i];
       (m.steps || []).forEach(keep);
       S.newEvents += (m.events || []).length;
     }
-    draw();
+    if (S.late) {
+      S.late = false; S.graphs = {}; stats.reloads++;
+      setProps("reset-zoom", {n_clicks: Date.now()});
+    } else { draw(); }
     if (S.newEvents) { setProps("live-tick", {data: {events: S.newEvents, step: S.cursor, t: Date.now()}}); S.newEvents = 0; }
     status("live · step " + (S.cursor >= 0 ? S.cursor : "—"));
     var dt = performance.now() - t0;
     stats.flushes++; stats.scriptMs += dt; stats.maxScriptMs = Math.max(stats.maxScriptMs, dt);
-    if (wantStats() !== S.wsStats && S.ws) { S.ws.close(); }  // the heatmap's statistic changed
+    if (wantStats() !== S.wsStats && S.ws) { S.restat = true; S.ws.close(); }  // the heatmap's statistic changed
   }
 
   /* the part of the history a graph does not hold yet (its cursor survives a figure replacement) */
@@ -93,9 +100,11 @@
       if (S.history.length && !S.reloaded) { S.reloaded = true; setProps("reset-zoom", {n_clicks: Date.now()}); }
       return null;
     }
+    // a figure is known by its content, not its object: Plotly.relayout may copy the layout
+    var m = g.layout.meta, key = [m.last_step, m.stat, (m.layer_index || []).join(" ")].join("|");
     var st = S.graphs[id];
-    if (!st || st.meta !== g.layout.meta) {
-      st = S.graphs[id] = {meta: g.layout.meta, sent: g.layout.meta.last_step === null ? -1 : g.layout.meta.last_step};
+    if (!st || st.key !== key) {
+      st = S.graphs[id] = {key: key, sent: m.last_step === null ? -1 : m.last_step};
     }
     var out = [];
     for (var i = 0; i < S.history.length; i++) { if (S.history[i].step > st.sent) { out.push(S.history[i]); } }
@@ -142,6 +151,7 @@
   /* REST: the steps after the cursor that the stream did not bring (first connect, reconnects) */
   function fillGap() {
     var run = S.run, gen = S.generation, from = S.cursor + 1;
+    S.filling = true;
     var base = "/api/v1/runs/" + encodeURIComponent(run);
     var steps = fetch(base + "/steps?fields=total_norm,total_norm_post,loss_scale&start=" + from,
                       {credentials: "same-origin"}).then(function (r) { return r.ok ? r.json() : null; });
@@ -164,9 +174,11 @@
         return {step: b.step_max, rank: 0, total_norm: b.total_norm && b.total_norm.mean,
                 total_norm_post: b.total_norm_post && b.total_norm_post.mean, loss_scale: b.loss_scale && b.loss_scale.mean};
       })) : [];
+      S.inGap = true;  // the gap's steps may precede steps the stream already brought
       pts.forEach(function (p) { if (layersAt[p.step]) { p.layers = layersAt[p.step]; } keep(p); });
-      schedule();
-    }).catch(function () { /* the stream goes on; the next reconnect fills again */ });
+      S.inGap = false;
+    }).catch(function () { /* the stream goes on; the next reconnect fills again */ })
+      .then(function () { if (gen === S.generation) { S.filling = false; schedule(); } });
   }
 
   function connect() {
@@ -182,6 +194,7 @@
     ws.onclose = function () {
       if (gen !== S.generation) { return; }
       S.ws = null;
+      if (S.restat) { S.restat = false; connect(); return; }
       status("live · reconnecting in " + (S.backoff / 1000).toFixed(1) + " s");
       S.retry = setTimeout(connect, S.backoff);
       S.backoff = Math.min(BACKOFF_MAX, S.backoff * 2);
