@@ -165,7 +165,7 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     wvals = weights["values"] if weights else None
     z: list[list[Any]] = [[None] * len(keep) for _ in steps]
     bad: list[list[Any]] = [[None] * len(keep) for _ in steps]
-    text: list[list[str]] = [[""] * len(keep) for _ in steps]
+    text: list[list[str]] = [[""] * len(steps) for _ in keep]  # layer-major: plotly does not transpose text
     for j, i in enumerate(keep):
         row, nrow = values[i], nans[i]
         for k in range(len(steps)):
@@ -178,7 +178,7 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
                 continue
             if not math.isfinite(v) or (stat == "nonfinite" and v > 0):
                 bad[k][j] = 1
-                text[k][j] = (f"{n} non-finite" if n else ("NaN" if math.isnan(v) else ("+inf" if v > 0 else "-inf")))
+                text[j][k] = (f"{n} non-finite" if n else ("NaN" if math.isnan(v) else ("+inf" if v > 0 else "-inf")))
                 if stat != "nonfinite":
                     continue
             if log:

@@ -153,3 +153,12 @@ def test_run_page_callbacks_read_the_api(client: TestClient) -> None:
                                                              ("run-id", "data", "r1"), ("theme", "data", "light"),
                                                              ("layer-graph", "relayoutData", None)])
     assert series["layer-graph"]["figure"]["data"][0]["y"] == [1.0, 10.0, 100.0, 1000.0, 10000.0]
+
+
+def test_runs_list_counts_events_per_run(client: TestClient) -> None:
+    _ingest(client)
+    run = client.get("/api/v1/runs").json()["data"][0]
+    assert (run["overflows"], run["skipped"], run["clips"], run["nonfinite"]) == (1, 0, 0, 0)
+    rows = callback(client, [("runs-table", "data"), ("runs-error", "children"), ("runs-empty", "children")],
+                    [("runs-refresh", "n_intervals", 1)])
+    assert rows["runs-table"]["data"][0]["overflows"] == 1 and rows["runs-empty"]["children"] is None

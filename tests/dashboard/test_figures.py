@@ -34,7 +34,7 @@ def test_heatmap_log10_and_nonfinite_cells_in_their_own_trace() -> None:
     assert main["z"][1] == [None, None]
     assert main["z"][2][1] == -1.0  # an exact zero sits at the bottom of the scale, not a hole
     assert bad["z"][1] == [1, 1] and bad["z"][0] == [None, None]
-    assert bad["text"][1] == ["3 non-finite", "+inf"]
+    assert [bad["text"][0][1], bad["text"][1][1]] == ["3 non-finite", "+inf"]  # text is layer-major
     assert bad["colorscale"][0][1] == fig.NONFINITE_COLOUR
     assert "2 non-finite cells" in f["layout"]["title"]["text"]
     meta = f["layout"]["meta"]
