@@ -40,4 +40,7 @@ def mount(app: FastAPI) -> dash.Dash:
                   suppress_callback_exceptions=True, routes_pathname_prefix="/", serve_locally=True)
     d.layout = layout.shell
     callbacks.register(d, api_factory, server_url)
+    # Dash does this on the first request to "/" or "/_dash-*"; a first request for a page URL
+    # (a shared /runs/<id> link) would otherwise get an index without the assets (no live script).
+    d._setup_server()
     return d

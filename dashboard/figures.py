@@ -39,14 +39,22 @@ STAT_HELP = {
 }
 
 
+#: Colours per theme (plotly.js has no named templates: a figure dict carries its colours).
+THEMES = {"light": {"bg": "#ffffff", "fg": "#1d1d24", "grid": "#e6e7eb"},
+          "dark": {"bg": "#1c1e24", "fg": "#e6e7ea", "grid": "#33363f"}}
+
+
 def _layout(title: str, theme: str, **extra: Any) -> dict[str, Any]:
+    c = THEMES.get(theme, THEMES["light"])
     out: dict[str, Any] = {
         "title": {"text": title, "x": 0.01, "font": {"size": 14}},
-        "template": "plotly_dark" if theme == "dark" else "plotly_white",
+        "paper_bgcolor": c["bg"], "plot_bgcolor": c["bg"], "font": {"color": c["fg"]},
         "margin": {"l": 60, "r": 20, "t": 36, "b": 40}, "uirevision": "keep",
         "hovermode": "closest", "legend": {"orientation": "h", "y": -0.18},
     }
     out.update(extra)
+    for axis in ("xaxis", "yaxis"):
+        out[axis] = {"gridcolor": c["grid"], "zerolinecolor": c["grid"], **out.get(axis, {})}
     return out
 
 

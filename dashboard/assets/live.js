@@ -14,7 +14,7 @@
   var LINE_GRAPHS = {"norm-graph": ["total_norm", "total_norm_post"], "scale-graph": ["loss_scale"]};
   var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, cursor: -1, pending: [], timer: null,
            backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0};
-  var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0};
+  var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0, subscribed: 0};
 
   function num(v) {
     if (v === null || v === undefined) { return null; }
@@ -59,7 +59,7 @@
     stats.bytes += ev.data.length;
     var t0 = performance.now();
     var msg = JSON.parse(ev.data);
-    if (msg.type === "subscribed") { S.backoff = 500; fillGap(); }
+    if (msg.type === "subscribed") { S.backoff = 500; stats.subscribed++; fillGap(); }
     else if (msg.type === "batch") { S.pending.push(msg); schedule(); }
     stats.scriptMs += performance.now() - t0;
   }

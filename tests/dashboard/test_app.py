@@ -70,7 +70,8 @@ def test_docs_load_only_local_assets(client: TestClient, page: str) -> None:
 
 
 def test_dashboard_assets_served_locally(client: TestClient) -> None:
-    html = client.get("/").text
+    html = client.get("/runs/abc").text  # the first request: a shared run link, not "/"
+    assert "/assets/live.js" in html and "/assets/style.css" in html
     scripts = re.findall(r'<script src="([^"]+)"', html)
     assert scripts and not [s for s in scripts if s.startswith(("http", "//"))]
     assert "gradwatchLive" in client.get("/assets/live.js").text
@@ -124,7 +125,7 @@ def test_run_page_callbacks_read_the_api(client: TestClient) -> None:
     f = hm["heatmap"]["figure"]
     assert f["data"][0]["y"] == ["block0.weight", "block1.weight", "block2.weight"]
     assert f["data"][1]["z"][2] == [None, 1, None]  # the NaN cell, in its own colour
-    assert f["layout"]["meta"]["last_step"] == 4 and f["layout"]["template"] == "plotly_dark"
+    assert f["layout"]["meta"]["last_step"] == 4 and f["layout"]["paper_bgcolor"] == "#1c1e24"
     assert [o["value"] for o in hm["layer-select"]["options"]] == f["data"][0]["y"]
     ratio = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
                      [("run-id", "data", "r1"), ("heatmap-stat", "value", "ratio"), ("layer-regex", "value", None),
