@@ -189,8 +189,8 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
                 text[j][k] = (f"{n} non-finite" if n else ("NaN" if math.isnan(v) else ("+inf" if v > 0 else "-inf")))
                 if stat != "nonfinite":
                     continue
-            if log:
-                z[k][j] = math.log10(v) if v > 0 else None if v < 0 else -45.0
+            if log:  # 4 decimals of log10: far below what a colour shows, half the JSON
+                z[k][j] = round(math.log10(v), 4) if v > 0 else None if v < 0 else -45.0
             else:
                 z[k][j] = v
     finite = [v for col in z for v in col if v is not None and v > -45.0]
@@ -198,16 +198,16 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     if zmin is not None:  # exact zeros: the bottom of the scale, not a hole
         z = [[zmin if v == -45.0 else v for v in col] for col in z]
     y = [names[i] for i in keep]
+    n_bad = sum(1 for col in bad for v in col if v)
     hover = f"layer %{{y}}<br>step %{{x}}<br>{label}: %{{z:.3g}}<extra></extra>"
     data = [
         {"type": "heatmap", "x": steps, "y": y, "z": z, "transpose": True, "colorscale": "Viridis",
          "colorbar": {"title": {"text": label}}, "hovertemplate": hover, "name": label, "hoverongaps": False},
-        {"type": "heatmap", "x": steps, "y": y, "z": bad, "transpose": True, "text": text,
+        {"type": "heatmap", "x": steps, "y": y, "z": bad, "transpose": True, "text": text if n_bad else None,
          "colorscale": [[0, NONFINITE_COLOUR], [1, NONFINITE_COLOUR]], "showscale": False,
          "hovertemplate": "layer %{y}<br>step %{x}<br>%{text}<extra>non-finite</extra>", "name": "non-finite",
          "hoverongaps": False},
     ]
-    n_bad = sum(1 for col in bad for v in col if v)
     title = f"Layers × steps — {label}" + (f" · {n_bad} non-finite cells" if n_bad else "")
     return {"data": data, "layout": _layout(
         title, theme, xaxis={"title": {"text": "step"}},
