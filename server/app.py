@@ -12,12 +12,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, IntegrityError
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradwatch.server.api import export, ingest, live, runs, system
@@ -107,6 +111,31 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+DOCS_ASSETS = "/static/docs"
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """``/docs`` and ``/redoc`` with Swagger UI and ReDoc served by this process (no CDN: they
+    work without internet). The files come from the ``fastapi-offline`` package."""
+    import fastapi_offline
+
+    static = Path(fastapi_offline.__file__).with_name("static")
+    app.mount(DOCS_ASSETS, StaticFiles(directory=static), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    def _swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="gradwatch API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    def _redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="gradwatch API",
+                              redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
+
+
 def create_app(settings: ServerSettings | None = None, *,
                dashboard: Callable[[FastAPI], None] | None = None) -> FastAPI:
     """Build the app. The lifespan opens the engine, migrates to head and starts the live listener."""
@@ -129,15 +158,14 @@ def create_app(settings: ServerSettings | None = None, *,
             await asyncio.to_thread(hub.stop)
             engine.dispose()
 
-    app = FastAPI(title="gradwatch", version="1", lifespan=lifespan,
+    app = FastAPI(title="gradwatch", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Gradient-dynamics monitoring: ingest, storage and queries.")
+    _offline_docs(app)
     app.include_router(ingest.router, prefix=API_PREFIX)
     app.include_router(runs.router, prefix=API_PREFIX)
     app.include_router(export.router, prefix=API_PREFIX)
     app.include_router(live.router, prefix=API_PREFIX)
     app.include_router(system.router)
-    # ingest checks the same setting itself, with its own messages and metrics
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt={f"{API_PREFIX}/ingest"})
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
@@ -155,12 +183,27 @@ def create_app(settings: ServerSettings | None = None, *,
     async def _integrity_error(_: Request, exc: IntegrityError) -> JSONResponse:
         return JSONResponse({"detail": f"conflict: {str(exc.orig).splitlines()[0][:200]}"}, 409)
 
+    @app.get("/api/{path:path}", include_in_schema=False)
+    def _no_such_api_path(request: Request, path: str) -> JSONResponse:
+        # Registered before the dashboard's catch-all page route: an unknown API path is JSON,
+        # never HTML; a known path asked with the wrong method keeps its 405.
+        for route in app.router.routes:
+            if getattr(route, "endpoint", None) is not _no_such_api_path and \
+                    route.matches(request.scope)[0] is Match.PARTIAL:
+                return JSONResponse({"detail": "Method Not Allowed"}, 405)
+        return JSONResponse({"detail": f"no such API path: /api/{path}"[:300]}, 404)
+
     if dashboard is not None:
         dashboard(app)
     else:
         @app.get("/", include_in_schema=False)
         def _root() -> RedirectResponse:
             return RedirectResponse("/docs")
+
+    # Added last, so outermost: it reads a body before anything else (the dashboard's middleware
+    # reads callback bodies itself and would leave nothing for it to count). Ingest checks the
+    # same setting itself, with its own messages and metrics.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt={f"{API_PREFIX}/ingest"})
 
     def _openapi() -> dict[str, Any]:
         # Validation errors are answered as {"detail": "<message>"} like every other error.

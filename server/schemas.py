@@ -58,6 +58,11 @@ class RunRead(BaseModel):
     updated_at: float
     last_step: int | None
     layer_count: int | None = None
+    #: Event counts, in the runs list only (``GET /runs``).
+    overflows: int | None = None
+    skipped: int | None = None
+    clips: int | None = None
+    nonfinite: int | None = None
 
 
 class RunPage(BaseModel):

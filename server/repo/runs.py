@@ -66,7 +66,28 @@ def list_runs(conn: Connection, *, project: str | None = None, status: str | Non
     count = conn.execute(select(func.count()).select_from(Run).where(*conds)).scalar_one()
     rows = conn.execute(select(*_RUN_COLUMNS).where(*conds).order_by(Run.created_at.desc(), Run.id)
                         .limit(limit).offset(offset)).all()
-    return [_run_dict(r) for r in rows], int(count)
+    out = [_run_dict(r) for r in rows]
+    counts = _event_counts(conn, [r["run_id"] for r in out])
+    for r in out:
+        r.update(counts.get(r["run_id"], dict.fromkeys(EVENT_COUNTS.values(), 0)))
+    return out, int(count)
+
+
+#: Event kinds counted per run in the runs list, and the field each count is reported as.
+EVENT_COUNTS = {"overflow": "overflows", "skipped": "skipped", "clip": "clips", "nonfinite": "nonfinite"}
+
+
+def _event_counts(conn: Connection, run_ids: list[str]) -> dict[str, dict[str, int]]:
+    """``{run_id: {"overflows": n, "skipped": n, "clips": n, "nonfinite": n}}`` for a page of runs
+    (one grouped query over the event table's (run_id, kind) rows)."""
+    if not run_ids:
+        return {}
+    out: dict[str, dict[str, int]] = {r: dict.fromkeys(EVENT_COUNTS.values(), 0) for r in run_ids}
+    rows = conn.execute(select(Event.run_id, Event.kind, func.count()).where(
+        Event.run_id.in_(run_ids), Event.kind.in_(list(EVENT_COUNTS))).group_by(Event.run_id, Event.kind)).all()
+    for run_id, kind, n in rows:
+        out[run_id][EVENT_COUNTS[kind]] = int(n)
+    return out
 
 
 def create_run(conn: Connection, *, run_id: str, project: str, name: str | None, tags: list[str],

@@ -1,0 +1,156 @@
+"""Dashboard benchmark (issue 11), measured in headless Chromium (Debian's, via Playwright). Not a test.
+
+1. First full render: a run of ``--layers`` × ``--steps`` (layer rows built inside PostgreSQL or
+   SQLite with ``bench/ingest.py``'s builder, plus one step record per step) is opened at
+   ``/runs/<id>``; the time from navigation start until the heatmap and the total-norm chart hold
+   data (``performance.now()`` in the page), and the bytes of the callback responses.
+2. Live updates: ``--updates`` batches of one step each (every layer's statistics) are posted to
+   ``/api/v1/ingest`` while the page is open, one after the live script drew the previous one.
+   Script time is Chrome's ``ScriptDuration`` (all JavaScript: the live script, Dash, Plotly's
+   extendTraces) over the live phase minus an idle phase of the same length, divided by the
+   number of flushes; bytes are the websocket frames' payloads as the page received them.
+
+    .venv/bin/python bench/dashboard.py --layers 500 --steps 100000 --backend postgresql
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ingest as ib  # noqa: E402  (bench/ingest.py: database(), server(), build_big_run())
+
+from gradwatch.agent import wire  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+DRAWN = ("() => ['heatmap', 'norm-graph'].every(id => { const g = document.querySelector('#' + id + ' .js-plotly-plot');"
+         " return g && g.data && g.data.length > 0 && g.data[0].x && g.data[0].x.length > 0; })")
+
+
+def add_step_records(kind: str, url: str, run_id: str, steps: int) -> None:
+    """One step record per step (total norm before/after, loss scale), as ingest would store them."""
+    sql = ("INSERT INTO step_record (run_id, step, rank, time, total_norm, total_norm_post, clip_coef, loss_scale, "
+           "skipped, nan_mask) ")
+    if kind == "sqlite":
+        import sqlite3
+
+        con = sqlite3.connect(url.removeprefix("sqlite:///"))
+        con.executemany(sql + "VALUES (?, ?, 0, ?, ?, ?, 1.0, 65536.0, 0, 0)",
+                        [(run_id, s, float(s), 1.0 + (s % 97) / 97, 1.0) for s in range(1, steps + 1)])
+        con.commit()
+        con.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(ib._libpq(url), autocommit=True) as con:
+            con.execute(sql + "SELECT %s, s, 0, s, 1 + (s %% 97) / 97.0, 1, 1.0, 65536.0, false, 0 "
+                        "FROM generate_series(1, %s) s", (run_id, steps))
+
+
+def live_batch(run_id: str, layers: int, step: int, seq: int) -> bytes:
+    v = [1.0 + (i % 7) / 7 for i in range(layers)]
+    rec = wire.StepRecord(step=step, time=time.time(), rank=0, layer_ids=list(range(layers)),
+                          layers={"numel": [65536] * layers, "mean": v, "var": v, "std": v, "l2": v, "maxabs": v,
+                                  "nonfinite": [0] * layers, "l2_post": v},
+                          total_norm=2.0, total_norm_post=1.0, clip_coef=0.5, loss_scale=65536.0, skipped=False)
+    b = wire.Batch(run=wire.RunInfo(run_id=run_id, project="bench", name=None, config={}, tags=[]), seq=seq,
+                   source=7, sent_at=time.time(),
+                   layers=[wire.LayerInfo(i, f"model.layers.{i}.weight", [256, 256], "float32") for i in range(layers)],
+                   steps=[rec], scalars=[], events=[])
+    return wire.encode_batch(b)
+
+
+def script_seconds(cdp: Any) -> float:
+    return float(next(m["value"] for m in cdp.send("Performance.getMetrics")["metrics"] if m["name"] == "ScriptDuration"))
+
+
+def measure(base: str, run_id: str, layers: int, steps: int, updates: int) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    out: dict[str, Any] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        sizes: list[int] = []
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("response", lambda r: sizes.append(len(r.body())) if "_dash-update-component" in r.url else None)
+        frames: list[int] = []
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(
+            len(f if isinstance(f, (bytes, str)) else f.get("payload", "")))) if "/live" in ws.url else None)
+        page.goto(f"{base}/runs/{run_id}")
+        page.wait_for_function(DRAWN, timeout=600_000, polling="raf")
+        out["first_render_s"] = page.evaluate("() => performance.now()") / 1000
+        page.wait_for_timeout(1500)  # let the remaining callbacks land before counting bytes
+        out["render_bytes"] = sum(sizes)
+        out["heatmap_columns"] = page.evaluate(
+            "() => document.querySelector('#heatmap .js-plotly-plot').data[0].x.length")
+        try:
+            page.wait_for_function("() => window.gradwatchLive && window.gradwatchLive.stats.subscribed > 0",
+                                   timeout=120_000)
+        except Exception:
+            print(page.evaluate("() => JSON.stringify([window.gradwatchLive && window.gradwatchLive.stats, "
+                                "document.querySelector('#live-status').innerText, Array.from(document.scripts).map(s => s.src).filter(s => s.includes('assets')), typeof window.gradwatchLive])"), errors[:5], file=sys.stderr)
+            raise
+        page.wait_for_timeout(1000)
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Performance.enable")
+        t0, s0 = time.monotonic(), script_seconds(cdp)
+        page.wait_for_timeout(updates * 300)
+        idle = (script_seconds(cdp) - s0) / (time.monotonic() - t0)  # script seconds per second, idle page
+        frames.clear()
+        f0 = page.evaluate("() => window.gradwatchLive.stats.flushes")
+        t0, s0 = time.monotonic(), script_seconds(cdp)
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for k in range(updates):
+                step = steps + 1 + k
+                r = http.post("/api/v1/ingest", content=live_batch(run_id, layers, step, k + 1),
+                              headers={"Content-Type": "application/json"})
+                r.raise_for_status()
+                page.wait_for_function(
+                    "(s) => { const g = document.querySelector('#norm-graph .js-plotly-plot'); "
+                    "const x = g.data[0].x; return x[x.length - 1] >= s; }", arg=step, timeout=120_000, polling=50)
+        elapsed = time.monotonic() - t0
+        live_script = script_seconds(cdp) - s0 - idle * elapsed
+        flushes = page.evaluate("() => window.gradwatchLive.stats.flushes") - f0
+        out.update(updates=updates, flushes=flushes, live_script_ms_per_update=1000 * live_script / max(1, flushes),
+                   idle_script_ms_per_s=1000 * idle, live_bytes_per_update=sum(frames) / max(1, len(frames)),
+                   live_frames=len(frames),
+                   own_flush_ms_max=page.evaluate("() => window.gradwatchLive.stats.maxScriptMs"))
+        page.screenshot(path=str(Path(tempfile.gettempdir()) / f"dashboard-bench-{layers}x{steps}.png"), full_page=True)
+        browser.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--backend", default="postgresql", choices=["postgresql", "sqlite"])
+    ap.add_argument("--updates", type=int, default=30, help="live updates to measure")
+    a = ap.parse_args()
+    ib.LAYERS = a.layers  # the builder lays down ib.LAYERS layers per step
+    with tempfile.TemporaryDirectory() as tmp, ib.database(a.backend, Path(tmp)) as url:
+        t0 = time.perf_counter()
+        run_id, steps = ib.build_big_run(a.backend, url, a.layers * a.steps)
+        add_step_records(a.backend, url, run_id, steps)
+        build_s = time.perf_counter() - t0
+        with ib.server(url, Path(tmp) / "server.log") as base:
+            got = measure(base, run_id, a.layers, steps, a.updates)
+    print(json.dumps({"backend": a.backend, "layers": a.layers, "steps": steps, "build_s": round(build_s, 1),
+                      **{k: round(v, 3) if isinstance(v, float) else v for k, v in got.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

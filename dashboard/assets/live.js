@@ -1,0 +1,238 @@
+/* gradwatch live view: the run page's charts follow the run as it trains.
+ *
+ * The page draws a REST snapshot (each live figure carries layout.meta.last_step, the last step it
+ * holds). This script then opens the server's WS /api/v1/runs/{id}/live itself, and after each
+ * (re)subscription fetches over REST what the snapshot or the last connection missed, so there is
+ * no gap. Messages are buffered and flushed at most FLUSH_MS apart, in one requestAnimationFrame,
+ * as one dcc.Graph extendData per graph: extending per message makes dcc.Graph duplicate points.
+ * Steps already drawn are dropped (a per-graph cursor); a lost connection is retried with
+ * exponential backoff. window.gradwatchLive.stats holds what the bench reads (script ms, bytes).
+ */
+(function () {
+  "use strict";
+  var FLUSH_MS = 250, HISTORY = 4000, MAX_POINTS = 20000, HEAT_MAX = 3000, BACKOFF_MAX = 8000;
+  var LINE_GRAPHS = {"norm-graph": ["total_norm", "total_norm_post"], "scale-graph": ["loss_scale"]};
+  var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, cursor: -1, pending: [], timer: null,
+           backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0};
+  var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0, subscribed: 0};
+
+  function num(v) {
+    if (v === null || v === undefined) { return null; }
+    if (typeof v === "string") { return v === "Infinity" ? Infinity : v === "-Infinity" ? -Infinity : NaN; }
+    return v;
+  }
+  function fin(v) { v = num(v); return v !== null && isFinite(v) ? v : null; }
+  function gd(id) { var el = document.getElementById(id); return el && el.querySelector(".js-plotly-plot"); }
+  function setProps(id, props) {
+    if (window.dash_clientside && window.dash_clientside.set_props && document.getElementById(id)) {
+      window.dash_clientside.set_props(id, props);
+    }
+  }
+  function status(text) { setProps("live-status", {children: text}); }
+
+  function heatMeta() { var g = gd("heatmap"); return g && g.layout && g.layout.meta; }
+  function wantStats() {
+    var m = heatMeta();
+    var out = ["nonfinite"];
+    if (m && m.live && out.indexOf(m.stat) < 0) { out.push(m.stat); }
+    return out.sort().join(",");
+  }
+
+  /* one step record (rank 0) into the history, unless that step is already held */
+  function keep(rec) {
+    if (rec.rank || S.byStep[rec.step]) { return false; }
+    // a step older than what is drawn (an agent's backlog delivered late): the charts cannot
+    // append it in order, so they are redrawn from a fresh REST snapshot
+    if (S.cursor >= 0 && rec.step < S.cursor && !S.inGap) { S.late = true; }
+    S.byStep[rec.step] = rec;
+    var h = S.history;
+    if (!h.length || h[h.length - 1].step < rec.step) { h.push(rec); }
+    else { var i = h.length; while (i > 0 && h[i - 1].step > rec.step) { i--; } h.splice(i, 0, rec); }
+    if (h.length > HISTORY) { delete S.byStep[h.shift().step]; }
+    if (rec.step > S.cursor) { S.cursor = rec.step; }
+    stats.steps++;
+    return true;
+  }
+
+  function onMessage(ev) {
+    stats.messages++;
+    stats.bytes += ev.data.length;
+    var t0 = performance.now();
+    var msg = JSON.parse(ev.data);
+    if (msg.type === "subscribed") { S.backoff = 500; stats.subscribed++; fillGap(); }
+    else if (msg.type === "batch") { S.pending.push(msg); schedule(); }
+    stats.scriptMs += performance.now() - t0;
+  }
+
+  function schedule() {
+    if (S.timer === null) {
+      S.timer = setTimeout(function () { requestAnimationFrame(flush); }, FLUSH_MS);
+    }
+  }
+
+  function flush() {
+    var t0 = performance.now();
+    S.timer = null;
+    if (S.filling) { schedule(); return; }  // drawn in step order: the gap's steps first
+    var msgs = S.pending; S.pending = [];
+    for (var i = 0; i < msgs.length; i++) {
+      var m = msgs[i];
+      (m.steps || []).forEach(keep);
+      S.newEvents += (m.events || []).length;
+    }
+    if (S.late) {
+      S.late = false; S.graphs = {}; stats.reloads++;
+      setProps("reset-zoom", {n_clicks: Date.now()});
+    } else { draw(); }
+    if (S.newEvents) { setProps("live-tick", {data: {events: S.newEvents, step: S.cursor, t: Date.now()}}); S.newEvents = 0; }
+    status("live · step " + (S.cursor >= 0 ? S.cursor : "—"));
+    var dt = performance.now() - t0;
+    stats.flushes++; stats.scriptMs += dt; stats.maxScriptMs = Math.max(stats.maxScriptMs, dt);
+    if (wantStats() !== S.wsStats && S.ws) { S.restat = true; S.ws.close(); }  // the heatmap's statistic changed
+  }
+
+  /* the part of the history a graph does not hold yet (its cursor survives a figure replacement) */
+  function fresh(id) {
+    var g = gd(id);
+    if (!g || !g.layout) { return null; }
+    if (!g.layout.meta || g.layout.meta.last_step === undefined) {
+      // an empty state drawn before the run had steps: redraw from a snapshot once data flows
+      if (S.history.length && !S.reloaded) { S.reloaded = true; setProps("reset-zoom", {n_clicks: Date.now()}); }
+      return null;
+    }
+    // a figure is known by its content, not its object: Plotly.relayout may copy the layout
+    var m = g.layout.meta, key = [m.last_step, m.stat, (m.layer_index || []).join(" ")].join("|");
+    var st = S.graphs[id];
+    if (!st || st.key !== key) {
+      st = S.graphs[id] = {key: key, sent: m.last_step === null ? -1 : m.last_step};
+    }
+    var out = [];
+    for (var i = 0; i < S.history.length; i++) { if (S.history[i].step > st.sent) { out.push(S.history[i]); } }
+    if (out.length) { st.sent = out[out.length - 1].step; }
+    return out;
+  }
+
+  function draw() {
+    Object.keys(LINE_GRAPHS).forEach(function (id) {
+      var recs = fresh(id);
+      if (!recs || !recs.length) { return; }
+      var fields = LINE_GRAPHS[id], xs = [], ys = [], idx = [];
+      fields.forEach(function (f, k) {
+        xs.push(recs.map(function (r) { return r.step; }));
+        ys.push(recs.map(function (r) { return fin(r[f]); }));
+        idx.push(k);
+      });
+      setProps(id, {extendData: [{x: xs, y: ys}, idx, MAX_POINTS]});
+    });
+    var m = heatMeta();
+    if (!m || !m.live) { return; }
+    var recs = fresh("heatmap");
+    if (!recs || !recs.length) { return; }
+    var x = [], z = [], bad = [];
+    recs.forEach(function (r) {
+      var L = r.layers;
+      if (!L || !L.index) { return; }
+      var pos = {};
+      for (var i = 0; i < L.index.length; i++) { pos[L.index[i]] = i; }
+      var vals = L[m.stat] || [], nf = L.nonfinite || [];
+      var row = [], brow = [];
+      m.layer_index.forEach(function (li) {
+        var p = pos[li], v = p === undefined ? null : num(vals[p]), n = p === undefined ? 0 : (nf[p] || 0);
+        var isBad = (v !== null && !isFinite(v)) || (m.stat === "nonfinite" ? v > 0 : n > 0 && v === null);
+        brow.push(isBad || (v !== null && !isFinite(v)) ? 1 : null);
+        if (v === null || !isFinite(v)) { row.push(m.stat === "nonfinite" ? v : null); return; }
+        row.push(m.log ? (v > 0 ? Math.log10(v) : (v === 0 ? m.zmin : null)) : v);
+      });
+      x.push(r.step); z.push(row); bad.push(brow);
+    });
+    if (x.length) { setProps("heatmap", {extendData: [{x: [x, x], z: [z, bad]}, [0, 1], HEAT_MAX]}); }
+  }
+
+  /* REST: the steps after the cursor that the stream did not bring (first connect, reconnects) */
+  function fillGap() {
+    var run = S.run, gen = S.generation, from = S.cursor + 1;
+    S.filling = true;
+    var base = "/api/v1/runs/" + encodeURIComponent(run);
+    var steps = fetch(base + "/steps?fields=total_norm,total_norm_post,loss_scale&start=" + from,
+                      {credentials: "same-origin"}).then(function (r) { return r.ok ? r.json() : null; });
+    var m = heatMeta(), hs = m && m.live ? m.stat : null;
+    var heat = hs === null ? Promise.resolve(null) : fetch(
+      base + "/heatmap?stat=" + hs + "&start=" + from + "&max_points=" + 2000, {credentials: "same-origin"})
+      .then(function (r) { return r.ok ? r.json() : null; });
+    Promise.all([steps, heat]).then(function (got) {
+      if (gen !== S.generation) { return; }
+      var st = got[0], hm = got[1], layersAt = {};
+      if (hm && hm.bucket_width === 1) {
+        hm.steps.forEach(function (s, k) {
+          var blk = {index: hm.layers.map(function (l) { return l.index; })};
+          blk[hs] = hm.values.map(function (row) { return row[k]; });
+          blk.nonfinite = hm.nan.map(function (row) { return row[k]; });
+          layersAt[s] = blk;
+        });
+      }
+      var pts = st ? (st.points || (st.buckets || []).map(function (b) {
+        return {step: b.step_max, rank: 0, total_norm: b.total_norm && b.total_norm.mean,
+                total_norm_post: b.total_norm_post && b.total_norm_post.mean, loss_scale: b.loss_scale && b.loss_scale.mean};
+      })) : [];
+      S.inGap = true;  // the gap's steps may precede steps the stream already brought
+      pts.forEach(function (p) { if (layersAt[p.step]) { p.layers = layersAt[p.step]; } keep(p); });
+      S.inGap = false;
+    }).catch(function () { /* the stream goes on; the next reconnect fills again */ })
+      .then(function () { if (gen === S.generation) { S.filling = false; schedule(); } });
+  }
+
+  function connect() {
+    if (!S.run) { return; }
+    var gen = S.generation;
+    S.wsStats = wantStats();
+    var proto = location.protocol === "https:" ? "wss:" : "ws:";
+    var ws = new WebSocket(proto + "//" + location.host + "/api/v1/runs/" + encodeURIComponent(S.run) +
+                           "/live?layers=" + S.wsStats);
+    S.ws = ws;
+    stats.connects++;
+    ws.onmessage = onMessage;
+    ws.onclose = function () {
+      if (gen !== S.generation) { return; }
+      S.ws = null;
+      if (S.restat) { S.restat = false; connect(); return; }
+      status("live · reconnecting in " + (S.backoff / 1000).toFixed(1) + " s");
+      S.retry = setTimeout(connect, S.backoff);
+      S.backoff = Math.min(BACKOFF_MAX, S.backoff * 2);
+    };
+  }
+
+  function stop() {
+    S.generation++;
+    if (S.retry) { clearTimeout(S.retry); S.retry = null; }
+    if (S.ws) { var ws = S.ws; S.ws = null; ws.onclose = null; ws.close(); }
+  }
+
+  function start(snap) {
+    if (!snap || !snap.run_id) { return; }
+    if (snap.run_id === S.run && S.ws) { return; }  // a snapshot reload: the cursors follow the figures
+    stop();
+    S.run = snap.run_id; S.reloaded = false; S.history = []; S.byStep = {}; S.graphs = {}; S.pending = []; S.backoff = 500;
+    S.cursor = snap.last_step === null || snap.last_step === undefined ? -1 : snap.last_step;
+    connect();
+  }
+
+  /* an events-table row: every chart to that step, marked with a line */
+  function jump(cell, rows) {
+    var row = rows && rows[cell.row];
+    if (!row || !window.Plotly) { return; }
+    var step = row.step;
+    ["heatmap", "layer-graph", "norm-graph", "scale-graph", "scalars-graph", "transforms-graph"].forEach(function (id) {
+      var g = gd(id);
+      if (!g || !g.layout || !g.data || !g.data.length) { return; }
+      var r = (g._fullLayout && g._fullLayout.xaxis && g._fullLayout.xaxis.range) || [0, step * 2];
+      var half = Math.max(20, Math.min((r[1] - r[0]) / 10, 2000));
+      window.Plotly.relayout(g, {"xaxis.range": [step - half, step + half], "xaxis.autorange": false,
+        shapes: [{type: "line", x0: step, x1: step, yref: "paper", y0: 0, y1: 1,
+                  line: {color: "#d62728", width: 1.5, dash: "dot"}}]});
+    });
+    S.lastJump = step;
+  }
+
+  window.addEventListener("popstate", function () { if (!/^\/runs\//.test(location.pathname)) { stop(); S.run = null; } });
+  window.gradwatchLive = {start: start, stop: stop, jump: jump, stats: stats, state: S};
+})();

@@ -1,0 +1,280 @@
+"""Dash callbacks: each reads the API through :class:`~gradwatch.dashboard.api.Api` and hands
+the responses to the figure builders. All are ``async``: the FastAPI backend runs a callback on
+the server's event loop, and the API requests it makes are served by the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import parse_qs
+
+import dash
+from dash import Input, Output, State, html, no_update
+
+from gradwatch.dashboard import figures as fig
+from gradwatch.dashboard import layout
+from gradwatch.dashboard.api import Api, ApiError, num
+
+#: Stats drawn for a selected layer (each one line with its min–max band).
+LAYER_SERIES_STATS = ("l2", "std", "maxabs")
+STEP_FIELDS = ["total_norm", "total_norm_post", "loss_scale"]
+#: Cookie that holds the API token the dashboard was given (HttpOnly, set by ``/dashboard/login``).
+TOKEN_COOKIE = "gradwatch_token"
+
+
+def _fmt_time(t: Any) -> str:
+    v = num(t)
+    if v is None or v != v:
+        return ""
+    return datetime.fromtimestamp(v, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return ""
+    s = int(seconds)
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
+def run_rows(runs: list[dict[str, Any]], now: float | None = None) -> list[dict[str, Any]]:
+    """The runs table's rows: a link per run, times readable, counts as the server reports them."""
+    now = time.time() if now is None else now
+    rows = []
+    for r in runs:
+        start = num(r.get("started_at"))
+        if start is None or not math.isfinite(start):
+            start = r.get("created_at")
+        end = now if r.get("status") == "running" else r.get("updated_at")
+        label = r.get("name") or r["run_id"]
+        rows.append({"id": r["run_id"], "run_id": r["run_id"], "status": r.get("status"),
+                     "project": r.get("project"), "name": f"[{label}](/runs/{r['run_id']})",
+                     "last_step": r.get("last_step"), "started": _fmt_time(start),
+                     "duration": _fmt_duration(None if start is None or end is None else end - start),
+                     **fig.run_counts(r)})
+    return rows
+
+
+def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callable[[], str]) -> None:
+    """Wire every callback of the dashboard onto ``app``. ``api_factory`` makes a client for the
+    current request (its token taken from the request's cookie)."""
+
+    @app.callback(Output("page", "children"), Input("url", "pathname"), State("url", "search"))
+    async def route(pathname: str | None, search: str | None) -> Any:
+        path = (pathname or "/").rstrip("/") or "/"
+        if path == "/":
+            return layout.runs_page()
+        if path.startswith("/runs/") and path.count("/") == 2:
+            return layout.run_page(path.split("/")[2])
+        if path == "/compare":
+            ids = parse_qs((search or "").lstrip("?")).get("runs", [""])[0]
+            return layout.compare_page([x for x in ids.split(",") if x])
+        return layout.message(f"No page at {path}.", "error", [dash.dcc.Link("Back to the runs", href="/")])
+
+    app.clientside_callback(
+        "function(n, theme){ if (n) { theme = theme === 'dark' ? 'light' : 'dark'; } return theme || 'light'; }",
+        Output("theme", "data"), Input("theme-toggle", "n_clicks"), State("theme", "data"))
+    app.clientside_callback("function(theme){ return 'gw-' + (theme || 'light'); }",
+                            Output("gw-root", "className"), Input("theme", "data"))
+
+    # -- runs page ---------------------------------------------------------------------------
+    @app.callback(Output("runs-table", "data"), Output("runs-error", "children"), Output("runs-empty", "children"),
+                  Input("runs-refresh", "n_intervals"))
+    async def runs_table(_: Any) -> Any:
+        try:
+            async with api_factory() as api:
+                runs = await api.runs()
+        except ApiError as e:
+            return no_update, _error(e), no_update
+        return run_rows(runs), None, (layout.empty_state(server_url()) if not runs else None)
+
+    @app.callback(Output("compare-link", "href"), Input("runs-table", "selected_rows"), State("runs-table", "data"))
+    async def compare_link(selected: list[int] | None, data: list[dict[str, Any]]) -> str:
+        ids = [data[i]["run_id"] for i in (selected or []) if i < len(data)]
+        return "/compare?runs=" + ",".join(ids)
+
+    # -- run page ----------------------------------------------------------------------------
+    @app.callback(Output("run-title", "children"), Output("run-status", "children"),
+                  Output("run-error", "children"), Input("status-refresh", "n_intervals"), Input("run-id", "data"))
+    async def run_header(_: Any, run_id: str) -> Any:
+        try:
+            async with api_factory() as api:
+                run = await api.run(run_id)
+        except ApiError as e:
+            return no_update, no_update, _error(e)
+        status = run["status"]
+        label = {"running": "● running", "finished": "finished — the run has ended",
+                 "crashed": "crashed — the run has ended"}.get(status, status)
+        title = f"{run.get('name') or run_id} · {run.get('project')}"
+        return title, html.Span(label, className=f"gw-status-{status}", id="run-status-text"), None
+
+    @app.callback(Output("heatmap", "figure"), Output("regex-error", "children"), Output("layer-select", "options"),
+                  Input("run-id", "data"), Input("heatmap-stat", "value"), Input("layer-regex", "value"),
+                  Input("theme", "data"), Input("reset-zoom", "n_clicks"))
+    async def heatmap(run_id: str, stat: str, pattern: str | None, theme: str, _: Any) -> Any:
+        try:
+            async with api_factory() as api:
+                api_stat = "l2" if stat == "ratio" else fig.HEATMAP_STATS[stat][0]
+                last = (await api.run(run_id)).get("last_step")  # the snapshot ends here; live resumes after
+                hm = await api.heatmap(run_id, api_stat, end=last, max_points=1000)
+                weights = None
+                if stat == "ratio":
+                    try:
+                        weights = await api.heatmap(run_id, "weight_l2", end=last, max_points=1000)
+                    except ApiError as e:
+                        if e.status != 422:
+                            raise
+                        msg = "This server does not record weight norms yet: no gradient-to-weight ratio."
+                        return fig.empty_figure(msg, theme, "Layers × steps"), None, no_update
+        except ApiError as e:
+            return fig.empty_figure(e.message, theme, "Layers × steps"), None, no_update
+        names = [ly["name"] for ly in hm.get("layers", [])]
+        _, err = fig.layer_filter(names, pattern)
+        return (fig.heatmap_figure(hm, stat, pattern=pattern, theme=theme, weights=weights, last_step=last), err,
+                [{"label": n, "value": n} for n in names])
+
+    @app.callback(Output("layer-select", "value"), Input("heatmap", "clickData"), Input("layer-regex", "value"),
+                  State("layer-select", "options"), prevent_initial_call=True)
+    async def pick_layer(click: dict[str, Any] | None, pattern: str | None, options: list[dict[str, str]]) -> Any:
+        trigger = dash.ctx.triggered_id
+        if trigger == "heatmap" and click and click.get("points"):
+            return click["points"][0]["y"]
+        if trigger == "layer-regex" and pattern:
+            keep, _ = fig.layer_filter([o["value"] for o in options or []], pattern)
+            if len(keep) == 1:
+                return options[keep[0]]["value"]
+        return no_update
+
+    @app.callback(Output("layer-graph", "figure"), Input("layer-select", "value"), Input("run-id", "data"),
+                  Input("theme", "data"), Input("layer-graph", "relayoutData"))
+    async def layer_series(layer: str | None, run_id: str, theme: str, relayout: dict[str, Any] | None) -> Any:
+        if not layer:
+            return fig.empty_figure("Click a heatmap cell or search a layer to see its series.", theme, "Layer")
+        start, end = _visible(relayout)
+        if dash.ctx.triggered_id == "layer-graph" and start is None and not _is_reset(relayout):
+            return no_update
+        try:
+            async with api_factory() as api:
+                got = await asyncio.gather(*[api.layer_stats(run_id, layer, s, start=start, end=end,
+                                                             max_points=2000) for s in LAYER_SERIES_STATS])
+        except ApiError as e:
+            return fig.empty_figure(e.message, theme, "Layer")
+        out = fig.layer_series_figure(layer, dict(zip(LAYER_SERIES_STATS, got)), theme)
+        if start is not None:
+            out["layout"]["xaxis"]["range"] = [start, end]
+        return out
+
+    @app.callback(Output("norm-graph", "figure"), Output("scale-graph", "figure"), Output("scalars-graph", "figure"),
+                  Output("transforms-graph", "figure"), Output("events-store", "data"), Output("snapshot", "data"),
+                  Input("run-id", "data"), Input("theme", "data"), Input("reset-zoom", "n_clicks"))
+    async def charts(run_id: str, theme: str, _: Any) -> Any:
+        try:
+            async with api_factory() as api:
+                run = await api.run(run_id)
+                last = run.get("last_step")  # the snapshot ends here; the live script resumes after it
+                steps, events, keys, transforms = await asyncio.gather(
+                    api.steps(run_id, STEP_FIELDS, end=last, max_points=4000), api.events(run_id),
+                    api.scalar_keys(run_id), api.transforms(run_id, max_points=2000))
+                scalars = dict(zip(keys[:8], await asyncio.gather(
+                    *[api.scalar(run_id, k, max_points=2000) for k in keys[:8]])))
+        except ApiError as e:
+            empty = fig.empty_figure(e.message, theme)
+            return empty, empty, empty, empty, [], None
+        snap = {"run_id": run_id, "last_step": last, "status": run.get("status"), "t": time.time()}
+        return (fig.norm_figure(steps, events, theme, last), fig.scale_figure(steps, events, theme, last),
+                fig.scalars_figure(scalars, theme), fig.transforms_figure(transforms, theme), events, snap)
+
+    @app.callback(Output("events-store", "data", allow_duplicate=True), Input("live-tick", "data"),
+                  State("run-id", "data"), prevent_initial_call=True)
+    async def live_events(tick: dict[str, Any] | None, run_id: str) -> Any:
+        """New events arrived on the live stream: reload the (small) events list."""
+        try:
+            async with api_factory() as api:
+                return await api.events(run_id)
+        except ApiError:
+            return no_update
+
+    @app.callback(Output("events-table", "data"), Input("events-store", "data"), Input("event-kinds", "value"))
+    async def events_table(events: list[dict[str, Any]] | None, kinds: list[str]) -> Any:
+        return fig.events_rows(events or [], kinds)
+
+    # The browser does the rest: live stream, jumping charts to an event (assets/live.js).
+    app.clientside_callback(
+        "function(snap){ if (window.gradwatchLive) { window.gradwatchLive.start(snap); } return ''; }",
+        Output("live-dummy", "children"), Input("snapshot", "data"))
+    app.clientside_callback(
+        "function(cell, data){ if (cell && window.gradwatchLive) { window.gradwatchLive.jump(cell, data); } "
+        "return ''; }",
+        Output("jump-dummy", "children"), Input("events-table", "active_cell"),
+        State("events-table", "derived_viewport_data"))
+
+    # -- compare page ------------------------------------------------------------------------
+    @app.callback(Output("compare-norm", "figure"), Output("compare-scalars", "figure"),
+                  Output("compare-layer", "options"), Input("compare-ids", "data"), Input("theme", "data"))
+    async def compare(run_ids: list[str], theme: str) -> Any:
+        if len(run_ids) < 2:
+            msg = fig.empty_figure("Select two or more runs on the runs page to compare them.", theme)
+            return msg, msg, []
+        try:
+            async with api_factory() as api:
+                steps = await asyncio.gather(*[api.steps(r, ["total_norm"], max_points=2000) for r in run_ids])
+                loss = await asyncio.gather(*[_loss(api, r) for r in run_ids])
+                layer_lists = await asyncio.gather(*[api.layers(r) for r in run_ids])
+        except ApiError as e:
+            err = fig.empty_figure(e.message, theme)
+            return err, err, []
+        shared = set.intersection(*[{ly["name"] for ly in ls} for ls in layer_lists])
+        names = [ly["name"] for ly in layer_lists[0] if ly["name"] in shared]
+        norm = fig.compare_figure({r: s for r, s in zip(run_ids, steps)}, "total_norm", "Total gradient norm",
+                                  theme, log=True)
+        scal = fig.compare_figure({r: s for r, s in zip(run_ids, loss) if s is not None}, None, "loss", theme)
+        return norm, scal, [{"label": n, "value": n} for n in names]
+
+    @app.callback(Output("compare-layer-graph", "figure"), Input("compare-layer", "value"),
+                  State("compare-ids", "data"), Input("theme", "data"))
+    async def compare_layer(layer: str | None, run_ids: list[str], theme: str) -> Any:
+        if not layer or len(run_ids) < 2:
+            return fig.empty_figure("Pick a layer shared by the runs (matched by name).", theme, "Layer")
+        try:
+            async with api_factory() as api:
+                got = await asyncio.gather(*[api.layer_stats(r, layer, "l2", max_points=2000) for r in run_ids])
+        except ApiError as e:
+            return fig.empty_figure(e.message, theme)
+        return fig.compare_figure(dict(zip(run_ids, got)), None, f"{layer} — L2 norm", theme, log=True)
+
+
+async def _loss(api: Api, run_id: str) -> dict[str, Any] | None:
+    keys = await api.scalar_keys(run_id)
+    return await api.scalar(run_id, "loss", max_points=2000) if "loss" in keys else None
+
+
+def _visible(relayout: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """The x range a zoom asked for (``relayoutData``), as whole steps."""
+    if not relayout:
+        return None, None
+    a, b = relayout.get("xaxis.range[0]"), relayout.get("xaxis.range[1]")
+    if a is None and isinstance(relayout.get("xaxis.range"), list):
+        a, b = relayout["xaxis.range"]
+    if a is None or b is None:
+        return None, None
+    return max(0, int(float(a))), max(0, int(float(b)) + 1)
+
+
+def _is_reset(relayout: dict[str, Any] | None) -> bool:
+    return bool(relayout and relayout.get("xaxis.autorange"))
+
+
+def _error(e: ApiError) -> html.Div:
+    if e.status == 0:
+        return layout.message(f"The gradwatch server is unreachable: {e.message}", "error")
+    if e.status == 404:
+        return layout.message(f"{e.message}. It may have been deleted, or the link is wrong.", "error",
+                              [dash.dcc.Link("Back to the runs", href="/")])
+    if e.status in (401, 403):
+        return layout.message(f"Not allowed: {e.message}.", "error",
+                              [html.A("Sign in with a token", href="/dashboard/login")])
+    return layout.message(f"The server answered {e.status}: {e.message}", "error")

@@ -1,0 +1,397 @@
+"""Figure builders: API responses in, Plotly figure dicts out (plain functions, no I/O).
+
+Every trace is built from plain lists, never numpy arrays: plotly ≥ 6 would send arrays as
+base64 typed arrays, which ``extendData`` (the live path) cannot extend. Non-finite values are
+never holes: they are drawn as markers or cells of their own colour, with counts in the hover.
+The trace order of the live-updated figures is fixed (see ``TRACES``): the browser's live script
+extends traces by index.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from gradwatch.dashboard.api import num
+
+#: Colour of non-finite cells and markers (distinct from every colour scale used).
+NONFINITE_COLOUR = "#ff00ff"
+#: Trace indices the live script extends, per graph id.
+TRACES = {"heatmap": (0, 1), "norm-graph": (0, 1), "scale-graph": (0,)}
+
+#: Heatmap statistics: API stat, label, whether the colour is log10 of the value, what it means.
+HEATMAP_STATS: dict[str, tuple[str, str, bool, str]] = {
+    "l2": ("l2", "log10 L2 norm", True, "L2 norm of the layer's gradient (before transforms)"),
+    "std": ("std", "log10 std", True, "standard deviation of the gradient's elements"),
+    "var": ("var", "log10 variance", True, "population variance of the gradient's elements"),
+    "maxabs": ("maxabs", "log10 max |g|", True, "largest absolute gradient element"),
+    "nonfinite": ("nonfinite", "non-finite elements", False, "count of NaN/±inf gradient elements"),
+    "l2_post": ("l2_post", "log10 L2 after transforms", True, "L2 norm after clipping/normalization"),
+    "ratio": ("weight_l2", "log10 ‖g‖/‖w‖", True, "gradient norm relative to the layer's weight norm"),
+}
+LOG_STATS = frozenset({"l2", "std", "var", "maxabs", "l2_post", "total_norm", "total_norm_post", "loss_scale"})
+STAT_HELP = {
+    "l2": "L2 norm of the gradient", "std": "standard deviation of the gradient's elements",
+    "var": "population variance of the gradient's elements", "maxabs": "largest |gradient element|",
+    "mean": "mean gradient element", "nonfinite": "NaN/±inf elements", "l2_post": "L2 norm after the transforms",
+}
+
+
+#: Colours per theme (plotly.js has no named templates: a figure dict carries its colours).
+THEMES = {"light": {"bg": "#ffffff", "fg": "#1d1d24", "grid": "#e6e7eb"},
+          "dark": {"bg": "#1c1e24", "fg": "#e6e7ea", "grid": "#33363f"}}
+
+
+def _layout(title: str, theme: str, **extra: Any) -> dict[str, Any]:
+    c = THEMES.get(theme, THEMES["light"])
+    out: dict[str, Any] = {
+        "title": {"text": title, "x": 0.01, "font": {"size": 14}},
+        "paper_bgcolor": c["bg"], "plot_bgcolor": c["bg"], "font": {"color": c["fg"]},
+        "margin": {"l": 60, "r": 20, "t": 36, "b": 40}, "uirevision": "keep",
+        "hovermode": "closest", "legend": {"orientation": "h", "y": -0.18},
+    }
+    out.update(extra)
+    for axis in ("xaxis", "yaxis"):
+        out[axis] = {"gridcolor": c["grid"], "zerolinecolor": c["grid"], **out.get(axis, {})}
+    return out
+
+
+def empty_figure(message: str, theme: str = "light", title: str = "") -> dict[str, Any]:
+    """A figure that explains why it holds no data (never a blank axis)."""
+    return {"data": [], "layout": _layout(title, theme, xaxis={"visible": False}, yaxis={"visible": False},
+                                          annotations=[{"text": message, "showarrow": False, "xref": "paper",
+                                                        "yref": "paper", "x": 0.5, "y": 0.5,
+                                                        "font": {"size": 13}}])}
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def series_points(resp: dict[str, Any], field: str | None = None) -> dict[str, list[Any]]:
+    """A series response (raw points or min/max/mean buckets; for ``/steps`` one ``field``) as
+    columns: ``x``, ``mean``, ``lo``, ``hi`` (finite or None) and ``bad`` (x, kind) of non-finite."""
+    x: list[Any] = []
+    mean: list[Any] = []
+    lo: list[Any] = []
+    hi: list[Any] = []
+    bad_x: list[Any] = []
+    bad_text: list[str] = []
+    if resp.get("downsampled"):
+        for b in resp.get("buckets", []):
+            cell = b[field] if field else b
+            m, a, z = num(cell.get("mean")), num(cell.get("min")), num(cell.get("max"))
+            step = (b["step_min"] + b["step_max"]) // 2
+            nan = int(cell.get("nan") or 0)
+            x.append(step)
+            mean.append(m if _finite(m) else None)
+            lo.append(a if _finite(a) else None)
+            hi.append(z if _finite(z) else None)
+            kinds = [k for k, v in (("NaN", nan), ("+inf", z == math.inf), ("-inf", a == -math.inf)) if v]
+            if kinds:
+                bad_x.append(step)
+                bad_text.append(f"steps {b['step_min']}–{b['step_max']}: " + ", ".join(
+                    f"{nan} NaN" if k == "NaN" else k for k in kinds))
+    else:
+        for p in resp.get("points", []):
+            v = num(p.get(field) if field else p.get("value"))
+            x.append(p["step"])
+            ok = _finite(v)
+            mean.append(v if ok else None)
+            lo.append(v if ok else None)
+            hi.append(v if ok else None)
+            if not ok and v is not None:
+                bad_x.append(p["step"])
+                bad_text.append(f"step {p['step']}: {'NaN' if math.isnan(v) else ('+inf' if v > 0 else '-inf')}")
+    return {"x": x, "mean": mean, "lo": lo, "hi": hi, "bad_x": bad_x, "bad_text": bad_text}
+
+
+def _band(name: str, cols: dict[str, list[Any]], colour: str) -> list[dict[str, Any]]:
+    """Min and max of each bucket as a shaded band (so a one-step spike stays visible)."""
+    if cols["lo"] == cols["mean"] and cols["hi"] == cols["mean"]:
+        return []
+    fill = colour.replace("rgb(", "rgba(").replace(")", ",0.2)")
+    return [
+        {"type": "scatter", "x": cols["x"], "y": cols["hi"], "mode": "lines", "line": {"width": 0},
+         "name": f"{name} max", "showlegend": False, "hoverinfo": "skip"},
+        {"type": "scatter", "x": cols["x"], "y": cols["lo"], "mode": "lines", "line": {"width": 0},
+         "fill": "tonexty", "fillcolor": fill, "name": f"{name} min–max", "hoverinfo": "skip"},
+    ]
+
+
+def _bad_markers(cols: dict[str, list[Any]], y: Any, name: str = "non-finite") -> dict[str, Any]:
+    return {"type": "scatter", "x": cols["bad_x"], "y": [y] * len(cols["bad_x"]), "mode": "markers",
+            "marker": {"symbol": "x", "size": 9, "color": NONFINITE_COLOUR}, "name": name,
+            "text": cols["bad_text"], "hovertemplate": "%{text}<extra>non-finite</extra>"}
+
+
+def _top(values: Iterable[Any]) -> float | None:
+    vals = [v for v in values if _finite(v)]
+    return max(vals) if vals else None
+
+
+COLOURS = ("rgb(31,119,180)", "rgb(255,127,14)", "rgb(44,160,44)", "rgb(148,103,189)", "rgb(140,86,75)",
+           "rgb(23,190,207)")
+
+
+# -- heatmap -------------------------------------------------------------------------------------
+def layer_filter(names: list[str], pattern: str | None) -> tuple[list[int], str | None]:
+    """Positions of the layers whose name matches ``pattern`` (a regex, searched), and an error
+    message when the pattern is not a valid regex (then every layer is kept)."""
+    if not pattern:
+        return list(range(len(names))), None
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        return list(range(len(names))), f"invalid regex: {e}"
+    return [i for i, n in enumerate(names) if rx.search(n)], None
+
+
+def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None = None, theme: str = "light",
+                   weights: dict[str, Any] | None = None, last_step: int | None = None) -> dict[str, Any]:
+    """Layers × steps heatmap of ``hm`` (a ``/heatmap`` response), step-major with ``transpose``
+    so the live script can append steps. Trace 0: the statistic; trace 1: non-finite cells in
+    their own colour (hover: how many NaN/inf elements). ``ratio`` needs ``weights`` (a
+    ``weight_l2`` heatmap of the same shape). ``last_step``: the last step the data holds, where
+    the live script resumes (``layout.meta``)."""
+    api_stat, label, log, help_text = HEATMAP_STATS[stat]
+    if stat == "ratio":
+        api_stat = "l2"
+    layers = hm.get("layers", [])
+    names = [ly["name"] for ly in layers]
+    if not layers or not hm.get("steps"):
+        return empty_figure("No layer statistics yet: they appear with the run's first recorded step.", theme,
+                            "Layers × steps")
+    keep, err = layer_filter(names, pattern)
+    if not keep:
+        return empty_figure(f"No layer matches {pattern!r}.", theme, "Layers × steps")
+    steps = list(hm["steps"])
+    values = hm["values"]
+    nans = hm.get("nan") or [[0] * len(steps) for _ in layers]
+    wvals = weights["values"] if weights else None
+    z: list[list[Any]] = [[None] * len(keep) for _ in steps]
+    bad: list[list[Any]] = [[None] * len(keep) for _ in steps]
+    text: list[list[str]] = [[""] * len(steps) for _ in keep]  # layer-major: plotly does not transpose text
+    for j, i in enumerate(keep):
+        row, nrow = values[i], nans[i]
+        for k in range(len(steps)):
+            v = num(row[k])
+            if wvals is not None and v is not None:
+                w = num(wvals[i][k])
+                v = v / w if (w is not None and w != 0) else math.nan
+            n = int(nrow[k] or 0) if k < len(nrow) else 0
+            if v is None:
+                continue
+            if not math.isfinite(v) or (stat == "nonfinite" and v > 0):
+                bad[k][j] = 1
+                text[j][k] = (f"{n} non-finite" if n else ("NaN" if math.isnan(v) else ("+inf" if v > 0 else "-inf")))
+                if stat != "nonfinite":
+                    continue
+            if log:  # 4 decimals of log10: far below what a colour shows, half the JSON
+                z[k][j] = round(math.log10(v), 4) if v > 0 else None if v < 0 else -45.0
+            else:
+                z[k][j] = v
+    finite = [v for col in z for v in col if v is not None and v > -45.0]
+    zmin = min(finite) if finite else None
+    if zmin is not None:  # exact zeros: the bottom of the scale, not a hole
+        z = [[zmin if v == -45.0 else v for v in col] for col in z]
+    y = [names[i] for i in keep]
+    n_bad = sum(1 for col in bad for v in col if v)
+    hover = f"layer %{{y}}<br>step %{{x}}<br>{label}: %{{z:.3g}}<extra></extra>"
+    data = [
+        {"type": "heatmap", "x": steps, "y": y, "z": z, "transpose": True, "colorscale": "Viridis",
+         "colorbar": {"title": {"text": label}}, "hovertemplate": hover, "name": label, "hoverongaps": False},
+        {"type": "heatmap", "x": steps, "y": y, "z": bad, "transpose": True, "text": text if n_bad else None,
+         "colorscale": [[0, NONFINITE_COLOUR], [1, NONFINITE_COLOUR]], "showscale": False,
+         "hovertemplate": "layer %{y}<br>step %{x}<br>%{text}<extra>non-finite</extra>", "name": "non-finite",
+         "hoverongaps": False},
+    ]
+    title = f"Layers × steps — {label}" + (f" · {n_bad} non-finite cells" if n_bad else "")
+    return {"data": data, "layout": _layout(
+        title, theme, xaxis={"title": {"text": "step"}},
+        yaxis={"autorange": "reversed", "automargin": True, "tickfont": {"size": 9},
+               "showticklabels": len(keep) <= 80},
+        meta={"help": help_text, "layers": y, "layer_index": [layers[i]["index"] for i in keep], "log": log,
+              "stat": api_stat, "live": weights is None, "zmin": zmin, "last_step": last_step})}
+
+
+# -- line charts ---------------------------------------------------------------------------------
+def layer_series_figure(name: str, series: dict[str, dict[str, Any]], theme: str = "light") -> dict[str, Any]:
+    """One layer's statistics (``series``: stat → ``/stats`` series), each as its mean line and
+    the min–max band of its buckets; non-finite buckets as markers."""
+    data: list[dict[str, Any]] = []
+    any_points = False
+    for k, (stat, resp) in enumerate(series.items()):
+        cols = series_points(resp)
+        any_points = any_points or bool(cols["x"])
+        colour = COLOURS[k % len(COLOURS)]
+        data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": stat,
+                     "line": {"color": colour}, "hovertemplate": f"step %{{x}}<br>{STAT_HELP.get(stat, stat)}: "
+                                                                 "%{y:.4g}<extra></extra>"})
+        data += _band(stat, cols, colour)
+        if cols["bad_x"]:
+            data.append(_bad_markers(cols, _top(cols["hi"]) or 1.0))
+    if not any_points:
+        return empty_figure(f"No statistics recorded for {name} in this range.", theme, name)
+    return {"data": data, "layout": _layout(f"Layer {name}", theme, xaxis={"title": {"text": "step"}},
+                                            yaxis={"type": "log", "title": {"text": "value (log)"}})}
+
+
+def _event_markers(events: list[dict[str, Any]], kind: str, y: float | None, symbol: str, colour: str,
+                   name: str) -> dict[str, Any]:
+    xs, texts = [], []
+    for e in events:
+        if e["kind"] != kind:
+            continue
+        xs.append(e["step"])
+        texts.append(event_detail(e))
+    return {"type": "scatter", "x": xs, "y": [y] * len(xs), "mode": "markers", "name": name,
+            "marker": {"symbol": symbol, "size": 10, "color": colour}, "text": texts,
+            "hovertemplate": "step %{x}<br>%{text}<extra>" + name + "</extra>"}
+
+
+def norm_figure(steps: dict[str, Any], events: list[dict[str, Any]], theme: str = "light",
+                last_step: int | None = None) -> dict[str, Any]:
+    """Total gradient norm before (trace 0) and after (trace 1) the transforms, clip events marked."""
+    pre, post = series_points(steps, "total_norm"), series_points(steps, "total_norm_post")
+    if not pre["x"]:
+        return empty_figure("No steps recorded yet.", theme, "Total gradient norm")
+    data = [
+        {"type": "scatter", "x": pre["x"], "y": pre["mean"], "mode": "lines", "name": "before transforms",
+         "line": {"color": COLOURS[0]}, "hovertemplate": "step %{x}<br>‖g‖ before: %{y:.4g}<extra></extra>"},
+        {"type": "scatter", "x": post["x"], "y": post["mean"], "mode": "lines", "name": "after transforms",
+         "line": {"color": COLOURS[1]}, "hovertemplate": "step %{x}<br>‖g‖ after: %{y:.4g}<extra></extra>"},
+    ]
+    data += _band("before", pre, COLOURS[0])
+    top = _top(pre["hi"]) or 1.0
+    data.append(_event_markers(events, "clip", top, "triangle-down", "#d62728", "clip"))
+    if pre["bad_x"]:
+        data.append(_bad_markers(pre, top))
+    return {"data": data, "layout": _layout("Total gradient norm (L2, all layers)", theme,
+                                            xaxis={"title": {"text": "step"}}, meta={"last_step": last_step},
+                                            yaxis={"type": "log", "title": {"text": "‖g‖ (log)"}})}
+
+
+def scale_figure(steps: dict[str, Any], events: list[dict[str, Any]], theme: str = "light",
+                 last_step: int | None = None) -> dict[str, Any]:
+    """Loss scale (trace 0) on a log axis; overflow (hover: the layers that held non-finite
+    values), skipped-step and growth markers."""
+    cols = series_points(steps, "loss_scale")
+    if not any(v is not None for v in cols["mean"]) and not events:
+        return empty_figure("No loss scale recorded: this run does not use gradwatch.agent.GradScaler.", theme,
+                            "Loss scale")
+    ys = {e["step"]: num(e["data"].get("scale_before")) for e in events if e["kind"] in ("overflow", "scale_growth")}
+    data = [{"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": "loss scale",
+             "line": {"color": COLOURS[3], "shape": "hv"}, "hovertemplate": "step %{x}<br>scale %{y:.6g}<extra></extra>"}]
+    top = _top(cols["hi"]) or 1.0
+    for kind, symbol, colour, name in (("overflow", "x", "#d62728", "overflow"),
+                                       ("skipped", "circle-open", "#ff7f0e", "skipped step"),
+                                       ("scale_growth", "triangle-up", "#2ca02c", "growth")):
+        tr = _event_markers(events, kind, top, symbol, colour, name)
+        tr["y"] = [ys.get(x) if _finite(ys.get(x)) else top for x in tr["x"]]
+        data.append(tr)
+    return {"data": data, "layout": _layout("Loss scale", theme, xaxis={"title": {"text": "step"}},
+                                            meta={"last_step": last_step},
+                                            yaxis={"type": "log", "title": {"text": "scale (log)"}})}
+
+
+def scalars_figure(series: dict[str, dict[str, Any]], theme: str = "light") -> dict[str, Any]:
+    """User scalars from ``Watcher.log`` (loss, lr, ...), one line each."""
+    if not series:
+        return empty_figure("No scalars logged: call watcher.log(loss=..., lr=...) in the training loop.", theme,
+                            "Scalars")
+    data: list[dict[str, Any]] = []
+    for k, (key, resp) in enumerate(series.items()):
+        cols = series_points(resp)
+        colour = COLOURS[k % len(COLOURS)]
+        data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": key,
+                     "line": {"color": colour}, "hovertemplate": f"step %{{x}}<br>{key}: %{{y:.4g}}<extra></extra>"})
+        data += _band(key, cols, colour)
+        if cols["bad_x"]:
+            data.append(_bad_markers(cols, _top(cols["hi"]) or 0.0, f"{key} non-finite"))
+    return {"data": data, "layout": _layout("Scalars (Watcher.log)", theme, xaxis={"title": {"text": "step"}})}
+
+
+def transforms_figure(resp: dict[str, Any] | None, theme: str = "light") -> dict[str, Any]:
+    """Each transform's reported values over time; an explanatory empty state where the server has
+    no ``/transforms`` endpoint or the run has no transforms."""
+    if resp is None:
+        return empty_figure("This server does not report transform values (GET /runs/{id}/transforms).", theme,
+                            "Transform values")
+    series = _transform_series(resp)
+    if not series:
+        return empty_figure("No transform values: pass transforms=(ClipNorm(1.0), ...) to watch().", theme,
+                            "Transform values")
+    data: list[dict[str, Any]] = []
+    for k, (name, cols) in enumerate(series.items()):
+        data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": name,
+                     "line": {"color": COLOURS[k % len(COLOURS)]},
+                     "hovertemplate": f"step %{{x}}<br>{name}: %{{y:.4g}}<extra></extra>"})
+    return {"data": data, "layout": _layout("Transform values", theme, xaxis={"title": {"text": "step"}})}
+
+
+def _transform_series(resp: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
+    """``{transform.value: columns}`` from a ``/transforms`` response: ``series`` as a list of
+    ``{transform, key, ...series}`` or a mapping ``transform → key → series``."""
+    out: dict[str, dict[str, list[Any]]] = {}
+    raw = resp.get("series", resp.get("transforms", []))
+    if isinstance(raw, dict):
+        for t, keys in raw.items():
+            for key, s in (keys or {}).items():
+                out[f"{t}.{key}"] = series_points(s)
+    else:
+        for s in raw or []:
+            name = f"{s.get('transform', '?')}.{s.get('key', s.get('value', '?'))}"
+            out[name] = series_points(s)
+    return {k: v for k, v in out.items() if v["x"]}
+
+
+# -- events --------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    f = num(v) if isinstance(v, (int, float, str)) else None
+    return f"{f:.4g}" if f is not None else str(v)
+
+
+def event_detail(e: dict[str, Any]) -> str:
+    """One line saying what an event was: scales, the layers involved (first few), coefficients."""
+    d = e.get("data") or {}
+    parts = []
+    if "scale_before" in d:
+        parts.append(f"scale {_fmt(d['scale_before'])} → {_fmt(d.get('scale_after'))}")
+    if d.get("layers"):
+        ls = list(d["layers"])
+        parts.append("layers: " + ", ".join(ls[:4]) + (f" (+{len(ls) - 4} more)" if len(ls) > 4 else ""))
+    for k in ("transform", "coef", "total_norm", "norm", "z", "threshold", "clipped"):
+        if k in d and d[k] is not None:
+            parts.append(f"{k} {d[k] if k == 'transform' else _fmt(d[k])}")
+    return "; ".join(parts) or "—"
+
+
+def events_rows(events: list[dict[str, Any]], kinds: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of the events table, filtered by kind."""
+    return [{"step": e["step"], "kind": e["kind"], "rank": e.get("rank", 0), "detail": event_detail(e)}
+            for e in events if not kinds or e["kind"] in kinds]
+
+
+def run_counts(run: dict[str, Any]) -> dict[str, Any]:
+    """The runs table's counts, whatever the server reports (absent counts show as blank)."""
+    return {k: run.get(k) for k in ("overflows", "skipped", "clips", "nonfinite")}
+
+
+# -- compare -------------------------------------------------------------------------------------
+def compare_figure(series: dict[str, dict[str, Any]], field: str | None, title: str, theme: str = "light",
+                   log: bool = False) -> dict[str, Any]:
+    """The same series of several runs overlaid (``series``: run id → response)."""
+    data: list[dict[str, Any]] = []
+    for k, (run_id, resp) in enumerate(series.items()):
+        cols = series_points(resp, field)
+        colour = COLOURS[k % len(COLOURS)]
+        data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": run_id,
+                     "line": {"color": colour}, "hovertemplate": f"{run_id}<br>step %{{x}}: %{{y:.4g}}<extra></extra>"})
+        data += _band(run_id, cols, colour)
+    if not any(tr["x"] for tr in data):
+        return empty_figure(f"No {title} recorded in these runs.", theme, title)
+    return {"data": data, "layout": _layout(title, theme, xaxis={"title": {"text": "step"}},
+                                            yaxis={"type": "log"} if log else {})}

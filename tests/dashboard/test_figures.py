@@ -1,0 +1,169 @@
+"""Figure builders and row helpers as plain functions: NaN, ±inf, empty runs, one step, one layer,
+1,000 layers. Every figure must serialize as strict JSON (what the browser's JSON.parse accepts)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from gradwatch.dashboard import figures as fig
+from gradwatch.dashboard.callbacks import run_rows
+
+
+def strict(f: dict[str, Any]) -> dict[str, Any]:
+    json.dumps(f, allow_nan=False)  # raises on NaN/inf anywhere in the figure
+    return f
+
+
+def hm(values: list[list[Any]], nan: list[list[int]] | None = None, steps: list[int] | None = None) -> dict[str, Any]:
+    n = len(values[0]) if values else 0
+    return {"layers": [{"index": i, "name": f"layer{i}.weight"} for i in range(len(values))], "stat": "l2",
+            "steps": steps if steps is not None else list(range(n)), "values": values,
+            "nan": nan or [[0] * n for _ in values], "bucket_width": 1}
+
+
+def test_heatmap_log10_and_nonfinite_cells_in_their_own_trace() -> None:
+    f = strict(fig.heatmap_figure(hm([[1.0, "NaN", 100.0], [0.1, "Infinity", 0.0]], nan=[[0, 3, 0], [0, 0, 0]])))
+    main, bad = f["data"]
+    assert main["transpose"] is True and main["x"] == [0, 1, 2]
+    # step-major: z[step][layer]; log10 of the value; non-finite cells are not values
+    assert main["z"][0] == [0.0, -1.0] and main["z"][2][0] == 2.0
+    assert main["z"][1] == [None, None]
+    assert main["z"][2][1] == -1.0  # an exact zero sits at the bottom of the scale, not a hole
+    assert bad["z"][1] == [1, 1] and bad["z"][0] == [None, None]
+    assert [bad["text"][0][1], bad["text"][1][1]] == ["3 non-finite", "+inf"]  # text is layer-major
+    assert bad["colorscale"][0][1] == fig.NONFINITE_COLOUR
+    assert "2 non-finite cells" in f["layout"]["title"]["text"]
+    meta = f["layout"]["meta"]
+    assert meta["layer_index"] == [0, 1] and meta["live"] is True and meta["log"] is True
+
+
+def test_heatmap_regex_filter_and_invalid_regex() -> None:
+    h = hm([[1.0], [2.0], [3.0]])
+    f = fig.heatmap_figure(h, pattern=r"^layer[02]\.")
+    assert f["data"][0]["y"] == ["layer0.weight", "layer2.weight"]
+    assert f["layout"]["meta"]["layer_index"] == [0, 2]
+    keep, err = fig.layer_filter(["a", "b"], "(")
+    assert keep == [0, 1] and err is not None and "invalid regex" in err
+    assert "No layer matches" in fig.heatmap_figure(h, pattern="^nothing$")["layout"]["annotations"][0]["text"]
+
+
+def test_heatmap_empty_run_one_step_one_layer() -> None:
+    empty = fig.heatmap_figure({"layers": [], "steps": [], "values": [], "nan": []})
+    assert empty["data"] == [] and "No layer statistics yet" in empty["layout"]["annotations"][0]["text"]
+    one = strict(fig.heatmap_figure(hm([[5.0]])))
+    assert one["data"][0]["z"] == [[round(math.log10(5.0), 4)]]  # 4 decimals of log10 travel
+
+
+def test_heatmap_nonfinite_count_stat_is_linear_and_marks_cells() -> None:
+    f = strict(fig.heatmap_figure(hm([[0, 4]]), "nonfinite"))
+    assert f["data"][0]["z"] == [[0], [4]]
+    assert f["data"][1]["z"] == [[None], [1]]
+    assert f["layout"]["meta"]["log"] is False
+
+
+def test_heatmap_ratio_divides_by_weight_norm() -> None:
+    f = strict(fig.heatmap_figure(hm([[1.0, 2.0]]), "ratio", weights=hm([[10.0, 0.0]])))
+    assert f["data"][0]["z"][0] == [-1.0]
+    assert f["data"][1]["z"][1] == [1]  # a zero weight norm: the ratio is not finite
+    assert f["layout"]["meta"]["live"] is False  # no live weight norms: the ratio is not extended
+
+
+def test_heatmap_thousand_layers() -> None:
+    n = 1000
+    f = strict(fig.heatmap_figure(hm([[float(i + 1), float(i + 2)] for i in range(n)])))
+    assert len(f["data"][0]["y"]) == n and len(f["data"][0]["z"]) == 2 and len(f["data"][0]["z"][0]) == n
+    assert f["layout"]["yaxis"]["showticklabels"] is False  # 1,000 names would be unreadable
+
+
+def test_series_points_raw_and_buckets_keep_nonfinite_visible() -> None:
+    raw = {"downsampled": False, "points": [{"step": 1, "value": 1.0}, {"step": 2, "value": "NaN"},
+                                             {"step": 3, "value": "-Infinity"}]}
+    c = fig.series_points(raw)
+    assert c["mean"] == [1.0, None, None] and c["bad_x"] == [2, 3]
+    assert c["bad_text"] == ["step 2: NaN", "step 3: -inf"]
+    bk = {"downsampled": True, "buckets": [
+        {"step_min": 0, "step_max": 9, "min": 1.0, "max": 9.0, "mean": 5.0, "count": 10, "nan": 0},
+        {"step_min": 10, "step_max": 19, "min": 1.0, "max": "Infinity", "mean": "Infinity", "count": 10, "nan": 2}]}
+    c = fig.series_points(bk)
+    assert c["x"] == [4, 14] and c["lo"] == [1.0, 1.0] and c["hi"] == [9.0, None]
+    assert c["bad_x"] == [14] and "2 NaN" in c["bad_text"][0] and "+inf" in c["bad_text"][0]
+
+
+def test_layer_series_band_and_markers() -> None:
+    bk = {"downsampled": True, "buckets": [
+        {"step_min": 0, "step_max": 9, "min": 1.0, "max": 9.0, "mean": 5.0, "count": 10, "nan": 0},
+        {"step_min": 10, "step_max": 19, "min": 2.0, "max": 3.0, "mean": "NaN", "count": 10, "nan": 1}]}
+    f = strict(fig.layer_series_figure("fc.weight", {"l2": bk}))
+    names = [t["name"] for t in f["data"]]
+    assert names == ["l2", "l2 max", "l2 min–max", "non-finite"]
+    assert f["data"][2]["fill"] == "tonexty" and f["data"][1]["y"] == [9.0, 3.0]
+    assert f["layout"]["yaxis"]["type"] == "log"
+    empty = fig.layer_series_figure("fc.weight", {"l2": {"downsampled": False, "points": []}})
+    assert "No statistics recorded" in empty["layout"]["annotations"][0]["text"]
+
+
+def _steps(*rows: tuple[int, Any, Any, Any]) -> dict[str, Any]:
+    return {"downsampled": False, "points": [{"step": s, "rank": 0, "total_norm": a, "total_norm_post": b,
+                                              "loss_scale": c, "skipped": False} for s, a, b, c in rows]}
+
+
+def test_norm_figure_live_traces_first_and_clip_markers() -> None:
+    events = [{"kind": "clip", "step": 2, "data": {"transform": "ClipNorm", "coef": 0.5, "total_norm": 2.0}}]
+    f = strict(fig.norm_figure(_steps((1, 1.0, 1.0, None), (2, 2.0, 1.0, None), (3, "NaN", "NaN", None)),
+                               events, last_step=3))
+    assert [t["name"] for t in f["data"][:2]] == ["before transforms", "after transforms"]
+    assert f["data"][0]["y"] == [1.0, 2.0, None]
+    clip = next(t for t in f["data"] if t["name"] == "clip")
+    assert clip["x"] == [2] and "coef 0.5" in clip["text"][0]
+    assert next(t for t in f["data"] if t["name"] == "non-finite")["x"] == [3]
+    assert f["layout"]["meta"]["last_step"] == 3 and f["layout"]["yaxis"]["type"] == "log"
+    assert "No steps" in fig.norm_figure({"downsampled": False, "points": []}, [])["layout"]["annotations"][0]["text"]
+
+
+def test_scale_figure_overflow_hover_names_layers() -> None:
+    events = [{"kind": "overflow", "step": 2, "data": {"scale_before": 1024.0, "scale_after": 512.0,
+                                                        "layers": ["0.weight", "0.bias"]}},
+              {"kind": "skipped", "step": 2, "data": {"layers": ["0.weight"]}},
+              {"kind": "scale_growth", "step": 5, "data": {"scale_before": 512.0, "scale_after": 1024.0}}]
+    f = strict(fig.scale_figure(_steps((1, 1.0, 1.0, 1024.0), (2, "Infinity", 1.0, 512.0)), events))
+    assert f["layout"]["yaxis"]["type"] == "log" and f["data"][0]["name"] == "loss scale"
+    ov = next(t for t in f["data"] if t["name"] == "overflow")
+    assert ov["x"] == [2] and ov["y"] == [1024.0] and "layers: 0.weight, 0.bias" in ov["text"][0]
+    assert next(t for t in f["data"] if t["name"] == "growth")["x"] == [5]
+    none = fig.scale_figure(_steps((1, 1.0, 1.0, None)), [])
+    assert "does not use gradwatch.agent.GradScaler" in none["layout"]["annotations"][0]["text"]
+
+
+def test_transforms_and_scalars_empty_states() -> None:
+    assert "does not report" in fig.transforms_figure(None)["layout"]["annotations"][0]["text"]
+    assert "No transform values" in fig.transforms_figure({"series": []})["layout"]["annotations"][0]["text"]
+    got = fig.transforms_figure({"series": [{"transform": "ZClip", "key": "z", "downsampled": False,
+                                             "points": [{"step": 1, "value": 0.5}]}]})
+    assert got["data"][0]["name"] == "ZClip.z"
+    assert "watcher.log" in fig.scalars_figure({})["layout"]["annotations"][0]["text"]
+
+
+@pytest.mark.parametrize("kinds,expected", [(None, 3), (["overflow"], 1), (["clip", "spike"], 1)])
+def test_events_rows_filter(kinds: list[str] | None, expected: int) -> None:
+    ev = [{"kind": "overflow", "step": 3, "rank": 0, "data": {"layers": [f"l{i}" for i in range(6)]}},
+          {"kind": "clip", "step": 4, "rank": 0, "data": {}},
+          {"kind": "scale_growth", "step": 5, "rank": 0, "data": {"scale_before": 1.0, "scale_after": 2.0}}]
+    rows = fig.events_rows(ev, kinds)
+    assert len(rows) == expected
+    if kinds is None:
+        assert rows[0]["detail"] == "layers: l0, l1, l2, l3 (+2 more)"
+        assert rows[1]["detail"] == "—"
+
+
+def test_run_rows_link_duration_and_counts() -> None:
+    runs = [{"run_id": "abc", "name": None, "project": "p", "status": "running", "started_at": 100.0,
+             "created_at": 100.0, "updated_at": 150.0, "last_step": 7, "overflows": 2},
+            {"run_id": "def", "name": "big", "project": "p", "status": "finished", "started_at": "NaN",
+             "created_at": 0.0, "updated_at": 7200.0, "last_step": None}]
+    rows = run_rows(runs, now=165.0)
+    assert rows[0]["name"] == "[abc](/runs/abc)" and rows[0]["duration"] == "1m 05s" and rows[0]["overflows"] == 2
+    assert rows[1]["name"] == "[big](/runs/def)" and rows[1]["duration"] == "2h 00m" and rows[1]["skipped"] is None
