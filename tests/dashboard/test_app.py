@@ -103,8 +103,8 @@ def _ingest(c: TestClient, steps: int = 5) -> None:
     for s in range(steps):
         v = [1.0, math.nan if s == 2 else 2.0, 10.0 ** s]
         recs.append(wire.StepRecord(step=s, time=1000.0 + s, rank=0, layer_ids=[0, 1, 2],
-                                    layers={"numel": [4, 4, 4], "mean": v, "var": v, "std": v, "l2": v, "maxabs": v,
-                                            "nonfinite": [0, 3 if s == 2 else 0, 0], "l2_post": v},
+                                    layers={"numel": [4, 4, 4], "mean": v, "m2": [4 * x for x in v], "l2": v, "maxabs": v,
+                                            "nonfinite": [0, 3 if s == 2 else 0, 0], "l2_post": v, "wnorm": v},
                                     total_norm=float(s + 1), total_norm_post=1.0, clip_coef=1.0, loss_scale=1024.0,
                                     skipped=s == 2))
     batch = wire.Batch(run=wire.RunInfo(run_id="r1", project="p", name="run one", config={}, tags=[]), seq=1,
