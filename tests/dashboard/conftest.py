@@ -106,7 +106,7 @@ def _chromium_or_skip() -> str:
     pytest.skip(msg)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # Playwright's sync API holds a running event loop while started: stop it with the module
 def browser() -> Iterator[Any]:
     path = _chromium_or_skip()
     try:
