@@ -343,7 +343,7 @@ def _transform_series(resp: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
                 out[f"{t}.{key}"] = series_points(s)
     else:
         for s in raw or []:
-            name = f"{s.get('transform', '?')}.{s.get('key', s.get('value', '?'))}"
+            name = f"{s.get('transform', '?')}.{s.get('field', s.get('key', '?'))}"
             out[name] = series_points(s)
     return {k: v for k, v in out.items() if v["x"]}
 
