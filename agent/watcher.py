@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ._torch import Tensor, torch
+from ._warn import warn
 from .config import AgentConfig, compile_filter
 from .record import LayerRegistry, Recorder, warn_once_factory
 from .transforms.adaptive import AGC
@@ -136,6 +137,24 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def fp16_fused(optimizer: Any) -> bool:
+    """True when ``optimizer`` unscales inside a fused kernel and holds fp16 parameters: its
+    gradients stay loss-scaled up to the kernel (torch refuses to unscale fp16 grads outside it,
+    small values would underflow), so no transform can run on them under a loss scaler."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    return any(p.dtype == torch.float16 for g in optimizer.param_groups for p in g["params"])
+
+
+def warn_fp16_fused(optimizer: Any, transforms: Sequence[Transform], where: str) -> None:
+    """Say at construction (not at the first scaled step) that ``transforms`` will not run."""
+    if transforms and fp16_fused(optimizer):
+        warn(f"gradwatch: {where}: {type(optimizer).__name__} is fused and holds fp16 parameters, so under a loss "
+             f"scaler its gradients stay scaled until its kernel and the transforms "
+             f"({', '.join(type(t).__name__ for t in transforms)}) are skipped on every scaled step; use fp32 "
+             "master parameters (or a non-fused optimizer) to get them.", UserWarning)
+
+
 def _exclude_classifier(model: torch.nn.Module | None, transforms: Sequence[Transform]) -> None:
     """docs/transforms.md, AGC: AGC leaves the final classifier alone. For each AGC whose ``exclude``
     was left to its default, exclude the model's last ``nn.Linear`` (once)."""
@@ -204,6 +223,8 @@ class Watcher:
         scaler_ts = list(getattr(scaler, "_gw_transforms", ()) or ())
         if scaler_ts:
             _combine(scaler_ts, self.transforms, "transforms: conflict with the scaler's transforms")
+        if not cfg.disabled:
+            warn_fp16_fused(optimizer, self.transforms + scaler_ts, "watch(transforms=...)")
         self.config = cfg
         self.rank, self.world_size = _dist()
         self._optimizer = optimizer
