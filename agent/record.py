@@ -350,7 +350,7 @@ class Recorder:
             ctx.set_rows(rows)
         total = torch.linalg.vector_norm(l2col, 2) if m.shape[0] else torch.zeros((), device=dev)
         # ‖w‖ per layer (the gradient-to-weight ratio's denominator): one foreach pass, recorded steps only
-        weights = [p.detach() for p in ctx.params] + [p.detach() for p in plan.sparse_params]
+        weights = list(ctx.params) + list(plan.sparse_params)  # no_grad: no detach (one op per tensor)
         wn = (torch.stack([x.to(dev) for x in torch._foreach_norm(weights, 2, dtype=torch.float32)])
               if weights else torch.zeros(0, dtype=torch.float32, device=dev))
         return _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd)
