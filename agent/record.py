@@ -405,9 +405,11 @@ class Recorder:
         if found_inf is not None:
             add_scalar("found_inf", found_inf)
         reports: list[tuple[str, str, int, int, bool]] = []
+        # settings (max_norm, clip_value...) are in the run's metadata (Transform.settings), not per step
+        fixed = {t.name: set(t.config_keys + t.settings_keys) for t in transforms}
         for tname, rep in ctx.reports.items():
             for key, val in rep.items():
-                if not isinstance(val, torch.Tensor):
+                if not isinstance(val, torch.Tensor) or key in fixed.get(tname, ()):
                     continue
                 per_layer = val.dim() == 1 and val.shape[0] == n_dense_all and n_dense_all > 0
                 if per_layer:

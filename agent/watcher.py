@@ -45,7 +45,10 @@ from .transforms.base import Transform, TransformError, order_transforms
 from .transport import Sink, make_sink
 from .wire import _MAX_KEY, EVENT_KINDS, Event, RunInfo, ScalarRecord
 
-__all__ = ["watch", "Watcher"]
+__all__ = ["watch", "Watcher", "TRANSFORMS_CONFIG_KEY"]
+
+#: Key of the run config (RunInfo.config) holding each transform's fixed settings, sent once.
+TRANSFORMS_CONFIG_KEY = "gradwatch.transforms"
 
 _STATE_VERSION = 1
 
@@ -271,8 +274,17 @@ class Watcher:
 
     def _run_info(self) -> RunInfo:
         c = self.config
-        return RunInfo(run_id=self._run_id, project=c.project, name=c.run, config=dict(c.config),
+        config = dict(c.config)
+        ts = self._all_transforms()
+        if ts:  # fixed settings once, here, never per step (a user key of that name wins)
+            config.setdefault(TRANSFORMS_CONFIG_KEY, [{"transform": t.name, **t.settings()} for t in ts])
+        return RunInfo(run_id=self._run_id, project=c.project, name=c.run, config=config,
                        tags=list(c.tags), started_at=self._started_at, world_size=self.world_size)
+
+    def _all_transforms(self) -> list[Transform]:
+        """The watcher's transforms with those of a scaler known at watch() (``scaler=``)."""
+        extra = list(getattr(self._torch_scaler, "_gw_transforms", ()) or ())
+        return _combine(extra, self.transforms, "transforms") if extra else list(self.transforms)
 
     def _make_sink(self, sink: Sink | Callable[..., Sink] | None) -> Sink:
         run = self._run_info()
