@@ -350,7 +350,7 @@ class Recorder:
             ctx.set_rows(rows)
         total = torch.linalg.vector_norm(l2col, 2) if m.shape[0] else torch.zeros((), device=dev)
         # ‖w‖ per layer (the gradient-to-weight ratio's denominator): one foreach pass, recorded steps only
-        weights = [p.detach() for p in ctx.params] + [p.detach() for p in plan.sparse_params]
+        weights = list(ctx.params) + list(plan.sparse_params)  # no_grad: no detach (one op per tensor)
         wn = (torch.stack([x.to(dev) for x in torch._foreach_norm(weights, 2, dtype=torch.float32)])
               if weights else torch.zeros(0, dtype=torch.float32, device=dev))
         return _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd)
@@ -405,9 +405,11 @@ class Recorder:
         if found_inf is not None:
             add_scalar("found_inf", found_inf)
         reports: list[tuple[str, str, int, int, bool]] = []
+        # settings (max_norm, clip_value...) are in the run's metadata (Transform.settings), not per step
+        fixed = {t.name: set(t.config_keys + t.settings_keys) for t in transforms}
         for tname, rep in ctx.reports.items():
             for key, val in rep.items():
-                if not isinstance(val, torch.Tensor):
+                if not isinstance(val, torch.Tensor) or key in fixed.get(tname, ()):
                     continue
                 per_layer = val.dim() == 1 and val.shape[0] == n_dense_all and n_dense_all > 0
                 if per_layer:

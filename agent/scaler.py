@@ -190,6 +190,10 @@ class GradScaler(torch.amp.GradScaler):
         ordered = order_transforms(transforms)
         if watcher is not None and hasattr(watcher, "_check_transforms"):
             watcher._check_transforms(ordered)  # ValueError on a conflict with the watcher's own
+        if watcher is not None and enabled and getattr(watcher, "_optimizer", None) is not None:
+            from .watcher import warn_fp16_fused  # (watch() already warned about the watcher's own)
+
+            warn_fp16_fused(watcher._optimizer, ordered, "GradScaler(transforms=...)")
         # torch warns with stacklevel=2, which would point here; re-issue so it points at the caller.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

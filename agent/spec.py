@@ -235,13 +235,13 @@ _SKIPPED = _tv("skipped_update", "flag", "1 when the gradients were not finite a
 _LAYERS = _tv("layers", "flag", "1 for each layer the transform changed", per_layer=True)
 
 #: Reported values per transform name. Settings that never change (max_norm, clip_value's
-#: bound...) are not re-sent per step: they are the transforms' constructor arguments.
+#: bound...) are not sent per step: they go once into the run's config (``Transform.settings``,
+#: under ``gradwatch.transforms``).
 TRANSFORM_VALUES: dict[str, tuple[TransformValue, ...]] = {
     "clip_norm": (_tv("total_norm", "grad units", "total norm before clipping"),
                   _tv("total_norm_post", "grad units", "total norm after clipping"),
                   _tv("coef", "ratio", "clip coefficient min(1, max_norm/(total+1e-6))")),
-    "clip_value": (_tv("clip_value", "grad units", "the bound elements were clamped to"),
-                   _tv("clipped", "elements", "elements clamped, per layer", per_layer=True)),
+    "clip_value": (_tv("clipped", "elements", "elements clamped, per layer", per_layer=True),),
     "agc": (_tv("clipped_units", "units", "output units clipped, per layer", per_layer=True),
             _tv("min_coef", "ratio", "smallest unit coefficient, per layer", per_layer=True), _LAYERS),
     "zclip": (_tv("norm", "grad units", "total norm x_t"), _tv("threshold", "grad units", "clipping threshold"),

@@ -7,18 +7,22 @@ finished on the host (:func:`finalize`); variance and std are derived from M2 wh
 (``docs/statistics.md``), and moments of several tensors or steps merge exactly with
 :func:`gradwatch.agent.spec.merge_moments`.
 
-M2 is the shifted two-pass sum: with ``c = sum/n``, ``M2 = Σ(x−c)² − (Σ(x−c))²/n``, both sums
-in fp32 with torch's cascade summation. It stays within about 1e-7 relative of a float64
-two-pass reference even where |mean| ≫ std (``l2²/n − mean²`` loses ``1e-7·mean²/var`` there).
+M2 is the shifted sum: with ``c = sum/n`` (fp32), ``M2 = Σ(c−x)² − (n·c − Σx)²/n``, the squares
+summed in fp32 with torch's cascade sum and the correction (what c's rounding left) in float64.
+It stays within about 1e-7 relative of a float64 two-pass reference even where |mean| ≫ std
+(``l2²/n − mean²`` loses ``1e-7·mean²/var`` there).
 
-Cost model (``docs/storage.md``, "agent cost"): one foreach L2 pass, one signed-sum pass, one
-shifted pass for M2, ``aminmax`` for max-abs on CPU (10x faster there than a foreach inf-norm),
-and the exact non-finite count only for layers whose norm is not finite (a finite L2 norm proves
-every element finite), which makes the count free on clean steps. On CUDA, branching on the norm
-would be a host sync, so the count is taken eagerly and max-abs uses the foreach inf-norm (few
-launches). No function here synchronizes with a CUDA device; :class:`HostCopy` moves a packed
-result to the host with one non-blocking copy into pinned memory that is read later, off the
-training thread.
+Cost model (``docs/storage.md``, "agent cost"), per (device, dtype) group: one foreach L2 pass,
+one signed sum per tensor, and for max-abs and M2 one scratch copy ``d = −x`` (foreach neg; fp16/
+bf16: an fp32 upcast per tensor instead) read by foreach max next to a foreach max of ``x``, then
+``d += c`` and ``d *= d`` in place and one sum per tensor. So two aten ops per fp32 tensor plus a
+constant per group (``torch.var_mean`` would be one exact read, but on CPU its Welford kernel is
+~50x slower than a sum; the foreach 1-norm sums naively, ~1e-6 off at 4k elements). The exact
+non-finite count is taken only for layers whose norm is not finite on CPU (a finite L2 norm proves
+every element finite), which makes it free on clean steps. On CUDA, branching on the norm would
+be a host sync, so the count is taken eagerly. No function here synchronizes with a CUDA device;
+:class:`HostCopy` moves a packed result to the host with one non-blocking copy into pinned memory
+that is read later, off the training thread.
 """
 
 from __future__ import annotations
@@ -103,10 +107,6 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
         l2 = torch.stack([torch.linalg.vector_norm(rows.norms[i]) if i in rows.norms else next(fe) for i in idx])
         sums = torch.stack([rows.sums[i].sum() if i in rows.sums else t.sum(dtype=torch.float32)
                             for t, i in zip(ts, idx)])
-    if dev.type == "cpu":
-        maxabs = torch.stack([_maxabs_cpu(t) for t in ts])
-    else:
-        maxabs = torch.stack(torch._foreach_norm(ts, math.inf, dtype=torch.float32))
     if eager_nonfinite:
         nonfinite = torch.stack([torch.isfinite(t).logical_not_().sum(dtype=torch.float32) for t in ts])
     else:
@@ -115,27 +115,76 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
         bad = (~torch.isfinite(l2)).nonzero().flatten().tolist()
         for i in bad:
             nonfinite[i] = torch.isfinite(ts[i]).logical_not_().sum(dtype=torch.float32)
-    m2 = torch.stack([_centred_m2(t, s) for t, s in zip(ts, sums)])
-    return torch.stack([sums, l2, maxabs.to(torch.float32), nonfinite, m2], dim=1)
+    maxabs, m2 = _maxabs_m2(ts, sums)
+    return torch.stack([sums, l2, maxabs, nonfinite, m2], dim=1)
 
 
-def _centred_m2(t: Tensor, s: Tensor) -> Tensor:
-    """Σ(x − mean)² of ``t`` by the shifted two-pass sum around ``c = s/n`` (``s``: its fp32 sum);
-    the correction term removes what c's rounding left. No host sync."""
-    n = t.numel()
-    if n == 0:
-        return torch.zeros((), dtype=torch.float32, device=t.device)
-    d = torch.sub(t, s / n) if t.dtype == torch.float32 else torch.sub(t.float(), s / n)
-    s1 = d.sum()
-    return d.square_().sum() - s1 * s1 / n
+def _maxabs_m2(ts: list[Tensor], sums: Tensor) -> tuple[Tensor, Tensor]:
+    """(k,) max-abs and centred M2 of same-device, same-dtype tensors: foreach kernels plus one
+    sum per tensor (and one upcast per tensor for fp16/bf16, whose ``c − x`` would round).
+
+    ``d = −x`` (a scratch copy, chunk by chunk) gives ``min x = −max d`` next to ``max x``; then
+    ``d += c`` with ``c = sum/n`` in place, squared in place, and M2 is the shifted sum ``Σ(c − x)² − (n·c − Σx)²/n``
+    (the correction, in float64, removes what c's rounding left). No host sync."""
+    dev = ts[0].device
+    k = len(ts)
+    maxabs = torch.zeros(k, dtype=torch.float32, device=dev)
+    m2 = torch.zeros(k, dtype=torch.float32, device=dev)
+    live = [i for i, t in enumerate(ts) if t.numel() > 0]  # foreach max refuses empty tensors
+    if not live:
+        return maxabs, m2
+    xs = [ts[i] for i in live]
+    if len(live) == k:
+        sel = None
+        s = sums
+    else:
+        sel = device_tensor(live, torch.long, dev)
+        s = sums.index_select(0, sel)
+    hp = pack_dtype(dev)  # float64 (MPS: float32)
+    n = device_tensor([float(x.numel()) for x in xs], hp, dev)
+    hi = torch.stack(torch._foreach_max(xs)).float()
+    c = (s.to(hp) / n).float()
+    cs = list(c.unbind())
+    lo_parts: list[Tensor] = []
+    q_parts: list[Tensor] = []
+    for a, b in _chunks(xs):  # each chunk's scratch stays in cache across its four passes
+        d: list[Tensor]
+        if xs[0].dtype == torch.float32:
+            d = list(torch._foreach_neg(xs[a:b]))
+        else:
+            d = [x.float() for x in xs[a:b]]
+            torch._foreach_neg_(d)
+        lo_parts.extend(torch._foreach_max(d))  # = −min x
+        torch._foreach_add_(d, cs[a:b])
+        torch._foreach_mul_(d, d)
+        # one sum per tensor: torch's cascade sum is exact to ~1e-7 (the foreach 1-norm sums
+        # naively, ~1e-6 at 4k elements; a foreach 2-norm squared is 1 ulp off on exact inputs)
+        q_parts.extend(e.sum() for e in d)
+    lo = torch.stack(lo_parts)
+    q = torch.stack(q_parts).to(hp)
+    corr = n * c.to(hp) - s.to(hp)
+    mx = torch.maximum(hi.abs(), lo.abs())  # NaN propagates
+    mm = (q - corr.square() / n).float()
+    if sel is None:
+        return mx, mm
+    return maxabs.index_copy_(0, sel, mx), m2.index_copy_(0, sel, mm)
 
 
-def _maxabs_cpu(t: Tensor) -> Tensor:
-    if t.numel() == 0:
-        return torch.zeros((), dtype=torch.float32)
-    lo, hi = torch.aminmax(t)
-    # max(|lo|, |hi|) with NaN propagation (torch.maximum propagates NaN).
-    return torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
+#: Elements of scratch per chunk of the M2 pass (1 MiB of fp32): small tensors share a chunk (few
+#: launches), a large one is a chunk alone, and the scratch is re-read while still in cache.
+_CHUNK = 1 << 18
+
+
+def _chunks(xs: Sequence[Tensor]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    a = size = 0
+    for i, x in enumerate(xs):
+        if size and size + x.numel() > _CHUNK:
+            out.append((a, i))
+            a, size = i, 0
+        size += x.numel()
+    out.append((a, len(xs)))
+    return out
 
 
 @torch.no_grad()

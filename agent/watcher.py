@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ._torch import Tensor, torch
+from ._warn import warn
 from .config import AgentConfig, compile_filter
 from .record import LayerRegistry, Recorder, warn_once_factory
 from .transforms.adaptive import AGC
@@ -44,7 +45,10 @@ from .transforms.base import Transform, TransformError, order_transforms
 from .transport import Sink, make_sink
 from .wire import _MAX_KEY, EVENT_KINDS, Event, RunInfo, ScalarRecord
 
-__all__ = ["watch", "Watcher"]
+__all__ = ["watch", "Watcher", "TRANSFORMS_CONFIG_KEY"]
+
+#: Key of the run config (RunInfo.config) holding each transform's fixed settings, sent once.
+TRANSFORMS_CONFIG_KEY = "gradwatch.transforms"
 
 _STATE_VERSION = 1
 
@@ -136,6 +140,24 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def fp16_fused(optimizer: Any) -> bool:
+    """True when ``optimizer`` unscales inside a fused kernel and holds fp16 parameters: its
+    gradients stay loss-scaled up to the kernel (torch refuses to unscale fp16 grads outside it,
+    small values would underflow), so no transform can run on them under a loss scaler."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    return any(p.dtype == torch.float16 for g in optimizer.param_groups for p in g["params"])
+
+
+def warn_fp16_fused(optimizer: Any, transforms: Sequence[Transform], where: str) -> None:
+    """Say at construction (not at the first scaled step) that ``transforms`` will not run."""
+    if transforms and fp16_fused(optimizer):
+        warn(f"gradwatch: {where}: {type(optimizer).__name__} is fused and holds fp16 parameters, so under a loss "
+             f"scaler its gradients stay scaled until its kernel and the transforms "
+             f"({', '.join(type(t).__name__ for t in transforms)}) are skipped on every scaled step; use fp32 "
+             "master parameters (or a non-fused optimizer) to get them.", UserWarning)
+
+
 def _exclude_classifier(model: torch.nn.Module | None, transforms: Sequence[Transform]) -> None:
     """docs/transforms.md, AGC: AGC leaves the final classifier alone. For each AGC whose ``exclude``
     was left to its default, exclude the model's last ``nn.Linear`` (once)."""
@@ -204,6 +226,8 @@ class Watcher:
         scaler_ts = list(getattr(scaler, "_gw_transforms", ()) or ())
         if scaler_ts:
             _combine(scaler_ts, self.transforms, "transforms: conflict with the scaler's transforms")
+        if not cfg.disabled:
+            warn_fp16_fused(optimizer, self.transforms + scaler_ts, "watch(transforms=...)")
         self.config = cfg
         self.rank, self.world_size = _dist()
         self._optimizer = optimizer
@@ -250,8 +274,17 @@ class Watcher:
 
     def _run_info(self) -> RunInfo:
         c = self.config
-        return RunInfo(run_id=self._run_id, project=c.project, name=c.run, config=dict(c.config),
+        config = dict(c.config)
+        ts = self._all_transforms()
+        if ts:  # fixed settings once, here, never per step (a user key of that name wins)
+            config.setdefault(TRANSFORMS_CONFIG_KEY, [{"transform": t.name, **t.settings()} for t in ts])
+        return RunInfo(run_id=self._run_id, project=c.project, name=c.run, config=config,
                        tags=list(c.tags), started_at=self._started_at, world_size=self.world_size)
+
+    def _all_transforms(self) -> list[Transform]:
+        """The watcher's transforms with those of a scaler known at watch() (``scaler=``)."""
+        extra = list(getattr(self._torch_scaler, "_gw_transforms", ()) or ())
+        return _combine(extra, self.transforms, "transforms") if extra else list(self.transforms)
 
     def _make_sink(self, sink: Sink | Callable[..., Sink] | None) -> Sink:
         run = self._run_info()

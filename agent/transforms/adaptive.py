@@ -150,6 +150,8 @@ class AGC(Transform):
     name: ClassVar[str] = "agc"
     slot: ClassVar[Slot] = Slot.UNITWISE
 
+    settings_keys: ClassVar[tuple[str, ...]] = ('clipping', 'eps')
+
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3, *, exclude: Iterable[Any] | None = None) -> None:
         if not clipping > 0:
             raise ValueError(f"clipping must be positive, got {clipping}")
@@ -354,6 +356,8 @@ class ZClip(Transform):
     slot: ClassVar[Slot] = Slot.GLOBAL
     config_keys: ClassVar[tuple[str, ...]] = ("alpha", "z_thresh", "max_grad_norm", "eps", "warmup_steps", "mode",
                                               "clip_option", "clip_factor", "skip_update_on_spike")
+
+    settings_keys: ClassVar[tuple[str, ...]] = ('clip_factor', 'skip_update_on_spike')
 
     def __init__(
         self,

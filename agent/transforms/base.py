@@ -14,6 +14,7 @@ then global clipping; at most one normalizer and one global clipper per pipeline
 from __future__ import annotations
 
 import enum
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
@@ -313,6 +314,19 @@ class Transform:
 
     #: constructor settings a saved state is only valid for (checked by :meth:`check_config`)
     config_keys: ClassVar[tuple[str, ...]] = ()
+    #: further constructor settings that never change during a run: with ``config_keys`` they go
+    #: once into the run's metadata (:meth:`settings`), never into a step record
+    settings_keys: ClassVar[tuple[str, ...]] = ()
+
+    def settings(self) -> dict[str, Any]:
+        """The transform's fixed settings as JSON values (non-finite floats as strings)."""
+        out: dict[str, Any] = {}
+        for k in dict.fromkeys(self.config_keys + self.settings_keys):
+            v = getattr(self, k)
+            if isinstance(v, float) and not math.isfinite(v):
+                v = repr(v)
+            out[k] = v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+        return out
 
     def config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.config_keys}

@@ -94,6 +94,8 @@ class ClipNorm(Transform):
     name: ClassVar[str] = "clip_norm"
     slot: ClassVar[Slot] = Slot.GLOBAL
 
+    settings_keys: ClassVar[tuple[str, ...]] = ('max_norm', 'norm_type', 'error_if_nonfinite')
+
     def __init__(
         self,
         max_norm: float,
@@ -205,6 +207,8 @@ class ClipValue(Transform):
 
     name: ClassVar[str] = "clip_value"
     slot: ClassVar[Slot] = Slot.ELEMENTWISE
+
+    settings_keys: ClassVar[tuple[str, ...]] = ('clip_value', 'count_clipped')
 
     def __init__(self, clip_value: float, foreach: bool | None = None, *, count_clipped: bool = False) -> None:
         clip_value = _real(clip_value, "clip_value")

@@ -315,6 +315,8 @@ class Centralize(_Stateless):
 
     name: ClassVar[str] = "centralize"
 
+    settings_keys: ClassVar[tuple[str, ...]] = ('conv_only',)
+
     def __init__(self, conv_only: bool = False) -> None:
         self.conv_only = conv_only
         self._warned: set[int] = set()
@@ -372,6 +374,8 @@ class ZScoreNorm(_Stateless):
     """
 
     name: ClassVar[str] = "zscore_norm"
+
+    settings_keys: ClassVar[tuple[str, ...]] = ('eps',)
 
     def __init__(self, eps: float = 1e-12) -> None:
         self.eps = eps

@@ -67,6 +67,10 @@ class FileSink(BufferedSink):
                 ", ".join(f"{n} {r}" for r, n in sorted(failed.items())) + ")"
         if self._drainer.is_alive():
             extra += f"; the writer did not finish within the close timeout ({self.close_timeout:g} s)"
+        if not st["spooled"] and not self._drainer.is_alive():  # nothing reached the file and nothing will
+            where = "" if self.path.exists() else f" ({self.path} does not exist)"
+            _say(f"gradwatch: run {self.run.run_id}: nothing was written to {self.path}{where}{extra}")
+            return
         _say(f"gradwatch: run {self.run.run_id} recorded to {self.path} ({st['spooled']} records in {st['batches']} batches){extra}; "
              f"send it with: {upload_hint(self.path)}")
         _ = time  # (kept for symmetry with the network sink's deadline handling)

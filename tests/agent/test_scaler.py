@@ -918,3 +918,67 @@ def test_state_dict_carries_the_scalers_transforms():
     with pytest.raises(ValueError, match="do not match"):
         GradScaler("cpu", transforms=[AutoClip()]).load_state_dict(copy.deepcopy(sd))
     assert "gradwatch_transforms" not in GradScaler("cpu").state_dict()  # no transforms: torch's dict as is
+
+
+def test_fp16_fused_transforms_warn_at_construction():
+    """A fused optimizer with fp16 parameters keeps its grads scaled up to the kernel, so transforms
+    cannot run under a loss scaler: watch() and GradScaler(watcher=) say so up front."""
+    from gradwatch.agent import watch
+
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    opt = torch.optim.AdamW([p], fused=True)
+    with pytest.warns(UserWarning, match=r"watch\(transforms=...\): AdamW is fused and holds fp16.*ClipNorm"):
+        w = watch(None, opt, server="memory", transforms=[ClipNorm(1.0)])
+    with pytest.warns(UserWarning, match=r"GradScaler\(transforms=...\): AdamW is fused.*ClipValue"):
+        GradScaler("cpu", watcher=w, transforms=[ClipValue(1.0)])
+    w.close()
+    q = torch.nn.Parameter(torch.ones(3))  # fp32 master parameters: no warning
+    opt32 = torch.optim.AdamW([q], fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = watch(None, opt32, server="memory", transforms=[ClipNorm(1.0)])
+        GradScaler("cpu", watcher=w, transforms=[ClipValue(1.0)])
+    w.close()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_watch_clipnorm_under_scaler_with_watcher_clips_like_torch(autocast):
+    """watch(transforms=[ClipNorm]) + GradScaler(watcher=w) (tests/dashboard/trainer.py's set-up):
+    the optimizer gets exactly torch's unscale + clip_grad_norm_, and each clipped step is recorded
+    with its post-transform norm and a clip event (reported as never clipping; not reproduced)."""
+    from gradwatch.agent import watch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    seen: list[list[torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append([p.grad.clone() for p in model.parameters()]))
+    with watch(model, opt, server="memory", transforms=[ClipNorm(1.0)]) as w:
+        scaler = GradScaler("cpu", init_scale=1024.0, growth_interval=3, watcher=w)
+        tscaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+        for i in range(6):
+            x, y = torch.randn(32, 16) * (10.0 * i + 0.1), torch.randint(0, 4, (32,))
+            for m, o, s in ((model, opt, scaler), (ref, ref_opt, tscaler)):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = torch.nn.functional.cross_entropy(m(x), y)
+                o.zero_grad()
+                s.scale(loss).backward()
+                if s is tscaler:
+                    s.unscale_(o)
+            norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0, foreach=True)
+            scaler.step(opt)
+            scaler.update()
+            tscaler.step(ref_opt)
+            tscaler.update()
+            for a, b in zip(seen[-1], (p.grad for p in ref.parameters())):
+                assert torch.equal(a, b)
+            assert norm.item() > 1.0 or i == 0
+        w.flush()
+        steps = w.sink.steps
+        clips = [e for e in w.sink.events if e.kind == "clip"]
+    assert len(steps) == 6
+    for r in steps[1:]:
+        assert r.total_norm > 4.0 and abs(r.total_norm_post - 1.0) < 1e-5 and r.clip_coef < 1.0
+    assert [e.step for e in clips] == [r.step for r in steps if r.total_norm > 1.0]
