@@ -22,6 +22,9 @@ from gradwatch.dashboard.api import Api, ApiError, num
 
 #: Stats drawn for a selected layer (each one line with its min–max band).
 LAYER_SERIES_STATS = ("l2", "std", "maxabs")
+#: Step buckets of the heatmap snapshot (the graph is ~1,300 px wide: more buckets than pixels
+#: cost transfer and drawing for nothing; a zoom refines).
+HEATMAP_POINTS = 1000
 STEP_FIELDS = ["total_norm", "total_norm_post", "loss_scale"]
 #: Cookie that holds the API token the dashboard was given (HttpOnly, set by ``/dashboard/login``).
 TOKEN_COOKIE = "gradwatch_token"
@@ -120,15 +123,12 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
             async with api_factory() as api:
                 api_stat = "l2" if stat == "ratio" else fig.HEATMAP_STATS[stat][0]
                 last = (await api.run(run_id)).get("last_step")  # the snapshot ends here; live resumes after
-                hm = await api.heatmap(run_id, api_stat, end=last, max_points=1000)
+                hm = await api.heatmap(run_id, api_stat, end=last, max_points=HEATMAP_POINTS)
                 weights = None
                 if stat == "ratio":
-                    try:
-                        weights = await api.heatmap(run_id, "weight_l2", end=last, max_points=1000)
-                    except ApiError as e:
-                        if e.status != 422:
-                            raise
-                        msg = "This server does not record weight norms yet: no gradient-to-weight ratio."
+                    weights = await api.heatmap(run_id, "wnorm", end=last, max_points=HEATMAP_POINTS)
+                    if not any(v is not None for row in weights.get("values", []) for v in row):
+                        msg = "No weight norms in this run (its agent did not send wnorm): no gradient-to-weight ratio."
                         return fig.empty_figure(msg, theme, "Layers × steps"), None, no_update
         except ApiError as e:
             return fig.empty_figure(e.message, theme, "Layers × steps"), None, no_update
@@ -178,7 +178,7 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
                 last = run.get("last_step")  # the snapshot ends here; the live script resumes after it
                 steps, events, keys, transforms = await asyncio.gather(
                     api.steps(run_id, STEP_FIELDS, end=last, max_points=4000), api.events(run_id),
-                    api.scalar_keys(run_id), api.transforms(run_id, max_points=2000))
+                    api.scalar_keys(run_id), api.transforms(run_id, end=last, max_points=2000))
                 scalars = dict(zip(keys[:8], await asyncio.gather(
                     *[api.scalar(run_id, k, max_points=2000) for k in keys[:8]])))
         except ApiError as e:

@@ -95,19 +95,21 @@ def test_run_page_for_a_missing_run_says_so(client: TestClient) -> None:
     assert "not found" in str(figs["norm-graph"]["figure"]["layout"]["annotations"])
 
 
-def _ingest(c: TestClient, steps: int = 5) -> None:
-    """One batch of a 3-layer run ``r1``: layer 1 holds NaN at step 2, an overflow event there."""
+def _ingest(c: TestClient, steps: int = 5, wnorm: bool = True, run: str = "r1") -> None:
+    """One batch of a 3-layer run ``run``: layer 1 holds NaN at step 2, an overflow event there;
+    weight norms 10 (``wnorm``) or not measured."""
     from gradwatch.agent import wire
 
     recs = []
     for s in range(steps):
         v = [1.0, math.nan if s == 2 else 2.0, 10.0 ** s]
         recs.append(wire.StepRecord(step=s, time=1000.0 + s, rank=0, layer_ids=[0, 1, 2],
-                                    layers={"numel": [4, 4, 4], "mean": v, "var": v, "std": v, "l2": v, "maxabs": v,
-                                            "nonfinite": [0, 3 if s == 2 else 0, 0], "l2_post": v},
+                                    layers={"numel": [4, 4, 4], "mean": v, "m2": [4 * x for x in v], "l2": v,
+                                            "maxabs": v, "nonfinite": [0, 3 if s == 2 else 0, 0], "l2_post": v,
+                                            "wnorm": [10.0, 10.0, 10.0] if wnorm else [None] * 3},
                                     total_norm=float(s + 1), total_norm_post=1.0, clip_coef=1.0, loss_scale=1024.0,
                                     skipped=s == 2))
-    batch = wire.Batch(run=wire.RunInfo(run_id="r1", project="p", name="run one", config={}, tags=[]), seq=1,
+    batch = wire.Batch(run=wire.RunInfo(run_id=run, project="p", name="run one", config={}, tags=[]), seq=1,
                        source=0, sent_at=time.time(),
                        layers=[wire.LayerInfo(i, f"block{i}.weight", [4], "float32") for i in range(3)], steps=recs,
                        scalars=[wire.ScalarRecord(s, 1000.0 + s, {"loss": 1.0 / (s + 1)}, rank=0) for s in range(steps)],
@@ -130,10 +132,14 @@ def test_run_page_callbacks_read_the_api(client: TestClient) -> None:
     ratio = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
                      [("run-id", "data", "r1"), ("heatmap-stat", "value", "ratio"), ("layer-regex", "value", None),
                       ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
-    # no weight norms on this server yet: an explanation, not an error; or (issue 9 landed) the
-    # ratio heatmap, which the live script does not extend
-    lay = ratio["heatmap"]["figure"]["layout"]
-    assert "does not record weight norms" in str(lay.get("annotations")) or lay["meta"]["live"] is False
+    # ‖g‖/‖w‖ with ‖w‖ = 10: log10 of l2 / 10; the live script does not extend it
+    assert ratio["heatmap"]["figure"]["data"][0]["z"][3] == [-1.0, round(math.log10(0.2), 4), 2.0]
+    assert ratio["heatmap"]["figure"]["layout"]["meta"]["live"] is False
+    _ingest(client, wnorm=False, run="r2")  # an agent that sent no weight norms: an explanation, not an error
+    none = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
+                    [("run-id", "data", "r2"), ("heatmap-stat", "value", "ratio"), ("layer-regex", "value", None),
+                     ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
+    assert "No weight norms in this run" in str(none["heatmap"]["figure"]["layout"]["annotations"])
     bad = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
                    [("run-id", "data", "r1"), ("heatmap-stat", "value", "nonfinite"), ("layer-regex", "value", "("),
                     ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
