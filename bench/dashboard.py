@@ -72,13 +72,14 @@ def live_batch(run_id: str, layers: int, step: int, seq: int) -> bytes:
     return wire.encode_batch(b)
 
 
-def _callback(http: httpx.Client, outputs: list[tuple[str, str]], inputs: list[tuple[str, str, Any]]
-              ) -> tuple[float, int]:
+def _callback(http: httpx.Client, outputs: list[tuple[str, str]], inputs: list[tuple[str, str, Any]],
+              state: tuple[tuple[str, str, Any], ...] = ()) -> tuple[float, int]:
     """One Dash callback as the browser posts it: (seconds, response bytes)."""
     body = {"output": ".." + "...".join(f"{i}.{p}" for i, p in outputs) + "..",
             "outputs": [{"id": i, "property": p} for i, p in outputs],
             "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
-            "changedPropIds": [f"{inputs[0][0]}.{inputs[0][1]}"], "state": []}
+            "changedPropIds": [f"{inputs[0][0]}.{inputs[0][1]}"],
+            "state": [{"id": i, "property": p, "value": v} for i, p, v in state]}
     t0 = time.perf_counter()
     r = http.post("/_dash-update-component", json=body)
     r.raise_for_status()
@@ -101,7 +102,7 @@ def profile(base: str, run_id: str, repeats: int = 3) -> dict[str, Any]:
 
     with httpx.Client(base_url=base, timeout=600) as http:
         last = http.get(f"/api/v1/runs/{run_id}").json()["last_step"]
-        for mp in sorted({1000, callbacks.HEATMAP_POINTS}):
+        for mp in sorted({1000, callbacks.heatmap_points(1400)}, reverse=True):
             def get(mp: int = mp) -> tuple[float, Any]:
                 t0 = time.perf_counter()
                 r = http.get(f"/api/v1/runs/{run_id}/heatmap", params={"stat": "l2", "end": last, "max_points": mp})
@@ -109,7 +110,8 @@ def profile(base: str, run_id: str, repeats: int = 3) -> dict[str, Any]:
                 return time.perf_counter() - t0, r
             t, r = best(get)
             out[f"heatmap_api_{mp}_s"], out[f"heatmap_api_{mp}_bytes"] = t, len(r.content)
-        hm = r.json()
+        hm = r.json()  # the dashboard's request (the smaller max_points)
+        out["heatmap_buckets"] = len(hm["steps"])
         t0 = time.perf_counter()
         f = figures.heatmap_figure(hm, "l2", last_step=last)
         out["heatmap_figure_s"] = time.perf_counter() - t0
@@ -119,7 +121,8 @@ def profile(base: str, run_id: str, repeats: int = 3) -> dict[str, Any]:
         heat_in = [("run-id", "data", run_id), ("heatmap-stat", "value", "l2"), ("layer-regex", "value", None),
                    ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)]
         out["heatmap_callback_s"], out["heatmap_callback_bytes"] = best(lambda: _callback(
-            http, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")], heat_in))
+            http, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")], heat_in,
+            (("viewport", "data", 1400),)))
         out["charts_callback_s"], out["charts_callback_bytes"] = best(lambda: _callback(
             http, [("norm-graph", "figure"), ("scale-graph", "figure"), ("scalars-graph", "figure"),
                    ("transforms-graph", "figure"), ("events-store", "data"), ("snapshot", "data")],

@@ -205,7 +205,10 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     data = [
         {"type": "heatmap", "x": steps, "y": y, "z": z, "transpose": True, "colorscale": "Viridis",
          "colorbar": {"title": {"text": label}}, "hovertemplate": hover, "name": label, "hoverongaps": False},
-        {"type": "heatmap", "x": steps, "y": y, "z": bad, "transpose": True, "text": text if n_bad else None,
+        # without non-finite cells an empty trace (the live script appends its columns): half the
+        # cells to send and draw
+        {"type": "heatmap", "x": steps if n_bad else [], "y": y, "z": bad if n_bad else [], "transpose": True,
+         "text": text if n_bad else None,
          "colorscale": [[0, NONFINITE_COLOUR], [1, NONFINITE_COLOUR]], "showscale": False,
          "hovertemplate": "layer %{y}<br>step %{x}<br>%{text}<extra>non-finite</extra>", "name": "non-finite",
          "hoverongaps": False},

@@ -119,30 +119,30 @@ def _ingest(c: TestClient, steps: int = 5, wnorm: bool = True, run: str = "r1") 
     assert r.status_code < 300, r.text
 
 
+def heat(c: TestClient, run: str, stat: str, pattern: str | None = None, theme: str = "light",
+         width: int | None = 1400) -> dict[str, Any]:
+    """The heatmap callback (outputs: figure, regex error, layer options) in a ``width`` px window."""
+    return callback(c, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
+                    [("run-id", "data", run), ("heatmap-stat", "value", stat), ("layer-regex", "value", pattern),
+                     ("theme", "data", theme), ("reset-zoom", "n_clicks", None)], [("viewport", "data", width)])
+
+
 def test_run_page_callbacks_read_the_api(client: TestClient) -> None:
     _ingest(client)
-    hm = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
-                  [("run-id", "data", "r1"), ("heatmap-stat", "value", "l2"), ("layer-regex", "value", None),
-                   ("theme", "data", "dark"), ("reset-zoom", "n_clicks", None)])
+    hm = heat(client, "r1", "l2", theme="dark")
     f = hm["heatmap"]["figure"]
     assert f["data"][0]["y"] == ["block0.weight", "block1.weight", "block2.weight"]
     assert f["data"][1]["z"][2] == [None, 1, None]  # the NaN cell, in its own colour
     assert f["layout"]["meta"]["last_step"] == 4 and f["layout"]["paper_bgcolor"] == "#1c1e24"
     assert [o["value"] for o in hm["layer-select"]["options"]] == f["data"][0]["y"]
-    ratio = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
-                     [("run-id", "data", "r1"), ("heatmap-stat", "value", "ratio"), ("layer-regex", "value", None),
-                      ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
+    ratio = heat(client, "r1", "ratio")
     # ‖g‖/‖w‖ with ‖w‖ = 10: log10 of l2 / 10; the live script does not extend it
     assert ratio["heatmap"]["figure"]["data"][0]["z"][3] == [-1.0, round(math.log10(0.2), 4), 2.0]
     assert ratio["heatmap"]["figure"]["layout"]["meta"]["live"] is False
     _ingest(client, wnorm=False, run="r2")  # an agent that sent no weight norms: an explanation, not an error
-    none = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
-                    [("run-id", "data", "r2"), ("heatmap-stat", "value", "ratio"), ("layer-regex", "value", None),
-                     ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
+    none = heat(client, "r2", "ratio")
     assert "No weight norms in this run" in str(none["heatmap"]["figure"]["layout"]["annotations"])
-    bad = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
-                   [("run-id", "data", "r1"), ("heatmap-stat", "value", "nonfinite"), ("layer-regex", "value", "("),
-                    ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
+    bad = heat(client, "r1", "nonfinite", pattern="(")
     assert "invalid regex" in bad["regex-error"]["children"]
     assert bad["heatmap"]["figure"]["data"][0]["z"][2] == [0, 3, 0]
     out = callback(client, [("norm-graph", "figure"), ("scale-graph", "figure"), ("scalars-graph", "figure"),
