@@ -34,8 +34,6 @@ def heatmap_points(width: Any) -> int:
         return HEATMAP_POINTS
     return int(min(1000, max(100, (width - 260) // 3)))
 STEP_FIELDS = ["total_norm", "total_norm_post", "loss_scale"]
-#: Cookie that holds the API token the dashboard was given (HttpOnly, set by ``/dashboard/login``).
-TOKEN_COOKIE = "gradwatch_token"
 
 
 def _fmt_time(t: Any) -> str:

@@ -169,3 +169,33 @@ def test_runs_list_counts_events_per_run(client: TestClient) -> None:
     rows = callback(client, [("runs-table", "data"), ("runs-error", "children"), ("runs-empty", "children")],
                     [("runs-refresh", "n_intervals", 1)])
     assert rows["runs-table"]["data"][0]["overflows"] == 1 and rows["runs-empty"]["children"] is None
+
+
+def test_login_cookie_is_the_bearer_token_and_read_only_stays_read_only(tmp_path: Path) -> None:
+    settings = ServerSettings(database_url=f"sqlite:///{tmp_path / 'gw.db'}", token="w-secret", read_token="r-secret")
+    with TestClient(create_app(settings, dashboard=mount)) as c:
+        assert c.get("/api/v1/runs").status_code == 401
+        assert "Token" in c.get("/dashboard/login").text
+        runs_cb = ([("runs-table", "data"), ("runs-error", "children"), ("runs-empty", "children")],
+                   [("runs-refresh", "n_intervals", 1)])
+        assert "Sign in with a token" in str(callback(c, *runs_cb)["runs-error"]["children"])
+        # a wrong token: the form again with a message, no cookie
+        bad = c.post("/dashboard/login", data={"token": "nope"}, follow_redirects=False)
+        assert bad.status_code == 401 and "not valid" in bad.text and "set-cookie" not in bad.headers
+        # the read token: an HttpOnly, SameSite=Strict cookie; the redirect's URL holds no token
+        ok = c.post("/dashboard/login", data={"token": "r-secret"}, follow_redirects=False)
+        assert ok.status_code == 303 and ok.headers["location"] == "/"
+        cookie = ok.headers["set-cookie"].lower()
+        assert "gradwatch_token=r-secret" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        assert c.get("/api/v1/runs").status_code == 200  # the client keeps the cookie: API reads pass
+        out = callback(c, *runs_cb)  # Dash callbacks read the API with it
+        assert out["runs-error"]["children"] is None and out["runs-table"]["data"] == []
+        with c.websocket_connect("/api/v1/runs/x/live") as ws:  # the live websocket accepts it too
+            assert ws.receive_json()["type"] == "subscribed"
+        r = c.post("/api/v1/runs", json={"project": "p"})
+        assert r.status_code == 403 and "read-only" in r.json()["detail"]  # views, cannot change
+        # the write token can change; signing out forgets the cookie
+        c.post("/dashboard/login", data={"token": "w-secret"}, follow_redirects=False)
+        assert c.post("/api/v1/runs", json={"project": "p"}).status_code == 201
+        c.post("/dashboard/logout", follow_redirects=False)
+        assert c.get("/api/v1/runs").status_code == 401
