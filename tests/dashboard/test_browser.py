@@ -147,3 +147,22 @@ def test_empty_state_theme_and_unknown_run(server: Server, page: Page) -> None:
     r = page.page.request.get(server.url + "/api/v1/nothing-here")
     assert r.status == 404 and r.json()["detail"].startswith("no such API path")
     assert not page.errors, page.errors
+
+
+@pytest.mark.slow
+def test_compare_page_overlays_runs_and_a_shared_layer(server: Server, trainer: Any, page: Page) -> None:
+    for seed, name in enumerate(("cmp-a", "cmp-b")):
+        trainer(name, "--steps", "60", "--seed", str(seed))  # two different runs: the lines differ
+    ids = [_run(server, name, 59)["run_id"] for name in ("cmp-a", "cmp-b")]
+    page.page.goto(f"{server.url}/compare?runs={','.join(ids)}")
+    # one line per run (plus its min–max band where downsampled), each with the run's steps
+    for gid in ("compare-norm", "compare-scalars"):
+        drawn = page.wait_js(TRACES, gid)
+        assert all(drawn.get(r, 0) >= 50 for r in ids), (gid, drawn)
+    # a layer matched by name in both runs: its L2 norm overlaid
+    page.js("() => window.dash_clientside.set_props('compare-layer', {value: '0.weight'})")
+    drawn = page.wait_js(f"() => {{ const t = ({TRACES})('compare-layer-graph'); "
+                         f"return t && {ids!r}.every(r => t[r] >= 50) ? t : null; }}")
+    assert set(drawn) >= set(ids)
+    page.shot("compare")
+    assert not page.errors, page.errors
