@@ -9,6 +9,8 @@
    Script time is Chrome's ``ScriptDuration`` (all JavaScript: the live script, Dash, Plotly's
    extendTraces) over the live phase minus an idle phase of the same length, divided by the
    number of flushes; bytes are the websocket frames' payloads as the page received them.
+3. Before both, the server-side split of a first render (``profile``): the ``/heatmap`` request,
+   the Python figure build and its JSON, each big callback end to end.
 
     .venv/bin/python bench/dashboard.py --layers 500 --steps 100000 --backend postgresql
 """
@@ -60,14 +62,72 @@ def add_step_records(kind: str, url: str, run_id: str, steps: int) -> None:
 def live_batch(run_id: str, layers: int, step: int, seq: int) -> bytes:
     v = [1.0 + (i % 7) / 7 for i in range(layers)]
     rec = wire.StepRecord(step=step, time=time.time(), rank=0, layer_ids=list(range(layers)),
-                          layers={"numel": [65536] * layers, "mean": v, "var": v, "std": v, "l2": v, "maxabs": v,
-                                  "nonfinite": [0] * layers, "l2_post": v},
+                          layers={"numel": [65536] * layers, "mean": v, "m2": [x * 65536 for x in v], "l2": v,
+                                  "maxabs": v, "nonfinite": [0] * layers, "l2_post": v, "wnorm": v},
                           total_norm=2.0, total_norm_post=1.0, clip_coef=0.5, loss_scale=65536.0, skipped=False)
     b = wire.Batch(run=wire.RunInfo(run_id=run_id, project="bench", name=None, config={}, tags=[]), seq=seq,
                    source=7, sent_at=time.time(),
                    layers=[wire.LayerInfo(i, f"model.layers.{i}.weight", [256, 256], "float32") for i in range(layers)],
                    steps=[rec], scalars=[], events=[])
     return wire.encode_batch(b)
+
+
+def _callback(http: httpx.Client, outputs: list[tuple[str, str]], inputs: list[tuple[str, str, Any]],
+              state: tuple[tuple[str, str, Any], ...] = ()) -> tuple[float, int]:
+    """One Dash callback as the browser posts it: (seconds, response bytes)."""
+    body = {"output": ".." + "...".join(f"{i}.{p}" for i, p in outputs) + "..",
+            "outputs": [{"id": i, "property": p} for i, p in outputs],
+            "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
+            "changedPropIds": [f"{inputs[0][0]}.{inputs[0][1]}"],
+            "state": [{"id": i, "property": p, "value": v} for i, p, v in state]}
+    t0 = time.perf_counter()
+    r = http.post("/_dash-update-component", json=body)
+    r.raise_for_status()
+    return time.perf_counter() - t0, len(r.content)
+
+
+def profile(base: str, run_id: str, repeats: int = 3) -> dict[str, Any]:
+    """Where a first render's server time goes, best of ``repeats``: the ``/heatmap`` request at
+    the dashboard's bucket count (and at 1,000, the earlier default), the Python figure build and
+    its JSON, and the two big callbacks end to end (API requests + figure + JSON)."""
+    from plotly.io.json import to_json_plotly
+
+    from gradwatch.dashboard import callbacks, figures
+
+    out: dict[str, Any] = {}
+
+    def best(fn: Any) -> Any:
+        runs = [fn() for _ in range(repeats)]
+        return min(runs, key=lambda r: r[0])
+
+    with httpx.Client(base_url=base, timeout=600) as http:
+        last = http.get(f"/api/v1/runs/{run_id}").json()["last_step"]
+        for mp in sorted({1000, callbacks.heatmap_points(1400)}, reverse=True):
+            def get(mp: int = mp) -> tuple[float, Any]:
+                t0 = time.perf_counter()
+                r = http.get(f"/api/v1/runs/{run_id}/heatmap", params={"stat": "l2", "end": last, "max_points": mp})
+                r.raise_for_status()
+                return time.perf_counter() - t0, r
+            t, r = best(get)
+            out[f"heatmap_api_{mp}_s"], out[f"heatmap_api_{mp}_bytes"] = t, len(r.content)
+        hm = r.json()  # the dashboard's request (the smaller max_points)
+        out["heatmap_buckets"] = len(hm["steps"])
+        t0 = time.perf_counter()
+        f = figures.heatmap_figure(hm, "l2", last_step=last)
+        out["heatmap_figure_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out["heatmap_figure_bytes"] = len(to_json_plotly(f))
+        out["heatmap_json_s"] = time.perf_counter() - t0
+        heat_in = [("run-id", "data", run_id), ("heatmap-stat", "value", "l2"), ("layer-regex", "value", None),
+                   ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)]
+        out["heatmap_callback_s"], out["heatmap_callback_bytes"] = best(lambda: _callback(
+            http, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")], heat_in,
+            (("viewport", "data", 1400),)))
+        out["charts_callback_s"], out["charts_callback_bytes"] = best(lambda: _callback(
+            http, [("norm-graph", "figure"), ("scale-graph", "figure"), ("scalars-graph", "figure"),
+                   ("transforms-graph", "figure"), ("events-store", "data"), ("snapshot", "data")],
+            [("run-id", "data", run_id), ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)]))
+    return out
 
 
 def script_seconds(cdp: Any) -> float:
@@ -139,6 +199,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--backend", default="postgresql", choices=["postgresql", "sqlite"])
     ap.add_argument("--updates", type=int, default=30, help="live updates to measure")
+    ap.add_argument("--profile-only", action="store_true", help="server-side split only (no browser)")
     a = ap.parse_args()
     ib.LAYERS = a.layers  # the builder lays down ib.LAYERS layers per step
     with tempfile.TemporaryDirectory() as tmp, ib.database(a.backend, Path(tmp)) as url:
@@ -147,7 +208,9 @@ def main() -> None:
         add_step_records(a.backend, url, run_id, steps)
         build_s = time.perf_counter() - t0
         with ib.server(url, Path(tmp) / "server.log") as base:
-            got = measure(base, run_id, a.layers, steps, a.updates)
+            got = profile(base, run_id)
+            if not a.profile_only:
+                got.update(measure(base, run_id, a.layers, steps, a.updates))
     print(json.dumps({"backend": a.backend, "layers": a.layers, "steps": steps, "build_s": round(build_s, 1),
                       **{k: round(v, 3) if isinstance(v, float) else v for k, v in got.items()}}, indent=1))
 

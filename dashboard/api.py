@@ -110,15 +110,18 @@ class Api:
         return dict(await self._get(f"/runs/{run_id}/scalars", params))
 
     async def transforms(self, run_id: str, *, start: int | None = None, end: int | None = None,
-                   max_points: int | None = None) -> dict[str, Any] | None:
-        """Each transform's reported values, or ``None`` where the server has no such endpoint."""
+                         max_points: int | None = None) -> dict[str, Any] | None:
+        """Every value each transform of the run reported, as ``{"series": [{transform, field,
+        ...series}, ...]}`` (one request for the list, one per transform), or ``None`` where the
+        server has no such endpoint."""
         listing = await self._get(f"/runs/{run_id}/transforms", missing_ok=True)
         if listing is None:
             return None
+        params = _clean(start=start, end=end, max_points=max_points)
         names = list((listing.get("transforms") or {}).keys())
-        got = await asyncio.gather(*[self._get(f"/runs/{run_id}/transforms", _clean(
-            transform=t, start=start, end=end, max_points=max_points)) for t in names])
-        return {"run_id": run_id, "series": [s for r in got for s in r.get("series") or []]}
+        got = await asyncio.gather(*[self._get(f"/runs/{run_id}/transforms", {**params, "transform": t})
+                                     for t in names])
+        return {"series": [s for g in got for s in g.get("series") or []]}
 
     async def events(self, run_id: str, kinds: list[str] | None = None, *, start: int | None = None,
                end: int | None = None, limit: int = 10_000) -> list[dict[str, Any]]:

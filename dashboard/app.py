@@ -10,15 +10,29 @@ browser's live script. Every asset is served by this process: it works offline.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import dash
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from gradwatch.dashboard import callbacks, layout
-from gradwatch.dashboard.api import Api
+from gradwatch.dashboard.api import PREFIX, Api
+from gradwatch.server.api.deps import TOKEN_COOKIE
 
 ASSETS = Path(__file__).with_name("assets")
+#: How long the browser keeps the token cookie (seconds).
+COOKIE_AGE = 30 * 24 * 3600
+_LOGIN = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>gradwatch · sign in</title>
+<style>body{{font-family:system-ui,sans-serif;background:#f6f7f9;color:#1d1d24;display:flex;justify-content:center;
+padding-top:12vh}}form{{background:#fff;border:1px solid #e6e7eb;border-radius:8px;padding:24px 28px;width:360px}}
+input{{width:100%;box-sizing:border-box;padding:7px;margin:8px 0 14px}}.err{{color:#c62828}}</style></head>
+<body><form method="post" action="/dashboard/login"><h2>gradwatch</h2>
+<p>This server needs an API token (<code>GRADWATCH_TOKEN</code>, or <code>GRADWATCH_READ_TOKEN</code> to view
+only). It is kept in an HttpOnly cookie of this browser, never in a URL.</p>{error}
+<label for="token">Token</label><input id="token" name="token" type="password" autocomplete="current-password"
+autofocus required><button type="submit">Sign in</button></form></body></html>"""
 
 
 def _request() -> object:
@@ -30,12 +44,13 @@ def mount(app: FastAPI) -> dash.Dash:
     transport = httpx.ASGITransport(app=app)
 
     def api_factory() -> Api:
-        token = _request().cookies.get(callbacks.TOKEN_COOKIE)  # type: ignore[attr-defined]
+        token = _request().cookies.get(TOKEN_COOKIE)  # type: ignore[attr-defined]
         return Api("http://gradwatch.internal", token=token, transport=transport)
 
     def server_url() -> str:
         return str(_request().root).rstrip("/")  # type: ignore[attr-defined]
 
+    _login_routes(app, transport)
     d = dash.Dash(__name__, server=app, assets_folder=str(ASSETS), title="gradwatch", update_title=None,
                   suppress_callback_exceptions=True, routes_pathname_prefix="/", serve_locally=True)
     d.layout = layout.shell
@@ -44,3 +59,37 @@ def mount(app: FastAPI) -> dash.Dash:
     # (a shared /runs/<id> link) would otherwise get an index without the assets (no live script).
     d._setup_server()
     return d
+
+
+def _login_routes(app: FastAPI, transport: httpx.AsyncBaseTransport) -> None:
+    """``/dashboard/login``: a form that checks a token against the API and keeps it in an
+    HttpOnly, SameSite=Strict cookie, which the server accepts as the bearer token (API,
+    websockets, Dash callbacks); ``/dashboard/logout`` forgets it. Registered before Dash's
+    catch-all page route."""
+
+    @app.get("/dashboard/login", include_in_schema=False)
+    def login_form() -> HTMLResponse:
+        return HTMLResponse(_LOGIN.format(error=""))
+
+    @app.post("/dashboard/login", include_in_schema=False, response_model=None)
+    async def login(request: Request) -> HTMLResponse | RedirectResponse:
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        token = (form.get("token") or [""])[0].strip()
+        status = 0
+        if token and len(token) <= 4096:
+            async with httpx.AsyncClient(base_url="http://gradwatch.internal", transport=transport) as http:
+                r = await http.get(f"{PREFIX}/runs", params={"limit": 1}, headers={"Authorization": f"Bearer {token}"})
+                status = r.status_code
+        if status != 200:
+            msg = '<p class="err">That token is not valid on this server.</p>'
+            return HTMLResponse(_LOGIN.format(error=msg), status_code=401)
+        out = RedirectResponse("/", status_code=303)
+        out.set_cookie(TOKEN_COOKIE, token, max_age=COOKIE_AGE, path="/", httponly=True, samesite="strict",
+                       secure=request.url.scheme == "https")
+        return out
+
+    @app.post("/dashboard/logout", include_in_schema=False)
+    def logout() -> RedirectResponse:
+        out = RedirectResponse("/dashboard/login", status_code=303)
+        out.delete_cookie(TOKEN_COOKIE, path="/", httponly=True, samesite="strict")
+        return out

@@ -22,9 +22,18 @@ from gradwatch.dashboard.api import Api, ApiError, num
 
 #: Stats drawn for a selected layer (each one line with its min–max band).
 LAYER_SERIES_STATS = ("l2", "std", "maxabs")
+#: Step buckets of the heatmap snapshot when the window's width is unknown; otherwise one bucket
+#: per ~3 px of the plot area (more buckets than a screen shows cost transfer and drawing for
+#: nothing; the server may answer fewer: whole 64-step rollup blocks over a long run).
+HEATMAP_POINTS = 400
+
+
+def heatmap_points(width: Any) -> int:
+    """Buckets for a heatmap in a window ``width`` px wide (margins, labels and colour bar off)."""
+    if not isinstance(width, (int, float)) or width <= 0:
+        return HEATMAP_POINTS
+    return int(min(1000, max(100, (width - 260) // 3)))
 STEP_FIELDS = ["total_norm", "total_norm_post", "loss_scale"]
-#: Cookie that holds the API token the dashboard was given (HttpOnly, set by ``/dashboard/login``).
-TOKEN_COOKIE = "gradwatch_token"
 
 
 def _fmt_time(t: Any) -> str:
@@ -78,6 +87,8 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
     app.clientside_callback(
         "function(n, theme){ if (n) { theme = theme === 'dark' ? 'light' : 'dark'; } return theme || 'light'; }",
         Output("theme", "data"), Input("theme-toggle", "n_clicks"), State("theme", "data"))
+    app.clientside_callback("function(p){ return window.innerWidth || null; }", Output("viewport", "data"),
+                            Input("url", "pathname"))
     app.clientside_callback("function(theme){ return 'gw-' + (theme || 'light'); }",
                             Output("gw-root", "className"), Input("theme", "data"))
 
@@ -114,21 +125,19 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
 
     @app.callback(Output("heatmap", "figure"), Output("regex-error", "children"), Output("layer-select", "options"),
                   Input("run-id", "data"), Input("heatmap-stat", "value"), Input("layer-regex", "value"),
-                  Input("theme", "data"), Input("reset-zoom", "n_clicks"))
-    async def heatmap(run_id: str, stat: str, pattern: str | None, theme: str, _: Any) -> Any:
+                  Input("theme", "data"), Input("reset-zoom", "n_clicks"), State("viewport", "data"))
+    async def heatmap(run_id: str, stat: str, pattern: str | None, theme: str, _: Any, width: Any) -> Any:
+        points = heatmap_points(width)
         try:
             async with api_factory() as api:
                 api_stat = "l2" if stat == "ratio" else fig.HEATMAP_STATS[stat][0]
                 last = (await api.run(run_id)).get("last_step")  # the snapshot ends here; live resumes after
-                hm = await api.heatmap(run_id, api_stat, end=last, max_points=1000)
+                hm = await api.heatmap(run_id, api_stat, end=last, max_points=points)
                 weights = None
                 if stat == "ratio":
-                    try:
-                        weights = await api.heatmap(run_id, "weight_l2", end=last, max_points=1000)
-                    except ApiError as e:
-                        if e.status != 422:
-                            raise
-                        msg = "This server does not record weight norms yet: no gradient-to-weight ratio."
+                    weights = await api.heatmap(run_id, "wnorm", end=last, max_points=points)
+                    if not any(v is not None for row in weights.get("values", []) for v in row):
+                        msg = "No weight norms in this run (its agent did not send wnorm): no gradient-to-weight ratio."
                         return fig.empty_figure(msg, theme, "Layers × steps"), None, no_update
         except ApiError as e:
             return fig.empty_figure(e.message, theme, "Layers × steps"), None, no_update
@@ -178,7 +187,7 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
                 last = run.get("last_step")  # the snapshot ends here; the live script resumes after it
                 steps, events, keys, transforms = await asyncio.gather(
                     api.steps(run_id, STEP_FIELDS, end=last, max_points=4000), api.events(run_id),
-                    api.scalar_keys(run_id), api.transforms(run_id, max_points=2000))
+                    api.scalar_keys(run_id), api.transforms(run_id, end=last, max_points=2000))
                 scalars = dict(zip(keys[:8], await asyncio.gather(
                     *[api.scalar(run_id, k, max_points=2000) for k in keys[:8]])))
         except ApiError as e:

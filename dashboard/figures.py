@@ -29,7 +29,7 @@ HEATMAP_STATS: dict[str, tuple[str, str, bool, str]] = {
     "maxabs": ("maxabs", "log10 max |g|", True, "largest absolute gradient element"),
     "nonfinite": ("nonfinite", "non-finite elements", False, "count of NaN/±inf gradient elements"),
     "l2_post": ("l2_post", "log10 L2 after transforms", True, "L2 norm after clipping/normalization"),
-    "ratio": ("weight_l2", "log10 ‖g‖/‖w‖", True, "gradient norm relative to the layer's weight norm"),
+    "ratio": ("wnorm", "log10 ‖g‖/‖w‖", True, "gradient norm relative to the layer's weight norm"),
 }
 LOG_STATS = frozenset({"l2", "std", "var", "maxabs", "l2_post", "total_norm", "total_norm_post", "loss_scale"})
 STAT_HELP = {
@@ -154,7 +154,7 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     """Layers × steps heatmap of ``hm`` (a ``/heatmap`` response), step-major with ``transpose``
     so the live script can append steps. Trace 0: the statistic; trace 1: non-finite cells in
     their own colour (hover: how many NaN/inf elements). ``ratio`` needs ``weights`` (a
-    ``weight_l2`` heatmap of the same shape). ``last_step``: the last step the data holds, where
+    ``wnorm`` heatmap of the same shape; a cell without a weight norm stays empty). ``last_step``: the last step the data holds, where
     the live script resumes (``layout.meta``)."""
     api_stat, label, log, help_text = HEATMAP_STATS[stat]
     if stat == "ratio":
@@ -180,7 +180,9 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
             v = num(row[k])
             if wvals is not None and v is not None:
                 w = num(wvals[i][k])
-                v = v / w if (w is not None and w != 0) else math.nan
+                if w is None:  # not measured (an older agent, or a step `every` did not record)
+                    continue
+                v = v / w if w != 0 else math.nan
             n = int(nrow[k] or 0) if k < len(nrow) else 0
             if v is None:
                 continue
@@ -203,7 +205,10 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     data = [
         {"type": "heatmap", "x": steps, "y": y, "z": z, "transpose": True, "colorscale": "Viridis",
          "colorbar": {"title": {"text": label}}, "hovertemplate": hover, "name": label, "hoverongaps": False},
-        {"type": "heatmap", "x": steps, "y": y, "z": bad, "transpose": True, "text": text if n_bad else None,
+        # without non-finite cells an empty trace (the live script appends its columns): half the
+        # cells to send and draw
+        {"type": "heatmap", "x": steps if n_bad else [], "y": y, "z": bad if n_bad else [], "transpose": True,
+         "text": text if n_bad else None,
          "colorscale": [[0, NONFINITE_COLOUR], [1, NONFINITE_COLOUR]], "showscale": False,
          "hovertemplate": "layer %{y}<br>step %{x}<br>%{text}<extra>non-finite</extra>", "name": "non-finite",
          "hoverongaps": False},
@@ -314,9 +319,24 @@ def scalars_figure(series: dict[str, dict[str, Any]], theme: str = "light") -> d
     return {"data": data, "layout": _layout("Scalars (Watcher.log)", theme, xaxis={"title": {"text": "step"}})}
 
 
+#: Units of the transforms' values that share the left (linear) axis; values in gradient units
+#: (norms, thresholds, σ, and fields the spec does not declare, such as a clipper's max_norm) go
+#: on a right log axis; flags and counters are left out of the chart.
+_RATIO_UNITS = frozenset({"ratio", "z-score"})
+
+
+def _transform_units() -> dict[str, str]:
+    from gradwatch.agent.spec import TRANSFORM_VALUES  # the declared spec (stdlib only)
+
+    return {f"{t}.{v.name}": v.unit for t, vals in TRANSFORM_VALUES.items() for v in vals if not v.per_layer}
+
+
 def transforms_figure(resp: dict[str, Any] | None, theme: str = "light") -> dict[str, Any]:
-    """Each transform's reported values over time; an explanatory empty state where the server has
-    no ``/transforms`` endpoint or the run has no transforms."""
+    """Each transform's reported values over time (``resp``: ``{"series": [{transform, field,
+    ...series}]}`` from :meth:`Api.transforms`): ratios and z-scores (α_t, clip coefficients,
+    σ_t/σ_ref, z) on the left axis, values in gradient units (thresholds, norms, σ_t) on a right
+    log axis; non-finite values as markers. An explanatory empty state where the server has no
+    ``/transforms`` endpoint or the run has no transforms."""
     if resp is None:
         return empty_figure("This server does not report transform values (GET /runs/{id}/transforms).", theme,
                             "Transform values")
@@ -324,27 +344,53 @@ def transforms_figure(resp: dict[str, Any] | None, theme: str = "light") -> dict
     if not series:
         return empty_figure("No transform values: pass transforms=(ClipNorm(1.0), ...) to watch().", theme,
                             "Transform values")
+    units = _transform_units()
     data: list[dict[str, Any]] = []
-    for k, (name, cols) in enumerate(series.items()):
+    right = False
+    k = 0
+    for name, cols in series.items():
+        unit = units.get(name, "ratio" if name.endswith("/sigma_ref") else "grad units")  # e.g. max_norm
+        if unit not in _RATIO_UNITS and unit != "grad units":
+            continue
+        on_right = unit == "grad units"
+        right = right or on_right
         data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": name,
-                     "line": {"color": COLOURS[k % len(COLOURS)]},
-                     "hovertemplate": f"step %{{x}}<br>{name}: %{{y:.4g}}<extra></extra>"})
-    return {"data": data, "layout": _layout("Transform values", theme, xaxis={"title": {"text": "step"}})}
+                     "line": {"color": COLOURS[k % len(COLOURS)], "dash": "dot" if on_right else "solid"},
+                     "yaxis": "y2" if on_right else "y",
+                     "hovertemplate": f"step %{{x}}<br>{name}: %{{y:.4g}} ({unit})<extra></extra>"})
+        k += 1
+        if cols["bad_x"]:
+            tr = _bad_markers(cols, _top(cols["hi"]) or 1.0, f"{name} non-finite")
+            tr["yaxis"] = "y2" if on_right else "y"
+            data.append(tr)
+    extra: dict[str, Any] = {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "ratio / z"}}}
+    if right:
+        c = THEMES.get(theme, THEMES["light"])
+        extra["yaxis2"] = {"title": {"text": "grad units (log, dotted)"}, "type": "log", "overlaying": "y",
+                           "side": "right", "showgrid": False, "gridcolor": c["grid"]}
+    out = {"data": data, "layout": _layout("Transform values (α_t, σ_t/σ_ref, coefficients, z, thresholds)", theme,
+                                           **extra)}
+    out["layout"]["margin"]["r"] = 70 if right else 20
+    return out
 
 
 def _transform_series(resp: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
-    """``{transform.value: columns}`` from a ``/transforms`` response: ``series`` as a list of
-    ``{transform, key, ...series}`` or a mapping ``transform → key → series``."""
+    """``{"transform.field": columns}`` from :meth:`Api.transforms`, plus ``σ_t/σ_ref`` of
+    AutoscaledNorm (``autoscaled_norm.sigma/sigma_ref``, step by step where both are finite)."""
     out: dict[str, dict[str, list[Any]]] = {}
-    raw = resp.get("series", resp.get("transforms", []))
-    if isinstance(raw, dict):
-        for t, keys in raw.items():
-            for key, s in (keys or {}).items():
-                out[f"{t}.{key}"] = series_points(s)
-    else:
-        for s in raw or []:
-            name = f"{s.get('transform', '?')}.{s.get('field', s.get('key', '?'))}"
-            out[name] = series_points(s)
+    for s in resp.get("series") or []:
+        out[f"{s.get('transform', '?')}.{s.get('field', '?')}"] = series_points(s)
+    sig, ref = out.get("autoscaled_norm.sigma"), out.get("autoscaled_norm.sigma_ref")
+    if sig and ref:
+        by_x = dict(zip(ref["x"], ref["mean"]))
+        x, y = [], []
+        for xi, v in zip(sig["x"], sig["mean"]):
+            r = by_x.get(xi)
+            if v is not None and r:
+                x.append(xi)
+                y.append(v / r)
+        if x:
+            out["autoscaled_norm.sigma/sigma_ref"] = {"x": x, "mean": y, "lo": y, "hi": y, "bad_x": [], "bad_text": []}
     return {k: v for k, v in out.items() if v["x"]}
 
 

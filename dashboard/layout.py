@@ -20,6 +20,7 @@ def shell() -> html.Div:
     return html.Div(id="gw-root", className="gw-light", children=[
         dcc.Location(id="url", refresh="callback-nav"),
         dcc.Store(id="theme", storage_type="local", data="light"),
+        dcc.Store(id="viewport"),  # the window's width (px): the heatmap asks for as many buckets as it can show
         html.Header(className="gw-header", children=[
             dcc.Link("gradwatch", href="/", className="gw-brand"),
             dcc.Link("Runs", href="/", className="gw-nav"),

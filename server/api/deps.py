@@ -41,10 +41,17 @@ def state(conn: HTTPConnection) -> AppState:
     return conn.app.state.gw
 
 
+#: HttpOnly cookie holding the dashboard's token (set by its sign-in form, ``/dashboard/login``).
+#: Read as the bearer token when a request has no Authorization header: API calls, websockets
+#: and Dash callbacks of a signed-in browser. It is ``SameSite=Strict``, so another site's page
+#: cannot make the browser send it (no cross-site request or websocket carries it).
+TOKEN_COOKIE = "gradwatch_token"
+
+
 def _bearer(conn: HTTPConnection) -> str | None:
     h = conn.headers.get("authorization")
     if not h:
-        return None
+        return conn.cookies.get(TOKEN_COOKIE) or None
     scheme, _, token = h.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
 

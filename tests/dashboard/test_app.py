@@ -95,19 +95,21 @@ def test_run_page_for_a_missing_run_says_so(client: TestClient) -> None:
     assert "not found" in str(figs["norm-graph"]["figure"]["layout"]["annotations"])
 
 
-def _ingest(c: TestClient, steps: int = 5) -> None:
-    """One batch of a 3-layer run ``r1``: layer 1 holds NaN at step 2, an overflow event there."""
+def _ingest(c: TestClient, steps: int = 5, wnorm: bool = True, run: str = "r1") -> None:
+    """One batch of a 3-layer run ``run``: layer 1 holds NaN at step 2, an overflow event there;
+    weight norms 10 (``wnorm``) or not measured."""
     from gradwatch.agent import wire
 
     recs = []
     for s in range(steps):
         v = [1.0, math.nan if s == 2 else 2.0, 10.0 ** s]
         recs.append(wire.StepRecord(step=s, time=1000.0 + s, rank=0, layer_ids=[0, 1, 2],
-                                    layers={"numel": [4, 4, 4], "mean": v, "m2": [4 * x for x in v], "l2": v, "maxabs": v,
-                                            "nonfinite": [0, 3 if s == 2 else 0, 0], "l2_post": v, "wnorm": v},
+                                    layers={"numel": [4, 4, 4], "mean": v, "m2": [4 * x for x in v], "l2": v,
+                                            "maxabs": v, "nonfinite": [0, 3 if s == 2 else 0, 0], "l2_post": v,
+                                            "wnorm": [10.0, 10.0, 10.0] if wnorm else [None] * 3},
                                     total_norm=float(s + 1), total_norm_post=1.0, clip_coef=1.0, loss_scale=1024.0,
                                     skipped=s == 2))
-    batch = wire.Batch(run=wire.RunInfo(run_id="r1", project="p", name="run one", config={}, tags=[]), seq=1,
+    batch = wire.Batch(run=wire.RunInfo(run_id=run, project="p", name="run one", config={}, tags=[]), seq=1,
                        source=0, sent_at=time.time(),
                        layers=[wire.LayerInfo(i, f"block{i}.weight", [4], "float32") for i in range(3)], steps=recs,
                        scalars=[wire.ScalarRecord(s, 1000.0 + s, {"loss": 1.0 / (s + 1)}, rank=0) for s in range(steps)],
@@ -117,26 +119,30 @@ def _ingest(c: TestClient, steps: int = 5) -> None:
     assert r.status_code < 300, r.text
 
 
+def heat(c: TestClient, run: str, stat: str, pattern: str | None = None, theme: str = "light",
+         width: int | None = 1400) -> dict[str, Any]:
+    """The heatmap callback (outputs: figure, regex error, layer options) in a ``width`` px window."""
+    return callback(c, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
+                    [("run-id", "data", run), ("heatmap-stat", "value", stat), ("layer-regex", "value", pattern),
+                     ("theme", "data", theme), ("reset-zoom", "n_clicks", None)], [("viewport", "data", width)])
+
+
 def test_run_page_callbacks_read_the_api(client: TestClient) -> None:
     _ingest(client)
-    hm = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
-                  [("run-id", "data", "r1"), ("heatmap-stat", "value", "l2"), ("layer-regex", "value", None),
-                   ("theme", "data", "dark"), ("reset-zoom", "n_clicks", None)])
+    hm = heat(client, "r1", "l2", theme="dark")
     f = hm["heatmap"]["figure"]
     assert f["data"][0]["y"] == ["block0.weight", "block1.weight", "block2.weight"]
     assert f["data"][1]["z"][2] == [None, 1, None]  # the NaN cell, in its own colour
     assert f["layout"]["meta"]["last_step"] == 4 and f["layout"]["paper_bgcolor"] == "#1c1e24"
     assert [o["value"] for o in hm["layer-select"]["options"]] == f["data"][0]["y"]
-    ratio = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
-                     [("run-id", "data", "r1"), ("heatmap-stat", "value", "ratio"), ("layer-regex", "value", None),
-                      ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
-    # no weight norms on this server yet: an explanation, not an error; or (issue 9 landed) the
-    # ratio heatmap, which the live script does not extend
-    lay = ratio["heatmap"]["figure"]["layout"]
-    assert "does not record weight norms" in str(lay.get("annotations")) or lay["meta"]["live"] is False
-    bad = callback(client, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
-                   [("run-id", "data", "r1"), ("heatmap-stat", "value", "nonfinite"), ("layer-regex", "value", "("),
-                    ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
+    ratio = heat(client, "r1", "ratio")
+    # ‖g‖/‖w‖ with ‖w‖ = 10: log10 of l2 / 10; the live script does not extend it
+    assert ratio["heatmap"]["figure"]["data"][0]["z"][3] == [-1.0, round(math.log10(0.2), 4), 2.0]
+    assert ratio["heatmap"]["figure"]["layout"]["meta"]["live"] is False
+    _ingest(client, wnorm=False, run="r2")  # an agent that sent no weight norms: an explanation, not an error
+    none = heat(client, "r2", "ratio")
+    assert "No weight norms in this run" in str(none["heatmap"]["figure"]["layout"]["annotations"])
+    bad = heat(client, "r1", "nonfinite", pattern="(")
     assert "invalid regex" in bad["regex-error"]["children"]
     assert bad["heatmap"]["figure"]["data"][0]["z"][2] == [0, 3, 0]
     out = callback(client, [("norm-graph", "figure"), ("scale-graph", "figure"), ("scalars-graph", "figure"),
@@ -163,3 +169,33 @@ def test_runs_list_counts_events_per_run(client: TestClient) -> None:
     rows = callback(client, [("runs-table", "data"), ("runs-error", "children"), ("runs-empty", "children")],
                     [("runs-refresh", "n_intervals", 1)])
     assert rows["runs-table"]["data"][0]["overflows"] == 1 and rows["runs-empty"]["children"] is None
+
+
+def test_login_cookie_is_the_bearer_token_and_read_only_stays_read_only(tmp_path: Path) -> None:
+    settings = ServerSettings(database_url=f"sqlite:///{tmp_path / 'gw.db'}", token="w-secret", read_token="r-secret")
+    with TestClient(create_app(settings, dashboard=mount)) as c:
+        assert c.get("/api/v1/runs").status_code == 401
+        assert "Token" in c.get("/dashboard/login").text
+        runs_cb = ([("runs-table", "data"), ("runs-error", "children"), ("runs-empty", "children")],
+                   [("runs-refresh", "n_intervals", 1)])
+        assert "Sign in with a token" in str(callback(c, *runs_cb)["runs-error"]["children"])
+        # a wrong token: the form again with a message, no cookie
+        bad = c.post("/dashboard/login", data={"token": "nope"}, follow_redirects=False)
+        assert bad.status_code == 401 and "not valid" in bad.text and "set-cookie" not in bad.headers
+        # the read token: an HttpOnly, SameSite=Strict cookie; the redirect's URL holds no token
+        ok = c.post("/dashboard/login", data={"token": "r-secret"}, follow_redirects=False)
+        assert ok.status_code == 303 and ok.headers["location"] == "/"
+        cookie = ok.headers["set-cookie"].lower()
+        assert "gradwatch_token=r-secret" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        assert c.get("/api/v1/runs").status_code == 200  # the client keeps the cookie: API reads pass
+        out = callback(c, *runs_cb)  # Dash callbacks read the API with it
+        assert out["runs-error"]["children"] is None and out["runs-table"]["data"] == []
+        with c.websocket_connect("/api/v1/runs/x/live") as ws:  # the live websocket accepts it too
+            assert ws.receive_json()["type"] == "subscribed"
+        r = c.post("/api/v1/runs", json={"project": "p"})
+        assert r.status_code == 403 and "read-only" in r.json()["detail"]  # views, cannot change
+        # the write token can change; signing out forgets the cookie
+        c.post("/dashboard/login", data={"token": "w-secret"}, follow_redirects=False)
+        assert c.post("/api/v1/runs", json={"project": "p"}).status_code == 201
+        c.post("/dashboard/logout", follow_redirects=False)
+        assert c.get("/api/v1/runs").status_code == 401

@@ -17,6 +17,16 @@ X0 = "(id) => { const g = document.querySelector('#' + id + ' .js-plotly-plot');
      "return g && g.data && g.data[0] ? Array.from(g.data[0].x) : null; }"
 META = "(id) => { const g = document.querySelector('#' + id + ' .js-plotly-plot'); " \
        "return g && g.layout ? g.layout.meta || null : null; }"
+#: ``{trace name: finite y values}`` of a graph, once it holds any (else null: wait_js polls again)
+TRACES = "(id) => { const g = document.querySelector('#' + id + ' .js-plotly-plot'); " \
+         "if (!g || !g.data || !g.data.length) { return null; } const out = {}; " \
+         "for (const t of g.data) { out[t.name] = Array.from(t.y || []).filter(Number.isFinite).length; } " \
+         "return out; }"
+#: finite cells of the heatmap's trace 0 and its colour-bar title
+HEAT = "() => { const g = document.querySelector('#heatmap .js-plotly-plot'); " \
+       "if (!g || !g.data || !g.data[0] || !g.data[0].z) { return null; } let n = 0; " \
+       "for (const col of g.data[0].z) { for (const v of col) { if (Number.isFinite(v)) { n++; } } } " \
+       "return {cells: n, label: g.data[0].colorbar.title.text}; }"
 OVERFLOW_AT = 30
 
 
@@ -34,7 +44,7 @@ def _max_x(page: Page, gid: str) -> int:
 
 @pytest.mark.slow
 def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> None:
-    trainer("e2e", "--steps", "100000", "--sleep", "0.1", "--overflow-at", str(OVERFLOW_AT))
+    trainer("e2e", "--steps", "100000", "--sleep", "0.1", "--overflow-at", str(OVERFLOW_AT), "--autoscaled")
     run = _run(server, "e2e", OVERFLOW_AT + 10)
     rid = run["run_id"]
 
@@ -49,8 +59,12 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     for gid in ("heatmap", "norm-graph", "scale-graph", "scalars-graph"):
         page.wait_js(f"() => {{ const g = ({GD})('{gid}'); return g && g.data && g.data.length > 0; }}")
     assert page.js(META, "heatmap")["layers"][0] == "0.weight"
-    transforms = page.page.locator("#transforms-graph").inner_text()
-    assert "transform" in transforms.lower()  # values, or the explanation why there are none
+    # the transforms' own values, drawn from /transforms: AutoscaledNorm's α_t and σ_t/σ_ref, ClipNorm's
+    # coefficient and norms (an empty chart, or only its explanation, fails here)
+    drawn = page.wait_js(TRACES, "transforms-graph")
+    for name in ("autoscaled_norm.alpha", "autoscaled_norm.sigma/sigma_ref", "clip_norm.coef",
+                 "clip_norm.total_norm"):
+        assert drawn.get(name, 0) >= OVERFLOW_AT, (name, drawn)
     snap = page.js(META, "norm-graph")["last_step"]
     assert snap >= OVERFLOW_AT + 10
 
@@ -101,6 +115,13 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     assert xs == list(range(xs[0], xs[-1] + 1)), "steps missing after the reconnect"
     page.shot("run-after-restart")
 
+    # the gradient-to-weight ratio heatmap: ‖g‖/‖w‖ from the recorded weight norms, every layer drawn
+    page.js("() => window.dash_clientside.set_props('heatmap-stat', {value: 'ratio'})")
+    got = page.wait_js(f"() => {{ const h = ({HEAT})(); return h && /‖w‖/.test(h.label) && h.cells > 0 ? h : null; }}")
+    layers = len(page.js(META, "heatmap")["layers"])
+    assert layers == 10 and got["cells"] >= layers * 10, got  # 5 Linear layers: weights and biases
+    page.shot("run-ratio-heatmap")
+
     # no console errors, except the failed connections while the server was down
     outside = [m for t, m in page.errors if not (killed_at <= t <= recovered_at)]
     assert not outside, outside
@@ -125,4 +146,23 @@ def test_empty_state_theme_and_unknown_run(server: Server, page: Page) -> None:
     page.shot("unknown-run-dark")
     r = page.page.request.get(server.url + "/api/v1/nothing-here")
     assert r.status == 404 and r.json()["detail"].startswith("no such API path")
+    assert not page.errors, page.errors
+
+
+@pytest.mark.slow
+def test_compare_page_overlays_runs_and_a_shared_layer(server: Server, trainer: Any, page: Page) -> None:
+    for seed, name in enumerate(("cmp-a", "cmp-b")):
+        trainer(name, "--steps", "60", "--seed", str(seed))  # two different runs: the lines differ
+    ids = [_run(server, name, 59)["run_id"] for name in ("cmp-a", "cmp-b")]
+    page.page.goto(f"{server.url}/compare?runs={','.join(ids)}")
+    # one line per run (plus its min–max band where downsampled), each with the run's steps
+    for gid in ("compare-norm", "compare-scalars"):
+        drawn = page.wait_js(TRACES, gid)
+        assert all(drawn.get(r, 0) >= 50 for r in ids), (gid, drawn)
+    # a layer matched by name in both runs: its L2 norm overlaid
+    page.js("() => window.dash_clientside.set_props('compare-layer', {value: '0.weight'})")
+    drawn = page.wait_js(f"() => {{ const t = ({TRACES})('compare-layer-graph'); "
+                         f"return t && {ids!r}.every(r => t[r] >= 50) ? t : null; }}")
+    assert set(drawn) >= set(ids)
+    page.shot("compare")
     assert not page.errors, page.errors

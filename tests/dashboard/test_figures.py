@@ -141,10 +141,29 @@ def test_scale_figure_overflow_hover_names_layers() -> None:
 def test_transforms_and_scalars_empty_states() -> None:
     assert "does not report" in fig.transforms_figure(None)["layout"]["annotations"][0]["text"]
     assert "No transform values" in fig.transforms_figure({"series": []})["layout"]["annotations"][0]["text"]
-    got = fig.transforms_figure({"series": [{"transform": "ZClip", "key": "z", "downsampled": False,
-                                             "points": [{"step": 1, "value": 0.5}]}]})
-    assert got["data"][0]["name"] == "ZClip.z"
     assert "watcher.log" in fig.scalars_figure({})["layout"]["annotations"][0]["text"]
+
+
+def _ts(transform: str, field: str, values: list[Any]) -> dict[str, Any]:
+    """One series of ``GET /runs/{id}/transforms?transform=...`` (raw points)."""
+    return {"transform": transform, "field": field, "downsampled": False,
+            "points": [{"step": i, "rank": 0, "value": v} for i, v in enumerate(values)]}
+
+
+def test_transforms_figure_draws_the_real_response() -> None:
+    got = strict(fig.transforms_figure({"series": [
+        _ts("autoscaled_norm", "alpha", [1.0, 0.8]), _ts("autoscaled_norm", "sigma", [2.0, 1.6]),
+        _ts("autoscaled_norm", "sigma_ref", [2.0, 2.0]), _ts("autoscaled_norm", "skipped_update", [0, 0]),
+        _ts("clip_norm", "coef", [1.0, 0.5]), _ts("clip_norm", "total_norm", [0.5, 2.0]),
+        _ts("zclip", "z", ["NaN", 3.0]), _ts("zclip", "threshold", [1.0, 1.5])]}))
+    by_name = {t["name"]: t for t in got["data"]}
+    assert by_name["autoscaled_norm.sigma/sigma_ref"]["y"] == [1.0, 0.8]  # σ_t/σ_ref, derived step by step
+    assert by_name["autoscaled_norm.alpha"]["y"] == [1.0, 0.8] and by_name["autoscaled_norm.alpha"]["yaxis"] == "y"
+    assert by_name["clip_norm.coef"]["y"] == [1.0, 0.5]
+    assert by_name["clip_norm.total_norm"]["yaxis"] == "y2" and by_name["zclip.threshold"]["yaxis"] == "y2"
+    assert by_name["zclip.z"]["y"] == [None, 3.0] and by_name["zclip.z non-finite"]["x"] == [0]  # warm-up NaN
+    assert "autoscaled_norm.skipped_update" not in by_name  # flags are left out
+    assert got["layout"]["yaxis2"]["type"] == "log"
 
 
 @pytest.mark.parametrize("kinds,expected", [(None, 3), (["overflow"], 1), (["clip", "spike"], 1)])

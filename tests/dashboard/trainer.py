@@ -1,5 +1,5 @@
 """A real training run for the dashboard tests: a small MLP under gradwatch's GradScaler (CPU) with
-ClipNorm, streaming to a server. An overflow is injected at ``--overflow-at`` (one element of
+ClipNorm (and AutoscaledNorm with ``--autoscaled``), streaming to a server. An overflow is injected at ``--overflow-at`` (one element of
 the first layer's gradient set to inf, as fp16 training would produce), so the scaler records it
 with that layer. ``--sleep`` paces the steps so a browser can watch them arrive::
 
@@ -23,18 +23,20 @@ def main() -> int:
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--overflow-at", type=int, default=-1)
     ap.add_argument("--layers", type=int, default=4, help="hidden Linear layers")
+    ap.add_argument("--seed", type=int, default=0, help="model and data seed")
+    ap.add_argument("--autoscaled", action="store_true", help="also AutoscaledNorm (before ClipNorm)")
     a = ap.parse_args()
-    from gradwatch.agent import ClipNorm, GradScaler, watch
+    from gradwatch.agent import AutoscaledNorm, ClipNorm, GradScaler, watch
 
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     mods: list[torch.nn.Module] = [torch.nn.Linear(16, 32), torch.nn.ReLU()]
     for _ in range(a.layers - 1):
         mods += [torch.nn.Linear(32, 32), torch.nn.ReLU()]
     model = torch.nn.Sequential(*mods, torch.nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(a.seed + 1)
     with watch(model, opt, run=a.run_id, project="dashboard-test", server=a.server,
-               transforms=[ClipNorm(1.0)]) as w:
+               transforms=[*([AutoscaledNorm()] if a.autoscaled else []), ClipNorm(1.0)]) as w:
         scaler = GradScaler(device="cpu", init_scale=1024.0, growth_interval=20, watcher=w)
         for i in range(a.steps):
             x = torch.randn(32, 16, generator=g)

@@ -316,3 +316,19 @@ def test_the_agent_honours_retry_after():
     assert getattr(err, "kind", None) == "failing" and getattr(err, "retry_after", None) == 7.0
     assert _retry_after({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
     assert _retry_after({"Retry-After": "99999"}) == 60.0
+
+
+def test_wide_heatmap_reads_rollup_blocks_and_agrees_with_the_rows(client, mk, post, monkeypatch):
+    """Over more raw rows than ``RAW_ROWS_BUDGET``, buckets are whole 64-step rollup blocks (fewer
+    than asked for); each cell is still the max of its steps' rows."""
+    from gradwatch.server.repo import series
+
+    post(client, mk(1, range(1, 301), layers=8, events=False))
+    raw = client.get("/api/v1/runs/run1/heatmap", params={"max_points": 300}).json()
+    assert raw["bucket_width"] == 1
+    monkeypatch.setattr(series, "RAW_ROWS_BUDGET", 8 * 300 - 1)
+    h = client.get("/api/v1/runs/run1/heatmap", params={"max_points": 300}).json()
+    assert h["bucket_width"] == 64 and h["steps"] == [1, 64, 128, 192, 256]
+    for row, raw_row in zip(h["values"], raw["values"]):
+        for k in range(len(h["steps"])):  # bucket k: steps [64k, 64k + 63] (block-aligned)
+            assert row[k] == max(v for s, v in zip(raw["steps"], raw_row) if 64 * k <= s < 64 * (k + 1))
