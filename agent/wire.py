@@ -478,12 +478,15 @@ def _list(v: Any, where: str, max_len: int) -> list[Any]:
     return v
 
 
-def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
+def batch_from_dict(d: Any, *, packed_as_array: bool = False, consume: bool = False) -> Batch:
     """Validate and decode the dict form of a batch. Raises :class:`WireError`.
 
     ``packed_as_array``: leave packed columns as ``array.array`` (``"d"``/``"q"``, native byte
     order) instead of lists, for a reader that hands them to a columnar library without
     creating one Python number per value (the server's bulk ingest). Validation is the same.
+    ``consume``: replace each entry of ``d["steps"]`` by None once it is decoded, so a caller
+    that has no further use for ``d`` holds its parsed base64 text or the decoded columns of a
+    step, not both (peak memory of a large batch: the larger of the two, not their sum).
     """
     d = _obj(d, "batch")
     if "wire_version" not in d:
@@ -539,7 +542,8 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
         ))
 
     steps = []
-    for i, s in enumerate(_list(d.get("steps") or [], "batch.steps", 1_000_000)):
+    raw_steps = _list(d.get("steps") or [], "batch.steps", 1_000_000)
+    for i, s in enumerate(raw_steps):
         w = f"batch.steps[{i}]"
         s = _obj(s, w)
         _known(s, _STEP_KEYS, w)
@@ -591,6 +595,8 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False) -> Batch:
             skipped=_bool(s.get("skipped", False), f"{w}.skipped"),
             transforms=tr,
         ))
+        if consume:
+            raw_steps[i] = None
 
     scalars = []
     for i, s in enumerate(_list(d.get("scalars") or [], "batch.scalars", 1_000_000)):

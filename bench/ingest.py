@@ -375,25 +375,31 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field} for pid {pid}")
 
 
-def memory_figure(tmp: Path, n: int, size_mb: float, pythonpath: str | None = None) -> dict[str, float]:
-    """Server RSS while ``n`` batches of about ``size_mb`` MB each are POSTed at once (SQLite),
-    as the agent sends them (503 + Retry-After: wait and resend). Returns idle, peak and settled RSS."""
+def memory_figure(tmp: Path, n: int, size_mb: float, pythonpath: str | None = None,
+                  kind: str = "sqlite") -> dict[str, float]:
+    """Server RSS while ``n`` batches of about ``size_mb`` MB each are POSTed at once, as the
+    agent sends them (503 + Retry-After: wait and resend). A one-step batch first creates the run
+    and its layers and warms every code path, so "idle" holds no large batch's leftover heap and
+    peak − idle is what the large batches cost. Returns idle, peak and settled RSS."""
+    import dataclasses
+
     rows_per_batch = max(LAYERS, int(size_mb * 1e6 / 95))  # ~95 bytes of encoded JSON per layer row
     global STEPS_PER_BATCH
     saved, STEPS_PER_BATCH = STEPS_PER_BATCH, max(1, rows_per_batch // LAYERS)
     try:
-        batches = make_batches(rows_per_batch * n, "mem")
+        batches = make_batches(rows_per_batch * (n + 1), "mem")
     finally:
         STEPS_PER_BATCH = saved
+    batches[0] = dataclasses.replace(batches[0], steps=batches[0].steps[:1])
     bodies = [wire.encode_batch(b) for b in batches]
+    del batches
     busy = [0]
     env = {"PYTHONPATH": pythonpath} if pythonpath else {}
-    with database("sqlite", tmp) as url, server(url, tmp / "bench-mem.log", env) as base:
+    with database(kind, tmp) as url, server(url, tmp / "bench-mem.log", env) as base:
         pid = server.pid  # type: ignore[attr-defined]
-        post(base, bodies[0])  # the run and its layers exist; the first batch is not part of the figure
+        post(base, bodies[0])  # the run and its layers exist
         time.sleep(1.0)
         idle = _rss_mb(pid)
-        hwm_before = _rss_mb(pid, "VmHWM")
 
         def send(body: bytes) -> None:
             while True:
@@ -419,7 +425,7 @@ def memory_figure(tmp: Path, n: int, size_mb: float, pythonpath: str | None = No
             time.sleep(0.25)
             settled = min(settled, _rss_mb(pid))
     return {"batch_mb": sum(map(len, bodies[1:])) / len(bodies[1:]) / 1e6, "idle": idle,
-            "peak": max(peak, hwm_before), "after": settled, "seconds": dt, "busy_503": busy[0]}
+            "peak": peak, "after": settled, "seconds": dt, "busy_503": busy[0]}
 
 
 def post(base: str, body: bytes) -> dict:
@@ -441,17 +447,20 @@ def main() -> None:
                     help="only the memory figure: server RSS for concurrent large batches (SQLite)")
     ap.add_argument("--memory-batches", type=int, default=6, help="batches POSTed at once for --memory")
     ap.add_argument("--memory-mb", type=float, default=29.0, help="size of each of them, MB of JSON")
+    ap.add_argument("--memory-backend", default="sqlite", choices=("sqlite", "postgresql"),
+                    help="database of the --memory server")
     ap.add_argument("--server-pythonpath", default=None,
                     help="PYTHONPATH of the server process (a checkout of another commit, to compare)")
     args = ap.parse_args()
     if args.memory:
         tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-        m = memory_figure(tmp, args.memory_batches + 1, args.memory_mb, args.server_pythonpath)
+        m = memory_figure(tmp, args.memory_batches, args.memory_mb, args.server_pythonpath, args.memory_backend)
         print(f"# gradwatch bench/ingest.py --memory  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
-              f"server={args.server_pythonpath or 'this checkout'}")
+              f"server={args.server_pythonpath or 'this checkout'}  db={args.memory_backend}")
         print(f"{args.memory_batches} concurrent POSTs of {m['batch_mb']:.1f} MB: RSS idle {m['idle']:.0f} MB, "
-              f"peak {m['peak']:.0f} MB, after {m['after']:.0f} MB; {m['busy_503']} answers 503 (resent after "
-              f"Retry-After); {m['seconds']:.1f} s")
+              f"peak {m['peak']:.0f} MB (+{m['peak'] - m['idle']:.0f} MB = "
+              f"{(m['peak'] - m['idle']) / m['batch_mb']:.1f}x one batch), after {m['after']:.0f} MB; "
+              f"{m['busy_503']} answers 503 (resent after Retry-After); {m['seconds']:.1f} s")
         return
     kinds = args.backends.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))

@@ -155,3 +155,42 @@ def gw(gw_serve: Callable[..., str]) -> Any:
 
     return SimpleNamespace(serve=gw_serve, get_json=get_json, wait_for=wait_for, clean_env=clean_env,
                            free_port=free_port, stop_proc=stop_proc, wait_healthy=wait_healthy)
+
+
+# -- the source tree is not the tests' to write in ------------------------------------------------
+
+_ROOT = Path(__file__).resolve().parents[1]
+#: Entries of ``git status`` that running Python code makes on its own (byte-code caches).
+_NOISE = ("__pycache__/", ".pytest_cache/")
+
+
+def _tree_state() -> set[str] | None:
+    """``git status --porcelain --ignored`` of the checkout (untracked and ignored entries too),
+    less byte-code caches; None where this is not a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(_ROOT), "status", "--porcelain", "--ignored"],
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line for line in out.stdout.splitlines() if not line.rstrip("/").endswith(tuple(n.rstrip("/") for n in _NOISE))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _source_tree_untouched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test runs with a scratch directory as its working directory (code whose defaults are
+    relative to it, such as a watcher's ``.gradwatch/spool``, writes there), and the checkout's
+    ``git status`` (untracked and ignored files included) must be the same after the session as
+    before it: a test that creates or deletes anything in the source tree fails the run."""
+    before = _tree_state()
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+    after = _tree_state()
+    if before is not None and after is not None and before != after:
+        pytest.fail("the test session changed the source tree (git status --porcelain --ignored): "
+                    f"appeared {sorted(after - before)[:20]}, disappeared {sorted(before - after)[:20]}")

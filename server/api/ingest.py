@@ -137,8 +137,16 @@ class IngestFailure(Exception):
         self.status, self.message, self.kind, self.seq = status, message, kind, seq
 
 
-def _parse(gw: AppState, data: bytes | str) -> Any:
+def _parse(gw: AppState, holder: list[bytes | str]) -> Any:
+    """Parse the one payload in ``holder``, which this function empties.
+
+    ``json.loads`` of bytes decodes them to a str first and keeps both alive while it parses;
+    decoding here (as it would) and dropping the bytes before parsing saves one copy of the
+    payload at the peak. The caller must hold no other reference for that to happen."""
+    data = holder.pop()
     try:
+        if not isinstance(data, str):
+            data = data.decode(json.detect_encoding(data), "surrogatepass")  # what json.loads does
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         gw.metrics.error("json")
@@ -150,9 +158,10 @@ def _parse(gw: AppState, data: bytes | str) -> Any:
 
 
 def decode_object(gw: AppState, obj: Any) -> Batch:
-    """Validate one parsed batch through the wire schema. Raises IngestFailure (422)."""
+    """Validate one parsed batch through the wire schema (its steps are dropped from ``obj`` as
+    they are decoded). Raises IngestFailure (422)."""
     try:
-        return batch_from_dict(obj, packed_as_array=True)
+        return batch_from_dict(obj, packed_as_array=True, consume=True)
     except WireError as e:
         gw.metrics.error("schema")
         raise IngestFailure(422, str(e), "schema", _seq_of(obj)) from None
@@ -167,13 +176,14 @@ def _seq_of(obj: Any) -> int | None:
     return obj.get("seq") if isinstance(obj, dict) and type(obj.get("seq")) is int else None
 
 
-def decode_frame(gw: AppState, data: bytes | str) -> Prepared | dict[str, Any]:
+def decode_frame(gw: AppState, data: list[bytes | str]) -> Prepared | dict[str, Any]:
     """Parse, validate and prepare one websocket frame (in a worker thread): a Prepared batch,
-    or a hello dict."""
+    or a hello dict. ``data`` holds the frame and is emptied (see :func:`_parse`)."""
     obj = _parse(gw, data)
     if isinstance(obj, dict) and obj.get("type") == "hello":
         return obj
     batch = decode_object(gw, obj)
+    del obj
     try:
         with gw.db.read() as conn:
             return prepare_batch(conn, batch)
@@ -206,13 +216,13 @@ def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
             "duplicate": res.duplicate, "rows": res.rows}
 
 
-def ingest_bytes(gw: AppState, data: bytes | list[bytes]) -> dict[str, Any]:
+def ingest_bytes(gw: AppState, data: list[bytes | str]) -> dict[str, Any]:
     """Parse, validate and store one POSTed batch (runs in a worker thread). Raises IngestFailure.
 
-    ``data`` may be a one-item list that this function empties: the body's bytes are then freed
-    as soon as they are parsed instead of living on beside the decoded batch while it is stored."""
+    ``data`` is a one-item list that this function empties: the body's bytes are freed before
+    they are parsed instead of living on beside the parsed and decoded batch (:func:`_parse`)."""
     t0 = time.perf_counter()
-    obj = _parse(gw, data.pop() if isinstance(data, list) else data)
+    obj = _parse(gw, data)
     batch = decode_object(gw, obj)
     del obj
     return store(gw, batch, t0)
@@ -268,7 +278,7 @@ async def ingest(request: Request) -> Any:
             if got is None:
                 return _busy(gw)
             held += got
-        body = [b"".join(chunks)]
+        body: list[bytes | str] = [b"".join(chunks)]
         chunks.clear()  # one copy of the body, handed over (and dropped once parsed)
         try:
             return await run_in_threadpool(ingest_bytes, gw, body)
@@ -371,7 +381,11 @@ async def _stream(ws: WebSocket, gw: AppState, budget: ByteBudget) -> None:
                 tok = next(tokens)
                 # back-pressure: no more frames are read from this socket until the bytes fit
                 held[tok] = await budget.take(len(data)) or 0
-                await pending.put((t0, asyncio.ensure_future(run_in_threadpool(decode_frame, gw, data)), tok))
+                # the frame is handed over in a list that decode_frame empties: no reference stays
+                # here (while waiting for the next frame) or in the worker call's arguments
+                job = run_in_threadpool(decode_frame, gw, [data])
+                del msg, data
+                await pending.put((t0, asyncio.ensure_future(job), tok))
         except WebSocketDisconnect:
             pass
         except Exception:  # the main loop still ends (below), and says so to the client

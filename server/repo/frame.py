@@ -38,6 +38,9 @@ _COPY_TYPES = (">i8", ">i8", ">i4", *(">f8" if f.is_float else ">i8" for f in LA
 #: PostgreSQL array types of the same columns (the ``unnest`` insert path).
 PG_TYPES = ["int8", "int8", "int4", *("float8" if f.is_float else "int8" for f in LAYER_FIELDS), "int4"]
 _DERIVED = {d.name for d in DERIVED_LAYER_FIELDS}
+#: Rows turned into Python tuples (SQLite) or COPY records (PostgreSQL) at a time: large enough
+#: that the per-piece overhead vanishes, small enough that a piece is a few MB at most.
+ROW_CHUNK = 16384
 
 
 def _column(pieces: Sequence[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
@@ -142,9 +145,30 @@ class LayerFrame:
 
     def _pooled(self, order: np.ndarray, starts: np.ndarray, size: np.ndarray
                 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        mean, _, _ = self._stat("mean")
-        m2, _, _ = self._stat("m2")
-        return _pooled_segments(self.numel[order], mean[order], m2[order], starts, size)
+        """(mom_n, mom_mean, mom_m2, mom_skip) per segment: the moments of the segment's rows
+        pooled, finite rows only; the n-way form of :func:`gradwatch.agent.spec.merge_moments`,
+        ``M2 = Σ m2_i + Σ n_i (mean_i − mean)²`` around the weighted mean (two passes, exact).
+        Computed in place on sorted copies (a few row-length temporaries, not a dozen)."""
+        mean = self._stat("mean")[0][order]
+        m2 = self._stat("m2")[0][order]
+        skip = ~(np.isfinite(mean) & np.isfinite(m2))
+        n = self.numel[order]
+        n[skip] = 0
+        mean[skip] = 0.0
+        m2[skip] = 0.0
+        big_n = np.add.reduceat(n, starts)
+        empty = big_n == 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            w = n * mean
+            mu = np.add.reduceat(w, starts) / np.where(empty, 1, big_n)
+            np.subtract(mean, np.repeat(mu, size), out=mean)  # the deviation from the pooled mean
+            mean[skip] = 0.0
+            np.multiply(n, mean, out=w)
+            w *= mean
+            m2 += w
+            q = np.add.reduceat(m2, starts)
+        none = empty if empty.any() else None
+        return [(big_n, None), (mu, none), (q, none), (np.add.reduceat(skip, starts, dtype=np.int64), None)]
 
     def _stat(self, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(values, stored-NULL mask, NaN mask) of a stored float field or a derived one."""
@@ -154,53 +178,44 @@ class LayerFrame:
         k = LAYER_FLOAT_COLUMNS.index("m2")
         n = self.numel.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            var = np.where(n > 0, self.floats[k] / np.where(n > 0, n, 1.0), 0.0)
-            vals = var if name == "var" else np.sqrt(var)
-        return vals, self.stored_null[k], self.nan[k]
+            var = np.divide(self.floats[k], n, out=np.zeros(len(n)), where=n > 0)
+            del n
+            if name != "var":
+                np.sqrt(var, out=var)
+        return var, self.stored_null[k], self.nan[k]
 
     # ------------------------------------------------------------------ SQLite
 
-    def rows(self) -> Iterator[tuple[Any, ...]]:
-        """Row tuples in ``layer_stat`` column order (NULL as None), for ``executemany``."""
-        return zip(*(_with_nulls(v, z) for v, z in self.columns()))
+    def rows(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[Any, ...]]:
+        """Row tuples in ``layer_stat`` column order (NULL as None), for ``executemany``.
+
+        Python objects are made for ``chunk`` rows at a time: a whole large batch as lists of
+        Python numbers would cost several times the batch (about 32 bytes a value)."""
+        cols = self.columns()
+        for i in range(0, len(self), chunk):
+            yield from zip(*(_with_nulls(v[i:i + chunk], None if z is None else z[i:i + chunk]) for v, z in cols))
 
     # ------------------------------------------------------------------ PostgreSQL
 
-    def copy_binary(self) -> bytes:
-        """The whole ``COPY layer_stat (...) FROM STDIN (FORMAT BINARY)`` stream.
+    def copy_chunks(self, chunk: int = ROW_CHUNK) -> Iterator[memoryview | bytes]:
+        """The ``COPY layer_stat (...) FROM STDIN (FORMAT BINARY)`` stream, ``chunk`` rows a piece
+        (built as the driver sends them, so at most one piece exists besides the frame).
 
         Binary COPY frames every field with its length (-1 for NULL), so rows differ in size with
-        their NULL pattern; rows are grouped by pattern (usually one or two per batch: COPY does
-        not care about order) and each group is one packed record array.
+        their NULL pattern; within a piece rows are grouped by pattern (usually one or two per
+        batch: COPY does not care about order) and each group is one packed record array.
         """
         cols = self.columns()
         n = len(self)
-        pattern = np.zeros(n, np.int64)
-        for k, (_, null) in enumerate(cols):
-            if null is not None:
-                pattern |= null.astype(np.int64) << k
-        out = [_COPY_HEADER]
-        groups: list[int] = np.unique(pattern).tolist() if n else []
-        for p in groups:
-            sel = None if len(groups) == 1 else np.flatnonzero(pattern == p)
-            fields: list[tuple[str, str]] = [("nf", ">i2")]
-            values: list[tuple[int, int, np.ndarray | None]] = []
-            for k, ((vals, _), typ) in enumerate(zip(cols, _COPY_TYPES)):
-                fields.append((f"len{k}", ">i4"))
-                if (p >> k) & 1:
-                    values.append((k, -1, None))
-                    continue
-                fields.append((f"v{k}", typ))
-                values.append((k, np.dtype(typ).itemsize, vals if sel is None else vals[sel]))
-            rec = np.empty(n if sel is None else len(sel), np.dtype(fields))
-            rec["nf"] = len(cols)
-            for k, size, val in values:
-                rec[f"len{k}"] = size
-                if val is not None:
-                    rec[f"v{k}"] = val
-            out.append(rec.tobytes())
-        out.append(_COPY_TRAILER)
-        return b"".join(out)
+        yield _COPY_HEADER
+        for i in range(0, n, chunk):
+            part = [(v[i:i + chunk], None if z is None else z[i:i + chunk]) for v, z in cols]
+            yield from _copy_records(part, min(chunk, n - i))
+        yield _COPY_TRAILER
+
+    def copy_binary(self) -> bytes:
+        """The whole COPY stream as one bytes object (tests and benchmarks)."""
+        return b"".join(self.copy_chunks())
 
     # ------------------------------------------------------------------ rollup
 
@@ -211,55 +226,77 @@ class LayerFrame:
             return self._blocks(len(self))
 
     def _blocks(self, n: int) -> BlockColumns:
+        # Temporaries are one row-length column at a time where it matters: on a large batch
+        # each costs 8 bytes a row, and several alive at once would outgrow the frame itself.
         if not n:
             return BlockColumns([])
         block = self.step // BLOCK_STEPS
         order = np.lexsort((self.step, self.rank, block, self.layer_id))
-        lid, blk, rk, st = self.layer_id[order], block[order], self.rank[order], self.step[order]
         change = np.empty(n, bool)
         change[0] = True
-        change[1:] = (lid[1:] != lid[:-1]) | (blk[1:] != blk[:-1]) | (rk[1:] != rk[:-1])
+        change[1:] = False
+        for key in (self.layer_id, block, self.rank):
+            k = key[order]
+            change[1:] |= k[1:] != k[:-1]
+            del k
         starts = np.flatnonzero(change)
+        del change
         ends = np.append(starts[1:], n) - 1
         size = np.diff(np.append(starts, n))
+        first, last = order[starts], order[ends]
         zero = np.zeros(len(starts), np.int64)
         cols: list[tuple[np.ndarray, np.ndarray | None]] = [
-            (lid[starts], None), (blk[starts], None), (rk[starts], None), (st[starts], None), (st[ends], None),
-            (size, None)]
+            (self.layer_id[first], None), (block[first], None), (self.rank[first], None),
+            (self.step[first], None), (self.step[last], None), (size, None)]
+        del block
         cols += self._pooled(order, starts, size)
         for vals, null, nan in map(self._stat, ROLLUP_STATS):
             v = vals[order]
+            del vals
             if null is None:
                 cols += [(np.minimum.reduceat(v, starts), None), (np.maximum.reduceat(v, starts), None),
                          (np.add.reduceat(v, starts), None), (size, None), (zero, None)]
                 continue
             ok = ~null[order]
-            cnt = np.add.reduceat(ok.astype(np.int64), starts)
+            cnt = np.add.reduceat(ok, starts, dtype=np.int64)
             empty = cnt == 0
             empty_or_none = empty if empty.any() else None
-            cols += [(np.minimum.reduceat(np.where(ok, v, np.inf), starts), empty_or_none),
-                     (np.maximum.reduceat(np.where(ok, v, -np.inf), starts), empty_or_none),
-                     (np.add.reduceat(np.where(ok, v, 0.0), starts), empty_or_none), (cnt, None),
-                     (np.add.reduceat(nan[order].astype(np.int64), starts) if nan is not None else zero, None)]
+            v[~ok] = np.inf
+            lo = np.minimum.reduceat(v, starts)
+            v[~ok] = -np.inf
+            hi = np.maximum.reduceat(v, starts)
+            v[~ok] = 0.0
+            cols += [(lo, empty_or_none), (hi, empty_or_none), (np.add.reduceat(v, starts), empty_or_none),
+                     (cnt, None),
+                     (np.add.reduceat(nan[order], starts, dtype=np.int64) if nan is not None else zero, None)]
         return BlockColumns(cols)
 
 
-def _pooled_segments(numel: np.ndarray, mean: np.ndarray, m2: np.ndarray, starts: np.ndarray,
-                     size: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """(mom_n, mom_mean, mom_m2, mom_skip) per segment: the moments of the segment's rows pooled,
-    finite rows only; the n-way form of :func:`gradwatch.agent.spec.merge_moments`,
-    ``M2 = Σ m2_i + Σ n_i (mean_i − mean)²`` around the weighted mean (two passes, exact)."""
-    fin = np.isfinite(mean) & np.isfinite(m2)
-    n = np.where(fin, numel, 0)
-    big_n = np.add.reduceat(n, starts)
-    empty = big_n == 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mu = np.add.reduceat(np.where(fin, n * mean, 0.0), starts) / np.where(empty, 1, big_n)
-        dev = np.where(fin, mean - np.repeat(mu, size), 0.0)
-        q = np.add.reduceat(np.where(fin, m2, 0.0) + n * dev * dev, starts)
-    skip = np.add.reduceat((~fin).astype(np.int64), starts)
-    none = empty if empty.any() else None
-    return [(big_n, None), (mu, none), (q, none), (skip, None)]
+def _copy_records(cols: list[tuple[np.ndarray, np.ndarray | None]], n: int) -> Iterator[memoryview]:
+    """The binary COPY records of ``n`` rows, one packed record array per NULL pattern."""
+    pattern = np.zeros(n, np.int64)
+    for k, (_, null) in enumerate(cols):
+        if null is not None:
+            pattern |= null.astype(np.int64) << k
+    groups: list[int] = np.unique(pattern).tolist() if n else []
+    for p in groups:
+        sel = None if len(groups) == 1 else np.flatnonzero(pattern == p)
+        fields: list[tuple[str, str]] = [("nf", ">i2")]
+        values: list[tuple[int, int, np.ndarray | None]] = []
+        for k, ((vals, _), typ) in enumerate(zip(cols, _COPY_TYPES)):
+            fields.append((f"len{k}", ">i4"))
+            if (p >> k) & 1:
+                values.append((k, -1, None))
+                continue
+            fields.append((f"v{k}", typ))
+            values.append((k, np.dtype(typ).itemsize, vals if sel is None else vals[sel]))
+        rec = np.empty(n if sel is None else len(sel), np.dtype(fields))
+        rec["nf"] = len(cols)
+        for k, size, val in values:
+            rec[f"len{k}"] = size
+            if val is not None:
+                rec[f"v{k}"] = val
+        yield memoryview(rec.view(np.uint8).data)  # the record array's bytes, not a copy of them
 
 
 def _with_nulls(col: np.ndarray, null: np.ndarray | None) -> list[Any]:

@@ -314,19 +314,22 @@ class RowsOverlap(Exception):
     """Binary COPY hit rows already stored by another batch; retry the batch with ``upsert=True``."""
 
 
-def _insert_layer_rows(conn: Connection, frame: LayerFrame, copy: bytes | None = None) -> bool:
+def _insert_layer_rows(conn: Connection, frame: LayerFrame) -> bool:
     """Bulk insert through the raw driver; rows already stored (same layer, step, rank) are kept.
 
     First write wins, so an agent that restarts and resends overlapping steps under new seqs is
-    not stuck behind a rejected batch. PostgreSQL: one binary COPY stream built in numpy (no
-    conflict handling: a key violation raises RowsOverlap and the batch is retried with
-    ``upsert=True``). Returns whether every row was new.
+    not stuck behind a rejected batch. PostgreSQL: one binary COPY stream built in numpy piece
+    by piece as it is sent (no conflict handling: a key violation raises RowsOverlap and the
+    batch is retried with ``upsert=True``); SQLite: ``executemany`` over tuples made a chunk at a
+    time. Either way the rows in flight cost a few MB, not a multiple of the batch. Returns
+    whether every row was new.
     """
     raw: Any = conn.connection.driver_connection
     if conn.dialect.name == "postgresql":
         try:
             with raw.cursor() as cur, cur.copy(_PG_COPY) as cp:
-                cp.write(copy if copy is not None else frame.copy_binary())
+                for piece in frame.copy_chunks():
+                    cp.write(piece)
         except Exception as e:
             if _is_integrity_error(e):
                 raise RowsOverlap(str(e)) from None
@@ -434,16 +437,16 @@ class Prepared:
     """A decoded batch with the work that needs no write transaction already done.
 
     The websocket handler prepares the next batches in worker threads while the current one is
-    being written, so building columns, COPY streams and rollup aggregates overlaps the
-    database's own work. ``ids`` is the layer mapping read before the transaction; the write
-    re-reads it and rebuilds if it changed (a run deleted and recreated meanwhile).
+    being written, so building columns and rollup aggregates overlaps the database's own work.
+    (The COPY stream is not built here: it is as big as the frame again, and is cheaper to make
+    piece by piece as it is sent.) ``ids`` is the layer mapping read before the transaction; the
+    write re-reads it and rebuilds if it changed (a run deleted and recreated meanwhile).
     """
 
     batch: Batch
     ids: dict[int, int] | None = None
     frame: LayerFrame | None = None
     blocks: BlockColumns | None = None
-    copy: bytes | None = None  # PostgreSQL: the COPY stream
 
     @property
     def layers_known(self) -> bool:
@@ -467,10 +470,6 @@ def prepare_batch(conn: Connection | None, batch: Batch) -> Prepared:
         return Prepared(batch)
     ids = {idx: lid for idx, (lid, _) in existing.items()}
     frame = LayerFrame.from_batch(batch, ids)
-    if conn.dialect.name == "postgresql":
-        return Prepared(batch, ids, frame, frame.blocks(), copy=frame.copy_binary() if len(frame) else None)
-    # SQLite: the rows stay a lazy zip for executemany (one tuple alive at a time, so the cyclic
-    # GC never walks thousands of them)
     return Prepared(batch, ids, frame, frame.blocks())
 
 
@@ -499,9 +498,9 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
 
     ids = _layer_ids(conn, batch)
     if prepared is not None and prepared.ids == ids and prepared.frame is not None:
-        frame, blocks, copy = prepared.frame, prepared.blocks, prepared.copy
+        frame, blocks = prepared.frame, prepared.blocks
     else:
-        frame, blocks, copy = LayerFrame.from_batch(batch, ids), None, None
+        frame, blocks = LayerFrame.from_batch(batch, ids), None
     merge: BlockColumns | None = None
     if len(frame):
         if conn.dialect.name == "postgresql" and upsert:
@@ -509,7 +508,7 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
             # unlike recomputing blocks from a snapshot of the rows).
             frame = frame.subset(_insert_returning_pg(conn, frame))
             merge = frame.blocks() if len(frame) else None
-        elif _insert_layer_rows(conn, frame, copy):
+        elif _insert_layer_rows(conn, frame):
             merge = blocks if blocks is not None else frame.blocks()
         else:  # SQLite, some rows existed: recompute the touched blocks (one writer: no race)
             _update_blocks(conn, set(np.unique(frame.layer_id).tolist()), int(frame.step.min()),
