@@ -161,7 +161,7 @@ def gw(gw_serve: Callable[..., str]) -> Any:
 
 _ROOT = Path(__file__).resolve().parents[1]
 #: Entries of ``git status`` that running Python code makes on its own (byte-code caches).
-_NOISE = ("__pycache__/", ".pytest_cache/")
+_NOISE = ("__pycache__/", ".pytest_cache/", ".hypothesis/")  # tool caches (hypothesis keys its store to the project root)
 
 
 def _tree_state() -> set[str] | None:
