@@ -113,6 +113,17 @@ class ServerProc:
                 time.sleep(0.1)
         raise TimeoutError("server did not come up")
 
+    def state(self) -> str:
+        """Whether the process lives (or how it ended) and its log's tail: the message of a failed
+        delivery assertion, so that a server that went away says why (a signal ends uvicorn with
+        its negative number; a graceful shutdown logs it)."""
+        if self.proc is None:
+            return "server stopped by the test"
+        rc = self.proc.poll()
+        alive = f"pid {self.proc.pid} running" if rc is None else f"pid {self.proc.pid} exited with {rc}"
+        log = self.root / f"server-{self.starts}.log"
+        return f"{alive}; log: {log.read_text(errors='replace')[-2000:] if log.exists() else '(none)'}"
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

@@ -37,7 +37,7 @@ def _watch(url: str, spool: Path, **opts: Any) -> tuple[Any, Any, Any]:
 def test_live_stream_every_step_exactly_once(server: ServerProc, tmp_path: Path) -> None:
     model, opt, w = _watch(server.url, tmp_path / "spool")
     train(model, opt, w, 120)
-    assert w.flush(20)
+    assert w.flush(20), server.state()
     st = w.stats()
     assert st["sent"] == 240 and st["spooled"] == 0 and st["dropped"] == 0 and st["rejected"] == 0
     w.close(timeout=20)
@@ -58,7 +58,7 @@ def test_server_killed_mid_run_and_restarted(server: ServerProc, tmp_path: Path)
     with BlockingIO() as io:
         train(model, opt, w, 300, sleep=0.005, on_step=chaos)
     assert restarted.wait(60)
-    assert w.flush(30)
+    assert w.flush(30), server.state()
     st = w.stats()
     w.close(timeout=30)
     assert st["reconnects"] >= 1 and st["dropped"] == 0 and st["spooled"] == 0, st
@@ -72,14 +72,14 @@ def test_flush_after_the_server_is_back_delivers_without_waiting_out_the_backoff
     # a backoff far longer than flush's timeout: only an immediate retry by flush can deliver in time
     model, opt, w = _watch(server.url, tmp_path / "spool", backoff_base=60.0, backoff_max=120.0)
     train(model, opt, w, 20)
-    assert w.flush(20)
+    assert w.flush(20), server.state()
     server.kill()
     train(model, opt, w, 40)
     assert w.flush(10)  # server down: flush returns once the records are durably spooled
     spooled = w.stats()["spooled"]
     assert spooled > 0
     server.start()
-    assert w.flush(20)
+    assert w.flush(20), server.state()
     st = w.stats()
     assert st["reconnects"] >= 1 and st["spooled"] == 0 and st["dropped"] == 0, st
     w.close(timeout=20)
