@@ -11,6 +11,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# `make run` needs only the demo's extra (server, dashboard, scikit-learn): a newcomer's first
+# setup skips the test and integration tooling (lightning, transformers, playwright, mypy...).
+RUN_STAMP := $(VENV)/.installed-run
 # extra pip options, e.g. PIP_FLAGS=--no-compile (the fresh-clone test: skips byte-compiling ~2 GB)
 PIP_FLAGS ?=
 PIP := $(BIN)/python -m pip install -q $(PIP_FLAGS)
@@ -24,9 +27,16 @@ $(STAMP): pyproject.toml
 	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
+$(RUN_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[demo]"
+	touch $(RUN_STAMP)
+
 setup: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/gradwatch demo $(DEMO_ARGS)
 
 test: $(STAMP)

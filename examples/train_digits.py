@@ -2,8 +2,8 @@
 
 Everything is local and offline: the data ships with scikit-learn, and by default the run is
 recorded to ``runs/digits.gwrec`` (one JSON line per batch), which ``gradwatch upload`` can send to
-a server later. The file holds this run only (an earlier recording there is replaced) unless
-``--append`` is given. Point ``--out`` at a server instead (``--out http://127.0.0.1:8000``) to
+a server later. The file holds this run only (the agent moves an earlier recording there to
+``PATH.prev``) unless ``--append`` is given. Point ``--out`` at a server instead (``--out http://127.0.0.1:8000``) to
 stream live; ``gradwatch demo`` does that with a server of its own.
 
     .venv/bin/python examples/train_digits.py --out runs/digits.gwrec
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,17 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     server = target(args.out)
-    if server.startswith("file:") and not args.append:
-        old = Path(server[len("file:"):])
-        if old.is_file():
-            old.unlink()
-            print(f"replacing the earlier recording {old} (--append keeps it)")
     config = {k: v for k, v in vars(args).items() if k not in ("out", "project", "run", "append")}
     t0 = time.perf_counter()
     print(f"digits: {len(y_tr)} train / {len(y_te)} test images, "
           f"{sum(p.numel() for p in model.parameters())} parameters; recording to {server}")
     with watch(model, opt, server=server, project=args.project, run=args.run, config=config,
-               tags=["example", "digits"], transforms=[ClipNorm(args.max_norm)]) as w:
+               tags=["example", "digits"], transforms=[ClipNorm(args.max_norm)],
+               transport={"append": args.append}) as w:
         g = torch.Generator().manual_seed(args.seed)
         for epoch in range(args.epochs):
             perm = torch.randperm(len(y_tr), generator=g)

@@ -15,7 +15,7 @@ from .base import Item, LayerTable, Pending, Sink
 __all__ = ["make_sink", "Sink", "Pending", "Item", "LayerTable"]
 
 _FILE_OPTIONS = frozenset({"flush_interval", "batch_max_steps", "batch_max_rows", "buffer_max", "close_timeout",
-                           "send_status", "quiet"})
+                           "send_status", "quiet", "append"})
 _NETWORK_OPTIONS = frozenset({"token", "spool_dir", "connect_timeout", "request_timeout", "backoff_max",
                               "backoff_base", "ws", "window", "resume", "cache_bytes", "segment_bytes",
                               "memory_bytes"})
@@ -51,6 +51,7 @@ def make_sink(target: str, *, run: RunInfo, layers: LayerTable, rank: int = 0, *
         from .network import NetworkSink
 
         opts = _known(options, _FILE_OPTIONS | _NETWORK_OPTIONS)
-        opts.pop("quiet", None)
+        for file_only in ("quiet", "append"):
+            opts.pop(file_only, None)
         return NetworkSink(target, run, layers, rank=rank, **opts).start()
     raise ValueError(f"unsupported gradwatch target {target!r}: expected 'memory', 'file:PATH' or an http(s):// URL")

@@ -7,15 +7,14 @@ import itertools
 import math
 import random
 
+import autoclip.torch as autoclip_torch
 import numpy as np
 import pytest
 import torch
+import zclip as zclip_pkg
 
 from gradwatch.agent import AGC, AutoClip, ZClip
 from gradwatch.agent.transforms.base import GradContext, Slot
-
-zclip_pkg = pytest.importorskip("zclip")
-autoclip_torch = pytest.importorskip("autoclip.torch")
 
 SHAPES = [(5,), (1,), (1, 1), (0, 3), (3, 4), (1, 6), (6, 1), (2, 3, 3, 3), (2, 2, 2, 2, 2), (4,)]
 

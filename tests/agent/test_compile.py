@@ -8,8 +8,6 @@ from torch import nn
 
 from gradwatch.agent import ClipNorm, watch
 
-dynamo = pytest.importorskip("torch._dynamo")
-
 
 def _train(backend: str, watched: bool) -> tuple[int, int, list, list]:  # type: ignore[type-arg]
     from torch._dynamo.utils import counters

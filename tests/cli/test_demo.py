@@ -113,3 +113,23 @@ def test_demo_says_what_is_wrong(gw: Any, tmp_path: Path) -> None:
                                env=gw.clean_env(), cwd=tmp_path)
     assert taken.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in taken.stderr
     assert not os.listdir(tmp_path)  # nothing left behind
+
+
+def test_demo_keeps_its_data_with_db_and_opens_a_browser(gw: Any, tmp_path: Path) -> None:
+    """``--db URL`` keeps the run after the demo ends; ``--open`` hands the dashboard URL to the
+    browser Python's ``webbrowser`` finds (here the ``BROWSER`` a user sets: a script that notes it)."""
+    port, steps = gw.free_port(), 16
+    seen = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" >> {seen}\n')
+    browser.chmod(0o755)
+    db = tmp_path / "kept.db"
+    proc = subprocess.run(DEMO + ["--steps", str(steps), "--port", str(port), "--db", f"sqlite:///{db}",
+                                  "--open", "--exit"], capture_output=True, text=True, timeout=300,
+                          env=gw.clean_env(BROWSER=f"{browser} %s", DISPLAY=""), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"storing into sqlite:///{db}" in proc.stdout and "deleted on exit" not in proc.stdout
+    assert seen.read_text().split() == [f"http://127.0.0.1:{port}/"]  # opened once, at the dashboard
+    assert "no browser found" not in proc.stdout
+    base = gw.serve(f"sqlite:///{db}")  # a new server on the kept database finds the whole run
+    check_run(gw, base, run_id_of(proc.stdout), steps, injected=True)

@@ -33,12 +33,14 @@ def run_ids(path: Path) -> set[str]:
 def test_one_run_per_file_unless_append_and_upload_counts_the_same_batches(gw: Any, tmp_path: Path) -> None:
     out = tmp_path / "digits.gwrec"
     first = record(gw, out)
-    assert "replacing" not in first.stdout and len(run_ids(out)) == 1
+    assert "replacing" not in first.stderr and len(run_ids(out)) == 1
     second = record(gw, out)
-    assert f"replacing the earlier recording {out}" in second.stdout
+    assert f"replacing the earlier recording {out}" in second.stderr
     assert len(run_ids(out)) == 1  # the second run replaced the first
+    kept = run_ids(out.with_name(out.name + ".prev"))  # the first run, moved aside, not deleted
+    assert len(kept) == 1 and not kept & run_ids(out)
     third = record(gw, out, "--append")
-    assert "replacing" not in third.stdout
+    assert "replacing" not in third.stderr
     ids = run_ids(out)
     assert len(ids) == 2
 

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 pytestmark = pytest.mark.slow
-
-transformers = pytest.importorskip("transformers", reason="pip install 'gradwatch[hf]' (part of [dev])")
 
 LR = 0.5
 INJECT_MICRO = 5  # with gradient_accumulation_steps=2, micro-batch 5 belongs to optimizer step 2

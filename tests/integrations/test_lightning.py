@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as L
 import pytest
 import torch
 
 pytestmark = pytest.mark.slow
-
-L = pytest.importorskip("lightning.pytorch", reason="pip install 'gradwatch[lightning]' (part of [dev])")
 
 LR = 0.5
 INJECT_BATCH = 5  # micro-batch 5 with accumulate_grad_batches=2 belongs to optimizer step 2

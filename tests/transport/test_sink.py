@@ -126,6 +126,66 @@ def test_truncated_last_line_is_reported_and_the_writer_resumes(tmp_path: Path) 
     assert [s.step for b in bs for s in b.steps] == list(range(8))
 
 
+def _record(path: Path, run, steps: range, **options) -> None:  # noqa: ANN001
+    sink = FileSink(path, run, lambda: layers_of(2), quiet=True, **options).start()
+    for i in steps:
+        sink.put(step_record(i, 2))
+    sink.close()
+
+
+def _run_ids(path: Path) -> list[str]:
+    return [decode_batch(ln.raw).run.run_id for ln in read_batches(path)]
+
+
+def test_a_file_holds_one_run_an_earlier_recording_is_kept_aside(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    path = tmp_path / "r.gwrec"
+    first, second, third = new_run(), new_run(), new_run()
+    _record(path, first, range(3))
+    assert "replacing" not in capsys.readouterr().err
+    _record(path, first, range(3, 6))  # the same run resumed: continues in its file, nothing moved
+    assert "replacing" not in capsys.readouterr().err and not (tmp_path / "r.gwrec.prev").exists()
+    assert set(_run_ids(path)) == {first.run_id}
+    _record(path, second, range(4))
+    err = capsys.readouterr().err
+    assert f"replacing the earlier recording {path} (run {first.run_id}), kept as {path}.prev" in err
+    assert set(_run_ids(path)) == {second.run_id}
+    kept = [decode_batch(ln.raw) for ln in read_batches(tmp_path / "r.gwrec.prev")]
+    assert {b.run.run_id for b in kept} == {first.run_id}
+    assert [s.step for b in kept for s in b.steps] == list(range(6))  # nothing of the first run lost
+    _record(path, third, range(2), append=True)  # asked to append: both runs in one file
+    assert "replacing" not in capsys.readouterr().err
+    assert set(_run_ids(path)) == {second.run_id, third.run_id}
+
+
+def test_other_ranks_add_to_the_file_rank_0_writes(tmp_path: Path) -> None:
+    path = tmp_path / "r.gwrec"
+    old, run = new_run(), new_run()
+    _record(path, old, range(2))
+    _record(path, run, range(2), rank=1)  # a non-zero rank never moves the file aside
+    assert set(_run_ids(path)) == {old.run_id, run.run_id}
+    assert not (tmp_path / "r.gwrec.prev").exists()
+
+
+def test_run_id_in_the_path_makes_one_file_per_run(tmp_path: Path) -> None:
+    runs = [new_run(), new_run()]
+    for run in runs:
+        sink = make_sink(f"file:{tmp_path}/{{run_id}}.gwrec", run=run, layers=lambda: layers_of(2), quiet=True)
+        sink.put(step_record(0, 2))
+        sink.close()
+    for run in runs:
+        assert _run_ids(tmp_path / f"{run.run_id}.gwrec") and set(_run_ids(tmp_path / f"{run.run_id}.gwrec")) == {run.run_id}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{r.run_id}.gwrec" for r in runs)
+
+
+def test_append_is_a_file_option_a_network_target_accepts_and_ignores(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TransportWarning)  # nothing listens there: not the point here
+        sink = make_sink(f"http://127.0.0.1:{free_port()}", run=new_run(), layers=lambda: layers_of(1),
+                         spool_dir=str(tmp_path / "spool"), append=True, close_timeout=0.2)
+        sink.close()
+    assert sink.stats()["dropped"] == 0
+
+
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     hi = [backoff_delay(i, base=0.5, cap=10.0, rand=1.0) for i in range(10)]
     assert hi[:5] == [0.5, 1.0, 2.0, 4.0, 8.0]
