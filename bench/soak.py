@@ -16,6 +16,8 @@ the reason); the table compares, per agent, the records expected (step records +
 the records the server stored (read from its database), and those the agent reported lost with
 the reason. ``unaccounted`` = expected - stored - lost must be 0, except for the killed agent
 (records put but not yet written to its spool when it died: at most ``flush_interval`` of them).
+``server lost`` is what the server's run says its agent lost (``GET /api/v1/runs/{id}``,
+``lost_records``, from the agent's end-of-run record): it must equal ``lost``.
 
     .venv/bin/python bench/soak.py                      # ~1.5 min here
     .venv/bin/python bench/soak.py --agents 4 --steps 1000   # quick
@@ -166,6 +168,16 @@ def stored(db: Path, run_id: str) -> tuple[int, int, int, str | None]:
     return steps, scalars, rows, st[0] if st else None
 
 
+def server_lost(url: str, run_id: str) -> int | None:
+    """The records the server says the run's agents lost (from their end-of-run records)."""
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/runs/{run_id}", timeout=30) as r:
+            v = json.loads(r.read()).get("lost_records")
+    except (OSError, ValueError):
+        return None
+    return v if isinstance(v, int) else None
+
+
 def scenario(a: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gw-soak-"))
     srv = Server(tmp / "gw.db", _free_port(), tmp / "server.log")
@@ -212,7 +224,7 @@ def scenario(a: argparse.Namespace) -> None:
     for line in log:
         print(f"#   {line}")
     print(f"{'agent':<14}{'expected':>10}{'stored':>10}{'lost':>8}  {'lost reason':<18}{'unaccounted':>12}  "
-          f"{'layer rows':>11}  status")
+          f"{'layer rows':>11}  {'server lost':>11}  status")
     totals = [0, 0, 0, 0]
     for i in range(n):
         steps, scalars, rows, status = stored(srv.db, run_ids[i])
@@ -231,7 +243,9 @@ def scenario(a: argparse.Namespace) -> None:
             label = f"{i} tiny disk" if i == tiny else str(i)
         unacc = put - got - lost
         totals = [totals[0] + put, totals[1] + got, totals[2] + lost, totals[3] + unacc]
-        print(f"{label:<14}{put:>10}{got:>10}{lost:>8}  {why:<18}{unacc:>12}  {rows:>11}  {status}")
+        srv_lost = server_lost(srv.url, run_ids[i])
+        print(f"{label:<14}{put:>10}{got:>10}{lost:>8}  {why:<18}{unacc:>12}  {rows:>11}  "
+              f"{'?' if srv_lost is None else srv_lost:>11}  {status}")
     print(f"{'total':<14}{totals[0]:>10}{totals[1]:>10}{totals[2]:>8}  {'':<18}{totals[3]:>12}")
     srv.stop()
     errors = [ln for ln in (tmp / "server.log").read_text().splitlines() if "database is locked" in ln]
