@@ -62,9 +62,9 @@ def agent_main(a: argparse.Namespace) -> None:
     for s in range(a.steps):
         v = 1.0 + (s % 13) / 7
         sink.put(StepRecord(step=s, time=time.time(), layer_ids=list(range(n)),
-                            layers={"numel": [4096] * n, "mean": [v * 1e-3] * n, "var": [v] * n, "std": [v] * n,
+                            layers={"numel": [4096] * n, "mean": [v * 1e-3] * n, "m2": [v * 4096] * n,
                                     "l2": [v * 64] * n, "maxabs": [v * 3] * n, "nonfinite": [0] * n,
-                                    "l2_post": [None] * n},
+                                    "l2_post": [None] * n, "wnorm": [None] * n},
                             total_norm=v * 10))
         sink.put(ScalarRecord(step=s, time=time.time(), values={"loss": 1.0 / (s + 1)}))
         progress.seek(0)  # every step: the killed agent's count must be exact
@@ -139,7 +139,11 @@ class Server:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:  # a server that does not stop must not hang the bench
+                self.proc.kill()
+                self.proc.wait(30)
 
 
 def _free_port() -> int:
