@@ -308,6 +308,10 @@ class Batch:
     scalars: list[ScalarRecord] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     status: str | None = None
+    #: On the end-of-run batch only: records this source lost before delivery, by reason
+    #: (``{"ENOSPC": 3710}``), so the server can show what never reached it. Sent only when
+    #: something was lost, so a server that predates the field accepts a complete run.
+    lost: dict[str, int] | None = None
     wire_version: int = WIRE_VERSION
 
     @property
@@ -380,7 +384,10 @@ def batch_to_dict(b: Batch) -> dict[str, Any]:
 
 def encode_batch(b: Batch) -> bytes:
     """Serialize a batch to strict JSON bytes (no NaN/Infinity tokens)."""
-    return json.dumps(batch_to_dict(b), separators=(",", ":"), allow_nan=False).encode()
+    d = batch_to_dict(b)
+    if b.lost:
+        d["lost"] = dict(b.lost)
+    return json.dumps(d, separators=(",", ":"), allow_nan=False).encode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +453,10 @@ def _known(d: dict[str, Any], allowed: frozenset[str], where: str) -> None:
         raise WireError(f"{where}: unknown field(s) {sorted(extra)[:5]}")
 
 
-_BATCH_KEYS = frozenset({"wire_version", "run", "seq", "source", "sent_at", "status", "layers", "steps", "scalars", "events"})
+_BATCH_KEYS = frozenset({"wire_version", "run", "seq", "source", "sent_at", "status", "lost", "layers", "steps",
+                         "scalars", "events"})
+#: At most this many loss reasons in one batch's ``lost`` map.
+MAX_LOST_REASONS = 32
 _RUN_KEYS = frozenset({"run_id", "project", "name", "config", "tags", "started_at", "world_size"})
 _LAYER_KEYS = frozenset({"index", "name", "shape", "dtype", "sparse"})
 _STEP_KEYS = frozenset({"step", "time", "rank", "layer_ids", "layers", "total_norm", "total_norm_post",
@@ -523,6 +533,7 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False, consume: bool = Fa
     if status is not None and (type(status) is not str or status not in RUN_STATUSES):
         got = repr(status)[:40] if type(status) is str else type(status).__name__
         raise WireError(f"batch.status: must be one of {sorted(RUN_STATUSES)} or null, got {got}")
+    lost = _lost(d.get("lost"))
 
     layers = []
     for i, la in enumerate(_list(d.get("layers") or [], "batch.layers", MAX_LAYERS)):
@@ -648,8 +659,20 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False, consume: bool = Fa
         scalars=scalars,
         events=events,
         status=status,
+        lost=lost,
         wire_version=WIRE_VERSION,  # columns converted above: a version-2 batch now
     )
+
+
+def _lost(v: Any) -> dict[str, int] | None:
+    """The end-of-run loss accounting: reason -> records (reasons are short names like ``ENOSPC``)."""
+    if v is None:
+        return None
+    d = _obj(v, "batch.lost")
+    if len(d) > MAX_LOST_REASONS:
+        raise WireError(f"batch.lost: more than {MAX_LOST_REASONS} reasons")
+    return {_str(k, "batch.lost key", max_len=64) or "": _int(n, f"batch.lost.{str(k)[:64]}")
+            for k, n in d.items()} or None
 
 
 def _from_v1(cols: dict[str, Any], n: int, as_array: bool) -> dict[str, Any]:

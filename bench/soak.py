@@ -16,6 +16,8 @@ the reason); the table compares, per agent, the records expected (step records +
 the records the server stored (read from its database), and those the agent reported lost with
 the reason. ``unaccounted`` = expected - stored - lost must be 0, except for the killed agent
 (records put but not yet written to its spool when it died: at most ``flush_interval`` of them).
+``server lost`` is what the server's run says its agent lost (``GET /api/v1/runs/{id}``,
+``lost_records``, from the agent's end-of-run record): it must equal ``lost``.
 
     .venv/bin/python bench/soak.py                      # ~1.5 min here
     .venv/bin/python bench/soak.py --agents 4 --steps 1000   # quick
@@ -60,9 +62,9 @@ def agent_main(a: argparse.Namespace) -> None:
     for s in range(a.steps):
         v = 1.0 + (s % 13) / 7
         sink.put(StepRecord(step=s, time=time.time(), layer_ids=list(range(n)),
-                            layers={"numel": [4096] * n, "mean": [v * 1e-3] * n, "var": [v] * n, "std": [v] * n,
+                            layers={"numel": [4096] * n, "mean": [v * 1e-3] * n, "m2": [v * 4096] * n,
                                     "l2": [v * 64] * n, "maxabs": [v * 3] * n, "nonfinite": [0] * n,
-                                    "l2_post": [None] * n},
+                                    "l2_post": [None] * n, "wnorm": [None] * n},
                             total_norm=v * 10))
         sink.put(ScalarRecord(step=s, time=time.time(), values={"loss": 1.0 / (s + 1)}))
         progress.seek(0)  # every step: the killed agent's count must be exact
@@ -137,7 +139,11 @@ class Server:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:  # a server that does not stop must not hang the bench
+                self.proc.kill()
+                self.proc.wait(30)
 
 
 def _free_port() -> int:
@@ -164,6 +170,16 @@ def stored(db: Path, run_id: str) -> tuple[int, int, int, str | None]:
     finally:
         con.close()
     return steps, scalars, rows, st[0] if st else None
+
+
+def server_lost(url: str, run_id: str) -> int | None:
+    """The records the server says the run's agents lost (from their end-of-run records)."""
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/runs/{run_id}", timeout=30) as r:
+            v = json.loads(r.read()).get("lost_records")
+    except (OSError, ValueError):
+        return None
+    return v if isinstance(v, int) else None
 
 
 def scenario(a: argparse.Namespace) -> None:
@@ -212,7 +228,7 @@ def scenario(a: argparse.Namespace) -> None:
     for line in log:
         print(f"#   {line}")
     print(f"{'agent':<14}{'expected':>10}{'stored':>10}{'lost':>8}  {'lost reason':<18}{'unaccounted':>12}  "
-          f"{'layer rows':>11}  status")
+          f"{'layer rows':>11}  {'server lost':>11}  status")
     totals = [0, 0, 0, 0]
     for i in range(n):
         steps, scalars, rows, status = stored(srv.db, run_ids[i])
@@ -231,7 +247,9 @@ def scenario(a: argparse.Namespace) -> None:
             label = f"{i} tiny disk" if i == tiny else str(i)
         unacc = put - got - lost
         totals = [totals[0] + put, totals[1] + got, totals[2] + lost, totals[3] + unacc]
-        print(f"{label:<14}{put:>10}{got:>10}{lost:>8}  {why:<18}{unacc:>12}  {rows:>11}  {status}")
+        srv_lost = server_lost(srv.url, run_ids[i])
+        print(f"{label:<14}{put:>10}{got:>10}{lost:>8}  {why:<18}{unacc:>12}  {rows:>11}  "
+              f"{'?' if srv_lost is None else srv_lost:>11}  {status}")
     print(f"{'total':<14}{totals[0]:>10}{totals[1]:>10}{totals[2]:>8}  {'':<18}{totals[3]:>12}")
     srv.stop()
     errors = [ln for ln in (tmp / "server.log").read_text().splitlines() if "database is locked" in ln]

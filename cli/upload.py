@@ -84,6 +84,23 @@ def _truncation_cause(where: str, notes: list[dict[str, Any]]) -> str:
     return "the writer was killed mid-write"
 
 
+def _server_lost(base: str, headers: dict[str, str], run_id: str) -> str:
+    """What the server's run says its agents lost (from their end-of-run records), as a suffix."""
+    import json
+    import urllib.request
+
+    try:
+        req = urllib.request.Request(f"{base}/api/v1/runs/{run_id}", headers=headers)
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            d = json.loads(resp.read())
+    except (OSError, ValueError):
+        return ""
+    n, why = d.get("lost_records"), d.get("lost_reasons") or {}
+    if not isinstance(n, int) or not n:
+        return ""
+    return f"; the agent lost {n} records ({', '.join(f'{c} {r}' for r, c in sorted(why.items()))})"
+
+
 def _upload(args: argparse.Namespace, url: str, token: str | None, lines: list[Any], report: Any) -> int:
     import json
     import urllib.error
@@ -193,7 +210,8 @@ def _upload(args: argparse.Namespace, url: str, token: str | None, lines: list[A
 
     dt = time.monotonic() - t0
     for run_id, r in runs.items():
-        print(f"run {run_id}: {r['batches']} batches, {r['steps']} steps; status {r['final']}")
+        print(f"run {run_id}: {r['batches']} batches, {r['steps']} steps; status {r['final']}"
+              f"{_server_lost(eps['base'], headers, run_id)}")
     for n in status_notes:
         print(n)
     print(f"uploaded to {eps['base']} in {dt:.1f} s: {totals['batches']} batches, {totals['rows']} rows stored, "

@@ -58,6 +58,10 @@ class RunRead(BaseModel):
     updated_at: float
     last_step: int | None
     layer_count: int | None = None
+    #: Records the agents reported lost before delivery (a spool that could not be written...),
+    #: in total and by reason (``{"ENOSPC": 3710}``), from their end-of-run messages.
+    lost_records: int = 0
+    lost_reasons: dict[str, int] = Field(default_factory=dict)
     #: Event counts, in the runs list only (``GET /runs``).
     overflows: int | None = None
     skipped: int | None = None

@@ -274,6 +274,16 @@ class BufferedSink(Sink):
         with self._lock:
             return dict(self._lost)
 
+    def loss_accounting(self) -> dict[str, int]:
+        """What the end-of-run record tells the server this source lost, by reason: records the
+        spool could not take (:meth:`lost_reasons`) and items dropped from a full buffer
+        (``buffer_full``)."""
+        with self._lock:
+            out = dict(self._lost)
+            if self._n_dropped:
+                out["buffer_full"] = out.get("buffer_full", 0) + self._n_dropped
+        return out
+
     def _count_lost(self, n: int, reason: str) -> None:
         if n:
             with self._lock:
@@ -318,10 +328,13 @@ class BufferedSink(Sink):
                         more = bool(self._q)
                     if more:
                         continue
-                    # the end-of-run record; a sink that recorded nothing sends nothing (so a
-                    # sink replaced at resume does not create an empty run on the server)
-                    if self.send_status and self._final_status and self.writer is not None and self._n_records:
-                        self._write_batch([], [], [], status=self._final_status)
+                    # the end-of-run record, with what this source lost (every rank reports its
+                    # losses; only rank 0 says how the run ended); a sink that recorded nothing
+                    # sends nothing (so a sink replaced at resume does not create an empty run)
+                    status = self._final_status if self.send_status else None
+                    lost = self.loss_accounting()
+                    if (status or lost) and self.writer is not None and self._n_records:
+                        self._write_batch([], [], [], status=status, lost=lost or None)
                     self._sync()
                     break
         except Exception as e:  # pragma: no cover - never let the thread die silently
@@ -400,14 +413,14 @@ class BufferedSink(Sink):
             return []
 
     def _write_batch(self, steps: list[StepRecord], scalars: list[ScalarRecord], events: list[Event],
-                     status: str | None = None) -> None:
+                     status: str | None = None, lost: dict[str, int] | None = None) -> None:
         if self.writer is None:
             with self._lock:
                 self._n_dropped += len(steps) + len(scalars) + len(events)
             return
         seq = self._seq + 1
         b = Batch(run=self.run, seq=seq, source=self.source, sent_at=time.time(), layers=self._layer_table(),
-                  steps=steps, scalars=scalars, events=events, status=status)
+                  steps=steps, scalars=scalars, events=events, status=status, lost=lost)
         try:
             raw = encode_batch(b)
         except Exception as e:

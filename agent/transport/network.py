@@ -766,8 +766,15 @@ class NetworkSink(BufferedSink):
             delay = backoff_delay(attempt, self.backoff_base, self.backoff_max)
         if retry_after:
             delay = max(delay, retry_after)
-        delay = min(delay, max(0.0, self._close_deadline - time.monotonic()))
-        self._kick.wait(delay)
+        now = time.monotonic()
+        end = now + min(delay, max(0.0, self._close_deadline - now))
+        # a kick (flush, close) cuts the backoff short, but not the wait the server asked for
+        floor = min(end, now + (retry_after or 0.0))
+        kicked = False
+        while (left := (floor if kicked else end) - time.monotonic()) > 0:
+            if self._kick.wait(left):
+                self._kick.clear()
+                kicked = True
         self._kick.clear()
 
     def _failed_attempt(self, e: _Transient) -> None:

@@ -226,7 +226,14 @@ class SegmentWriter:
                 os.ftruncate(self._f.fileno(), off)
             except OSError:
                 pass
+            empty = self.current if off == 0 and self.segmented else None
             self.roll()
+            if empty is not None:  # a file this failure created and left empty: nobody tracks it
+                self.segments.remove(empty)
+                try:
+                    empty.path.unlink()
+                except OSError:
+                    pass
             raise
         seg = self.current
         seg.last_seq = seq

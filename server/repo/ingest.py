@@ -38,6 +38,7 @@ from gradwatch.server.db.models import (
 from gradwatch.server.encoding import enc_value
 from gradwatch.server.errors import Conflict
 from gradwatch.server.repo.frame import PG_TYPES, BlockColumns, LayerFrame, pg_binary_array
+from gradwatch.server.repo.runs import record_lost
 
 #: Channel for cross-process live notifications on PostgreSQL.
 NOTIFY_CHANNEL = "gradwatch_ingest"
@@ -538,6 +539,8 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         sets.append("last_step = CASE WHEN last_step IS NULL OR last_step < ? THEN ? ELSE last_step END")
         params += [step_max, step_max]
     _raw(conn, f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))
+    if batch.lost:
+        record_lost(conn, run_id, source, batch.lost)
     acked = _lock_cursor(conn, run_id, source)
     if seq == acked + 1:
         acked = _advance_cursor(conn, run_id, source, acked)

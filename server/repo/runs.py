@@ -29,13 +29,45 @@ _RUN_COLUMNS = (Run.id, Run.project, Run.name, Run.status, Run.config, Run.tags,
                 Run.started_at, Run.created_at, Run.updated_at, Run.last_step)
 
 
+#: The key of ``run.config`` under which the agents' loss accounting is kept (per source), so
+#: that it needs no column of its own; it is taken out of ``config`` when a run is read.
+LOST_KEY = "_gradwatch_lost"
+
+
 def _run_dict(row: Any) -> dict[str, Any]:
+    config = dict(row.config or {})
+    lost = lost_totals(config.pop(LOST_KEY, None))
     return {
         "run_id": row.id, "project": row.project, "name": row.name, "status": row.status,
-        "config": row.config or {}, "tags": row.tags or [], "notes": row.notes, "world_size": row.world_size,
+        "config": config, "tags": row.tags or [], "notes": row.notes, "world_size": row.world_size,
         "started_at": enc(row.started_at), "created_at": row.created_at, "updated_at": row.updated_at,
-        "last_step": row.last_step,
+        "last_step": row.last_step, "lost_records": sum(lost.values()), "lost_reasons": lost,
     }
+
+
+def lost_totals(per_source: Any) -> dict[str, int]:
+    """Records lost by reason, summed over the sources that reported (``{source: {reason: n}}``)."""
+    out: dict[str, int] = {}
+    if isinstance(per_source, dict):
+        for by_reason in per_source.values():
+            if isinstance(by_reason, dict):
+                for r, n in by_reason.items():
+                    if type(n) is int:
+                        out[r] = out.get(r, 0) + n
+    return out
+
+
+def record_lost(conn: Connection, run_id: str, source: int, lost: dict[str, int]) -> None:
+    """Keep what one source (rank) reported lost at the end of its run. A source reports once per
+    end of run; a later report of the same source (a resumed process) replaces it. Called after
+    the ingest's own ``UPDATE run``, so on PostgreSQL the row is already locked by this
+    transaction and concurrent reports of other sources cannot overwrite each other."""
+    config = dict(conn.execute(select(Run.config).where(Run.id == run_id)).scalar_one_or_none() or {})
+    per_source = config.get(LOST_KEY)
+    per_source = dict(per_source) if isinstance(per_source, dict) else {}
+    per_source[str(source)] = dict(lost)
+    config[LOST_KEY] = per_source
+    conn.execute(update(Run).where(Run.id == run_id).values(config=config))
 
 
 def get_run(conn: Connection, run_id: str) -> dict[str, Any]:

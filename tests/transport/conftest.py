@@ -407,3 +407,63 @@ class DiskQuota:
         from gradwatch.agent.transport import spool
 
         spool._write_all = self._orig
+
+
+class ReadOnlySpool:
+    """A spool directory that cannot be written, emulated (root ignores ``chmod 0555``): while
+    ``on``, the spool's opens for writing under ``root`` and its writes fail with ``err``
+    (``EROFS``: a read-only mount; ``EACCES``: no write permission). Set ``on = False`` to make
+    it writable again."""
+
+    def __init__(self, root: Path, err: int) -> None:
+        self.root = root
+        self.err = err
+        self.on = True
+        self.failures = 0
+
+    def _fail(self, path: Any = None) -> None:
+        self.failures += 1
+        raise OSError(self.err, os.strerror(self.err), *([str(path)] if path is not None else []))
+
+    def __enter__(self) -> ReadOnlySpool:
+        import builtins
+
+        from gradwatch.agent.transport import spool
+
+        self._write_all = orig = spool._write_all
+        ro = self
+
+        def ro_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+            if ro.on and any(c in mode for c in "wax+") and Path(file).absolute().is_relative_to(ro.root):
+                ro._fail(file)
+            return builtins.open(file, mode, *a, **k)
+
+        def write_all(f: Any, data: bytes) -> None:
+            if ro.on:
+                ro._fail()
+            orig(f, data)
+
+        spool.open = ro_open  # type: ignore[attr-defined]  # (shadows the builtin in that module)
+        spool._write_all = write_all
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from gradwatch.agent.transport import spool
+
+        spool._write_all = self._write_all
+        del spool.open  # type: ignore[attr-defined]
+
+
+def summary_line(err: str) -> str:
+    """The agent's one end-of-run line in captured stderr."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("gradwatch: run ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def wait_for(cond: Any, timeout: float = 60.0) -> None:
+    """Poll ``cond`` until true (a condition, not a timed assertion: the timeout only ends a hang)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)

@@ -27,6 +27,8 @@ from .conftest import (
     run_cli,
     scalar_record,
     step_record,
+    summary_line,
+    wait_for,
 )
 
 N = 3  # layers per step record
@@ -34,19 +36,6 @@ N = 3  # layers per step record
 
 def _transport_warnings(got: list[Any]) -> list[str]:
     return [str(g.message) for g in got if g.category is TransportWarning]
-
-
-def _summary(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("gradwatch: run ")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def _wait(cond: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ 1. the spool never dies
@@ -72,7 +61,7 @@ def test_full_spool_with_the_server_down_then_up_every_record_delivered_or_count
         assert lost_while_down > 0
         assert sink.lost_reasons() == {"ENOSPC": lost_while_down}
         srv.start()  # the server comes back: held batches go straight from memory
-        _wait(lambda: sink.stats()["connected"] == 1 and not sink.stats()["batches_unsent"])
+        wait_for(lambda: sink.stats()["connected"] == 1 and not sink.stats()["batches_unsent"])
         disk.limit = 10 << 20  # space is freed: spooling resumes
         for i in range(400, 800):
             sink.put(step_record(i, N))
@@ -80,7 +69,7 @@ def test_full_spool_with_the_server_down_then_up_every_record_delivered_or_count
         assert sink.flush(60)
         st = sink.stats()
         sink.close()
-    summary = _summary(capsys.readouterr().err)
+    summary = summary_line(capsys.readouterr().err)
     c = db_counts(srv.db, run.run_id)
     stored = len(c["steps"]) + sum(c["scalars"].values())
     assert all(n == 1 for n in c["steps"].values())
@@ -91,6 +80,13 @@ def test_full_spool_with_the_server_down_then_up_every_record_delivered_or_count
     assert f"{st['lost']} records lost because the spool could not be written ({st['lost']} ENOSPC" in summary
     assert c["status"] == "finished"
     assert not [p for p in spool.glob("*.jsonl")]  # all delivered or lost: nothing left to upload
+    # the server learnt the loss from the end-of-run record: its run says what the line printed
+    printed = int(re.search(r"; (\d+) records lost because the spool", summary).group(1))  # type: ignore[union-attr]
+    r = srv.get(f"/api/v1/runs/{run.run_id}")
+    assert (r["lost_records"], r["lost_reasons"]) == (printed, {"ENOSPC": printed})
+    assert "_gradwatch_lost" not in r["config"]
+    listed = [x for x in srv.get("/api/v1/runs")["data"] if x["run_id"] == run.run_id]
+    assert listed[0]["lost_records"] == printed
 
 
 @pytest.mark.filterwarnings("ignore::gradwatch.agent.transport.buffered.TransportWarning")
@@ -110,7 +106,7 @@ def test_full_spool_and_no_server_then_upload_keeps_the_finished_status(server_f
         with warnings.catch_warnings(record=True) as got:
             warnings.simplefilter("always")
             sink.close()
-    summary = _summary(capsys.readouterr().err)
+    summary = summary_line(capsys.readouterr().err)
     assert "200 records" in summary and "gradwatch upload" in summary and "lost" not in summary
     assert any("ENOSPC" in m for m in _transport_warnings(got)) or disk.failures  # warned at the failure
     assert read_batches(spool)[-1].status == "finished"
@@ -185,7 +181,7 @@ def test_server_503_at_close_then_200_close_keeps_retrying_within_its_timeout(
     import threading
 
     def recover() -> None:
-        _wait(lambda: proxy.refused >= 4, 120)
+        wait_for(lambda: proxy.refused >= 4, 120)
         proxy.failing = False
 
     t = threading.Thread(target=recover, daemon=True)
@@ -220,7 +216,7 @@ def test_server_failing_throughout_close_retries_for_its_timeout_and_says_failin
     elapsed = time.monotonic() - t0
     assert elapsed >= 2.5  # it did not give up after one try
     assert proxy.refused - before >= 3  # several tries with short backoff within the timeout
-    summary = _summary(capsys.readouterr().err)
+    summary = summary_line(capsys.readouterr().err)
     assert "server failing: HTTP 503: maintenance" in summary and "unreachable" not in summary
     assert "close timeout of 3 s" in summary and "gradwatch upload" in summary
     proxy.close()
@@ -252,7 +248,7 @@ def test_a_refusal_is_fatal_warns_once_with_the_reason_and_close_returns_at_once
             sink.put(r)
             if kind == "batch":
                 assert sink.flush(60)
-        _wait(lambda: sink.warn.seen & {"refused"}, 60)
+        wait_for(lambda: sink.warn.seen & {"refused"}, 60)
         for i in range(20, 30):
             sink.put(step_record(i, N))  # after the refusal: spooled, never sent, never retried
         t0 = time.monotonic()
@@ -352,7 +348,7 @@ def test_an_idle_stream_closed_by_the_server_reconnects_quietly(server_factory: 
         for i in range(10):
             sink.put(step_record(i, N))
         assert sink.flush(60)
-        _wait(lambda: idle_closes() >= 1)  # the server closed the quiet stream
+        wait_for(lambda: idle_closes() >= 1)  # the server closed the quiet stream
         for i in range(10, 20):
             sink.put(step_record(i, N))
         assert sink.flush(60)
@@ -361,3 +357,26 @@ def test_an_idle_stream_closed_by_the_server_reconnects_quietly(server_factory: 
     assert not _transport_warnings(got)
     assert st["sent"] == 20 and st["reconnects"] >= 1
     assert set(db_counts(srv.db, run.run_id)["steps"]) == {(i, 0) for i in range(20)}
+
+
+def test_a_segment_whose_first_write_fails_leaves_no_file(tmp_path: Path) -> None:
+    """A write refused at a segment's first line (the disk full just then) must not leave an empty
+    file that no one tracks: a spool of junk that neither the sink's cleanup nor an upload removes."""
+    import errno
+
+    from gradwatch.agent.transport.spool import SegmentWriter
+
+    spool = tmp_path / "spool"
+    w = SegmentWriter(spool, source=0, max_segment_bytes=200)
+    with DiskQuota(spool, limit=150) as disk:
+        w.append(1, b"x" * 100)
+        for seq in range(2, 6):  # the first segment fills; each new one is refused at its first line
+            with pytest.raises(OSError) as e:
+                w.append(seq, b"y" * 100)
+            assert e.value.errno == errno.ENOSPC
+        assert disk.failures == 4
+    assert sorted(p.name for p in spool.iterdir()) == ["0-000000000001.jsonl"]
+    assert [s.first_seq for s in w.segments] == [1]
+    w.append(6, b"z" * 10)  # space is back: the writer goes on
+    w.close()
+    assert [ln.split(b" ")[0] for ln in (spool / "0-000000000006.jsonl").read_bytes().splitlines()] == [b"z" * 10]

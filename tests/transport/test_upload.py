@@ -138,3 +138,31 @@ def test_acknowledged_segments_are_deleted_while_streaming(server: ServerProc, t
     assert most <= made // 2, (most, made)  # the live segments, not every one ever written
     assert not spool.exists()
     assert_exactly_once(server.db, run.run_id, range(300), 4, scalars_per_step=0)
+
+
+def test_upload_of_a_recording_that_lost_records_reports_the_servers_count(server: ServerProc,
+                                                                          tmp_path: Path) -> None:
+    """The end-of-run record says what the disk refused; after the upload the server's run holds
+    that count, and the upload prints it."""
+    from .conftest import DiskQuota
+
+    run = new_run()
+    spool = tmp_path / "spool"
+    with DiskQuota(spool, limit=12_000) as disk:
+        sink = make_sink(f"file:{spool / '0-000000000001.jsonl'}", run=run, layers=lambda: layers_of(3),
+                         quiet=True, flush_interval=0.02, batch_max_steps=5)
+        for i in range(60):
+            sink.put(step_record(i, 3))
+            if i % 5 == 4:
+                assert sink.flush(60)
+        assert disk.failures > 0
+        disk.limit = 10 << 20  # room again for the end-of-run record
+        sink.close()
+    lost = sink.stats()["lost"]
+    assert lost > 0 and sink.lost_reasons() == {"ENOSPC": lost}
+    p = run_cli("upload", str(spool), "--server", server.url)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"status finished; the agent lost {lost} records ({lost} ENOSPC)" in p.stdout, p.stdout
+    r = server.get(f"/api/v1/runs/{run.run_id}")
+    assert (r["lost_records"], r["lost_reasons"]) == (lost, {"ENOSPC": lost})
+    assert len(db_counts(server.db, run.run_id)["steps"]) + lost == 60
