@@ -19,17 +19,18 @@ class _Rule(BaseModel):
 
 class SpikeRule(_Rule):
     window: int = Field(default=50, ge=5, le=1000, description=(
-        "recorded steps of history per layer; 50 spans several LR/data regimes' noise yet forgets the "
-        "first steps' large norms after a short while"))
+        "span in recorded steps of each layer's moving averages of log-norm and its deviation; 50 "
+        "averages enough batches to make the noise level stable yet forgets the first steps' large "
+        "norms, and absorbs a lasting level change (a new LR phase), after a short while"))
     warmup: int = Field(default=20, ge=3, le=1000, description=(
-        "history needed before judging; with fewer values the MAD is too noisy and the first steps' "
-        "rapid norm changes would be flagged"))
+        "values needed before judging; with fewer the deviation estimate is too noisy and the first "
+        "steps' rapid norm changes would be flagged"))
     z: float = Field(default=6.0, gt=0, le=1000, description=(
-        "robust z-score (log-norm minus median, over 1.4826·MAD) to exceed; 6 sigmas is ~1e-9 for a "
-        "normal signal, so noise of a healthy run stays quiet"))
+        "robust z-score (log-norm minus its moving average, over sqrt(pi/2) x the mean absolute "
+        "deviation) to exceed; 6 sigmas is ~1e-9 for a normal signal, so a healthy run stays quiet"))
     min_factor: float = Field(default=3.0, gt=1, le=1e12, description=(
-        "also at least this many times the median norm; a layer whose norm is very steady has a tiny "
-        "MAD, and a 20 % wiggle must not count"))
+        "also at least this many times the average level; a layer whose norm is very steady has a "
+        "tiny deviation, and a 20 % wiggle must not count"))
     cooldown: int = Field(default=20, ge=0, le=100_000, description=(
         "recorded steps after a spike before the same layer can spike again (one incident, one event)"))
     total: bool = Field(default=True, description="also watch the step's total norm (named '(total)')")
