@@ -135,10 +135,11 @@ def make_batches(n_rows: int, run_id: str, seed: int = 0) -> list[wire.Batch]:
 
 # ------------------------------------------------------------------ part 1: ingest
 
-def ingest_via_server(url: str, batches: list[bytes], rows: int, tmp: Path, window: int = 8) -> float:
+def ingest_via_server(url: str, batches: list[bytes], rows: int, tmp: Path, window: int = 8,
+                      env: dict[str, str] | None = None) -> float:
     from websockets.sync.client import connect
 
-    with server(url, tmp / "bench-server.log") as base:
+    with server(url, tmp / "bench-server.log", env) as base:
         with connect(base.replace("http", "ws") + "/api/v1/ingest/ws", max_size=None, compression=None) as ws:
             sem = threading.Semaphore(window)
             done = threading.Event()
@@ -440,6 +441,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20_000_000, help="layer rows of the query run (0: skip)")
     ap.add_argument("--backends", default="sqlite,postgresql")
     ap.add_argument("--repeats", type=int, default=5, help="calls per query latency")
+    ap.add_argument("--detectors-off-too", action="store_true",
+                    help="also measure the server with its detectors switched off, in the same repeats")
     ap.add_argument("--ingest-repeats", type=int, default=3, help="side-by-side ingest measurements")
     ap.add_argument("--scale-out", action="store_true",
                     help="only the 1-process vs 2-process ingest comparison on PostgreSQL (--ingest-rows in all)")
@@ -484,8 +487,11 @@ def main() -> None:
         raws: list[float] = []
         srvs: list[float] = []
         raw_modes: list[tuple[float, float]] = []
+        offs: list[float] = []
         for rep in range(args.ingest_repeats):
-            order = ("raw", "srv") if rep % 2 == 0 else ("srv", "raw")
+            order: tuple[str, ...] = ("raw", "srv") if rep % 2 == 0 else ("srv", "raw")
+            if args.detectors_off_too:
+                order = (*order, "off") if rep % 2 == 0 else ("off", *order)
             for what in order:
                 with database(kind, tmp) as u:
                     if what == "raw":
@@ -496,12 +502,20 @@ def main() -> None:
                             raw_modes.append((r, r2))
                             r = max(r, r2)
                         raws.append(r)
+                    elif what == "off":
+                        offs.append(ingest_via_server(u, encoded, n_rows, tmp,
+                                                      env={"GRADWATCH_SERVER_DETECTORS_ENABLED": "false"}))
                     else:
                         srvs.append(ingest_via_server(u, encoded, n_rows, tmp))
         ratios = [s / r for s, r in zip(srvs, raws)]
         method = "executemany" if kind == "sqlite" else "COPY binary"
         print(f"{kind + ' (' + method + ')':<28}{statistics.median(raws):>20,.0f}{statistics.median(srvs):>20,.0f}"
               f"{statistics.median(ratios):>8.2f}   {' '.join(f'{x:.2f}' for x in ratios)}")
+        if offs:
+            off_ratios = [o / r for o, r in zip(offs, raws)]
+            print(f"{'  same, detectors off':<28}{'':>20}{statistics.median(offs):>20,.0f}"
+                  f"{statistics.median(off_ratios):>8.2f}   {' '.join(f'{x:.2f}' for x in off_ratios)}")
+            print(f"{'':<28}(detectors on / off, per repeat: {' '.join(f'{a / b:.2f}' for a, b in zip(srvs, offs))})")
         if raw_modes:
             print(f"{'':<28}(raw = the faster of COPY write_row tuples, median "
                   f"{statistics.median(m[0] for m in raw_modes):,.0f}, and COPY of a pre-built binary stream, "

@@ -24,10 +24,11 @@ from sqlalchemy.exc import DataError, IntegrityError
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gradwatch.server.api import export, ingest, live, runs, system
+from gradwatch.server.api import export, ingest, live, rules, runs, system
 from gradwatch.server.api.deps import AppState
 from gradwatch.server.db.engine import Database, make_engine
 from gradwatch.server.db.migrate import upgrade_to_head
+from gradwatch.server.detect.alerts import AlertWorkers
 from gradwatch.server.errors import DomainError
 from gradwatch.server.live import LiveHub
 from gradwatch.server.metrics import Metrics
@@ -150,11 +151,16 @@ def create_app(settings: ServerSettings | None = None, *,
         hub.bind(asyncio.get_running_loop())
         app.state.gw = AppState(settings=settings, db=Database(engine), metrics=Metrics(), hub=hub)
         await asyncio.to_thread(hub.start_listener, engine)
+        workers = AlertWorkers(settings) if settings.alerts_enabled else None
+        if workers is not None:
+            workers.start()
         if not settings.auth_enabled:
             log.warning("no GRADWATCH_TOKEN set: the API accepts unauthenticated reads and writes")
         try:
             yield
         finally:
+            if workers is not None:
+                await asyncio.to_thread(workers.stop)
             await asyncio.to_thread(hub.stop)
             engine.dispose()
 
@@ -163,6 +169,7 @@ def create_app(settings: ServerSettings | None = None, *,
     _offline_docs(app)
     app.include_router(ingest.router, prefix=API_PREFIX)
     app.include_router(runs.router, prefix=API_PREFIX)
+    app.include_router(rules.router, prefix=API_PREFIX)
     app.include_router(export.router, prefix=API_PREFIX)
     app.include_router(live.router, prefix=API_PREFIX)
     app.include_router(system.router)

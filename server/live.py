@@ -120,8 +120,9 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
             owner["transforms"].setdefault(r.transform, {})[r.field] = enc_nan(r.value, bool(r.is_nan))
     if layers and msg["steps"]:
         _layers_from_db(conn, msg["steps"], run_id, rk, p)
+    # the batch's own (agent) events, as the in-process path sends; detector events are read over REST
     for r in conn.execute(text(f"SELECT kind, step, time, rank, data FROM event WHERE run_id = :r AND rank IN ({rk}) "
-                               "AND step BETWEEN :a AND :b ORDER BY step, id"), p):
+                               "AND source = 'agent' AND step BETWEEN :a AND :b ORDER BY step, id"), p):
         data = json.loads(r.data) if isinstance(r.data, str) else r.data
         msg["events"].append({"kind": r.kind, "step": r.step, "time": r.time, "rank": r.rank, "data": data or {}})
     scalars: dict[tuple[int, int], dict[str, Any]] = {}

@@ -113,6 +113,10 @@ class EventRead(BaseModel):
     rank: int
     time: float
     data: dict[str, Any]
+    source: str = Field(description="'agent' (sent by the training side) or 'detector' (found by the server)")
+    severity: str | None = Field(None, description="'info', 'warning' or 'critical'")
+    layers: list[str] = Field(default_factory=list, description="the layers the event names")
+    message: str | None = Field(None, description="one readable line (detector events)")
 
 
 class EventPage(BaseModel):

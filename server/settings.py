@@ -45,6 +45,23 @@ class ServerSettings(BaseSettings):
     #: Ingest websockets open at once per client (its bearer token, or its address without one).
     ingest_max_connections: int = Field(64, gt=0)
 
+    #: Run the detectors (``docs/detectors.md``) over every stored batch, in its transaction.
+    detectors_enabled: bool = True
+    #: Run the alert workers in this process (webhook deliveries from the ``alert_outbox``). Any
+    #: number of processes may: each delivery is claimed by one.
+    alerts_enabled: bool = True
+    #: How often an idle alert worker looks for due deliveries, in seconds.
+    alert_poll_seconds: float = Field(1.0, gt=0, le=3600)
+    #: Alert worker threads per process (a slow receiver holds one of them).
+    alert_workers: int = Field(2, ge=1, le=64)
+    #: Timeout of one webhook POST, in seconds.
+    alert_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    #: Attempts per delivery before it is marked failed.
+    alert_max_attempts: int = Field(8, ge=1, le=100)
+    #: Wait before the second attempt; doubled after each failure up to ``alert_backoff_max_seconds``.
+    alert_backoff_seconds: float = Field(2.0, gt=0, le=3600)
+    alert_backoff_max_seconds: float = Field(300.0, gt=0, le=86400)
+
     @field_validator("database_url")
     @classmethod
     def _normalise_url(cls, v: str) -> str:

@@ -198,10 +198,12 @@ def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
     try:
         try:
             with gw.db.write() as conn:
-                res = store_batch(conn, batch, origin=gw.hub.origin, prepared=prepared)
+                res = store_batch(conn, batch, origin=gw.hub.origin, prepared=prepared,
+                                  detect=gw.settings.detectors_enabled)
         except RowsOverlap:  # rare: rows resent under a new seq; retry with ON CONFLICT DO NOTHING
             with gw.db.write() as conn:
-                res = store_batch(conn, batch, origin=gw.hub.origin, upsert=True)
+                res = store_batch(conn, batch, origin=gw.hub.origin, upsert=True,
+                                  detect=gw.settings.detectors_enabled)
     except DomainError as e:
         gw.metrics.error("conflict")
         raise IngestFailure(e.status, e.message, "conflict", batch.seq) from None

@@ -12,15 +12,15 @@ most :data:`MAX_CELLS` values per response across layers.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from gradwatch.server.api.deps import ERRORS, ErrorBody, require_read, require_write, state
 from gradwatch.server.encoding import FastJSONResponse
 from gradwatch.server.errors import Invalid
+from gradwatch.server.repo import events, series
 from gradwatch.server.repo import runs as repo
-from gradwatch.server.repo import series
 from gradwatch.server.schemas import (
     MAX_STEP,
     RUN_ID_PATTERN,
@@ -233,10 +233,14 @@ def transform_series(request: Request, run_id: RunId, transform: QueryText = Non
 def list_events(request: Request, run_id: RunId,
                 kind: Annotated[list[Annotated[str, Query(max_length=32)]] | None, Query()] = None,
                 start: Start = None, end: End = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-                offset: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0) -> Any:
-    """Events by kind (repeatable) and step range, in step order."""
+                offset: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
+                source: Annotated[Literal["agent", "detector"] | None, Query(
+                    description="only the agent's events or only the detectors'")] = None,
+                severity: Annotated[Literal["info", "warning", "critical"] | None, Query(
+                    description="only events of this severity or worse")] = None) -> Any:
+    """Events by kind (repeatable), source, least severity and step range, in step order."""
     with state(request).db.read() as conn:
         repo.require_run(conn, run_id)
-        data, count = series.list_events(conn, run_id, kinds=kind or [], start=start, end=end, limit=limit,
-                                         offset=offset)
+        data, count = events.list_events(conn, run_id, kinds=kind or [], start=start, end=end, limit=limit,
+                                         offset=offset, source=source, min_severity=severity)
     return FastJSONResponse({"data": data, "count": count, "limit": limit, "offset": offset})

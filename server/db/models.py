@@ -174,6 +174,14 @@ class Event(Base):
     rank: Mapped[int] = mapped_column(Integer)
     time: Mapped[float] = mapped_column(Double)
     data: Mapped[dict | None] = mapped_column(JSON)
+    #: ``agent`` (sent in a batch) or ``detector`` (found by the server, ``server/detect``).
+    source: Mapped[str] = mapped_column(String(16), default="agent", server_default="agent")
+    #: ``info``, ``warning`` or ``critical`` (detector events; agent events: by kind).
+    severity: Mapped[str | None] = mapped_column(String(16))
+    #: Names of the layers the event is about.
+    layers: Mapped[list | None] = mapped_column(JSON)
+    #: One line a person can read.
+    message: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_event_run_id_step", "run_id", "step"),
@@ -236,3 +244,70 @@ layer_stat_block = Table(
     PrimaryKeyConstraint("layer_id", "block", "rank"),
     sqlite_with_rowid=False,
 )
+
+
+class ProjectRules(Base):
+    """A project's detector thresholds and alert webhook (``server/detect/rules.py``); a project
+    without a row uses the defaults."""
+
+    __tablename__ = "project_rules"
+
+    project: Mapped[str] = mapped_column(String(512), primary_key=True)
+    rules: Mapped[dict] = mapped_column(JSON)
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class DetectorState(Base):
+    """Per-run detector state (JSON text of ``server/detect/engine.py``'s dict), locked by the
+    transaction that stores a batch, so each step is evaluated once across server processes."""
+
+    __tablename__ = "detector_state"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(Text)
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class AlertOutbox(Base):
+    """One webhook delivery to make: written with its event in the storing transaction, sent by
+    the alert workers (``server/detect/alerts.py``), so ingest never waits on a receiver."""
+
+    __tablename__ = "alert_outbox"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    project: Mapped[str] = mapped_column(String(512))
+    run_id: Mapped[str] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    event_id: Mapped[int | None] = mapped_column(BigInteger)
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict] = mapped_column(JSON)
+    #: ``pending``, ``delivered`` or ``failed`` (attempts exhausted).
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: When a worker may (re)try it; a worker claims it by moving this past its own delivery time.
+    next_attempt_at: Mapped[float] = mapped_column(Double)
+    created_at: Mapped[float] = mapped_column(Double)
+    delivered_at: Mapped[float | None] = mapped_column(Double)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_alert_outbox_status_next", "status", "next_attempt_at"),
+        Index("ix_alert_outbox_project_id", "project", "id"),
+    )
+
+
+class AlertAttempt(Base):
+    """Every delivery attempt of an outbox row, successful or not."""
+
+    __tablename__ = "alert_attempt"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    outbox_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("alert_outbox.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    time: Mapped[float] = mapped_column(Double)
+    duration: Mapped[float] = mapped_column(Double)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_alert_attempt_outbox_id", "outbox_id"),)

@@ -35,8 +35,11 @@ from gradwatch.server.db.models import (
     Scalar,
     TransformValue,
 )
+from gradwatch.server.db.raw import run_raw as _raw
+from gradwatch.server.detect import store as detect_store
 from gradwatch.server.encoding import enc_value
 from gradwatch.server.errors import Conflict
+from gradwatch.server.repo.events import agent_event_fields
 from gradwatch.server.repo.frame import PG_TYPES, BlockColumns, LayerFrame, pg_binary_array
 from gradwatch.server.repo.runs import record_lost
 
@@ -214,18 +217,6 @@ class IngestResult:
 
 def _dialect_insert(conn: Connection, table: Any) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
-
-def _raw(conn: Connection, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Run one bookkeeping statement (written with ``?`` placeholders) through the raw driver, in
-    the caller's transaction; its rows. SQLAlchemy Core costs ~100 us a statement, the driver ~5."""
-    raw: Any = conn.connection.driver_connection
-    cur = raw.cursor()
-    try:
-        cur.execute(sql.replace("?", "%s") if conn.dialect.name == "postgresql" else sql, params)
-        return cur.fetchall() if cur.description is not None else []
-    finally:
-        cur.close()
 
 
 def ensure_run(conn: Connection, batch: Batch, now: float) -> None:
@@ -475,13 +466,16 @@ def prepare_batch(conn: Connection | None, batch: Batch) -> Prepared:
 
 
 def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin: str = "",
-                upsert: bool = False, prepared: Prepared | None = None) -> IngestResult:
+                upsert: bool = False, prepared: Prepared | None = None, detect: bool = True) -> IngestResult:
     """Store ``batch`` in the caller's transaction; a batch stored before changes nothing.
 
     Locks are taken in one order by every writer (rollup blocks by key, the run row, then the
     (run, source) cursor row last), so on PostgreSQL several batches of one stream can be in
     flight at once without deadlocks, and the cursor's ``acked`` stays exact: whoever takes
     the cursor last sees every seq committed before it.
+
+    ``detect``: run the detectors over the batch's new steps (``server/detect/store.py``), in
+    this transaction.
 
     Raises:
         Conflict: the run exists in another project.
@@ -526,7 +520,8 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         _insert_values(conn, _dialect_insert(conn, TransformValue).on_conflict_do_nothing(), tvals)
     if batch.events:
         _insert_values(conn, insert(Event), [{"run_id": run_id, "kind": e.kind, "step": e.step, "rank": e.rank,
-                                      "time": e.time, "data": enc_value(e.data)} for e in batch.events])
+                                              "time": e.time, "data": enc_value(e.data),
+                                              **agent_event_fields(e.kind, e.data)} for e in batch.events])
     # Rows that other writers also update come last (blocks, run, cursor, in that order): a
     # concurrent batch of the same stream waits only for this short tail.
     if merge is not None:
@@ -541,6 +536,8 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     _raw(conn, f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))
     if batch.lost:
         record_lost(conn, run_id, source, batch.lost)
+    if detect and batch.steps:  # under the run row's lock, so batches of a run meet the state in order
+        detect_store.on_batch(conn, batch, frame, now)
     acked = _lock_cursor(conn, run_id, source)
     if seq == acked + 1:
         acked = _advance_cursor(conn, run_id, source, acked)

@@ -26,6 +26,7 @@ sys.modules[_spec.name] = _h
 _spec.loader.exec_module(_h)
 
 TABLES = {"run", "layer", "layer_stat", "layer_stat_block", "step_record", "scalar", "event", "ingest_batch", "transform_value",
+          "project_rules", "detector_state", "alert_outbox", "alert_attempt",
           "ingest_cursor"}
 
 
