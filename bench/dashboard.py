@@ -18,10 +18,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +195,32 @@ def measure(base: str, run_id: str, layers: int, steps: int, updates: int) -> di
     return out
 
 
+@contextlib.contextmanager
+def kept_database(name: str) -> Iterator[str]:
+    """PostgreSQL database ``name``, created if missing, migrated to head, never dropped (a
+    500 × 100,000 run is 50M rows: minutes to build on a small box)."""
+    import psycopg
+
+    from gradwatch.server.db.engine import make_engine
+    from gradwatch.server.db.migrate import upgrade_to_head
+
+    with psycopg.connect(ib._libpq(ib.PG_ADMIN), autocommit=True) as c:
+        if c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            c.execute(f'CREATE DATABASE "{name}"')
+    url = ib.PG_ADMIN.rpartition("/")[0] + "/" + name
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    engine.dispose()
+    yield url
+
+
+def run_exists(url: str, run_id: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(ib._libpq(url)) as c:
+        return c.execute("SELECT 1 FROM run WHERE id = %s", (run_id,)).fetchone() is not None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=500)
@@ -200,13 +228,22 @@ def main() -> None:
     ap.add_argument("--backend", default="postgresql", choices=["postgresql", "sqlite"])
     ap.add_argument("--updates", type=int, default=30, help="live updates to measure")
     ap.add_argument("--profile-only", action="store_true", help="server-side split only (no browser)")
+    ap.add_argument("--keep-db", metavar="NAME", help="PostgreSQL: build the run in database NAME once and keep "
+                    "it between runs (migrated to head on each use; drop it with DROP DATABASE NAME WITH (FORCE))")
+    ap.add_argument("--build-only", action="store_true", help="with --keep-db: build (or migrate) and exit")
     a = ap.parse_args()
     ib.LAYERS = a.layers  # the builder lays down ib.LAYERS layers per step
-    with tempfile.TemporaryDirectory() as tmp, ib.database(a.backend, Path(tmp)) as url:
+    with tempfile.TemporaryDirectory() as tmp, (kept_database(a.keep_db) if a.keep_db else
+                                                ib.database(a.backend, Path(tmp))) as url:
         t0 = time.perf_counter()
-        run_id, steps = ib.build_big_run(a.backend, url, a.layers * a.steps)
-        add_step_records(a.backend, url, run_id, steps)
+        run_id, steps = "big", a.steps
+        if not (a.keep_db and run_exists(url, run_id)):
+            run_id, steps = ib.build_big_run(a.backend, url, a.layers * a.steps)
+            add_step_records(a.backend, url, run_id, steps)
         build_s = time.perf_counter() - t0
+        if a.build_only:
+            print(json.dumps({"database": a.keep_db, "build_s": round(build_s, 1)}))
+            return
         with ib.server(url, Path(tmp) / "server.log") as base:
             got = profile(base, run_id)
             if not a.profile_only:
