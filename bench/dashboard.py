@@ -231,6 +231,8 @@ def main() -> None:
     ap.add_argument("--keep-db", metavar="NAME", help="PostgreSQL: build the run in database NAME once and keep "
                     "it between runs (migrated to head on each use; drop it with DROP DATABASE NAME WITH (FORCE))")
     ap.add_argument("--build-only", action="store_true", help="with --keep-db: build (or migrate) and exit")
+    ap.add_argument("--server-pythonpath", metavar="DIR", help="serve with the gradwatch found in DIR (e.g. an "
+                    "archive of an earlier commit, for a before/after pair), without migrating on start")
     a = ap.parse_args()
     ib.LAYERS = a.layers  # the builder lays down ib.LAYERS layers per step
     with tempfile.TemporaryDirectory() as tmp, (kept_database(a.keep_db) if a.keep_db else
@@ -244,11 +246,14 @@ def main() -> None:
         if a.build_only:
             print(json.dumps({"database": a.keep_db, "build_s": round(build_s, 1)}))
             return
-        with ib.server(url, Path(tmp) / "server.log") as base:
+        env = {"PYTHONPATH": a.server_pythonpath, "GRADWATCH_SERVER_MIGRATE_ON_START": "false"} \
+            if a.server_pythonpath else None
+        with ib.server(url, Path(tmp) / "server.log", env) as base:
             got = profile(base, run_id)
             if not a.profile_only:
                 got.update(measure(base, run_id, a.layers, steps, a.updates))
-    print(json.dumps({"backend": a.backend, "layers": a.layers, "steps": steps, "build_s": round(build_s, 1),
+    print(json.dumps({"backend": a.backend, "server": a.server_pythonpath or "this checkout", "layers": a.layers,
+                      "steps": steps, "build_s": round(build_s, 1),
                       **{k: round(v, 3) if isinstance(v, float) else v for k, v in got.items()}}, indent=1))
 
 
