@@ -61,14 +61,14 @@ def add_step_records(kind: str, url: str, run_id: str, steps: int) -> None:
                         "FROM generate_series(1, %s) s", (run_id, steps))
 
 
-def live_batch(run_id: str, layers: int, step: int, seq: int) -> bytes:
+def live_batch(run_id: str, layers: int, step: int, seq: int, source: int = 7) -> bytes:
     v = [1.0 + (i % 7) / 7 for i in range(layers)]
     rec = wire.StepRecord(step=step, time=time.time(), rank=0, layer_ids=list(range(layers)),
                           layers={"numel": [65536] * layers, "mean": v, "m2": [x * 65536 for x in v], "l2": v,
                                   "maxabs": v, "nonfinite": [0] * layers, "l2_post": v, "wnorm": v},
                           total_norm=2.0, total_norm_post=1.0, clip_coef=0.5, loss_scale=65536.0, skipped=False)
     b = wire.Batch(run=wire.RunInfo(run_id=run_id, project="bench", name=None, config={}, tags=[]), seq=seq,
-                   source=7, sent_at=time.time(),
+                   source=source, sent_at=time.time(),
                    layers=[wire.LayerInfo(i, f"model.layers.{i}.weight", [256, 256], "float32") for i in range(layers)],
                    steps=[rec], scalars=[], events=[])
     return wire.encode_batch(b)
@@ -175,9 +175,12 @@ def measure(base: str, run_id: str, layers: int, steps: int, updates: int) -> di
         f0 = page.evaluate("() => window.gradwatchLive.stats.flushes")
         t0, s0 = time.monotonic(), script_seconds(cdp)
         with httpx.Client(base_url=base, timeout=60) as http:
+            # a kept database already holds earlier runs' live steps: continue after them, new source
+            steps = max(steps, http.get(f"/api/v1/runs/{run_id}").json()["last_step"] or 0)
+            source = 8 + int(time.time()) % 1_000_000
             for k in range(updates):
                 step = steps + 1 + k
-                r = http.post("/api/v1/ingest", content=live_batch(run_id, layers, step, k + 1),
+                r = http.post("/api/v1/ingest", content=live_batch(run_id, layers, step, k + 1, source),
                               headers={"Content-Type": "application/json"})
                 r.raise_for_status()
                 page.wait_for_function(
