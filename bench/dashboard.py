@@ -18,10 +18,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +61,14 @@ def add_step_records(kind: str, url: str, run_id: str, steps: int) -> None:
                         "FROM generate_series(1, %s) s", (run_id, steps))
 
 
-def live_batch(run_id: str, layers: int, step: int, seq: int) -> bytes:
+def live_batch(run_id: str, layers: int, step: int, seq: int, source: int = 7) -> bytes:
     v = [1.0 + (i % 7) / 7 for i in range(layers)]
     rec = wire.StepRecord(step=step, time=time.time(), rank=0, layer_ids=list(range(layers)),
                           layers={"numel": [65536] * layers, "mean": v, "m2": [x * 65536 for x in v], "l2": v,
                                   "maxabs": v, "nonfinite": [0] * layers, "l2_post": v, "wnorm": v},
                           total_norm=2.0, total_norm_post=1.0, clip_coef=0.5, loss_scale=65536.0, skipped=False)
     b = wire.Batch(run=wire.RunInfo(run_id=run_id, project="bench", name=None, config={}, tags=[]), seq=seq,
-                   source=7, sent_at=time.time(),
+                   source=source, sent_at=time.time(),
                    layers=[wire.LayerInfo(i, f"model.layers.{i}.weight", [256, 256], "float32") for i in range(layers)],
                    steps=[rec], scalars=[], events=[])
     return wire.encode_batch(b)
@@ -173,9 +175,12 @@ def measure(base: str, run_id: str, layers: int, steps: int, updates: int) -> di
         f0 = page.evaluate("() => window.gradwatchLive.stats.flushes")
         t0, s0 = time.monotonic(), script_seconds(cdp)
         with httpx.Client(base_url=base, timeout=60) as http:
+            # a kept database already holds earlier runs' live steps: continue after them, new source
+            steps = max(steps, http.get(f"/api/v1/runs/{run_id}").json()["last_step"] or 0)
+            source = 8 + int(time.time()) % 1_000_000
             for k in range(updates):
                 step = steps + 1 + k
-                r = http.post("/api/v1/ingest", content=live_batch(run_id, layers, step, k + 1),
+                r = http.post("/api/v1/ingest", content=live_batch(run_id, layers, step, k + 1, source),
                               headers={"Content-Type": "application/json"})
                 r.raise_for_status()
                 page.wait_for_function(
@@ -193,6 +198,32 @@ def measure(base: str, run_id: str, layers: int, steps: int, updates: int) -> di
     return out
 
 
+@contextlib.contextmanager
+def kept_database(name: str) -> Iterator[str]:
+    """PostgreSQL database ``name``, created if missing, migrated to head, never dropped (a
+    500 × 100,000 run is 50M rows: minutes to build on a small box)."""
+    import psycopg
+
+    from gradwatch.server.db.engine import make_engine
+    from gradwatch.server.db.migrate import upgrade_to_head
+
+    with psycopg.connect(ib._libpq(ib.PG_ADMIN), autocommit=True) as c:
+        if c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            c.execute(f'CREATE DATABASE "{name}"')
+    url = ib.PG_ADMIN.rpartition("/")[0] + "/" + name
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    engine.dispose()
+    yield url
+
+
+def run_exists(url: str, run_id: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(ib._libpq(url)) as c:
+        return c.execute("SELECT 1 FROM run WHERE id = %s", (run_id,)).fetchone() is not None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=500)
@@ -200,18 +231,32 @@ def main() -> None:
     ap.add_argument("--backend", default="postgresql", choices=["postgresql", "sqlite"])
     ap.add_argument("--updates", type=int, default=30, help="live updates to measure")
     ap.add_argument("--profile-only", action="store_true", help="server-side split only (no browser)")
+    ap.add_argument("--keep-db", metavar="NAME", help="PostgreSQL: build the run in database NAME once and keep "
+                    "it between runs (migrated to head on each use; drop it with DROP DATABASE NAME WITH (FORCE))")
+    ap.add_argument("--build-only", action="store_true", help="with --keep-db: build (or migrate) and exit")
+    ap.add_argument("--server-pythonpath", metavar="DIR", help="serve with the gradwatch found in DIR (e.g. an "
+                    "archive of an earlier commit, for a before/after pair), without migrating on start")
     a = ap.parse_args()
     ib.LAYERS = a.layers  # the builder lays down ib.LAYERS layers per step
-    with tempfile.TemporaryDirectory() as tmp, ib.database(a.backend, Path(tmp)) as url:
+    with tempfile.TemporaryDirectory() as tmp, (kept_database(a.keep_db) if a.keep_db else
+                                                ib.database(a.backend, Path(tmp))) as url:
         t0 = time.perf_counter()
-        run_id, steps = ib.build_big_run(a.backend, url, a.layers * a.steps)
-        add_step_records(a.backend, url, run_id, steps)
+        run_id, steps = "big", a.steps
+        if not (a.keep_db and run_exists(url, run_id)):
+            run_id, steps = ib.build_big_run(a.backend, url, a.layers * a.steps)
+            add_step_records(a.backend, url, run_id, steps)
         build_s = time.perf_counter() - t0
-        with ib.server(url, Path(tmp) / "server.log") as base:
+        if a.build_only:
+            print(json.dumps({"database": a.keep_db, "build_s": round(build_s, 1)}))
+            return
+        env = {"PYTHONPATH": a.server_pythonpath, "GRADWATCH_SERVER_MIGRATE_ON_START": "false"} \
+            if a.server_pythonpath else None
+        with ib.server(url, Path(tmp) / "server.log", env) as base:
             got = profile(base, run_id)
             if not a.profile_only:
                 got.update(measure(base, run_id, a.layers, steps, a.updates))
-    print(json.dumps({"backend": a.backend, "layers": a.layers, "steps": steps, "build_s": round(build_s, 1),
+    print(json.dumps({"backend": a.backend, "server": a.server_pythonpath or "this checkout", "layers": a.layers,
+                      "steps": steps, "build_s": round(build_s, 1),
                       **{k: round(v, 3) if isinstance(v, float) else v for k, v in got.items()}}, indent=1))
 
 

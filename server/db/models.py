@@ -225,25 +225,40 @@ BLOCK_STEPS = 64
 BLOCK_AGGS: tuple[tuple[str, Any], ...] = (("min", Double), ("max", Double), ("sum", Double), ("cnt", Integer),
                                            ("nan", Integer))
 
-layer_stat_block = Table(
-    "layer_stat_block",
-    Base.metadata,
-    Column("layer_id", BigInteger, nullable=False),
-    Column("block", BigInteger, nullable=False),
-    Column("rank", Integer, nullable=False),
-    Column("step_min", BigInteger, nullable=False),
-    Column("step_max", BigInteger, nullable=False),
-    Column("n", Integer, nullable=False),
-    *[Column(f"{stat}_{agg}", typ, nullable=agg in ("min", "max", "sum"))
-      for stat in ROLLUP_STATS for agg, typ in BLOCK_AGGS],
-    # the block's gradient elements pooled over its steps (finite rows; mom_skip counts the others)
-    Column("mom_n", BigInteger, nullable=False),
-    Column("mom_mean", Double, nullable=True),
-    Column("mom_m2", Double, nullable=True),
-    Column("mom_skip", Integer, nullable=False),
-    PrimaryKeyConstraint("layer_id", "block", "rank"),
-    sqlite_with_rowid=False,
-)
+def _rollup_table(name: str) -> Table:
+    """A rollup level: one row per (layer, block, rank) with min/max/sum/count/NaN-count of every
+    float statistic and the block's pooled gradient moments (``docs/storage.md``)."""
+    return Table(
+        name,
+        Base.metadata,
+        Column("layer_id", BigInteger, nullable=False),
+        Column("block", BigInteger, nullable=False),
+        Column("rank", Integer, nullable=False),
+        Column("step_min", BigInteger, nullable=False),
+        Column("step_max", BigInteger, nullable=False),
+        Column("n", Integer, nullable=False),
+        *[Column(f"{stat}_{agg}", typ, nullable=agg in ("min", "max", "sum"))
+          for stat in ROLLUP_STATS for agg, typ in BLOCK_AGGS],
+        # the block's gradient elements pooled over its steps (finite rows; mom_skip counts the others)
+        Column("mom_n", BigInteger, nullable=False),
+        Column("mom_mean", Double, nullable=True),
+        Column("mom_m2", Double, nullable=True),
+        Column("mom_skip", Integer, nullable=False),
+        PrimaryKeyConstraint("layer_id", "block", "rank"),
+        sqlite_with_rowid=False,
+    )
+
+
+layer_stat_block = _rollup_table("layer_stat_block")
+
+#: Steps per coarse rollup block (``COARSE_FACTOR`` 64-step blocks). A heatmap of hundreds of
+#: layers over 100,000+ steps reads these: 500 layers × 100,000 steps are ~49k coarse rows
+#: instead of ~780k blocks. Maintained at ingest from the 64-step blocks of each batch.
+COARSE_FACTOR = 16
+COARSE_STEPS = BLOCK_STEPS * COARSE_FACTOR
+layer_stat_coarse = _rollup_table("layer_stat_coarse")
+#: The rollup levels, finest first: (steps per block, table name).
+ROLLUP_LEVELS: tuple[tuple[int, str], ...] = ((BLOCK_STEPS, "layer_stat_block"), (COARSE_STEPS, "layer_stat_coarse"))
 
 
 class ProjectRules(Base):

@@ -343,3 +343,53 @@ class BlockColumns:
 
     def rows(self) -> list[tuple[Any, ...]]:
         return list(zip(*(_with_nulls(c, z) for c, z in self.columns)))
+
+    def coarsen(self, factor: int) -> BlockColumns:
+        """The same aggregates over blocks ``factor`` times wider (the next rollup level, block
+        ``block // factor``): min of the mins, max of the maxes, sums of sums and counts, an
+        aggregate NULL where all its parts were, the pooled moments merged n-way (Chan's
+        formula around the weighted mean, as :meth:`LayerFrame._pooled`). Costs a pass over the
+        batch's blocks, not its rows."""
+        if not len(self):
+            return self
+        cols = self.columns
+        layer, block, rank = cols[0][0], cols[1][0] // factor, cols[2][0]
+        order = np.lexsort((cols[1][0], rank, block, layer))
+        n = len(order)
+        change = np.zeros(n, bool)
+        change[0] = True
+        for key in (layer, block, rank):
+            k = key[order]
+            change[1:] |= k[1:] != k[:-1]
+        starts = np.flatnonzero(change)
+        size = np.diff(np.append(starts, n))
+        first = order[starts]
+        out: list[tuple[np.ndarray, np.ndarray | None]] = [
+            (layer[first], None), (block[first], None), (rank[first], None),
+            (np.minimum.reduceat(cols[3][0][order], starts), None), (np.maximum.reduceat(cols[4][0][order], starts), None),
+            (np.add.reduceat(cols[5][0][order], starts), None)]
+        mom_n = cols[6][0][order]
+        has = mom_n > 0
+        mean = np.where(has, cols[7][0][order], 0.0)
+        m2 = np.where(has, cols[8][0][order], 0.0)
+        big_n = np.add.reduceat(mom_n, starts)
+        empty = big_n == 0
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            mu = np.add.reduceat(mom_n * mean, starts) / np.where(empty, 1, big_n)
+            dev = np.where(has, mean - np.repeat(mu, size), 0.0)
+            q = np.add.reduceat(m2 + mom_n * dev * dev, starts)
+            none = empty if empty.any() else None
+            out += [(big_n, None), (mu, none), (q, none), (np.add.reduceat(cols[9][0][order], starts), None)]
+            for j in range(10, len(cols), 5):
+                null = cols[j][1]
+                ok = None if null is None else ~null[order]
+                all_null = None if ok is None else np.add.reduceat(ok, starts) == 0
+                z = all_null if all_null is not None and all_null.any() else None
+                for c, (fn, fill) in enumerate(((np.minimum, np.inf), (np.maximum, -np.inf), (np.add, 0.0))):
+                    v = cols[j + c][0][order]
+                    if ok is not None:
+                        v = np.where(ok, v, fill)
+                    out.append((fn.reduceat(v, starts), z))
+                out += [(np.add.reduceat(cols[j + 3][0][order], starts), None),
+                        (np.add.reduceat(cols[j + 4][0][order], starts), None)]
+        return BlockColumns(out)

@@ -25,6 +25,7 @@ from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, ROLLUP_STATS
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import (
     BLOCK_STEPS,
+    COARSE_FACTOR,
     LAYER_FLOAT_COLUMNS,
     LAYER_STAT_COLUMNS,
     STEP_FLOAT_COLUMNS,
@@ -68,27 +69,38 @@ _FINITE = "(mean IS NOT NULL AND m2 IS NOT NULL AND mean BETWEEN -1.7e308 AND 1.
 _POOLED_COLS = ["mom_n", "mom_mean", "mom_m2", "mom_skip"]
 
 
-def _rollup_sql() -> str:
-    """Recompute blocks from stored rows; the pooled moments in two passes around each block's
-    weighted mean (``g.mu``), the n-way form of Chan's merge."""
+def _recompute_sql(target: str, source: str, key: str, where: str, sel: list[str],
+                   mean_of: tuple[str, str, str]) -> str:
+    """Recompute rollup rows of ``target`` grouped by (layer_id, ``key``, rank) over ``source``
+    rows matching ``where``, upserted. ``sel`` is every column after the key but ``mom_mean``
+    (which is ``max(g.mu)``); ``mean_of`` is (n·mean, n, condition) of the source rows that
+    enter the pooled moments: two passes around each group's weighted mean ``g.mu``, the n-way
+    form of Chan's merge."""
     cols = ["layer_id", "block", "rank", "step_min", "step_max", "n", *_POOLED_COLS]
-    sel = ["layer_id", f"step / {BLOCK_STEPS}", "rank", "min(step)", "max(step)", "count(*)",
-           f"sum(CASE WHEN {_FINITE} THEN numel ELSE 0 END)", "max(g.mu)",
+    for st in ROLLUP_STATS:
+        cols += [f"{st}_{agg}" for agg in ("min", "max", "sum", "cnt", "nan")]
+    sel = ["layer_id", key, "rank", *sel[:4], "max(g.mu)", *sel[4:]]
+    means = (f"SELECT layer_id AS g_lid, {key} AS g_blk, rank AS g_rank, sum({mean_of[0]}) / "
+             f"CAST(sum({mean_of[1]}) AS DOUBLE PRECISION) AS mu FROM {source} {where} AND {mean_of[2]} "
+             f"GROUP BY layer_id, {key}, rank")
+    update = ", ".join(f"{c} = excluded.{c}" for c in cols[3:])
+    return (f"INSERT INTO {target} ({', '.join(cols)}) SELECT {', '.join(sel)} FROM {source} "
+            f"LEFT JOIN ({means}) g ON g.g_lid = layer_id AND g.g_blk = {key} AND g.g_rank = rank "
+            f"{where} GROUP BY layer_id, {key}, rank "
+            f"ON CONFLICT (layer_id, block, rank) DO UPDATE SET {update}")
+
+
+def _rollup_sql() -> str:
+    """Recompute 64-step blocks from stored rows."""
+    sel = ["min(step)", "max(step)", "count(*)", f"sum(CASE WHEN {_FINITE} THEN numel ELSE 0 END)",
            f"CASE WHEN max(g.mu) IS NULL THEN NULL ELSE sum(CASE WHEN {_FINITE} THEN m2 + numel * (mean - g.mu) * "
            "(mean - g.mu) ELSE 0.0 END) END", f"sum(CASE WHEN {_FINITE} THEN 0 ELSE 1 END)"]
     for st in ROLLUP_STATS:
         v, nan = stat_sql(st)
-        cols += [f"{st}_min", f"{st}_max", f"{st}_sum", f"{st}_cnt", f"{st}_nan"]
         sel += [f"min({v})", f"max({v})", f"sum({v})", f"count({v})", f"sum({nan})"]
-    update = ", ".join(f"{c} = excluded.{c}" for c in cols[3:])
-    where = "WHERE layer_id IN ({ids}) AND step BETWEEN :lo AND :hi"
-    means = (f"SELECT layer_id AS g_lid, step / {BLOCK_STEPS} AS g_blk, rank AS g_rank, "
-             f"sum(numel * mean) / sum(numel) AS mu FROM layer_stat {where} AND {_FINITE} AND numel > 0 "
-             f"GROUP BY layer_id, step / {BLOCK_STEPS}, rank")
-    return (f"INSERT INTO layer_stat_block ({', '.join(cols)}) SELECT {', '.join(sel)} FROM layer_stat "
-            f"LEFT JOIN ({means}) g ON g.g_lid = layer_id AND g.g_blk = step / {BLOCK_STEPS} AND g.g_rank = rank "
-            f"{where} GROUP BY layer_id, step / {BLOCK_STEPS}, rank "
-            f"ON CONFLICT (layer_id, block, rank) DO UPDATE SET {update}")
+    return _recompute_sql("layer_stat_block", "layer_stat", f"step / {BLOCK_STEPS}",
+                          "WHERE layer_id IN ({ids}) AND step BETWEEN :lo AND :hi", sel,
+                          ("numel * mean", "numel", f"{_FINITE} AND numel > 0"))
 
 
 _ROLLUP = _rollup_sql()
@@ -112,9 +124,9 @@ def _pooled_merge_sql(t: str) -> list[str]:
             f"mom_n = {a_n} + {b_n}", f"mom_skip = {t}.mom_skip + excluded.mom_skip"]
 
 
-def _merge_sql(pg: bool) -> str:
-    """Upsert of batch-local block aggregates, merged with what the block already holds."""
-    t = "layer_stat_block"
+def _merge_sql(pg: bool, t: str = "layer_stat_block") -> str:
+    """Upsert of batch-local block aggregates into the rollup table ``t``, merged with what the
+    block already holds."""
     lo, hi = ("LEAST", "GREATEST") if pg else ("min", "max")  # SQLite's 2-arg min/max return NULL on NULL
 
     def nn(fn: str, c: str) -> str:
@@ -131,20 +143,37 @@ def _merge_sql(pg: bool) -> str:
             f"ON CONFLICT (layer_id, block, rank) DO UPDATE SET {', '.join(sets)}")
 
 
-_MERGE = {True: _merge_sql(True), False: _merge_sql(False)}
+_TABLES = ("layer_stat_block", "layer_stat_coarse")
+_MERGE = {(pg, t): _merge_sql(pg, t) for pg in (True, False) for t in _TABLES}
 
 
-def _merge_unnest_sql() -> str:
+def _merge_unnest_sql(t: str) -> str:
     """PostgreSQL: the same upsert as one statement over column arrays (one round trip per batch
     instead of one per block row, which dominated ingest time over TCP)."""
     ints = ("layer_id", "block", "rank", "step_min", "step_max", "n", "mom_n", "mom_skip")
     types = ["int8" if (c in ints or c.endswith(("_cnt", "_nan"))) else "float8" for c in _BLOCK_COLS]
-    head, tail = _MERGE[True].split(" VALUES ", 1)
-    arrays = ", ".join(f"%b::{t}[]" for t in types)  # %b: binary parameters (no per-element text dumping)
+    head, tail = _MERGE[True, t].split(" VALUES ", 1)
+    arrays = ", ".join(f"%b::{typ}[]" for typ in types)  # %b: binary parameters (no per-element text dumping)
     return f"{head} SELECT * FROM unnest({arrays}) {tail[tail.index('ON CONFLICT'):]}"
 
 
-_MERGE_UNNEST = _merge_unnest_sql()
+_MERGE_UNNEST = {t: _merge_unnest_sql(t) for t in _TABLES}
+
+
+def _coarse_rollup_sql() -> str:
+    """Recompute coarse blocks from the 64-step blocks they hold (the overlap path and the
+    migration's backfill), as :meth:`BlockColumns.coarsen` merges them at ingest."""
+    sel = ["min(step_min)", "max(step_max)", "sum(n)", "sum(mom_n)",
+           "CASE WHEN max(g.mu) IS NULL THEN NULL ELSE sum(CASE WHEN mom_n > 0 THEN mom_m2 + mom_n * "
+           "(mom_mean - g.mu) * (mom_mean - g.mu) ELSE 0.0 END) END", "sum(mom_skip)"]
+    for st in ROLLUP_STATS:
+        sel += [f"min({st}_min)", f"max({st}_max)", f"sum({st}_sum)", f"sum({st}_cnt)", f"sum({st}_nan)"]
+    return _recompute_sql("layer_stat_coarse", "layer_stat_block", f"block / {COARSE_FACTOR}",
+                          "WHERE layer_id IN ({ids}) AND block BETWEEN :lo AND :hi", sel,
+                          ("mom_n * mom_mean", "mom_n", "mom_n > 0"))
+
+
+_COARSE_ROLLUP = _coarse_rollup_sql()
 
 
 class _PgArray(bytes):
@@ -180,27 +209,33 @@ def pg_array_params(cur: Any, columns: list[tuple[np.ndarray, np.ndarray | None]
 
 
 def _merge_blocks(conn: Connection, blocks: BlockColumns) -> None:
+    """Merge a batch's 64-step blocks, then the coarse blocks made of them, into the rollup."""
     if not len(blocks):
         return
     raw: Any = conn.connection.driver_connection
     cur = raw.cursor()
     try:
-        if conn.dialect.name == "postgresql":
-            cur.execute(_MERGE_UNNEST, pg_array_params(cur, blocks.columns))
-        else:
-            cur.executemany(_MERGE[False], blocks.rows())
+        for t, cols in (("layer_stat_block", blocks), ("layer_stat_coarse", blocks.coarsen(COARSE_FACTOR))):
+            if conn.dialect.name == "postgresql":
+                cur.execute(_MERGE_UNNEST[t], pg_array_params(cur, cols.columns))
+            else:
+                cur.executemany(_MERGE[False, t], cols.rows())
     finally:
         cur.close()
 
 
 def _update_blocks(conn: Connection, layer_ids: set[int], step_min: int, step_max: int) -> None:
-    """Recompute the touched blocks from the stored rows (the overlap path: exact whatever was there)."""
+    """Recompute the touched blocks from the stored rows, then the coarse blocks holding them from
+    the blocks (the overlap path: exact whatever was there)."""
     if not layer_ids:
         return
-    lo = step_min // BLOCK_STEPS * BLOCK_STEPS
-    hi = step_max // BLOCK_STEPS * BLOCK_STEPS + BLOCK_STEPS - 1
+    coarse = BLOCK_STEPS * COARSE_FACTOR
+    lo = step_min // coarse * coarse
+    hi = step_max // coarse * coarse + coarse - 1
     ids = ",".join(str(int(i)) for i in sorted(layer_ids))
-    conn.execute(text(_ROLLUP.replace("{ids}", ids)), {"lo": lo, "hi": hi})
+    conn.execute(text(_ROLLUP.replace("{ids}", ids)), {"lo": step_min // BLOCK_STEPS * BLOCK_STEPS,
+                                                       "hi": step_max // BLOCK_STEPS * BLOCK_STEPS + BLOCK_STEPS - 1})
+    conn.execute(text(_COARSE_ROLLUP.replace("{ids}", ids)), {"lo": lo // BLOCK_STEPS, "hi": hi // BLOCK_STEPS})
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from gradwatch.server.db.models import (
     Scalar,
     StepRecord,
     layer_stat_block,
+    layer_stat_coarse,
 )
 from gradwatch.server.encoding import enc, enc_value
 from gradwatch.server.errors import Conflict, Invalid, NotFound
@@ -149,7 +150,8 @@ def delete_run(conn: Connection, run_id: str) -> None:
     require_run(conn, run_id)
     layer_ids = select(Layer.id).where(Layer.run_id == run_id).scalar_subquery()
     conn.execute(delete(LayerStat).where(LayerStat.layer_id.in_(layer_ids)))
-    conn.execute(delete(layer_stat_block).where(layer_stat_block.c.layer_id.in_(layer_ids)))
+    for rollup in (layer_stat_block, layer_stat_coarse):
+        conn.execute(delete(rollup).where(rollup.c.layer_id.in_(layer_ids)))
     for model in (StepRecord, Scalar, Event, IngestBatch, IngestCursor, Layer):
         conn.execute(delete(model).where(model.run_id == run_id))
     conn.execute(delete(Run).where(Run.id == run_id))

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from gradwatch.agent.spec import ROLLUP_STATS, SERIES_LAYER_STATS, Moments, merge_moments, std_of
-from gradwatch.server.db.models import BLOCK_STEPS, STEP_FLOAT_COLUMNS
+from gradwatch.server.db.models import BLOCK_STEPS, COARSE_STEPS, ROLLUP_LEVELS, STEP_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan
 from gradwatch.server.errors import Invalid
 from gradwatch.server.repo.ingest import stat_sql
@@ -36,60 +36,61 @@ def _blocks_apply(stat: str, w: int, use_blocks: bool) -> bool:
     return use_blocks and stat in ROLLUP_STATS and w >= BLOCK_STEPS
 
 
-def _combine(parts: list[tuple[Any, ...]]) -> dict[Any, list[Any]]:
-    """Merge partial aggregates keyed by their first element(s): (key, smin, smax, min, max, sum, cnt, n, nan)."""
-    out: dict[Any, list[Any]] = {}
-    for key, smin, smax, mn, mx, sm, cnt, n, nan in parts:
-        cur = out.get(key)
-        if cur is None:
-            out[key] = [smin, smax, mn, mx, sm, int(cnt or 0), int(n or 0), int(nan or 0)]
-            continue
-        cur[0] = min(cur[0], smin)
-        cur[1] = max(cur[1], smax)
-        cur[2] = mn if cur[2] is None else (cur[2] if mn is None else min(cur[2], mn))
-        cur[3] = mx if cur[3] is None else (cur[3] if mx is None else max(cur[3], mx))
-        cur[4] = sm if cur[4] is None else (cur[4] if sm is None else cur[4] + sm)
-        cur[5] += int(cnt or 0)
-        cur[6] += int(n or 0)
-        cur[7] += int(nan or 0)
-    return out
+def _unit(w: int) -> int:
+    """Steps of the coarsest rollup level a bucket of ``w`` steps (``w`` >= 64) is built on."""
+    return max(steps for steps, _ in ROLLUP_LEVELS if steps <= w)
 
 
-def _block_parts(conn: Connection, layer_ids: list[int], stat: str, a: int, b: int, w: int,
-                 rank: int | None) -> list[tuple[Any, ...]]:
-    """Partial aggregates keyed by (layer_id, bucket): whole blocks from the rollup, the partial
-    blocks at either edge of [a, b] from the rows. Buckets are aligned to blocks (w % BLOCK == 0)."""
-    B = BLOCK_STEPS
-    a0 = a // B * B
+def _aligned(w: int) -> int:
+    """``w`` rounded up to whole blocks of its level (fewer buckets, never more)."""
+    u = _unit(w)
+    return -(-w // u) * u
+
+
+def _segments(a: int, b: int, levels: tuple[tuple[int, str], ...]) -> list[tuple[int, str, int, int]]:
+    """[a, b] cut into (steps per block, table, lo, hi): whole blocks of the coarsest level,
+    what remains at either edge from the finer levels, the partial 64-step blocks at the very
+    edges from the rows (steps 1, ``layer_stat``)."""
+    if a > b:
+        return []
+    if not levels:
+        return [(1, "layer_stat", a, b)]
+    size, table = levels[-1]
+    first, last = -(-a // size) * size, (b + 1) // size * size - 1
+    if first > last:
+        return _segments(a, b, levels[:-1])
+    return [*_segments(a, first - 1, levels[:-1]), (size, table, first, last), *_segments(last + 1, b, levels[:-1])]
+
+
+def _levels(w: int) -> tuple[tuple[int, str], ...]:
+    """The rollup levels whose blocks tile buckets of ``w`` steps."""
+    return tuple(lv for lv in ROLLUP_LEVELS if w % lv[0] == 0)
+
+
+def _parts_sql(layer_ids: list[int], stat: str, a: int, b: int, w: int, rank: int | None,
+               cols: tuple[str, ...] = ("smin", "smax", "mn", "mx", "sm", "cnt", "n", "nan"), ordered: bool = True) -> str:
+    """One statement: per (layer, bucket ``(step − :k0) // w``) the aggregates ``cols`` of
+    ``stat`` over [a, b], whole blocks of each rollup level and the edge rows pooled in SQL
+    (``UNION ALL`` of the segments, one ``GROUP BY``), ordered by layer and bucket if ``ordered``
+    (sorting 78k heatmap cells cost PostgreSQL a third of the statement)."""
     ids = ",".join(str(int(i)) for i in layer_ids)
-    params: dict[str, Any] = {"a0": a0, "w": w}
-    rk = ""
-    if rank is not None:
-        rk = " AND rank = :rank"
-        params["rank"] = rank
-    first_full = a if a % B == 0 else a0 + B
-    last_full = b if (b + 1) % B == 0 else b // B * B - 1
-    parts: list[tuple[Any, ...]] = []
-    if first_full <= last_full:
-        rows = conn.execute(text(
-            f"SELECT layer_id, (block * {B} - :a0) / :w AS bk, min(step_min), max(step_max), min({stat}_min), "
-            f"max({stat}_max), sum({stat}_sum), sum({stat}_cnt), sum(n), sum({stat}_nan) FROM layer_stat_block "
-            f"WHERE layer_id IN ({ids}) AND block BETWEEN :blo AND :bhi{rk} GROUP BY layer_id, bk"),
-            {**params, "blo": first_full // B, "bhi": last_full // B}).all()
-        parts += [((lid, bk), *rest) for lid, bk, *rest in rows]  # unpacked: slicing a Row is slow
-        edges = [(a, first_full - 1), (last_full + 1, b)]
-    else:
-        edges = [(a, b)]
+    rk = "" if rank is None else f" AND rank = {int(rank)}"
     col, nan = stat_sql(stat)
-    for lo, hi in edges:
-        if lo > hi:
-            continue
-        rows = conn.execute(text(
-            f"SELECT layer_id, (step - :a0) / :w AS bk, min(step), max(step), min({col}), max({col}), sum({col}), "
-            f"count({col}), count(*), sum({nan}) FROM layer_stat WHERE layer_id IN ({ids}) "
-            f"AND step BETWEEN :lo AND :hi{rk} GROUP BY layer_id, bk"), {**params, "lo": lo, "hi": hi}).all()
-        parts += [((lid, bk), *rest) for lid, bk, *rest in rows]
-    return parts
+    subs = []
+    for size, table, lo, hi in _segments(a, b, _levels(w)):
+        if size == 1:
+            subs.append(f"SELECT layer_id, (step - :k0) / :w AS bk, step AS smin, step AS smax, {col} AS mn, {col} AS mx, "
+                        f"{col} AS sm, CASE WHEN {col} IS NULL THEN 0 ELSE 1 END AS cnt, 1 AS n, {nan} AS nan "
+                        f"FROM layer_stat WHERE layer_id IN ({ids}) AND step BETWEEN {lo} AND {hi}{rk}")
+        else:
+            subs.append(f"SELECT layer_id, (block * {size} - :k0) / :w AS bk, step_min AS smin, step_max AS smax, "
+                        f"{stat}_min AS mn, {stat}_max AS mx, {stat}_sum AS sm, {stat}_cnt AS cnt, n, "
+                        f"{stat}_nan AS nan FROM {table} WHERE layer_id IN ({ids}) "
+                        f"AND block BETWEEN {lo // size} AND {hi // size}{rk}")
+    agg = {"smin": "min(smin)", "smax": "max(smax)", "mn": "min(mn)", "mx": "max(mx)", "sm": "sum(sm)",
+           "cnt": "sum(cnt)", "n": "sum(n)", "nan": "sum(nan)"}
+    return (f"SELECT layer_id, bk, {', '.join(agg[c] for c in cols)} FROM ({' UNION ALL '.join(subs)}) p "
+            f"GROUP BY layer_id, bk{' ORDER BY layer_id, bk' if ordered else ''}")
 
 
 #: Statistics whose buckets also carry ``pooled``: the moments of all gradient elements of the
@@ -100,9 +101,9 @@ POOLED_STATS: tuple[str, ...] = ("mean", "var", "std")
 def _pooled(conn: Connection, layer_ids: list[int], a: int, b: int, w: int, key0: int, rank: int | None,
             blocks: bool) -> dict[tuple[int, int], dict[str, Any]]:
     """Per (layer, bucket ``(start − key0) // w``): Chan's merge (:func:`merge_moments`) over the
-    pooled moments of the whole blocks inside [a, b] and over the rows outside them. Rows with a
-    non-finite mean or M2 are left out and counted in ``skipped``. Two statements at most."""
-    B = BLOCK_STEPS
+    pooled moments of the whole rollup blocks inside [a, b] (coarsest level first) and over the
+    rows outside them. Rows with a non-finite mean or M2 are left out and counted in ``skipped``.
+    One statement per segment (at most five)."""
     ids = ",".join(str(int(i)) for i in layer_ids)
     params: dict[str, Any] = {}
     rk = ""
@@ -117,23 +118,17 @@ def _pooled(conn: Connection, layer_ids: list[int], a: int, b: int, w: int, key0
             cur[0] = merge_moments(cur[0], Moments(int(n), float(mean), float(m2)))
         cur[1] += int(skip or 0)
 
-    edges = [(a, b)]
-    if blocks:
-        first_full = a if a % B == 0 else a // B * B + B
-        last_full = b if (b + 1) % B == 0 else b // B * B - 1
-        if first_full <= last_full:
+    for size, table, lo, hi in _segments(a, b, _levels(w) if blocks else ()):
+        if size > 1:
             for lid, blk, n, mean, m2, skip in conn.execute(text(
-                    f"SELECT layer_id, block, mom_n, mom_mean, mom_m2, mom_skip FROM layer_stat_block WHERE layer_id "
+                    f"SELECT layer_id, block, mom_n, mom_mean, mom_m2, mom_skip FROM {table} WHERE layer_id "
                     f"IN ({ids}) AND block BETWEEN :blo AND :bhi{rk} ORDER BY layer_id, block, rank"),
-                    {**params, "blo": first_full // B, "bhi": last_full // B}):
-                add((lid, (blk * B - key0) // w), n, mean, m2, skip)
-            edges = [(a, first_full - 1), (last_full + 1, b)]
-    edges = [(lo, hi) for lo, hi in edges if lo <= hi]
-    if edges:
-        cond = " OR ".join(f"step BETWEEN {int(lo)} AND {int(hi)}" for lo, hi in edges)
+                    {**params, "blo": lo // size, "bhi": hi // size}):
+                add((lid, (blk * size - key0) // w), n, mean, m2, skip)
+            continue
         for lid, step, n, mean, m2 in conn.execute(text(
-                f"SELECT layer_id, step, numel, mean, m2 FROM layer_stat WHERE layer_id IN ({ids}) AND ({cond}){rk} "
-                "ORDER BY layer_id, step, rank"), params):
+                f"SELECT layer_id, step, numel, mean, m2 FROM layer_stat WHERE layer_id IN ({ids}) AND step "
+                f"BETWEEN {int(lo)} AND {int(hi)}{rk} ORDER BY layer_id, step, rank"), params):
             fin = mean is not None and m2 is not None and math.isfinite(mean) and math.isfinite(m2)
             add((lid, (step - key0) // w), n if fin else 0, mean, m2, 0 if fin else 1)
     out = {}
@@ -219,13 +214,12 @@ def layers_series(conn: Connection, layer_ids: list[int], stat: str, *, start: i
     buckets: dict[int, list[dict[str, Any]]] = {lid: [] for lid in layer_ids}
     blocks = _blocks_apply(stat, w, use_blocks)
     if blocks:
-        w = -(-w // BLOCK_STEPS) * BLOCK_STEPS  # whole blocks per bucket (at most max_points buckets)
-        key0 = a // BLOCK_STEPS * BLOCK_STEPS
-        merged = _combine(_block_parts(conn, layer_ids, stat, a, b, w, rank))
-        for key in sorted(merged):
-            smin, smax, mn, mx, sm, cnt, n, nn = merged[key]
-            buckets[key[0]].append(_bucket(smin, smax, mn, mx, None if not cnt or sm is None else sm / cnt, n, nn))
-            buckets[key[0]][-1]["_key"] = key
+        w = _aligned(w)  # whole blocks per bucket (at most max_points buckets)
+        key0 = a // _unit(w) * _unit(w)
+        for lid, bk, smin, smax, mn, mx, sm, cnt, n, nn in conn.execute(
+                text(_parts_sql(layer_ids, stat, a, b, w, rank)), {"k0": key0, "w": w}):
+            buckets[lid].append(_bucket(smin, smax, mn, mx, None if not cnt or sm is None else sm / cnt, n, nn))
+            buckets[lid][-1]["_key"] = (lid, bk)
     else:
         key0 = a
         for r in conn.execute(text(
@@ -247,6 +241,22 @@ def layers_series(conn: Connection, layer_ids: list[int], stat: str, *, start: i
 #: buckets (500 layers × 10,000 steps at 1,000 buckets: 5M rows, 4.7 s on PostgreSQL; from the
 #: blocks, 78k rows). A zoom into a narrower range gets raw rows again.
 RAW_ROWS_BUDGET = 500_000
+#: 64-step blocks a heatmap reads at most: a wider request is served from the coarse level
+#: (1,024-step blocks; 500 layers × 100,000 steps: ~49k coarse rows instead of ~780k blocks).
+BLOCK_ROWS_BUDGET = 100_000
+
+
+def heatmap_width(n_layers: int, a: int, b: int, max_points: int) -> int:
+    """Bucket width of a heatmap of ``n_layers`` over [a, b]: ``max_points`` buckets, widened to
+    whole 64-step blocks over more than :data:`RAW_ROWS_BUDGET` rows and to whole coarse blocks
+    over more than :data:`BLOCK_ROWS_BUDGET` blocks."""
+    w = _width(a, b, max_points)
+    rows = n_layers * (b - a + 1)
+    if w < BLOCK_STEPS and rows > RAW_ROWS_BUDGET:
+        w = BLOCK_STEPS
+    if w < COARSE_STEPS and rows // BLOCK_STEPS > BLOCK_ROWS_BUDGET:
+        w = COARSE_STEPS
+    return w
 
 
 def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, start: int | None,
@@ -254,64 +264,60 @@ def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, 
             max_cells: int | None = None) -> dict[str, Any]:
     """Many layers at once: a (layers × buckets) matrix of ``agg`` (max, min or mean) of ``stat``.
 
-    Over more than :data:`RAW_ROWS_BUDGET` rows, buckets are whole rollup blocks (at least 64
-    steps wide, so possibly fewer than ``max_points``). The buckets span the steps the layers hold
-    within [start, end] (the matrix is allocated whole,
-    so an empty stretch of the requested range would cost memory for nothing); more than
-    ``max_cells`` values in all is refused (Invalid) before any is read."""
+    Buckets may be wider than ``max_points`` asks for (:func:`heatmap_width`): whole rollup
+    blocks of the coarsest level that keeps the read small. The buckets span the steps the
+    layers hold within [start, end] (the matrix is allocated whole, so an empty stretch of the
+    requested range would cost memory for nothing); more than ``max_cells`` values in all is
+    refused (Invalid) before any is read. One statement returns the finished cells (blocks of
+    every level and the edge rows aggregated together in SQL), after one range probe."""
     if stat not in LAYER_STATS:
         raise Invalid(f"unknown stat {stat!r}; expected one of {list(LAYER_STATS)}")
-    fn = {"max": "max", "min": "min", "mean": "avg"}.get(agg)
-    if fn is None:
+    if agg not in ("max", "min", "mean"):
         raise Invalid(f"unknown agg {agg!r}; expected max, min or mean")
     out: dict[str, Any] = {"layers": [{"index": i, "name": n} for _, i, n in layers], "stat": stat, "agg": agg,
                            "steps": [], "values": [[] for _ in layers], "nan": [[] for _ in layers]}
     if not layers:
         return out
     ids = ",".join(str(int(lid)) for lid, _, _ in layers)
-    where = f"FROM layer_stat WHERE layer_id IN ({ids})"
     rng = _range(conn, _probe(ids, ""), {}, start, end, clamp=True)
     if rng is None:
         return out
-    w = _width(rng[0], rng[1], max_points)
-    if w < BLOCK_STEPS and len(layers) * (rng[1] - rng[0] + 1) > RAW_ROWS_BUDGET:
-        w = BLOCK_STEPS  # an overview of many rows: whole rollup blocks (fewer buckets than asked for)
+    a, b = rng
+    w = heatmap_width(len(layers), a, b, max_points)
     pos = {lid: k for k, (lid, _, _) in enumerate(layers)}
     blocks = _blocks_apply(stat, w, use_blocks)
     if blocks:
-        w = -(-w // BLOCK_STEPS) * BLOCK_STEPS
-        a0 = rng[0] // BLOCK_STEPS * BLOCK_STEPS
-        nb = (rng[1] - a0) // w + 1
+        w = _aligned(w)
+        key0 = a // _unit(w) * _unit(w)
     else:
-        nb = (rng[1] - rng[0]) // w + 1
+        key0 = a
+    nb = (b - key0) // w + 1
     if max_cells is not None and len(layers) * nb > max_cells:
         raise Invalid(f"heatmap: {len(layers)} layers × {nb} buckets = {len(layers) * nb:,} values, more than "
                       f"the {max_cells:,} one response holds; ask for fewer layers, a smaller max_points or a "
                       "narrower start/end")
+    cols = ("mn", "mx", "sm", "cnt", "nan") if agg == "mean" else ("mx" if agg == "max" else "mn", "nan")
+    params = {"k0": key0, "w": w}
     if blocks:
-        merged = _combine(_block_parts(conn, [lid for lid, _, _ in layers], stat, rng[0], rng[1], w, None))
-        values_b: list[list[Any]] = [[None] * nb for _ in layers]
-        nans_b: list[list[int]] = [[0] * nb for _ in layers]
-        for (lid, bk), (_, _, mn, mx, sm, cnt, _, nn) in merged.items():
-            v = mx if agg == "max" else mn if agg == "min" else _mean(mn, mx, None if not cnt or sm is None
-                                                                      else sm / cnt)
-            values_b[pos[lid]][bk] = "NaN" if v is None and nn else enc(v)
-            nans_b[pos[lid]][bk] = nn
-        out.update(steps=[max(rng[0], a0 + k * w) for k in range(nb)], bucket_width=w, values=values_b, nan=nans_b)
-        return out
-    col, nan = stat_sql(stat)
-    rows = conn.execute(text(
-        f"SELECT layer_id, (step - :a) / :w AS bk, {fn}({col}), sum({nan}), min({col}), max({col}) {where} "
-        f"AND step BETWEEN :a AND :b GROUP BY layer_id, bk"), {"a": rng[0], "b": rng[1], "w": w}).all()
+        sql = _parts_sql([lid for lid, _, _ in layers], stat, a, b, w, None, cols, ordered=False)
+    else:
+        col, nan = stat_sql(stat)
+        fn = {"max": f"max({col})", "min": f"min({col})"}.get(agg, f"min({col}), max({col}), sum({col}), count({col})")
+        sql = (f"SELECT layer_id, (step - :k0) / :w AS bk, {fn}, sum({nan}) FROM layer_stat WHERE layer_id "
+               f"IN ({ids}) AND step BETWEEN :a AND :b GROUP BY layer_id, bk")
+        params.update(a=a, b=b)
     values: list[list[Any]] = [[None] * nb for _ in layers]
     nans: list[list[int]] = [[0] * nb for _ in layers]
-    for lid, bk, v, n, mn, mx in rows:
-        k = pos[lid]
+    for r in conn.execute(text(sql), params):
+        k, bk = pos[r[0]], r[1]
         if agg == "mean":
-            v = _mean(mn, mx, v)
+            _, _, mn, mx, sm, cnt, n = r
+            v = _mean(mn, mx, None if not cnt or sm is None else sm / cnt)
+        else:
+            _, _, v, n = r
         values[k][bk] = "NaN" if v is None and n else enc(None if v is None else float(v))
         nans[k][bk] = int(n or 0)
-    out.update(steps=[rng[0] + b * w for b in range(nb)], bucket_width=w, values=values, nan=nans)
+    out.update(steps=[max(a, key0 + k * w) for k in range(nb)], bucket_width=w, values=values, nan=nans)
     return out
 
 

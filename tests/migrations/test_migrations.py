@@ -25,8 +25,8 @@ _h = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _h
 _spec.loader.exec_module(_h)
 
-TABLES = {"run", "layer", "layer_stat", "layer_stat_block", "step_record", "scalar", "event", "ingest_batch", "transform_value",
-          "project_rules", "detector_state", "alert_outbox", "alert_attempt",
+TABLES = {"run", "layer", "layer_stat", "layer_stat_block", "layer_stat_coarse", "step_record", "scalar", "event",
+          "ingest_batch", "transform_value", "project_rules", "detector_state", "alert_outbox", "alert_attempt",
           "ingest_cursor"}
 
 
@@ -97,6 +97,83 @@ def test_0002_backfills_the_rollup_from_existing_rows_and_downgrades_cleanly(emp
             assert conn.execute(text("SELECT count(*) FROM layer_stat")).scalar_one() == len(rows)
     finally:
         engine.dispose()
+
+
+def test_0006_backfills_the_coarse_level_from_the_blocks_and_downgrades_cleanly(empty_url: str) -> None:
+    """A database at 0005 (the revision before) holding rows and their 64-step blocks: upgrading builds the 1,024-step
+    level from the blocks (equal to the aggregates of the rows, pooled moments included);
+    downgrading to 0005 drops it and keeps rows and blocks."""
+    import math
+    import random
+
+    from sqlalchemy import text
+
+    engine = make_engine(empty_url)
+    try:
+        upgrade_to_head(engine, "0005")
+        rnd = random.Random(6)
+        rows = []
+        for lid in (1, 2):
+            for rank in (0, 1):
+                for step in range(5, 2600, rnd.choice([1, 3])):
+                    nan = rnd.random() < 0.05
+                    mean = rnd.uniform(-1, 1) * 100
+                    rows.append({"lid": lid, "step": step, "rank": rank, "numel": rnd.randrange(1, 50),
+                                 "mean": None if nan else mean, "m2": None if nan else rnd.random() * 10,
+                                 "l2": None if nan else rnd.random(), "mask": 1 | 2 | 4 if nan else 0})
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO layer_stat (layer_id, step, rank, numel, mean, m2, l2, nan_mask) "
+                              "VALUES (:lid, :step, :rank, :numel, :mean, :m2, :l2, :mask)"), rows)
+            # the 64-step blocks as ingest keeps them at 0004 (its recompute statement, frozen in 0003)
+            conn.execute(text(_rollup_0003()))
+        upgrade_to_head(engine, "0006")
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT layer_id, block, rank, n, step_min, step_max, l2_min, l2_max, l2_sum, "
+                                    "l2_cnt, l2_nan, mom_n, mom_mean, mom_m2, mom_skip FROM layer_stat_coarse "
+                                    "ORDER BY layer_id, block, rank")).all()
+        keys = sorted({(r["lid"], r["step"] // 1024, r["rank"]) for r in rows})
+        assert [tuple(g[:3]) for g in got] == keys
+        for g in got:
+            rs = [r for r in rows if (r["lid"], r["step"] // 1024, r["rank"]) == tuple(g[:3])]
+            fin = [r for r in rs if r["mean"] is not None]
+            vals = [r["l2"] for r in fin]
+            n = sum(r["numel"] for r in fin)
+            mu = sum(r["numel"] * r["mean"] for r in fin) / n
+            m2 = sum(r["m2"] + r["numel"] * (r["mean"] - mu) ** 2 for r in fin)
+            assert tuple(g[3:8]) == (len(rs), rs[0]["step"], rs[-1]["step"], min(vals), max(vals))
+            assert math.isclose(g[8], sum(vals), rel_tol=1e-12)
+            assert tuple(g[9:12]) == (len(vals), len(rs) - len(fin), n)
+            assert math.isclose(g[12], mu, rel_tol=1e-9) and math.isclose(g[13], m2, rel_tol=1e-9)
+            assert g[14] == len(rs) - len(fin)
+        downgrade(engine, "0005")
+        names = set(inspect(engine).get_table_names())
+        assert "layer_stat_coarse" not in names and {"layer_stat", "layer_stat_block"} <= names
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM layer_stat")).scalar_one() == len(rows)
+            assert conn.execute(text("SELECT sum(n) FROM layer_stat_block")).scalar_one() == len(rows)
+        upgrade_to_head(engine)
+    finally:
+        engine.dispose()
+
+
+def _rollup_0003() -> str:
+    """The 64-step blocks of every stored row, as revision 0003 backfills them."""
+    import importlib
+
+    mod = importlib.import_module("gradwatch.migrations.versions.0003_exact_moments")
+    captured: list[str] = []
+
+    class _Op:
+        @staticmethod
+        def execute(sql: str) -> None:
+            captured.append(sql)
+
+    real, mod.op = mod.op, _Op  # type: ignore[attr-defined]
+    try:
+        mod._backfill(mod._NEW, pooled=True)
+    finally:
+        mod.op = real  # type: ignore[attr-defined]
+    return captured[0]
 
 
 def test_models_match_migrations(empty_url: str) -> None:
