@@ -11,8 +11,11 @@
 (function () {
   "use strict";
   var FLUSH_MS = 250, HISTORY = 4000, MAX_POINTS = 20000, HEAT_MAX = 3000, BACKOFF_MAX = 8000;
-  var LINE_GRAPHS = {"norm-graph": ["total_norm", "total_norm_post"], "scale-graph": ["loss_scale"]};
-  var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, cursor: -1, pending: [], timer: null,
+  /* line charts whose layout.meta.live_traces says which trace follows which value of a step record:
+   * [trace index, path] with path ["total_norm"], ["transforms", name, field], ["scalars", key], or
+   * {num: path, den: path} for a ratio (AutoscaledNorm's sigma/sigma_ref) */
+  var LINE_GRAPHS = ["norm-graph", "scale-graph", "transforms-graph", "scalars-graph"];
+  var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, scalarsAt: {}, cursor: -1, pending: [], timer: null,
            backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0};
   var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0, subscribed: 0};
 
@@ -45,6 +48,7 @@
     // append it in order, so they are redrawn from a fresh REST snapshot
     if (S.cursor >= 0 && rec.step < S.cursor && !S.inGap) { S.late = true; }
     S.byStep[rec.step] = rec;
+    if (S.scalarsAt[rec.step]) { rec.scalars = S.scalarsAt[rec.step]; delete S.scalarsAt[rec.step]; }
     var h = S.history;
     if (!h.length || h[h.length - 1].step < rec.step) { h.push(rec); }
     else { var i = h.length; while (i > 0 && h[i - 1].step > rec.step) { i--; } h.splice(i, 0, rec); }
@@ -52,6 +56,25 @@
     if (rec.step > S.cursor) { S.cursor = rec.step; }
     stats.steps++;
     return true;
+  }
+
+  /* Watcher.log values of a step: onto its record, or kept until the record arrives */
+  function attachScalars(sc) {
+    if (sc.rank) { return; }
+    var rec = S.byStep[sc.step], into = rec ? (rec.scalars = rec.scalars || {}) : (S.scalarsAt[sc.step] = S.scalarsAt[sc.step] || {});
+    for (var k in sc.values) { if (Object.prototype.hasOwnProperty.call(sc.values, k)) { into[k] = sc.values[k]; } }
+  }
+
+  /* a value of a step record by path; undefined when the record does not hold it */
+  function pick(rec, path) {
+    if (!Array.isArray(path)) {
+      var a = pick(rec, path.num), b = pick(rec, path.den);
+      if (a === undefined || b === undefined) { return undefined; }
+      return a === null || b === null || !b ? null : a / b;
+    }
+    var v = rec;
+    for (var i = 0; i < path.length; i++) { if (v === null || v === undefined) { return undefined; } v = v[path[i]]; }
+    return v === undefined ? undefined : fin(v);
   }
 
   function onMessage(ev) {
@@ -77,6 +100,7 @@
     var msgs = S.pending; S.pending = [];
     for (var i = 0; i < msgs.length; i++) {
       var m = msgs[i];
+      (m.scalars || []).forEach(attachScalars);
       (m.steps || []).forEach(keep);
       S.newEvents += (m.events || []).length;
     }
@@ -101,7 +125,7 @@
       return null;
     }
     // a figure is known by its content, not its object: Plotly.relayout may copy the layout
-    var m = g.layout.meta, key = [m.last_step, m.stat, (m.layer_index || []).join(" ")].join("|");
+    var m = g.layout.meta, key = [m.last_step, m.stat, m.depth, (m.layer_index || []).join(" ")].join("|");
     var st = S.graphs[id];
     if (!st || st.key !== key) {
       st = S.graphs[id] = {key: key, sent: m.last_step === null ? -1 : m.last_step};
@@ -113,16 +137,18 @@
   }
 
   function draw() {
-    Object.keys(LINE_GRAPHS).forEach(function (id) {
+    LINE_GRAPHS.forEach(function (id) {
+      var g = gd(id), lt = g && g.layout && g.layout.meta && g.layout.meta.live_traces;
+      if (!lt) { if (id === "norm-graph") { fresh(id); } return; }  // an empty state: reloads once data flows
       var recs = fresh(id);
       if (!recs || !recs.length) { return; }
-      var fields = LINE_GRAPHS[id], xs = [], ys = [], idx = [];
-      fields.forEach(function (f, k) {
-        xs.push(recs.map(function (r) { return r.step; }));
-        ys.push(recs.map(function (r) { return fin(r[f]); }));
-        idx.push(k);
+      var xs = [], ys = [], idx = [];
+      lt.forEach(function (t) {
+        var x = [], y = [];
+        recs.forEach(function (r) { var v = pick(r, t[1]); if (v !== undefined) { x.push(r.step); y.push(v); } });
+        xs.push(x); ys.push(y); idx.push(t[0]);
       });
-      setProps(id, {extendData: [{x: xs, y: ys}, idx, MAX_POINTS]});
+      if (xs.some(function (x) { return x.length; })) { setProps(id, {extendData: [{x: xs, y: ys}, idx, MAX_POINTS]}); }
     });
     var m = heatMeta();
     if (!m || !m.live) { return; }
@@ -136,8 +162,13 @@
       for (var i = 0; i < L.index.length; i++) { pos[L.index[i]] = i; }
       var vals = L[m.stat] || [], nf = L.nonfinite || [];
       var row = [], brow = [];
-      m.layer_index.forEach(function (li) {
-        var p = pos[li], v = p === undefined ? null : num(vals[p]), n = p === undefined ? 0 : (nf[p] || 0);
+      (m.rows || m.layer_index).forEach(function (li) {
+        var p, v, n;
+        if (Array.isArray(li)) {  // a module-prefix group: merged as figures.merge_group does
+          var got = group(li, pos, vals, nf, m.agg); v = got[0]; n = got[1];
+        } else {
+          p = pos[li]; v = p === undefined ? null : num(vals[p]); n = p === undefined ? 0 : (nf[p] || 0);
+        }
         var isBad = (v !== null && !isFinite(v)) || (m.stat === "nonfinite" ? v > 0 : n > 0 && v === null);
         brow.push(isBad || (v !== null && !isFinite(v)) ? 1 : null);
         if (v === null || !isFinite(v)) { row.push(m.stat === "nonfinite" ? v : null); return; }
@@ -146,6 +177,24 @@
       x.push(r.step); z.push(row); bad.push(brow);
     });
     if (x.length) { setProps("heatmap", {extendData: [{x: [x, x], z: [z, bad]}, [0, 1], HEAT_MAX]}); }
+  }
+
+  function group(members, pos, vals, nf, how) {
+    var out = null, n = 0, sq = 0, big = 0, any = false;
+    for (var i = 0; i < members.length; i++) {
+      var p = pos[members[i]];
+      if (p === undefined) { continue; }
+      n += nf[p] || 0;
+      var v = num(vals[p]);
+      if (v === null) { continue; }
+      if (isNaN(v)) { return [NaN, n]; }
+      any = true;
+      if (how === "rss") { var a = Math.abs(v); if (a > big) { sq = sq * (big / a) * (big / a) + 1; big = a; } else if (a > 0) { sq += (a / big) * (a / big); } }
+      else if (how === "sum") { out = (out || 0) + v; }
+      else { out = out === null ? v : Math.max(out, v); }
+    }
+    if (!any) { return [null, n]; }
+    return [how === "rss" ? (big === Infinity ? Infinity : big * Math.sqrt(sq)) : out, n];
   }
 
   /* REST: the steps after the cursor that the stream did not bring (first connect, reconnects) */
@@ -234,5 +283,5 @@
   }
 
   window.addEventListener("popstate", function () { if (!/^\/runs\//.test(location.pathname)) { stop(); S.run = null; } });
-  window.gradwatchLive = {start: start, stop: stop, jump: jump, stats: stats, state: S};
+  window.gradwatchLive = {start: start, stop: stop, jump: jump, stats: stats, state: S, group: group};
 })();
