@@ -51,24 +51,32 @@ GROUP_AGG = {"l2": "rss", "l2_post": "rss", "wnorm": "rss", "nonfinite": "sum", 
 _GROUP_LABEL = re.compile(r"^(.*)\.\* \((\d+) layers\)$")
 
 
-def ticks_125(lo: float, hi: float) -> tuple[list[float], list[str]] | None:
+def ticks_125(lo: float, hi: float, fine: bool = False) -> tuple[list[float], list[str]] | None:
     """Tick values 1-2-5 per decade between ``lo`` and ``hi`` (positive), powers of ten only
     when the span exceeds four decades; ``None`` under one decade (Plotly's own ticks read well
-    there). One decade of margin each side, so points appended live still get ticks."""
+    there on a log axis), or with ``fine`` (a colour bar of log10 values, where Plotly's would
+    be exponents) the mantissas 1-9 and halves. One decade of margin each side, so points
+    appended live still get ticks."""
     if not (lo > 0 and hi > 0 and math.isfinite(lo) and math.isfinite(hi)):
         return None
     a, b = math.log10(lo), math.log10(hi)
     span = b - a
-    if span < 1:
+    if span < 1 and not fine:
         return None
-    mults = (1,) if span > 4 else (1, 2, 5)
-    vals = [m * 10.0 ** k for k in range(math.floor(a) - 1, math.ceil(b) + 2) for m in mults]
+    mults: tuple[float, ...] = (1,) if span > 4 else (1, 2, 5)
+    if span < 1:
+        mults = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9) if span > 0.2 else tuple(1 + k / 10 for k in range(90))
+    vals = [float(f"{m * 10.0 ** k:.3g}") for k in range(math.floor(a) - 1, math.ceil(b) + 2) for m in mults]
+    if span < 1:  # the colour bar's own range: a few ticks inside it
+        vals = [v for v in vals if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+        if len(vals) < 2:
+            return None
     return vals, [tick_text(v) for v in vals]
 
 
 def tick_text(v: float) -> str:
     """``0.002``, ``50``, ``2e-05``, ``1e+06``: short, and never a bare exponent."""
-    return f"{v:g}" if 1e-3 <= abs(v) < 1e5 else f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e+")
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e5 else f"{v:.3g}".replace("e-0", "e-").replace("e+0", "e+")
 
 
 def log_axis(title: str, values: Iterable[Any]) -> dict[str, Any]:
@@ -124,9 +132,11 @@ def _layout(title: str, theme: str, **extra: Any) -> dict[str, Any]:
         "title": {"text": title, "x": 0.01, "font": {"size": 14}},
         "paper_bgcolor": c["bg"], "plot_bgcolor": c["bg"], "font": {"color": c["fg"]},
         "margin": {"l": 60, "r": 20, "t": 36, "b": 40}, "uirevision": "keep",
-        "hovermode": "closest", "legend": {"orientation": "h", "y": -0.18},
+        "hovermode": "closest", "legend": {"orientation": "h", "yanchor": "top", "y": -0.3},
     }
     out.update(extra)
+    if out.get("showlegend"):  # below the step axis's title, not over it
+        out["margin"] = {**out["margin"], "b": 90}
     for axis in ("xaxis", "yaxis"):
         out[axis] = {"gridcolor": c["grid"], "zerolinecolor": c["grid"], **out.get(axis, {})}
     return out
@@ -291,13 +301,14 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     n_bad = sum(1 for col in bad for v in col if v)
     meaning = STAT_HELP.get(stat, help_text)
     if depth > 0:
-        meaning += {"rss": " (a group: its layers' norms combined)", "sum": " (a group: summed over its layers)",
-                    "max": " (a group: its largest layer)"}[how]
+        meaning += "<br>a row named prefix.* is a group: " + {
+            "rss": "its layers' norms combined (√Σ‖g‖²)", "sum": "summed over its layers",
+            "max": "its largest layer"}[how]
     value = "10^%{z:.2f}" if log else "%{z:.4g}"
     hover = f"layer %{{y}}<br>step %{{x}}<br>{label}: %{{z:.3g}} (= {value})<br><i>{meaning}</i><extra></extra>"
     colorbar: dict[str, Any] = {"title": {"text": label}}
     if log and finite:
-        t = ticks_125(10.0 ** min(finite), 10.0 ** max(finite))
+        t = ticks_125(10.0 ** min(finite), 10.0 ** max(finite), fine=True)
         if t:
             colorbar.update(tickmode="array", tickvals=[round(math.log10(v), 4) for v in t[0]], ticktext=t[1])
     data = [
@@ -437,8 +448,12 @@ def scalars_figure(series: dict[str, dict[str, Any]], theme: str = "light",
         data += _band(key, cols, colour)
         if cols["bad_x"]:
             data.append(_bad_markers(cols, _top(cols["hi"]) or 0.0, f"{key} non-finite"))
+    # loss and learning rate differ by decades: a log axis when every value is positive
+    ys = [v for tr in data for v in tr["y"] if _finite(v)]
+    yaxis = log_axis("value (log)", ys) if ys and min(ys) > 0 and max(ys) >= 10 * min(ys) else {}
     return {"data": data, "layout": _layout("Scalars (Watcher.log)", theme, xaxis={"title": {"text": "step"}},
-                                            showlegend=True, meta={"last_step": last_step, "live_traces": live})}
+                                            yaxis=yaxis, showlegend=True,
+                                            meta={"last_step": last_step, "live_traces": live})}
 
 
 #: Units of the transforms' values that share the left (linear) axis; values in gradient units

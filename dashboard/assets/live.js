@@ -180,19 +180,20 @@
   }
 
   function group(members, pos, vals, nf, how) {
-    var out = null, n = 0, sq = 0, big = 0, any = false;
+    var out = null, n = 0, sq = 0, big = 0, any = false, nan = false;
     for (var i = 0; i < members.length; i++) {
       var p = pos[members[i]];
       if (p === undefined) { continue; }
       n += nf[p] || 0;
       var v = num(vals[p]);
       if (v === null) { continue; }
-      if (isNaN(v)) { return [NaN, n]; }
+      if (isNaN(v)) { nan = true; continue; }
       any = true;
       if (how === "rss") { var a = Math.abs(v); if (a > big) { sq = sq * (big / a) * (big / a) + 1; big = a; } else if (a > 0) { sq += (a / big) * (a / big); } }
       else if (how === "sum") { out = (out || 0) + v; }
       else { out = out === null ? v : Math.max(out, v); }
     }
+    if (nan) { return [NaN, n]; }  // NaN wins, as in figures.merge_group
     if (!any) { return [null, n]; }
     return [how === "rss" ? (big === Infinity ? Infinity : big * Math.sqrt(sq)) : out, n];
   }

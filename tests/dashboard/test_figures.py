@@ -320,3 +320,12 @@ def test_compare_names_runs_and_keeps_ids_apart() -> None:
     f = strict(fig.compare_figure({"c3": pts, "d4": pts}, None, "loss", log=True, labels=labels))
     assert [t["name"] for t in f["data"]] == ["lr-3e-4", "d4"] and f["data"][0]["meta"] == "c3"
     assert f["layout"]["yaxis"]["type"] == "log" and f["layout"]["showlegend"] is True
+
+
+def test_colour_bar_under_a_decade_still_reads_as_values() -> None:
+    got = fig.ticks_125(10 ** -2.6, 10 ** -1.8, fine=True)
+    assert got is not None
+    vals, text = got
+    assert all(10 ** -2.6 <= v <= 10 ** -1.8 for v in vals) and "0.005" in text and "0.015" in text
+    assert fig.ticks_125(10 ** -2.6, 10 ** -1.8) is None  # a log axis: Plotly's own ticks there
+    assert fig.tick_text(1.5e-5) == "1.5e-5" and fig.tick_text(1.5e-4) == "0.00015"
