@@ -110,6 +110,9 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     assert page.page.locator("#layer-select").inner_text().strip().endswith(".weight")
 
     # kill the server mid-run, restart it on the same port and database: the view resumes, no gap
+    # the jump zoomed the charts (each refetched its visible steps): back to the whole run first
+    page.page.click("#reset-zoom")
+    page.wait_js(f"() => {{ const x = ({X0})('norm-graph'); return x && x.length && Math.min(...x) <= 1; }}")
     before = _max_x(page, "norm-graph")
     server.kill()
     killed_at = time.monotonic()
@@ -165,15 +168,19 @@ def test_compare_page_overlays_runs_and_a_shared_layer(server: Server, trainer: 
         trainer(name, "--steps", "60", "--seed", str(seed))  # two different runs: the lines differ
     ids = [_run(server, name, 59)["run_id"] for name in ("cmp-a", "cmp-b")]
     page.page.goto(f"{server.url}/compare?runs={','.join(ids)}")
-    # one line per run (plus its min–max band where downsampled), each with the run's steps
+    # one line per run, named by the run's name (plus its min–max band where downsampled), each
+    # with the run's steps
+    names = ["cmp-a", "cmp-b"]
     for gid in ("compare-norm", "compare-scalars"):
         drawn = page.wait_js(TRACES, gid)
-        assert all(drawn.get(r, 0) >= 50 for r in ids), (gid, drawn)
+        assert all(drawn.get(r, 0) >= 50 for r in names), (gid, drawn)
+    legend = page.page.locator("#compare-norm .legend").inner_text()
+    assert "cmp-a" in legend and "cmp-b" in legend and ids[0] not in legend
     # a layer matched by name in both runs: its L2 norm overlaid
     page.js("() => window.dash_clientside.set_props('compare-layer', {value: '0.weight'})")
     drawn = page.wait_js(f"() => {{ const t = ({TRACES})('compare-layer-graph'); "
-                         f"return t && {ids!r}.every(r => t[r] >= 50) ? t : null; }}")
-    assert set(drawn) >= set(ids)
+                         f"return t && {names!r}.every(r => t[r] >= 50) ? t : null; }}")
+    assert set(drawn) >= set(names)
     page.shot("compare")
     assert not page.errors, page.errors
 
@@ -255,6 +262,10 @@ def test_zoom_refines_every_chart_groups_open_and_merge_like_python(server: Serv
         else:
             assert float(js) == pytest.approx(want, rel=1e-9), (case, js)
     assert not page.errors, page.errors
+    # offline: every asset, Plotly's bundle included, came from this server (no CDN)
+    assert any("plotly" in u and u.endswith(".js") for u in page.requests), page.requests
+    away = [u for u in page.requests if not u.startswith((server.url + "/", "data:", "blob:"))]
+    assert not away, away
 
 
 def _js(v: float | None) -> Any:
