@@ -126,10 +126,29 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         title = f"{run.get('name') or run_id} · {run.get('project')}"
         return title, html.Span(label, className=f"gw-status-{status}", id="run-status-text"), None
 
-    @app.callback(Output("heatmap", "figure"), Output("regex-error", "children"), Output("layer-select", "options"),
-                  Input("run-id", "data"), Input("heatmap-stat", "value"), Input("layer-regex", "value"),
-                  Input("theme", "data"), Input("reset-zoom", "n_clicks"), Input("group-depth", "value"),
-                  Input("heatmap", "relayoutData"), State("viewport", "data"))
+    def zoomable(gid: str, outputs: list[Output], *deps: Input | State) -> Callable[[Any], Any]:
+        """Register ``fn`` twice: fired by ``deps`` with the chart's ``relayoutData`` as state, and
+        fired by the zoom alone (everything else as state). Two callbacks, so a relayout that
+        refetches nothing (an autosize, a y zoom) cannot supersede a pending change of the
+        statistic, the grouping or a reset: Dash drops an in-flight request of a callback that
+        fires again."""
+        zoom = (gid, "relayoutData")
+
+        def deco(fn: Any) -> Any:
+            app.callback(*outputs, *[State(*zoom) if (d.component_id, d.component_property) == zoom else d
+                                     for d in deps])(fn)
+            app.callback(*[Output(o.component_id, o.component_property, allow_duplicate=True) for o in outputs],
+                         *[Input(*zoom) if (d.component_id, d.component_property) == zoom
+                           else State(d.component_id, d.component_property) for d in deps],
+                         prevent_initial_call=True)(fn)
+            return fn
+        return deco
+
+    @zoomable("heatmap", [Output("heatmap", "figure"), Output("regex-error", "children"),
+                          Output("layer-select", "options")],
+              Input("run-id", "data"), Input("heatmap-stat", "value"), Input("layer-regex", "value"),
+              Input("theme", "data"), Input("reset-zoom", "n_clicks"), Input("group-depth", "value"),
+              Input("heatmap", "relayoutData"), State("viewport", "data"))
     async def heatmap(run_id: str, stat: str, pattern: str | None, theme: str, reset: Any, depth: Any,
                       relayout: dict[str, Any] | None, width: Any) -> Any:
         start, end, skip = zoom_range(relayout, "heatmap")
@@ -179,8 +198,9 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
                 return options[keep[0]]["value"]
         return no_update
 
-    @app.callback(Output("layer-graph", "figure"), Input("layer-select", "value"), Input("run-id", "data"),
-                  Input("theme", "data"), Input("layer-graph", "relayoutData"), Input("reset-zoom", "n_clicks"))
+    @zoomable("layer-graph", [Output("layer-graph", "figure")], Input("layer-select", "value"),
+              Input("run-id", "data"), Input("theme", "data"), Input("layer-graph", "relayoutData"),
+              Input("reset-zoom", "n_clicks"))
     async def layer_series(layer: str | None, run_id: str, theme: str, relayout: dict[str, Any] | None,
                            reset: Any = None) -> Any:
         if not layer:
@@ -201,8 +221,8 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
     # Every figure carries the run's last step at fetch time (``meta.last_step``): the live
     # script appends what comes after it.
     def step_chart(gid: str, build: Callable[[Api, str, int | None, int | None, int | None, str], Any]) -> None:
-        @app.callback(Output(gid, "figure"), Input("run-id", "data"), Input("theme", "data"),
-                      Input("reset-zoom", "n_clicks"), Input(gid, "relayoutData"))
+        @zoomable(gid, [Output(gid, "figure")], Input("run-id", "data"), Input("theme", "data"),
+                  Input("reset-zoom", "n_clicks"), Input(gid, "relayoutData"))
         async def chart(run_id: str, theme: str, reset: Any, relayout: dict[str, Any] | None) -> Any:
             start, end, skip = zoom_range(relayout, gid)
             if skip:

@@ -27,17 +27,28 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
 
 def callback(c: TestClient, outputs: list[tuple[str, str]], inputs: list[tuple[str, str, Any]],
              state: list[tuple[str, str, Any]] = (), changed: str | None = None) -> Any:  # type: ignore[assignment]
-    """One Dash callback over HTTP; ``changed``: the input that fired (default: the first).
-    ``None`` when the callback updated nothing (204)."""
-    body = {"output": "...".join(f"{i}.{p}" for i, p in outputs),
-            "outputs": [{"id": i, "property": p} for i, p in outputs],
-            "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
-            "changedPropIds": [changed or f"{inputs[0][0]}.{inputs[0][1]}"],
-            "state": [{"id": i, "property": p, "value": v} for i, p, v in state]}
-    if len(outputs) > 1:
-        body["output"] = ".." + body["output"] + ".."
-    else:  # a single Output is sent as one object, not a list of one
-        body["outputs"] = body["outputs"][0]
+    """One Dash callback over HTTP, as the renderer sends it: the callback is found in
+    ``/_dash-dependencies`` by its outputs and by the input that fired (``changed``; default the
+    first given), and its inputs and state are filled from the values given. ``None`` when the
+    callback updated nothing (204)."""
+    values = {f"{i}.{p}": v for i, p, v in [*inputs, *state]}
+    changed = changed or f"{inputs[0][0]}.{inputs[0][1]}"
+    want = "...".join(f"{i}.{p}" for i, p in outputs)
+    deps = [d for d in c.get("/_dash-dependencies").json()
+            if "...".join(o.split("@")[0] for o in d["output"].strip(".").split("...")) == want
+            and any(f"{x['id']}.{x['property']}" == changed for x in d["inputs"])]
+    assert len(deps) == 1, (want, changed, len(deps))
+    dep = deps[0]
+
+    def fill(xs: list[dict[str, str]]) -> list[dict[str, Any]]:
+        return [{"id": x["id"], "property": x["property"], "value": values.get(f"{x['id']}.{x['property']}")}
+                for x in xs]
+
+    body = {"output": dep["output"], "inputs": fill(dep["inputs"]), "state": fill(dep["state"]),
+            "changedPropIds": [changed]}
+    outs = [{"id": o.split("@")[0].rsplit(".", 1)[0], "property": o.split("@")[0].rsplit(".", 1)[1]}
+            for o in dep["output"].strip(".").split("...")]
+    body["outputs"] = outs if len(outs) > 1 else outs[0]  # a single Output is sent as one object
     r = c.post("/_dash-update-component", json=body)
     if r.status_code == 204:
         return None

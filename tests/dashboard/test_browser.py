@@ -174,7 +174,7 @@ def test_compare_page_overlays_runs_and_a_shared_layer(server: Server, trainer: 
     for gid in ("compare-norm", "compare-scalars"):
         drawn = page.wait_js(TRACES, gid)
         assert all(drawn.get(r, 0) >= 50 for r in names), (gid, drawn)
-    legend = page.page.locator("#compare-norm .legend").inner_text()
+    legend = page.page.locator("#compare-norm .legend").text_content() or ""
     assert "cmp-a" in legend and "cmp-b" in legend and ids[0] not in legend
     # a layer matched by name in both runs: its L2 norm overlaid
     page.js("() => window.dash_clientside.set_props('compare-layer', {value: '0.weight'})")
