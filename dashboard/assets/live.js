@@ -15,7 +15,7 @@
    * [trace index, path] with path ["total_norm"], ["transforms", name, field], ["scalars", key], or
    * {num: path, den: path} for a ratio (AutoscaledNorm's sigma/sigma_ref) */
   var LINE_GRAPHS = ["norm-graph", "scale-graph", "transforms-graph", "scalars-graph"];
-  var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, scalarsAt: {}, cursor: -1, pending: [], timer: null,
+  var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, scalarHist: [], scalarAt: {}, cursor: -1, pending: [], timer: null,
            backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0};
   var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0, subscribed: 0};
 
@@ -48,7 +48,6 @@
     // append it in order, so they are redrawn from a fresh REST snapshot
     if (S.cursor >= 0 && rec.step < S.cursor && !S.inGap) { S.late = true; }
     S.byStep[rec.step] = rec;
-    if (S.scalarsAt[rec.step]) { rec.scalars = S.scalarsAt[rec.step]; delete S.scalarsAt[rec.step]; }
     var h = S.history;
     if (!h.length || h[h.length - 1].step < rec.step) { h.push(rec); }
     else { var i = h.length; while (i > 0 && h[i - 1].step > rec.step) { i--; } h.splice(i, 0, rec); }
@@ -58,11 +57,19 @@
     return true;
   }
 
-  /* Watcher.log values of a step: onto its record, or kept until the record arrives */
+  /* Watcher.log values of a step, in their own history (the scalars chart has its own cursor:
+   * a step's scalars may arrive in a later batch than its step record) */
   function attachScalars(sc) {
     if (sc.rank) { return; }
-    var rec = S.byStep[sc.step], into = rec ? (rec.scalars = rec.scalars || {}) : (S.scalarsAt[sc.step] = S.scalarsAt[sc.step] || {});
-    for (var k in sc.values) { if (Object.prototype.hasOwnProperty.call(sc.values, k)) { into[k] = sc.values[k]; } }
+    var o = S.scalarAt[sc.step];
+    if (!o) {
+      o = S.scalarAt[sc.step] = {step: sc.step, scalars: {}};
+      var h = S.scalarHist, i = h.length;
+      while (i > 0 && h[i - 1].step > sc.step) { i--; }
+      h.splice(i, 0, o);
+      if (h.length > HISTORY) { delete S.scalarAt[h.shift().step]; }
+    }
+    for (var k in sc.values) { if (Object.prototype.hasOwnProperty.call(sc.values, k)) { o.scalars[k] = sc.values[k]; } }
   }
 
   /* a value of a step record by path; undefined when the record does not hold it */
@@ -116,8 +123,9 @@
   }
 
   /* the part of the history a graph does not hold yet (its cursor survives a figure replacement) */
-  function fresh(id) {
+  function fresh(id, hist) {
     var g = gd(id);
+    hist = hist || S.history;
     if (!g || !g.layout) { return null; }
     if (!g.layout.meta || g.layout.meta.last_step === undefined) {
       // an empty state drawn before the run had steps: redraw from a snapshot once data flows
@@ -131,7 +139,7 @@
       st = S.graphs[id] = {key: key, sent: m.last_step === null ? -1 : m.last_step};
     }
     var out = [];
-    for (var i = 0; i < S.history.length; i++) { if (S.history[i].step > st.sent) { out.push(S.history[i]); } }
+    for (var i = 0; i < hist.length; i++) { if (hist[i].step > st.sent) { out.push(hist[i]); } }
     if (out.length) { st.sent = out[out.length - 1].step; }
     return out;
   }
@@ -140,7 +148,7 @@
     LINE_GRAPHS.forEach(function (id) {
       var g = gd(id), lt = g && g.layout && g.layout.meta && g.layout.meta.live_traces;
       if (!lt) { if (id === "norm-graph") { fresh(id); } return; }  // an empty state: reloads once data flows
-      var recs = fresh(id);
+      var recs = fresh(id, id === "scalars-graph" ? S.scalarHist : null);
       if (!recs || !recs.length) { return; }
       var xs = [], ys = [], idx = [];
       lt.forEach(function (t) {
@@ -209,9 +217,9 @@
     var heat = hs === null ? Promise.resolve(null) : fetch(
       base + "/heatmap?stat=" + hs + "&start=" + from + "&max_points=" + 2000, {credentials: "same-origin"})
       .then(function (r) { return r.ok ? r.json() : null; });
-    Promise.all([steps, heat]).then(function (got) {
+    Promise.all([steps, heat, gapValues(base, from)]).then(function (got) {
       if (gen !== S.generation) { return; }
-      var st = got[0], hm = got[1], layersAt = {};
+      var st = got[0], hm = got[1], layersAt = {}, valuesAt = got[2];
       if (hm && hm.bucket_width === 1) {
         hm.steps.forEach(function (s, k) {
           var blk = {index: hm.layers.map(function (l) { return l.index; })};
@@ -225,10 +233,52 @@
                 total_norm_post: b.total_norm_post && b.total_norm_post.mean, loss_scale: b.loss_scale && b.loss_scale.mean};
       })) : [];
       S.inGap = true;  // the gap's steps may precede steps the stream already brought
-      pts.forEach(function (p) { if (layersAt[p.step]) { p.layers = layersAt[p.step]; } keep(p); });
+      pts.forEach(function (p) {
+        if (layersAt[p.step]) { p.layers = layersAt[p.step]; }
+        var v = valuesAt[p.step];
+        if (v) { p.transforms = v.transforms; }
+        keep(p);
+      });
+      Object.keys(valuesAt).forEach(function (step) { attachScalars({step: +step, values: valuesAt[step].scalars}); });
       S.inGap = false;
     }).catch(function () { /* the stream goes on; the next reconnect fills again */ })
       .then(function () { if (gen === S.generation) { S.filling = false; schedule(); } });
+  }
+
+  /* REST: the transform values and scalars the charts follow, from step `from` on, as
+   * {step: {transforms: {name: {field: v}}, scalars: {key: v}}} (for the gap a reconnect left) */
+  function gapValues(base, from) {
+    var names = {}, keys = {};
+    ["transforms-graph", "scalars-graph"].forEach(function (id) {
+      var g = gd(id), lt = g && g.layout && g.layout.meta && g.layout.meta.live_traces;
+      (lt || []).forEach(function (t) {
+        (Array.isArray(t[1]) ? [t[1]] : [t[1].num, t[1].den]).forEach(function (p) {
+          if (p[0] === "transforms") { names[p[1]] = 1; } else if (p[0] === "scalars") { keys[p[1]] = 1; }
+        });
+      });
+    });
+    function get(url) {
+      return fetch(base + url + "&start=" + from, {credentials: "same-origin"})
+        .then(function (r) { return r.ok ? r.json() : null; }).catch(function () { return null; });
+    }
+    function points(sr) {  // raw points, or a bucket's mean at its last step (as fillGap does for /steps)
+      return sr.points ? sr.points.filter(function (p) { return !p.rank; }).map(function (p) { return [p.step, p.value]; })
+        : (sr.buckets || []).map(function (b) { return [b.step_max, b.mean]; });
+    }
+    var out = {};
+    function at(step) { return out[step] || (out[step] = {transforms: {}, scalars: {}}); }
+    var jobs = Object.keys(names).map(function (n) {
+      return get("/transforms?transform=" + encodeURIComponent(n)).then(function (j) {
+        ((j && j.series) || []).forEach(function (sr) {
+          points(sr).forEach(function (p) { var t = at(p[0]).transforms; (t[n] = t[n] || {})[sr.field] = p[1]; });
+        });
+      });
+    }).concat(Object.keys(keys).map(function (k) {
+      return get("/scalars?key=" + encodeURIComponent(k)).then(function (j) {
+        if (j) { points(j).forEach(function (p) { at(p[0]).scalars[k] = p[1]; }); }
+      });
+    }));
+    return Promise.all(jobs).then(function () { return out; });
   }
 
   function connect() {
@@ -261,7 +311,7 @@
     if (!snap || !snap.run_id) { return; }
     if (snap.run_id === S.run && S.ws) { return; }  // a snapshot reload: the cursors follow the figures
     stop();
-    S.run = snap.run_id; S.reloaded = false; S.history = []; S.byStep = {}; S.graphs = {}; S.pending = []; S.backoff = 500;
+    S.run = snap.run_id; S.reloaded = false; S.history = []; S.byStep = {}; S.scalarHist = []; S.scalarAt = {}; S.graphs = {}; S.pending = []; S.backoff = 500;
     S.cursor = snap.last_step === null || snap.last_step === undefined ? -1 : snap.last_step;
     connect();
   }

@@ -126,6 +126,11 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     dups = sorted({x for x in xs if xs.count(x) > 1})
     assert not dups, f"duplicate steps after the reconnect: {dups} {page.js('() => window.gradwatchLive.stats')}"
     assert xs == list(range(xs[0], xs[-1] + 1)), "steps missing after the reconnect"
+    # the transforms' values and the scalars too: the reconnect's gap is filled over REST
+    for gid, name in (("transforms-graph", "clip_norm.coef"), ("scalars-graph", "loss")):
+        got = page.wait_js(f"() => {{ const x = ({TRACE_X})('{gid}', '{name}'); "
+                           f"return x && x.length && Math.max(...x) > {before + 40} ? x : null; }}")
+        assert got == list(range(got[0], got[-1] + 1)), (gid, name, sorted(set(range(got[0], got[-1])) - set(got)))
     page.shot("run-after-restart")
 
     # the gradient-to-weight ratio heatmap: ‖g‖/‖w‖ from the recorded weight norms, every layer drawn
