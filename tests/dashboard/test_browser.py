@@ -130,7 +130,9 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     for gid, name in (("transforms-graph", "clip_norm.coef"), ("scalars-graph", "loss")):
         got = page.wait_js(f"() => {{ const x = ({TRACE_X})('{gid}', '{name}'); "
                            f"return x && x.length && Math.max(...x) > {before + 40} ? x : null; }}")
-        assert got == list(range(got[0], got[-1] + 1)), (gid, name, sorted(set(range(got[0], got[-1])) - set(got)))
+        missing = set(range(got[0], got[-1] + 1)) - set(got)
+        # the overflow's step was skipped: the transforms did not run there
+        assert missing <= {OVERFLOW_AT} and len(got) == len(set(got)) and got == sorted(got), (gid, name, missing)
     page.shot("run-after-restart")
 
     # the gradient-to-weight ratio heatmap: ‖g‖/‖w‖ from the recorded weight norms, every layer drawn
