@@ -238,13 +238,14 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
 
     async def norm(api: Api, run_id: str, start: int | None, stop: int | None, last: int | None, theme: str) -> Any:
         steps, events = await asyncio.gather(api.steps(run_id, STEP_FIELDS[:2], start=start, end=stop,
-                                                       max_points=CHART_POINTS), api.events(run_id, ["clip"]))
+                                                       max_points=CHART_POINTS),
+                                             api.events(run_id, ["clip"], start=start, end=stop))
         return fig.norm_figure(steps, events, theme, last)
 
     async def scale(api: Api, run_id: str, start: int | None, stop: int | None, last: int | None, theme: str) -> Any:
         steps, events = await asyncio.gather(
             api.steps(run_id, ["loss_scale"], start=start, end=stop, max_points=CHART_POINTS),
-            api.events(run_id, ["overflow", "skipped", "scale_growth"]))
+            api.events(run_id, ["overflow", "skipped", "scale_growth"], start=start, end=stop))
         return fig.scale_figure(steps, events, theme, last)
 
     async def scalars(api: Api, run_id: str, start: int | None, stop: int | None, last: int | None,
@@ -301,11 +302,12 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
 
     # -- compare page ------------------------------------------------------------------------
     @app.callback(Output("compare-norm", "figure"), Output("compare-scalars", "figure"),
-                  Output("compare-layer", "options"), Input("compare-ids", "data"), Input("theme", "data"))
+                  Output("compare-layer", "options"), Output("compare-runs", "children"),
+                  Input("compare-ids", "data"), Input("theme", "data"))
     async def compare(run_ids: list[str], theme: str) -> Any:
         if len(run_ids) < 2:
             msg = fig.empty_figure("Select two or more runs on the runs page to compare them.", theme)
-            return msg, msg, []
+            return msg, msg, [], no_update
         try:
             async with api_factory() as api:
                 steps = await asyncio.gather(*[api.steps(r, ["total_norm"], max_points=2000) for r in run_ids])
@@ -314,14 +316,15 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
                 labels = fig.run_labels(dict(zip(run_ids, await asyncio.gather(*[api.run(r) for r in run_ids]))))
         except ApiError as e:
             err = fig.empty_figure(e.message, theme)
-            return err, err, []
+            return err, err, [], _error(e)
         shared = set.intersection(*[{ly["name"] for ly in ls} for ls in layer_lists])
         names = [ly["name"] for ly in layer_lists[0] if ly["name"] in shared]
         norm = fig.compare_figure({r: s for r, s in zip(run_ids, steps)}, "total_norm", "Total gradient norm",
                                   theme, log=True, labels=labels)
         scal = fig.compare_figure({r: s for r, s in zip(run_ids, loss) if s is not None}, None, "loss", theme,
                                   labels=labels)
-        return norm, scal, [{"label": n, "value": n} for n in names]
+        links = [dash.dcc.Link(labels[r], href=f"/runs/{r}", title=r) for r in run_ids]
+        return norm, scal, [{"label": n, "value": n} for n in names], [x for a in links for x in (a, " · ")][:-1]
 
     @app.callback(Output("compare-layer-graph", "figure"), Input("compare-layer", "value"),
                   State("compare-ids", "data"), Input("theme", "data"))

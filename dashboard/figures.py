@@ -51,11 +51,12 @@ GROUP_AGG = {"l2": "rss", "l2_post": "rss", "wnorm": "rss", "nonfinite": "sum", 
 _GROUP_LABEL = re.compile(r"^(.*)\.\* \((\d+) layers\)$")
 
 
-def ticks_125(lo: float, hi: float, fine: bool = False) -> tuple[list[float], list[str]] | None:
+def ticks_125(lo: float, hi: float, fine: bool = False, margin: float = 1.0) -> tuple[list[float], list[str]] | None:
     """Tick values 1-2-5 per decade between ``lo`` and ``hi`` (positive), powers of ten only
     when the span exceeds four decades; ``None`` under one decade (Plotly's own ticks read well
     there on a log axis), or with ``fine`` (a colour bar of log10 values, where Plotly's would
-    be exponents) the mantissas 1-9 and halves. One decade of margin each side, so points
+    be exponents, or on an axis where Plotly's would be bare digits) finer mantissas, kept within
+    a factor ``margin`` of the range. One decade of margin each side otherwise, so points
     appended live still get ticks."""
     if not (lo > 0 and hi > 0 and math.isfinite(lo) and math.isfinite(hi)):
         return None
@@ -65,10 +66,11 @@ def ticks_125(lo: float, hi: float, fine: bool = False) -> tuple[list[float], li
         return None
     mults: tuple[float, ...] = (1,) if span > 4 else (1, 2, 5)
     if span < 1:
-        mults = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9) if span > 0.2 else tuple(1 + k / 10 for k in range(90))
+        mults = ((1, 2, 3, 5, 7) if span > 0.6 else (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9) if span > 0.2
+                 else tuple(1 + k / 10 for k in range(90)))
     vals = [float(f"{m * 10.0 ** k:.3g}") for k in range(math.floor(a) - 1, math.ceil(b) + 2) for m in mults]
     if span < 1:  # the colour bar's own range: a few ticks inside it
-        vals = [v for v in vals if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+        vals = [v for v in vals if lo / margin * (1 - 1e-9) <= v <= hi * margin * (1 + 1e-9)]
         if len(vals) < 2:
             return None
     return vals, [tick_text(v) for v in vals]
@@ -83,7 +85,8 @@ def log_axis(title: str, values: Iterable[Any]) -> dict[str, Any]:
     """A log y axis titled ``title`` with 1-2-5 ticks where ``values`` span decades."""
     pos = [v for v in values if _finite(v) and v > 0]
     out: dict[str, Any] = {"type": "log", "title": {"text": title}}
-    t = ticks_125(min(pos), max(pos)) if pos else None
+    # under a decade Plotly labels a log axis with bare digits ("4 3 2 0.1 9 8"): values instead
+    t = ticks_125(min(pos), max(pos), fine=True, margin=3.0) if pos else None
     if t:
         out.update(tickmode="array", tickvals=t[0], ticktext=t[1])
     return out

@@ -168,7 +168,8 @@ def compare_page(run_ids: list[str]) -> html.Div:
     return html.Div(children=[
         dcc.Store(id="compare-ids", data=run_ids),
         html.H1("Compare runs"),
-        html.P(", ".join(run_ids) if run_ids else "Select two or more runs on the runs page."),
+        html.P(id="compare-runs", children=", ".join(run_ids) if run_ids else
+               "Select two or more runs on the runs page."),
         html.Div(className="gw-row", children=[
             html.Label("Layer", htmlFor="compare-layer"),
             dcc.Dropdown(id="compare-layer", options=[], placeholder="a layer name shared by the runs",

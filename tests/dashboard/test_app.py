@@ -285,6 +285,9 @@ def test_zoom_refetches_the_visible_range_of_every_chart_and_reset_returns_the_w
                    ("layer-graph", "relayoutData", zoom), ("reset-zoom", "n_clicks", None)],
                   changed="layer-graph.relayoutData")["layer-graph"]["figure"]
     assert _xs(ls) == list(range(100, 141))
+    # a zoomed loss-scale chart marks only the growth steps it shows (its y range follows them)
+    sz = chart(client, "scale-graph", "long", relayout=zoom, changed="scale-graph.relayoutData")
+    assert {x for t in sz["data"] if t.get("mode") == "markers" for x in t["x"]} <= set(range(100, 141))
     # a malformed range (what a script could send) is no zoom, never a 500
     bad = chart(client, "norm-graph", "long", relayout={"xaxis.range[0]": "x", "xaxis.range[1]": None},
                 changed="norm-graph.relayoutData")
@@ -315,7 +318,9 @@ def test_heatmap_groups_by_prefix_and_a_group_click_opens_it(client: TestClient)
 def test_compare_legend_names_runs(client: TestClient) -> None:
     _ingest(client, run="r1")
     _ingest(client, run="r2")  # the same name: the ids tell them apart
-    out = callback(client, [("compare-norm", "figure"), ("compare-scalars", "figure"), ("compare-layer", "options")],
+    out = callback(client, [("compare-norm", "figure"), ("compare-scalars", "figure"), ("compare-layer", "options"),
+                            ("compare-runs", "children")],
                    [("compare-ids", "data", ["r1", "r2"]), ("theme", "data", "light")])
     names = [t["name"] for t in out["compare-norm"]["figure"]["data"]]
     assert names == ["run one (r1)", "run one (r2)"]
+    assert "run one (r1)" in str(out["compare-runs"]["children"]) and "/runs/r2" in str(out["compare-runs"]["children"])
