@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -21,7 +22,7 @@ from gradwatch.dashboard import layout
 from gradwatch.dashboard.api import Api, ApiError, num
 
 #: Stats drawn for a selected layer (each one line with its min–max band).
-LAYER_SERIES_STATS = ("l2", "std", "maxabs")
+LAYER_SERIES_STATS = ("l2", "std", "var", "maxabs")
 #: Step buckets of the heatmap snapshot when the window's width is unknown; otherwise one bucket
 #: per ~3 px of the plot area (more buckets than a screen shows cost transfer and drawing for
 #: nothing; the server may answer fewer: whole 64-step rollup blocks over a long run).
@@ -34,6 +35,8 @@ def heatmap_points(width: Any) -> int:
         return HEATMAP_POINTS
     return int(min(1000, max(100, (width - 260) // 3)))
 STEP_FIELDS = ["total_norm", "total_norm_post", "loss_scale"]
+#: Points (buckets) a line chart asks for: about two per pixel of a wide chart.
+CHART_POINTS = 4000
 
 
 def _fmt_time(t: Any) -> str:
@@ -123,19 +126,44 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         title = f"{run.get('name') or run_id} · {run.get('project')}"
         return title, html.Span(label, className=f"gw-status-{status}", id="run-status-text"), None
 
-    @app.callback(Output("heatmap", "figure"), Output("regex-error", "children"), Output("layer-select", "options"),
-                  Input("run-id", "data"), Input("heatmap-stat", "value"), Input("layer-regex", "value"),
-                  Input("theme", "data"), Input("reset-zoom", "n_clicks"), State("viewport", "data"))
-    async def heatmap(run_id: str, stat: str, pattern: str | None, theme: str, _: Any, width: Any) -> Any:
+    def zoomable(gid: str, outputs: list[Output], *deps: Input | State) -> Callable[[Any], Any]:
+        """Register ``fn`` twice: fired by ``deps`` with the chart's ``relayoutData`` as state, and
+        fired by the zoom alone (everything else as state). Two callbacks, so a relayout that
+        refetches nothing (an autosize, a y zoom) cannot supersede a pending change of the
+        statistic, the grouping or a reset: Dash drops an in-flight request of a callback that
+        fires again."""
+        zoom = (gid, "relayoutData")
+
+        def deco(fn: Any) -> Any:
+            app.callback(*outputs, *[State(*zoom) if (d.component_id, d.component_property) == zoom else d
+                                     for d in deps])(fn)
+            app.callback(*[Output(o.component_id, o.component_property, allow_duplicate=True) for o in outputs],
+                         *[Input(*zoom) if (d.component_id, d.component_property) == zoom
+                           else State(d.component_id, d.component_property) for d in deps],
+                         prevent_initial_call=True)(fn)
+            return fn
+        return deco
+
+    @zoomable("heatmap", [Output("heatmap", "figure"), Output("regex-error", "children"),
+                          Output("layer-select", "options")],
+              Input("run-id", "data"), Input("heatmap-stat", "value"), Input("layer-regex", "value"),
+              Input("theme", "data"), Input("reset-zoom", "n_clicks"), Input("group-depth", "value"),
+              Input("heatmap", "relayoutData"), State("viewport", "data"))
+    async def heatmap(run_id: str, stat: str, pattern: str | None, theme: str, reset: Any, depth: Any,
+                      relayout: dict[str, Any] | None, width: Any) -> Any:
+        start, end, skip = zoom_range(relayout, "heatmap")
+        if skip:
+            return no_update, no_update, no_update
         points = heatmap_points(width)
         try:
             async with api_factory() as api:
                 api_stat = "l2" if stat == "ratio" else fig.HEATMAP_STATS[stat][0]
                 last = (await api.run(run_id)).get("last_step")  # the snapshot ends here; live resumes after
-                hm = await api.heatmap(run_id, api_stat, end=last, max_points=points)
+                stop = last if end is None or last is None else min(end, last)
+                hm = await api.heatmap(run_id, api_stat, start=start, end=stop, max_points=points)
                 weights = None
                 if stat == "ratio":
-                    weights = await api.heatmap(run_id, "wnorm", end=last, max_points=points)
+                    weights = await api.heatmap(run_id, "wnorm", start=start, end=stop, max_points=points)
                     if not any(v is not None for row in weights.get("values", []) for v in row):
                         msg = "No weight norms in this run (its agent did not send wnorm): no gradient-to-weight ratio."
                         return fig.empty_figure(msg, theme, "Layers × steps"), None, no_update
@@ -143,28 +171,42 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
             return fig.empty_figure(e.message, theme, "Layers × steps"), None, no_update
         names = [ly["name"] for ly in hm.get("layers", [])]
         _, err = fig.layer_filter(names, pattern)
-        return (fig.heatmap_figure(hm, stat, pattern=pattern, theme=theme, weights=weights, last_step=last), err,
-                [{"label": n, "value": n} for n in names])
+        out = fig.heatmap_figure(hm, stat, pattern=pattern, theme=theme, weights=weights, last_step=last,
+                                 depth=int(depth or 0))
+        return _zoomed(out, start, end, reset), err, [{"label": n, "value": n} for n in names]
+
+    @app.callback(Output("layer-regex", "value"), Output("group-depth", "value"), Input("heatmap", "clickData"),
+                  State("group-depth", "value"), prevent_initial_call=True)
+    async def open_group(click: dict[str, Any] | None, depth: Any) -> Any:
+        """A click on a group's row opens it: only its layers, one level deeper."""
+        label = click["points"][0].get("y") if click and click.get("points") else None
+        prefix = fig.group_prefix(label) if isinstance(label, str) else None
+        if prefix is None:
+            return no_update, no_update
+        return "^" + re.escape(prefix) + r"\.", int(depth or 0) + 1
 
     @app.callback(Output("layer-select", "value"), Input("heatmap", "clickData"), Input("layer-regex", "value"),
                   State("layer-select", "options"), prevent_initial_call=True)
     async def pick_layer(click: dict[str, Any] | None, pattern: str | None, options: list[dict[str, str]]) -> Any:
         trigger = dash.ctx.triggered_id
         if trigger == "heatmap" and click and click.get("points"):
-            return click["points"][0]["y"]
+            y = click["points"][0].get("y")
+            return y if isinstance(y, str) and fig.group_prefix(y) is None else no_update
         if trigger == "layer-regex" and pattern:
             keep, _ = fig.layer_filter([o["value"] for o in options or []], pattern)
             if len(keep) == 1:
                 return options[keep[0]]["value"]
         return no_update
 
-    @app.callback(Output("layer-graph", "figure"), Input("layer-select", "value"), Input("run-id", "data"),
-                  Input("theme", "data"), Input("layer-graph", "relayoutData"))
-    async def layer_series(layer: str | None, run_id: str, theme: str, relayout: dict[str, Any] | None) -> Any:
+    @zoomable("layer-graph", [Output("layer-graph", "figure")], Input("layer-select", "value"),
+              Input("run-id", "data"), Input("theme", "data"), Input("layer-graph", "relayoutData"),
+              Input("reset-zoom", "n_clicks"))
+    async def layer_series(layer: str | None, run_id: str, theme: str, relayout: dict[str, Any] | None,
+                           reset: Any = None) -> Any:
         if not layer:
             return fig.empty_figure("Click a heatmap cell or search a layer to see its series.", theme, "Layer")
-        start, end = _visible(relayout)
-        if dash.ctx.triggered_id == "layer-graph" and start is None and not _is_reset(relayout):
+        start, end, skip = zoom_range(relayout, "layer-graph")
+        if skip:
             return no_update
         try:
             async with api_factory() as api:
@@ -172,30 +214,67 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
                                                              max_points=2000) for s in LAYER_SERIES_STATS])
         except ApiError as e:
             return fig.empty_figure(e.message, theme, "Layer")
-        out = fig.layer_series_figure(layer, dict(zip(LAYER_SERIES_STATS, got)), theme)
-        if start is not None:
-            out["layout"]["xaxis"]["range"] = [start, end]
-        return out
+        return _zoomed(fig.layer_series_figure(layer, dict(zip(LAYER_SERIES_STATS, got)), theme), start, end, reset)
 
-    @app.callback(Output("norm-graph", "figure"), Output("scale-graph", "figure"), Output("scalars-graph", "figure"),
-                  Output("transforms-graph", "figure"), Output("events-store", "data"), Output("snapshot", "data"),
-                  Input("run-id", "data"), Input("theme", "data"), Input("reset-zoom", "n_clicks"))
-    async def charts(run_id: str, theme: str, _: Any) -> Any:
+    # Each chart is its own callback: a zoom (relayoutData) refetches that chart's visible range
+    # at full resolution (min/max/mean buckets); "Reset zoom" or a double click, the whole run.
+    # Every figure carries the run's last step at fetch time (``meta.last_step``): the live
+    # script appends what comes after it.
+    def step_chart(gid: str, build: Callable[[Api, str, int | None, int | None, int | None, str], Any]) -> None:
+        @zoomable(gid, [Output(gid, "figure")], Input("run-id", "data"), Input("theme", "data"),
+                  Input("reset-zoom", "n_clicks"), Input(gid, "relayoutData"))
+        async def chart(run_id: str, theme: str, reset: Any, relayout: dict[str, Any] | None) -> Any:
+            start, end, skip = zoom_range(relayout, gid)
+            if skip:
+                return no_update
+            try:
+                async with api_factory() as api:
+                    last = (await api.run(run_id)).get("last_step")
+                    stop = last if end is None or last is None else min(end, last)
+                    out = await build(api, run_id, start, stop, last, theme)
+            except ApiError as e:
+                return fig.empty_figure(e.message, theme)
+            return _zoomed(out, start, end, reset)
+
+    async def norm(api: Api, run_id: str, start: int | None, stop: int | None, last: int | None, theme: str) -> Any:
+        steps, events = await asyncio.gather(api.steps(run_id, STEP_FIELDS[:2], start=start, end=stop,
+                                                       max_points=CHART_POINTS),
+                                             api.events(run_id, ["clip"], start=start, end=stop))
+        return fig.norm_figure(steps, events, theme, last)
+
+    async def scale(api: Api, run_id: str, start: int | None, stop: int | None, last: int | None, theme: str) -> Any:
+        steps, events = await asyncio.gather(
+            api.steps(run_id, ["loss_scale"], start=start, end=stop, max_points=CHART_POINTS),
+            api.events(run_id, ["overflow", "skipped", "scale_growth"], start=start, end=stop))
+        return fig.scale_figure(steps, events, theme, last)
+
+    async def scalars(api: Api, run_id: str, start: int | None, stop: int | None, last: int | None,
+                      theme: str) -> Any:
+        keys = (await api.scalar_keys(run_id))[:8]
+        got = await asyncio.gather(*[api.scalar(run_id, k, start=start, end=stop, max_points=CHART_POINTS // 2)
+                                     for k in keys])
+        return fig.scalars_figure(dict(zip(keys, got)), theme, last)
+
+    async def transforms(api: Api, run_id: str, start: int | None, stop: int | None, last: int | None,
+                         theme: str) -> Any:
+        got = await api.transforms(run_id, start=start, end=stop, max_points=CHART_POINTS // 2)
+        return fig.transforms_figure(got, theme, last)
+
+    for gid, build in (("norm-graph", norm), ("scale-graph", scale), ("scalars-graph", scalars),
+                       ("transforms-graph", transforms)):
+        step_chart(gid, build)
+
+    @app.callback(Output("events-store", "data"), Output("snapshot", "data"), Input("run-id", "data"),
+                  Input("reset-zoom", "n_clicks"))
+    async def snapshot(run_id: str, _: Any) -> Any:
+        """The events list, and the snapshot the live script starts from."""
         try:
             async with api_factory() as api:
-                run = await api.run(run_id)
-                last = run.get("last_step")  # the snapshot ends here; the live script resumes after it
-                steps, events, keys, transforms = await asyncio.gather(
-                    api.steps(run_id, STEP_FIELDS, end=last, max_points=4000), api.events(run_id),
-                    api.scalar_keys(run_id), api.transforms(run_id, end=last, max_points=2000))
-                scalars = dict(zip(keys[:8], await asyncio.gather(
-                    *[api.scalar(run_id, k, max_points=2000) for k in keys[:8]])))
-        except ApiError as e:
-            empty = fig.empty_figure(e.message, theme)
-            return empty, empty, empty, empty, [], None
-        snap = {"run_id": run_id, "last_step": last, "status": run.get("status"), "t": time.time()}
-        return (fig.norm_figure(steps, events, theme, last), fig.scale_figure(steps, events, theme, last),
-                fig.scalars_figure(scalars, theme), fig.transforms_figure(transforms, theme), events, snap)
+                run, events = await asyncio.gather(api.run(run_id), api.events(run_id))
+        except ApiError:
+            return [], None
+        return events, {"run_id": run_id, "last_step": run.get("last_step"), "status": run.get("status"),
+                        "t": time.time()}
 
     @app.callback(Output("events-store", "data", allow_duplicate=True), Input("live-tick", "data"),
                   State("run-id", "data"), prevent_initial_call=True)
@@ -223,25 +302,29 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
 
     # -- compare page ------------------------------------------------------------------------
     @app.callback(Output("compare-norm", "figure"), Output("compare-scalars", "figure"),
-                  Output("compare-layer", "options"), Input("compare-ids", "data"), Input("theme", "data"))
+                  Output("compare-layer", "options"), Output("compare-runs", "children"),
+                  Input("compare-ids", "data"), Input("theme", "data"))
     async def compare(run_ids: list[str], theme: str) -> Any:
         if len(run_ids) < 2:
             msg = fig.empty_figure("Select two or more runs on the runs page to compare them.", theme)
-            return msg, msg, []
+            return msg, msg, [], no_update
         try:
             async with api_factory() as api:
                 steps = await asyncio.gather(*[api.steps(r, ["total_norm"], max_points=2000) for r in run_ids])
                 loss = await asyncio.gather(*[_loss(api, r) for r in run_ids])
                 layer_lists = await asyncio.gather(*[api.layers(r) for r in run_ids])
+                labels = fig.run_labels(dict(zip(run_ids, await asyncio.gather(*[api.run(r) for r in run_ids]))))
         except ApiError as e:
             err = fig.empty_figure(e.message, theme)
-            return err, err, []
+            return err, err, [], _error(e)
         shared = set.intersection(*[{ly["name"] for ly in ls} for ls in layer_lists])
         names = [ly["name"] for ly in layer_lists[0] if ly["name"] in shared]
         norm = fig.compare_figure({r: s for r, s in zip(run_ids, steps)}, "total_norm", "Total gradient norm",
-                                  theme, log=True)
-        scal = fig.compare_figure({r: s for r, s in zip(run_ids, loss) if s is not None}, None, "loss", theme)
-        return norm, scal, [{"label": n, "value": n} for n in names]
+                                  theme, log=True, labels=labels)
+        scal = fig.compare_figure({r: s for r, s in zip(run_ids, loss) if s is not None}, None, "loss", theme,
+                                  labels=labels)
+        links = [dash.dcc.Link(labels[r], href=f"/runs/{r}", title=r) for r in run_ids]
+        return norm, scal, [{"label": n, "value": n} for n in names], [x for a in links for x in (a, " · ")][:-1]
 
     @app.callback(Output("compare-layer-graph", "figure"), Input("compare-layer", "value"),
                   State("compare-ids", "data"), Input("theme", "data"))
@@ -251,9 +334,11 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         try:
             async with api_factory() as api:
                 got = await asyncio.gather(*[api.layer_stats(r, layer, "l2", max_points=2000) for r in run_ids])
+                runs = await asyncio.gather(*[api.run(r) for r in run_ids])
         except ApiError as e:
             return fig.empty_figure(e.message, theme)
-        return fig.compare_figure(dict(zip(run_ids, got)), None, f"{layer} — L2 norm", theme, log=True)
+        return fig.compare_figure(dict(zip(run_ids, got)), None, f"{layer} — L2 norm", theme, log=True,
+                                  labels=fig.run_labels(dict(zip(run_ids, runs))))
 
 
 async def _loss(api: Api, run_id: str) -> dict[str, Any] | None:
@@ -261,16 +346,45 @@ async def _loss(api: Api, run_id: str) -> dict[str, Any] | None:
     return await api.scalar(run_id, "loss", max_points=2000) if "loss" in keys else None
 
 
+def zoom_range(relayout: dict[str, Any] | None, gid: str) -> tuple[int | None, int | None, bool]:
+    """``(start, end, skip)`` for a chart's callback: the steps a zoom on ``gid`` asks for
+    (``None``: the whole run), and ``skip`` when the trigger was a relayout that changed no x
+    range (a y zoom, an autosize, a hover mode): nothing to refetch."""
+    if "reset-zoom.n_clicks" in dash.ctx.triggered_prop_ids:  # a stale zoom stays in relayoutData
+        return None, None, False
+    start, end = _visible(relayout)
+    if dash.ctx.triggered_id == gid:
+        return start, end, start is None and not _is_reset(relayout)
+    return start, end, False
+
+
+def _zoomed(figure: dict[str, Any], start: int | None, end: int | None, reset: Any) -> dict[str, Any]:
+    """Keep the zoomed x range on the refined figure; after a reset, forget the user's zoom
+    (a new ``uirevision``)."""
+    lay = figure.setdefault("layout", {})
+    if start is not None and end is not None:
+        lay.setdefault("xaxis", {})["range"] = [start, end]
+    if reset:
+        lay["uirevision"] = f"reset-{reset}"
+    return figure
+
+
 def _visible(relayout: dict[str, Any] | None) -> tuple[int | None, int | None]:
-    """The x range a zoom asked for (``relayoutData``), as whole steps."""
+    """The x range a zoom asked for (``relayoutData``), as whole steps, both ends included."""
     if not relayout:
         return None, None
     a, b = relayout.get("xaxis.range[0]"), relayout.get("xaxis.range[1]")
     if a is None and isinstance(relayout.get("xaxis.range"), list):
         a, b = relayout["xaxis.range"]
-    if a is None or b is None:
+    try:
+        lo, hi = float(a), float(b)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
         return None, None
-    return max(0, int(float(a))), max(0, int(float(b)) + 1)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None, None
+    lo, hi = min(lo, hi), max(lo, hi)
+    # one step beyond each edge: the lines run to the edges of the chart
+    return max(0, math.floor(lo)), max(0, math.ceil(hi))
 
 
 def _is_reset(relayout: dict[str, Any] | None) -> bool:

@@ -32,11 +32,96 @@ HEATMAP_STATS: dict[str, tuple[str, str, bool, str]] = {
     "ratio": ("wnorm", "log10 ‖g‖/‖w‖", True, "gradient norm relative to the layer's weight norm"),
 }
 LOG_STATS = frozenset({"l2", "std", "var", "maxabs", "l2_post", "total_norm", "total_norm_post", "loss_scale"})
+#: Gradients are in the units of ∂loss/∂parameter ("grad units"); the hover of every chart says
+#: what a statistic means and its unit, so a reader need not know how gradwatch measures.
 STAT_HELP = {
-    "l2": "L2 norm of the gradient", "std": "standard deviation of the gradient's elements",
-    "var": "population variance of the gradient's elements", "maxabs": "largest |gradient element|",
-    "mean": "mean gradient element", "nonfinite": "NaN/±inf elements", "l2_post": "L2 norm after the transforms",
+    "l2": "L2 norm of the layer's gradient (before transforms), grad units",
+    "std": "std of the gradient's elements (pooled over a bucket's steps), grad units",
+    "var": "population variance of the gradient's elements (pooled over a bucket's steps), grad units²",
+    "maxabs": "largest |gradient element|, grad units",
+    "mean": "mean gradient element, grad units", "nonfinite": "count of NaN/±inf gradient elements",
+    "l2_post": "L2 norm of the gradient after the transforms, grad units",
+    "ratio": "‖gradient‖ / ‖weight‖ of the layer (dimensionless)",
 }
+#: How the layers of a module-prefix group merge into one heatmap row: the group's L2 norm is
+#: the root of the sum of its layers' squared norms (exact); counts add; std, variance and
+#: max |g| show the group's largest.
+GROUP_AGG = {"l2": "rss", "l2_post": "rss", "wnorm": "rss", "nonfinite": "sum", "maxabs": "max", "std": "max",
+             "var": "max"}
+_GROUP_LABEL = re.compile(r"^(.*)\.\* \((\d+) layers\)$")
+
+
+def ticks_125(lo: float, hi: float, fine: bool = False, margin: float = 1.0) -> tuple[list[float], list[str]] | None:
+    """Tick values 1-2-5 per decade between ``lo`` and ``hi`` (positive), powers of ten only
+    when the span exceeds four decades; ``None`` under one decade (Plotly's own ticks read well
+    there on a log axis), or with ``fine`` (a colour bar of log10 values, where Plotly's would
+    be exponents, or on an axis where Plotly's would be bare digits) finer mantissas, kept within
+    a factor ``margin`` of the range. One decade of margin each side otherwise, so points
+    appended live still get ticks."""
+    if not (lo > 0 and hi > 0 and math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    a, b = math.log10(lo), math.log10(hi)
+    span = b - a
+    if span < 1 and not fine:
+        return None
+    mults: tuple[float, ...] = (1,) if span > 4 else (1, 2, 5)
+    if span < 1:
+        mults = ((1, 2, 3, 5, 7) if span > 0.6 else (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9) if span > 0.2
+                 else tuple(1 + k / 10 for k in range(90)))
+    vals = [float(f"{m * 10.0 ** k:.3g}") for k in range(math.floor(a) - 1, math.ceil(b) + 2) for m in mults]
+    if span < 1:  # the colour bar's own range: a few ticks inside it
+        vals = [v for v in vals if lo / margin * (1 - 1e-9) <= v <= hi * margin * (1 + 1e-9)]
+        if len(vals) < 2:
+            return None
+    return vals, [tick_text(v) for v in vals]
+
+
+def tick_text(v: float) -> str:
+    """``0.002``, ``50``, ``2e-05``, ``1e+06``: short, and never a bare exponent."""
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e5 else f"{v:.3g}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def log_axis(title: str, values: Iterable[Any]) -> dict[str, Any]:
+    """A log y axis titled ``title`` with 1-2-5 ticks where ``values`` span decades."""
+    pos = [v for v in values if _finite(v) and v > 0]
+    out: dict[str, Any] = {"type": "log", "title": {"text": title}}
+    # under a decade Plotly labels a log axis with bare digits ("4 3 2 0.1 9 8"): values instead
+    t = ticks_125(min(pos), max(pos), fine=True, margin=3.0) if pos else None
+    if t:
+        out.update(tickmode="array", tickvals=t[0], ticktext=t[1])
+    return out
+
+
+def layer_groups(names: list[str], keep: list[int], depth: int) -> list[tuple[str, list[int]]]:
+    """Rows of the heatmap: ``depth`` 0 one per layer; otherwise the layers in ``keep`` grouped
+    by the first ``depth`` parts of their dotted module path, in model order (a group sits where
+    its first layer does). A group of several layers is labelled ``prefix.* (n layers)``; a
+    group of one keeps the layer's name."""
+    if depth <= 0:
+        return [(names[i], [i]) for i in keep]
+    groups: dict[str, list[int]] = {}
+    for i in keep:
+        parts = names[i].split(".")
+        groups.setdefault(".".join(parts[:depth]) if len(parts) > depth else names[i], []).append(i)
+    return [(names[v[0]] if len(v) == 1 else f"{k}.* ({len(v)} layers)", v) for k, v in groups.items()]
+
+
+def group_prefix(label: str) -> str | None:
+    """The module prefix of a group row's label (``None`` for a single layer's row)."""
+    m = _GROUP_LABEL.match(label or "")
+    return m.group(1) if m else None
+
+
+def merge_group(vals: list[float | None], how: str) -> float | None:
+    """One group cell from its layers' values (``None``: not measured): NaN wins, then ±inf."""
+    vs = [v for v in vals if v is not None]
+    if not vs:
+        return None
+    if any(math.isnan(v) for v in vs):
+        return math.nan
+    if how == "rss":
+        return math.hypot(*vs)
+    return sum(vs) if how == "sum" else max(vs)
 
 
 #: Colours per theme (plotly.js has no named templates: a figure dict carries its colours).
@@ -50,9 +135,11 @@ def _layout(title: str, theme: str, **extra: Any) -> dict[str, Any]:
         "title": {"text": title, "x": 0.01, "font": {"size": 14}},
         "paper_bgcolor": c["bg"], "plot_bgcolor": c["bg"], "font": {"color": c["fg"]},
         "margin": {"l": 60, "r": 20, "t": 36, "b": 40}, "uirevision": "keep",
-        "hovermode": "closest", "legend": {"orientation": "h", "y": -0.18},
+        "hovermode": "closest", "legend": {"orientation": "h", "yanchor": "top", "y": -0.3},
     }
     out.update(extra)
+    if out.get("showlegend"):  # below the step axis's title, not over it
+        out["margin"] = {**out["margin"], "b": 90}
     for axis in ("xaxis", "yaxis"):
         out[axis] = {"gridcolor": c["grid"], "zerolinecolor": c["grid"], **out.get(axis, {})}
     return out
@@ -70,9 +157,11 @@ def _finite(v: float | None) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def series_points(resp: dict[str, Any], field: str | None = None) -> dict[str, list[Any]]:
+def series_points(resp: dict[str, Any], field: str | None = None, pooled: str | None = None) -> dict[str, list[Any]]:
     """A series response (raw points or min/max/mean buckets; for ``/steps`` one ``field``) as
-    columns: ``x``, ``mean``, ``lo``, ``hi`` (finite or None) and ``bad`` (x, kind) of non-finite."""
+    columns: ``x``, ``mean``, ``lo``, ``hi`` (finite or None) and ``bad`` (x, kind) of non-finite.
+    ``pooled`` (``std``/``var``): a bucket's line is that statistic of all the gradient elements
+    of its steps together (the server's ``pooled`` moments), not the mean of per-step values."""
     x: list[Any] = []
     mean: list[Any] = []
     lo: list[Any] = []
@@ -83,6 +172,8 @@ def series_points(resp: dict[str, Any], field: str | None = None) -> dict[str, l
         for b in resp.get("buckets", []):
             cell = b[field] if field else b
             m, a, z = num(cell.get("mean")), num(cell.get("min")), num(cell.get("max"))
+            if pooled and isinstance(cell.get("pooled"), dict) and cell["pooled"].get(pooled) is not None:
+                m = num(cell["pooled"][pooled])
             step = (b["step_min"] + b["step_max"]) // 2
             nan = int(cell.get("nan") or 0)
             x.append(step)
@@ -150,12 +241,14 @@ def layer_filter(names: list[str], pattern: str | None) -> tuple[list[int], str 
 
 
 def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None = None, theme: str = "light",
-                   weights: dict[str, Any] | None = None, last_step: int | None = None) -> dict[str, Any]:
+                   weights: dict[str, Any] | None = None, last_step: int | None = None,
+                   depth: int = 0) -> dict[str, Any]:
     """Layers × steps heatmap of ``hm`` (a ``/heatmap`` response), step-major with ``transpose``
     so the live script can append steps. Trace 0: the statistic; trace 1: non-finite cells in
     their own colour (hover: how many NaN/inf elements). ``ratio`` needs ``weights`` (a
-    ``wnorm`` heatmap of the same shape; a cell without a weight norm stays empty). ``last_step``: the last step the data holds, where
-    the live script resumes (``layout.meta``)."""
+    ``wnorm`` heatmap of the same shape; a cell without a weight norm stays empty). ``depth``
+    > 0 groups the layers by module prefix (:func:`layer_groups`, merged by :data:`GROUP_AGG`).
+    ``last_step``: the last step the data holds, where the live script resumes (``layout.meta``)."""
     api_stat, label, log, help_text = HEATMAP_STATS[stat]
     if stat == "ratio":
         api_stat = "l2"
@@ -167,23 +260,31 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     keep, err = layer_filter(names, pattern)
     if not keep:
         return empty_figure(f"No layer matches {pattern!r}.", theme, "Layers × steps")
+    rows = layer_groups(names, keep, depth)
+    how = GROUP_AGG.get(api_stat, "max")
     steps = list(hm["steps"])
     values = hm["values"]
     nans = hm.get("nan") or [[0] * len(steps) for _ in layers]
     wvals = weights["values"] if weights else None
-    z: list[list[Any]] = [[None] * len(keep) for _ in steps]
-    bad: list[list[Any]] = [[None] * len(keep) for _ in steps]
-    text: list[list[str]] = [[""] * len(steps) for _ in keep]  # layer-major: plotly does not transpose text
-    for j, i in enumerate(keep):
-        row, nrow = values[i], nans[i]
+    z: list[list[Any]] = [[None] * len(rows) for _ in steps]
+    bad: list[list[Any]] = [[None] * len(rows) for _ in steps]
+    text: list[list[str]] = [[""] * len(steps) for _ in rows]  # layer-major: plotly does not transpose text
+    for j, (_, members) in enumerate(rows):
+        single = len(members) == 1
         for k in range(len(steps)):
-            v = num(row[k])
+            if single:
+                i = members[0]
+                v = num(values[i][k])
+                w = num(wvals[i][k]) if wvals is not None else None
+                n = int(nans[i][k] or 0) if k < len(nans[i]) else 0
+            else:
+                v = merge_group([num(values[i][k]) for i in members], how)
+                w = merge_group([num(wvals[i][k]) for i in members], "rss") if wvals is not None else None
+                n = sum(int(nans[i][k] or 0) for i in members if k < len(nans[i]))
             if wvals is not None and v is not None:
-                w = num(wvals[i][k])
                 if w is None:  # not measured (an older agent, or a step `every` did not record)
                     continue
                 v = v / w if w != 0 else math.nan
-            n = int(nrow[k] or 0) if k < len(nrow) else 0
             if v is None:
                 continue
             if not math.isfinite(v) or (stat == "nonfinite" and v > 0):
@@ -199,12 +300,23 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     zmin = min(finite) if finite else None
     if zmin is not None:  # exact zeros: the bottom of the scale, not a hole
         z = [[zmin if v == -45.0 else v for v in col] for col in z]
-    y = [names[i] for i in keep]
+    y = [r[0] for r in rows]
     n_bad = sum(1 for col in bad for v in col if v)
-    hover = f"layer %{{y}}<br>step %{{x}}<br>{label}: %{{z:.3g}}<extra></extra>"
+    meaning = STAT_HELP.get(stat, help_text)
+    if depth > 0:
+        meaning += "<br>a row named prefix.* is a group: " + {
+            "rss": "its layers' norms combined (√Σ‖g‖²)", "sum": "summed over its layers",
+            "max": "its largest layer"}[how]
+    value = "10^%{z:.2f}" if log else "%{z:.4g}"
+    hover = f"layer %{{y}}<br>step %{{x}}<br>{label}: %{{z:.3g}} (= {value})<br><i>{meaning}</i><extra></extra>"
+    colorbar: dict[str, Any] = {"title": {"text": label}}
+    if log and finite:
+        t = ticks_125(10.0 ** min(finite), 10.0 ** max(finite), fine=True)
+        if t:
+            colorbar.update(tickmode="array", tickvals=[round(math.log10(v), 4) for v in t[0]], ticktext=t[1])
     data = [
         {"type": "heatmap", "x": steps, "y": y, "z": z, "transpose": True, "colorscale": "Viridis",
-         "colorbar": {"title": {"text": label}}, "hovertemplate": hover, "name": label, "hoverongaps": False},
+         "colorbar": colorbar, "hovertemplate": hover, "name": label, "hoverongaps": False},
         # without non-finite cells an empty trace (the live script appends its columns): half the
         # cells to send and draw
         {"type": "heatmap", "x": steps if n_bad else [], "y": y, "z": bad if n_bad else [], "transpose": True,
@@ -214,34 +326,46 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
          "hoverongaps": False},
     ]
     title = f"Layers × steps — {label}" + (f" · {n_bad} non-finite cells" if n_bad else "")
+    meta: dict[str, Any] = {"help": help_text, "layers": y, "layer_index": [layers[r[1][0]]["index"] for r in rows],
+                            "log": log, "stat": api_stat, "live": weights is None, "zmin": zmin,
+                            "last_step": last_step, "depth": depth}
+    if depth > 0:  # the live script merges a group's layers as this function does
+        meta["rows"] = [[layers[i]["index"] for i in r[1]] for r in rows]
+        meta["agg"] = how
     return {"data": data, "layout": _layout(
         title, theme, xaxis={"title": {"text": "step"}},
         yaxis={"autorange": "reversed", "automargin": True, "tickfont": {"size": 9},
-               "showticklabels": len(keep) <= 80},
-        meta={"help": help_text, "layers": y, "layer_index": [layers[i]["index"] for i in keep], "log": log,
-              "stat": api_stat, "live": weights is None, "zmin": zmin, "last_step": last_step})}
+               "showticklabels": len(rows) <= 80}, meta=meta)}
 
 
 # -- line charts ---------------------------------------------------------------------------------
 def layer_series_figure(name: str, series: dict[str, dict[str, Any]], theme: str = "light") -> dict[str, Any]:
-    """One layer's statistics (``series``: stat → ``/stats`` series), each as its mean line and
-    the min–max band of its buckets; non-finite buckets as markers."""
+    """One layer's statistics (``series``: stat → ``/stats`` series), each as its mean line (std
+    and variance: pooled over the bucket) and the min–max band of its buckets; non-finite
+    buckets as markers."""
     data: list[dict[str, Any]] = []
     any_points = False
+    ys: list[Any] = []
     for k, (stat, resp) in enumerate(series.items()):
-        cols = series_points(resp)
+        pooled = stat if stat in ("std", "var") else None
+        cols = series_points(resp, pooled=pooled)
         any_points = any_points or bool(cols["x"])
+        ys += cols["lo"] + cols["hi"]
         colour = COLOURS[k % len(COLOURS)]
-        data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": stat,
-                     "line": {"color": colour}, "hovertemplate": f"step %{{x}}<br>{STAT_HELP.get(stat, stat)}: "
-                                                                 "%{y:.4g}<extra></extra>"})
+        how = "bucket mean; band: min–max of the bucket" if resp.get("downsampled") else "per step"
+        if pooled and resp.get("downsampled"):
+            how = "pooled over the bucket's steps; band: min–max of the per-step values"
+        data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines",
+                     "name": f"{stat} (pooled)" if pooled else stat, "line": {"color": colour},
+                     "hovertemplate": f"step %{{x}}<br>{stat}: %{{y:.4g}}<br><i>{STAT_HELP.get(stat, stat)}"
+                                      f"<br>{how}</i><extra></extra>"})
         data += _band(stat, cols, colour)
         if cols["bad_x"]:
             data.append(_bad_markers(cols, _top(cols["hi"]) or 1.0))
     if not any_points:
         return empty_figure(f"No statistics recorded for {name} in this range.", theme, name)
     return {"data": data, "layout": _layout(f"Layer {name}", theme, xaxis={"title": {"text": "step"}},
-                                            yaxis={"type": "log", "title": {"text": "value (log)"}})}
+                                            yaxis=log_axis("grad units (log)", ys), showlegend=True)}
 
 
 def _event_markers(events: list[dict[str, Any]], kind: str, y: float | None, symbol: str, colour: str,
@@ -261,13 +385,15 @@ def norm_figure(steps: dict[str, Any], events: list[dict[str, Any]], theme: str 
                 last_step: int | None = None) -> dict[str, Any]:
     """Total gradient norm before (trace 0) and after (trace 1) the transforms, clip events marked."""
     pre, post = series_points(steps, "total_norm"), series_points(steps, "total_norm_post")
-    if not pre["x"]:
+    if not pre["x"] and last_step is None:
         return empty_figure("No steps recorded yet.", theme, "Total gradient norm")
     data = [
         {"type": "scatter", "x": pre["x"], "y": pre["mean"], "mode": "lines", "name": "before transforms",
-         "line": {"color": COLOURS[0]}, "hovertemplate": "step %{x}<br>‖g‖ before: %{y:.4g}<extra></extra>"},
+         "line": {"color": COLOURS[0]}, "hovertemplate": "step %{x}<br>‖g‖ before transforms: %{y:.4g}<br><i>L2 norm "
+         "of all layers' gradients together, grad units</i><extra></extra>"},
         {"type": "scatter", "x": post["x"], "y": post["mean"], "mode": "lines", "name": "after transforms",
-         "line": {"color": COLOURS[1]}, "hovertemplate": "step %{x}<br>‖g‖ after: %{y:.4g}<extra></extra>"},
+         "line": {"color": COLOURS[1]}, "hovertemplate": "step %{x}<br>‖g‖ after transforms: %{y:.4g}<br><i>what "
+         "the optimizer used (after clipping/normalization), grad units</i><extra></extra>"},
     ]
     data += _band("before", pre, COLOURS[0])
     top = _top(pre["hi"]) or 1.0
@@ -275,8 +401,10 @@ def norm_figure(steps: dict[str, Any], events: list[dict[str, Any]], theme: str 
     if pre["bad_x"]:
         data.append(_bad_markers(pre, top))
     return {"data": data, "layout": _layout("Total gradient norm (L2, all layers)", theme,
-                                            xaxis={"title": {"text": "step"}}, meta={"last_step": last_step},
-                                            yaxis={"type": "log", "title": {"text": "‖g‖ (log)"}})}
+                                            xaxis={"title": {"text": "step"}},
+                                            meta={"last_step": last_step,
+                                                  "live_traces": [[0, ["total_norm"]], [1, ["total_norm_post"]]]},
+                                            yaxis=log_axis("‖g‖, grad units (log)", pre["lo"] + pre["hi"] + post["mean"]))}
 
 
 def scale_figure(steps: dict[str, Any], events: list[dict[str, Any]], theme: str = "light",
@@ -289,7 +417,9 @@ def scale_figure(steps: dict[str, Any], events: list[dict[str, Any]], theme: str
                             "Loss scale")
     ys = {e["step"]: num(e["data"].get("scale_before")) for e in events if e["kind"] in ("overflow", "scale_growth")}
     data = [{"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": "loss scale",
-             "line": {"color": COLOURS[3], "shape": "hv"}, "hovertemplate": "step %{x}<br>scale %{y:.6g}<extra></extra>"}]
+             "line": {"color": COLOURS[3], "shape": "hv"},
+             "hovertemplate": "step %{x}<br>loss scale %{y:.6g}<br><i>the factor the loss is multiplied by before "
+                              "backward (mixed precision)</i><extra></extra>"}]
     top = _top(cols["hi"]) or 1.0
     for kind, symbol, colour, name in (("overflow", "x", "#d62728", "overflow"),
                                        ("skipped", "circle-open", "#ff7f0e", "skipped step"),
@@ -298,25 +428,35 @@ def scale_figure(steps: dict[str, Any], events: list[dict[str, Any]], theme: str
         tr["y"] = [ys.get(x) if _finite(ys.get(x)) else top for x in tr["x"]]
         data.append(tr)
     return {"data": data, "layout": _layout("Loss scale", theme, xaxis={"title": {"text": "step"}},
-                                            meta={"last_step": last_step},
-                                            yaxis={"type": "log", "title": {"text": "scale (log)"}})}
+                                            meta={"last_step": last_step, "live_traces": [[0, ["loss_scale"]]]},
+                                            yaxis=log_axis("scale (log)", cols["mean"] + list(ys.values())))}
 
 
-def scalars_figure(series: dict[str, dict[str, Any]], theme: str = "light") -> dict[str, Any]:
-    """User scalars from ``Watcher.log`` (loss, lr, ...), one line each."""
+def scalars_figure(series: dict[str, dict[str, Any]], theme: str = "light",
+                   last_step: int | None = None) -> dict[str, Any]:
+    """User scalars from ``Watcher.log`` (loss, lr, ...), one line each (``meta.live_traces``:
+    which trace the live script extends with which key)."""
     if not series:
         return empty_figure("No scalars logged: call watcher.log(loss=..., lr=...) in the training loop.", theme,
                             "Scalars")
     data: list[dict[str, Any]] = []
+    live: list[list[Any]] = []
     for k, (key, resp) in enumerate(series.items()):
         cols = series_points(resp)
         colour = COLOURS[k % len(COLOURS)]
+        live.append([len(data), ["scalars", key]])
         data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": key,
-                     "line": {"color": colour}, "hovertemplate": f"step %{{x}}<br>{key}: %{{y:.4g}}<extra></extra>"})
+                     "line": {"color": colour}, "hovertemplate": f"step %{{x}}<br>{key}: %{{y:.4g}}<br><i>logged with "
+                                                                 "watcher.log()</i><extra></extra>"})
         data += _band(key, cols, colour)
         if cols["bad_x"]:
             data.append(_bad_markers(cols, _top(cols["hi"]) or 0.0, f"{key} non-finite"))
-    return {"data": data, "layout": _layout("Scalars (Watcher.log)", theme, xaxis={"title": {"text": "step"}})}
+    # loss and learning rate differ by decades: a log axis when every value is positive
+    ys = [v for tr in data for v in tr["y"] if _finite(v)]
+    yaxis = log_axis("value (log)", ys) if ys and min(ys) > 0 and max(ys) >= 10 * min(ys) else {}
+    return {"data": data, "layout": _layout("Scalars (Watcher.log)", theme, xaxis={"title": {"text": "step"}},
+                                            yaxis=yaxis, showlegend=True,
+                                            meta={"last_step": last_step, "live_traces": live})}
 
 
 #: Units of the transforms' values that share the left (linear) axis; values in gradient units
@@ -331,7 +471,8 @@ def _transform_units() -> dict[str, str]:
     return {f"{t}.{v.name}": v.unit for t, vals in TRANSFORM_VALUES.items() for v in vals if not v.per_layer}
 
 
-def transforms_figure(resp: dict[str, Any] | None, theme: str = "light") -> dict[str, Any]:
+def transforms_figure(resp: dict[str, Any] | None, theme: str = "light",
+                      last_step: int | None = None) -> dict[str, Any]:
     """Each transform's reported values over time (``resp``: ``{"series": [{transform, field,
     ...series}]}`` from :meth:`Api.transforms`): ratios and z-scores (α_t, clip coefficients,
     σ_t/σ_ref, z) on the left axis, values in gradient units (thresholds, norms, σ_t) on a right
@@ -346,6 +487,8 @@ def transforms_figure(resp: dict[str, Any] | None, theme: str = "light") -> dict
                             "Transform values")
     units = _transform_units()
     data: list[dict[str, Any]] = []
+    live: list[list[Any]] = []
+    right_values: list[Any] = []
     right = False
     k = 0
     for name, cols in series.items():
@@ -354,10 +497,16 @@ def transforms_figure(resp: dict[str, Any] | None, theme: str = "light") -> dict
             continue
         on_right = unit == "grad units"
         right = right or on_right
+        if on_right:
+            right_values += cols["mean"]
+        t, _, f = name.partition(".")
+        live.append([len(data), {"num": ["transforms", t, "sigma"], "den": ["transforms", t, "sigma_ref"]}
+                     if f == "sigma/sigma_ref" else ["transforms", t, f]])
         data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": name,
                      "line": {"color": COLOURS[k % len(COLOURS)], "dash": "dot" if on_right else "solid"},
                      "yaxis": "y2" if on_right else "y",
-                     "hovertemplate": f"step %{{x}}<br>{name}: %{{y:.4g}} ({unit})<extra></extra>"})
+                     "hovertemplate": f"step %{{x}}<br>{name}: %{{y:.4g}} ({unit})<br><i>{_transform_help(name)}"
+                                      "</i><extra></extra>"})
         k += 1
         if cols["bad_x"]:
             tr = _bad_markers(cols, _top(cols["hi"]) or 1.0, f"{name} non-finite")
@@ -366,12 +515,30 @@ def transforms_figure(resp: dict[str, Any] | None, theme: str = "light") -> dict
     extra: dict[str, Any] = {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "ratio / z"}}}
     if right:
         c = THEMES.get(theme, THEMES["light"])
-        extra["yaxis2"] = {"title": {"text": "grad units (log, dotted)"}, "type": "log", "overlaying": "y",
+        extra["yaxis2"] = {**log_axis("grad units (log, dotted)", right_values), "overlaying": "y",
                            "side": "right", "showgrid": False, "gridcolor": c["grid"]}
     out = {"data": data, "layout": _layout("Transform values (α_t, σ_t/σ_ref, coefficients, z, thresholds)", theme,
+                                           showlegend=True, meta={"last_step": last_step, "live_traces": live},
                                            **extra)}
     out["layout"]["margin"]["r"] = 70 if right else 20
     return out
+
+
+#: What the values the transforms report mean (the hover's second line).
+_TRANSFORM_HELP = {
+    "coef": "factor the gradients were multiplied by (1: not clipped)",
+    "alpha": "AutoscaledNorm's α_t: the multiplier applied this step",
+    "sigma/sigma_ref": "σ_t/σ_ref: gradient spread now relative to the reference",
+    "sigma": "σ_t: the gradients' spread this step", "sigma_ref": "σ_ref: the reference spread",
+    "z": "z-score of the gradient norm against its running mean (ZClip)",
+    "threshold": "the norm above which gradients are clipped", "total_norm": "gradient norm the transform saw",
+    "max_norm": "the configured clipping norm",
+}
+
+
+def _transform_help(name: str) -> str:
+    field = name.partition(".")[2]
+    return _TRANSFORM_HELP.get(field, "value reported by the transform")
 
 
 def _transform_series(resp: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
@@ -427,17 +594,29 @@ def run_counts(run: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- compare -------------------------------------------------------------------------------------
+def run_labels(runs: dict[str, dict[str, Any] | None]) -> dict[str, str]:
+    """A legend label per run id: its name (with the id where two runs share a name)."""
+    names = {r: (info or {}).get("name") or r for r, info in runs.items()}
+    dup = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {r: f"{n} ({r})" if n in dup and n != r else n for r, n in names.items()}
+
+
 def compare_figure(series: dict[str, dict[str, Any]], field: str | None, title: str, theme: str = "light",
-                   log: bool = False) -> dict[str, Any]:
-    """The same series of several runs overlaid (``series``: run id → response)."""
+                   log: bool = False, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """The same series of several runs overlaid (``series``: run id → response), each named by
+    ``labels`` (run id → its name; the id where missing)."""
     data: list[dict[str, Any]] = []
+    ys: list[Any] = []
     for k, (run_id, resp) in enumerate(series.items()):
         cols = series_points(resp, field)
+        ys += cols["lo"] + cols["hi"]
         colour = COLOURS[k % len(COLOURS)]
-        data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": run_id,
-                     "line": {"color": colour}, "hovertemplate": f"{run_id}<br>step %{{x}}: %{{y:.4g}}<extra></extra>"})
-        data += _band(run_id, cols, colour)
+        name = (labels or {}).get(run_id, run_id)
+        data.append({"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": name,
+                     "meta": run_id, "line": {"color": colour},
+                     "hovertemplate": f"{name}<br>step %{{x}}: %{{y:.4g}}<extra>{run_id}</extra>"})
+        data += _band(name, cols, colour)
     if not any(tr["x"] for tr in data):
         return empty_figure(f"No {title} recorded in these runs.", theme, title)
-    return {"data": data, "layout": _layout(title, theme, xaxis={"title": {"text": "step"}},
-                                            yaxis={"type": "log"} if log else {})}
+    return {"data": data, "layout": _layout(title, theme, xaxis={"title": {"text": "step"}}, showlegend=True,
+                                            yaxis=log_axis("grad units (log)", ys) if log else {})}

@@ -91,6 +91,11 @@ def _graph(gid: str, height: int = 320) -> dcc.Loading:
                                  figure={"data": [], "layout": {}}), type="dot", delay_show=400)
 
 
+_DEPTHS = [{"label": "no: every layer", "value": 0}, {"label": "1 part (encoder.*)", "value": 1},
+           {"label": "2 parts (encoder.0.*)", "value": 2}, {"label": "3 parts", "value": 3},
+           {"label": "4 parts", "value": 4}]
+
+
 def run_page(run_id: str) -> html.Div:
     stats = [{"label": v[1], "value": k, "title": v[3]} for k, v in HEATMAP_STATS.items()]
     return html.Div(children=[
@@ -116,10 +121,15 @@ def run_page(run_id: str) -> html.Div:
                 dcc.Input(id="layer-regex", type="text", debounce=True, placeholder="e.g. ^encoder\\.|bias$",
                           style={"width": "260px"}),
                 html.Span(id="regex-error", className="gw-error-inline"),
+                html.Label("Group by module", htmlFor="group-depth",
+                           title="one row per module prefix: the first N parts of the dotted layer names"),
+                dcc.Dropdown(id="group-depth", options=_DEPTHS, value=0, clearable=False, searchable=False,
+                             style={"width": "200px"}),
             ]),
             _graph("heatmap", 460),
-            html.P("Click a cell (or pick a layer) for its series. Magenta cells held NaN or ±inf.",
-                   className="gw-hint"),
+            html.P("Click a cell (or pick a layer) for its series; click a group's row to open it. Magenta cells "
+                   "held NaN or ±inf. Drag to zoom any chart: it refetches the visible steps at full resolution; "
+                   "double-click or “Reset zoom” shows the whole run again.", className="gw-hint"),
         ]),
         html.Section(className="gw-card", children=[
             html.Div(className="gw-row", children=[
@@ -158,7 +168,8 @@ def compare_page(run_ids: list[str]) -> html.Div:
     return html.Div(children=[
         dcc.Store(id="compare-ids", data=run_ids),
         html.H1("Compare runs"),
-        html.P(", ".join(run_ids) if run_ids else "Select two or more runs on the runs page."),
+        html.P(id="compare-runs", children=", ".join(run_ids) if run_ids else
+               "Select two or more runs on the runs page."),
         html.Div(className="gw-row", children=[
             html.Label("Layer", htmlFor="compare-layer"),
             dcc.Dropdown(id="compare-layer", options=[], placeholder="a layer name shared by the runs",

@@ -11,8 +11,11 @@
 (function () {
   "use strict";
   var FLUSH_MS = 250, HISTORY = 4000, MAX_POINTS = 20000, HEAT_MAX = 3000, BACKOFF_MAX = 8000;
-  var LINE_GRAPHS = {"norm-graph": ["total_norm", "total_norm_post"], "scale-graph": ["loss_scale"]};
-  var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, cursor: -1, pending: [], timer: null,
+  /* line charts whose layout.meta.live_traces says which trace follows which value of a step record:
+   * [trace index, path] with path ["total_norm"], ["transforms", name, field], ["scalars", key], or
+   * {num: path, den: path} for a ratio (AutoscaledNorm's sigma/sigma_ref) */
+  var LINE_GRAPHS = ["norm-graph", "scale-graph", "transforms-graph", "scalars-graph"];
+  var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, scalarHist: [], scalarAt: {}, cursor: -1, pending: [], timer: null,
            backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0};
   var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0, subscribed: 0};
 
@@ -54,6 +57,33 @@
     return true;
   }
 
+  /* Watcher.log values of a step, in their own history (the scalars chart has its own cursor:
+   * a step's scalars may arrive in a later batch than its step record) */
+  function attachScalars(sc) {
+    if (sc.rank) { return; }
+    var o = S.scalarAt[sc.step];
+    if (!o) {
+      o = S.scalarAt[sc.step] = {step: sc.step, scalars: {}};
+      var h = S.scalarHist, i = h.length;
+      while (i > 0 && h[i - 1].step > sc.step) { i--; }
+      h.splice(i, 0, o);
+      if (h.length > HISTORY) { delete S.scalarAt[h.shift().step]; }
+    }
+    for (var k in sc.values) { if (Object.prototype.hasOwnProperty.call(sc.values, k)) { o.scalars[k] = sc.values[k]; } }
+  }
+
+  /* a value of a step record by path; undefined when the record does not hold it */
+  function pick(rec, path) {
+    if (!Array.isArray(path)) {
+      var a = pick(rec, path.num), b = pick(rec, path.den);
+      if (a === undefined || b === undefined) { return undefined; }
+      return a === null || b === null || !b ? null : a / b;
+    }
+    var v = rec;
+    for (var i = 0; i < path.length; i++) { if (v === null || v === undefined) { return undefined; } v = v[path[i]]; }
+    return v === undefined ? undefined : fin(v);
+  }
+
   function onMessage(ev) {
     stats.messages++;
     stats.bytes += ev.data.length;
@@ -77,6 +107,7 @@
     var msgs = S.pending; S.pending = [];
     for (var i = 0; i < msgs.length; i++) {
       var m = msgs[i];
+      (m.scalars || []).forEach(attachScalars);
       (m.steps || []).forEach(keep);
       S.newEvents += (m.events || []).length;
     }
@@ -92,8 +123,9 @@
   }
 
   /* the part of the history a graph does not hold yet (its cursor survives a figure replacement) */
-  function fresh(id) {
+  function fresh(id, hist) {
     var g = gd(id);
+    hist = hist || S.history;
     if (!g || !g.layout) { return null; }
     if (!g.layout.meta || g.layout.meta.last_step === undefined) {
       // an empty state drawn before the run had steps: redraw from a snapshot once data flows
@@ -101,28 +133,30 @@
       return null;
     }
     // a figure is known by its content, not its object: Plotly.relayout may copy the layout
-    var m = g.layout.meta, key = [m.last_step, m.stat, (m.layer_index || []).join(" ")].join("|");
+    var m = g.layout.meta, key = [m.last_step, m.stat, m.depth, (m.layer_index || []).join(" ")].join("|");
     var st = S.graphs[id];
     if (!st || st.key !== key) {
       st = S.graphs[id] = {key: key, sent: m.last_step === null ? -1 : m.last_step};
     }
     var out = [];
-    for (var i = 0; i < S.history.length; i++) { if (S.history[i].step > st.sent) { out.push(S.history[i]); } }
+    for (var i = 0; i < hist.length; i++) { if (hist[i].step > st.sent) { out.push(hist[i]); } }
     if (out.length) { st.sent = out[out.length - 1].step; }
     return out;
   }
 
   function draw() {
-    Object.keys(LINE_GRAPHS).forEach(function (id) {
-      var recs = fresh(id);
+    LINE_GRAPHS.forEach(function (id) {
+      var g = gd(id), lt = g && g.layout && g.layout.meta && g.layout.meta.live_traces;
+      if (!lt) { if (id === "norm-graph") { fresh(id); } return; }  // an empty state: reloads once data flows
+      var recs = fresh(id, id === "scalars-graph" ? S.scalarHist : null);
       if (!recs || !recs.length) { return; }
-      var fields = LINE_GRAPHS[id], xs = [], ys = [], idx = [];
-      fields.forEach(function (f, k) {
-        xs.push(recs.map(function (r) { return r.step; }));
-        ys.push(recs.map(function (r) { return fin(r[f]); }));
-        idx.push(k);
+      var xs = [], ys = [], idx = [];
+      lt.forEach(function (t) {
+        var x = [], y = [];
+        recs.forEach(function (r) { var v = pick(r, t[1]); if (v !== undefined) { x.push(r.step); y.push(v); } });
+        xs.push(x); ys.push(y); idx.push(t[0]);
       });
-      setProps(id, {extendData: [{x: xs, y: ys}, idx, MAX_POINTS]});
+      if (xs.some(function (x) { return x.length; })) { setProps(id, {extendData: [{x: xs, y: ys}, idx, MAX_POINTS]}); }
     });
     var m = heatMeta();
     if (!m || !m.live) { return; }
@@ -136,8 +170,13 @@
       for (var i = 0; i < L.index.length; i++) { pos[L.index[i]] = i; }
       var vals = L[m.stat] || [], nf = L.nonfinite || [];
       var row = [], brow = [];
-      m.layer_index.forEach(function (li) {
-        var p = pos[li], v = p === undefined ? null : num(vals[p]), n = p === undefined ? 0 : (nf[p] || 0);
+      (m.rows || m.layer_index).forEach(function (li) {
+        var p, v, n;
+        if (Array.isArray(li)) {  // a module-prefix group: merged as figures.merge_group does
+          var got = group(li, pos, vals, nf, m.agg); v = got[0]; n = got[1];
+        } else {
+          p = pos[li]; v = p === undefined ? null : num(vals[p]); n = p === undefined ? 0 : (nf[p] || 0);
+        }
         var isBad = (v !== null && !isFinite(v)) || (m.stat === "nonfinite" ? v > 0 : n > 0 && v === null);
         brow.push(isBad || (v !== null && !isFinite(v)) ? 1 : null);
         if (v === null || !isFinite(v)) { row.push(m.stat === "nonfinite" ? v : null); return; }
@@ -146,6 +185,25 @@
       x.push(r.step); z.push(row); bad.push(brow);
     });
     if (x.length) { setProps("heatmap", {extendData: [{x: [x, x], z: [z, bad]}, [0, 1], HEAT_MAX]}); }
+  }
+
+  function group(members, pos, vals, nf, how) {
+    var out = null, n = 0, sq = 0, big = 0, any = false, nan = false;
+    for (var i = 0; i < members.length; i++) {
+      var p = pos[members[i]];
+      if (p === undefined) { continue; }
+      n += nf[p] || 0;
+      var v = num(vals[p]);
+      if (v === null) { continue; }
+      if (isNaN(v)) { nan = true; continue; }
+      any = true;
+      if (how === "rss") { var a = Math.abs(v); if (a > big) { sq = sq * (big / a) * (big / a) + 1; big = a; } else if (a > 0) { sq += (a / big) * (a / big); } }
+      else if (how === "sum") { out = (out || 0) + v; }
+      else { out = out === null ? v : Math.max(out, v); }
+    }
+    if (nan) { return [NaN, n]; }  // NaN wins, as in figures.merge_group
+    if (!any) { return [null, n]; }
+    return [how === "rss" ? (big === Infinity ? Infinity : big * Math.sqrt(sq)) : out, n];
   }
 
   /* REST: the steps after the cursor that the stream did not bring (first connect, reconnects) */
@@ -159,9 +217,9 @@
     var heat = hs === null ? Promise.resolve(null) : fetch(
       base + "/heatmap?stat=" + hs + "&start=" + from + "&max_points=" + 2000, {credentials: "same-origin"})
       .then(function (r) { return r.ok ? r.json() : null; });
-    Promise.all([steps, heat]).then(function (got) {
+    Promise.all([steps, heat, gapValues(base, from)]).then(function (got) {
       if (gen !== S.generation) { return; }
-      var st = got[0], hm = got[1], layersAt = {};
+      var st = got[0], hm = got[1], layersAt = {}, valuesAt = got[2];
       if (hm && hm.bucket_width === 1) {
         hm.steps.forEach(function (s, k) {
           var blk = {index: hm.layers.map(function (l) { return l.index; })};
@@ -175,10 +233,52 @@
                 total_norm_post: b.total_norm_post && b.total_norm_post.mean, loss_scale: b.loss_scale && b.loss_scale.mean};
       })) : [];
       S.inGap = true;  // the gap's steps may precede steps the stream already brought
-      pts.forEach(function (p) { if (layersAt[p.step]) { p.layers = layersAt[p.step]; } keep(p); });
+      pts.forEach(function (p) {
+        if (layersAt[p.step]) { p.layers = layersAt[p.step]; }
+        var v = valuesAt[p.step];
+        if (v) { p.transforms = v.transforms; }
+        keep(p);
+      });
+      Object.keys(valuesAt).forEach(function (step) { attachScalars({step: +step, values: valuesAt[step].scalars}); });
       S.inGap = false;
     }).catch(function () { /* the stream goes on; the next reconnect fills again */ })
       .then(function () { if (gen === S.generation) { S.filling = false; schedule(); } });
+  }
+
+  /* REST: the transform values and scalars the charts follow, from step `from` on, as
+   * {step: {transforms: {name: {field: v}}, scalars: {key: v}}} (for the gap a reconnect left) */
+  function gapValues(base, from) {
+    var names = {}, keys = {};
+    ["transforms-graph", "scalars-graph"].forEach(function (id) {
+      var g = gd(id), lt = g && g.layout && g.layout.meta && g.layout.meta.live_traces;
+      (lt || []).forEach(function (t) {
+        (Array.isArray(t[1]) ? [t[1]] : [t[1].num, t[1].den]).forEach(function (p) {
+          if (p[0] === "transforms") { names[p[1]] = 1; } else if (p[0] === "scalars") { keys[p[1]] = 1; }
+        });
+      });
+    });
+    function get(url) {
+      return fetch(base + url + "&start=" + from, {credentials: "same-origin"})
+        .then(function (r) { return r.ok ? r.json() : null; }).catch(function () { return null; });
+    }
+    function points(sr) {  // raw points, or a bucket's mean at its last step (as fillGap does for /steps)
+      return sr.points ? sr.points.filter(function (p) { return !p.rank; }).map(function (p) { return [p.step, p.value]; })
+        : (sr.buckets || []).map(function (b) { return [b.step_max, b.mean]; });
+    }
+    var out = {};
+    function at(step) { return out[step] || (out[step] = {transforms: {}, scalars: {}}); }
+    var jobs = Object.keys(names).map(function (n) {
+      return get("/transforms?transform=" + encodeURIComponent(n)).then(function (j) {
+        ((j && j.series) || []).forEach(function (sr) {
+          points(sr).forEach(function (p) { var t = at(p[0]).transforms; (t[n] = t[n] || {})[sr.field] = p[1]; });
+        });
+      });
+    }).concat(Object.keys(keys).map(function (k) {
+      return get("/scalars?key=" + encodeURIComponent(k)).then(function (j) {
+        if (j) { points(j).forEach(function (p) { at(p[0]).scalars[k] = p[1]; }); }
+      });
+    }));
+    return Promise.all(jobs).then(function () { return out; });
   }
 
   function connect() {
@@ -211,7 +311,7 @@
     if (!snap || !snap.run_id) { return; }
     if (snap.run_id === S.run && S.ws) { return; }  // a snapshot reload: the cursors follow the figures
     stop();
-    S.run = snap.run_id; S.reloaded = false; S.history = []; S.byStep = {}; S.graphs = {}; S.pending = []; S.backoff = 500;
+    S.run = snap.run_id; S.reloaded = false; S.history = []; S.byStep = {}; S.scalarHist = []; S.scalarAt = {}; S.graphs = {}; S.pending = []; S.backoff = 500;
     S.cursor = snap.last_step === null || snap.last_step === undefined ? -1 : snap.last_step;
     connect();
   }
@@ -234,5 +334,5 @@
   }
 
   window.addEventListener("popstate", function () { if (!/^\/runs\//.test(location.pathname)) { stop(); S.run = null; } });
-  window.gradwatchLive = {start: start, stop: stop, jump: jump, stats: stats, state: S};
+  window.gradwatchLive = {start: start, stop: stop, jump: jump, stats: stats, state: S, group: group};
 })();

@@ -127,7 +127,9 @@ class Page:
     def __init__(self, browser: Any, shots: Path) -> None:
         self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
         self.errors: list[tuple[float, str]] = []
+        self.requests: list[str] = []  # every URL the page asked for (offline: all of this server)
         self.shots = shots
+        self.page.on("request", lambda r: self.requests.append(r.url))
         self.page.on("console", lambda m: self.errors.append((time.monotonic(), m.text))
                      if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append((time.monotonic(), f"pageerror: {e}")))

@@ -26,17 +26,32 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
 
 
 def callback(c: TestClient, outputs: list[tuple[str, str]], inputs: list[tuple[str, str, Any]],
-             state: list[tuple[str, str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
-    body = {"output": "...".join(f"{i}.{p}" for i, p in outputs),
-            "outputs": [{"id": i, "property": p} for i, p in outputs],
-            "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
-            "changedPropIds": [f"{inputs[0][0]}.{inputs[0][1]}"],
-            "state": [{"id": i, "property": p, "value": v} for i, p, v in state]}
-    if len(outputs) > 1:
-        body["output"] = ".." + body["output"] + ".."
-    else:  # a single Output is sent as one object, not a list of one
-        body["outputs"] = body["outputs"][0]
+             state: list[tuple[str, str, Any]] = (), changed: str | None = None) -> Any:  # type: ignore[assignment]
+    """One Dash callback over HTTP, as the renderer sends it: the callback is found in
+    ``/_dash-dependencies`` by its outputs and by the input that fired (``changed``; default the
+    first given), and its inputs and state are filled from the values given. ``None`` when the
+    callback updated nothing (204)."""
+    values = {f"{i}.{p}": v for i, p, v in [*inputs, *state]}
+    changed = changed or f"{inputs[0][0]}.{inputs[0][1]}"
+    want = "...".join(f"{i}.{p}" for i, p in outputs)
+    deps = [d for d in c.get("/_dash-dependencies").json()
+            if "...".join(o.split("@")[0] for o in d["output"].strip(".").split("...")) == want
+            and any(f"{x['id']}.{x['property']}" == changed for x in d["inputs"])]
+    assert len(deps) == 1, (want, changed, len(deps))
+    dep = deps[0]
+
+    def fill(xs: list[dict[str, str]]) -> list[dict[str, Any]]:
+        return [{"id": x["id"], "property": x["property"], "value": values.get(f"{x['id']}.{x['property']}")}
+                for x in xs]
+
+    body = {"output": dep["output"], "inputs": fill(dep["inputs"]), "state": fill(dep["state"]),
+            "changedPropIds": [changed]}
+    outs = [{"id": o.split("@")[0].rsplit(".", 1)[0], "property": o.split("@")[0].rsplit(".", 1)[1]}
+            for o in dep["output"].strip(".").split("...")]
+    body["outputs"] = outs if len(outs) > 1 else outs[0]  # a single Output is sent as one object
     r = c.post("/_dash-update-component", json=body)
+    if r.status_code == 204:
+        return None
     assert r.status_code == 200, r.text
     return r.json()["response"]
 
@@ -89,10 +104,9 @@ def test_run_page_for_a_missing_run_says_so(client: TestClient) -> None:
     out = callback(client, [("run-title", "children"), ("run-status", "children"), ("run-error", "children")],
                    [("status-refresh", "n_intervals", 1), ("run-id", "data", "nope")])
     assert "run 'nope' not found" in str(out["run-error"]["children"])
-    figs = callback(client, [("norm-graph", "figure"), ("scale-graph", "figure"), ("scalars-graph", "figure"),
-                             ("transforms-graph", "figure"), ("events-store", "data"), ("snapshot", "data")],
-                    [("run-id", "data", "nope"), ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
-    assert "not found" in str(figs["norm-graph"]["figure"]["layout"]["annotations"])
+    for gid in CHARTS:
+        got = chart(client, gid, "nope")
+        assert "not found" in str(got["layout"]["annotations"]), gid
 
 
 def _ingest(c: TestClient, steps: int = 5, wnorm: bool = True, run: str = "r1") -> None:
@@ -120,11 +134,25 @@ def _ingest(c: TestClient, steps: int = 5, wnorm: bool = True, run: str = "r1") 
 
 
 def heat(c: TestClient, run: str, stat: str, pattern: str | None = None, theme: str = "light",
-         width: int | None = 1400) -> dict[str, Any]:
+         width: int | None = 1400, depth: int = 0, relayout: dict[str, Any] | None = None,
+         reset: int | None = None, changed: str | None = None) -> Any:
     """The heatmap callback (outputs: figure, regex error, layer options) in a ``width`` px window."""
     return callback(c, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
                     [("run-id", "data", run), ("heatmap-stat", "value", stat), ("layer-regex", "value", pattern),
-                     ("theme", "data", theme), ("reset-zoom", "n_clicks", None)], [("viewport", "data", width)])
+                     ("theme", "data", theme), ("reset-zoom", "n_clicks", reset), ("group-depth", "value", depth),
+                     ("heatmap", "relayoutData", relayout)], [("viewport", "data", width)], changed)
+
+
+#: The step-level charts, each its own callback (inputs: run, theme, reset, its relayoutData).
+CHARTS = ("norm-graph", "scale-graph", "scalars-graph", "transforms-graph")
+
+
+def chart(c: TestClient, gid: str, run: str, relayout: dict[str, Any] | None = None, reset: int | None = None,
+          changed: str | None = None) -> Any:
+    out = callback(c, [(gid, "figure")], [("run-id", "data", run), ("theme", "data", "light"),
+                                          ("reset-zoom", "n_clicks", reset), (gid, "relayoutData", relayout)],
+                   changed=changed)
+    return (out or {}).get(gid, {}).get("figure")  # None: the callback updated nothing
 
 
 def test_run_page_callbacks_read_the_api(client: TestClient) -> None:
@@ -145,20 +173,22 @@ def test_run_page_callbacks_read_the_api(client: TestClient) -> None:
     bad = heat(client, "r1", "nonfinite", pattern="(")
     assert "invalid regex" in bad["regex-error"]["children"]
     assert bad["heatmap"]["figure"]["data"][0]["z"][2] == [0, 3, 0]
-    out = callback(client, [("norm-graph", "figure"), ("scale-graph", "figure"), ("scalars-graph", "figure"),
-                            ("transforms-graph", "figure"), ("events-store", "data"), ("snapshot", "data")],
-                   [("run-id", "data", "r1"), ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
+    out = callback(client, [("events-store", "data"), ("snapshot", "data")],
+                   [("run-id", "data", "r1"), ("reset-zoom", "n_clicks", None)])
     assert out["snapshot"]["data"]["last_step"] == 4
-    assert out["norm-graph"]["figure"]["data"][0]["y"] == [1.0, 2.0, 3.0, 4.0, 5.0]
-    overflow = next(t for t in out["scale-graph"]["figure"]["data"] if t["name"] == "overflow")
+    figs = {gid: chart(client, gid, "r1") for gid in CHARTS}
+    assert figs["norm-graph"]["data"][0]["y"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    overflow = next(t for t in figs["scale-graph"]["data"] if t["name"] == "overflow")
     assert overflow["x"] == [2] and "block1.weight" in overflow["text"][0]
-    assert out["scalars-graph"]["figure"]["data"][0]["name"] == "loss"
+    assert figs["scalars-graph"]["data"][0]["name"] == "loss"
+    assert all(figs[g]["layout"]["meta"]["last_step"] == 4 for g in ("norm-graph", "scale-graph", "scalars-graph"))
     rows = callback(client, [("events-table", "data")], [("events-store", "data", out["events-store"]["data"]),
                                                           ("event-kinds", "value", ["overflow"])])
     assert rows["events-table"]["data"][0]["detail"].endswith("layers: block1.weight")
     series = callback(client, [("layer-graph", "figure")], [("layer-select", "value", "block2.weight"),
                                                              ("run-id", "data", "r1"), ("theme", "data", "light"),
-                                                             ("layer-graph", "relayoutData", None)])
+                                                             ("layer-graph", "relayoutData", None),
+                                                             ("reset-zoom", "n_clicks", None)])
     assert series["layer-graph"]["figure"]["data"][0]["y"] == [1.0, 10.0, 100.0, 1000.0, 10000.0]
 
 
@@ -199,3 +229,98 @@ def test_login_cookie_is_the_bearer_token_and_read_only_stays_read_only(tmp_path
         assert c.post("/api/v1/runs", json={"project": "p"}).status_code == 201
         c.post("/dashboard/logout", follow_redirects=False)
         assert c.get("/api/v1/runs").status_code == 401
+
+
+def _xs(f: dict[str, Any]) -> list[int]:
+    return sorted({x for t in f["data"] for x in t.get("x") or [] if t.get("hoverinfo") != "skip"})
+
+
+def _ingest_long(c: TestClient, steps: int = 300) -> None:
+    """A 300-step run in one batch: long enough that a whole-run chart is downsampled."""
+    from gradwatch.agent import wire
+
+    recs = [wire.StepRecord(step=s, time=1000.0 + s, rank=0, layer_ids=[0, 1],
+                            layers={"numel": [4, 4], "mean": [0.0, 0.0], "m2": [4.0, 4.0], "l2": [1.0 + s, 2.0],
+                                    "maxabs": [1.0, 1.0], "nonfinite": [0, 0], "l2_post": [1.0, 2.0],
+                                    "wnorm": [None, None]},
+                            total_norm=1.0 + s, total_norm_post=1.0, clip_coef=1.0, loss_scale=2.0 ** (s // 100),
+                            skipped=False) for s in range(steps)]
+    batch = wire.Batch(run=wire.RunInfo(run_id="long", project="p", name="long", config={}, tags=[]), seq=1,
+                       source=0, sent_at=time.time(),
+                       layers=[wire.LayerInfo(i, f"enc.{i}.weight", [4], "float32") for i in range(2)], steps=recs,
+                       scalars=[wire.ScalarRecord(s, 1000.0 + s, {"loss": 1.0 / (s + 1)}, rank=0) for s in range(steps)],
+                       events=[])
+    r = c.post("/api/v1/ingest", content=wire.encode_batch(batch), headers={"Content-Type": "application/json"})
+    assert r.status_code < 300, r.text
+
+
+def test_zoom_refetches_the_visible_range_of_every_chart_and_reset_returns_the_whole_run(client: TestClient) -> None:
+    _ingest_long(client)
+    zoom = {"xaxis.range[0]": 100.4, "xaxis.range[1]": 139.6}
+    for gid in ("norm-graph", "scale-graph", "scalars-graph"):
+        whole = chart(client, gid, "long")
+        assert min(_xs(whole)) < 50 and max(_xs(whole)) > 250, gid
+        z = chart(client, gid, "long", relayout=zoom, changed=f"{gid}.relayoutData")
+        xs = _xs(z)
+        # every step of the visible range, one point each: the full resolution, not the whole run's buckets
+        assert xs == list(range(100, 141)), (gid, xs[:5], xs[-5:])
+        assert z["layout"]["xaxis"]["range"] == [100, 140] and z["layout"]["meta"]["last_step"] == 299
+        # a relayout that moved no x range (autosize, a y zoom) refetches nothing
+        assert chart(client, gid, "long", relayout={"autosize": True}, changed=f"{gid}.relayoutData") is None
+        assert chart(client, gid, "long", relayout={"yaxis.range[0]": 1}, changed=f"{gid}.relayoutData") is None
+        # reset (the button, with the stale zoom still in relayoutData) and double click: the whole run
+        for kw in ({"relayout": zoom, "reset": 3, "changed": "reset-zoom.n_clicks"},
+                   {"relayout": {"xaxis.autorange": True}, "changed": f"{gid}.relayoutData"}):
+            back = chart(client, gid, "long", **kw)  # type: ignore[arg-type]
+            assert min(_xs(back)) < 50 and max(_xs(back)) > 250, (gid, kw)
+            assert "range" not in back["layout"]["xaxis"]
+        assert chart(client, gid, "long", relayout=zoom, reset=3,
+                     changed="reset-zoom.n_clicks")["layout"]["uirevision"] == "reset-3"  # the zoom is forgotten
+    # the heatmap and the layer series too
+    hz = heat(client, "long", "l2", relayout=zoom, changed="heatmap.relayoutData")["heatmap"]["figure"]
+    assert hz["data"][0]["x"] == list(range(100, 141)) and hz["layout"]["xaxis"]["range"] == [100, 140]
+    assert not heat(client, "long", "l2", relayout={"yaxis.range[0]": 0}, changed="heatmap.relayoutData")
+    ls = callback(client, [("layer-graph", "figure")],
+                  [("layer-select", "value", "enc.0.weight"), ("run-id", "data", "long"), ("theme", "data", "light"),
+                   ("layer-graph", "relayoutData", zoom), ("reset-zoom", "n_clicks", None)],
+                  changed="layer-graph.relayoutData")["layer-graph"]["figure"]
+    assert _xs(ls) == list(range(100, 141))
+    # a zoomed loss-scale chart marks only the growth steps it shows (its y range follows them)
+    sz = chart(client, "scale-graph", "long", relayout=zoom, changed="scale-graph.relayoutData")
+    assert {x for t in sz["data"] if t.get("mode") == "markers" for x in t["x"]} <= set(range(100, 141))
+    # a malformed range (what a script could send) is no zoom, never a 500
+    bad = chart(client, "norm-graph", "long", relayout={"xaxis.range[0]": "x", "xaxis.range[1]": None},
+                changed="norm-graph.relayoutData")
+    assert bad is None
+    assert [t["name"] for t in ls["data"] if t.get("hoverinfo") != "skip"] == ["l2", "std (pooled)", "var (pooled)",
+                                                                                "maxabs"]
+
+
+def test_heatmap_groups_by_prefix_and_a_group_click_opens_it(client: TestClient) -> None:
+    _ingest_long(client, 20)
+    f = heat(client, "long", "l2", depth=1)["heatmap"]["figure"]
+    assert f["data"][0]["y"] == ["enc.* (2 layers)"]
+    assert f["data"][0]["z"][0][0] == round(math.log10(math.hypot(1.0, 2.0)), 4)
+    opened = callback(client, [("layer-regex", "value"), ("group-depth", "value")],
+                      [("heatmap", "clickData", {"points": [{"x": 3, "y": "enc.* (2 layers)"}]})],
+                      [("group-depth", "value", 1)])
+    assert opened == {"layer-regex": {"value": r"^enc\."}, "group-depth": {"value": 2}}
+    # a click on a single layer's row opens its series, not a group
+    assert not callback(client, [("layer-regex", "value"), ("group-depth", "value")],
+                        [("heatmap", "clickData", {"points": [{"x": 3, "y": "enc.0.weight"}]})],
+                        [("group-depth", "value", 1)])
+    picked = callback(client, [("layer-select", "value")],
+                      [("heatmap", "clickData", {"points": [{"x": 3, "y": "enc.0.weight"}]}),
+                       ("layer-regex", "value", None)], [("layer-select", "options", [])])
+    assert picked["layer-select"]["value"] == "enc.0.weight"
+
+
+def test_compare_legend_names_runs(client: TestClient) -> None:
+    _ingest(client, run="r1")
+    _ingest(client, run="r2")  # the same name: the ids tell them apart
+    out = callback(client, [("compare-norm", "figure"), ("compare-scalars", "figure"), ("compare-layer", "options"),
+                            ("compare-runs", "children")],
+                   [("compare-ids", "data", ["r1", "r2"]), ("theme", "data", "light")])
+    names = [t["name"] for t in out["compare-norm"]["figure"]["data"]]
+    assert names == ["run one (r1)", "run one (r2)"]
+    assert "run one (r1)" in str(out["compare-runs"]["children"]) and "/runs/r2" in str(out["compare-runs"]["children"])

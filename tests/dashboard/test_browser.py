@@ -4,6 +4,7 @@ condition in the page, bounded; nothing asserts on timing."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -27,6 +28,9 @@ HEAT = "() => { const g = document.querySelector('#heatmap .js-plotly-plot'); " 
        "if (!g || !g.data || !g.data[0] || !g.data[0].z) { return null; } let n = 0; " \
        "for (const col of g.data[0].z) { for (const v of col) { if (Number.isFinite(v)) { n++; } } } " \
        "return {cells: n, label: g.data[0].colorbar.title.text}; }"
+#: x of the trace named ``name`` in a graph
+TRACE_X = "(id, name) => { const g = document.querySelector('#' + id + ' .js-plotly-plot'); " \
+          "const t = g && g.data ? g.data.find(t => t.name === name) : null; return t ? Array.from(t.x) : null; }"
 OVERFLOW_AT = 30
 
 
@@ -74,6 +78,12 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     xs = page.js(X0, "norm-graph")
     assert len(xs) == len(set(xs)), "duplicate steps in the live chart"
     assert xs == sorted(xs)
+    # the transforms' values and the scalars follow the run too, each step once
+    for gid, name in (("transforms-graph", "autoscaled_norm.alpha"), ("transforms-graph", "clip_norm.coef"),
+                      ("transforms-graph", "autoscaled_norm.sigma/sigma_ref"), ("scalars-graph", "loss")):
+        got = page.wait_js(f"() => {{ const x = ({TRACE_X})('{gid}', '{name}'); "
+                           f"return x && x.length && Math.max(...x) > {snap + 15} ? x : null; }}")
+        assert len(got) == len(set(got)) and got == sorted(got), (gid, name)
     page.wait_js("() => /live · step/.test(document.querySelector('#live-status').innerText)")
     page.shot("run-live")
 
@@ -100,6 +110,9 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     assert page.page.locator("#layer-select").inner_text().strip().endswith(".weight")
 
     # kill the server mid-run, restart it on the same port and database: the view resumes, no gap
+    # the jump zoomed the charts (each refetched its visible steps): back to the whole run first
+    page.page.click("#reset-zoom")
+    page.wait_js(f"() => {{ const x = ({X0})('norm-graph'); return x && x.length && Math.min(...x) <= 1; }}")
     before = _max_x(page, "norm-graph")
     server.kill()
     killed_at = time.monotonic()
@@ -113,6 +126,13 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     dups = sorted({x for x in xs if xs.count(x) > 1})
     assert not dups, f"duplicate steps after the reconnect: {dups} {page.js('() => window.gradwatchLive.stats')}"
     assert xs == list(range(xs[0], xs[-1] + 1)), "steps missing after the reconnect"
+    # the transforms' values and the scalars too: the reconnect's gap is filled over REST
+    for gid, name in (("transforms-graph", "clip_norm.coef"), ("scalars-graph", "loss")):
+        got = page.wait_js(f"() => {{ const x = ({TRACE_X})('{gid}', '{name}'); "
+                           f"return x && x.length && Math.max(...x) > {before + 40} ? x : null; }}")
+        missing = set(range(got[0], got[-1] + 1)) - set(got)
+        # the overflow's step was skipped: the transforms did not run there
+        assert missing <= {OVERFLOW_AT} and len(got) == len(set(got)) and got == sorted(got), (gid, name, missing)
     page.shot("run-after-restart")
 
     # the gradient-to-weight ratio heatmap: ‖g‖/‖w‖ from the recorded weight norms, every layer drawn
@@ -126,7 +146,8 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     outside = [m for t, m in page.errors if not (killed_at <= t <= recovered_at)]
     assert not outside, outside
     during = [m for t, m in page.errors if killed_at <= t <= recovered_at]
-    down = ("WebSocket", "ERR_CONNECTION", "Failed to fetch", "Callback failed: the server did not respond")
+    down = ("WebSocket", "ERR_CONNECTION", "Failed to fetch", "Callback failed: the server did not respond",
+            "ERR_CONTENT_LENGTH_MISMATCH", "ERR_EMPTY_RESPONSE")  # a response cut short by the kill
     assert all(any(d in m for d in down) for m in during), during
     assert restarted_at > killed_at
 
@@ -155,14 +176,108 @@ def test_compare_page_overlays_runs_and_a_shared_layer(server: Server, trainer: 
         trainer(name, "--steps", "60", "--seed", str(seed))  # two different runs: the lines differ
     ids = [_run(server, name, 59)["run_id"] for name in ("cmp-a", "cmp-b")]
     page.page.goto(f"{server.url}/compare?runs={','.join(ids)}")
-    # one line per run (plus its min–max band where downsampled), each with the run's steps
+    # one line per run, named by the run's name (plus its min–max band where downsampled), each
+    # with the run's steps
+    names = ["cmp-a", "cmp-b"]
     for gid in ("compare-norm", "compare-scalars"):
         drawn = page.wait_js(TRACES, gid)
-        assert all(drawn.get(r, 0) >= 50 for r in ids), (gid, drawn)
+        assert all(drawn.get(r, 0) >= 50 for r in names), (gid, drawn)
+    legend = page.page.locator("#compare-norm .legend").text_content() or ""
+    assert "cmp-a" in legend and "cmp-b" in legend and ids[0] not in legend
     # a layer matched by name in both runs: its L2 norm overlaid
     page.js("() => window.dash_clientside.set_props('compare-layer', {value: '0.weight'})")
     drawn = page.wait_js(f"() => {{ const t = ({TRACES})('compare-layer-graph'); "
-                         f"return t && {ids!r}.every(r => t[r] >= 50) ? t : null; }}")
-    assert set(drawn) >= set(ids)
+                         f"return t && {names!r}.every(r => t[r] >= 50) ? t : null; }}")
+    assert set(drawn) >= set(names)
     page.shot("compare")
     assert not page.errors, page.errors
+
+
+#: the x values of a graph's data traces (bands and markers aside)
+ALL_X = "(id) => { const g = document.querySelector('#' + id + ' .js-plotly-plot'); " \
+        "if (!g || !g.data || !g.data.length) { return null; } const xs = []; " \
+        "for (const t of g.data) { if (t.hoverinfo !== 'skip' && t.mode !== 'markers') { " \
+        "for (const x of (t.x || [])) { xs.push(x); } } } return xs; }"
+ZOOMABLE = ("heatmap", "layer-graph", "norm-graph", "scale-graph", "scalars-graph", "transforms-graph")
+
+
+@pytest.mark.slow
+def test_zoom_refines_every_chart_groups_open_and_merge_like_python(server: Server, trainer: Any,
+                                                                   page: Page) -> None:
+    import random
+
+    from gradwatch.dashboard.figures import merge_group
+
+    steps = 240
+    trainer("zoom", "--steps", str(steps), "--autoscaled").wait(300)
+    rid = _run(server, "zoom", steps - 1)["run_id"]
+    page.page.goto(f"{server.url}/runs/{rid}")
+    for gid in ZOOMABLE[2:] + ("heatmap",):
+        page.wait_js(f"() => {{ const x = ({ALL_X})('{gid}'); return x && x.length > 0; }}")
+
+    # module-prefix groups: 0.weight + 0.bias form "0.* (2 layers)"; a click on its row opens it
+    page.js("() => window.dash_clientside.set_props('group-depth', {value: 1})")
+    rows = page.wait_js(f"() => {{ const m = ({META})('heatmap'); return m && m.depth === 1 ? m.layers : null; }}")
+    assert rows[0] == "0.* (2 layers)" and len(rows) == 5, rows
+    page.shot("run-grouped")
+    box = page.page.locator("#heatmap .nsewdrag").first.bounding_box()
+    x, y = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.05
+    page.page.mouse.move(x, y)
+    page.page.mouse.move(x + 2, y + 1)
+    page.page.locator("#heatmap .hoverlayer .hovertext").first.wait_for(timeout=30_000)
+    page.page.mouse.click(x + 2, y + 1)
+    opened = page.wait_js(f"() => {{ const m = ({META})('heatmap'); return m && m.depth === 2 ? m.layers : null; }}")
+    assert opened == ["0.weight", "0.bias"], opened
+    assert page.page.locator("#layer-regex").input_value() == "^0\\."
+    page.js("() => window.dash_clientside.set_props('layer-select', {value: '2.weight'})")
+    page.wait_js(f"() => {{ const x = ({ALL_X})('layer-graph'); return x && x.length > 0; }}")
+
+    # zoom each chart (as a drag does: a relayout of its x range): it refetches just those steps,
+    # every step of them; then "Reset zoom" brings back the whole run
+    lo, hi = 100, 140
+    for gid in ZOOMABLE:
+        page.js(f"() => window.Plotly.relayout(({GD})('{gid}'), {{'xaxis.range': [{lo} + 0.3, {hi} - 0.3]}})")
+    for gid in ZOOMABLE:
+        xs = page.wait_js(f"() => {{ const x = ({ALL_X})('{gid}'); "
+                          f"return x && x.length && Math.min(...x) >= {lo} ? x : null; }}")
+        assert sorted(set(xs)) == list(range(lo, hi + 1)), (gid, sorted(set(xs))[:3], sorted(set(xs))[-3:])
+    page.shot("run-zoomed")
+    page.page.click("#reset-zoom")
+    for gid in ZOOMABLE:
+        xs = page.wait_js(f"() => {{ const x = ({ALL_X})('{gid}'); "
+                          f"return x && x.length && Math.min(...x) === 0 ? x : null; }}")
+        assert max(xs) == steps - 1, gid
+        rng = page.js(f"() => ({GD})('{gid}')._fullLayout.xaxis.range")
+        assert rng[0] < lo and rng[1] > hi, (gid, rng)  # the user's zoom is gone too
+
+    # the live script merges a group's layers as the figure builder does (random cases)
+    rng_ = random.Random(5)
+    cases = []
+    for _ in range(300):
+        n = rng_.randint(1, 8)
+        vals = [rng_.choice([None, 0.0, float("inf"), float("nan"), 10 ** rng_.uniform(-200, 200)]) for _ in range(n)]
+        cases.append(({"how": rng_.choice(["rss", "sum", "max"]), "vals": [_js(v) for v in vals]}, vals))
+    got = page.js("(cases) => cases.map(c => { const pos = {}, nf = []; c.vals.forEach((_, i) => { pos[i] = i; "
+                  "nf.push(1); }); const v = window.gradwatchLive.group(c.vals.map((_, i) => i), pos, c.vals, nf, "
+                  "c.how); return [v[0] === null ? null : String(v[0]), v[1]]; })", [c for c, _ in cases])
+    for (case, vals), (js, count) in zip(cases, got):
+        want = merge_group(vals, case["how"])
+        assert count == len(vals)
+        if want is None or js is None:
+            assert want is None and js is None, (case, js)
+        elif math.isnan(want) or math.isinf(want):
+            assert js == {float("inf"): "Infinity", float("-inf"): "-Infinity"}.get(want, "NaN"), (case, js)
+        else:
+            assert float(js) == pytest.approx(want, rel=1e-9), (case, js)
+    assert not page.errors, page.errors
+    # offline: every asset, Plotly's bundle included, came from this server (no CDN)
+    assert any("plotly" in u and u.endswith(".js") for u in page.requests), page.requests
+    away = [u for u in page.requests if not u.startswith((server.url + "/", "data:", "blob:"))]
+    assert not away, away
+
+
+def _js(v: float | None) -> Any:
+    """A value as the live stream sends it: non-finite values as strings."""
+    if v is None or math.isfinite(v):
+        return v
+    return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")

@@ -186,3 +186,148 @@ def test_run_rows_link_duration_and_counts() -> None:
     rows = run_rows(runs, now=165.0)
     assert rows[0]["name"] == "[abc](/runs/abc)" and rows[0]["duration"] == "1m 05s" and rows[0]["overflows"] == 2
     assert rows[1]["name"] == "[big](/runs/def)" and rows[1]["duration"] == "2h 00m" and rows[1]["skipped"] is None
+
+
+# -- module-prefix groups, 1-2-5 ticks, pooled std, live traces, run names --------------------------
+NAMES = ["enc.0.w", "enc.0.b", "enc.1.w", "dec.w", "head", "enc.2.w"]
+
+
+def test_layer_groups_follow_model_order_and_depth() -> None:
+    keep = list(range(len(NAMES)))
+    assert fig.layer_groups(NAMES, keep, 0) == [(n, [i]) for i, n in enumerate(NAMES)]
+    one = fig.layer_groups(NAMES, keep, 1)
+    # a group sits where its first layer does; a group of one keeps the layer's own name
+    assert one == [("enc.* (4 layers)", [0, 1, 2, 5]), ("dec.w", [3]), ("head", [4])]
+    two = fig.layer_groups(NAMES, keep, 2)
+    assert [g for g, _ in two] == ["enc.0.* (2 layers)", "enc.1.w", "dec.w", "head", "enc.2.w"]
+    assert fig.layer_groups(NAMES, [2, 5], 1) == [("enc.* (2 layers)", [2, 5])]  # after the regex filter
+    assert fig.group_prefix("enc.0.* (2 layers)") == "enc.0" and fig.group_prefix("enc.1.w") is None
+
+
+def test_merge_group_matches_a_reference_on_random_cases() -> None:
+    import random
+
+    rng = random.Random(11)
+    for _ in range(500):
+        vals: list[float | None] = [rng.choice([None, 0.0, 10 ** rng.uniform(-30, 30)]) for _ in range(rng.randint(1, 9))]
+        finite = [v for v in vals if v is not None]
+        got = fig.merge_group(vals, "rss")
+        if not finite:
+            assert got is None
+            continue
+        assert got == pytest.approx(math.sqrt(sum((v / 1e30) ** 2 for v in finite)) * 1e30, rel=1e-12)
+        assert fig.merge_group(vals, "max") == max(finite)
+        assert fig.merge_group(vals, "sum") == pytest.approx(sum(finite))
+    assert math.isnan(fig.merge_group([1.0, math.nan, math.inf], "rss"))  # NaN wins: the cell is marked
+    assert fig.merge_group([1.0, math.inf], "rss") == math.inf
+    assert fig.merge_group([1e200, 1e200], "rss") == pytest.approx(math.sqrt(2) * 1e200)  # no overflow
+
+
+def test_heatmap_grouped_by_prefix_merges_layers_and_marks_nonfinite() -> None:
+    h = {"layers": [{"index": 10 + i, "name": n} for i, n in enumerate(NAMES)], "steps": [0, 1],
+         "values": [[3.0, 1.0], [4.0, "NaN"], [0.0, 1.0], [2.0, 2.0], [5.0, 5.0], [0.0, 1.0]],
+         "nan": [[0, 0], [0, 7], [0, 0], [0, 0], [0, 0], [0, 0]], "bucket_width": 1}
+    f = strict(fig.heatmap_figure(h, "l2", depth=1))
+    main, bad = f["data"]
+    assert main["y"] == ["enc.* (4 layers)", "dec.w", "head"]
+    assert main["z"][0][0] == round(math.log10(5.0), 4)  # √(3² + 4²): the group's L2 norm
+    assert main["z"][1][0] is None and bad["z"][1][0] == 1 and bad["text"][0][1] == "7 non-finite"
+    meta = f["layout"]["meta"]
+    assert meta["rows"] == [[10, 11, 12, 15], [13], [14]] and meta["agg"] == "rss" and meta["depth"] == 1
+    counts = strict(fig.heatmap_figure({**h, "values": [[1, 0], [2, 7], [0, 0], [0, 0], [0, 0], [3, 0]]},
+                                       "nonfinite", depth=1))
+    assert counts["data"][0]["z"][0][0] == 6 and counts["layout"]["meta"]["agg"] == "sum"
+    flat = fig.heatmap_figure(h, "l2")
+    assert "rows" not in flat["layout"]["meta"] and len(flat["data"][0]["y"]) == len(NAMES)
+
+
+def test_heatmap_thousand_layers_grouped() -> None:
+    names = [f"blocks.{i // 10}.mlp{i % 10}.weight" for i in range(1000)]
+    h = {"layers": [{"index": i, "name": n} for i, n in enumerate(names)], "steps": [0],
+         "values": [[float(i % 7 + 1)] for i in range(1000)], "nan": [[0]] * 1000, "bucket_width": 1}
+    f = strict(fig.heatmap_figure(h, "maxabs", depth=2))
+    assert len(f["data"][0]["y"]) == 100 and f["data"][0]["y"][0] == "blocks.0.* (10 layers)"
+    assert f["data"][0]["z"][0][0] == round(math.log10(7.0), 4)  # max |g| of the group: its largest layer
+
+
+@pytest.mark.parametrize(("lo", "hi", "expect"), [
+    (0.01, 10.0, [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]),
+    (1e-8, 1e2, [1e-8, 1e-6, 1e-4, 1e-2, 1.0, 1e2]),
+])
+def test_ticks_125_span_decades(lo: float, hi: float, expect: list[float]) -> None:
+    got = fig.ticks_125(lo, hi)
+    assert got is not None
+    vals, text = got
+    inside = [v for v in vals if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+    assert len(text) == len(vals)
+    for e in expect:
+        assert any(v == pytest.approx(e) for v in inside), (e, inside)
+    assert vals[0] < lo and vals[-1] > hi  # a decade of margin for points appended live
+
+
+def test_ticks_125_narrow_or_invalid_ranges_leave_plotly_its_own_ticks() -> None:
+    assert fig.ticks_125(2.0, 5.0) is None
+    assert fig.ticks_125(0.0, 5.0) is None and fig.ticks_125(1.0, math.inf) is None
+    assert fig.tick_text(0.002) == "0.002" and fig.tick_text(2e-5) == "2e-5" and fig.tick_text(1e6) == "1e+6"
+    assert fig.log_axis("x", [None, math.nan, -1.0])["type"] == "log"  # nothing positive: plain log axis
+    axis = fig.log_axis("x", [0.01, 3.0, math.inf, None])
+    assert axis["tickmode"] == "array" and "0.05" in axis["ticktext"]
+
+
+def test_heatmap_colorbar_ticks_read_as_values() -> None:
+    f = fig.heatmap_figure(hm([[0.001, 10.0]]))
+    cb = f["data"][0]["colorbar"]
+    assert "0.01" in cb["ticktext"] and cb["tickvals"][cb["ticktext"].index("0.01")] == -2.0
+    assert "grad units" in f["data"][0]["hovertemplate"]
+
+
+def test_layer_series_std_and_var_are_pooled_over_buckets() -> None:
+    bucket = {"step_min": 0, "step_max": 9, "min": 1.0, "max": 3.0, "mean": 2.0, "nan": 0,
+              "pooled": {"count": 40, "mean": 0.0, "var": 9.0, "std": 3.0, "skipped": 0}}
+    resp = {"downsampled": True, "buckets": [bucket]}
+    f = strict(fig.layer_series_figure("a", {"l2": resp, "std": resp, "var": {**resp, "buckets": [
+        {**bucket, "pooled": {**bucket["pooled"]}}]}}))
+    lines = {t["name"]: t for t in f["data"] if t.get("mode") == "lines" and t.get("hoverinfo") != "skip"}
+    assert lines["l2"]["y"] == [2.0]  # a bucket mean where pooling means nothing
+    assert lines["std (pooled)"]["y"] == [3.0] and lines["var (pooled)"]["y"] == [9.0]
+    assert "pooled" in lines["std (pooled)"]["hovertemplate"] and "grad units" in lines["l2"]["hovertemplate"]
+    # an older server without pooled moments: the bucket mean, still drawn
+    assert fig.series_points({"downsampled": True, "buckets": [{**bucket, "pooled": None}]}, pooled="std")["mean"] == [2.0]
+
+
+def test_live_traces_name_every_extended_trace() -> None:
+    pts = {"downsampled": False, "points": [{"step": 0, "value": 1.0}]}
+    sc = strict(fig.scalars_figure({"loss": pts, "train.lr": pts}, last_step=0))
+    live = sc["layout"]["meta"]["live_traces"]
+    assert [p for _, p in live] == [["scalars", "loss"], ["scalars", "train.lr"]]
+    assert [sc["data"][i]["name"] for i, _ in live] == ["loss", "train.lr"]
+    tr = strict(fig.transforms_figure({"series": [
+        {"transform": "autoscaled_norm", "field": f, **pts} for f in ("alpha", "sigma", "sigma_ref")]}, last_step=0))
+    by_name = {tr["data"][i]["name"]: p for i, p in tr["layout"]["meta"]["live_traces"]}
+    assert by_name["autoscaled_norm.alpha"] == ["transforms", "autoscaled_norm", "alpha"]
+    assert by_name["autoscaled_norm.sigma/sigma_ref"] == {"num": ["transforms", "autoscaled_norm", "sigma"],
+                                                          "den": ["transforms", "autoscaled_norm", "sigma_ref"]}
+    norm = fig.norm_figure({"downsampled": False, "points": [{"step": 0, "total_norm": 1.0, "total_norm_post": 1.0}]},
+                           [], last_step=0)
+    assert norm["layout"]["meta"]["live_traces"] == [[0, ["total_norm"]], [1, ["total_norm_post"]]]
+
+
+def test_compare_names_runs_and_keeps_ids_apart() -> None:
+    labels = fig.run_labels({"a1": {"name": "baseline"}, "b2": {"name": "baseline"}, "c3": {"name": "lr-3e-4"},
+                             "d4": None})
+    assert labels == {"a1": "baseline (a1)", "b2": "baseline (b2)", "c3": "lr-3e-4", "d4": "d4"}
+    pts = {"downsampled": False, "points": [{"step": 0, "value": 1.0}, {"step": 1, "value": 100.0}]}
+    f = strict(fig.compare_figure({"c3": pts, "d4": pts}, None, "loss", log=True, labels=labels))
+    assert [t["name"] for t in f["data"]] == ["lr-3e-4", "d4"] and f["data"][0]["meta"] == "c3"
+    assert f["layout"]["yaxis"]["type"] == "log" and f["layout"]["showlegend"] is True
+
+
+def test_colour_bar_under_a_decade_still_reads_as_values() -> None:
+    got = fig.ticks_125(10 ** -2.6, 10 ** -1.8, fine=True)
+    assert got is not None
+    vals, text = got
+    assert all(10 ** -2.6 <= v <= 10 ** -1.8 for v in vals) and {"0.003", "0.005", "0.01"} <= set(text)
+    assert fig.ticks_125(10 ** -2.6, 10 ** -1.8) is None
+    axis = fig.log_axis("x", [0.1, 0.35])  # under a decade: values, not Plotly's bare digits
+    assert {"0.1", "0.2", "0.3"} <= set(axis["ticktext"])
+    assert fig.tick_text(1.5e-5) == "1.5e-5" and fig.tick_text(1.5e-4) == "0.00015"
