@@ -35,6 +35,10 @@ of load from another process on this shared machine lands on a few rounds of eve
 first Centralize or AGC the row sums/norms it asked for); ``statistics pass [rows for X]`` times
 that statistics pass against the plain one. AutoClip runs with a full 10 000-norm history.
 
+Statistics-pass table (``--moments-only``): ``layer_moments`` alone on random gradients with
+each model's shapes, this checkout's against another checkout's (``--moments-before DIR/agent``),
+interleaved call by call in one process, with the aten ops of one call of each.
+
 Small-step table (issue 10): deep MLPs with 6 to 302 parameter tensors, one thread, interleaved
 in one run: what ``watch(every=1)`` (all statistics, file sink) adds to a step against what one
 ``clip_grad_norm_(params, inf, foreach=True)`` adds on the same parameters (one foreach reduction,
@@ -42,6 +46,7 @@ a cost a user already accepts), and the aten ops one recorded step issues on the
 (``TorchDispatchMode`` around ``optimizer.step()``, minus the optimizer's own ops).
 
     .venv/bin/python bench/agent_overhead.py --small-steps-only   # the small-step table, ~3 min here
+    .venv/bin/python bench/agent_overhead.py --moments-only --moments-before ../main/agent   # layer_moments alone, before/after
     .venv/bin/python bench/agent_overhead.py                  # everything: ~10 min of step tables + ~2 min
     .venv/bin/python bench/agent_overhead.py --skip-steps     # transform tables only, ~2 min here
     .venv/bin/python bench/agent_overhead.py --models resnet20 --rounds 3 --block 10
