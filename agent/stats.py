@@ -8,21 +8,18 @@ finished on the host (:func:`finalize`); variance and std are derived from M2 wh
 :func:`gradwatch.agent.spec.merge_moments`.
 
 M2 is the shifted sum: with ``c = sum/n`` (fp32), ``M2 = Σ(c−x)² − (n·c − Σx)²/n``, the squares
-summed in fp32 with torch's cascade sum and the correction (what c's rounding left) in float64.
-It stays within about 1e-7 relative of a float64 two-pass reference even where |mean| ≫ std
-(``l2²/n − mean²`` loses ``1e-7·mean²/var`` there).
+accumulated in float64 and the correction (what c's rounding left) in float64. It stays within
+about 1e-7 relative of a float64 two-pass reference even where |mean| ≫ std (``l2²/n − mean²``
+loses ``1e-7·mean²/var`` there).
 
-Cost model (``docs/storage.md``, "agent cost"), per (device, dtype) group: one foreach L2 pass,
-one signed sum per tensor, and for max-abs and M2 one scratch copy ``d = −x`` (foreach neg; fp16/
-bf16: an fp32 upcast per tensor instead) read by foreach max next to a foreach max of ``x``, then
-``d += c`` and ``d *= d`` in place and one sum per tensor. So two aten ops per fp32 tensor plus a
-constant per group (``torch.var_mean`` would be one exact read, but on CPU its Welford kernel is
-~50x slower than a sum; the foreach 1-norm sums naively, ~1e-6 off at 4k elements). The exact
-non-finite count is taken only for layers whose norm is not finite on CPU (a finite L2 norm proves
-every element finite), which makes it free on clean steps. On CUDA, branching on the norm would
-be a host sync, so the count is taken eagerly. No function here synchronizes with a CUDA device;
-:class:`HostCopy` moves a packed result to the host with one non-blocking copy into pinned memory
-that is read later, off the training thread.
+Cost model (``docs/statistics.md``, "The statistics pass"): one aten op per tensor (its fp32
+cascade sum) and, per (device, dtype) group, a bounded number of foreach ops over cache-sized
+chunks (:func:`_moments_group`), so the op count does not grow with the tensor count. The exact
+non-finite count is taken only for layers whose norm is not finite on CPU (a finite L2 norm
+proves every element finite), which makes it free on clean steps. On accelerators, branching on
+the norm would be a host sync, so the count is taken eagerly. No function here synchronizes with
+an accelerator; :class:`HostCopy` moves a packed result to the host with one non-blocking copy
+into pinned memory that is read later, off the training thread.
 """
 
 from __future__ import annotations
@@ -95,95 +92,119 @@ def row_stats(grads: Sequence[Tensor], sum_idx: Sequence[int] = (), norm_idx: Se
 
 def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | None = None,
                    rows: RowStats | None = None) -> Tensor:
-    """(k, 4) float32 moments of same-device, same-dtype dense tensors (``idx``: their indices
-    in ``rows``; a tensor with row sums or row norms there is not read again for them)."""
-    dev = ts[0].device
-    if rows is None or idx is None or not (rows.sums or rows.norms):
-        l2 = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
-        sums = torch.stack([t.sum(dtype=torch.float32) for t in ts])
-    else:
-        need = [k for k, i in enumerate(idx) if i not in rows.norms]
-        fe = iter(torch._foreach_norm([ts[k] for k in need], 2, dtype=torch.float32) if need else ())
-        l2 = torch.stack([torch.linalg.vector_norm(rows.norms[i]) if i in rows.norms else next(fe) for i in idx])
-        sums = torch.stack([rows.sums[i].sum() if i in rows.sums else t.sum(dtype=torch.float32)
-                            for t, i in zip(ts, idx)])
-    if eager_nonfinite:
-        nonfinite = torch.stack([torch.isfinite(t).logical_not_().sum(dtype=torch.float32) for t in ts])
-    else:
-        # CPU: reading the norms costs nothing, so count only where a norm is not finite.
-        nonfinite = torch.zeros(len(ts), dtype=torch.float32, device=dev)
-        bad = (~torch.isfinite(l2)).nonzero().flatten().tolist()
-        for i in bad:
-            nonfinite[i] = torch.isfinite(ts[i]).logical_not_().sum(dtype=torch.float32)
-    maxabs, m2 = _maxabs_m2(ts, sums)
-    return torch.stack([sums, l2, maxabs, nonfinite, m2], dim=1)
+    """(k, 5) float32 moments of same-device, same-dtype dense tensors (``idx``: their indices
+    in ``rows``; a tensor with row sums or row norms there is not read again for them).
 
+    One aten op per tensor (its fp32 sum, or the sum of its row sums); everything else is a foreach
+    op over one of a bounded number of chunks (:func:`_chunks`), so the op count is the tensor
+    count plus a constant. Each chunk is read once from memory and then re-read from the cache
+    for all its reductions. Per chunk, with ``c = sum/n``:
 
-def _maxabs_m2(ts: list[Tensor], sums: Tensor) -> tuple[Tensor, Tensor]:
-    """(k,) max-abs and centred M2 of same-device, same-dtype tensors: foreach kernels plus one
-    sum per tensor (and one upcast per tensor for fp16/bf16, whose ``c − x`` would round).
+    - the fp32 L2 norm (the value ``clip_grad_norm_`` computes, shared with the transforms) and
+      the max of ``x``;
+    - a scratch ``d = −x`` (exact in any dtype) whose max is ``−min x``, so max-abs is exact;
+    - ``d += c`` in place and the float64 2-norm of ``d``: ``Σ(c − x)²`` accumulated in float64,
+      and M2 is the shifted sum ``Σ(c − x)² − (n·c − Σx)²/n`` (the correction, in float64,
+      removes what c's rounding left). fp16/bf16 ``d`` is rounded in its own dtype by ``+= c``,
+      so those chunks upcast ``−x`` to fp32 first (one foreach op: ``x·(−1)`` against a fp32
+      (1,)-tensor);
+    - eager non-finite counts (accelerators): ``x·0`` is NaN exactly where ``x`` is not finite,
+      and its 0-"norm" counts them.
 
-    ``d = −x`` (a scratch copy, chunk by chunk) gives ``min x = −max d`` next to ``max x``; then
-    ``d += c`` with ``c = sum/n`` in place, squared in place, and M2 is the shifted sum ``Σ(c − x)² − (n·c − Σx)²/n``
-    (the correction, in float64, removes what c's rounding left). No host sync."""
+    No host sync."""
     dev = ts[0].device
     k = len(ts)
+    hp = pack_dtype(dev)  # float64 (MPS: float32)
+    rn = rows.norms if rows is not None and idx is not None else {}
+    rs = rows.sums if rows is not None and idx is not None else {}
+    ids = idx if idx is not None else list(range(k))
+    low = ts[0].dtype not in (torch.float32, torch.float64)
+    sums: list[Tensor] = [rs[i].sum() if i in rs else t.sum(dtype=torch.float32) for t, i in zip(ts, ids)]
+    l2: list[Tensor | None] = [None] * k
+    hi: list[Tensor] = []
+    lo: list[Tensor] = []
+    q: list[Tensor] = []
+    cnt: list[Tensor] = []
+    means: list[Tensor] = []
+    live = [j for j, t in enumerate(ts) if t.numel() > 0]  # foreach max refuses empty tensors
+    xs = [ts[j] for j in live]
+    ns = [float(x.numel()) for x in xs]
+    minus = torch.full((1,), -1.0, dtype=torch.float32, device=dev) if low and xs else None
+    for a, b in _chunks(xs):  # everything below re-reads this chunk from the cache
+        part = xs[a:b]
+        need = [j for j in live[a:b] if ids[j] not in rn]
+        for j, v in zip(need, torch._foreach_norm([ts[j] for j in need], 2, dtype=torch.float32) if need else ()):
+            l2[j] = v
+        hi.extend(torch._foreach_max(part))
+        cs = torch._foreach_div([sums[j] for j in live[a:b]], ns[a:b])  # fp32 means, 0-d
+        means.extend(cs)
+        d = torch._foreach_mul(part, [minus] * len(part)) if minus is not None else torch._foreach_neg(part)
+        lo.extend(torch._foreach_max(d))  # = −min x
+        torch._foreach_add_(d, cs)
+        q.extend(torch._foreach_norm(d, 2, dtype=hp))
+        if eager_nonfinite:
+            cnt.extend(torch._foreach_norm(torch._foreach_mul(part, 0.0), 0, dtype=torch.float32))
+    have = [j for j in range(k) if ids[j] in rn]
+    for j, v in zip(have, torch._foreach_norm([rn[ids[j]] for j in have], 2) if have else ()):
+        l2[j] = v
+    zero = None
+    for j in range(k):
+        if l2[j] is None:  # empty tensors
+            zero = zero if zero is not None else torch.zeros((), dtype=torch.float32, device=dev)
+            l2[j] = zero
+    s = torch.stack(sums)
+    norms = torch.stack(l2)  # type: ignore[arg-type]
     maxabs = torch.zeros(k, dtype=torch.float32, device=dev)
     m2 = torch.zeros(k, dtype=torch.float32, device=dev)
-    live = [i for i, t in enumerate(ts) if t.numel() > 0]  # foreach max refuses empty tensors
-    if not live:
-        return maxabs, m2
-    xs = [ts[i] for i in live]
-    if len(live) == k:
-        sel = None
-        s = sums
-    else:
-        sel = device_tensor(live, torch.long, dev)
-        s = sums.index_select(0, sel)
-    hp = pack_dtype(dev)  # float64 (MPS: float32)
-    n = device_tensor([float(x.numel()) for x in xs], hp, dev)
-    hi = torch.stack(torch._foreach_max(xs)).float()
-    c = (s.to(hp) / n).float()
-    cs = list(c.unbind())
-    lo_parts: list[Tensor] = []
-    q_parts: list[Tensor] = []
-    for a, b in _chunks(xs):  # each chunk's scratch stays in cache across its four passes
-        d: list[Tensor]
-        if xs[0].dtype == torch.float32:
-            d = list(torch._foreach_neg(xs[a:b]))
+    nonfinite = torch.zeros(k, dtype=torch.float32, device=dev)
+    if xs:
+        sel = None if len(live) == k else device_tensor(live, torch.long, dev)
+        sl = (s if sel is None else s.index_select(0, sel)).to(hp)
+        n = device_tensor(ns, hp, dev)
+        c = torch.stack(means).to(hp)  # the fp32 means d was shifted by
+        mx = torch.maximum(torch.stack(hi).abs(), torch.stack(lo).abs()).float()  # NaN propagates
+        corr = n * c - sl
+        mm = (torch.stack(q).square() - corr.square() / n).float()
+        if sel is None:
+            maxabs, m2 = mx, mm
         else:
-            d = [x.float() for x in xs[a:b]]
-            torch._foreach_neg_(d)
-        lo_parts.extend(torch._foreach_max(d))  # = −min x
-        torch._foreach_add_(d, cs[a:b])
-        torch._foreach_mul_(d, d)
-        # one sum per tensor: torch's cascade sum is exact to ~1e-7 (the foreach 1-norm sums
-        # naively, ~1e-6 at 4k elements; a foreach 2-norm squared is 1 ulp off on exact inputs)
-        q_parts.extend(e.sum() for e in d)
-    lo = torch.stack(lo_parts)
-    q = torch.stack(q_parts).to(hp)
-    corr = n * c.to(hp) - s.to(hp)
-    mx = torch.maximum(hi.abs(), lo.abs())  # NaN propagates
-    mm = (q - corr.square() / n).float()
-    if sel is None:
-        return mx, mm
-    return maxabs.index_copy_(0, sel, mx), m2.index_copy_(0, sel, mm)
+            maxabs.index_copy_(0, sel, mx)
+            m2.index_copy_(0, sel, mm)
+        if eager_nonfinite:
+            f = torch.stack(cnt)
+            nonfinite = f if sel is None else nonfinite.index_copy_(0, sel, f)
+    if not eager_nonfinite:
+        # CPU: reading the norms costs nothing, so count only where a norm is not finite
+        bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+        if bad:
+            counts = torch._foreach_norm(torch._foreach_mul([ts[j] for j in bad], 0.0), 0, dtype=torch.float32)
+            nonfinite.index_copy_(0, device_tensor(bad, torch.long, dev), torch.stack(counts))
+    return torch.stack([s, norms, maxabs, nonfinite, m2], dim=1)
 
 
-#: Elements of scratch per chunk of the M2 pass (1 MiB of fp32): small tensors share a chunk (few
-#: launches), a large one is a chunk alone, and the scratch is re-read while still in cache.
-_CHUNK = 1 << 18
+#: Elements per chunk (512 KiB of fp32): small tensors share a chunk (few launches) and each chunk
+#: is re-read from the cache for all its reductions ...
+_CHUNK = 1 << 17
+#: ... but past ``_MAX_CHUNKS·_CHUNK`` elements the chunks grow (:func:`_chunks`), so the op count
+#: stays a constant per group whatever the model's size and tensor count.
+_MAX_CHUNKS = 8
 
 
 def _chunks(xs: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """Consecutive non-empty ranges of ``xs``, each closed once it holds ``max(_CHUNK,
+    total/_MAX_CHUNKS)`` elements or more (a large tensor may close one alone): at most
+    ``_MAX_CHUNKS + 1`` ranges, whatever the tensor count; none for an empty list."""
+    sizes = [x.numel() for x in xs]
+    cap = max(_CHUNK, -(-sum(sizes) // _MAX_CHUNKS))
     out: list[tuple[int, int]] = []
     a = size = 0
-    for i, x in enumerate(xs):
-        if size and size + x.numel() > _CHUNK:
-            out.append((a, i))
-            a, size = i, 0
-        size += x.numel()
-    out.append((a, len(xs)))
+    for i, m in enumerate(sizes):
+        size += m
+        if size >= cap:
+            out.append((a, i + 1))
+            a, size = i + 1, 0
+    if a < len(xs):
+        out.append((a, len(xs)))
     return out
 
 
@@ -203,7 +224,7 @@ def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = Non
             fp32 values up to summation order) instead of another read.
 
     Returns:
-        ``(len(grads), 4)`` float32 tensor with columns :data:`MOMENT_COLUMNS`. No host sync on
+        ``(len(grads), 5)`` float32 tensor with columns :data:`MOMENT_COLUMNS`. No host sync on
         accelerators.
     """
     if not grads:

@@ -35,6 +35,10 @@ of load from another process on this shared machine lands on a few rounds of eve
 first Centralize or AGC the row sums/norms it asked for); ``statistics pass [rows for X]`` times
 that statistics pass against the plain one. AutoClip runs with a full 10 000-norm history.
 
+Statistics-pass table (``--moments-only``): ``layer_moments`` alone on random gradients with
+each model's shapes, this checkout's against another checkout's (``--moments-before DIR/agent``),
+interleaved call by call in one process, with the aten ops of one call of each.
+
 Small-step table (issue 10): deep MLPs with 6 to 302 parameter tensors, one thread, interleaved
 in one run: what ``watch(every=1)`` (all statistics, file sink) adds to a step against what one
 ``clip_grad_norm_(params, inf, foreach=True)`` adds on the same parameters (one foreach reduction,
@@ -42,6 +46,7 @@ a cost a user already accepts), and the aten ops one recorded step issues on the
 (``TorchDispatchMode`` around ``optimizer.step()``, minus the optimizer's own ops).
 
     .venv/bin/python bench/agent_overhead.py --small-steps-only   # the small-step table, ~3 min here
+    .venv/bin/python bench/agent_overhead.py --moments-only --moments-before ../main/agent   # layer_moments alone, before/after
     .venv/bin/python bench/agent_overhead.py                  # everything: ~10 min of step tables + ~2 min
     .venv/bin/python bench/agent_overhead.py --skip-steps     # transform tables only, ~2 min here
     .venv/bin/python bench/agent_overhead.py --models resnet20 --rounds 3 --block 10
@@ -321,6 +326,78 @@ def bench_small(sizes: list[int], width: int, batch: int, rounds: int, block: in
     return out
 
 
+def _load_stats(agent_dir: Path) -> Any:
+    """``agent/stats.py`` of another checkout (``agent_dir``: its ``agent/`` folder) as its own
+    module, next to this one's, without running that package's ``__init__``."""
+    import importlib
+    import types
+
+    pkg = types.ModuleType("gw_before_agent")
+    pkg.__path__ = [str(agent_dir)]
+    sys.modules["gw_before_agent"] = pkg
+    return importlib.import_module("gw_before_agent.stats")
+
+
+def bench_moments(before: Path | None, rounds: int) -> list[dict[str, Any]]:
+    """``layer_moments`` alone on random gradients with each model's shapes, one thread: this
+    checkout's against ``before``'s (an ``agent/`` folder), interleaved call by call with the
+    order alternating, plus the aten ops of one call of each."""
+    from gradwatch.agent import stats as after
+
+    mods = {"after": after} if before is None else {"before": _load_stats(before), "after": after}
+    cases: list[tuple[str, list[torch.Tensor]]] = []
+    g = torch.Generator().manual_seed(0)
+    for name in ("resnet20", "mlp", "transformer"):
+        model = make_task(name)[0]
+        cases.append((name, [torch.randn(p.shape, generator=g) * 0.01 + 1e-4 for p in model.parameters()]))
+    cases.append(("deep MLP 302 x 128", [torch.randn(p.shape, generator=g) * 0.01 for p in _deep_mlp(302, 128).parameters()]))
+    cases.append(("resnet20, bf16", [t.bfloat16() for t in cases[0][1]]))
+    cases.append(("resnet20, fp32+bf16+fp16", [t.to((torch.float32, torch.bfloat16, torch.float16)[i % 3])
+                                               for i, t in enumerate(cases[0][1])]))
+    out = []
+    for name, grads in cases:
+        ops = {}
+        for k, m in mods.items():
+            m.layer_moments(grads)
+            with _OpCount() as c:
+                m.layer_moments(grads)
+            ops[k] = sum(c.ops.values())
+        ts: dict[str, list[float]] = {k: [] for k in mods}
+        keys = list(mods)
+        for r in range(rounds):
+            for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+                t0 = time.perf_counter()
+                mods[k].layer_moments(grads)
+                ts[k].append(time.perf_counter() - t0)
+        row: dict[str, Any] = {"case": name, "tensors": len(grads), "elements": sum(t.numel() for t in grads), "ops": ops,
+                               "ms": {k: statistics.median(v) * 1e3 for k, v in ts.items()}}
+        if before is not None:
+            rat = [a / b for a, b in zip(ts["after"], ts["before"])]
+            row["ratio"] = (statistics.median(rat), min(rat), max(rat))
+        out.append(row)
+    return out
+
+
+def print_moments(res: list[dict[str, Any]], rounds: int) -> None:
+    both = "ratio" in res[0]
+    print(f"\n## statistics pass alone (layer_moments), one thread, median of {rounds} interleaved calls"
+          + (" [min-max of the per-call after/before]" if both else ""))
+    if both:
+        print("| gradients | tensors | elements | before ms | after ms | after / before | before ops | after ops |")
+        print("|---|---|---|---|---|---|---|---|")
+    else:
+        print("| gradients | tensors | elements | ms | aten ops |")
+        print("|---|---|---|---|---|")
+    for r in res:
+        if both:
+            m, lo, hi = r["ratio"]
+            print(f"| {r['case']} | {r['tensors']} | {r['elements'] / 1e6:.2f}M | {r['ms']['before']:.2f} | "
+                  f"{r['ms']['after']:.2f} | {m:.2f} [{lo:.2f}-{hi:.2f}] | {r['ops']['before']} | {r['ops']['after']} |")
+        else:
+            print(f"| {r['case']} | {r['tensors']} | {r['elements'] / 1e6:.2f}M | {r['ms']['after']:.2f} | {r['ops']['after']} |")
+    sys.stdout.flush()
+
+
 def print_small(res: list[dict[str, Any]], width: int, batch: int, rounds: int) -> None:
     print(f"\n## small steps: deep MLPs (width {width}, batch {batch}), one thread, watch(every=1) with all "
           f"statistics to a file sink against clip_grad_norm_(params, inf, foreach=True); median of {rounds} "
@@ -542,6 +619,11 @@ def main() -> int:
     ap.add_argument("--small-block", type=int, default=10)
     ap.add_argument("--small-steps-only", action="store_true", help="only the small-step table (one thread)")
     ap.add_argument("--skip-small", action="store_true")
+    ap.add_argument("--moments-only", action="store_true",
+                    help="only the statistics-pass table (layer_moments alone, one thread)")
+    ap.add_argument("--moments-before", type=Path, default=None,
+                    help="another checkout's agent/ folder: its layer_moments interleaved against this one's")
+    ap.add_argument("--moments-rounds", type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -555,6 +637,10 @@ def main() -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if args.moments_only:
+            torch.set_num_threads(1)
+            print_moments(bench_moments(args.moments_before, args.moments_rounds), args.moments_rounds)
+            return 0
         if not args.skip_small:
             torch.set_num_threads(1)
             sizes = [int(s) for s in args.small_sizes.split(",")]

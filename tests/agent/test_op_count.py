@@ -1,0 +1,219 @@
+"""The statistics pass costs one aten op per gradient tensor plus a constant per (device, dtype)
+group (issue 10, point 5), counted with ``TorchDispatchMode`` on many layouts; and it stays exact
+on the chunked route (docs/statistics.md, "How the moments are computed").
+
+The constant :data:`C` does not depend on the tensor count: the layouts go from 1 to 400 tensors
+with the same bound, so a route with two ops per tensor (the previous one: 704 ops at 302
+tensors) fails here from ~130 tensors on.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradwatch.agent.stats as stats
+from gradwatch.agent import AutoscaledNorm, ClipNorm, watch
+from gradwatch.agent.stats import finalize, layer_moments
+
+#: ops per (device, dtype) group beyond one per tensor (statistics pass; at most
+#: ``_MAX_CHUNKS + 1`` chunks of 8 foreach ops each, plus the packing around them)
+C = 110
+#: the same for a whole recorded step (packing the record, the ‖w‖ pass, the transforms)
+C_STEP = 160
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _Count(TorchDispatchMode):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.n += 1
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _shape(rng: random.Random) -> tuple[int, ...]:
+    kind = rng.random()
+    if kind < 0.05:
+        return (0,) if rng.random() < 0.5 else (0, rng.randint(1, 4))
+    if kind < 0.1:
+        return ()
+    if kind < 0.4:
+        return (rng.randint(1, 300),)
+    if kind < 0.8:
+        return (rng.randint(1, 64), rng.randint(1, 64))
+    if kind < 0.97:
+        return (rng.randint(1, 16), rng.randint(1, 8), 3, 3)
+    return (rng.randint(300, 700), 512)  # past one chunk
+
+
+def _layout(seed: int, n: int, dtypes: tuple[torch.dtype, ...]) -> list[torch.Tensor]:
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        t = torch.randn(_shape(rng), generator=g) * 10 ** rng.uniform(-3, 1) + rng.choice((0.0, 0.0, 5.0, -1e-2))
+        out.append(t.to(rng.choice(dtypes)))
+    return out
+
+
+def _groups(ts: list[torch.Tensor]) -> int:
+    return len({(t.device, t.dtype) for t in ts})
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 17, 60, 150, 302, 400])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), _DTYPES])
+@pytest.mark.parametrize("eager", [False, True])
+def test_statistics_pass_is_one_op_per_tensor_plus_a_constant(n: int, dtypes: tuple[torch.dtype, ...], eager: bool) -> None:
+    for seed in range(2):
+        grads = _layout(1000 * n + seed, n, dtypes)
+        with _Count() as c:
+            layer_moments(grads, eager_nonfinite=eager)
+        assert c.n <= n + C * _groups(grads), (n, c.n, sorted(c.ops.items(), key=lambda kv: -kv[1])[:8])
+
+
+def test_non_finite_everywhere_costs_no_op_per_tensor() -> None:
+    """An overflowing step (every gradient has an inf, as under a too-large loss scale): the CPU
+    route counts the non-finite elements of every tensor, still with foreach ops."""
+    grads = _layout(7, 300, (torch.float32,))
+    for t in grads:
+        if t.numel():
+            t.view(-1)[0] = float("inf")
+    with _Count() as c:
+        m = layer_moments(grads)
+    assert c.n <= 300 + C
+    assert m[:, 3].tolist() == [1.0 if t.numel() else 0.0 for t in grads]
+
+
+class _Params(nn.Module):
+    """Parameters of mixed shapes and dtypes; a few never get a gradient (None grads)."""
+
+    def __init__(self, seed: int, n: int, dtypes: tuple[torch.dtype, ...]) -> None:
+        super().__init__()
+        self.ps = nn.ParameterList([nn.Parameter(t) for t in _layout(seed, n, dtypes)])
+        rng = random.Random(seed + 1)
+        self.unused = {i for i in range(n) if rng.random() < 0.1}
+
+    def loss(self, step: int) -> torch.Tensor:
+        total = torch.zeros(())
+        for i, p in enumerate(self.ps):
+            if i not in self.unused:
+                total = total + (p.float() * (1.0 + 0.1 * ((i + step) % 7))).square().mean()
+        return total
+
+
+def _step_ops(model: _Params, opt: torch.optim.Optimizer, step: int, standalone: list[Any] = ()) -> int:
+    opt.zero_grad(set_to_none=True)
+    model.loss(step).backward()
+    with _Count() as c:
+        for t in standalone:
+            t([p for p in model.ps if p.grad is not None])
+        opt.step()
+    return c.n
+
+
+def _transforms(kind: str) -> list[Any]:
+    return {"none": [], "clip": [ClipNorm(1.0)], "autoscaled": [AutoscaledNorm()]}[kind]
+
+
+@pytest.mark.parametrize("n", [1, 9, 150, 400])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), _DTYPES])
+@pytest.mark.parametrize("transforms", ["none", "clip", "autoscaled"])
+def test_recorded_step_is_one_op_per_tensor_plus_a_constant(n: int, dtypes: tuple[torch.dtype, ...], transforms: str) -> None:
+    """A whole watched ``optimizer.step()`` (every= 2, with transforms) against an unwatched twin
+    on the same layout that runs the same transforms by hand: what watching adds stays under
+    n + C_STEP per group on recorded steps, under a constant on the others. (The transforms'
+    own edits are in both; inside watch() they reuse the statistics pass's sums and norms.)"""
+    seed = 77 * n + len(dtypes)
+    base, watched = _Params(seed, n, dtypes), _Params(seed, n, dtypes)
+    opt_b = torch.optim.SGD(base.parameters(), lr=1e-3)
+    opt_w = torch.optim.SGD(watched.parameters(), lr=1e-3)
+    by_hand = _transforms(transforms)
+    w = watch(watched, opt_w, server="memory", every=2, transforms=_transforms(transforms))
+    try:
+        with_grad = [p for i, p in enumerate(watched.ps) if i not in watched.unused]
+        k = len(with_grad)
+        groups = max(_groups([p.detach() for p in with_grad]), 1)
+        for step in range(4):
+            extra = _step_ops(watched, opt_w, step) - _step_ops(base, opt_b, step, by_hand)
+            bound = k + C_STEP * groups if step % 2 == 0 else C_STEP * groups  # recorded: steps 0, 2
+            assert extra <= bound, (n, step, extra, bound)
+    finally:
+        w.close()
+
+
+def _ref(t: torch.Tensor) -> tuple[float, float, float, float, int]:
+    """float64 two-pass mean, M2, l2, maxabs, non-finite count of the same values."""
+    x = t.detach().to(torch.float64).reshape(-1)
+    if x.numel() == 0:
+        return 0.0, 0.0, 0.0, 0.0, 0
+    mean = x.sum() / x.numel()
+    return (mean.item(), ((x - mean) ** 2).sum().item(), x.norm().item(), x.abs().max().item(),
+            int((~torch.isfinite(x)).sum()))
+
+
+def _close(got: float, want: float, rel: float, floor: float) -> bool:
+    if math.isnan(want):
+        return math.isnan(got)
+    return got == want or abs(got - want) <= rel * abs(want) + floor
+
+
+@pytest.mark.parametrize("chunk,max_chunks", [(64, 3), (1000, 2), (1 << 17, 8)])
+@pytest.mark.parametrize("eager", [False, True])
+def test_chunked_moments_match_float64_reference(monkeypatch: pytest.MonkeyPatch, chunk: int, max_chunks: int,
+                                                 eager: bool) -> None:
+    """Random layouts cut into chunks at every boundary (small chunks, chunks grown past the
+    cap, one tensor per chunk) against a float64 two-pass reference: M2 within 1e-6, max-abs
+    and counts exact, mean and l2 to fp32 rounding; with |mean| ≫ std, empties, ±inf and NaN."""
+    monkeypatch.setattr(stats, "_CHUNK", chunk)
+    monkeypatch.setattr(stats, "_MAX_CHUNKS", max_chunks)
+    for seed in range(6):
+        rng = random.Random(seed)
+        grads = _layout(seed, rng.randint(1, 40), _DTYPES)
+        for t in grads:
+            if t.numel() > 1 and rng.random() < 0.15:
+                t.view(-1)[rng.randrange(t.numel())] = rng.choice((float("inf"), float("-inf"), float("nan")))
+        big = torch.randn(3000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.01 + 100.0
+        grads.insert(rng.randrange(len(grads) + 1), big.float())  # |mean| = 1e4·std
+        m = layer_moments(grads, eager_nonfinite=eager).tolist()
+        for t, row in zip(grads, m):
+            st = finalize(t.numel(), *row)
+            mean, m2, l2, mx, nf = _ref(t)
+            assert st.nonfinite == nf
+            assert _close(st.maxabs, mx, 0.0, 0.0), (st.maxabs, mx)
+            fin = nf == 0
+            n = max(t.numel(), 1)
+            assert _close(st.m2, m2 if fin else math.nan, 1e-6, 1e-12 * n * mean * mean), (t.dtype, t.shape, st.m2, m2)
+            if fin:
+                assert _close(st.mean, mean, 1e-6, 1e-6 * l2 / math.sqrt(n))
+                assert _close(st.l2, l2, 1e-4, 0.0)
+
+
+def test_chunks_are_bounded_whatever_the_tensor_count() -> None:
+    class _T:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def numel(self) -> int:
+            return self.n
+
+    rng = random.Random(0)
+    for _ in range(500):
+        sizes = [rng.choice((1, 100, 1 << 14, 1 << 17, 1 << 20, rng.randint(0, 1 << 18))) for _ in range(rng.randint(1, 500))]
+        ch = stats._chunks([_T(s) for s in sizes])  # type: ignore[list-item]
+        assert len(ch) <= stats._MAX_CHUNKS + 1
+        assert ch[0][0] == 0 and ch[-1][1] == len(sizes)
+        assert all(a < b for a, b in ch) and all(ch[i][1] == ch[i + 1][0] for i in range(len(ch) - 1))
+    assert stats._chunks([]) == []
