@@ -9,7 +9,6 @@ ignore it and the count says it was there). Queries are plain SQL over the clust
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -418,29 +417,3 @@ def scalar_keys(conn: Connection, run_id: str) -> list[str]:
     return list(conn.execute(text("SELECT DISTINCT key FROM scalar WHERE run_id = :r ORDER BY key"),
                              {"r": run_id}).scalars())
 
-
-def list_events(conn: Connection, run_id: str, *, kinds: list[str], start: int | None, end: int | None,
-                limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-    where = "FROM event WHERE run_id = :r"
-    params: dict[str, Any] = {"r": run_id, "lim": limit, "off": offset}
-    if kinds:
-        names = []
-        for i, k in enumerate(kinds):
-            params[f"k{i}"] = k
-            names.append(f":k{i}")
-        where += f" AND kind IN ({', '.join(names)})"
-    if start is not None:
-        where += " AND step >= :a"
-        params["a"] = start
-    if end is not None:
-        where += " AND step <= :b"
-        params["b"] = end
-    count = conn.execute(text(f"SELECT count(*) {where}"), params).scalar_one()
-    rows = conn.execute(text(f"SELECT id, kind, step, rank, time, data {where} ORDER BY step, id "
-                             "LIMIT :lim OFFSET :off"), params).all()
-    out = []
-    for i, kind, step, rank, t, data in rows:
-        if isinstance(data, str):  # SQLite text() results are not JSON-decoded
-            data = json.loads(data)
-        out.append({"id": i, "kind": kind, "step": step, "rank": rank, "time": t, "data": data or {}})
-    return out, int(count)
