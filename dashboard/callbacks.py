@@ -253,7 +253,11 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         keys = (await api.scalar_keys(run_id))[:8]
         got = await asyncio.gather(*[api.scalar(run_id, k, start=start, end=stop, max_points=CHART_POINTS // 2)
                                      for k in keys])
-        return fig.scalars_figure(dict(zip(keys, got)), theme, last)
+        # a step's scalars may be stored in a later batch than the step: over the whole run the
+        # live script resumes after the last step whose scalars this figure holds, not the run's
+        held = fig.last_series_step(got)
+        return fig.scalars_figure(dict(zip(keys, got)), theme,
+                                  held if start is None and stop == last and held is not None else last)
 
     async def transforms(api: Api, run_id: str, start: int | None, stop: int | None, last: int | None,
                          theme: str) -> Any:

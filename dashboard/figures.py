@@ -199,6 +199,13 @@ def series_points(resp: dict[str, Any], field: str | None = None, pooled: str | 
     return {"x": x, "mean": mean, "lo": lo, "hi": hi, "bad_x": bad_x, "bad_text": bad_text}
 
 
+def last_series_step(responses: Iterable[dict[str, Any]]) -> int | None:
+    """The last step any of these series responses holds (raw points or buckets), ``None`` if none."""
+    steps = [p["step"] for r in responses for p in r.get("points") or []]
+    steps += [b["step_max"] for r in responses for b in r.get("buckets") or []]
+    return max(steps) if steps else None
+
+
 def _band(name: str, cols: dict[str, list[Any]], colour: str) -> list[dict[str, Any]]:
     """Min and max of each bucket as a shaded band (so a one-step spike stays visible)."""
     if cols["lo"] == cols["mean"] and cols["hi"] == cols["mean"]:

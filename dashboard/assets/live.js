@@ -3,7 +3,12 @@
  * The page draws a REST snapshot (each live figure carries layout.meta.last_step, the last step it
  * holds). This script then opens the server's WS /api/v1/runs/{id}/live itself, and after each
  * (re)subscription fetches over REST what the snapshot or the last connection missed, so there is
- * no gap. Messages are buffered and flushed at most FLUSH_MS apart, in one requestAnimationFrame,
+ * no gap. What is complete is tracked as a range per history (S.covered: every step from there to the
+ * cursor is held); a graph whose figure ends before it (a figure fetched before the snapshot, a
+ * scalar that came in a later batch than its step) asks for a fill from its own last step first.
+ * A fill reads /steps first and bounds every other request by its last step, so one step's values
+ * come from one read; a step both the fill and the stream bring is merged, not dropped.
+ * Messages are buffered and flushed at most FLUSH_MS apart, in one requestAnimationFrame,
  * as one dcc.Graph extendData per graph: extending per message makes dcc.Graph duplicate points.
  * Steps already drawn are dropped (a per-graph cursor); a lost connection is retried with
  * exponential backoff. window.gradwatchLive.stats holds what the bench reads (script ms, bytes).
@@ -16,8 +21,9 @@
    * {num: path, den: path} for a ratio (AutoscaledNorm's sigma/sigma_ref) */
   var LINE_GRAPHS = ["norm-graph", "scale-graph", "transforms-graph", "scalars-graph"];
   var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, scalarHist: [], scalarAt: {}, cursor: -1, pending: [], timer: null,
-           backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0};
-  var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0, subscribed: 0};
+           backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0,
+           covered: Infinity, scalarCovered: Infinity, scalarCursor: -1, need: Infinity, hold: {}, subscribed: false};
+  var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0, subscribed: 0, fills: 0};
 
   function num(v) {
     if (v === null || v === undefined) { return null; }
@@ -43,7 +49,13 @@
 
   /* one step record (rank 0) into the history, unless that step is already held */
   function keep(rec) {
-    if (rec.rank || S.byStep[rec.step]) { return false; }
+    if (rec.rank) { return false; }
+    var old = S.byStep[rec.step];
+    if (old) {  // held already (the fill and the stream both brought it): add what it lacks
+      if (rec.transforms && !old.transforms) { old.transforms = rec.transforms; }
+      if (rec.layers && !old.layers) { old.layers = rec.layers; }
+      return false;
+    }
     // a step older than what is drawn (an agent's backlog delivered late): the charts cannot
     // append it in order, so they are redrawn from a fresh REST snapshot
     if (S.cursor >= 0 && rec.step < S.cursor && !S.inGap) { S.late = true; }
@@ -51,7 +63,7 @@
     var h = S.history;
     if (!h.length || h[h.length - 1].step < rec.step) { h.push(rec); }
     else { var i = h.length; while (i > 0 && h[i - 1].step > rec.step) { i--; } h.splice(i, 0, rec); }
-    if (h.length > HISTORY) { delete S.byStep[h.shift().step]; }
+    if (h.length > HISTORY) { var gone = h.shift().step; delete S.byStep[gone]; S.covered = Math.max(S.covered, gone + 1); }
     if (rec.step > S.cursor) { S.cursor = rec.step; }
     stats.steps++;
     return true;
@@ -67,8 +79,9 @@
       var h = S.scalarHist, i = h.length;
       while (i > 0 && h[i - 1].step > sc.step) { i--; }
       h.splice(i, 0, o);
-      if (h.length > HISTORY) { delete S.scalarAt[h.shift().step]; }
+      if (h.length > HISTORY) { var gone = h.shift().step; delete S.scalarAt[gone]; S.scalarCovered = Math.max(S.scalarCovered, gone + 1); }
     }
+    if (sc.step > S.scalarCursor) { S.scalarCursor = sc.step; }
     for (var k in sc.values) { if (Object.prototype.hasOwnProperty.call(sc.values, k)) { o.scalars[k] = sc.values[k]; } }
   }
 
@@ -89,7 +102,11 @@
     stats.bytes += ev.data.length;
     var t0 = performance.now();
     var msg = JSON.parse(ev.data);
-    if (msg.type === "subscribed") { S.backoff = 500; stats.subscribed++; fillGap(); }
+    if (msg.type === "subscribed") {
+      S.backoff = 500; stats.subscribed++; S.subscribed = true;
+      // a fill under way may have read before this subscription: another after it, from the cursor
+      if (S.filling) { S.need = Math.min(S.need, S.cursor + 1); } else { fillGap(); }
+    }
     else if (msg.type === "batch") { S.pending.push(msg); schedule(); }
     stats.scriptMs += performance.now() - t0;
   }
@@ -111,10 +128,7 @@
       (m.steps || []).forEach(keep);
       S.newEvents += (m.events || []).length;
     }
-    if (S.late) {
-      S.late = false; S.graphs = {}; stats.reloads++;
-      setProps("reset-zoom", {n_clicks: Date.now()});
-    } else { draw(); }
+    if (S.late) { S.late = false; reload(); } else { draw(); }
     if (S.newEvents) { setProps("live-tick", {data: {events: S.newEvents, step: S.cursor, t: Date.now()}}); S.newEvents = 0; }
     status("live · step " + (S.cursor >= 0 ? S.cursor : "—"));
     var dt = performance.now() - t0;
@@ -122,9 +136,26 @@
     if (wantStats() !== S.wsStats && S.ws) { S.restat = true; S.ws.close(); }  // the heatmap's statistic changed
   }
 
+  /* every chart redrawn from a fresh REST snapshot; until a graph's new figure arrives, its old
+   * one (known by its key) is left alone: appending to it would duplicate what the new one holds */
+  function reload() {
+    stats.reloads++;
+    S.hold = {};
+    Object.keys(S.graphs).forEach(function (id) { S.hold[id] = S.graphs[id].key; });
+    S.graphs = {};
+    setProps("reset-zoom", {n_clicks: Date.now()});
+  }
+
+  /* a fill from step `from` on, now or after the one under way */
+  function needFill(from) {
+    S.need = Math.min(S.need, from);
+    if (S.subscribed && !S.filling) { fillGap(); }
+  }
+
   /* the part of the history a graph does not hold yet (its cursor survives a figure replacement) */
   function fresh(id, hist) {
     var g = gd(id);
+    var scal = hist === S.scalarHist;
     hist = hist || S.history;
     if (!g || !g.layout) { return null; }
     if (!g.layout.meta || g.layout.meta.last_step === undefined) {
@@ -133,11 +164,18 @@
       return null;
     }
     // a figure is known by its content, not its object: Plotly.relayout may copy the layout
-    var m = g.layout.meta, key = [m.last_step, m.stat, m.depth, (m.layer_index || []).join(" ")].join("|");
+    var m = g.layout.meta, key = [m.last_step, m.stat, m.depth, (m.layer_index || []).join(" "),
+                                  g.layout.uirevision].join("|");
+    if (S.hold[id] !== undefined) {
+      if (S.hold[id] === key) { return null; }  // the figure from before the reload: wait for the new one
+      delete S.hold[id];
+    }
     var st = S.graphs[id];
     if (!st || st.key !== key) {
       st = S.graphs[id] = {key: key, sent: m.last_step === null ? -1 : m.last_step};
     }
+    // the history must hold every step after the figure's last one: else fill from there first
+    if (st.sent + 1 < (scal ? S.scalarCovered : S.covered)) { needFill(st.sent + 1); return null; }
     var out = [];
     for (var i = 0; i < hist.length; i++) { if (hist[i].step > st.sent) { out.push(hist[i]); } }
     if (out.length) { st.sent = out[out.length - 1].step; }
@@ -206,20 +244,44 @@
     return [how === "rss" ? (big === Infinity ? Infinity : big * Math.sqrt(sq)) : out, n];
   }
 
-  /* REST: the steps after the cursor that the stream did not bring (first connect, reconnects) */
+  /* REST: the steps the stream did not bring (first connect, reconnects) and those a graph asked
+   * for: from the earliest step any history or graph may lack. /steps is read first; the heatmap
+   * and the transform values are then read up to its last step (they are stored in the same
+   * transaction as their step), the scalars without an end (a step's scalars may come in a later
+   * batch; the stream's copy of them merges). Steps stored after the subscription also come over
+   * the stream, which is held (not drawn) until the fill is in. A failed fill is retried. */
   function fillGap() {
-    var run = S.run, gen = S.generation, from = S.cursor + 1;
+    var run = S.run, gen = S.generation;
+    var from = Math.min(S.need, S.cursor + 1, S.scalarCursor + 1);
+    S.need = Infinity;
+    if (from < 0) { from = 0; }
     S.filling = true;
     var base = "/api/v1/runs/" + encodeURIComponent(run);
-    var steps = fetch(base + "/steps?fields=total_norm,total_norm_post,loss_scale&start=" + from,
-                      {credentials: "same-origin"}).then(function (r) { return r.ok ? r.json() : null; });
-    var m = heatMeta(), hs = m && m.live ? m.stat : null;
-    var heat = hs === null ? Promise.resolve(null) : fetch(
-      base + "/heatmap?stat=" + hs + "&start=" + from + "&max_points=" + 2000, {credentials: "same-origin"})
-      .then(function (r) { return r.ok ? r.json() : null; });
-    Promise.all([steps, heat, gapValues(base, from)]).then(function (got) {
-      if (gen !== S.generation) { return; }
-      var st = got[0], hm = got[1], layersAt = {}, valuesAt = got[2];
+    function json(url) {
+      return fetch(base + url, {credentials: "same-origin"}).then(function (r) {
+        if (!r.ok) { throw new Error(url + ": " + r.status); }
+        return r.json();
+      });
+    }
+    var m = heatMeta(), hs = m && m.live ? m.stat : null, end = null, tooLong = false;
+    json("/steps?fields=total_norm,total_norm_post,loss_scale&start=" + from).then(function (st) {
+      if (gen !== S.generation) { return null; }
+      var pts = (st.points || []).filter(function (p) { return !p.rank; });
+      tooLong = !!st.downsampled || (pts.length && pts[pts.length - 1].step - from > HISTORY / 2);
+      end = pts.length ? pts[pts.length - 1].step : null;
+      if (tooLong) { return [pts, null, {}]; }
+      var heat = hs === null || end === null ? Promise.resolve(null)
+        : json("/heatmap?stat=" + hs + "&start=" + from + "&end=" + end + "&max_points=" + (end - from + 1));
+      return Promise.all([pts, heat, gapValues(base, from, end)]);
+    }).then(function (got) {
+      if (!got || gen !== S.generation) { return; }
+      if (tooLong) {  // a long outage: redraw from snapshots (they hold everything stored so far)
+        S.cursor = Math.max(S.cursor, end); S.covered = Math.min(S.covered, end + 1);
+        S.scalarCovered = Math.min(S.scalarCovered, end + 1);
+        reload();
+        return;
+      }
+      var pts = got[0], hm = got[1], layersAt = {}, valuesAt = got[2];
       if (hm && hm.bucket_width === 1) {
         hm.steps.forEach(function (s, k) {
           var blk = {index: hm.layers.map(function (l) { return l.index; })};
@@ -228,26 +290,32 @@
           layersAt[s] = blk;
         });
       }
-      var pts = st ? (st.points || (st.buckets || []).map(function (b) {
-        return {step: b.step_max, rank: 0, total_norm: b.total_norm && b.total_norm.mean,
-                total_norm_post: b.total_norm_post && b.total_norm_post.mean, loss_scale: b.loss_scale && b.loss_scale.mean};
-      })) : [];
       S.inGap = true;  // the gap's steps may precede steps the stream already brought
       pts.forEach(function (p) {
+        p = {step: p.step, rank: 0, total_norm: p.total_norm, total_norm_post: p.total_norm_post, loss_scale: p.loss_scale,
+             transforms: (valuesAt[p.step] || {}).transforms || {}};
         if (layersAt[p.step]) { p.layers = layersAt[p.step]; }
-        var v = valuesAt[p.step];
-        if (v) { p.transforms = v.transforms; }
         keep(p);
       });
       Object.keys(valuesAt).forEach(function (step) { attachScalars({step: +step, values: valuesAt[step].scalars}); });
       S.inGap = false;
-    }).catch(function () { /* the stream goes on; the next reconnect fills again */ })
-      .then(function () { if (gen === S.generation) { S.filling = false; schedule(); } });
+      S.covered = Math.min(S.covered, from);
+      S.scalarCovered = Math.min(S.scalarCovered, from);
+      stats.fills++;
+    }).then(function () {
+      if (gen !== S.generation) { return; }
+      S.filling = false;
+      if (S.need !== Infinity) { fillGap(); } else { schedule(); }
+    }, function () {  // a request failed (the server restarting): again shortly, the stream held meanwhile
+      if (gen !== S.generation) { return; }
+      S.need = Math.min(S.need, from);
+      setTimeout(function () { if (gen === S.generation && S.filling) { fillGap(); } }, 1000);
+    });
   }
 
   /* REST: the transform values and scalars the charts follow, from step `from` on, as
-   * {step: {transforms: {name: {field: v}}, scalars: {key: v}}} (for the gap a reconnect left) */
-  function gapValues(base, from) {
+   * {step: {transforms: {name: {field: v}}, scalars: {key: v}}} (transforms up to `end`) */
+  function gapValues(base, from, end) {
     var names = {}, keys = {};
     ["transforms-graph", "scalars-graph"].forEach(function (id) {
       var g = gd(id), lt = g && g.layout && g.layout.meta && g.layout.meta.live_traces;
@@ -257,9 +325,9 @@
         });
       });
     });
-    function get(url) {
+    function get(url) {  // a failed request fails the fill (retried), never leaves a silent hole
       return fetch(base + url + "&start=" + from, {credentials: "same-origin"})
-        .then(function (r) { return r.ok ? r.json() : null; }).catch(function () { return null; });
+        .then(function (r) { if (!r.ok) { throw new Error(url + ": " + r.status); } return r.json(); });
     }
     function points(sr) {  // raw points, or a bucket's mean at its last step (as fillGap does for /steps)
       return sr.points ? sr.points.filter(function (p) { return !p.rank; }).map(function (p) { return [p.step, p.value]; })
@@ -268,7 +336,8 @@
     var out = {};
     function at(step) { return out[step] || (out[step] = {transforms: {}, scalars: {}}); }
     var jobs = Object.keys(names).map(function (n) {
-      return get("/transforms?transform=" + encodeURIComponent(n)).then(function (j) {
+      if (end === null) { return null; }
+      return get("/transforms?transform=" + encodeURIComponent(n) + "&end=" + end).then(function (j) {
         ((j && j.series) || []).forEach(function (sr) {
           points(sr).forEach(function (p) { var t = at(p[0]).transforms; (t[n] = t[n] || {})[sr.field] = p[1]; });
         });
@@ -293,7 +362,7 @@
     ws.onmessage = onMessage;
     ws.onclose = function () {
       if (gen !== S.generation) { return; }
-      S.ws = null;
+      S.ws = null; S.subscribed = false;
       if (S.restat) { S.restat = false; connect(); return; }
       status("live · reconnecting in " + (S.backoff / 1000).toFixed(1) + " s");
       S.retry = setTimeout(connect, S.backoff);
@@ -313,6 +382,8 @@
     stop();
     S.run = snap.run_id; S.reloaded = false; S.history = []; S.byStep = {}; S.scalarHist = []; S.scalarAt = {}; S.graphs = {}; S.pending = []; S.backoff = 500;
     S.cursor = snap.last_step === null || snap.last_step === undefined ? -1 : snap.last_step;
+    S.scalarCursor = S.cursor; S.covered = Infinity; S.scalarCovered = Infinity; S.need = Infinity; S.hold = {};
+    S.filling = false; S.subscribed = false;
     connect();
   }
 
