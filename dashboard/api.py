@@ -124,8 +124,10 @@ class Api:
         return {"series": [s for g in got for s in g.get("series") or []]}
 
     async def events(self, run_id: str, kinds: list[str] | None = None, *, start: int | None = None,
-               end: int | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
-        params = _clean(kind=kinds or None, start=start, end=end, limit=limit)
+               end: int | None = None, limit: int = 10_000, severity: str | None = None,
+               source: str | None = None) -> list[dict[str, Any]]:
+        """Events in step order (``severity``: that severity or worse; ``source``: agent or detector)."""
+        params = _clean(kind=kinds or None, start=start, end=end, limit=limit, severity=severity, source=source)
         return list((await self._get(f"/runs/{run_id}/events", params))["data"])
 
 

@@ -157,7 +157,7 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         points = heatmap_points(width)
         try:
             async with api_factory() as api:
-                api_stat = "l2" if stat == "ratio" else fig.HEATMAP_STATS[stat][0]
+                api_stat = "l2" if stat == "ratio" else fig.heatmap_stat(stat)[0]
                 last = (await api.run(run_id)).get("last_step")  # the snapshot ends here; live resumes after
                 stop = last if end is None or last is None else min(end, last)
                 hm = await api.heatmap(run_id, api_stat, start=start, end=stop, max_points=points)
@@ -168,7 +168,14 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
                         msg = "No weight norms in this run (its agent did not send wnorm): no gradient-to-weight ratio."
                         return fig.empty_figure(msg, theme, "Layers × steps"), None, no_update
         except ApiError as e:
+            if e.status in (400, 404, 422) and "stat" in e.message:  # a statistic this server does not know
+                return (fig.not_recorded(fig.heatmap_stat(stat)[1], theme, "Layers × steps",
+                                         "this server does not serve it"), None, no_update)
             return fig.empty_figure(e.message, theme, "Layers × steps"), None, no_update
+        if hm.get("steps") and stat != "nonfinite" and not any(
+                v is not None for row in hm.get("values", []) for v in row):
+            return fig.not_recorded(fig.heatmap_stat(stat)[1], theme, "Layers × steps",
+                                    "its agent sent no values for it"), None, no_update
         names = [ly["name"] for ly in hm.get("layers", [])]
         _, err = fig.layer_filter(names, pattern)
         out = fig.heatmap_figure(hm, stat, pattern=pattern, theme=theme, weights=weights, last_step=last,
@@ -290,9 +297,69 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         except ApiError:
             return no_update
 
-    @app.callback(Output("events-table", "data"), Input("events-store", "data"), Input("event-kinds", "value"))
-    async def events_table(events: list[dict[str, Any]] | None, kinds: list[str]) -> Any:
-        return fig.events_rows(events or [], kinds)
+    @app.callback(Output("events-table", "data"), Input("events-store", "data"), Input("health-store", "data"),
+                  Input("event-kinds", "value"), Input("event-severity", "value"))
+    async def events_table(events: list[dict[str, Any]] | None, health: list[dict[str, Any]] | None,
+                           kinds: list[str], severity: str | None) -> Any:
+        # detector events are not on the live stream: the polled health list brings them in between
+        return fig.events_rows((events or []) + (health or []), kinds, severity)
+
+    @app.callback(Output("health-store", "data"), Input("run-id", "data"), Input("status-refresh", "n_intervals"),
+                  Input("live-tick", "data"))
+    async def health_store(run_id: str, *_: Any) -> Any:
+        """The run's warning-and-worse events (agent and detectors), every few seconds."""
+        try:
+            async with api_factory() as api:
+                return await api.events(run_id, severity="warning")
+        except ApiError:
+            return no_update
+
+    @app.callback(Output("health-lines", "children"), Input("health-store", "data"))
+    async def health_lines(events: list[dict[str, Any]] | None) -> Any:
+        lines, more = fig.health_lines(events or [])
+        if not lines:
+            return html.P("✓ No problems detected.", className="gw-ok", id="health-ok")
+        out = [html.Div(className="gw-health-line", children=[
+            html.Span(ln["severity"], className=f"gw-sev gw-sev-{ln['severity']}"),
+            html.Span(f"step {ln['step']}", className="gw-health-step"),
+            html.Span(ln["kind"], className="gw-health-kind"),
+            html.Span(ln["text"], className="gw-health-text"),
+            html.Span(("layers: " + ", ".join(ln["layers"][:4]) + (f" +{len(ln['layers']) - 4}"
+                                                                    if len(ln["layers"]) > 4 else ""))
+                      if ln["layers"] else "", className="gw-health-layers"),
+        ]) for ln in lines]
+        if more:
+            out.append(html.P(f"and {more} more: see the events table below.", className="gw-hint"))
+        return out
+
+    @app.callback(Output("tree-graph", "figure"), Input("run-id", "data"), Input("health-store", "data"),
+                  Input("theme", "data"))
+    async def module_tree(run_id: str, events: list[dict[str, Any]] | None, theme: str) -> Any:
+        """The module tree, coloured by each module's worst current signal (redrawn with the health list)."""
+        try:
+            async with api_factory() as api:
+                run, layers = await asyncio.gather(api.run(run_id), api.layers(run_id))
+                last = run.get("last_step")
+                latest = await api.heatmap(run_id, "l2", start=last, end=last, max_points=1) if last is not None \
+                    else None
+        except ApiError as e:
+            return fig.empty_figure(e.message, theme, "Module tree")
+        names = [ly["name"] for ly in layers]
+        return fig.module_tree_figure(names, fig.layer_signals(names, latest, events or [], last), theme, last)
+
+    @app.callback(Output("step-stat-graph", "figure"), Input("step-stat", "value"), Input("run-id", "data"),
+                  Input("theme", "data"), Input("reset-zoom", "n_clicks"))
+    async def step_stat(name: str | None, run_id: str, theme: str, _: Any) -> Any:
+        if not name or name not in fig.STEP_STATS:
+            return fig.empty_figure("Pick a step statistic.", theme)
+        try:
+            async with api_factory() as api:
+                resp = await api.steps(run_id, [fig.STEP_STATS[name][0]], max_points=CHART_POINTS)
+        except ApiError as e:
+            if e.status in (400, 404, 422):  # a field this server does not know
+                return fig.step_stat_figure(name, None, theme, "this server does not serve it")
+            return fig.empty_figure(e.message, theme)
+        return fig.step_stat_figure(name, resp, theme, "its agent sent no values for it")
 
     # The browser does the rest: live stream, jumping charts to an event (assets/live.js).
     app.clientside_callback(

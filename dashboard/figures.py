@@ -22,6 +22,9 @@ NONFINITE_COLOUR = "#ff00ff"
 TRACES = {"heatmap": (0, 1), "norm-graph": (0, 1), "scale-graph": (0,)}
 
 #: Heatmap statistics: API stat, label, whether the colour is log10 of the value, what it means.
+#: Adding a per-layer statistic the server serves (``/heatmap?stat=``) is one line here; a run
+#: that did not record it (all values null, or a server that refuses the name) shows a "not
+#: recorded in this run" note, never an error.
 HEATMAP_STATS: dict[str, tuple[str, str, bool, str]] = {
     "l2": ("l2", "log10 L2 norm", True, "L2 norm of the layer's gradient (before transforms)"),
     "std": ("std", "log10 std", True, "standard deviation of the gradient's elements"),
@@ -31,6 +34,16 @@ HEATMAP_STATS: dict[str, tuple[str, str, bool, str]] = {
     "l2_post": ("l2_post", "log10 L2 after transforms", True, "L2 norm after clipping/normalization"),
     "ratio": ("wnorm", "log10 ‖g‖/‖w‖", True, "gradient norm relative to the layer's weight norm"),
 }
+#: Step-level statistics beyond the norms and the loss scale (``/steps?fields=``), each drawn as its
+#: own line on the "Step statistics" chart: field, label, log axis, what it means. One line per
+#: statistic; a run that did not record it shows a "not recorded in this run" note.
+STEP_STATS: dict[str, tuple[str, str, bool, str]] = {
+}
+def heatmap_stat(stat: str) -> tuple[str, str, bool, str]:
+    """A :data:`HEATMAP_STATS` row; a name not in the table is asked of the server as it is."""
+    return HEATMAP_STATS.get(stat, (stat, stat, False, stat))
+
+
 LOG_STATS = frozenset({"l2", "std", "var", "maxabs", "l2_post", "total_norm", "total_norm_post", "loss_scale"})
 #: Gradients are in the units of ∂loss/∂parameter ("grad units"); the hover of every chart says
 #: what a statistic means and its unit, so a reader need not know how gradwatch measures.
@@ -256,7 +269,7 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     ``wnorm`` heatmap of the same shape; a cell without a weight norm stays empty). ``depth``
     > 0 groups the layers by module prefix (:func:`layer_groups`, merged by :data:`GROUP_AGG`).
     ``last_step``: the last step the data holds, where the live script resumes (``layout.meta``)."""
-    api_stat, label, log, help_text = HEATMAP_STATS[stat]
+    api_stat, label, log, help_text = heatmap_stat(stat)
     if stat == "ratio":
         api_stat = "l2"
     layers = hm.get("layers", [])
@@ -589,10 +602,22 @@ def event_detail(e: dict[str, Any]) -> str:
     return "; ".join(parts) or "—"
 
 
-def events_rows(events: list[dict[str, Any]], kinds: list[str] | None = None) -> list[dict[str, Any]]:
-    """Rows of the events table, filtered by kind."""
-    return [{"step": e["step"], "kind": e["kind"], "rank": e.get("rank", 0), "detail": event_detail(e)}
-            for e in events if not kinds or e["kind"] in kinds]
+def events_rows(events: list[dict[str, Any]], kinds: list[str] | None = None,
+                min_severity: str | None = None) -> list[dict[str, Any]]:
+    """Rows of the events table (agent and detector events, in step order, each once), filtered
+    by kind and by least severity."""
+    floor = SEVERITIES.index(min_severity) if min_severity in SEVERITIES else 0
+    seen: set[Any] = set()
+    out = []
+    for e in sorted(events, key=lambda e: (e["step"], e.get("id") or 0)):
+        key = e.get("id") if e.get("id") is not None else (e["step"], e["kind"], e.get("rank"), str(e.get("data")))
+        if key in seen or (kinds and e["kind"] not in kinds) or _sev(e) < floor:
+            continue
+        seen.add(key)
+        detail = e.get("message") if e.get("source") == "detector" and e.get("message") else event_detail(e)
+        out.append({"step": e["step"], "severity": e.get("severity") or "info", "kind": e["kind"],
+                    "source": e.get("source") or "agent", "rank": e.get("rank", 0), "detail": detail})
+    return out
 
 
 def run_counts(run: dict[str, Any]) -> dict[str, Any]:
@@ -627,3 +652,150 @@ def compare_figure(series: dict[str, dict[str, Any]], field: str | None, title: 
         return empty_figure(f"No {title} recorded in these runs.", theme, title)
     return {"data": data, "layout": _layout(title, theme, xaxis={"title": {"text": "step"}}, showlegend=True,
                                             yaxis=log_axis("grad units (log)", ys) if log else {})}
+
+
+# -- detector events, run health, module tree ------------------------------------------------------
+#: Severities, least first (the server's order).
+SEVERITIES = ("info", "warning", "critical")
+SEVERITY_COLOUR = {"ok": "#8fbc8f", "info": "#6baed6", "warning": "#ff9f1c", "critical": "#d62728"}
+#: An event counts toward a module's current colour while the run is within this many steps of it.
+TREE_WINDOW = 200
+
+
+def _sev(e: dict[str, Any]) -> int:
+    return SEVERITIES.index(e.get("severity")) if e.get("severity") in SEVERITIES else 0
+
+
+def not_recorded(label: str, theme: str = "light", title: str = "", why: str = "") -> dict[str, Any]:
+    """The note for a statistic a run lacks (its agent did not record it, or this server does not know it)."""
+    return empty_figure(f"{label}: not recorded in this run" + (f" ({why})" if why else "") + ".", theme, title)
+
+
+def event_layers(e: dict[str, Any]) -> list[str]:
+    """The layers an event names: the server's ``layers`` column, else its data's."""
+    if e.get("layers"):
+        return [str(x) for x in e["layers"]]
+    d = (e.get("data") or {}).get("layers")
+    return [str(x) for x in d] if isinstance(d, (list, dict)) else []
+
+
+def health_lines(events: list[dict[str, Any]], limit: int = 6) -> tuple[list[dict[str, Any]], int]:
+    """The run's worst events, one line each (severity, then the latest first), at most ``limit``,
+    and how many more there are. Only warning and worse count as problems."""
+    bad = [e for e in events if _sev(e) >= 1]
+    bad.sort(key=lambda e: (-_sev(e), -int(e.get("step") or 0), -int(e.get("id") or 0)))
+    out = []
+    for e in bad[:limit]:
+        ls = event_layers(e)
+        out.append({"severity": e.get("severity"), "kind": e["kind"], "step": e["step"],
+                    "source": e.get("source", "agent"), "layers": ls,
+                    "text": e.get("message") or event_detail(e)})
+    return out, max(0, len(bad) - limit)
+
+
+def _numbers(e: dict[str, Any], layer: str) -> str:
+    """What triggered ``e`` for one layer (a detector's numbers), as ``norm 3.2, factor 140``."""
+    d = (e.get("data") or {}).get("layers")
+    vals = d.get(layer) if isinstance(d, dict) else None
+    if not isinstance(vals, dict):
+        return ""
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in vals.items() if v is not None)
+
+
+def layer_signals(names: list[str], latest: dict[str, Any] | None, events: list[dict[str, Any]],
+                  last_step: int | None) -> dict[str, list[tuple[int, str]]]:
+    """Each layer's current signals as (severity index, text), worst first: the latest step's
+    non-finite elements (critical) and exactly-zero gradient (warning) from ``latest`` (a
+    one-step ``/heatmap?stat=l2`` response), and the events within :data:`TREE_WINDOW` steps of
+    ``last_step`` that name the layer."""
+    out: dict[str, list[tuple[int, str]]] = {n: [] for n in names}
+    if latest and latest.get("steps"):
+        step = latest["steps"][-1]
+        for k, ly in enumerate(latest.get("layers", [])):
+            name = ly["name"]
+            if name not in out:
+                continue
+            v = num(latest["values"][k][-1]) if latest["values"][k] else None
+            nan = latest.get("nan") or []
+            bad = int(nan[k][-1] or 0) if k < len(nan) and nan[k] else 0
+            if bad or (v is not None and not math.isfinite(v)):
+                out[name].append((2, f"non-finite gradient at step {step}" + (f" ({bad} elements)" if bad else "")))
+            elif v == 0:
+                out[name].append((1, f"zero gradient at step {step}"))
+    for e in events:
+        if last_step is not None and e["step"] < last_step - TREE_WINDOW:
+            continue
+        for name in event_layers(e):
+            if name in out:
+                nums = _numbers(e, name)
+                out[name].append((_sev(e), f"{e['kind']} at step {e['step']}" + (f": {nums}" if nums else "")))
+    for v in out.values():
+        v.sort(key=lambda t: -t[0])
+    return out
+
+
+def module_tree_figure(names: list[str], signals: dict[str, list[tuple[int, str]]], theme: str = "light",
+                       last_step: int | None = None) -> dict[str, Any]:
+    """The model's module tree (layer names split on '.') as a treemap, each module coloured by the
+    worst current signal of the layers under it; the hover names the signal."""
+    if not names:
+        return empty_figure("No layers yet: the tree appears with the run's first recorded step.", theme,
+                            "Module tree")
+    ids, labels, parents, worst, texts = ["(model)"], ["model"], [""], [-1], [[]]
+    pos = {"(model)": 0}
+    for name in names:
+        parts = name.split(".")
+        parent = "(model)"
+        for d in range(1, len(parts) + 1):
+            node = ".".join(parts[:d])
+            if node not in pos:
+                pos[node] = len(ids)
+                ids.append(node)
+                labels.append(parts[d - 1])
+                parents.append(parent)
+                worst.append(-1)
+                texts.append([])
+            parent = node
+        sig = signals.get(name, [])
+        for node in ["(model)"] + [".".join(parts[:d]) for d in range(1, len(parts) + 1)]:
+            j = pos[node]
+            for sev, text in sig:
+                worst[j] = max(worst[j], sev)
+                if len(texts[j]) < 4:
+                    texts[j].append(f"{SEVERITIES[sev]}: {text}" + ("" if node == name else f" ({name})"))
+    leaves = set(names)
+    colour_of = {-1: SEVERITY_COLOUR["ok"], 0: SEVERITY_COLOUR["info"], 1: SEVERITY_COLOUR["warning"],
+                 2: SEVERITY_COLOUR["critical"]}
+    hover = ["<br>".join(t) if t else "no problem signal" for t in texts]
+    n_bad = sum(1 for n in names if any(s >= 1 for s, _ in signals.get(n, [])))
+    c = THEMES.get(theme, THEMES["light"])
+    data = [{"type": "treemap", "ids": ids, "labels": labels, "parents": parents,
+             "values": [1 if i in leaves else 0 for i in ids], "branchvalues": "remainder",
+             "marker": {"colors": [colour_of[w] for w in worst], "line": {"color": c["bg"], "width": 1}},
+             "customdata": [[i, "ok" if w < 0 else SEVERITIES[w]] for i, w in zip(ids, worst)], "text": hover,
+             "textinfo": "label", "maxdepth": 4, "pathbar": {"visible": True},
+             "hovertemplate": "%{customdata[0]}<br><b>%{customdata[1]}</b><br>%{text}<extra></extra>"}]
+    title = "Module tree — coloured by the worst current signal" + (
+        f" · {n_bad} layer{'s' if n_bad != 1 else ''} with problems" if n_bad else " · no problems detected")
+    lay = _layout(title, theme, margin={"l": 10, "r": 10, "t": 36, "b": 10},
+                  meta={"worst": {i: ("ok" if w < 0 else SEVERITIES[w]) for i, w in zip(ids, worst)},
+                        "last_step": last_step})
+    return {"data": data, "layout": lay}
+
+
+def step_stat_figure(field: str, resp: dict[str, Any] | None, theme: str = "light",
+                     why: str = "") -> dict[str, Any]:
+    """One step-level statistic of :data:`STEP_STATS` over the run (``resp``: a ``/steps``
+    response for it; ``None``: the server refused the field)."""
+    f, label, log, help_text = STEP_STATS[field]
+    cols = series_points(resp or {}, f)
+    if resp is None or not any(v is not None for v in cols["mean"]) and not cols["bad_x"]:
+        return not_recorded(label, theme, label, why)
+    data = [{"type": "scatter", "x": cols["x"], "y": cols["mean"], "mode": "lines", "name": label,
+             "line": {"color": COLOURS[4]},
+             "hovertemplate": f"step %{{x}}<br>{label}: %{{y:.4g}}<br><i>{help_text}</i><extra></extra>"}]
+    data += _band(label, cols, COLOURS[4])
+    if cols["bad_x"]:
+        data.append(_bad_markers(cols, _top(cols["hi"]) or 1.0))
+    return {"data": data, "layout": _layout(label, theme, xaxis={"title": {"text": "step"}},
+                                            yaxis=log_axis(label + " (log)", cols["lo"] + cols["hi"]) if log else {})}

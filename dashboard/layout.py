@@ -9,9 +9,14 @@ from typing import Any
 
 from dash import dash_table, dcc, html
 
-from gradwatch.dashboard.figures import HEATMAP_STATS
+from gradwatch.dashboard.figures import HEATMAP_STATS, STEP_STATS
 
-EVENT_KINDS = ("overflow", "skipped", "scale_growth", "clip", "nonfinite", "spike", "manual_scale")
+#: Event kinds the table filters by: the agent's, then the server's detectors' (docs/detectors.md).
+AGENT_KINDS = ("overflow", "skipped", "scale_growth", "clip", "nonfinite", "spike", "manual_scale")
+DETECTOR_KINDS = ("vanishing", "exploding", "dead", "nonfinite_first", "scale_collapse", "clip_saturation")
+EVENT_KINDS = AGENT_KINDS + DETECTOR_KINDS
+_SEVERITY_FILTER = [{"label": "every severity", "value": "info"}, {"label": "warning and worse", "value": "warning"},
+                    {"label": "critical only", "value": "critical"}]
 _GRAPH_CONFIG = {"displaylogo": False, "responsive": True}
 
 
@@ -102,6 +107,7 @@ def run_page(run_id: str) -> html.Div:
         dcc.Store(id="run-id", data=run_id),
         dcc.Store(id="snapshot"),
         dcc.Store(id="events-store", data=[]),
+        dcc.Store(id="health-store", data=[]),  # warning-and-worse events of both sources, polled
         dcc.Store(id="live-tick"),
         html.Div(id="live-dummy", style={"display": "none"}),
         html.Div(id="jump-dummy", style={"display": "none"}),
@@ -112,6 +118,8 @@ def run_page(run_id: str) -> html.Div:
             html.Button("Reset zoom", id="reset-zoom", className="gw-button"),
         ]),
         html.Div(id="run-error"),
+        html.Section(className="gw-card gw-health", id="health", children=[
+            html.H2("Health"), html.Div(id="health-lines", children="checking…")]),
         html.Section(className="gw-card", children=[
             html.Div(className="gw-row", children=[
                 html.Label("Statistic", htmlFor="heatmap-stat"),
@@ -139,6 +147,13 @@ def run_page(run_id: str) -> html.Div:
             ]),
             _graph("layer-graph", 300),
         ]),
+        html.Section(className="gw-card", children=[
+            _graph("tree-graph", 380),
+            html.P("Each module is coloured by the worst signal of its layers now: non-finite or exactly-zero "
+                   "gradients at the latest step, and detector or agent events of the last steps (hover for "
+                   "which). Click a module to zoom into it.", className="gw-hint"),
+        ]),
+        *([_step_stats_card()] if STEP_STATS else []),
         html.Div(className="gw-grid", children=[
             html.Section(className="gw-card", children=[_graph("norm-graph")]),
             html.Section(className="gw-card", children=[_graph("scale-graph")]),
@@ -148,19 +163,42 @@ def run_page(run_id: str) -> html.Div:
         html.Section(className="gw-card", children=[
             html.Div(className="gw-row", children=[
                 html.H2("Events"),
+                html.Label("Severity", htmlFor="event-severity"),
+                dcc.Dropdown(id="event-severity", options=_SEVERITY_FILTER, value="info", clearable=False,
+                             searchable=False, style={"width": "190px"}),
                 dcc.Checklist(id="event-kinds", options=[{"label": k, "value": k} for k in EVENT_KINDS],
                               value=list(EVENT_KINDS), inline=True),
             ]),
             dash_table.DataTable(
                 id="events-table", columns=[{"id": "step", "name": "step", "type": "numeric"},
-                                            {"id": "kind", "name": "kind"}, {"id": "rank", "name": "rank"},
+                                            {"id": "severity", "name": "severity"}, {"id": "kind", "name": "kind"},
+                                            {"id": "source", "name": "source"}, {"id": "rank", "name": "rank"},
                                             {"id": "detail", "name": "detail"}],
                 data=[], page_size=15, sort_action="native",
                 style_cell={"fontFamily": "inherit", "fontSize": 13, "textAlign": "left", "padding": "4px 8px",
                             "whiteSpace": "normal"},
-                tooltip_header={"step": "click a row to move every chart to this step"}),
+                style_data_conditional=[{"if": {"filter_query": "{severity} = critical", "column_id": "severity"},
+                                         "color": "#d62728", "fontWeight": "bold"},
+                                        {"if": {"filter_query": "{severity} = warning", "column_id": "severity"},
+                                         "color": "#e07b00", "fontWeight": "bold"}],
+                tooltip_header={"step": "click a row to move every chart to this step",
+                                "source": "agent: sent by the training process; detector: found by the server",
+                                "severity": "info, warning or critical"}),
         ]),
         dcc.Interval(id="status-refresh", interval=4000),
+    ])
+
+
+def _step_stats_card() -> html.Section:
+    """Step-level statistics of figures.STEP_STATS (gradient noise scale...), one at a time."""
+    opts = [{"label": v[1], "value": k, "title": v[3]} for k, v in STEP_STATS.items()]
+    return html.Section(className="gw-card", children=[
+        html.Div(className="gw-row", children=[
+            html.Label("Step statistic", htmlFor="step-stat"),
+            dcc.Dropdown(id="step-stat", options=opts, value=opts[0]["value"], clearable=False,
+                         style={"width": "300px"}),
+        ]),
+        _graph("step-stat-graph", 300),
     ])
 
 

@@ -304,3 +304,82 @@ def _js(v: float | None) -> Any:
     if v is None or math.isfinite(v):
         return v
     return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+
+
+DEAD_AT = 60
+#: the treemap's node ids and hover texts, and its layout.meta (worst signal per node)
+TREE = "() => { const g = document.querySelector('#tree-graph .js-plotly-plot'); " \
+       "if (!g || !g.data || !g.data[0] || g.data[0].type !== 'treemap') { return null; } " \
+       "return {ids: Array.from(g.data[0].ids), text: Array.from(g.data[0].text), meta: g.layout.meta}; }"
+
+
+@pytest.mark.slow
+def test_detector_events_health_summary_module_tree_and_unrecorded_stats(server: Server, trainer: Any,
+                                                                          page: Page) -> None:
+    # a real run whose last hidden layer's gradient is zeroed by its hook from DEAD_AT on: the server's
+    # `dead` detector fires (20 recorded steps later by default) naming that layer
+    trainer("dying", "--steps", "200", "--dead-at", str(DEAD_AT), "--overflow-at", str(OVERFLOW_AT)).wait(300)
+    rid = _run(server, "dying", 199)["run_id"]
+    dead = wait_until(lambda: [e for e in server.api(f"/runs/{rid}/events?source=detector")["data"]
+                               if e["kind"] == "dead"], 60, "the dead event")
+    assert dead[0]["layers"] == ["6.weight"] and DEAD_AT < dead[0]["step"] <= DEAD_AT + 25, dead
+    problems = [e for e in server.api(f"/runs/{rid}/events?severity=warning")["data"]]
+    page.page.goto(f"{server.url}/runs/{rid}")
+
+    # the health summary: one line per problem, worst severity first, the latest first within one
+    page.page.locator("#health-lines .gw-health-line").first.wait_for(timeout=60_000)
+    lines = page.page.locator("#health-lines .gw-health-line").all_inner_texts()
+    assert any("dead" in ln and "6.weight" in ln and f"step {dead[0]['step']}" in ln for ln in lines), lines
+    sev = ["info", "warning", "critical"]
+    want = sorted(problems, key=lambda e: (-sev.index(e["severity"]), -e["step"], -e["id"]))[:6]
+    assert [ln.split("\n")[0].strip().lower() for ln in lines[:len(want)]] == [e["severity"] for e in want], lines
+    assert len(lines) == len(want)
+
+    # the events table: detector events with their severity and source; the severity filter; a click jumps
+    table = page.page.locator("#events-table")
+    page.page.locator("#events-table td", has_text="dead").first.wait_for(timeout=60_000)
+    page.page.locator("#event-severity").click()
+    page.page.get_by_text("warning and worse", exact=True).click()
+    page.wait_js("() => !Array.from(document.querySelectorAll('#events-table td[data-dash-column=severity]'))"
+                 ".some(td => td.innerText.trim() === 'info')")
+    rows = table.locator("tr").all_inner_texts()[1:]
+    assert len(rows) == min(15, len(problems)), (rows, problems)
+    assert any("dead" in r and "detector" in r and "warning" in r for r in rows), rows
+    page.page.locator("#events-table td[data-dash-column=kind]", has_text="dead").first.click()
+    page.wait_js(f"() => window.gradwatchLive.state.lastJump === {dead[0]['step']}")
+    lo, hi = page.js(f"() => ({GD})('norm-graph')._fullLayout.xaxis.range")
+    assert lo < dead[0]["step"] < hi and hi - lo < 199
+
+    # the module tree: the dead layer, its module and the model coloured by the warning, its hover naming it
+    tree = page.wait_js(f"() => {{ const t = ({TREE})(); return t && t.meta.worst['6.weight'] === 'warning' ? t : null; }}")
+    worst = tree["meta"]["worst"]
+    assert worst["6"] in ("warning", "critical") and worst["(model)"] in ("warning", "critical")
+    hover = tree["text"][tree["ids"].index("6.weight")]
+    assert "zero gradient at step 199" in hover and f"dead at step {dead[0]['step']}" in hover, hover
+    named = {n for e in problems for n in e["layers"]}
+    for node, w in worst.items():  # a layer no problem names, with finite non-zero gradients, is ok
+        if "." in node and node not in named:
+            assert w == "ok", (node, w, tree)
+    page.page.locator("#health").scroll_into_view_if_needed()
+    page.page.locator("#health").screenshot(path=str(page.shots / "run-health.png"))
+    page.page.locator("#tree-graph").scroll_into_view_if_needed()
+    page.page.locator("#tree-graph").screenshot(path=str(page.shots / "run-module-tree.png"))
+    page.page.locator("#events-table").scroll_into_view_if_needed()
+    page.page.locator("#events-table").screenshot(path=str(page.shots / "run-detector-events.png"))
+
+    # a per-layer statistic this run did not record (a name this server does not serve): a note, no error
+    page.js("() => window.dash_clientside.set_props('heatmap-stat', {value: 'headroom'})")
+    page.wait_js("() => { const g = document.querySelector('#heatmap .js-plotly-plot'); const a = g && g.layout && "
+                 "g.layout.annotations; return a && a.length && /headroom: not recorded in this run/.test(a[0].text); }")
+    page.shot("run-not-recorded")
+    assert not page.errors, page.errors
+
+    # a healthy run: no problems
+    trainer("healthy", "--steps", "60").wait(300)
+    ok = _run(server, "healthy", 59)["run_id"]
+    assert not server.api(f"/runs/{ok}/events?severity=warning")["data"]
+    page.page.goto(f"{server.url}/runs/{ok}")
+    page.page.locator("#health-ok").wait_for(timeout=60_000)
+    assert page.page.locator("#health-ok").inner_text().strip() == "✓ No problems detected."
+    page.wait_js(f"() => {{ const t = ({TREE})(); return t && t.meta.worst['(model)'] === 'ok'; }}")
+    assert not page.errors, page.errors

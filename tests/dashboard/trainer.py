@@ -25,6 +25,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4, help="hidden Linear layers")
     ap.add_argument("--seed", type=int, default=0, help="model and data seed")
     ap.add_argument("--autoscaled", action="store_true", help="also AutoscaledNorm (before ClipNorm)")
+    ap.add_argument("--dead-at", type=int, default=-1, help="from this step on, zero the last hidden layer's "
+                    "weight gradient (its hook), as a dead layer would")
     a = ap.parse_args()
     from gradwatch.agent import AutoscaledNorm, ClipNorm, GradScaler, watch
 
@@ -35,10 +37,15 @@ def main() -> int:
     model = torch.nn.Sequential(*mods, torch.nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(a.seed + 1)
+    step = [0]
+    if a.dead_at >= 0:
+        dying = model[2 * (a.layers - 1)].weight
+        dying.register_hook(lambda grad: torch.zeros_like(grad) if step[0] >= a.dead_at else grad)
     with watch(model, opt, run=a.run_id, project="dashboard-test", server=a.server,
                transforms=[*([AutoscaledNorm()] if a.autoscaled else []), ClipNorm(1.0)]) as w:
         scaler = GradScaler(device="cpu", init_scale=1024.0, growth_interval=20, watcher=w)
         for i in range(a.steps):
+            step[0] = i
             x = torch.randn(32, 16, generator=g)
             y = torch.randint(0, 4, (32,), generator=g)
             loss = torch.nn.functional.cross_entropy(model(x), y)
