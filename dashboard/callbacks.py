@@ -340,12 +340,16 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
             async with api_factory() as api:
                 run, layers = await asyncio.gather(api.run(run_id), api.layers(run_id))
                 last = run.get("last_step")
-                latest = await api.heatmap(run_id, "l2", start=last, end=last, max_points=1) if last is not None \
-                    else None
+                latest = nonfinite = None
+                if last is not None:
+                    latest, nonfinite = await asyncio.gather(
+                        api.heatmap(run_id, "l2", start=last, end=last, max_points=1),
+                        api.heatmap(run_id, "nonfinite", start=last, end=last, max_points=1))
         except ApiError as e:
             return fig.empty_figure(e.message, theme, "Module tree")
         names = [ly["name"] for ly in layers]
-        return fig.module_tree_figure(names, fig.layer_signals(names, latest, events or [], last), theme, last)
+        signals = fig.layer_signals(names, latest, events or [], last, nonfinite)
+        return fig.module_tree_figure(names, signals, theme, last)
 
     @app.callback(Output("step-stat-graph", "figure"), Input("step-stat", "value"), Input("run-id", "data"),
                   Input("theme", "data"), Input("reset-zoom", "n_clicks"))

@@ -703,11 +703,17 @@ def _numbers(e: dict[str, Any], layer: str) -> str:
 
 
 def layer_signals(names: list[str], latest: dict[str, Any] | None, events: list[dict[str, Any]],
-                  last_step: int | None) -> dict[str, list[tuple[int, str]]]:
+                  last_step: int | None, nonfinite: dict[str, Any] | None = None) -> dict[str, list[tuple[int, str]]]:
     """Each layer's current signals as (severity index, text), worst first: the latest step's
-    non-finite elements (critical) and exactly-zero gradient (warning) from ``latest`` (a
-    one-step ``/heatmap?stat=l2`` response), and the events within :data:`TREE_WINDOW` steps of
-    ``last_step`` that name the layer."""
+    non-finite gradient (critical) and exactly-zero gradient (warning) from ``latest`` (a
+    one-step ``/heatmap?stat=l2`` response; ``nonfinite``: the same for ``stat=nonfinite``, the
+    element counts), and the events within :data:`TREE_WINDOW` steps of ``last_step`` that name
+    the layer."""
+    counts: dict[str, int] = {}
+    if nonfinite and nonfinite.get("steps"):
+        for k, ly in enumerate(nonfinite.get("layers", [])):
+            c = num(nonfinite["values"][k][-1]) if nonfinite["values"][k] else None
+            counts[ly["name"]] = int(c) if c is not None and math.isfinite(c) else 0
     out: dict[str, list[tuple[int, str]]] = {n: [] for n in names}
     if latest and latest.get("steps"):
         step = latest["steps"][-1]
@@ -716,9 +722,9 @@ def layer_signals(names: list[str], latest: dict[str, Any] | None, events: list[
             if name not in out:
                 continue
             v = num(latest["values"][k][-1]) if latest["values"][k] else None
-            nan = latest.get("nan") or []
-            bad = int(nan[k][-1] or 0) if k < len(nan) and nan[k] else 0
-            if bad or (v is not None and not math.isfinite(v)):
+            nan = latest.get("nan") or []  # rows (steps) whose norm was NaN
+            bad = counts.get(name, 0)
+            if bad or (v is not None and not math.isfinite(v)) or (k < len(nan) and nan[k] and nan[k][-1]):
                 out[name].append((2, f"non-finite gradient at step {step}" + (f" ({bad} elements)" if bad else "")))
             elif v == 0:
                 out[name].append((1, f"zero gradient at step {step}"))

@@ -324,3 +324,69 @@ def test_compare_legend_names_runs(client: TestClient) -> None:
     names = [t["name"] for t in out["compare-norm"]["figure"]["data"]]
     assert names == ["run one (r1)", "run one (r2)"]
     assert "run one (r1)" in str(out["compare-runs"]["children"]) and "/runs/r2" in str(out["compare-runs"]["children"])
+
+
+def test_statistics_a_run_lacks_say_not_recorded_and_the_tree_colours_signals(client: TestClient,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradwatch.dashboard import figures as fig
+
+    _ingest(client, wnorm=False, run="r2")
+    # a table entry this server does not serve (422), and one it serves that this run did not record (nulls)
+    monkeypatch.setitem(fig.HEATMAP_STATS, "headroom", ("headroom", "headroom (log2)", False, "overflow headroom"))
+    monkeypatch.setitem(fig.HEATMAP_STATS, "wn", ("wnorm", "log10 ‖w‖", True, "weight norm"))
+    for stat, why in (("headroom", "this server does not serve it"), ("wn", "its agent sent no values for it")):
+        f = heat(client, "r2", stat)["heatmap"]["figure"]
+        label = fig.HEATMAP_STATS[stat][1]
+        assert f["layout"]["annotations"][0]["text"] == f"{label}: not recorded in this run ({why}).", f
+        assert not f["data"]
+    # a name outside the table is asked as it is: the same note
+    f = heat(client, "r2", "mom_cos")["heatmap"]["figure"]
+    assert "mom_cos: not recorded in this run" in f["layout"]["annotations"][0]["text"]
+    # step-level statistics: the same, and a line where recorded
+    monkeypatch.setitem(fig.STEP_STATS, "noise_scale", ("noise_scale", "gradient noise scale", True, "B_simple"))
+    monkeypatch.setitem(fig.STEP_STATS, "coef", ("clip_coef", "clip coefficient", False, "clip"))
+
+    def step_stat(name: str) -> Any:
+        return callback(client, [("step-stat-graph", "figure")], [("step-stat", "value", name), ("run-id", "data", "r2"),
+                                                                  ("theme", "data", "light"),
+                                                                  ("reset-zoom", "n_clicks", None)])["step-stat-graph"]["figure"]
+    assert "gradient noise scale: not recorded in this run" in step_stat("noise_scale")["layout"]["annotations"][0]["text"]
+    assert step_stat("coef")["data"][0]["y"] == [1.0] * 5
+
+    # the module tree: a non-finite latest step is critical, a detector's dead layer a warning, the rest ok
+    _ingest(client, steps=3, run="r3")  # block1.weight holds NaN at step 2, the last step
+    dead = {"id": 999_999, "kind": "dead", "step": 2, "severity": "warning", "source": "detector", "layers": ["block0.weight"],
+            "data": {"layers": {"block0.weight": {"since_step": 0, "steps": 3}}}, "message": "dead gradients"}
+    out = callback(client, [("tree-graph", "figure")], [("run-id", "data", "r3"), ("health-store", "data", [dead]),
+                                                        ("theme", "data", "light")])["tree-graph"]["figure"]
+    worst = out["layout"]["meta"]["worst"]
+    assert worst == {"(model)": "critical", "block0": "warning", "block0.weight": "warning", "block1": "critical",
+                     "block1.weight": "critical", "block2": "ok", "block2.weight": "ok"}, worst
+    text = dict(zip(out["data"][0]["ids"], out["data"][0]["text"]))
+    assert text["block1.weight"] == "critical: non-finite gradient at step 2 (3 elements)"
+    assert text["block0.weight"] == "warning: dead at step 2: since_step 0, steps 3"
+    assert text["block2.weight"] == "no problem signal"
+    # the health summary and the events table take the polled detector events
+    lines = callback(client, [("health-lines", "children")], [("health-store", "data", [dead])])
+    assert "dead gradients" in str(lines) and "block0.weight" in str(lines)
+    ok = callback(client, [("health-lines", "children")], [("health-store", "data", [])])
+    assert "No problems detected" in str(ok)
+    stored = callback(client, [("events-store", "data"), ("snapshot", "data")],
+                      [("run-id", "data", "r3"), ("reset-zoom", "n_clicks", None)])["events-store"]["data"]
+    rows = callback(client, [("events-table", "data")], [("events-store", "data", stored), ("health-store", "data", [dead]),
+                                                          ("event-kinds", "value", None),
+                                                          ("event-severity", "value", "info")])["events-table"]["data"]
+    # the agent's overflow and the detector's first non-finite value (info: the scaler skipped the step),
+    # then the polled dead event (its id the largest), each once though two stores hold them
+    assert [(r["step"], r["kind"], r["severity"], r["source"]) for r in rows] == [
+        (2, "overflow", "info", "agent"), (2, "nonfinite_first", "info", "detector"),
+        (2, "dead", "warning", "detector")], rows
+    rows = callback(client, [("events-table", "data")], [("events-store", "data", stored + [dead]),
+                                                          ("health-store", "data", [dead]),
+                                                          ("event-kinds", "value", None),
+                                                          ("event-severity", "value", "info")])["events-table"]["data"]
+    assert len(rows) == 3
+    rows = callback(client, [("events-table", "data")], [("events-store", "data", stored), ("health-store", "data", [dead]),
+                                                          ("event-kinds", "value", None),
+                                                          ("event-severity", "value", "warning")])["events-table"]["data"]
+    assert [r["kind"] for r in rows] == ["dead"] and rows[0]["detail"] == "dead gradients"

@@ -331,3 +331,37 @@ def test_colour_bar_under_a_decade_still_reads_as_values() -> None:
     axis = fig.log_axis("x", [0.1, 0.35])  # under a decade: values, not Plotly's bare digits
     assert {"0.1", "0.2", "0.3"} <= set(axis["ticktext"])
     assert fig.tick_text(1.5e-5) == "1.5e-5" and fig.tick_text(1.5e-4) == "0.00015"
+
+
+def test_health_lines_worst_first_then_latest_and_only_problems() -> None:
+    import random
+
+    rng = random.Random(3)
+    sev = ["info", "warning", "critical"]
+    for _ in range(50):
+        events = [{"id": i, "kind": rng.choice(["dead", "spike", "overflow"]), "step": rng.randint(0, 50),
+                   "severity": rng.choice(sev), "layers": [f"l{rng.randint(0, 3)}"], "data": {}, "message": f"m{i}"}
+                  for i in range(rng.randint(0, 12))]
+        lines, more = fig.health_lines(events, limit=4)
+        bad = [e for e in events if e["severity"] != "info"]
+        want = sorted(bad, key=lambda e: (sev.index(e["severity"]), e["step"], e["id"]), reverse=True)
+        assert [ln["text"] for ln in lines] == [e["message"] for e in want[:4]]
+        assert more == max(0, len(bad) - 4)
+    assert fig.health_lines([]) == ([], 0)
+
+
+def test_layer_signals_zero_and_nonfinite_latest_step_and_recent_events_only() -> None:
+    names = ["a.w", "b.w", "c.w"]
+    latest = {"steps": [500], "layers": [{"name": n} for n in names], "values": [[0.0], ["NaN"], [1.5]],
+              "nan": [[0], [1], [0]]}
+    nf = {"steps": [500], "layers": [{"name": n} for n in names], "values": [[0], [7], [0]]}
+    old = {"kind": "spike", "step": 200, "severity": "critical", "layers": ["c.w"], "data": {}}
+    new = {"kind": "spike", "step": 450, "severity": "warning", "layers": ["c.w"],
+           "data": {"layers": {"c.w": {"norm": 3.0, "factor": 40.0}}}}
+    got = fig.layer_signals(names, latest, [old, new], 500, nf)
+    assert got == {"a.w": [(1, "zero gradient at step 500")], "b.w": [(2, "non-finite gradient at step 500 (7 elements)")],
+                   "c.w": [(1, "spike at step 450: norm 3, factor 40")]}
+    tree = fig.module_tree_figure(names, got)
+    assert tree["layout"]["meta"]["worst"] == {"(model)": "critical", "a": "warning", "a.w": "warning",
+                                               "b": "critical", "b.w": "critical", "c": "warning", "c.w": "warning"}
+    assert "1 layer" not in tree["layout"]["title"]["text"] and "3 layers with problems" in tree["layout"]["title"]["text"]
