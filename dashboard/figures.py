@@ -58,7 +58,7 @@ STAT_HELP = {
 }
 #: How the layers of a module-prefix group merge into one heatmap row: the group's L2 norm is
 #: the root of the sum of its layers' squared norms (exact); counts add; std, variance and
-#: max |g| show the group's largest.
+#: max |g| show the group's largest ("min": its smallest; any other statistic: its largest).
 GROUP_AGG = {"l2": "rss", "l2_post": "rss", "wnorm": "rss", "nonfinite": "sum", "maxabs": "max", "std": "max",
              "var": "max"}
 _GROUP_LABEL = re.compile(r"^(.*)\.\* \((\d+) layers\)$")
@@ -134,7 +134,7 @@ def merge_group(vals: list[float | None], how: str) -> float | None:
         return math.nan
     if how == "rss":
         return math.hypot(*vs)
-    return sum(vs) if how == "sum" else max(vs)
+    return sum(vs) if how == "sum" else min(vs) if how == "min" else max(vs)
 
 
 #: Colours per theme (plotly.js has no named templates: a figure dict carries its colours).
@@ -326,7 +326,7 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     if depth > 0:
         meaning += "<br>a row named prefix.* is a group: " + {
             "rss": "its layers' norms combined (√Σ‖g‖²)", "sum": "summed over its layers",
-            "max": "its largest layer"}[how]
+            "max": "its largest layer", "min": "its smallest layer"}[how]
     value = "10^%{z:.2f}" if log else "%{z:.4g}"
     hover = f"layer %{{y}}<br>step %{{x}}<br>{label}: %{{z:.3g}} (= {value})<br><i>{meaning}</i><extra></extra>"
     colorbar: dict[str, Any] = {"title": {"text": label}}

@@ -22,7 +22,7 @@
   var LINE_GRAPHS = ["norm-graph", "scale-graph", "transforms-graph", "scalars-graph"];
   var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, scalarHist: [], scalarAt: {}, cursor: -1, pending: [], timer: null,
            backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0,
-           covered: Infinity, scalarCovered: Infinity, scalarCursor: -1, need: Infinity, hold: {}, subscribed: false};
+           covered: Infinity, scalarCovered: Infinity, notLive: {}, scalarCursor: -1, need: Infinity, hold: {}, subscribed: false};
   var stats = {messages: 0, bytes: 0, flushes: 0, scriptMs: 0, maxScriptMs: 0, steps: 0, connects: 0, reloads: 0, subscribed: 0, fills: 0};
 
   function num(v) {
@@ -43,7 +43,7 @@
   function wantStats() {
     var m = heatMeta();
     var out = ["nonfinite"];
-    if (m && m.live && out.indexOf(m.stat) < 0) { out.push(m.stat); }
+    if (m && m.live && out.indexOf(m.stat) < 0 && !S.notLive[m.stat]) { out.push(m.stat); }
     return out.sort().join(",");
   }
 
@@ -237,6 +237,7 @@
       any = true;
       if (how === "rss") { var a = Math.abs(v); if (a > big) { sq = sq * (big / a) * (big / a) + 1; big = a; } else if (a > 0) { sq += (a / big) * (a / big); } }
       else if (how === "sum") { out = (out || 0) + v; }
+      else if (how === "min") { out = out === null ? v : Math.min(out, v); }
       else { out = out === null ? v : Math.max(out, v); }
     }
     if (nan) { return [NaN, n]; }  // NaN wins, as in figures.merge_group
@@ -360,9 +361,14 @@
     S.ws = ws;
     stats.connects++;
     ws.onmessage = onMessage;
-    ws.onclose = function () {
+    ws.onclose = function (ev) {
       if (gen !== S.generation) { return; }
       S.ws = null; S.subscribed = false;
+      if (ev && ev.code === 1008 && /unknown statistic/.test(ev.reason || "")) {
+        // a heatmap statistic this server does not stream: the heatmap stays as drawn, the rest goes on
+        S.wsStats.split(",").forEach(function (k) { if (k !== "nonfinite") { S.notLive[k] = true; } });
+        connect(); return;
+      }
       if (S.restat) { S.restat = false; connect(); return; }
       status("live · reconnecting in " + (S.backoff / 1000).toFixed(1) + " s");
       S.retry = setTimeout(connect, S.backoff);

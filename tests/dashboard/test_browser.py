@@ -279,7 +279,7 @@ def test_zoom_refines_every_chart_groups_open_and_merge_like_python(server: Serv
     for _ in range(300):
         n = rng_.randint(1, 8)
         vals = [rng_.choice([None, 0.0, float("inf"), float("nan"), 10 ** rng_.uniform(-200, 200)]) for _ in range(n)]
-        cases.append(({"how": rng_.choice(["rss", "sum", "max"]), "vals": [_js(v) for v in vals]}, vals))
+        cases.append(({"how": rng_.choice(["rss", "sum", "max", "min"]), "vals": [_js(v) for v in vals]}, vals))
     got = page.js("(cases) => cases.map(c => { const pos = {}, nf = []; c.vals.forEach((_, i) => { pos[i] = i; "
                   "nf.push(1); }); const v = window.gradwatchLive.group(c.vals.map((_, i) => i), pos, c.vals, nf, "
                   "c.how); return [v[0] === null ? null : String(v[0]), v[1]]; })", [c for c, _ in cases])
@@ -362,8 +362,19 @@ def test_detector_events_health_summary_module_tree_and_unrecorded_stats(server:
             assert w == "ok", (node, w, tree)
     page.page.locator("#health").scroll_into_view_if_needed()
     page.page.locator("#health").screenshot(path=str(page.shots / "run-health.png"))
+    # hovering the dead layer's cell names its signals
     page.page.locator("#tree-graph").scroll_into_view_if_needed()
+    box = page.wait_js("() => { for (const el of document.querySelectorAll('#tree-graph g.slice')) { "
+                       "const d = el.__data__; const id = d && d.data && (d.data.id || (d.data.data && d.data.data.id)); "
+                       "if (id === '6.weight') { const r = el.getBoundingClientRect(); "
+                       "return {x: r.x + r.width / 2, y: r.y + r.height / 2}; } } return null; }")
+    page.page.mouse.move(box["x"], box["y"])
+    page.page.mouse.move(box["x"] + 2, box["y"] + 2)
+    tip = page.page.locator("#tree-graph .hoverlayer .hovertext").first
+    tip.wait_for(timeout=30_000)
+    assert "dead at step" in (tip.text_content() or "") and "zero gradient" in (tip.text_content() or "")
     page.page.locator("#tree-graph").screenshot(path=str(page.shots / "run-module-tree.png"))
+    page.page.mouse.move(0, 0)
     page.page.locator("#events-table").scroll_into_view_if_needed()
     page.page.locator("#events-table").screenshot(path=str(page.shots / "run-detector-events.png"))
 
