@@ -315,11 +315,22 @@ TREE = "() => { const g = document.querySelector('#tree-graph .js-plotly-plot');
 
 @pytest.mark.slow
 def test_detector_events_health_summary_module_tree_and_unrecorded_stats(server: Server, trainer: Any,
-                                                                          page: Page) -> None:
+                                                                          page: Page, tmp_path: Any) -> None:
     # a real run whose last hidden layer's gradient is zeroed by its hook from DEAD_AT on: the server's
-    # `dead` detector fires (20 recorded steps later by default) naming that layer
-    trainer("dying", "--steps", "200", "--dead-at", str(DEAD_AT), "--overflow-at", str(OVERFLOW_AT)).wait(300)
-    rid = _run(server, "dying", 199)["run_id"]
+    # `dead` detector fires (20 recorded steps later by default) naming that layer. The run waits
+    # before DEAD_AT while the page shows it healthy; then the summary must change without a reload
+    go = tmp_path / "go"
+    proc = trainer("dying", "--steps", "200", "--dead-at", str(DEAD_AT), "--overflow-at", str(OVERFLOW_AT),
+                   "--hold", str(go))
+    rid = _run(server, "dying", DEAD_AT - 1)["run_id"]
+    page.page.goto(f"{server.url}/runs/{rid}")
+    page.page.locator("#health-ok").wait_for(timeout=60_000)
+    page.js("() => { window.__samePage = true; }")
+    go.touch()
+    page.page.locator("#health-lines .gw-health-line", has_text="dead").wait_for(timeout=120_000)
+    assert page.js("() => window.__samePage === true"), "the page was reloaded"
+    proc.wait(300)
+    _run(server, "dying", 199)
     dead = wait_until(lambda: [e for e in server.api(f"/runs/{rid}/events?source=detector")["data"]
                                if e["kind"] == "dead"], 60, "the dead event")
     assert dead[0]["layers"] == ["6.weight"] and DEAD_AT < dead[0]["step"] <= DEAD_AT + 25, dead

@@ -9,6 +9,7 @@ with that layer. ``--sleep`` paces the steps so a browser can watch them arrive:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -27,6 +28,7 @@ def main() -> int:
     ap.add_argument("--autoscaled", action="store_true", help="also AutoscaledNorm (before ClipNorm)")
     ap.add_argument("--dead-at", type=int, default=-1, help="from this step on, zero the last hidden layer's "
                     "weight gradient (its hook), as a dead layer would")
+    ap.add_argument("--hold", default="", help="before step --dead-at, wait until this file exists")
     a = ap.parse_args()
     from gradwatch.agent import AutoscaledNorm, ClipNorm, GradScaler, watch
 
@@ -46,6 +48,9 @@ def main() -> int:
         scaler = GradScaler(device="cpu", init_scale=1024.0, growth_interval=20, watcher=w)
         for i in range(a.steps):
             step[0] = i
+            if i == a.dead_at and a.hold:
+                while not os.path.exists(a.hold):  # the test watches the healthy page first
+                    time.sleep(0.05)
             x = torch.randn(32, 16, generator=g)
             y = torch.randint(0, 4, (32,), generator=g)
             loss = torch.nn.functional.cross_entropy(model(x), y)
