@@ -321,7 +321,8 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
             return html.P("✓ No problems detected.", className="gw-ok", id="health-ok")
         out = [html.Div(className="gw-health-line", children=[
             html.Span(ln["severity"], className=f"gw-sev gw-sev-{ln['severity']}"),
-            html.Span(f"step {ln['step']}", className="gw-health-step"),
+            html.Button(f"step {ln['step']}", id={"type": "health-step", "step": ln["step"]},
+                        className="gw-health-step", title="move every chart to this step"),
             html.Span(ln["kind"], className="gw-health-kind"),
             html.Span(ln["text"], className="gw-health-text"),
             html.Span(("layers: " + ", ".join(ln["layers"][:4]) + (f" +{len(ln['layers']) - 4}"
@@ -374,6 +375,12 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         "return ''; }",
         Output("jump-dummy", "children"), Input("events-table", "active_cell"),
         State("events-table", "derived_viewport_data"))
+    app.clientside_callback(  # a health line's step: the same jump
+        "function(clicks){ const t = (window.dash_clientside.callback_context.triggered || [])[0]; "
+        "if (!t || !t.value || !window.gradwatchLive) { return ''; } "
+        "const id = JSON.parse(t.prop_id.slice(0, t.prop_id.lastIndexOf('.'))); "
+        "window.gradwatchLive.jump({row: 0}, [{step: id.step}]); return ''; }",
+        Output("health-jump-dummy", "children"), Input({"type": "health-step", "step": dash.ALL}, "n_clicks"))
 
     # -- compare page ------------------------------------------------------------------------
     @app.callback(Output("compare-norm", "figure"), Output("compare-scalars", "figure"),

@@ -111,6 +111,7 @@ def run_page(run_id: str) -> html.Div:
         dcc.Store(id="live-tick"),
         html.Div(id="live-dummy", style={"display": "none"}),
         html.Div(id="jump-dummy", style={"display": "none"}),
+        html.Div(id="health-jump-dummy", style={"display": "none"}),
         html.Div(className="gw-row", children=[
             html.H1(id="run-title", children=run_id),
             html.Span(id="run-status", className="gw-status"),

@@ -345,6 +345,13 @@ def test_detector_events_health_summary_module_tree_and_unrecorded_stats(server:
     want = sorted(problems, key=lambda e: (-sev.index(e["severity"]), -e["step"], -e["id"]))[:6]
     assert [ln.split("\n")[0].strip().lower() for ln in lines[:len(want)]] == [e["severity"] for e in want], lines
     assert len(lines) == len(want)
+    # a line's step moves every chart there, as an events-table row does
+    page.page.locator("#health-lines .gw-health-line", has_text="dead").locator("button").click()
+    page.wait_js(f"() => window.gradwatchLive.state.lastJump === {dead[0]['step']}")
+    page.page.click("#reset-zoom")
+    page.wait_js("() => window.gradwatchLive.state.lastJump !== undefined && "
+                 f"(({GD})('norm-graph')._fullLayout.xaxis.range[1] - ({GD})('norm-graph')._fullLayout.xaxis.range[0]) > 150")
+    page.js("() => { window.gradwatchLive.state.lastJump = undefined; }")
 
     # the events table: detector events with their severity and source; the severity filter; a click jumps
     table = page.page.locator("#events-table")
