@@ -20,19 +20,20 @@ PIP := $(BIN)/python -m pip install -q $(PIP_FLAGS)
 
 .PHONY: setup run test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+# install EXTRA: the venv, pip, torch, the project with extra EXTRA, then the target's stamp
+define install
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[dev]"
-	touch $(STAMP)
+	$(PIP) -e ".[$(1)]"
+	touch $@
+endef
+
+$(STAMP): pyproject.toml
+	$(call install,dev)
 
 $(RUN_STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) --upgrade pip setuptools wheel
-	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[demo]"
-	touch $(RUN_STAMP)
+	$(call install,demo)
 
 setup: $(STAMP)
 

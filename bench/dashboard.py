@@ -77,14 +77,18 @@ def live_batch(run_id: str, layers: int, step: int, seq: int, source: int = 7) -
 def _callback(http: httpx.Client, outputs: list[tuple[str, str]], inputs: list[tuple[str, str, Any]],
               state: tuple[tuple[str, str, Any], ...] = ()) -> tuple[float, int]:
     """One Dash callback as the browser posts it: (seconds, response bytes)."""
-    body = {"output": ".." + "...".join(f"{i}.{p}" for i, p in outputs) + "..",
-            "outputs": [{"id": i, "property": p} for i, p in outputs],
+    key = "...".join(f"{i}.{p}" for i, p in outputs)
+    body = {"output": f"..{key}.." if len(outputs) > 1 else key,
+            # (a single output is posted bare, not as a one-item list: Dash unpacks it that way)
+            "outputs": [{"id": i, "property": p} for i, p in outputs] if len(outputs) > 1
+            else {"id": outputs[0][0], "property": outputs[0][1]},
             "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
             "changedPropIds": [f"{inputs[0][0]}.{inputs[0][1]}"],
             "state": [{"id": i, "property": p, "value": v} for i, p, v in state]}
     t0 = time.perf_counter()
     r = http.post("/_dash-update-component", json=body)
-    r.raise_for_status()
+    if r.status_code >= 400:
+        raise RuntimeError(f"callback {body['output']}: HTTP {r.status_code}: {r.text[:500]}")
     return time.perf_counter() - t0, len(r.content)
 
 
@@ -121,14 +125,22 @@ def profile(base: str, run_id: str, repeats: int = 3) -> dict[str, Any]:
         out["heatmap_figure_bytes"] = len(to_json_plotly(f))
         out["heatmap_json_s"] = time.perf_counter() - t0
         heat_in = [("run-id", "data", run_id), ("heatmap-stat", "value", "l2"), ("layer-regex", "value", None),
-                   ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)]
+                   ("theme", "data", "light"), ("reset-zoom", "n_clicks", None), ("group-depth", "value", 0)]
         out["heatmap_callback_s"], out["heatmap_callback_bytes"] = best(lambda: _callback(
             http, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")], heat_in,
-            (("viewport", "data", 1400),)))
-        out["charts_callback_s"], out["charts_callback_bytes"] = best(lambda: _callback(
-            http, [("norm-graph", "figure"), ("scale-graph", "figure"), ("scalars-graph", "figure"),
-                   ("transforms-graph", "figure"), ("events-store", "data"), ("snapshot", "data")],
-            [("run-id", "data", run_id), ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)]))
+            (("heatmap", "relayoutData", None), ("viewport", "data", 1400))))
+        # each step chart is its own callback (the browser fires them side by side), plus the
+        # events list and live snapshot; "charts" is their sum, as if they ran one after another
+        run_in = [("run-id", "data", run_id), ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)]
+        total_s, total_b = 0.0, 0
+        for gid in ("norm-graph", "scale-graph", "scalars-graph", "transforms-graph"):
+            t, b = best(lambda gid=gid: _callback(http, [(gid, "figure")], run_in, ((gid, "relayoutData", None),)))
+            out[f"{gid}_callback_s"], out[f"{gid}_callback_bytes"] = t, b
+            total_s, total_b = total_s + t, total_b + b
+        t, b = best(lambda: _callback(http, [("events-store", "data"), ("snapshot", "data")],
+                                      [("run-id", "data", run_id), ("reset-zoom", "n_clicks", None)]))
+        out["snapshot_callback_s"], out["snapshot_callback_bytes"] = t, b
+        out["charts_callback_s"], out["charts_callback_bytes"] = total_s + t, total_b + b
     return out
 
 
@@ -251,10 +263,15 @@ def main() -> None:
             return
         env = {"PYTHONPATH": a.server_pythonpath, "GRADWATCH_SERVER_MIGRATE_ON_START": "false"} \
             if a.server_pythonpath else None
-        with ib.server(url, Path(tmp) / "server.log", env) as base:
-            got = profile(base, run_id)
-            if not a.profile_only:
-                got.update(measure(base, run_id, a.layers, steps, a.updates))
+        log = Path(tmp) / "server.log"
+        with ib.server(url, log, env) as base:
+            try:
+                got = profile(base, run_id)
+                if not a.profile_only:
+                    got.update(measure(base, run_id, a.layers, steps, a.updates))
+            except Exception:
+                print(log.read_text(errors="replace")[-3000:], file=sys.stderr)  # the server's side of it
+                raise
     print(json.dumps({"backend": a.backend, "server": a.server_pythonpath or "this checkout", "layers": a.layers,
                       "steps": steps, "build_s": round(build_s, 1),
                       **{k: round(v, 3) if isinstance(v, float) else v for k, v in got.items()}}, indent=1))

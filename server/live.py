@@ -302,7 +302,10 @@ class _PgListener:
 
     def start(self) -> None:
         self._thread.start()
-        self._ready.wait(10)
+        if not self._ready.wait(10):
+            # serving goes on; until LISTEN is active, batches stored by other processes are not relayed
+            log.warning("PostgreSQL LISTEN not established after 10 s; live views miss other processes' "
+                        "batches until it is")
 
     def stop(self) -> None:
         self._stop.set()

@@ -903,8 +903,12 @@ class NetworkSink(BufferedSink):
 
     def _pump(self, conn: Any) -> None:
         inflight: list[int] = []
+        # Start above what the server acknowledged, never at the drainer's counter: the drainer
+        # numbers a batch (``_seq``) before it reaches the index, so starting at ``_seq + 1``
+        # while the index is empty skipped that batch for the whole connection (it stayed
+        # unsent until close, and its steps never reached the server or a live view).
         with self._cv:
-            nxt = next(iter(self._index), self._seq + 1)
+            nxt = self._acked + 1
         while True:
             if self._abandon:
                 return

@@ -84,31 +84,18 @@ def deliveries(c: Any, **params: Any) -> list[dict[str, Any]]:
     return r.json()["data"]
 
 
-def wait_for(cond: Any, what: str, timeout: float = 60.0) -> Any:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_backoff_doubles_up_to_its_cap() -> None:
     s = ServerSettings(alert_backoff_seconds=2, alert_backoff_max_seconds=10)
     assert [backoff(s, n) for n in range(1, 6)] == [2, 4, 8, 10, 10]
 
 
-def test_events_are_posted_to_the_webhook(make_settings, mk, post, receiver) -> None:
+def test_events_are_posted_to_the_webhook(make_settings, mk, post, receiver, gw) -> None:
     with TestClient(create_app(fast_settings(make_settings))) as c:
         r = c.put("/api/v1/projects/default/rules", json={"alerts": {"webhook_url": receiver.url}})
         assert r.status_code == 200
         for b in batches(mk, 150, 25, norms(dead_from=60)):
             assert post(c, b).status_code == 200
-        done = wait_for(lambda: [d for d in deliveries(c) if d["status"] == "delivered"] if
+        done = gw.wait_for(lambda: [d for d in deliveries(c) if d["status"] == "delivered"] if
                         len(deliveries(c, status="delivered")) == 2 else None, "two deliveries")
         kinds = sorted(b["event"]["kind"] for b in receiver.bodies)
         assert kinds == ["clip_saturation", "dead"]
@@ -134,14 +121,14 @@ def test_min_severity_filters_and_no_webhook_sends_nothing(make_settings, mk, po
         assert deliveries(c) == []  # warnings only, and the first run had no webhook
 
 
-def test_a_receiver_that_is_down_is_retried_until_it_comes_up(make_settings, mk, post) -> None:
+def test_a_receiver_that_is_down_is_retried_until_it_comes_up(make_settings, mk, post, gw) -> None:
     port = _closed_port()
     with TestClient(create_app(fast_settings(make_settings, alert_workers=1))) as c:
         c.put("/api/v1/projects/default/rules", json={"dead": {"steps": 5}, "clip_saturation": {"enabled": False},
                                                       "alerts": {"webhook_url": f"http://127.0.0.1:{port}/hook"}})
         for b in batches(mk, 100, 25, norms(dead_from=60)):
             assert post(c, b).status_code == 200  # ingest does not wait for the receiver
-        failed = wait_for(lambda: [d for d in deliveries(c) if d["attempts"] >= 3], "three failed attempts")[0]
+        failed = gw.wait_for(lambda: [d for d in deliveries(c) if d["attempts"] >= 3], "three failed attempts")[0]
         assert failed["status"] == "pending"
         log = failed["attempt_log"]
         assert all(not a["ok"] and a["status_code"] is None for a in log)
@@ -150,25 +137,25 @@ def test_a_receiver_that_is_down_is_retried_until_it_comes_up(make_settings, mk,
         assert all(g >= backoff(c.app.state.gw.settings, n + 1) for n, g in enumerate(gaps)), gaps  # backed off
         recv = Receiver(port)
         try:
-            done = wait_for(lambda: [d for d in deliveries(c) if d["status"] == "delivered"], "the delivery")[0]
+            done = gw.wait_for(lambda: [d for d in deliveries(c) if d["status"] == "delivered"], "the delivery")[0]
             assert done["attempt_log"][-1]["ok"] and done["attempts"] == len(done["attempt_log"]) >= 4
             assert [b["event"]["kind"] for b in recv.bodies] == ["dead"]
         finally:
             recv.close()
 
 
-def test_attempts_are_bounded(make_settings, mk, post) -> None:
+def test_attempts_are_bounded(make_settings, mk, post, gw) -> None:
     port = _closed_port()
     with TestClient(create_app(fast_settings(make_settings, alert_max_attempts=2, alert_backoff_seconds=0.05))) as c:
         c.put("/api/v1/projects/default/rules", json={"dead": {"steps": 5}, "clip_saturation": {"enabled": False},
                                                       "alerts": {"webhook_url": f"http://127.0.0.1:{port}/x"}})
         for b in batches(mk, 100, 25, norms(dead_from=60)):
             post(c, b)
-        d = wait_for(lambda: deliveries(c, status="failed"), "a failed delivery")[0]
+        d = gw.wait_for(lambda: deliveries(c, status="failed"), "a failed delivery")[0]
         assert d["attempts"] == 2 and len(d["attempt_log"]) == 2 and d["last_error"]
 
 
-def test_a_slow_receiver_never_blocks_ingest(make_settings, mk, post) -> None:
+def test_a_slow_receiver_never_blocks_ingest(make_settings, mk, post, gw) -> None:
     gate = threading.Event()
     recv = Receiver(gate=gate)
     try:
@@ -188,7 +175,7 @@ def test_a_slow_receiver_never_blocks_ingest(make_settings, mk, post) -> None:
             assert [(e["kind"], e["layers"]) for e in ev] == [("dead", ["layer.2"]), ("dead", ["layer.3"])]
             assert [d["status"] for d in deliveries(c)] == ["pending", "pending"]  # stored while it hangs
             gate.set()
-            wait_for(lambda: len(deliveries(c, status="delivered")) == 2, "both deliveries")
+            gw.wait_for(lambda: len(deliveries(c, status="delivered")) == 2, "both deliveries")
     finally:
         gate.set()
         recv.close()

@@ -27,6 +27,18 @@ def train(base: str, run: str, *, dead_from: int | None = None, lr_boost_at: int
     from gradwatch.agent import watch
     from gradwatch.cli.digits import load, make_model
 
+    # one thread: the reduction order (so the exact norms, and which cross a threshold) does not
+    # depend on the machine's core count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(torch, nn, watch, load, make_model, base, run, dead_from, lr_boost_at, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(torch: Any, nn: Any, watch: Any, load: Any, make_model: Any, base: str, run: str, dead_from: int | None,
+           lr_boost_at: int | None, steps: int) -> tuple[str, list[float]]:
     torch.manual_seed(0)
     x, y, _, _ = load(0)
     model = make_model()
@@ -78,16 +90,22 @@ def test_a_layer_zeroed_mid_run_is_reported_dead(server: str) -> None:
 def test_a_diverging_run_spikes_then_explodes(server: str) -> None:
     run, losses = train(server, "boom", lr_boost_at=150, steps=250)
     assert max(losses[150:]) > 10 * max(losses[100:150])  # it diverged
-    found = events(server, run)
-    assert found and all(e["step"] > 150 for e in found), found  # nothing before the fault
-    spike = found[0]
-    # the first step after the boosted update, or the next (momentum carries the jump in over two steps)
-    assert spike["kind"] == "spike" and 151 <= spike["step"] <= 152, spike
-    # which norms cross the spike threshold first varies between runs (seen: the total with >= 4
-    # layers; or conv1/bn1 alone, the total not at all): the spike names real layers of the model
-    assert spike["layers"] and all(n == "(total)" or n.endswith((".weight", ".bias")) for n in spike["layers"]), spike
-    exploding = [e for e in found if e["kind"] == "exploding"]
-    assert exploding and exploding[0]["step"] > 151
-    # the layers that stay far above their early level vary between runs (conv/fc weights, or bn2)
-    assert exploding[0]["layers"] and all(n == "(total)" or n.endswith((".weight", ".bias"))
-                                          for n in exploding[0]["layers"]), exploding[0]
+    found = [(e["kind"], e["step"], e["layers"]) for e in events(server, run)]
+    bn1, bn2 = ["bn1.weight", "bn1.bias"], ["bn2.weight", "bn2.bias"]
+    assert found == [
+        # the first update with the boosted rate lands at step 151. Each norm is judged against its
+        # own noise, and late in the healthy phase the total norm swings over two decades (0.016 ..
+        # 1.1 over steps 100-149, mean |log deviation| 0.68), so its threshold is ~400x its level:
+        # it rose 102x at 151 (under; the deviation estimate widens, the threshold becomes ~1250x)
+        # and ~850x at 152 (under again). The total genuinely does not spike; bn1 does (4500x its
+        # level at 152 against ~450x), conv2 one step later.
+        ("spike", 152, bn1),
+        ("spike", 153, ["conv2.weight"]),
+        # far above the early level for the rule's run of steps: bn2 first (it jumped most,
+        # 200x at 151), every other weight and the total one step later
+        ("exploding", 160, bn2),
+        ("exploding", 161, ["conv1.weight", "conv1.bias", *bn1, "conv2.weight", "fc.weight", "(total)"]),
+        # from step 201 on every gradient but fc.bias's is exactly zero (dead ReLUs; fc.bias still
+        # learns the class prior): those nine, 20 recorded steps later
+        ("dead", 220, ["conv1.weight", "conv1.bias", *bn1, "conv2.weight", "conv2.bias", *bn2, "fc.weight"]),
+    ], found
