@@ -47,9 +47,9 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         [f for f, _ in _NAN_BITS["layer_stats"]],
     ),
     "steps": (
-        "SELECT step, rank, time, total_norm, total_norm_post, clip_coef, loss_scale, skipped, nan_mask "
+        f"SELECT step, rank, time, {', '.join(STEP_FLOAT_COLUMNS)}, skipped, nan_mask "
         "FROM step_record WHERE run_id = :r ORDER BY step, rank",
-        ["step", "rank", "time", "total_norm", "total_norm_post", "clip_coef", "loss_scale", "skipped"],
+        ["step", "rank", "time", *STEP_FLOAT_COLUMNS, "skipped"],
         list(STEP_FLOAT_COLUMNS),
     ),
     "scalars": (
