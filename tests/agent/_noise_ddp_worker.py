@@ -33,8 +33,11 @@ def make_model() -> nn.Module:
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable task (labels from a fixed linear map) so the true gradient is not ~0."""
     g = torch.Generator().manual_seed(7919 * step + rank)
-    return torch.randn(BATCH, 6, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+    x = torch.randn(BATCH, 6, generator=g)
+    w = torch.Generator().manual_seed(3)
+    return x, (x @ torch.randn(6, 3, generator=w)).argmax(1)
 
 
 def main() -> None:
