@@ -38,6 +38,9 @@ _NAN_BITS: dict[str, list[tuple[str, int]]] = {
     "steps": [(f, b) for b, f in enumerate(STEP_FLOAT_COLUMNS)],
 }
 
+#: Position of ``skipped`` in a ``steps`` row (after step, rank, time and the float fields).
+_SKIPPED_AT = 3 + len(STEP_FLOAT_COLUMNS)
+
 TABLES: dict[str, tuple[str, list[str], list[str]]] = {
     # name: (SQL, output columns, float columns restored from nan_mask / is_nan)
     "layer_stats": (
@@ -97,7 +100,7 @@ def _rows(engine: Engine, table: str, run_id: str, chunk: int) -> Iterator[list[
                 else:
                     del r[-1]
                 if table == "steps":
-                    r[7] = bool(r[7])
+                    r[_SKIPPED_AT] = bool(r[_SKIPPED_AT])
                 out.append(tuple(r))
             yield out
 
@@ -126,7 +129,7 @@ def _schema(table: str) -> Any:
     kinds = {f.name: f.dtype for f in LAYER_FIELDS}
     types = {
         "layer_stats": [i64, s, i64, i64, *(i64 if kinds.get(c) == "i8" else f64 for c in _LAYER_OUT)],
-        "steps": [i64, i64, f64, f64, f64, f64, f64, pa.bool_()],
+        "steps": [i64, i64, f64, *(f64 for _ in STEP_FLOAT_COLUMNS), pa.bool_()],
         "scalars": [i64, i64, s, f64, f64],
         "transforms": [i64, i64, s, s, f64],
         "events": [i64, i64, i64, s, f64, s],

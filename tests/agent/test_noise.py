@@ -331,3 +331,11 @@ def test_ddp_noise_scale_end_to_end_over_rest(tmp_path: Path, gw: Any, pg_databa
     for row, want in zip(rows, exp):
         got = float(row["noise_scale"]) if row["noise_scale"] else None
         assert _close(got, want["noise_scale"]), (row["step"], row["noise_scale"])
+        assert row["skipped"] == "False"
+    import pyarrow.parquet as pq
+
+    with urllib.request.urlopen(f"{api}/export?table=steps&format=parquet", timeout=30) as r:
+        tab = pq.read_table(io.BytesIO(r.read())).to_pydict()
+    assert tab["skipped"] == [False] * 70
+    for k in ("noise_scale", "noise_g2", "noise_trace"):
+        assert all(_close(g, w[k]) for g, w in zip(tab[k], exp)), k
