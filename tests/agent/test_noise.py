@@ -189,9 +189,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_workers(tmp_path: Path, world: int, mode: str, steps: int, url: str = "memory") -> list[dict[str, Any]]:
+def run_workers(tmp_path: Path, world: int, mode: str, steps: int, url: str = "memory",
+                **extra_env: str) -> list[dict[str, Any]]:
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADWATCH_DISABLED": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADWATCH_DISABLED": "0", **extra_env}
     outs = [tmp_path / f"{mode}{world}-rank{r}.json" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(outs[r]), mode,
                                str(steps), url], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -290,18 +291,33 @@ def test_user_comm_hook_is_kept_warns_once_and_records_nothing(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_ddp_noise_scale_end_to_end_over_rest(tmp_path: Path, gw: Any, pg_database: str) -> None:
-    """70 steps (more than one 64-step rollup block) into ``gradwatch serve``: /steps, /stats (raw
-    points and a bucket read through the rollup), the CSV export and a live subscriber's catch-up
-    all carry the values the direct computation predicts."""
+    """70 steps (more than one 64-step rollup block) into ``gradwatch serve``: a live subscriber,
+    /steps, /stats (raw points and a bucket read through the rollup) and the CSV and Parquet
+    exports all carry the values the direct computation predicts."""
     import csv
     import io
     import urllib.request
+    import uuid
+
+    from websockets.sync.client import connect
 
     base = gw.serve(pg_database)
-    results = run_workers(tmp_path, 2, "server", steps=70, url=base)
+    rid = f"noise-e2e-{uuid.uuid4().hex[:8]}"
+    with connect(base.replace("http", "ws") + f"/api/v1/runs/{rid}/live?layers=noise_scale") as live:
+        assert json.loads(live.recv(timeout=30))["type"] == "subscribed"
+        results = run_workers(tmp_path, 2, "server", steps=70, url=base, GRADWATCH_RUN_ID=rid)
+        live_steps: dict[int, dict[str, Any]] = {}
+        while len(live_steps) < 70:
+            msg = json.loads(live.recv(timeout=60))
+            live_steps.update({st["step"]: st for st in msg.get("steps", ())})
     r0 = results[0]
-    assert all(r["params_match"] for r in results)
-    rid, exp = r0["run_id"], expected_series(r0)
+    assert all(r["params_match"] for r in results) and r0["run_id"] == rid
+    exp = expected_series(r0)
+    for step, want in enumerate(exp):  # the live stream (in-process path: from the decoded batch)
+        st = live_steps[step]
+        for k in ("noise_scale", "noise_g2", "noise_trace"):
+            assert _close(st[k], want[k]), ("live", step, k, st[k], want[k])
+        assert all(_close(g, w) for g, w in zip(st["layers"]["noise_scale"], want["layer_noise"])), ("live", step)
     api = f"{base}/api/v1/runs/{rid}"
     pts = gw.wait_for(lambda: (p := gw.get_json(f"{api}/steps?fields=noise_scale,noise_g2,noise_trace")["points"])
                       and len(p) == 70 and p, "70 step rows")
