@@ -180,18 +180,25 @@ class NoiseScale:
     def _hook(self, group: Any, bucket: Any) -> torch.futures.Future[Tensor]:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        if not self._active():
-            return default_hooks.allreduce_hook(group, bucket)
         buf = bucket.buffer()
         pd = pack_dtype(buf.device)
         grads = bucket.gradients()
+        active = False
         try:
-            local = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).to(pd).square()
+            active = bool(self._active())
+            one = torch.ones(1, dtype=pd, device=buf.device)  # last element: this rank measured
+            local = (torch.cat([torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).to(pd).square(), one])
+                     if active else torch.zeros(len(grads) + 1, dtype=pd, device=buf.device))
         except Exception as e:  # noqa: BLE001 - the collective below must still be issued on every rank
             self._report("measuring local gradient norms for the noise scale", e)
-            local = torch.full((len(grads),), math.nan, dtype=pd, device=buf.device)
+            local = torch.full((len(grads) + 1,), math.nan, dtype=pd, device=buf.device)
+        # Issued on every step, measured or not: the ranks' sequences of collectives must match
+        # even if their watchers disagree about this step (one closed early, a different `every`),
+        # else DDP's own all-reduce would pair with this one and training would fail.
         f_local = torch.distributed.all_reduce(local, group=group, async_op=True).get_future()
         f_main = default_hooks.allreduce_hook(group, bucket)
+        if not active:
+            return torch.futures.collect_all([f_local, f_main]).then(lambda f: f_main.value())
         index = bucket.index()
         params = bucket.parameters()
 
@@ -200,8 +207,12 @@ class NoiseScale:
             try:
                 big = torch.stack(torch._foreach_norm(bucket.gradients(), 2, dtype=torch.float32)).to(pd).square()
                 ids = device_tensor(self._layer_ids(params), torch.long, buf.device)
+                summed = f_local.value()[0]
+                # a rank that did not measure (closed watcher) sent zeros: not a valid sum, not fed
+                ok = summed[-1:] == self._world
+                local_sum = torch.where(ok, summed[:-1], torch.full_like(summed[:-1], math.nan))
                 with self._lock:
-                    self._buckets[index] = _Bucket(ids, f_local.value()[0], big)
+                    self._buckets[index] = _Bucket(ids, local_sum, big)
             except Exception as e:  # noqa: BLE001
                 self._report("measuring all-reduced gradient norms for the noise scale", e)
             return out

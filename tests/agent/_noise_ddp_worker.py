@@ -6,7 +6,8 @@ rank's batch separately (the local gradients, explicitly), from which |G_small|Â
 ranks of the local squared norms) and |G_big|Â² (the squared norm of their mean) follow per layer,
 then the estimators and bias-corrected EMAs in float64 on the host. Writes JSON to OUT.
 
-Modes: ``plain`` (noise scale on), ``userhook`` (the user registered a comm hook first: the
+Modes: ``plain`` (noise scale on), ``closeearly`` (rank 1 closes its watcher after step
+CLOSE_AT while training goes on), ``userhook`` (the user registered a comm hook first: the
 watcher must warn and record no noise scale, and training must be unchanged), ``server`` (records
 into the server at URL, given as argv[6]).
 """
@@ -25,6 +26,8 @@ from gradwatch.agent import watch
 
 BATCH = 4
 BETA = 0.99
+#: ``closeearly``: rank 1 closes its watcher after this step's optimizer step.
+CLOSE_AT = 5
 
 
 def make_model() -> nn.Module:
@@ -70,6 +73,8 @@ def main() -> None:
             x, y = batch(step, rank)
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+            if mode == "closeearly" and rank == 1 and step == CLOSE_AT:
+                w.close()  # this rank stops measuring; rank 0 goes on: no mismatched collective
 
             local: list[list[torch.Tensor]] = []  # per rank, per parameter: the local gradient
             for r in range(world):

@@ -211,15 +211,16 @@ def run_workers(tmp_path: Path, world: int, mode: str, steps: int, url: str = "m
     return [json.loads(o.read_text()) for o in outs]
 
 
-def expected_series(res: dict[str, Any]) -> list[dict[str, Any]]:
+def expected_series(res: dict[str, Any], last_fed: int | None = None) -> list[dict[str, Any]]:
     """What rank 0 must record at each step, from the per-rank gradients computed directly: the
-    hook is registered at the first optimizer step, so step 0 is not measured."""
+    hook is registered at the first optimizer step, so step 0 is not measured (nor steps after
+    ``last_fed``)."""
     world, b = res["world"], res["batch"]
     n_layers = len(res["names"])
     ema = {k: [0.0, 0.0, 0] for k in ["total", *range(n_layers)]}
     out: list[dict[str, Any]] = []
     for step, e in enumerate(res["expected"]):
-        if step >= 1:
+        if step >= 1 and (last_fed is None or step <= last_fed):
             pairs = [("total", sum(e["small"]), sum(e["big"]))] + [(i, e["small"][i], e["big"][i]) for i in range(n_layers)]
             for key, sm, bg in pairs:
                 g2 = (world * b * bg - b * sm) / (world * b - b)
@@ -247,9 +248,9 @@ def _close(got: float | None, want: float | None) -> bool:
     return got == pytest.approx(want, rel=2e-3, abs=1e-9)
 
 
-def check_against_direct(res: dict[str, Any]) -> int:
+def check_against_direct(res: dict[str, Any], last_fed: int | None = None) -> int:
     """Every recorded step of rank 0 equals the direct computation; returns the steps with a B_simple."""
-    exp = expected_series(res)
+    exp = expected_series(res, last_fed)
     assert len(res["steps"]) == len(exp)
     settled = 0
     for rec, want in zip(res["steps"], exp):
@@ -272,6 +273,18 @@ def test_ddp_noise_scale_matches_direct_computation(tmp_path: Path, world: int) 
     settled = check_against_direct(r0)
     assert settled >= 3  # steps 10.. carry B_simple (the signal is strong enough: EMA(|G|²) > 0)
     assert all(any(x is not None for x in s["layer_noise"]) for s in r0["steps"][-2:])
+
+
+@pytest.mark.slow
+def test_a_rank_that_closes_early_stops_the_feed_not_the_training(tmp_path: Path) -> None:
+    """Rank 1 closes its watcher after step 5 while both ranks train on: the collectives stay
+    matched (training completes and equals the reference), and rank 0's EMAs stop being fed
+    (rank 1 no longer measures, so no sum over ranks is valid) instead of taking wrong values."""
+    results = run_workers(tmp_path, 2, "closeearly", steps=16)
+    assert all(r["params_match"] for r in results)
+    check_against_direct(results[0], last_fed=5)
+    steps = results[0]["steps"]
+    assert steps[-1]["noise_g2"] == steps[5]["noise_g2"] is not None
 
 
 @pytest.mark.slow
