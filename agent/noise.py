@@ -1,4 +1,5 @@
-"""The gradient noise scale B_simple (McCandlish et al. 2018) under DistributedDataParallel, live.
+"""The gradient noise scale B_simple (McCandlish et al. 2018) under DistributedDataParallel, live
+(and, on one process, from the micro-batches of gradient accumulation: :meth:`NoiseScale._install_accum`).
 
 Data parallelism already produces two batch sizes at once: each rank's local gradient (per-rank
 batch ``B_small = b``) exists just before the all-reduce, the all-reduced one (``B_big = W·b``)
@@ -133,6 +134,12 @@ class NoiseScale:
         self._state: Tensor | None = None  # (3 + 3L,) raw EMA state, see NoiseLayout
         self._world = 1
         self._group: Any = None
+        #: "ddp" (local vs all-reduced gradient) or "accum" (first micro-batch vs accumulated).
+        self.mode = "ddp"
+        self._count: dict[int, int] = {}
+        self._first: dict[int, tuple[Tensor, Tensor]] = {}
+        self._warned_k = False
+        self._handles: list[Any] = []
 
     # -- installation --------------------------------------------------------------------------
 
@@ -144,9 +151,7 @@ class NoiseScale:
         ddp = torch.nn.parallel.DistributedDataParallel
         m = self._model
         if not isinstance(m, ddp):
-            warn("gradwatch: noise_scale needs the DistributedDataParallel-wrapped model passed to watch(); "
-                 "the gradient noise scale is not recorded.", UserWarning)
-            return False
+            return self._install_accum()
         self._group = getattr(m, "process_group", None)
         self._world = self._group.size() if self._group is not None else torch.distributed.get_world_size()
         if self._world < 2:
@@ -165,6 +170,76 @@ class NoiseScale:
             return False
         self.installed = True
         return True
+
+    def remove(self) -> None:
+        """Detach the accumulation hooks (a DDP comm hook cannot be removed: it stays, measuring
+        nothing once the watcher is closed)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _install_accum(self) -> bool:
+        """No DDP: micro-batches of gradient accumulation serve as the small batches (a hook
+        after each parameter's gradient accumulation keeps the first micro-batch's squared norm)."""
+        m = self._model
+        d = torch.distributed
+        if not isinstance(m, torch.nn.Module) or (d.is_available() and d.is_initialized() and d.get_world_size() > 1):
+            warn("gradwatch: noise_scale needs the DistributedDataParallel-wrapped model passed to watch() (or, on "
+                 "one process, the model trained with gradient accumulation); the gradient noise scale is not "
+                 "recorded.", UserWarning)
+            return False
+        params = [p for p in m.parameters() if p.requires_grad and self._lookup(p) >= 0]
+        if not params:
+            return False
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_accumulated) for p in params]
+        self.mode = "accum"
+        self._world = 1
+        self.installed = True
+        return True
+
+    @torch.no_grad()
+    def _on_accumulated(self, p: Tensor) -> None:
+        """After ``p.grad`` took a micro-batch: the first one of the step is kept (its squared
+        norm, on the device). Never raises into backward."""
+        try:
+            if not self._active():
+                return
+            key = id(p)
+            c = self._count.get(key, 0)
+            self._count[key] = c + 1
+            g = p.grad
+            if c == 0 and g is not None and not g.is_sparse:
+                sq = torch.linalg.vector_norm(g, dtype=torch.float32).to(pack_dtype(g.device)).square()
+                self._first[key] = (p, sq)
+        except Exception as e:  # noqa: BLE001
+            self._report("measuring the first micro-batch for the noise scale", e)
+
+    def _accum_take(self, grads_scaled: bool) -> tuple[Tensor, Tensor, Tensor, float, bool] | None:
+        """This step's accumulation measurements: with k micro-batches each of loss/k, the first
+        micro-batch's own gradient is k·g⁽¹⁾, so |G_small|² = k²·|g⁽¹⁾|²; |G_big|² is the
+        accumulated gradient's. B_big/B_small = k. Parameters that did not take all k are left out."""
+        counts, firsts = self._count, self._first
+        self._count, self._first = {}, {}
+        if not firsts:
+            return None
+        k = max(counts.values())
+        if k < 2:
+            if not self._warned_k:
+                self._warned_k = True
+                warn("gradwatch: noise_scale without DistributedDataParallel needs gradient accumulation (at least 2 "
+                     "backward passes per optimizer step); steps with one are not measured.", UserWarning)
+            return None
+        got = [(p, sq) for key, (p, sq) in firsts.items() if counts[key] == k and p.grad is not None
+               and not p.grad.is_sparse]
+        if not got:
+            return None
+        dev = got[0][1].device
+        ids = device_tensor([self._lookup(p) for p, _ in got], torch.long, dev)
+        small = torch.stack([sq.to(dev) for _, sq in got]) * float(k * k)
+        pd = small.dtype
+        grads = [p.grad for p, _ in got if p.grad is not None]
+        big = torch.stack([x.to(dev) for x in torch._foreach_norm(grads, 2, dtype=torch.float32)]).to(pd).square()
+        return ids, small, big, float(k), grads_scaled
 
     # -- the comm hook (runs inside backward, every rank, same order) --------------------------
 
@@ -223,34 +298,33 @@ class NoiseScale:
 
     @torch.no_grad()
     def update(self, *, loss_scale: Tensor | float | None = None, skipped: bool | None = None,
-               found_inf: Tensor | None = None) -> tuple[Tensor, NoiseLayout] | None:
-        """Feed this step's bucket measurements into the EMAs and return the packed snapshot
-        (None before anything was measured). Skipped steps and non-finite estimates leave the
-        EMAs as they were. No host sync."""
-        with self._lock:
-            buckets, self._buckets = list(self._buckets.values()), {}
+               found_inf: Tensor | None = None, grads_scaled: bool = False) -> tuple[Tensor, NoiseLayout] | None:
+        """Feed this step's measurements into the EMAs and return the packed snapshot (None
+        before anything was measured). Skipped steps and non-finite estimates leave the EMAs as
+        they were. No host sync. ``grads_scaled``: the ``.grad`` tensors are still multiplied by
+        the loss scale now (fused optimizers); only the accumulation mode reads them here."""
         L = self._n_layers()
-        if not buckets:
+        got = self._accum_take(grads_scaled) if self.mode == "accum" else self._ddp_take()
+        if got is None:
             return (self._state, self.layout(L)) if self._state is not None and self._state.numel() == 3 + 3 * L else None
-        dev = buckets[0].local.device
-        pd = buckets[0].local.dtype
-        ids = torch.cat([b.layers for b in buckets])
+        ids, local, big, ratio, big_scaled = got
+        dev, pd = local.device, local.dtype
         keep = ids >= 0
         ids = torch.where(keep, ids, torch.zeros_like(ids))
-        local = torch.cat([b.local for b in buckets]) / self._world
-        big = torch.cat([b.big for b in buckets])
-        if loss_scale is not None:  # the hook saw loss-scaled gradients
+        if loss_scale is not None:  # the small-batch norms were taken of loss-scaled gradients
             s = loss_scale.reshape(()).to(device=dev, dtype=pd) if isinstance(loss_scale, Tensor) else \
                 torch.full((), float(loss_scale), dtype=pd, device=dev)
             inv2 = (s * s).reciprocal()
-            local, big = local * inv2, big * inv2
+            local = local * inv2
+            if big_scaled:
+                big = big * inv2
         zero = torch.zeros((), dtype=pd, device=dev)
         local = torch.where(keep, local, zero)
         big = torch.where(keep, big, zero)
         per_small = torch.zeros(L, dtype=pd, device=dev).index_add_(0, ids, local)
         per_big = torch.zeros(L, dtype=pd, device=dev).index_add_(0, ids, big)
         present = torch.zeros(L, dtype=pd, device=dev).index_add_(0, ids, keep.to(pd)) > 0  # no boolean indexing: no sync
-        b_small, b_big = self.batch, self.batch * self._world
+        b_small, b_big = self.batch, self.batch * ratio
         g2_l, s_l = estimates(per_small, per_big, b_small, b_big)
         g2_t, s_t = estimates(per_small.sum().reshape(1), per_big.sum().reshape(1), b_small, b_big)
         ok_t = torch.isfinite(g2_t) & torch.isfinite(s_t) & present.any().reshape(1)
@@ -269,6 +343,16 @@ class NoiseScale:
             ms.copy_(torch.where(ok, a * ms + (1 - a) * torch.where(ok, s, zero_x), ms))
             cnt.add_(ok.to(pd))
         return state.clone(), self.layout(L)
+
+    def _ddp_take(self) -> tuple[Tensor, Tensor, Tensor, float, bool] | None:
+        """This step's bucket measurements: layer ids, mean over ranks of the local squared norms,
+        squared norms of the all-reduced gradient, B_big/B_small = world, both loss-scaled."""
+        with self._lock:
+            buckets, self._buckets = list(self._buckets.values()), {}
+        if not buckets:
+            return None
+        return (torch.cat([b.layers for b in buckets]), torch.cat([b.local for b in buckets]) / self._world,
+                torch.cat([b.big for b in buckets]), float(self._world), True)
 
     def layout(self, n_layers: int) -> NoiseLayout:
         return NoiseLayout(n_layers, self.beta, self.min_updates)

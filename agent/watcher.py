@@ -109,7 +109,9 @@ def watch(
             all-reduced gradient norms (a DDP comm hook; one extra tiny all-reduce per recorded
             step). True: in units of per-rank batches; an int: the per-rank batch size, giving
             B_simple in examples. Off by default. A model that already has a comm hook keeps it
-            (one warning, nothing recorded). See ``docs/noise_scale.md``.
+            (one warning, nothing recorded). Without DDP, on one process, the micro-batches of
+            gradient accumulation serve as the small batches instead (the int is then the
+            micro-batch size; each micro-loss divided by their number). See ``docs/noise_scale.md``.
 
     Returns:
         The :class:`Watcher` (a context manager). With ``GRADWATCH_DISABLED=1`` it is inert.
@@ -402,7 +404,8 @@ class Watcher:
             params, transforms=transforms, record=record, step=step, time=now, rank=self.rank,
             found_inf=found_inf, loss_scale=loss_scale, grad_scale=grad_scale,
             has_scaler=ts is not None or found_inf is not None,
-            noise=self._noise_update(record, loss_scale=loss_scale, found_inf=found_inf),
+            noise=self._noise_update(record, loss_scale=loss_scale, found_inf=found_inf,
+                                     grads_scaled=grad_scale is not None),
         )
         if pending is not None and self.sink is not None:
             self.sink.put(pending)
@@ -581,6 +584,8 @@ class Watcher:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._noise is not None:
+            self._noise.remove()
         if getattr(self._optimizer, "_gradwatch_watcher", None) is self:
             del self._optimizer._gradwatch_watcher
         if self.sink is not None:

@@ -155,7 +155,7 @@ def test_layer_table_growth_keeps_state() -> None:
     assert v2[7] == pytest.approx(2 * (1 - BETA) * (1 + BETA)) and v2[8] == pytest.approx(2 * (1 - BETA))
 
 
-def test_without_ddp_it_warns_and_records_nothing() -> None:
+def test_without_ddp_or_accumulation_it_warns_once_and_records_nothing() -> None:
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings(record=True) as caught:
@@ -171,6 +171,85 @@ def test_without_ddp_it_warns_and_records_nothing() -> None:
     steps = w.sink.steps  # type: ignore[attr-defined]
     assert len(steps) == 3 and all(s.noise_scale is None and s.layers["noise_scale"] == [None, None] for s in steps)
     w.close()
+
+
+# -- gradient accumulation on one process ---------------------------------------------------------
+
+
+def _accum_model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _micro(step: int, i: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * step + i)
+    x = torch.randn(b, 5, generator=g)
+    return x, (x @ torch.randn(5, 3, generator=torch.Generator().manual_seed(9))).argmax(1)
+
+
+def test_accumulation_first_micro_batch_is_rescaled_by_k() -> None:
+    """Test vector 4: k = 4 micro-batches, each loss divided by 4: the small-batch norm the hook
+    keeps, times k², equals the norm of an un-divided backward of the first micro-batch."""
+    model = _accum_model()
+    ids = {id(p): i for i, p in enumerate(model.parameters())}
+    ns = NoiseScale(model, lookup=lambda p: ids[id(p)], n_layers=lambda: 4, batch_size=2, active=lambda: True,
+                    report=lambda k, e: (_ for _ in ()).throw(e))
+    assert ns.install() and ns.mode == "accum"
+    k = 4
+    for i in range(k):
+        x, y = _micro(0, i, 2)
+        (torch.nn.functional.cross_entropy(model(x), y) / k).backward()
+    got = ns._accum_take(False)
+    assert got is not None
+    lids, small, big, ratio, _ = got
+    order = lids.tolist()  # the order the hooks fired (backward order)
+    assert ratio == 4.0 and sorted(order) == [0, 1, 2, 3]
+    ref = _accum_model()
+    x, y = _micro(0, 0, 2)
+    torch.nn.functional.cross_entropy(ref(x), y).backward()  # NOT divided by k
+    want = [float(p.grad.double().square().sum()) for p in ref.parameters()]  # type: ignore[union-attr]
+    assert small.tolist() == pytest.approx([want[i] for i in order], rel=1e-5)
+    acc = [float(p.grad.double().square().sum()) for p in model.parameters()]  # type: ignore[union-attr]
+    assert big.tolist() == pytest.approx([acc[i] for i in order], rel=1e-5)
+    assert small.tolist() != pytest.approx(big.tolist(), rel=1e-2)  # the two batch sizes do differ
+    ns.remove()
+
+
+def test_accumulation_end_to_end_matches_direct_computation() -> None:
+    """watch(noise_scale=b) on a plain model trained with k = 3 micro-batches per step: every
+    step's recorded values equal the estimators and EMAs computed from gradients taken directly
+    (first micro-batch alone, and the accumulated mean); step 0 is not measured (hook installed)."""
+    b, k, steps = 4, 3, 14
+    model = _accum_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = watch(model, opt, server="memory", noise_scale=b)
+    ref = _accum_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    res: dict[str, Any] = {"world": k, "batch": b, "names": [n for n, _ in ref.named_parameters()], "expected": []}
+    for step in range(steps):
+        opt.zero_grad()
+        for i in range(k):
+            x, y = _micro(step, i, b)
+            (torch.nn.functional.cross_entropy(model(x), y) / k).backward()
+        opt.step()
+        micro = []
+        for i in range(k):
+            ref.zero_grad()
+            x, y = _micro(step, i, b)
+            torch.nn.functional.cross_entropy(ref(x), y).backward()
+            micro.append([p.grad.detach().double().clone() for p in ref.parameters()])  # type: ignore[union-attr]
+        mean = [sum(m[j] for m in micro) / k for j in range(len(micro[0]))]
+        res["expected"].append({"small": [float(g.square().sum()) for g in micro[0]],
+                                "big": [float(m.square().sum()) for m in mean]})
+        for p, m in zip(ref.parameters(), mean):
+            p.grad = m.float()
+        ref_opt.step()
+    table = {la.index: la.name for la in w.sink.layers}  # type: ignore[union-attr]
+    res["steps"] = [{"step": s.step, "names": [table[i] for i in s.layer_ids], "noise_scale": s.noise_scale,
+                     "noise_g2": s.noise_g2, "noise_trace": s.noise_trace, "layer_noise": s.layers["noise_scale"]}
+                    for s in w.sink.steps]  # type: ignore[union-attr]
+    w.close()
+    assert check_against_direct(res) >= 1
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "yes"])
