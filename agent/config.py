@@ -61,7 +61,8 @@ class AgentConfig:
         disabled: make ``watch()`` a no-op.
         noise_scale: record the gradient noise scale under DDP (``docs/noise_scale.md``): False
             (default: it adds a small all-reduce per recorded step), True (in units of per-rank
-            batches) or the per-rank batch size in examples (B_simple in examples).
+            batches) or the per-rank batch size in examples (B_simple in examples); on one
+            process with gradient accumulation, the micro-batch size.
     """
 
     server: str = DEFAULT_URL
