@@ -7,7 +7,7 @@ ranks of the local squared norms) and |G_big|² (the squared norm of their mean)
 then the estimators and bias-corrected EMAs in float64 on the host. Writes JSON to OUT.
 
 Modes: ``plain`` (noise scale on), ``closeearly`` (rank 1 closes its watcher after step
-CLOSE_AT while training goes on), ``userhook`` (the user registered a comm hook first: the
+CLOSE_AT while training goes on), ``every3`` (``watch(every=3)``), ``userhook`` (the user registered a comm hook first: the
 watcher must warn and record no noise scale, and training must be unchanged), ``server`` (records
 into the server at URL, given as argv[6]).
 """
@@ -62,7 +62,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        w = watch(model, opt, server=url, run="noise-ddp", noise_scale=BATCH)
+        w = watch(model, opt, server=url, run="noise-ddp", noise_scale=BATCH, every=3 if mode == "every3" else 1)
 
         ref = make_model()
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)

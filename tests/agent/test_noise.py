@@ -290,16 +290,16 @@ def run_workers(tmp_path: Path, world: int, mode: str, steps: int, url: str = "m
     return [json.loads(o.read_text()) for o in outs]
 
 
-def expected_series(res: dict[str, Any], last_fed: int | None = None) -> list[dict[str, Any]]:
+def expected_series(res: dict[str, Any], last_fed: int | None = None, every: int = 1) -> list[dict[str, Any]]:
     """What rank 0 must record at each step, from the per-rank gradients computed directly: the
     hook is registered at the first optimizer step, so step 0 is not measured (nor steps after
-    ``last_fed``)."""
+    ``last_fed``); with ``every`` > 1 only recorded steps (multiples of it) are measured."""
     world, b = res["world"], res["batch"]
     n_layers = len(res["names"])
     ema = {k: [0.0, 0.0, 0] for k in ["total", *range(n_layers)]}
     out: list[dict[str, Any]] = []
     for step, e in enumerate(res["expected"]):
-        if step >= 1 and (last_fed is None or step <= last_fed):
+        if step >= 1 and (last_fed is None or step <= last_fed) and step % every == 0:
             pairs = [("total", sum(e["small"]), sum(e["big"]))] + [(i, e["small"][i], e["big"][i]) for i in range(n_layers)]
             for key, sm, bg in pairs:
                 g2 = (world * b * bg - b * sm) / (world * b - b)
@@ -327,10 +327,10 @@ def _close(got: float | None, want: float | None) -> bool:
     return got == pytest.approx(want, rel=2e-3, abs=1e-9)
 
 
-def check_against_direct(res: dict[str, Any], last_fed: int | None = None) -> int:
+def check_against_direct(res: dict[str, Any], last_fed: int | None = None, every: int = 1) -> int:
     """Every recorded step of rank 0 equals the direct computation; returns the steps with a B_simple."""
-    exp = expected_series(res, last_fed)
-    assert len(res["steps"]) == len(exp)
+    exp = expected_series(res, last_fed, every)[::every]
+    assert [s["step"] for s in res["steps"]] == list(range(0, len(res["expected"]), every))
     settled = 0
     for rec, want in zip(res["steps"], exp):
         assert rec["names"] == res["names"]
@@ -352,6 +352,15 @@ def test_ddp_noise_scale_matches_direct_computation(tmp_path: Path, world: int) 
     settled = check_against_direct(r0)
     assert settled >= 3  # steps 10.. carry B_simple (the signal is strong enough: EMA(|G|²) > 0)
     assert all(any(x is not None for x in s["layer_noise"]) for s in r0["steps"][-2:])
+
+
+@pytest.mark.slow
+def test_ddp_with_every_3_feeds_recorded_steps_only(tmp_path: Path) -> None:
+    """``every=3``: the hook measures only the steps that are recorded (the ranks agree on which
+    from their step counters); the EMAs are fed at steps 3, 6, ... only."""
+    results = run_workers(tmp_path, 2, "every3", steps=40)
+    assert all(r["params_match"] for r in results)
+    assert check_against_direct(results[0], every=3) >= 2
 
 
 @pytest.mark.slow
