@@ -252,6 +252,35 @@ def test_accumulation_end_to_end_matches_direct_computation() -> None:
     assert check_against_direct(res) >= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grads_scaled", [False, True])
+def test_accumulation_divides_out_the_loss_scale(dtype: torch.dtype, grads_scaled: bool) -> None:
+    """Micro-losses multiplied by S = 2¹⁰ (as a loss scaler does): with the scale given, the EMA
+    snapshot equals the unscaled run's. ``grads_scaled``: the accumulated grads are still scaled at
+    the step (fused optimizer) or were unscaled before it (torch's or gradwatch's scaler)."""
+    S, k = 1024.0, 3
+    snaps = []
+    for scale in (1.0, S):
+        model = _accum_model().to(dtype)
+        ids = {id(p): i for i, p in enumerate(model.parameters())}
+        ns = NoiseScale(model, lookup=lambda p, ids=ids: ids[id(p)], n_layers=lambda: 4, batch_size=2,
+                        active=lambda: True, report=lambda k, e: (_ for _ in ()).throw(e))
+        assert ns.install()
+        for step in range(3):
+            model.zero_grad()
+            for i in range(k):
+                x, y = _micro(step, i, 2)
+                (torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y) / k * scale).backward()
+            if scale != 1.0 and not grads_scaled:
+                for p in model.parameters():
+                    p.grad.div_(scale)  # type: ignore[union-attr]  # unscaled before the step
+            out = ns.update(loss_scale=torch.tensor(scale) if scale != 1.0 else None,
+                            grads_scaled=grads_scaled and scale != 1.0)
+        assert out is not None
+        snaps.append(out[0])
+    assert snaps[0][0] == 3 and snaps[1].tolist() == pytest.approx(snaps[0].tolist(), rel=1e-5, abs=1e-12)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "yes"])
 def test_bad_option_is_a_clear_error(bad: Any) -> None:
     model = torch.nn.Linear(3, 2)
