@@ -288,6 +288,46 @@ def test_bad_option_is_a_clear_error(bad: Any) -> None:
         watch(model, torch.optim.SGD(model.parameters(), lr=0.1), server="memory", noise_scale=bad)
 
 
+# -- the wire ---------------------------------------------------------------------------------------
+
+
+def _batch(noise: dict[str, Any], col: list[Any]) -> Any:
+    from gradwatch.agent import wire
+
+    cols: dict[str, list[Any]] = {"numel": [3, 4], "mean": [0.0, 1.0], "m2": [1.0, 2.0], "l2": [1.0, 2.0],
+                                  "maxabs": [1.0, 2.0], "nonfinite": [0, 0], "l2_post": [None, None],
+                                  "wnorm": [1.0, 1.0], "noise_scale": col}
+    return wire.Batch(run=wire.RunInfo(run_id="r1", project="p"), seq=1,
+                      layers=[wire.LayerInfo(0, "a", [3], "float32"), wire.LayerInfo(1, "b", [4], "float32")],
+                      steps=[wire.StepRecord(step=5, time=1.0, layer_ids=[0, 1], layers=cols, **noise)])
+
+
+def test_wire_round_trip_and_old_servers() -> None:
+    """Measured values (NaN and ±inf included) survive encode/decode; unmeasured ones are left
+    out of the encoding entirely (a server that predates the fields still takes the batch); a
+    malformed value is a WireError naming the field."""
+    from gradwatch.agent import wire
+
+    b = _batch({"noise_scale": 12.5, "noise_g2": math.inf, "noise_trace": math.nan}, [3.0, None])
+    d = json.loads(wire.encode_batch(b))
+    assert d["steps"][0]["noise_scale"] == 12.5 and d["steps"][0]["noise_g2"] == "Infinity"
+    back = wire.decode_batch(wire.encode_batch(b)).steps[0]
+    assert back.noise_scale == 12.5 and back.noise_g2 == math.inf and math.isnan(back.noise_trace or 0.0)
+    assert back.layers["noise_scale"] == [3.0, None]
+    quiet = _batch({}, [None, None])
+    d = json.loads(wire.encode_batch(quiet))
+    assert not {"noise_scale", "noise_g2", "noise_trace"} & d["steps"][0].keys()
+    assert "noise_scale" not in d["steps"][0]["layers"]
+    assert wire.decode_batch(wire.encode_batch(quiet)).steps[0].layers["noise_scale"] == [None, None]
+    d["steps"][0]["noise_scale"] = "lots"
+    with pytest.raises(wire.WireError, match="noise_scale"):
+        wire.batch_from_dict(d)
+    d["steps"][0]["noise_scale"] = None
+    d["steps"][0]["layers"]["noise_scale"] = [1.0]  # wrong length
+    with pytest.raises(wire.WireError, match="noise_scale"):
+        wire.batch_from_dict(d)
+
+
 # -- real DDP -----------------------------------------------------------------------------------
 
 
