@@ -4,7 +4,9 @@ Two gloo ranks on CPU (``torch.multiprocessing``), one process group, three iden
 of the model: ``base`` (no gradwatch), ``watch`` (``watch(every=1)``, all statistics, noise scale
 off) and ``noise`` (the same plus ``noise_scale=BATCH``). Rounds interleave one untimed and
 ``--block`` timed steps per variant, the starting variant rotating; a ratio is the variant's block
-median over ``base``'s in the same round, reported as the median over rounds [min-max].
+median over ``base``'s in the same round, reported as the median over rounds [min-max]; the
+same for rank 0's process CPU time per block (less sensitive to other tenants than wall time:
+it counts the work the variant adds, not the waiting).
 
     .venv/bin/python bench/noise_scale.py --rounds 5 --block 10
 """
@@ -59,28 +61,33 @@ def worker(rank: int, world: int, port: int, args: Any, out: Any) -> None:
             w.sink.steps.clear()  # type: ignore[attr-defined]  # keep the memory sink small
 
     ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu_ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
     base_ms: list[float] = []
     for r in range(args.rounds):
         order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
         med: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         for v in order:
             step(v)  # untimed
-            ts = []
+            ts, cs = [], []
             for _ in range(args.block):
                 dist.barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step(v)
                 ts.append(time.perf_counter() - t0)
+                cs.append(time.process_time() - c0)
             med[v] = statistics.median(ts)
+            cpu[v] = sum(cs)
         for v in VARIANTS:
             ratios[v].append(med[v] / med["base"])
+            cpu_ratios[v].append(cpu[v] / cpu["base"])
         base_ms.append(med["base"] * 1e3)
     recorded = runs["noise"][2].sink.steps[-1] if rank == 0 else None  # type: ignore[union-attr]
     for _, _, w in runs.values():
         if w is not None:
             w.close()
     if rank == 0:
-        out.put({"ratios": ratios, "base_ms": base_ms,
+        out.put({"ratios": ratios, "cpu": cpu_ratios, "base_ms": base_ms,
                  "noise_scale": None if recorded is None else recorded.noise_trace})
     dist.destroy_process_group()
 
@@ -103,14 +110,18 @@ def main() -> None:
     n_params = sum(p.numel() for p in make_model(args.width, args.depth).parameters())
     print(f"#### MLP {args.depth}×{args.width} ({n_params / 1e6:.2f} M parameters), 2 gloo ranks, batch {BATCH} per rank "
           f"(base step ~{statistics.median(res['base_ms']):.1f} ms; ratio = median over {args.rounds} rounds [min-max])")
-    print("| variant | step time / base |")
-    print("|---|---|")
+    print("| variant | step time / base | process CPU time / base |")
+    print("|---|---|---|")
+
+    def fmt(r: list[float]) -> str:
+        return f"{statistics.median(r):.3f} [{min(r):.3f}-{max(r):.3f}]"
+
     for v in VARIANTS:
-        r = res["ratios"][v]
-        print(f"| {v} | {statistics.median(r):.3f} [{min(r):.3f}-{max(r):.3f}] |")
-    rel = [n / w for n, w in zip(res["ratios"]["noise"], res["ratios"]["watch"])]
-    print(f"\nnoise / watch: {statistics.median(rel):.3f} [{min(rel):.3f}-{max(rel):.3f}]; "
-          f"last recorded noise_trace on rank 0: {res['noise_scale']}")
+        print(f"| {v} | {fmt(res['ratios'][v])} | {fmt(res['cpu'][v])} |")
+    for key, what in (("ratios", "step time"), ("cpu", "CPU time")):
+        rel = [n / w for n, w in zip(res[key]["noise"], res[key]["watch"])]
+        print(f"\nnoise / watch ({what}): {fmt(rel)}")
+    print(f"last recorded noise_trace on rank 0: {res['noise_scale']}")
     sys.stdout.flush()
 
 
