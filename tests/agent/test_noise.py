@@ -252,6 +252,53 @@ def test_accumulation_end_to_end_matches_direct_computation() -> None:
     assert check_against_direct(res) >= 1
 
 
+def test_accumulation_under_gradwatch_grad_scaler() -> None:
+    """gradwatch's GradScaler (scale 2¹⁰, backing off after an overflow): each step's loss scale is
+    divided out, and the step whose gradients overflowed (skipped) feeds nothing; every recorded
+    value equals the direct computation without any scaling."""
+    from gradwatch.agent import GradScaler
+
+    b, k, steps, bad = 4, 2, 14, 4
+    model = _accum_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = watch(model, opt, server="memory", noise_scale=b)
+    scaler = GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    ref = _accum_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    res: dict[str, Any] = {"world": k, "batch": b, "names": [n for n, _ in ref.named_parameters()], "expected": []}
+    scales = []
+    for step in range(steps):
+        opt.zero_grad()
+        for i in range(k):
+            x, y = _micro(step, i, b)
+            scaler.scale(torch.nn.functional.cross_entropy(model(x), y) / k).backward()
+        if step == bad:
+            model[0].weight.grad[0, 0] = math.inf  # type: ignore[index]
+        scales.append(scaler.get_scale())
+        scaler.step(opt)
+        scaler.update()
+        micro = []
+        for i in range(k):
+            ref.zero_grad()
+            x, y = _micro(step, i, b)
+            torch.nn.functional.cross_entropy(ref(x), y).backward()
+            micro.append([p.grad.detach().double().clone() for p in ref.parameters()])  # type: ignore[union-attr]
+        mean = [sum(m[j] for m in micro) / k for j in range(len(micro[0]))]
+        res["expected"].append({"small": [float(g.square().sum()) for g in micro[0]],
+                                "big": [float(m.square().sum()) for m in mean]})
+        if step != bad:  # the skipped step does not move the parameters
+            for p, m in zip(ref.parameters(), mean):
+                p.grad = m.float()
+            ref_opt.step()
+    assert scales[bad] == 1024.0 and scales[-1] == 512.0  # the backoff happened: two scales were divided out
+    res["steps"] = [{"step": s.step, "names": [w.sink.layers[i].name for i in s.layer_ids],  # type: ignore[union-attr]
+                     "noise_scale": s.noise_scale, "noise_g2": s.noise_g2, "noise_trace": s.noise_trace,
+                     "layer_noise": s.layers["noise_scale"]} for s in w.sink.steps]  # type: ignore[union-attr]
+    assert [s.skipped for s in w.sink.steps] == [i == bad for i in range(steps)]  # type: ignore[union-attr]
+    w.close()
+    assert check_against_direct(res, skip=frozenset({bad})) >= 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grads_scaled", [False, True])
 def test_accumulation_divides_out_the_loss_scale(dtype: torch.dtype, grads_scaled: bool) -> None:
@@ -359,7 +406,8 @@ def run_workers(tmp_path: Path, world: int, mode: str, steps: int, url: str = "m
     return [json.loads(o.read_text()) for o in outs]
 
 
-def expected_series(res: dict[str, Any], last_fed: int | None = None, every: int = 1) -> list[dict[str, Any]]:
+def expected_series(res: dict[str, Any], last_fed: int | None = None, every: int = 1,
+                    skip: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
     """What rank 0 must record at each step, from the per-rank gradients computed directly: the
     hook is registered at the first optimizer step, so step 0 is not measured (nor steps after
     ``last_fed``); with ``every`` > 1 only recorded steps (multiples of it) are measured."""
@@ -368,7 +416,7 @@ def expected_series(res: dict[str, Any], last_fed: int | None = None, every: int
     ema = {k: [0.0, 0.0, 0] for k in ["total", *range(n_layers)]}
     out: list[dict[str, Any]] = []
     for step, e in enumerate(res["expected"]):
-        if step >= 1 and (last_fed is None or step <= last_fed) and step % every == 0:
+        if step >= 1 and (last_fed is None or step <= last_fed) and step % every == 0 and step not in skip:
             pairs = [("total", sum(e["small"]), sum(e["big"]))] + [(i, e["small"][i], e["big"][i]) for i in range(n_layers)]
             for key, sm, bg in pairs:
                 g2 = (world * b * bg - b * sm) / (world * b - b)
@@ -396,9 +444,10 @@ def _close(got: float | None, want: float | None) -> bool:
     return got == pytest.approx(want, rel=2e-3, abs=1e-9)
 
 
-def check_against_direct(res: dict[str, Any], last_fed: int | None = None, every: int = 1) -> int:
+def check_against_direct(res: dict[str, Any], last_fed: int | None = None, every: int = 1,
+                         skip: frozenset[int] = frozenset()) -> int:
     """Every recorded step of rank 0 equals the direct computation; returns the steps with a B_simple."""
-    exp = expected_series(res, last_fed, every)[::every]
+    exp = expected_series(res, last_fed, every, skip)[::every]
     assert [s["step"] for s in res["steps"]] == list(range(0, len(res["expected"]), every))
     settled = 0
     for rec, want in zip(res["steps"], exp):
