@@ -103,13 +103,14 @@ class _Bucket:
 
 
 class NoiseScale:
-    """Comm hook plus device-side EMA state of one watched DDP model.
+    """Comm hook (or accumulation hooks) plus device-side EMA state of one watched model.
 
     Args:
-        model: the DistributedDataParallel module (anything else: warn once, record nothing).
+        model: the DistributedDataParallel module; a plain module on one process: micro-batches
+            of gradient accumulation are the small batches; anything else: warn once, record nothing.
         lookup: parameter -> layer index (-1: not measured), the watcher's registry.
         n_layers: current size of the layer table (callable: the table grows).
-        batch_size: per-rank examples per optimizer step; None: units of per-rank batches.
+        batch_size: per-rank (accumulation: per-micro-batch) examples; None: units of those batches.
         active: host predicate "the step about to run is recorded" (same on every rank).
         report: the watcher's warn-once failure reporter.
     """
@@ -144,7 +145,8 @@ class NoiseScale:
     # -- installation --------------------------------------------------------------------------
 
     def install(self) -> bool:
-        """Register the comm hook (once). False, with one warning, when it cannot be used."""
+        """Register the comm hook or the accumulation hooks (once). False, with one warning,
+        when neither can be used."""
         if self._tried:
             return self.installed
         self._tried = True
