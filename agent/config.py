@@ -59,6 +59,10 @@ class AgentConfig:
         ranks: ``"zero"`` (only rank 0 records; every rank still applies transforms) or ``"all"``.
         config / tags: run metadata (JSON-able dict, list of strings).
         disabled: make ``watch()`` a no-op.
+        noise_scale: record the gradient noise scale under DDP (``docs/noise_scale.md``): False
+            (default: it adds a small all-reduce per recorded step), True (in units of per-rank
+            batches) or the per-rank batch size in examples (B_simple in examples); on one
+            process with gradient accumulation, the micro-batch size.
     """
 
     server: str = DEFAULT_URL
@@ -73,6 +77,7 @@ class AgentConfig:
     config: dict[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
     disabled: bool = False
+    noise_scale: bool | int = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.server, str) or not self.server:
@@ -99,6 +104,10 @@ class AgentConfig:
             raise TypeError(f"tags: expected a sequence of strings, got {self.tags!r}")
         for name in ("include", "exclude"):
             _check_filter(name, getattr(self, name))
+        ns = self.noise_scale
+        if not isinstance(ns, (bool, int)) or (not isinstance(ns, bool) and ns < 1):
+            raise ValueError(f"noise_scale: expected True/False or the per-rank batch size (a positive integer), "
+                             f"got {ns!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> AgentConfig:

@@ -28,6 +28,7 @@ from typing import Any
 from ._torch import Tensor, torch
 from ._warn import warn
 from .consts import device_tensor
+from .noise import NoiseLayout
 from .stats import MOMENT_COLUMNS, HostCopy, PendingCopy, finalize, layer_moments, pack_dtype, row_stats
 from .transforms.base import GradContext, Slot, Transform, apply_transforms
 from .wire import EVENT_KINDS, LAYER_FIELDS, Event, LayerInfo, StepRecord
@@ -161,6 +162,7 @@ class _Layout:
     has_post: bool
     scalars: dict[str, int]  # total_norm, total_norm_post, clip_coef, loss_scale, found_inf -> offset
     reports: list[tuple[str, str, int, int, bool]]  # (transform, key, offset, length, per_layer)
+    noise: tuple[int, NoiseLayout] | None = None  # offset of the noise-scale snapshot (gradwatch.agent.noise)
 
 
 class StepPending:
@@ -204,7 +206,7 @@ class StepPending:
         numels = plan.dense_numels + self._sparse_numels
         stats = [finalize(numels[r], *v[_K * r: _K * r + _K]) for r in range(n)]
         cols: dict[str, list[Any]] = {k: [getattr(st, k) for st in stats] for k in LAYER_FIELDS
-                                      if k not in ("l2_post", "wnorm")}
+                                      if k not in ("l2_post", "wnorm", "noise_scale")}
         o = _K * n
         cols["wnorm"] = list(v[o: o + n])
         o += n
@@ -213,6 +215,11 @@ class StepPending:
             cols["l2_post"] = list(v[o: o + lay.n_dense]) + cols["l2"][lay.n_dense:]
         else:
             cols["l2_post"] = [None] * n
+        noise_step: dict[str, Any] = {}
+        cols["noise_scale"] = [None] * n
+        if lay.noise is not None:
+            no, nl = lay.noise
+            noise_step, cols["noise_scale"] = nl.read(v[no: no + nl.size], layer_ids)
         cols = {k: cols[k] for k in LAYER_FIELDS}
         sc = {k: v[o] for k, o in lay.scalars.items()}
         found_inf = sc.get("found_inf")
@@ -230,6 +237,7 @@ class StepPending:
             step=self.step, time=self.time, rank=self.rank, layer_ids=layer_ids, layers=cols,
             total_norm=sc.get("total_norm"), total_norm_post=sc.get("total_norm_post"),
             clip_coef=sc.get("clip_coef"), loss_scale=sc.get("loss_scale"), skipped=skipped, transforms=tvals,
+            **noise_step,
         )
         out: list[StepRecord | Event] = [rec]
         bad = [i for i, c in enumerate(cols["nonfinite"]) if c]
@@ -280,6 +288,7 @@ class Recorder:
         loss_scale: Tensor | float | None = None,
         grad_scale: Tensor | None = None,
         has_scaler: bool = False,
+        noise: tuple[Tensor, NoiseLayout] | None = None,
     ) -> StepPending | None:
         """Measure (when ``record``), transform, pack. Returns the pending record or None.
 
@@ -292,6 +301,7 @@ class Recorder:
             grad_scale: grads are still multiplied by this (fused optimizers under torch's
                 scaler): statistics are divided by it on the device. Transforms must not run on
                 scaled grads; the watcher unscales in place before calling when it has any.
+            noise: the noise-scale EMA snapshot (:meth:`NoiseScale.update`), packed along.
         """
         names = [self.registry.name(p) for p in params]
         ctx = GradContext(params, names, found_inf=found_inf, skip=skip, step=step)
@@ -309,7 +319,7 @@ class Recorder:
             return None
         try:
             return self._pack(ctx, meas, transforms=transforms, ran=ran, step=step, time=time, rank=rank, skip=skip,
-                              found_inf=found_inf, loss_scale=loss_scale, has_scaler=has_scaler)
+                              found_inf=found_inf, loss_scale=loss_scale, has_scaler=has_scaler, noise=noise)
         except Exception as e:  # noqa: BLE001
             self._on_error("packing step statistics", e)
             return None
@@ -357,7 +367,8 @@ class Recorder:
 
     def _pack(self, ctx: GradContext, meas: _Measured, *, transforms: Sequence[Transform], ran: bool, step: int,
               time: float, rank: int, skip: bool | None, found_inf: Tensor | None,
-              loss_scale: Tensor | float | None, has_scaler: bool) -> StepPending:
+              loss_scale: Tensor | float | None, has_scaler: bool,
+              noise: tuple[Tensor, NoiseLayout] | None = None) -> StepPending:
         """Everything the record needs in ONE 1-D tensor, handed to :class:`HostCopy`."""
         plan, m, total, sparse_vals, sparse_numels, dev, pd = (
             meas.plan, meas.m, meas.total, meas.sparse_vals, meas.sparse_numels, meas.dev, meas.pd)
@@ -420,9 +431,14 @@ class Recorder:
                 parts.append(flat)
                 reports.append((tname, key, off, ln, per_layer))
                 off += ln
+        noise_at = None
+        if noise is not None:
+            parts.append(noise[0].reshape(-1))
+            noise_at = (off, noise[1])
+            off += noise[1].size
         packed = torch.cat([p.to(device=dev, dtype=pd, non_blocking=True) for p in parts])
         copy = self.host.submit(packed)
-        layout = _Layout(len(plan.dense_rows), len(sparse_vals), ran, scalars, reports)
+        layout = _Layout(len(plan.dense_rows), len(sparse_vals), ran, scalars, reports, noise_at)
         skipped = skip if skip is not None else (None if found_inf is not None else False)
         return StepPending(copy, layout, plan, sparse_numels, step=step, time=time, rank=rank, skipped=skipped,
                            has_scaler=has_scaler, transforms=list(transforms), registry=self.registry,

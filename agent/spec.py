@@ -104,6 +104,9 @@ LAYER_FIELDS: tuple[Field, ...] = (
           nullable=True),
     Field("wnorm", "f8", "weight units", "L2 norm of the parameter itself (‖w‖; ‖g‖/‖w‖ is the LARS/AGC ratio); "
           "null from agents that did not send it", "rss", nullable=True),
+    Field("noise_scale", "f8", "examples", "this layer's gradient noise scale B_simple = EMA(tr Σ)/EMA(|G|²) from its "
+          "local (per-rank) and all-reduced gradient norms under DDP (docs/noise_scale.md; per-rank batches when "
+          "the batch size was not given); null: not measured or not settled yet", "max", nullable=True),
 )
 LAYER_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in LAYER_FIELDS)
 #: Stored float fields in nan_mask bit order (bit k for the k-th).
@@ -145,6 +148,14 @@ STEP_FIELDS: tuple[Field, ...] = (
     Field("clip_coef", "f8", "ratio", "coefficient a global clipper multiplied the gradients by", "max",
           nullable=True),
     Field("loss_scale", "f8", "factor", "the loss scaler's scale at this step", "max", nullable=True),
+    Field("noise_scale", "f8", "examples", "gradient noise scale B_simple = noise_trace / noise_g2 over all measured "
+          "layers under DDP (docs/noise_scale.md; per-rank batches when the batch size was not given); null before "
+          "10 updates or while noise_g2 <= 0", "max", nullable=True),
+    Field("noise_g2", "f8", "grad units²", "bias-corrected EMA of the unbiased estimate of the true gradient's |G|²",
+          "max", nullable=True),
+    Field("noise_trace", "f8", "grad units²·examples", "bias-corrected EMA of the unbiased estimate of tr Σ, the "
+          "per-example gradient covariance's trace (per-rank batches when the batch size was not given)", "max",
+          nullable=True),
 )
 #: Step float fields in nan_mask bit order.
 STEP_FLOAT_FIELDS: tuple[str, ...] = tuple(f.name for f in STEP_FIELDS)

@@ -39,6 +39,7 @@ from typing import Any
 from ._torch import Tensor, torch
 from ._warn import warn
 from .config import AgentConfig, compile_filter
+from .noise import NoiseScale
 from .record import LayerRegistry, Recorder, warn_once_factory
 from .transforms.adaptive import AGC
 from .transforms.base import Transform, TransformError, order_transforms
@@ -72,6 +73,7 @@ def watch(
     scaler: Any = None,
     sink: Sink | Callable[..., Sink] | None = None,
     transport: dict[str, Any] | None = None,
+    noise_scale: bool | int = False,
 ) -> Watcher:
     """Attach gradwatch to ``optimizer``: statistics once per optimizer step, transforms, streaming.
 
@@ -102,6 +104,14 @@ def watch(
         transport: options for the sink, e.g. ``{"spool_dir": ..., "flush_interval": 0.2,
             "close_timeout": 10.0, "buffer_max": 10_000, "backoff_max": 10.0}``; unknown keys
             raise TypeError here.
+        noise_scale: under DistributedDataParallel (pass the DDP-wrapped model), record the
+            gradient noise scale B_simple per step and per layer from each rank's local and the
+            all-reduced gradient norms (a DDP comm hook; one extra tiny all-reduce per recorded
+            step). True: in units of per-rank batches; an int: the per-rank batch size, giving
+            B_simple in examples. Off by default. A model that already has a comm hook keeps it
+            (one warning, nothing recorded). Without DDP, on one process, the micro-batches of
+            gradient accumulation serve as the small batches instead (the int is then the
+            micro-batch size; each micro-loss divided by their number). See ``docs/noise_scale.md``.
 
     Returns:
         The :class:`Watcher` (a context manager). With ``GRADWATCH_DISABLED=1`` it is inert.
@@ -127,6 +137,7 @@ def watch(
     cfg = AgentConfig.from_env(
         server=server, token=token, project=project, run=run, run_id=run_id, every=every, include=include,
         exclude=exclude, ranks=ranks, config=dict(config) if config is not None else None, tags=tuple(tags),
+        noise_scale=noise_scale,
     )
     if transport is not None and not isinstance(transport, dict):
         raise TypeError(f"transport: expected a dict of sink options, got {type(transport).__name__}")
@@ -245,6 +256,12 @@ class Watcher:
         params = self._params()
         self._registry = LayerRegistry(model, params, compile_filter(cfg.include, cfg.exclude))
         self._recorder = Recorder(self._registry, self._report)
+        self._noise: NoiseScale | None = None
+        if self.enabled and cfg.noise_scale is not False:
+            self._noise = NoiseScale(
+                model, lookup=self._registry.lookup, n_layers=lambda: len(self._registry.table()),
+                batch_size=None if cfg.noise_scale is True else int(cfg.noise_scale),
+                active=lambda: not self._closed and self._step % self.config.every == 0, report=self._report)
         self._started_at = _time.time()
         self._sink_arg = sink
         if self.recording:
@@ -357,6 +374,7 @@ class Watcher:
         step = self._step
         self._step += 1
         record = self.recording and step % self.config.every == 0
+        self._noise_install()
         if not record and not self.transforms:
             return
         now = _time.time()
@@ -386,9 +404,28 @@ class Watcher:
             params, transforms=transforms, record=record, step=step, time=now, rank=self.rank,
             found_inf=found_inf, loss_scale=loss_scale, grad_scale=grad_scale,
             has_scaler=ts is not None or found_inf is not None,
+            noise=self._noise_update(record, loss_scale=loss_scale, found_inf=found_inf,
+                                     grads_scaled=grad_scale is not None),
         )
         if pending is not None and self.sink is not None:
             self.sink.put(pending)
+
+    def _noise_install(self) -> None:
+        """Register the noise-scale comm hook at the first optimizer step (after the user's own
+        setup, so a hook they register before training wins). Never raises."""
+        if self._noise is not None and not self._noise._tried:
+            with self._guard("installing the noise-scale hook"):
+                self._noise.install()
+
+    def _noise_update(self, record: bool, **kw: Any) -> Any:
+        """This step's noise-scale snapshot for the record (None: not measured). Never raises."""
+        if not record or self._noise is None or not self._noise.installed:
+            return None
+        try:
+            return self._noise.update(**kw)
+        except Exception as e:  # noqa: BLE001
+            self._report("computing the noise scale", e)
+            return None
 
     @staticmethod
     @torch.no_grad()
@@ -450,11 +487,13 @@ class Watcher:
             with self._guard("measuring the scaled optimizer step"):
                 self._step += 1
                 record = self.recording and step % self.config.every == 0
+                self._noise_install()
                 if not record and (not union or skipped):
                     return
                 pending = self._recorder.step(
                     self._params(), transforms=union, record=record, step=step, time=_time.time(), rank=self.rank,
                     skip=bool(skipped), loss_scale=getattr(scaler, "_scale", None), has_scaler=True,
+                    noise=self._noise_update(record, loss_scale=getattr(scaler, "_scale", None), skipped=bool(skipped)),
                 )
                 if pending is not None and self.sink is not None:
                     self.sink.put(pending)
@@ -545,6 +584,8 @@ class Watcher:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._noise is not None:
+            self._noise.remove()
         if getattr(self._optimizer, "_gradwatch_watcher", None) is self:
             del self._optimizer._gradwatch_watcher
         if self.sink is not None:

@@ -270,6 +270,9 @@ class StepRecord:
     total_norm_post: float | None = None
     clip_coef: float | None = None
     loss_scale: float | None = None
+    noise_scale: float | None = None
+    noise_g2: float | None = None
+    noise_trace: float | None = None
     skipped: bool = False
     transforms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -362,13 +365,15 @@ def batch_to_dict(b: Batch) -> dict[str, Any]:
                 "time": s.time,
                 "rank": s.rank,
                 "layer_ids": s.layer_ids,
-                "layers": {k: _enc_column(k, v) for k, v in s.layers.items()},
+                "layers": {k: _enc_column(k, v) for k, v in s.layers.items()
+                           if k not in _OMIT_IF_NULL or any(x is not None for x in v)},
                 "total_norm": encode_float(s.total_norm),
                 "total_norm_post": encode_float(s.total_norm_post),
                 "clip_coef": encode_float(s.clip_coef),
                 "loss_scale": encode_float(s.loss_scale),
                 "skipped": s.skipped,
                 "transforms": _enc_value(s.transforms),
+                **_noise_keys(s),
             }
             for s in b.steps
         ],
@@ -380,6 +385,19 @@ def batch_to_dict(b: Batch) -> dict[str, Any]:
             for e in b.events
         ],
     }
+
+
+#: Step fields of the noise scale: sent only when measured, so a batch without them still decodes
+#: on servers that predate them.
+NOISE_STEP_FIELDS: tuple[str, ...] = ("noise_scale", "noise_g2", "noise_trace")
+
+
+#: Per-layer columns left out of the encoding while all null (servers that predate them still decode it).
+_OMIT_IF_NULL = frozenset({"noise_scale"})
+
+
+def _noise_keys(s: StepRecord) -> dict[str, Any]:
+    return {k: encode_float(getattr(s, k)) for k in NOISE_STEP_FIELDS if getattr(s, k) is not None}
 
 
 def encode_batch(b: Batch) -> bytes:
@@ -460,7 +478,8 @@ MAX_LOST_REASONS = 32
 _RUN_KEYS = frozenset({"run_id", "project", "name", "config", "tags", "started_at", "world_size"})
 _LAYER_KEYS = frozenset({"index", "name", "shape", "dtype", "sparse"})
 _STEP_KEYS = frozenset({"step", "time", "rank", "layer_ids", "layers", "total_norm", "total_norm_post",
-                        "clip_coef", "loss_scale", "skipped", "transforms"})
+                        "clip_coef", "loss_scale", "skipped", "transforms", "noise_scale", "noise_g2",
+                        "noise_trace"})
 _SCALAR_KEYS = frozenset({"step", "time", "rank", "values"})
 _EVENT_KEYS = frozenset({"kind", "step", "time", "rank", "data"})
 
@@ -603,6 +622,9 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False, consume: bool = Fa
             total_norm_post=decode_float(s.get("total_norm_post"), f"{w}.total_norm_post"),
             clip_coef=decode_float(s.get("clip_coef"), f"{w}.clip_coef"),
             loss_scale=decode_float(s.get("loss_scale"), f"{w}.loss_scale"),
+            noise_scale=decode_float(s.get("noise_scale"), f"{w}.noise_scale"),
+            noise_g2=decode_float(s.get("noise_g2"), f"{w}.noise_g2"),
+            noise_trace=decode_float(s.get("noise_trace"), f"{w}.noise_trace"),
             skipped=_bool(s.get("skipped", False), f"{w}.skipped"),
             transforms=tr,
         ))
@@ -681,7 +703,8 @@ def _from_v1(cols: dict[str, Any], n: int, as_array: bool) -> dict[str, Any]:
     m2 = [v * k if v is not None and k is not None else None for v, k in zip(cols["var"], cols["numel"])]
     out = {k: cols[k] for k in LAYER_FIELDS if k in cols}
     out["m2"] = array("d", m2) if as_array and None not in m2 else m2
-    out["wnorm"] = [None] * n
+    for k in LAYER_FIELDS:  # columns version 1 did not have: not measured
+        out.setdefault(k, [None] * n)
     return {k: out[k] for k in LAYER_FIELDS}
 
 

@@ -23,13 +23,13 @@ from sqlalchemy import Connection, Engine, text
 
 from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, LAYER_FIELDS, with_derived
 from gradwatch.agent.wire import Batch
-from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS
+from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS, STEP_FLOAT_COLUMNS
 from gradwatch.server.encoding import enc, enc_nan, enc_value
 from gradwatch.server.repo.ingest import NOTIFY_CHANNEL, scalar_reports
 
 log = logging.getLogger(__name__)
 
-_STEP_FIELDS = ("total_norm", "total_norm_post", "clip_coef", "loss_scale")
+_STEP_FIELDS = STEP_FLOAT_COLUMNS
 _QUEUE_SIZE = 1000
 
 
@@ -78,9 +78,8 @@ def message_from_batch(batch: Batch, layers: bool = False) -> dict[str, Any]:
     per-layer statistics, when some subscriber asked for them)."""
     return {
         "type": "batch", "run_id": batch.run.run_id, "source": batch.source, "seq": batch.seq,
-        "steps": [{"step": s.step, "time": s.time, "rank": s.rank, "total_norm": enc(s.total_norm),
-                   "total_norm_post": enc(s.total_norm_post), "clip_coef": enc(s.clip_coef),
-                   "loss_scale": enc(s.loss_scale), "skipped": s.skipped, "transforms": _scalar_reports(s.transforms),
+        "steps": [{"step": s.step, "time": s.time, "rank": s.rank, **{f: enc(getattr(s, f)) for f in _STEP_FIELDS},
+                   "skipped": s.skipped, "transforms": _scalar_reports(s.transforms),
                    **({"layers": _layer_block(s.layer_ids, s.layers)} if layers else {})} for s in batch.steps],
         "events": [{"kind": e.kind, "step": e.step, "time": e.time, "rank": e.rank, "data": enc_value(e.data)}
                    for e in batch.events],
@@ -103,8 +102,8 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
         return msg
     rk = ",".join(str(int(r)) for r in (ranks if ranks else [source]))
     p = {"r": run_id, "a": row.step_min, "b": row.step_max}
-    for r in conn.execute(text("SELECT step, time, rank, skipped, nan_mask, total_norm, total_norm_post, "
-                               f"clip_coef, loss_scale FROM step_record WHERE run_id = :r AND rank IN ({rk}) AND "
+    for r in conn.execute(text(f"SELECT step, time, rank, skipped, nan_mask, {', '.join(_STEP_FIELDS)} "
+                               f"FROM step_record WHERE run_id = :r AND rank IN ({rk}) AND "
                                "step BETWEEN :a AND :b ORDER BY step"), p):
         st: dict[str, Any] = {"step": r.step, "time": r.time, "rank": r.rank}
         for bit, f in enumerate(_STEP_FIELDS):

@@ -38,6 +38,9 @@ _NAN_BITS: dict[str, list[tuple[str, int]]] = {
     "steps": [(f, b) for b, f in enumerate(STEP_FLOAT_COLUMNS)],
 }
 
+#: Position of ``skipped`` in a ``steps`` row (after step, rank, time and the float fields).
+_SKIPPED_AT = 3 + len(STEP_FLOAT_COLUMNS)
+
 TABLES: dict[str, tuple[str, list[str], list[str]]] = {
     # name: (SQL, output columns, float columns restored from nan_mask / is_nan)
     "layer_stats": (
@@ -47,9 +50,9 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         [f for f, _ in _NAN_BITS["layer_stats"]],
     ),
     "steps": (
-        "SELECT step, rank, time, total_norm, total_norm_post, clip_coef, loss_scale, skipped, nan_mask "
+        f"SELECT step, rank, time, {', '.join(STEP_FLOAT_COLUMNS)}, skipped, nan_mask "
         "FROM step_record WHERE run_id = :r ORDER BY step, rank",
-        ["step", "rank", "time", "total_norm", "total_norm_post", "clip_coef", "loss_scale", "skipped"],
+        ["step", "rank", "time", *STEP_FLOAT_COLUMNS, "skipped"],
         list(STEP_FLOAT_COLUMNS),
     ),
     "scalars": (
@@ -97,7 +100,7 @@ def _rows(engine: Engine, table: str, run_id: str, chunk: int) -> Iterator[list[
                 else:
                     del r[-1]
                 if table == "steps":
-                    r[7] = bool(r[7])
+                    r[_SKIPPED_AT] = bool(r[_SKIPPED_AT])
                 out.append(tuple(r))
             yield out
 
@@ -126,7 +129,7 @@ def _schema(table: str) -> Any:
     kinds = {f.name: f.dtype for f in LAYER_FIELDS}
     types = {
         "layer_stats": [i64, s, i64, i64, *(i64 if kinds.get(c) == "i8" else f64 for c in _LAYER_OUT)],
-        "steps": [i64, i64, f64, f64, f64, f64, f64, pa.bool_()],
+        "steps": [i64, i64, f64, *(f64 for _ in STEP_FLOAT_COLUMNS), pa.bool_()],
         "scalars": [i64, i64, s, f64, f64],
         "transforms": [i64, i64, s, s, f64],
         "events": [i64, i64, i64, s, f64, s],

@@ -106,7 +106,8 @@ class LayerFrame:
         nans: list[np.ndarray | None] = []
         nan_mask = np.zeros(n, np.int64)
         for bit, name in enumerate(LAYER_FLOAT_COLUMNS):
-            vals, null = _column([s.layers[name] for s in steps], _F8)
+            # a nullable column left out of an in-process record (not measured) is all null
+            vals, null = _column([s.layers.get(name) or [None] * len(s.layer_ids) for s in steps], _F8)
             isnan = np.isnan(vals)
             if not isnan.any():
                 floats.append(vals)

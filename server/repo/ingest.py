@@ -399,8 +399,7 @@ def _insert_values(conn: Connection, stmt: Any, rows: list[dict[str, Any]], chun
         conn.execute(stmt.values(rows[i:i + chunk]))
 
 
-_STEP_COLUMNS = ("run_id", "step", "rank", "time", "total_norm", "total_norm_post", "clip_coef", "loss_scale",
-                 "skipped", "nan_mask", "transforms")
+_STEP_COLUMNS = ("run_id", "step", "rank", "time", *STEP_FLOAT_COLUMNS, "skipped", "nan_mask", "transforms")
 
 
 def _step_rows(batch: Batch, pg: bool) -> list[tuple[Any, ...]]:
