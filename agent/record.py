@@ -28,6 +28,7 @@ from typing import Any
 from ._torch import Tensor, torch
 from ._warn import warn
 from .consts import device_tensor
+from .signals import headroom, momentum_buffers, momentum_cosine, small_multiplier
 from .stats import MOMENT_COLUMNS, HostCopy, PendingCopy, finalize, layer_moments, pack_dtype, row_stats
 from .transforms.base import GradContext, Slot, Transform, apply_transforms
 from .wire import EVENT_KINDS, LAYER_FIELDS, Event, LayerInfo, StepRecord
@@ -150,6 +151,11 @@ class _Measured:
     sparse_numels: list[int]
     dev: torch.device
     pd: torch.dtype
+    # (L_dense_all + L_sparse, 2) float32 counts: non-zero elements, small (below 2^-14 scaled)
+    counts: Tensor | None = None
+    # (L_dense_all,) float32 momentum cosines and which rows have a momentum buffer (host)
+    mom_cos: Tensor | None = None
+    mom_has: list[bool] | None = None
 
 
 @dataclass
@@ -161,6 +167,10 @@ class _Layout:
     has_post: bool
     scalars: dict[str, int]  # total_norm, total_norm_post, clip_coef, loss_scale, found_inf -> offset
     reports: list[tuple[str, str, int, int, bool]]  # (transform, key, offset, length, per_layer)
+    counts_at: int = -1  # offset of the (n, 2) counts; -1: not measured
+    small: bool = False  # the counts' second column is the underflow count (a loss scale was known)
+    mom_at: int = -1  # offset of the n_dense momentum cosines; -1: none
+    mom_has: list[bool] | None = None  # per dense layer (layer order): it had a momentum buffer
 
 
 class StepPending:
@@ -203,8 +213,9 @@ class StepPending:
         layer_ids = plan.dense_ids + plan.sparse_ids
         numels = plan.dense_numels + self._sparse_numels
         stats = [finalize(numels[r], *v[_K * r: _K * r + _K]) for r in range(n)]
+        st0 = stats[0] if stats else finalize(0, 0.0, 0.0, 0.0, 0.0, 0.0)
         cols: dict[str, list[Any]] = {k: [getattr(st, k) for st in stats] for k in LAYER_FIELDS
-                                      if k not in ("l2_post", "wnorm")}
+                                      if hasattr(st0, k) and k not in ("l2_post", "wnorm")}
         o = _K * n
         cols["wnorm"] = list(v[o: o + n])
         o += n
@@ -213,8 +224,9 @@ class StepPending:
             cols["l2_post"] = list(v[o: o + lay.n_dense]) + cols["l2"][lay.n_dense:]
         else:
             cols["l2_post"] = [None] * n
-        cols = {k: cols[k] for k in LAYER_FIELDS}
         sc = {k: v[o] for k, o in lay.scalars.items()}
+        self._signals(cols, v, sc, numels, n)
+        cols = {k: cols[k] for k in LAYER_FIELDS}
         found_inf = sc.get("found_inf")
         skipped = bool(self._skipped) if self._skipped is not None else bool(found_inf is not None and found_inf > 0)
         tvals: dict[str, dict[str, Any]] = {}
@@ -252,6 +264,31 @@ class StepPending:
                     out.append(self._event(kind, {"transform": t.name, **data}))
         return out
 
+    def _signals(self, cols: dict[str, list[Any]], v: list[float], sc: dict[str, float], numels: list[int],
+                 n: int) -> None:
+        """zeros, headroom, underflow and mom_cos columns (None where not measured)."""
+        lay = self._layout
+        scale = sc.get("loss_scale")
+        if lay.counts_at >= 0:
+            o = lay.counts_at
+            nz = [int(v[o + 2 * r]) for r in range(n)]
+            cols["zeros"] = [numels[r] - nz[r] for r in range(n)]
+            cols["underflow"] = ([int(v[o + 2 * r + 1]) for r in range(n)] if lay.small and scale is not None
+                                 else [None] * n)
+        else:
+            cols["zeros"] = [None] * n
+            cols["underflow"] = [None] * n
+        if scale is not None:
+            cols["headroom"] = [headroom(cols["maxabs"][r], scale, numels[r]) for r in range(n)]
+        else:
+            cols["headroom"] = [None] * n
+        mom: list[Any] = [None] * n
+        if lay.mom_at >= 0 and lay.mom_has is not None:
+            for r, has in enumerate(lay.mom_has):
+                if has:
+                    mom[r] = v[lay.mom_at + r]
+        cols["mom_cos"] = mom
+
     def _event(self, kind: str, data: dict[str, Any]) -> Event:
         return Event(kind=kind, step=self.step, time=self.time, rank=self.rank, data=data)
 
@@ -280,6 +317,7 @@ class Recorder:
         loss_scale: Tensor | float | None = None,
         grad_scale: Tensor | None = None,
         has_scaler: bool = False,
+        optimizer: Any = None,
     ) -> StepPending | None:
         """Measure (when ``record``), transform, pack. Returns the pending record or None.
 
@@ -292,13 +330,16 @@ class Recorder:
             grad_scale: grads are still multiplied by this (fused optimizers under torch's
                 scaler): statistics are divided by it on the device. Transforms must not run on
                 scaled grads; the watcher unscales in place before calling when it has any.
+            optimizer: the stepping optimizer, whose momentum buffers ``mom_cos`` reads (None: no
+                ``mom_cos``).
         """
         names = [self.registry.name(p) for p in params]
         ctx = GradContext(params, names, found_inf=found_inf, skip=skip, step=step)
         meas = None
         if record:
             try:
-                meas = self._measure(ctx, grad_scale, transforms[0] if transforms and not skip else None)
+                meas = self._measure(ctx, grad_scale, transforms[0] if transforms and not skip else None,
+                                     loss_scale=loss_scale, optimizer=optimizer)
             except Exception as e:  # noqa: BLE001 - a measuring failure must not cost the transforms
                 self._on_error("measuring gradients", e)
                 ctx.set_norms(None)
@@ -314,7 +355,8 @@ class Recorder:
             self._on_error("packing step statistics", e)
             return None
 
-    def _measure(self, ctx: GradContext, grad_scale: Tensor | None, first: Transform | None = None) -> _Measured:
+    def _measure(self, ctx: GradContext, grad_scale: Tensor | None, first: Transform | None = None, *,
+                 loss_scale: Tensor | float | None = None, optimizer: Any = None) -> _Measured:
         """Moments of every dense grad (their norms feed the context and the total norm) and of
         the measured sparse grads, before any transform. No host sync on accelerators except for
         coalescing a sparse CUDA gradient.
@@ -337,7 +379,11 @@ class Recorder:
             want_sums, want_norms = first.wanted_rows(ctx)
             if want_sums or want_norms:
                 rows = row_stats(ctx.grads, want_sums, want_norms)
-        m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev, rows=rows)
+        # zeros and loss-scale underflow ride in the same pass (docs/statistics.md, "Loss-scale headroom")
+        mult = small_multiplier(loss_scale if grad_scale is None else grad_scale, grad_scale is not None, dev)
+        m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev, rows=rows, counts=True, small_mult=mult)
+        counts = m[:, _K:]
+        m = m[:, :_K]
         if grad_scale is not None:
             inv = grad_scale.reshape(()).to(device=dev, dtype=torch.float32).reciprocal()
             one = torch.ones((), dtype=torch.float32, device=dev)
@@ -353,7 +399,16 @@ class Recorder:
         weights = list(ctx.params) + list(plan.sparse_params)  # no_grad: no detach (one op per tensor)
         wn = (torch.stack([x.to(dev) for x in torch._foreach_norm(weights, 2, dtype=torch.float32)])
               if weights else torch.zeros(0, dtype=torch.float32, device=dev))
-        return _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd)
+        meas = _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd, counts)
+        if optimizer is not None and len(ctx):
+            try:  # before the optimizer steps: the buffer from the previous step (scale-invariant)
+                bufs = momentum_buffers(optimizer, ctx.params)
+                if any(b is not None for b in bufs):
+                    meas.mom_cos = momentum_cosine(ctx.grads, bufs, dev)
+                    meas.mom_has = [b is not None for b in bufs]
+            except Exception as e:  # noqa: BLE001 - the other statistics still count
+                self._on_error("measuring the momentum cosine", e)
+        return meas
 
     def _pack(self, ctx: GradContext, meas: _Measured, *, transforms: Sequence[Transform], ran: bool, step: int,
               time: float, rank: int, skip: bool | None, found_inf: Tensor | None,
@@ -380,6 +435,22 @@ class Recorder:
             if sparse_vals:
                 sq = sq + m[n_dense_all:, 1].square().sum()
             post_total = sq.sqrt()
+        # after the post norms, which _build reads right after wnorm
+        counts_at = mom_at = -1
+        mom_has = None
+        if meas.counts is not None:
+            dense_c = meas.counts[:n_dense_all]
+            if plan.sel is not None:
+                dense_c = dense_c.index_select(0, plan.sel)
+            parts += [dense_c.reshape(-1), meas.counts[n_dense_all:].reshape(-1)]
+            counts_at = off
+            off += 2 * (len(plan.dense_rows) + len(sparse_vals))
+        if meas.mom_cos is not None and meas.mom_has is not None:
+            mc = meas.mom_cos if plan.sel is None else meas.mom_cos.index_select(0, plan.sel)
+            parts.append(mc)
+            mom_at = off
+            mom_has = [meas.mom_has[r] for r in plan.dense_rows]
+            off += len(plan.dense_rows)
 
         def add_scalar(key: str, t: Tensor | float) -> None:
             nonlocal off
@@ -422,7 +493,8 @@ class Recorder:
                 off += ln
         packed = torch.cat([p.to(device=dev, dtype=pd, non_blocking=True) for p in parts])
         copy = self.host.submit(packed)
-        layout = _Layout(len(plan.dense_rows), len(sparse_vals), ran, scalars, reports)
+        layout = _Layout(len(plan.dense_rows), len(sparse_vals), ran, scalars, reports, counts_at,
+                         "loss_scale" in scalars, mom_at, mom_has)
         skipped = skip if skip is not None else (None if found_inf is not None else False)
         return StepPending(copy, layout, plan, sparse_numels, step=step, time=time, rank=rank, skipped=skipped,
                            has_scaler=has_scaler, transforms=list(transforms), registry=self.registry,

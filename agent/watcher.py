@@ -385,7 +385,7 @@ class Watcher:
         pending = self._recorder.step(
             params, transforms=transforms, record=record, step=step, time=now, rank=self.rank,
             found_inf=found_inf, loss_scale=loss_scale, grad_scale=grad_scale,
-            has_scaler=ts is not None or found_inf is not None,
+            has_scaler=ts is not None or found_inf is not None, optimizer=optimizer,
         )
         if pending is not None and self.sink is not None:
             self.sink.put(pending)
@@ -455,6 +455,7 @@ class Watcher:
                 pending = self._recorder.step(
                     self._params(), transforms=union, record=record, step=step, time=_time.time(), rank=self.rank,
                     skip=bool(skipped), loss_scale=getattr(scaler, "_scale", None), has_scaler=True,
+                    optimizer=optimizer,
                 )
                 if pending is not None and self.sink is not None:
                     self.sink.put(pending)
