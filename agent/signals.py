@@ -31,10 +31,18 @@ FP16_MAX = 65504.0
 FP16_TINY = 2.0**-14
 _LOG2_MAX = math.log2(FP16_MAX)
 
-#: Optimizer state keys holding a momentum of the gradient, in the gradient's units and shape:
-#: SGD's ``momentum_buffer``, the first moment ``exp_avg`` of Adam, AdamW (and NAdam, RAdam,
-#: Adamax, which keep the same EMA under the same name).
-MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+#: Optimizers whose state holds a momentum of the gradient itself (same units and shape), and
+#: its key: SGD's ``momentum_buffer``; the first moment ``exp_avg`` (an EMA of the gradients) of
+#: Adam, AdamW and the Adam variants that keep it under that name. Others (Adagrad, RMSprop,
+#: whose ``momentum_buffer`` is a momentum of g/√v, LBFGS...): no momentum cosine.
+def _momentum_key(optimizer: Any) -> str | None:
+    o = torch.optim
+    if isinstance(optimizer, o.SGD):
+        return "momentum_buffer"
+    adam_family = tuple(getattr(o, n) for n in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax") if hasattr(o, n))
+    if isinstance(optimizer, adam_family):
+        return "exp_avg"
+    return None
 
 
 def headroom(maxabs: float, scale: float, numel: int) -> float | None:
@@ -68,20 +76,18 @@ def small_multiplier(loss_scale: Tensor | float | None, grads_scaled: bool, devi
 
 
 def momentum_buffers(optimizer: Any, params: Sequence[Tensor]) -> list[Tensor | None]:
-    """The optimizer's momentum of each parameter's gradient (:data:`MOMENTUM_KEYS`), or None
+    """The optimizer's momentum of each parameter's gradient (:func:`_momentum_key`), or None
     where it keeps none yet (first step, ``momentum=0``, an optimizer without one), the tensor is
     empty, or the buffer does not match the parameter (shape, a sparse or complex tensor). Host-side lookups only."""
+    key = _momentum_key(optimizer)
     state = getattr(optimizer, "state", None)
+    if key is None or state is None:
+        return [None] * len(params)
     out: list[Tensor | None] = []
     for p in params:
-        st = state.get(p) if state is not None else None
-        buf = None
-        if isinstance(st, dict):
-            for k in MOMENTUM_KEYS:
-                b = st.get(k)
-                if isinstance(b, torch.Tensor):
-                    buf = b
-                    break
+        st = state.get(p)
+        b = st.get(key) if isinstance(st, dict) else None
+        buf = b if isinstance(b, torch.Tensor) else None
         if buf is not None and (buf.shape != p.shape or p.numel() == 0 or buf.is_sparse or buf.is_complex()
                                 or not buf.is_floating_point()):
             buf = None
@@ -94,10 +100,11 @@ def momentum_cosine(grads: Sequence[Tensor], bufs: Sequence[Tensor | None], out_
     """(len(grads),) float32 cosines ``g·m / (‖g‖·‖m‖)`` per pair (0 where a buffer is None, a
     tensor is empty or either norm is 0; NaN where either holds NaN/inf).
 
-    Both sides are upcast to float64 (exact for fp16/bf16/fp32 values), and the cosine is
-    ``(‖g‖² + ‖m‖² − ‖g − m‖²) / (2‖g‖‖m‖)`` with every square accumulated in float64: per
-    chunk of tensors (:func:`gradwatch.agent.stats._chunks`) two upcasts, one subtraction and
-    three foreach norms, so the op count is a constant per (device, dtypes) group. No host sync;
+    Both sides are upcast to float64 (exact for fp16/bf16/fp32 values), scaled to unit length,
+    and the cosine is ``1 − ‖ĝ − m̂‖²/2`` with every square accumulated in float64 (no
+    cancellation, whatever the ratio of the norms): per chunk of tensors
+    (:func:`gradwatch.agent.stats._chunks`) two upcasts, two divisions, one subtraction and three
+    foreach norms, so the op count is a constant per (device, dtypes) group. No host sync;
     the scratch is freed with the chunk (nothing is kept between steps)."""
     k = len(grads)
     res = torch.zeros(k, dtype=torch.float32, device=out_device)
@@ -116,15 +123,17 @@ def momentum_cosine(grads: Sequence[Tensor], bufs: Sequence[Tensor | None], out_
         for a, b in _chunks(gs):
             g64 = torch._foreach_mul(gs[a:b], [one] * (b - a))
             m64 = torch._foreach_mul(ms[a:b], [one] * (b - a))
-            ng.extend(torch._foreach_norm(g64, 2, dtype=hp))
-            nm.extend(torch._foreach_norm(m64, 2, dtype=hp))
+            na = torch._foreach_norm(g64, 2, dtype=hp)
+            nb = torch._foreach_norm(m64, 2, dtype=hp)
+            ng.extend(na)
+            nm.extend(nb)
+            torch._foreach_div_(g64, na)  # unit vectors: no cancellation whatever ‖g‖/‖m‖ is
+            torch._foreach_div_(m64, nb)
             torch._foreach_sub_(g64, m64)
             nd.extend(torch._foreach_norm(g64, 2, dtype=hp))
-        a2 = torch.stack(ng)
-        b2 = torch.stack(nm)
-        den = 2.0 * a2 * b2
-        num = a2.square() + b2.square() - torch.stack(nd).square()
-        cos = torch.where(den == 0, torch.zeros_like(den), num / den).clamp(-1.0, 1.0)  # NaN stays NaN
+        den = torch.stack(ng) * torch.stack(nm)
+        cos = 1.0 - 0.5 * torch.stack(nd).square()
+        cos = torch.where(den == 0, torch.zeros_like(cos), cos).clamp(-1.0, 1.0)  # NaN stays NaN
         sel = device_tensor(idx, torch.long, out_device)
         res.index_copy_(0, sel, cos.to(device=out_device, dtype=torch.float32))
     return res

@@ -1,0 +1,248 @@
+"""Loss-scale headroom, underflow, zeros and the momentum cosine against direct torch computations
+(docs/statistics.md, "Loss-scale headroom and optimizer-aware signals").
+
+Counts are exact; the headroom is exact to float64 rounding of the measured max-abs; the cosine
+is compared with a float64 reference."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.agent import GradScaler, watch
+from gradwatch.agent.signals import FP16_MAX, FP16_TINY, headroom, momentum_buffers, momentum_cosine
+from gradwatch.agent.stats import COUNT_COLUMNS, MOMENT_COLUMNS, layer_moments
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NZ = len(MOMENT_COLUMNS) + COUNT_COLUMNS.index("nonzero")
+_SMALL = len(MOMENT_COLUMNS) + COUNT_COLUMNS.index("small")
+
+
+def _tensor(rng: random.Random, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Random shapes (empty, scalar, past a chunk), magnitudes spread over many binades (so some
+    fall under any threshold), exact zeros, and sometimes NaN/±inf."""
+    kind = rng.random()
+    shape: tuple[int, ...] = ((0,) if kind < 0.08 else () if kind < 0.15 else (rng.randint(1, 400),) if kind < 0.7
+                              else (rng.randint(1, 40), rng.randint(1, 40)) if kind < 0.95 else (300, 600))
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-40, 10, shape, generator=g).float())
+    x = x.to(dtype)
+    flat = x.view(-1)
+    if flat.numel():
+        if rng.random() < 0.5:
+            flat[torch.rand(flat.shape, generator=g) < rng.random()] = 0
+        if rng.random() < 0.2:
+            flat[rng.randrange(flat.numel())] = rng.choice([math.nan, math.inf, -math.inf])
+    return x
+
+
+def _ref_counts(x: torch.Tensor, scale: float) -> tuple[int, int]:
+    """(non-zero elements, those with 0 < |x·S| < 2^-14), in float64 (exact for these S)."""
+    xd = x.double().reshape(-1)
+    nz = xd != 0
+    return int(nz.sum()), int((nz & ((xd.abs() * scale) < FP16_TINY)).sum())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_counts_match_direct_computation(seed: int) -> None:
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    for dtype in _DTYPES:
+        grads = [_tensor(rng, g, dtype) for _ in range(rng.randint(1, 30))]
+        scale = 2.0 ** rng.randint(-4, 24)  # GradScaler scales are powers of two
+        mult = torch.tensor(scale / FP16_TINY, dtype=torch.float32)
+        for eager in (False, True):
+            m = layer_moments(grads, counts=True, small_mult=mult, eager_nonfinite=eager)
+            assert m.shape == (len(grads), len(MOMENT_COLUMNS) + len(COUNT_COLUMNS))
+            for x, row in zip(grads, m.tolist()):
+                assert (row[_NZ], row[_SMALL]) == _ref_counts(x, scale), (dtype, tuple(x.shape), scale)
+        # without a multiplier: non-zero counts only, and the moments are those of counts=False
+        plain = layer_moments(grads)
+        m = layer_moments(grads, counts=True)
+        assert torch.equal(m[:, :len(MOMENT_COLUMNS)].nan_to_num(7.0), plain.nan_to_num(7.0))
+        assert m[:, _SMALL].eq(0).all()
+        assert [int(v) for v in m[:, _NZ]] == [_ref_counts(x, 1.0)[0] for x in grads]
+
+
+def test_counts_with_a_scale_that_is_not_a_power_of_two_follow_the_fp32_product() -> None:
+    """Any other scale: |x|·(S·2^14) compared with 1 in fp32 (the rounding of that product is the
+    only difference from exact arithmetic, at the threshold itself)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, generator=g) * torch.exp2(torch.randint(-30, 0, (5000,), generator=g).float())
+    for s in (3.0, 1000.0, 12345.678):
+        k = torch.tensor(s, dtype=torch.float32) * (1.0 / FP16_TINY)
+        m = layer_moments([x], counts=True, small_mult=k)
+        want = int(((x != 0) & (x.abs() * k < 1.0)).sum())
+        assert int(m[0, _SMALL]) == want
+
+
+def test_counts_leave_out_nan_and_count_inf_as_large() -> None:
+    x = torch.tensor([0.0, -0.0, 1e-30, -1e-30, math.nan, math.inf, -math.inf, 1.0])
+    m = layer_moments([x], counts=True, small_mult=torch.tensor(1.0 / FP16_TINY))
+    assert (int(m[0, _NZ]), int(m[0, _SMALL])) == (6, 2)
+
+
+def test_headroom_is_log2_of_fp16_max_over_the_scaled_maxabs() -> None:
+    rng = random.Random(0)
+    for _ in range(2000):
+        mx = math.ldexp(rng.random() + 0.5, rng.randint(-60, 40))
+        s = 2.0 ** rng.randint(-8, 30)
+        assert headroom(mx, s, 10) == pytest.approx(math.log2(FP16_MAX / (mx * s)), rel=1e-13, abs=1e-13)
+    assert headroom(0.0, 1024.0, 3) == math.inf
+    assert headroom(math.inf, 1024.0, 3) == -math.inf
+    assert math.isnan(headroom(math.nan, 1024.0, 3))  # type: ignore[arg-type]
+    assert headroom(1.0, 1024.0, 0) is None  # empty tensor
+    assert headroom(1e300, 1e300, 1) == pytest.approx(math.log2(FP16_MAX) - 2 * math.log2(1e300))  # no overflow
+    assert headroom(FP16_MAX, 1.0, 1) == 0.0
+
+
+def _ref_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    x, y = a.double().reshape(-1), b.double().reshape(-1)
+    nx, ny = x.norm().item(), y.norm().item()
+    if not (math.isfinite(nx) and math.isfinite(ny)):
+        return math.nan
+    return 0.0 if nx == 0 or ny == 0 else max(-1.0, min(1.0, (x @ y).item() / (nx * ny)))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_momentum_cosine_matches_float64(seed: int) -> None:
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    for dtype in _DTYPES:
+        gs, ms = [], []
+        for _ in range(rng.randint(1, 25)):
+            x = _tensor(rng, g, dtype)
+            kind = rng.random()
+            if kind < 0.2:
+                m = None
+            elif kind < 0.4:  # nearly the same direction, another scale
+                m = (x.float() * rng.uniform(1e-3, 1e3) + torch.randn(x.shape, generator=g) * 1e-4).to(dtype)
+            elif kind < 0.5:
+                m = (-x.float() * 3).to(dtype)
+            elif kind < 0.55:
+                m = torch.zeros_like(x)
+            else:
+                m = torch.randn(x.shape, generator=g).to(dtype)
+            gs.append(x)
+            ms.append(m)
+        got = momentum_cosine(gs, ms, torch.device("cpu")).tolist()
+        for x, m, c in zip(gs, ms, got):
+            if m is None or x.numel() == 0:
+                assert c == 0.0
+                continue
+            want = _ref_cos(x, m)
+            assert (math.isnan(c) and math.isnan(want)) or c == pytest.approx(want, abs=2e-7), (dtype, tuple(x.shape))
+
+
+# -- through watch(): every optimizer case, with and without a loss scaler ------------------------
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.b = nn.Linear(16, 3)
+        self.unused = nn.Linear(2, 2)  # None grads: not measured
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _capture(opt: torch.optim.Optimizer, model: nn.Module, key: str | None, scaler: Any) -> list[dict[str, Any]]:
+    """A step pre-hook registered after watch(): what the watcher saw, taken directly."""
+    seen: list[dict[str, Any]] = []
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def hook(o: Any, args: Any, kwargs: Any) -> None:
+        row: dict[str, Any] = {"scale": None}
+        if scaler is not None:
+            row["scale"] = float(scaler._scale.item())
+        for grp in o.param_groups:
+            for p in grp["params"]:
+                if p.grad is None:
+                    continue
+                buf = o.state.get(p, {}).get(key) if key else None
+                row[names[id(p)]] = (p.grad.detach().clone(), None if buf is None else buf.detach().clone())
+        seen.append(row)
+
+    opt.register_step_pre_hook(hook)
+    return seen
+
+
+_OPTS = {
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.05), None),
+    "sgd_momentum": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), "momentum_buffer"),
+    "sgd_nesterov_foreach": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, foreach=True),
+                             "momentum_buffer"),
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=1e-3), "exp_avg"),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1), "exp_avg"),
+    "adagrad": (lambda ps: torch.optim.Adagrad(ps, lr=0.01), None),
+    "rmsprop_momentum": (lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9), None),  # momentum of g/√v
+}
+
+
+@pytest.mark.parametrize("scaler_kind", ["none", "gradwatch", "torch"])
+@pytest.mark.parametrize("opt_name", list(_OPTS))
+def test_watch_records_the_signals_of_each_optimizer(opt_name: str, scaler_kind: str) -> None:
+    torch.manual_seed(0)
+    model = _Net()
+    make, key = _OPTS[opt_name]
+    opt = make(model.parameters())
+    scaler: Any = None
+    if scaler_kind == "gradwatch":
+        scaler = GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    elif scaler_kind == "torch":
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    w = watch(model, opt, server="memory", scaler=scaler if scaler_kind == "torch" else None)
+    seen = _capture(opt, model, key, scaler)
+    for i in range(5):
+        opt.zero_grad()
+        x = torch.randn(8, 6) * (10.0 ** (i - 2))
+        loss = model(x).square().mean()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    w.close()
+    assert w.stats()["failures"] == 0
+    recs = w.sink.steps
+    assert len(recs) == len(seen) == 5
+    names = [la.name for la in w.sink.layers]
+    for rec, ref in zip(recs, seen):
+        S = ref["scale"]
+        assert (rec.loss_scale is None) == (S is None) and (S is None or rec.loss_scale == S)
+        for j, lid in enumerate(rec.layer_ids):
+            grad, buf = ref[names[lid]]
+            nz, small = _ref_counts(grad, S or 1.0)
+            assert rec.layers["zeros"][j] == grad.numel() - nz
+            if S is None:
+                assert rec.layers["headroom"][j] is None and rec.layers["underflow"][j] is None
+            else:
+                assert rec.layers["underflow"][j] == small
+                mx = grad.double().abs().max().item()
+                assert rec.layers["headroom"][j] == pytest.approx(math.log2(FP16_MAX / (mx * S)), rel=1e-12)
+            if key is None or buf is None:
+                assert rec.layers["mom_cos"][j] is None, (opt_name, rec.step)
+            else:
+                assert rec.layers["mom_cos"][j] == pytest.approx(_ref_cos(grad, buf), abs=2e-7)
+    if key is not None:  # a momentum exists from the second step on
+        assert all(v is not None for rec in recs[1:] for v in rec.layers["mom_cos"])
+
+
+def test_momentum_buffers_are_looked_up_only_where_they_mean_a_gradient_momentum() -> None:
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    for opt, has in ((torch.optim.SGD([p], lr=0.1, momentum=0.9), True), (torch.optim.SGD([p], lr=0.1), False),
+                     (torch.optim.Adamax([p]), True), (torch.optim.NAdam([p]), True), (torch.optim.RAdam([p]), True),
+                     (torch.optim.RMSprop([p], momentum=0.9), False), (torch.optim.Adadelta([p]), False)):
+        assert momentum_buffers(opt, [p]) == [None]  # no state before the first step
+        opt.step()
+        got = momentum_buffers(opt, [p])
+        assert (got[0] is not None) == has, type(opt).__name__
