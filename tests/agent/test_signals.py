@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradwatch.agent import GradScaler, watch
 from gradwatch.agent.signals import FP16_MAX, FP16_TINY, headroom, momentum_buffers, momentum_cosine
@@ -246,3 +247,38 @@ def test_momentum_buffers_are_looked_up_only_where_they_mean_a_gradient_momentum
         opt.step()
         got = momentum_buffers(opt, [p])
         assert (got[0] is not None) == has, type(opt).__name__
+
+
+# -- cost: a constant number of ops per (device, dtype) group, whatever the tensor count ----------
+
+
+class _Count(TorchDispatchMode):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+#: ops of the statistics pass per group beyond one per tensor (tests/agent/test_op_count.py) ...
+_C_PASS = 110
+#: ... plus the counts: 5 foreach ops per chunk, at most _MAX_CHUNKS + 1 chunks
+_C_COUNTS = 5 * 9
+#: the momentum cosine: 7 foreach ops per chunk plus a few to finish
+_C_COS = 8 * 9 + 12
+
+
+@pytest.mark.parametrize("n", [1, 7, 60, 400])
+def test_counts_and_cosine_cost_a_constant_number_of_ops(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    grads = [torch.randn(int(s), generator=g) for s in torch.randint(1, 3000, (n,), generator=g)]
+    bufs = [torch.randn(x.shape, generator=g) for x in grads]
+    mult = torch.tensor(2.0**20)
+    with _Count() as c:
+        layer_moments(grads, counts=True, small_mult=mult, eager_nonfinite=True)
+    assert c.n <= n + _C_PASS + _C_COUNTS, c.n
+    with _Count() as c:
+        momentum_cosine(grads, bufs, torch.device("cpu"))
+    assert c.n <= _C_COS, c.n  # nothing per tensor
