@@ -28,7 +28,14 @@ from typing import Any
 from ._torch import Tensor, torch
 from ._warn import warn
 from .consts import device_tensor
-from .signals import headroom, momentum_buffers, momentum_cosine, small_multiplier
+from .signals import (
+    headroom,
+    momentum_buffers,
+    momentum_cosine,
+    relative_update,
+    small_multiplier,
+    update_norms,
+)
 from .stats import MOMENT_COLUMNS, HostCopy, PendingCopy, finalize, layer_moments, pack_dtype, row_stats
 from .transforms.base import GradContext, Slot, Transform, apply_transforms
 from .wire import EVENT_KINDS, LAYER_FIELDS, Event, LayerInfo, StepRecord
@@ -179,7 +186,7 @@ class StepPending:
     calls it on its sender thread, never the training thread."""
 
     __slots__ = ("_copy", "_layout", "_plan", "_sparse_numels", "step", "time", "rank", "_skipped",
-                 "_has_scaler", "_transforms", "_registry", "_on_error")
+                 "_has_scaler", "_transforms", "_registry", "_on_error", "params", "_post", "_post_kinds")
 
     def __init__(self, copy: PendingCopy, layout: _Layout, plan: _Plan, sparse_numels: list[int], *, step: int,
                  time: float, rank: int, skipped: bool | None, has_scaler: bool, transforms: Sequence[Transform],
@@ -196,6 +203,16 @@ class StepPending:
         self._transforms = transforms
         self._registry = registry
         self._on_error = on_error
+        #: the measured dense parameters in layer order, for the post-step part (then dropped)
+        self.params: list[Tensor] = []
+        self._post: PendingCopy | None = None
+        self._post_kinds: list[str | None] = []
+
+    def attach_post(self, copy: PendingCopy, kinds: list[str | None]) -> None:
+        """The post-step part (:func:`gradwatch.agent.signals.update_norms` of ``params``), on its
+        way to the host like the rest; attached before the record is handed to the sink."""
+        self._post, self._post_kinds = copy, kinds
+        self.params = []
 
     def resolve(self) -> list[StepRecord | Event]:
         """Build the step record and its events. Never raises: a failure is reported once
@@ -238,6 +255,8 @@ class StepPending:
             else:
                 val = list(v[o: o + ln])
             tvals.setdefault(tname, {})[key] = val
+        if skipped:  # nothing was updated (a fused kernel given found_inf left the weights alone)
+            cols["upd_ratio"] = [None] * n
         rec = StepRecord(
             step=self.step, time=self.time, rank=self.rank, layer_ids=layer_ids, layers=cols,
             total_norm=sc.get("total_norm"), total_norm_post=sc.get("total_norm_post"),
@@ -288,6 +307,12 @@ class StepPending:
                 if has:
                     mom[r] = v[lay.mom_at + r]
         cols["mom_cos"] = mom
+        upd: list[Any] = [None] * n
+        if self._post is not None:
+            post = self._post.values()
+            for r, kind in enumerate(self._post_kinds):
+                upd[r] = relative_update(post[r], kind, cols["wnorm"][r])
+        cols["upd_ratio"] = upd
 
     def _event(self, kind: str, data: dict[str, Any]) -> Event:
         return Event(kind=kind, step=self.step, time=self.time, rank=self.rank, data=data)
@@ -496,9 +521,28 @@ class Recorder:
         layout = _Layout(len(plan.dense_rows), len(sparse_vals), ran, scalars, reports, counts_at,
                          "loss_scale" in scalars, mom_at, mom_has)
         skipped = skip if skip is not None else (None if found_inf is not None else False)
-        return StepPending(copy, layout, plan, sparse_numels, step=step, time=time, rank=rank, skipped=skipped,
-                           has_scaler=has_scaler, transforms=list(transforms), registry=self.registry,
-                           on_error=self._on_error)
+        pending = StepPending(copy, layout, plan, sparse_numels, step=step, time=time, rank=rank, skipped=skipped,
+                              has_scaler=has_scaler, transforms=list(transforms), registry=self.registry,
+                              on_error=self._on_error)
+        if not skip:  # a skipped step updates nothing: no post-step part
+            pending.params = [ctx.params[r] for r in plan.dense_rows]
+        return pending
+
+    @torch.no_grad()
+    def post_step(self, pending: StepPending, optimizer: Any) -> None:
+        """After ``optimizer.step()``: the update norms of the step's measured dense parameters
+        (:func:`gradwatch.agent.signals.update_norms`), one more non-blocking copy, attached to
+        ``pending``. A failure leaves ``upd_ratio`` null and is reported once."""
+        params = pending.params
+        if not params:
+            return
+        try:
+            dev = params[0].device
+            vals, kinds = update_norms(optimizer, params, dev)
+            pending.attach_post(self.host.submit(vals.to(pack_dtype(dev))), kinds)
+        except Exception as e:  # noqa: BLE001 - the rest of the record still counts
+            pending.params = []
+            self._on_error("measuring the relative update", e)
 
     def _get_plan(self, ctx: GradContext) -> _Plan:
         key = tuple(id(p) for p in ctx.params) + (-1,) + tuple(id(p) for p in ctx.sparse)

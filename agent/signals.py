@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._torch import Tensor, torch
-from .consts import device_tensor
 from .stats import _chunks, pack_dtype
 
 __all__ = ["FP16_MAX", "FP16_TINY", "headroom", "small_multiplier", "momentum_buffers", "momentum_cosine"]
@@ -107,7 +106,7 @@ def momentum_cosine(grads: Sequence[Tensor], bufs: Sequence[Tensor | None], out_
     foreach norms, so the op count is a constant per (device, dtypes) group. No host sync;
     the scratch is freed with the chunk (nothing is kept between steps)."""
     k = len(grads)
-    res = torch.zeros(k, dtype=torch.float32, device=out_device)
+    slots: list[Tensor | None] = [None] * k
     groups: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
     for i, (g, m) in enumerate(zip(grads, bufs)):
         if m is not None and g.numel() > 0 and m.device == g.device:
@@ -134,6 +133,137 @@ def momentum_cosine(grads: Sequence[Tensor], bufs: Sequence[Tensor | None], out_
         den = torch.stack(ng) * torch.stack(nm)
         cos = 1.0 - 0.5 * torch.stack(nd).square()
         cos = torch.where(den == 0, torch.zeros_like(cos), cos).clamp(-1.0, 1.0)  # NaN stays NaN
-        sel = device_tensor(idx, torch.long, out_device)
-        res.index_copy_(0, sel, cos.to(device=out_device, dtype=torch.float32))
-    return res
+        for i, c in zip(idx, cos.to(device=out_device, dtype=torch.float32).unbind(0)):
+            slots[i] = c
+    return _assemble(slots, out_device)
+
+
+def _assemble(slots: Sequence[Tensor | None], device: torch.device) -> Tensor:
+    """(len(slots),) float32: the 0-dim values where given, 0 elsewhere. One stack, no index
+    tensor (a layout that changes between steps would otherwise copy a new one to the device)."""
+    if not slots:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    zero = None
+    out: list[Tensor] = []
+    for t in slots:
+        if t is None:
+            zero = zero if zero is not None else torch.zeros((), dtype=torch.float32, device=device)
+            t = zero
+        out.append(t)
+    return torch.stack(out)
+
+
+def _float(x: Any) -> float | None:
+    """A hyper-parameter or step count as a host float; None for a tensor on an accelerator
+    (reading it would synchronize the device)."""
+    if isinstance(x, torch.Tensor):
+        return float(x.item()) if x.device.type == "cpu" and x.numel() == 1 else None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _adam_factors(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[float, float, float, float, bool] | None:
+    """(step size lr/bc1, √bc2, eps, lr·wd of a decoupled decay or 0, amsgrad) of one Adam/AdamW
+    parameter after its step, or None when its state cannot give them without a device read."""
+    if not isinstance(st, dict) or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")):
+        return None
+    t, lr, eps, wd = _float(st["step"]), _float(group.get("lr")), _float(group.get("eps")), _float(group.get("weight_decay", 0.0))
+    betas = group.get("betas")
+    if t is None or lr is None or eps is None or wd is None or t < 1 or not isinstance(betas, (tuple, list)):
+        return None
+    b1, b2 = _float(betas[0]), _float(betas[1])
+    if b1 is None or b2 is None:
+        return None
+    decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+    return lr / (1.0 - b1**t), math.sqrt(1.0 - b2**t), eps, lr * wd if decoupled else 0.0, bool(group.get("amsgrad"))
+
+
+@torch.no_grad()
+def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.device) -> tuple[Tensor, list[str | None]]:
+    """After ``optimizer.step()``: per parameter, ``‖Δw‖`` of the step where the optimizer's state
+    gives it exactly, else ``‖w‖`` after the step (for the weight-norm difference). Returns
+    float32 values on ``out_device`` and, per parameter, ``"delta"``, ``"after"`` or None (empty).
+
+    * Adam / AdamW (state ``exp_avg``, ``exp_avg_sq``, ``step`` on the host): the step's
+      ``u = lr/bc1 · m / (√v/√bc2 + eps)`` from the updated moments (``max_exp_avg_sq`` under
+      amsgrad) and, for a decoupled decay, ``Δw = −(lr·wd·w_new + u) / (1 − lr·wd)`` (the weight
+      before the step recovered from the one after). Adam's L2 decay is inside m and v already.
+    * SGD with momentum, not Nesterov: ``Δw = −lr · buf`` (the updated buffer).
+    * Anything else (plain SGD, Nesterov, other optimizers, a step count on an accelerator):
+      ``‖w‖`` after the step; the recorder reports ``|‖w_new‖ − ‖w‖| / ‖w‖``, a lower bound of the
+      relative update (triangle inequality).
+
+    Foreach ops per chunk (scratch freed with the chunk, nothing kept between steps); no host
+    sync (hyper-parameters and CPU step counts are host values)."""
+    k = len(params)
+    slots: list[Tensor | None] = [None] * k
+    kinds: list[str | None] = [None] * k
+    state = getattr(optimizer, "state", {})
+    group_of = {id(p): g for g in getattr(optimizer, "param_groups", ()) for p in g["params"]}
+    adam: dict[tuple[torch.device, torch.dtype], list[tuple[int, tuple[float, float, float, float, bool]]]] = {}
+    sgd: dict[tuple[torch.device, torch.dtype], list[tuple[int, float]]] = {}
+    after: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    is_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        grp = group_of.get(id(p), {})
+        st = state.get(p)
+        key = (p.device, p.dtype)
+        if is_adam and (f := _adam_factors(optimizer, grp, st)) is not None:
+            adam.setdefault(key, []).append((i, f))
+            kinds[i] = "delta"
+            continue
+        buf = st.get("momentum_buffer") if isinstance(st, dict) else None
+        lr = _float(grp.get("lr"))
+        if (isinstance(optimizer, torch.optim.SGD) and isinstance(buf, torch.Tensor) and not grp.get("nesterov")
+                and grp.get("momentum") and lr is not None and buf.shape == p.shape):
+            sgd.setdefault((buf.device, buf.dtype), []).append((i, lr))
+            kinds[i] = "delta"
+            continue
+        after.setdefault(key, []).append(i)
+        kinds[i] = "after"
+    outs: list[tuple[list[int], list[Tensor]]] = []
+    for items in adam.values():
+        idx = [i for i, _ in items]
+        fs = [f for _, f in items]
+        vals: list[Tensor] = []
+        for a, b in _chunks([params[i] for i in idx]):
+            sl = range(a, b)
+            st_ = [state[params[idx[j]]] for j in sl]
+            vs = [s["max_exp_avg_sq"] if fs[j][4] and "max_exp_avg_sq" in s else s["exp_avg_sq"] for j, s in zip(sl, st_)]
+            den = torch._foreach_sqrt(vs)
+            torch._foreach_div_(den, [fs[j][1] for j in sl])
+            torch._foreach_add_(den, [fs[j][2] for j in sl])
+            u = torch._foreach_div([s["exp_avg"] for s in st_], den)
+            torch._foreach_mul_(u, [fs[j][0] for j in sl])
+            if any(fs[j][3] for j in sl):
+                torch._foreach_add_(u, torch._foreach_mul([params[idx[j]] for j in sl], [fs[j][3] for j in sl]))
+                torch._foreach_div_(u, [1.0 - fs[j][3] for j in sl])
+            vals.extend(torch._foreach_norm(u, 2, dtype=torch.float32))
+        outs.append((idx, vals))
+    for sitems in sgd.values():
+        idx = [i for i, _ in sitems]
+        bufs = [state[params[i]]["momentum_buffer"] for i in idx]
+        norms = torch._foreach_norm(bufs, 2, dtype=torch.float32)
+        outs.append((idx, list(torch._foreach_mul(norms, [lr for _, lr in sitems]))))
+    for idx in after.values():
+        outs.append((idx, list(torch._foreach_norm([params[i] for i in idx], 2, dtype=torch.float32))))
+    for idx, vals in outs:
+        for i, v in zip(idx, vals):
+            slots[i] = v if v.device == out_device and v.dtype == torch.float32 else v.to(out_device, torch.float32)
+    return _assemble(slots, out_device), kinds
+
+
+def relative_update(value: float, kind: str | None, wnorm: float | None) -> float | None:
+    """``‖Δw‖/‖w‖`` (kind ``"delta"``) or ``|‖w_new‖ − ‖w‖| / ‖w‖`` (kind ``"after"``), with
+    ``‖w‖`` measured before the step; inf for a zero weight that moved, NaN for one that did not
+    or for non-finite inputs; None when not measured."""
+    if kind is None or wnorm is None:
+        return None
+    d = value if kind == "delta" else abs(value - wnorm)
+    if wnorm == 0.0:
+        return math.inf if d > 0 else math.nan
+    return d / wnorm

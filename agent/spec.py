@@ -117,6 +117,9 @@ LAYER_FIELDS: tuple[Field, ...] = (
           nullable=True),
     Field("mom_cos", "f8", "cosine", "cosine between the gradient and the optimizer's momentum buffer before the step "
           "(SGD momentum_buffer, Adam/AdamW exp_avg); null where the optimizer keeps none", "whole", nullable=True),
+    Field("upd_ratio", "f8", "ratio", "relative update ‖Δw‖/‖w‖ of the step (Adam/AdamW and SGD with momentum: "
+          "exact from their state; other optimizers: |‖w_new‖ − ‖w‖| / ‖w‖, a lower bound); null on skipped steps",
+          "whole", nullable=True),
 )
 LAYER_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in LAYER_FIELDS)
 #: Stored float fields in nan_mask bit order (bit k for the k-th).

@@ -1,9 +1,9 @@
 """Loss-scale headroom and optimizer-aware signals: ``layer_stat`` gains ``zeros``, ``headroom``,
-``underflow`` and ``mom_cos``; both rollup levels gain min/max/sum/count/NaN count of the two
-float ones (``headroom``, ``mom_cos``).
+``underflow``, ``mom_cos`` and ``upd_ratio``; both rollup levels gain min/max/sum/count/NaN count
+of the float ones (``headroom``, ``mom_cos``, ``upd_ratio``).
 
 Rows stored before this revision did not measure them: their new columns are NULL without a
-``nan_mask`` bit (the new float fields take the next free bits, 6 and 7, which no earlier row
+``nan_mask`` bit (the new float fields take the next free bits, 6 to 8, which no earlier row
 sets), and their rollup rows count 0 values. Nothing to backfill. Downgrade drops the columns.
 
 Frozen here on purpose: the names below must not follow later changes of the spec.
@@ -25,8 +25,9 @@ down_revision: str | None = '0006'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_LAYER = (("zeros", sa.BigInteger), ("headroom", sa.Double), ("underflow", sa.BigInteger), ("mom_cos", sa.Double))
-_ROLLUP = ("headroom", "mom_cos")
+_LAYER = (("zeros", sa.BigInteger), ("headroom", sa.Double), ("underflow", sa.BigInteger), ("mom_cos", sa.Double),
+          ("upd_ratio", sa.Double))
+_ROLLUP = ("headroom", "mom_cos", "upd_ratio")
 _TABLES = ("layer_stat_block", "layer_stat_coarse")
 
 

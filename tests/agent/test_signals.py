@@ -168,19 +168,34 @@ def _capture(opt: torch.optim.Optimizer, model: nn.Module, key: str | None, scal
                     continue
                 buf = o.state.get(p, {}).get(key) if key else None
                 row[names[id(p)]] = (p.grad.detach().clone(), None if buf is None else buf.detach().clone())
+                row["w:" + names[id(p)]] = p.detach().double().clone()
         seen.append(row)
 
+    def post(o: Any, args: Any, kwargs: Any) -> None:  # runs after the watcher's post-hook
+        row = seen[-1]
+        for n, p in model.named_parameters():
+            if "w:" + n in row:
+                before = row["w:" + n]
+                after = p.detach().double()
+                row["upd:" + n] = ((after - before).norm() / before.norm()).item()
+                row["lb:" + n] = abs(after.norm() - before.norm()).item() / before.norm().item()
+
     opt.register_step_pre_hook(hook)
+    opt.register_step_post_hook(post)
     return seen
 
 
+#: optimizers whose relative update is exact from their state (the others report the lower bound)
+_EXACT_UPDATE = {"sgd_momentum", "adam", "adamw", "adam_amsgrad_l2"}
+
 _OPTS = {
     "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.05), None),
+    "adam_amsgrad_l2": (lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=0.01), "exp_avg"),
     "sgd_momentum": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), "momentum_buffer"),
     "sgd_nesterov_foreach": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, foreach=True),
                              "momentum_buffer"),
     "adam": (lambda ps: torch.optim.Adam(ps, lr=1e-3), "exp_avg"),
-    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1), "exp_avg"),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.5), "exp_avg"),
     "adagrad": (lambda ps: torch.optim.Adagrad(ps, lr=0.01), None),
     "rmsprop_momentum": (lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9), None),  # momentum of g/√v
 }
@@ -233,6 +248,12 @@ def test_watch_records_the_signals_of_each_optimizer(opt_name: str, scaler_kind:
                 assert rec.layers["mom_cos"][j] is None, (opt_name, rec.step)
             else:
                 assert rec.layers["mom_cos"][j] == pytest.approx(_ref_cos(grad, buf), abs=2e-7)
+            upd = rec.layers["upd_ratio"][j]
+            if opt_name in _EXACT_UPDATE:  # the realized update (w rounded to fp32 after the step)
+                assert upd == pytest.approx(ref["upd:" + names[lid]], rel=1e-3), (opt_name, rec.step, names[lid])
+            else:
+                assert upd == pytest.approx(ref["lb:" + names[lid]], rel=1e-5, abs=1e-5), (opt_name, rec.step, names[lid])
+                assert upd <= ref["upd:" + names[lid]] * (1 + 1e-5) + 1e-5  # a lower bound
     if key is not None:  # a momentum exists from the second step on
         assert all(v is not None for rec in recs[1:] for v in rec.layers["mom_cos"])
 

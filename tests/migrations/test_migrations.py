@@ -293,13 +293,13 @@ def test_0004_backfills_transform_values_from_the_step_json(empty_url: str) -> N
 
 def test_0007_adds_the_signal_columns_null_and_downgrades_cleanly(empty_url: str) -> None:
     """A database at 0006 holding rows, blocks and coarse blocks: upgrading adds zeros, headroom,
-    underflow and mom_cos to ``layer_stat`` (NULL: not measured, no NaN bit) and their rollup
+    underflow, mom_cos and upd_ratio to ``layer_stat`` (NULL: not measured, no NaN bit) and their rollup
     aggregates (count 0) to both levels, keeping every row; a row written afterwards stores them;
     downgrading to 0006 drops exactly those columns and keeps the rows."""
     from sqlalchemy import text
 
-    new_layer = {"zeros", "headroom", "underflow", "mom_cos"}
-    new_rollup = {f"{s}_{a}" for s in ("headroom", "mom_cos") for a in ("min", "max", "sum", "cnt", "nan")}
+    new_layer = {"zeros", "headroom", "underflow", "mom_cos", "upd_ratio"}
+    new_rollup = {f"{s}_{a}" for s in ("headroom", "mom_cos", "upd_ratio") for a in ("min", "max", "sum", "cnt", "nan")}
     engine = make_engine(empty_url)
     try:
         upgrade_to_head(engine, "0006")

@@ -21,7 +21,7 @@ from torch import nn
 from gradwatch.agent import GradScaler, watch, wire
 from gradwatch.agent.signals import FP16_MAX, FP16_TINY
 
-_NEW = ("zeros", "headroom", "underflow", "mom_cos")
+_NEW = ("zeros", "headroom", "underflow", "mom_cos", "upd_ratio")
 
 
 def _get(url: str) -> Any:
@@ -57,10 +57,18 @@ def _train(base: str, steps: int = 12) -> tuple[str, list[str], dict[tuple[int, 
                 cos = (g @ b).item() / (g.norm() * b.norm()).item()
             want[(step[0], names[id(p)])] = {
                 "zeros": int((~nz).sum()), "underflow": int((nz & (g.abs() * S < FP16_TINY)).sum()),
-                "headroom": math.log2(FP16_MAX / (g.abs().max().item() * S)), "mom_cos": cos}
+                "headroom": math.log2(FP16_MAX / (g.abs().max().item() * S)), "mom_cos": cos,
+                "w": p.detach().double().clone()}
         step[0] += 1
 
+    def post(o: Any, args: Any, kwargs: Any) -> None:  # ‖Δw‖/‖w‖ of the step, realized
+        for p in o.param_groups[0]["params"]:
+            exp = want[(step[0] - 1, names[id(p)])]
+            before = exp.pop("w")
+            exp["upd_ratio"] = ((p.detach().double() - before).norm() / before.norm()).item()
+
     opt.register_step_pre_hook(hook)
+    opt.register_step_post_hook(post)
     for i in range(steps):
         x = torch.randn(16, 8) * (1e-6 if i % 3 == 0 else 1.0)  # some steps' gradients sit below 2^-14 / S
         opt.zero_grad()
@@ -85,8 +93,9 @@ def _check_run(base: str) -> None:
                 exp = want[(p["step"], s["name"])][stat]
                 if exp is None or stat in ("zeros", "underflow"):
                     assert p["value"] == exp, (stat, s["name"], p)
-                else:
-                    assert p["value"] == pytest.approx(exp, rel=1e-6, abs=1e-6), (stat, s["name"], p)
+                else:  # upd_ratio: the realized update differs by the rounding of w (fp32)
+                    tol = 1e-3 if stat == "upd_ratio" else 1e-6
+                    assert p["value"] == pytest.approx(exp, rel=tol, abs=1e-6), (stat, s["name"], p)
     rows = list(csv.DictReader(io.StringIO(_get(f"{base}/api/v1/runs/{run}/export?format=csv"))))
     assert len(rows) == 12 * len(names)
     for r in rows:
@@ -94,6 +103,7 @@ def _check_run(base: str) -> None:
         assert int(r["zeros"]) == exp["zeros"] and int(r["underflow"]) == exp["underflow"]
         assert float(r["headroom"]) == pytest.approx(exp["headroom"], rel=1e-6)
         assert (r["mom_cos"] == "") == (exp["mom_cos"] is None)
+        assert float(r["upd_ratio"]) == pytest.approx(exp["upd_ratio"], rel=1e-3, abs=1e-6)
 
 
 def test_signals_reach_rest_and_export_from_a_real_server_on_sqlite(gw_serve: Callable[..., str],
