@@ -167,7 +167,9 @@ def _capture(opt: torch.optim.Optimizer, model: nn.Module, key: str | None, scal
                 if p.grad is None:
                     continue
                 buf = o.state.get(p, {}).get(key) if key else None
-                row[names[id(p)]] = (p.grad.detach().clone(), None if buf is None else buf.detach().clone())
+                gs = getattr(o, "grad_scale", None)  # fused under torch's scaler: grads still scaled
+                grad = p.grad.detach().clone() / (gs if isinstance(gs, torch.Tensor) else 1.0)
+                row[names[id(p)]] = (grad, None if buf is None else buf.detach().clone())
                 row["w:" + names[id(p)]] = p.detach().double().clone()
         seen.append(row)
 
@@ -186,7 +188,7 @@ def _capture(opt: torch.optim.Optimizer, model: nn.Module, key: str | None, scal
 
 
 #: optimizers whose relative update is exact from their state (the others report the lower bound)
-_EXACT_UPDATE = {"sgd_momentum", "adam", "adamw", "adam_amsgrad_l2"}
+_EXACT_UPDATE = {"sgd_momentum", "adam", "adamw", "adam_amsgrad_l2", "adamw_fused"}
 
 _OPTS = {
     "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.05), None),
@@ -196,6 +198,8 @@ _OPTS = {
                              "momentum_buffer"),
     "adam": (lambda ps: torch.optim.Adam(ps, lr=1e-3), "exp_avg"),
     "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.5), "exp_avg"),
+    # fused: under torch's scaler the kernel unscales, so the watcher measures scaled gradients
+    "adamw_fused": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), "exp_avg"),
     "adagrad": (lambda ps: torch.optim.Adagrad(ps, lr=0.01), None),
     "rmsprop_momentum": (lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9), None),  # momentum of g/√v
 }
@@ -303,3 +307,32 @@ def test_counts_and_cosine_cost_a_constant_number_of_ops(n: int) -> None:
     with _Count() as c:
         momentum_cosine(grads, bufs, torch.device("cpu"))
     assert c.n <= _C_COS, c.n  # nothing per tensor
+
+
+def test_sparse_gradients_count_their_stored_values() -> None:
+    """A sparse embedding gradient: zeros and underflow among its coalesced values; no momentum
+    cosine or relative update (they are measured on dense gradients only)."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 4, sparse=True)
+    with torch.no_grad():
+        emb.weight[3] = 0.0
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    scaler = GradScaler("cpu", init_scale=2.0**10)
+    w = watch(emb, opt, server="memory")
+    vals: list[torch.Tensor] = []
+    opt.register_step_pre_hook(lambda o, a, k: vals.append(emb.weight.grad.coalesce()._values().clone()))
+    for _ in range(3):
+        opt.zero_grad()
+        idx = torch.tensor([1, 3, 3, 7, 9])
+        out = emb(idx) * torch.tensor([1.0, 1e-9, 1e-9, 0.0, 1.0])[:, None]  # tiny and exactly-zero rows
+        scaler.scale(out.sum() + 1e-3 * out.square().sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    w.close()
+    assert w.layers[0].sparse and len(w.sink.steps) == 3
+    for rec, v in zip(w.sink.steps, vals):
+        nz, small = _ref_counts(v, rec.loss_scale)
+        assert rec.layers["numel"] == [v.numel()]
+        assert rec.layers["zeros"] == [v.numel() - nz] and rec.layers["underflow"] == [small]
+        assert small > 0 and v.numel() - nz > 0  # both cases present
+        assert rec.layers["mom_cos"] == [None] and rec.layers["upd_ratio"] == [None]
