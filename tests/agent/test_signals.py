@@ -336,3 +336,50 @@ def test_sparse_gradients_count_their_stored_values() -> None:
         assert rec.layers["zeros"] == [v.numel() - nz] and rec.layers["underflow"] == [small]
         assert small > 0 and v.numel() - nz > 0  # both cases present
         assert rec.layers["mom_cos"] == [None] and rec.layers["upd_ratio"] == [None]
+
+
+def test_a_step_that_raises_or_is_skipped_keeps_its_record_without_the_update() -> None:
+    """The record waits for the post-hook; when optimizer.step() raises (no post-hook) it is
+    handed over without ``upd_ratio`` at the next step, and a step the scaler skips has none."""
+
+    class Flaky(torch.optim.SGD):
+        calls = 0
+
+        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+            Flaky.calls += 1
+            if Flaky.calls == 2:
+                raise RuntimeError("boom")
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    m = nn.Linear(4, 2)
+    opt = Flaky(m.parameters(), lr=0.1, momentum=0.9)
+    w = watch(m, opt, server="memory")
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(5, 4)).sum().backward()
+        try:
+            opt.step()
+        except RuntimeError:
+            pass
+    w.close()
+    ups = [r.layers["upd_ratio"] for r in w.sink.steps]
+    assert [r.step for r in w.sink.steps] == [0, 1, 2]
+    assert ups[1] == [None, None] and all(v is not None and v > 0 for v in ups[0] + ups[2])
+
+    m2 = nn.Linear(4, 2)
+    opt2 = torch.optim.Adam(m2.parameters(), lr=0.1)
+    # the first backward overflows fp32; the backoff then brings the scale to 2^27
+    scaler = GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100, growth_interval=100)
+    w2 = watch(m2, opt2, server="memory")
+    for _ in range(3):
+        opt2.zero_grad()
+        scaler.scale(m2(torch.randn(5, 4) * 100).square().sum()).backward()
+        scaler.step(opt2)
+        scaler.update()
+    w2.close()
+    recs = w2.sink.steps
+    assert recs[0].skipped and recs[0].layers["upd_ratio"] == [None, None]
+    assert all(h is not None and not h > 0 for h in recs[0].layers["headroom"])  # overflowed: -inf or NaN
+    done = [r for r in recs if not r.skipped]
+    assert done and all(v is not None for r in done for v in r.layers["upd_ratio"])
