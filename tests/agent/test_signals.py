@@ -342,19 +342,18 @@ def test_a_step_that_raises_or_is_skipped_keeps_its_record_without_the_update() 
     """The record waits for the post-hook; when optimizer.step() raises (no post-hook) it is
     handed over without ``upd_ratio`` at the next step, and a step the scaler skips has none."""
 
-    class Flaky(torch.optim.SGD):
-        calls = 0
-
-        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-            Flaky.calls += 1
-            if Flaky.calls == 2:
-                raise RuntimeError("boom")
-            return super().step(closure)
-
     torch.manual_seed(0)
     m = nn.Linear(4, 2)
-    opt = Flaky(m.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    calls = [0]
+
+    def flaky(o: Any, args: Any, kwargs: Any) -> None:  # after the watcher's pre-hook: the step raises
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("boom")
+
     w = watch(m, opt, server="memory")
+    opt.register_step_pre_hook(flaky)
     for _ in range(3):
         opt.zero_grad()
         m(torch.randn(5, 4)).sum().backward()
