@@ -29,6 +29,14 @@ from ._torch import Tensor, torch
 from ._warn import warn
 from .consts import device_tensor
 from .noise import NoiseLayout
+from .signals import (
+    headroom,
+    momentum_buffers,
+    momentum_cosine,
+    relative_update,
+    small_multiplier,
+    update_norms,
+)
 from .stats import MOMENT_COLUMNS, HostCopy, PendingCopy, finalize, layer_moments, pack_dtype, row_stats
 from .transforms.base import GradContext, Slot, Transform, apply_transforms
 from .wire import EVENT_KINDS, LAYER_FIELDS, Event, LayerInfo, StepRecord
@@ -151,6 +159,11 @@ class _Measured:
     sparse_numels: list[int]
     dev: torch.device
     pd: torch.dtype
+    # (L_dense_all + L_sparse, 2) float32 counts: non-zero elements, small (below 2^-14 scaled)
+    counts: Tensor | None = None
+    # (L_dense_all,) float32 momentum cosines and which rows have a momentum buffer (host)
+    mom_cos: Tensor | None = None
+    mom_has: list[bool] | None = None
 
 
 @dataclass
@@ -163,6 +176,10 @@ class _Layout:
     scalars: dict[str, int]  # total_norm, total_norm_post, clip_coef, loss_scale, found_inf -> offset
     reports: list[tuple[str, str, int, int, bool]]  # (transform, key, offset, length, per_layer)
     noise: tuple[int, NoiseLayout] | None = None  # offset of the noise-scale snapshot (gradwatch.agent.noise)
+    counts_at: int = -1  # offset of the (n, 2) counts; -1: not measured
+    small: bool = False  # the counts' second column is the underflow count (a loss scale was known)
+    mom_at: int = -1  # offset of the n_dense momentum cosines; -1: none
+    mom_has: list[bool] | None = None  # per dense layer (layer order): it had a momentum buffer
 
 
 class StepPending:
@@ -171,7 +188,7 @@ class StepPending:
     calls it on its sender thread, never the training thread."""
 
     __slots__ = ("_copy", "_layout", "_plan", "_sparse_numels", "step", "time", "rank", "_skipped",
-                 "_has_scaler", "_transforms", "_registry", "_on_error")
+                 "_has_scaler", "_transforms", "_registry", "_on_error", "params", "_post", "_post_kinds")
 
     def __init__(self, copy: PendingCopy, layout: _Layout, plan: _Plan, sparse_numels: list[int], *, step: int,
                  time: float, rank: int, skipped: bool | None, has_scaler: bool, transforms: Sequence[Transform],
@@ -188,6 +205,16 @@ class StepPending:
         self._transforms = transforms
         self._registry = registry
         self._on_error = on_error
+        #: the measured dense parameters in layer order, for the post-step part (then dropped)
+        self.params: list[Tensor] = []
+        self._post: PendingCopy | None = None
+        self._post_kinds: list[str | None] = []
+
+    def attach_post(self, copy: PendingCopy, kinds: list[str | None]) -> None:
+        """The post-step part (:func:`gradwatch.agent.signals.update_norms` of ``params``), on its
+        way to the host like the rest; attached before the record is handed to the sink."""
+        self._post, self._post_kinds = copy, kinds
+        self.params = []
 
     def resolve(self) -> list[StepRecord | Event]:
         """Build the step record and its events. Never raises: a failure is reported once
@@ -205,8 +232,9 @@ class StepPending:
         layer_ids = plan.dense_ids + plan.sparse_ids
         numels = plan.dense_numels + self._sparse_numels
         stats = [finalize(numels[r], *v[_K * r: _K * r + _K]) for r in range(n)]
+        st0 = stats[0] if stats else finalize(0, 0.0, 0.0, 0.0, 0.0, 0.0)
         cols: dict[str, list[Any]] = {k: [getattr(st, k) for st in stats] for k in LAYER_FIELDS
-                                      if k not in ("l2_post", "wnorm", "noise_scale")}
+                                      if hasattr(st0, k) and k not in ("l2_post", "wnorm", "noise_scale")}
         o = _K * n
         cols["wnorm"] = list(v[o: o + n])
         o += n
@@ -220,8 +248,9 @@ class StepPending:
         if lay.noise is not None:
             no, nl = lay.noise
             noise_step, cols["noise_scale"] = nl.read(v[no: no + nl.size], layer_ids)
-        cols = {k: cols[k] for k in LAYER_FIELDS}
         sc = {k: v[o] for k, o in lay.scalars.items()}
+        self._signals(cols, v, sc, numels, n)
+        cols = {k: cols[k] for k in LAYER_FIELDS}
         found_inf = sc.get("found_inf")
         skipped = bool(self._skipped) if self._skipped is not None else bool(found_inf is not None and found_inf > 0)
         tvals: dict[str, dict[str, Any]] = {}
@@ -233,6 +262,8 @@ class StepPending:
             else:
                 val = list(v[o: o + ln])
             tvals.setdefault(tname, {})[key] = val
+        if skipped:  # nothing was updated (a fused kernel given found_inf left the weights alone)
+            cols["upd_ratio"] = [None] * n
         rec = StepRecord(
             step=self.step, time=self.time, rank=self.rank, layer_ids=layer_ids, layers=cols,
             total_norm=sc.get("total_norm"), total_norm_post=sc.get("total_norm_post"),
@@ -259,6 +290,37 @@ class StepPending:
                 if kind in EVENT_KINDS:
                     out.append(self._event(kind, {"transform": t.name, **data}))
         return out
+
+    def _signals(self, cols: dict[str, list[Any]], v: list[float], sc: dict[str, float], numels: list[int],
+                 n: int) -> None:
+        """zeros, headroom, underflow and mom_cos columns (None where not measured)."""
+        lay = self._layout
+        scale = sc.get("loss_scale")
+        if lay.counts_at >= 0:
+            o = lay.counts_at
+            nz = [int(v[o + 2 * r]) for r in range(n)]
+            cols["zeros"] = [numels[r] - nz[r] for r in range(n)]
+            cols["underflow"] = ([int(v[o + 2 * r + 1]) for r in range(n)] if lay.small and scale is not None
+                                 else [None] * n)
+        else:
+            cols["zeros"] = [None] * n
+            cols["underflow"] = [None] * n
+        if scale is not None:
+            cols["headroom"] = [headroom(cols["maxabs"][r], scale, numels[r]) for r in range(n)]
+        else:
+            cols["headroom"] = [None] * n
+        mom: list[Any] = [None] * n
+        if lay.mom_at >= 0 and lay.mom_has is not None:
+            for r, has in enumerate(lay.mom_has):
+                if has:
+                    mom[r] = v[lay.mom_at + r]
+        cols["mom_cos"] = mom
+        upd: list[Any] = [None] * n
+        if self._post is not None:
+            post = self._post.values()
+            for r, kind in enumerate(self._post_kinds):
+                upd[r] = relative_update(post[r], kind, cols["wnorm"][r])
+        cols["upd_ratio"] = upd
 
     def _event(self, kind: str, data: dict[str, Any]) -> Event:
         return Event(kind=kind, step=self.step, time=self.time, rank=self.rank, data=data)
@@ -289,6 +351,7 @@ class Recorder:
         grad_scale: Tensor | None = None,
         has_scaler: bool = False,
         noise: tuple[Tensor, NoiseLayout] | None = None,
+        optimizer: Any = None,
     ) -> StepPending | None:
         """Measure (when ``record``), transform, pack. Returns the pending record or None.
 
@@ -302,13 +365,16 @@ class Recorder:
                 scaler): statistics are divided by it on the device. Transforms must not run on
                 scaled grads; the watcher unscales in place before calling when it has any.
             noise: the noise-scale EMA snapshot (:meth:`NoiseScale.update`), packed along.
+            optimizer: the stepping optimizer, whose momentum buffers ``mom_cos`` reads (None: no
+                ``mom_cos``).
         """
         names = [self.registry.name(p) for p in params]
         ctx = GradContext(params, names, found_inf=found_inf, skip=skip, step=step)
         meas = None
         if record:
             try:
-                meas = self._measure(ctx, grad_scale, transforms[0] if transforms and not skip else None)
+                meas = self._measure(ctx, grad_scale, transforms[0] if transforms and not skip else None,
+                                     loss_scale=loss_scale, optimizer=optimizer)
             except Exception as e:  # noqa: BLE001 - a measuring failure must not cost the transforms
                 self._on_error("measuring gradients", e)
                 ctx.set_norms(None)
@@ -324,7 +390,8 @@ class Recorder:
             self._on_error("packing step statistics", e)
             return None
 
-    def _measure(self, ctx: GradContext, grad_scale: Tensor | None, first: Transform | None = None) -> _Measured:
+    def _measure(self, ctx: GradContext, grad_scale: Tensor | None, first: Transform | None = None, *,
+                 loss_scale: Tensor | float | None = None, optimizer: Any = None) -> _Measured:
         """Moments of every dense grad (their norms feed the context and the total norm) and of
         the measured sparse grads, before any transform. No host sync on accelerators except for
         coalescing a sparse CUDA gradient.
@@ -347,7 +414,11 @@ class Recorder:
             want_sums, want_norms = first.wanted_rows(ctx)
             if want_sums or want_norms:
                 rows = row_stats(ctx.grads, want_sums, want_norms)
-        m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev, rows=rows)
+        # zeros and loss-scale underflow ride in the same pass (docs/statistics.md, "Loss-scale headroom")
+        mult = small_multiplier(loss_scale if grad_scale is None else grad_scale, grad_scale is not None, dev)
+        m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev, rows=rows, counts=True, small_mult=mult)
+        counts = m[:, _K:]
+        m = m[:, :_K]
         if grad_scale is not None:
             inv = grad_scale.reshape(()).to(device=dev, dtype=torch.float32).reciprocal()
             one = torch.ones((), dtype=torch.float32, device=dev)
@@ -363,7 +434,16 @@ class Recorder:
         weights = list(ctx.params) + list(plan.sparse_params)  # no_grad: no detach (one op per tensor)
         wn = (torch.stack([x.to(dev) for x in torch._foreach_norm(weights, 2, dtype=torch.float32)])
               if weights else torch.zeros(0, dtype=torch.float32, device=dev))
-        return _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd)
+        meas = _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd, counts)
+        if optimizer is not None and len(ctx):
+            try:  # before the optimizer steps: the buffer from the previous step (scale-invariant)
+                bufs = momentum_buffers(optimizer, ctx.params)
+                if any(b is not None for b in bufs):
+                    meas.mom_cos = momentum_cosine(ctx.grads, bufs, dev)
+                    meas.mom_has = [b is not None for b in bufs]
+            except Exception as e:  # noqa: BLE001 - the other statistics still count
+                self._on_error("measuring the momentum cosine", e)
+        return meas
 
     def _pack(self, ctx: GradContext, meas: _Measured, *, transforms: Sequence[Transform], ran: bool, step: int,
               time: float, rank: int, skip: bool | None, found_inf: Tensor | None,
@@ -391,6 +471,22 @@ class Recorder:
             if sparse_vals:
                 sq = sq + m[n_dense_all:, 1].square().sum()
             post_total = sq.sqrt()
+        # after the post norms, which _build reads right after wnorm
+        counts_at = mom_at = -1
+        mom_has = None
+        if meas.counts is not None:
+            dense_c = meas.counts[:n_dense_all]
+            if plan.sel is not None:
+                dense_c = dense_c.index_select(0, plan.sel)
+            parts += [dense_c.reshape(-1), meas.counts[n_dense_all:].reshape(-1)]
+            counts_at = off
+            off += 2 * (len(plan.dense_rows) + len(sparse_vals))
+        if meas.mom_cos is not None and meas.mom_has is not None:
+            mc = meas.mom_cos if plan.sel is None else meas.mom_cos.index_select(0, plan.sel)
+            parts.append(mc)
+            mom_at = off
+            mom_has = [meas.mom_has[r] for r in plan.dense_rows]
+            off += len(plan.dense_rows)
 
         def add_scalar(key: str, t: Tensor | float) -> None:
             nonlocal off
@@ -438,11 +534,31 @@ class Recorder:
             off += noise[1].size
         packed = torch.cat([p.to(device=dev, dtype=pd, non_blocking=True) for p in parts])
         copy = self.host.submit(packed)
-        layout = _Layout(len(plan.dense_rows), len(sparse_vals), ran, scalars, reports, noise_at)
+        layout = _Layout(len(plan.dense_rows), len(sparse_vals), ran, scalars, reports, noise=noise_at,
+                         counts_at=counts_at, small="loss_scale" in scalars, mom_at=mom_at, mom_has=mom_has)
         skipped = skip if skip is not None else (None if found_inf is not None else False)
-        return StepPending(copy, layout, plan, sparse_numels, step=step, time=time, rank=rank, skipped=skipped,
-                           has_scaler=has_scaler, transforms=list(transforms), registry=self.registry,
-                           on_error=self._on_error)
+        pending = StepPending(copy, layout, plan, sparse_numels, step=step, time=time, rank=rank, skipped=skipped,
+                              has_scaler=has_scaler, transforms=list(transforms), registry=self.registry,
+                              on_error=self._on_error)
+        if not skip:  # a skipped step updates nothing: no post-step part
+            pending.params = [ctx.params[r] for r in plan.dense_rows]
+        return pending
+
+    @torch.no_grad()
+    def post_step(self, pending: StepPending, optimizer: Any) -> None:
+        """After ``optimizer.step()``: the update norms of the step's measured dense parameters
+        (:func:`gradwatch.agent.signals.update_norms`), one more non-blocking copy, attached to
+        ``pending``. A failure leaves ``upd_ratio`` null and is reported once."""
+        params = pending.params
+        if not params:
+            return
+        try:
+            dev = params[0].device
+            vals, kinds = update_norms(optimizer, params, dev)
+            pending.attach_post(self.host.submit(vals.to(pack_dtype(dev))), kinds)
+        except Exception as e:  # noqa: BLE001 - the rest of the record still counts
+            pending.params = []
+            self._on_error("measuring the relative update", e)
 
     def _get_plan(self, ctx: GradContext) -> _Plan:
         key = tuple(id(p) for p in ctx.params) + (-1,) + tuple(id(p) for p in ctx.sparse)

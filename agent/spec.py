@@ -48,8 +48,10 @@ EXPOSE_ALL = frozenset({"rest", "live", "export"})
 
 #: Merge rules across ranks or micro-batches of one tensor.
 #: ``sum``: counts add. ``max``: the larger (NaN wins). ``rss``: norms, root of the sum of squares.
-#: ``moments``: (numel, mean, m2) merge together with :func:`merge_moments`.
-MERGES = frozenset({"sum", "max", "rss", "moments"})
+#: ``moments``: (numel, mean, m2) merge together with :func:`merge_moments`. ``min``: the smaller
+#: (NaN wins). ``whole``: not mergeable from parts (measured on the whole tensor; DDP ranks hold
+#: the same all-reduced value).
+MERGES = frozenset({"sum", "max", "rss", "moments", "min", "whole"})
 
 #: NaN/inf policies. ``data``: NaN and ±inf are stored and served as they are (NaN as NULL plus a
 #: mask bit). ``never``: an integer count, always finite.
@@ -107,6 +109,20 @@ LAYER_FIELDS: tuple[Field, ...] = (
     Field("noise_scale", "f8", "examples", "this layer's gradient noise scale B_simple = EMA(tr Σ)/EMA(|G|²) from its "
           "local (per-rank) and all-reduced gradient norms under DDP (docs/noise_scale.md; per-rank batches when "
           "the batch size was not given); null: not measured or not settled yet", "max", nullable=True),
+    # loss-scale headroom and optimizer-aware signals (docs/statistics.md, "Loss-scale headroom")
+    Field("zeros", "i8", "elements", "count of exactly-zero elements (dead units: zeros / numel); null from agents "
+          "that did not send it", "sum", "never", nullable=True),
+    Field("headroom", "f8", "powers of two", "overflow headroom of the scaled gradient: log2(65504 / (maxabs · S)), "
+          "S the loss scale the backward used (< 0: it overflowed fp16); null without a loss scaler", "min",
+          nullable=True),
+    Field("underflow", "i8", "elements", "non-zero elements whose scaled magnitude |g·S| is below fp16's smallest "
+          "normal 2^-14 (share: underflow / (numel − zeros)); null without a loss scaler", "sum", "never",
+          nullable=True),
+    Field("mom_cos", "f8", "cosine", "cosine between the gradient and the optimizer's momentum buffer before the step "
+          "(SGD momentum_buffer, Adam/AdamW exp_avg); null where the optimizer keeps none", "whole", nullable=True),
+    Field("upd_ratio", "f8", "ratio", "relative update ‖Δw‖/‖w‖ of the step (Adam/AdamW and SGD with momentum: "
+          "exact from their state; other optimizers: |‖w_new‖ − ‖w‖| / ‖w‖, a lower bound); null on skipped steps",
+          "whole", nullable=True),
 )
 LAYER_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in LAYER_FIELDS)
 #: Stored float fields in nan_mask bit order (bit k for the k-th).
@@ -121,9 +137,11 @@ DERIVED_LAYER_FIELDS: tuple[Derived, ...] = (
 
 #: Per-layer statistics a series, the live stream or an export may name.
 SERIES_LAYER_STATS: tuple[str, ...] = (
-    "numel", "nonfinite", *(n for n in LAYER_FLOAT_FIELDS if n != "m2"), *(d.name for d in DERIVED_LAYER_FIELDS))
+    *(f.name for f in LAYER_FIELDS if not f.is_float), *(n for n in LAYER_FLOAT_FIELDS if n != "m2"),
+    *(d.name for d in DERIVED_LAYER_FIELDS))
 #: Float statistics the 64-step rollup keeps min/max/sum/count/NaN-count of (derived ones included).
-ROLLUP_STATS: tuple[str, ...] = tuple(s for s in SERIES_LAYER_STATS if s not in ("numel", "nonfinite"))
+ROLLUP_STATS: tuple[str, ...] = tuple(s for s in SERIES_LAYER_STATS if s in LAYER_FLOAT_FIELDS or s not in
+                                      LAYER_FIELD_NAMES)
 
 
 def layer_field(name: str) -> Field | Derived:

@@ -35,6 +35,7 @@ from .spec import Moments, merge_moments, moments_var, std_of
 
 __all__ = [
     "MOMENT_COLUMNS",
+    "COUNT_COLUMNS",
     "layer_moments",
     "RowStats",
     "row_stats",
@@ -50,6 +51,9 @@ __all__ = [
 
 #: Columns of :func:`layer_moments`' result.
 MOMENT_COLUMNS = ("sum", "l2", "maxabs", "nonfinite", "m2")
+#: Columns appended with ``counts=True``: non-zero elements (NaN and ±inf included) and the
+#: elements ``x`` with ``|x|·small_mult < 1`` and ``x != 0`` (0 without ``small_mult``).
+COUNT_COLUMNS = ("nonzero", "small")
 
 
 def _group_indices(tensors: Sequence[Tensor]) -> list[list[int]]:
@@ -91,7 +95,7 @@ def row_stats(grads: Sequence[Tensor], sum_idx: Sequence[int] = (), norm_idx: Se
 
 
 def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | None = None,
-                   rows: RowStats | None = None) -> Tensor:
+                   rows: RowStats | None = None, nonzero_counts: bool = False, small_mult: Tensor | None = None) -> Tensor:
     """(k, 5) float32 moments of same-device, same-dtype dense tensors (``idx``: their indices
     in ``rows``; a tensor with row sums or row norms there is not read again for them).
 
@@ -109,7 +113,12 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
       so those chunks upcast ``−x`` to fp32 first (one foreach op: ``x·(−1)`` against a fp32
       (1,)-tensor);
     - eager non-finite counts (accelerators): ``x·0`` is NaN exactly where ``x`` is not finite,
-      and its 0-"norm" counts them.
+      and its 0-"norm" counts them;
+    - ``nonzero_counts``: the 0-"norm" of ``x`` (non-zero elements; NaN counts as non-zero) and, with
+      ``small_mult`` (a 0-dim tensor ``k``), the 0-"norm" of ``floor(min(|x|·k, 1))``, which is 1
+      exactly where ``|x|·k >= 1`` or x is NaN (NaN propagates through clamp and floor), so
+      ``nonzero − that`` counts ``0 < |x| < 1/k`` exactly. ``|x|`` is taken from ``d = −x``
+      before the shift (fp32 for fp16/bf16 input): 5 foreach ops per chunk in all.
 
     No host sync."""
     dev = ts[0].device
@@ -126,6 +135,8 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
     q: list[Tensor] = []
     cnt: list[Tensor] = []
     means: list[Tensor] = []
+    nz: list[Tensor] = []
+    big: list[Tensor] = []
     live = [j for j, t in enumerate(ts) if t.numel() > 0]  # foreach max refuses empty tensors
     xs = [ts[j] for j in live]
     ns = [float(x.numel()) for x in xs]
@@ -140,6 +151,14 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
         means.extend(cs)
         d = torch._foreach_mul(part, [minus] * len(part)) if minus is not None else torch._foreach_neg(part)
         lo.extend(torch._foreach_max(d))  # = −min x
+        if nonzero_counts:
+            nz.extend(torch._foreach_norm(part, 0, dtype=torch.float32))
+            if small_mult is not None:
+                ab = torch._foreach_abs(d)
+                torch._foreach_mul_(ab, small_mult)
+                torch._foreach_clamp_max_(ab, 1.0)
+                torch._foreach_floor_(ab)
+                big.extend(torch._foreach_norm(ab, 0, dtype=torch.float32))
         torch._foreach_add_(d, cs)
         q.extend(torch._foreach_norm(d, 2, dtype=hp))
         if eager_nonfinite:
@@ -157,6 +176,8 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
     maxabs = torch.zeros(k, dtype=torch.float32, device=dev)
     m2 = torch.zeros(k, dtype=torch.float32, device=dev)
     nonfinite = torch.zeros(k, dtype=torch.float32, device=dev)
+    nonzero = torch.zeros(k, dtype=torch.float32, device=dev)
+    small = torch.zeros(k, dtype=torch.float32, device=dev)
     if xs:
         sel = None if len(live) == k else device_tensor(live, torch.long, dev)
         sl = (s if sel is None else s.index_select(0, sel)).to(hp)
@@ -173,13 +194,21 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
         if eager_nonfinite:
             f = torch.stack(cnt)
             nonfinite = f if sel is None else nonfinite.index_copy_(0, sel, f)
+        if nonzero_counts:
+            z = torch.stack(nz)
+            sm = z - torch.stack(big) if small_mult is not None else torch.zeros_like(z)
+            nonzero = z if sel is None else nonzero.index_copy_(0, sel, z)
+            small = sm if sel is None else small.index_copy_(0, sel, sm)
     if not eager_nonfinite:
         # CPU: reading the norms costs nothing, so count only where a norm is not finite
         bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
         if bad:
             counts = torch._foreach_norm(torch._foreach_mul([ts[j] for j in bad], 0.0), 0, dtype=torch.float32)
             nonfinite.index_copy_(0, device_tensor(bad, torch.long, dev), torch.stack(counts))
-    return torch.stack([s, norms, maxabs, nonfinite, m2], dim=1)
+    cols = [s, norms, maxabs, nonfinite, m2]
+    if nonzero_counts:
+        cols += [nonzero, small]
+    return torch.stack(cols, dim=1)
 
 
 #: Elements per chunk (512 KiB of fp32): small tensors share a chunk (few launches) and each chunk
@@ -210,7 +239,7 @@ def _chunks(xs: Sequence[Tensor]) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = None, out_device: torch.device | None = None,
-                  rows: RowStats | None = None) -> Tensor:
+                  rows: RowStats | None = None, counts: bool = False, small_mult: Tensor | None = None) -> Tensor:
     """Raw per-tensor moments of dense gradients, in the order given.
 
     Args:
@@ -222,26 +251,32 @@ def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = Non
         rows: row sums/norms already taken of some of ``grads`` (:func:`row_stats`, same
             indices): those tensors' sum and L2 columns are derived from their rows (the same
             fp32 values up to summation order) instead of another read.
+        counts: also count, in the same pass, the non-zero elements and (with ``small_mult``, a
+            0-dim float tensor ``k`` on the gradients' device) the non-zero elements with
+            ``|x|·k < 1`` (:data:`COUNT_COLUMNS`; loss-scale underflow with ``k = S·2^14``).
 
     Returns:
-        ``(len(grads), 5)`` float32 tensor with columns :data:`MOMENT_COLUMNS`. No host sync on
-        accelerators.
+        ``(len(grads), 5)`` float32 tensor with columns :data:`MOMENT_COLUMNS` (7 with ``counts``:
+        :data:`COUNT_COLUMNS` appended; counts are float32, exact up to 2^24 per tensor). No host
+        sync on accelerators.
     """
+    width = len(MOMENT_COLUMNS) + (len(COUNT_COLUMNS) if counts else 0)
     if not grads:
-        return torch.zeros((0, len(MOMENT_COLUMNS)), dtype=torch.float32, device=out_device)
+        return torch.zeros((0, width), dtype=torch.float32, device=out_device)
     out_device = out_device or grads[0].device
     groups = _group_indices(grads)
     results: list[Tensor] = []
     for idx in groups:
         ts = [grads[i] for i in idx]
         eager = eager_nonfinite if eager_nonfinite is not None else ts[0].device.type != "cpu"
-        results.append(_moments_group(ts, eager, idx, rows).to(out_device, non_blocking=True))
+        mult = small_mult.to(ts[0].device) if small_mult is not None else None
+        results.append(_moments_group(ts, eager, idx, rows, counts, mult).to(out_device, non_blocking=True))
     if len(groups) == 1:
         return results[0]
     if [i for idx in groups for i in idx] == list(range(len(grads))):
         # already grouped (GradContext orders grads group by group): no host-built index needed
         return torch.cat(results)
-    out = torch.empty((len(grads), len(MOMENT_COLUMNS)), dtype=torch.float32, device=out_device)
+    out = torch.empty((len(grads), width), dtype=torch.float32, device=out_device)
     for idx, r in zip(groups, results):
         out[device_tensor(idx, torch.long, out_device)] = r  # no blocking host-to-device copy
     return out

@@ -246,6 +246,7 @@ class Watcher:
         self._step = 0
         self._closed = False
         self._scaler_pending = False
+        self._held: Any = None  # a recorded step waiting for its post-step part (optimizer.step's post-hook)
         self._union_cache: tuple[tuple[int, ...], list[Transform]] | None = None
         self._report, self._failures = warn_once_factory()
         self._hooks: list[Any] = []
@@ -369,6 +370,35 @@ class Watcher:
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._scaler_pending = False
+        held, self._held = self._held, None
+        if held is not None:
+            with self._guard("measuring the relative update"):
+                self._recorder.post_step(held, optimizer)
+            self._put(held)
+
+    def _hold_or_put(self, pending: Any) -> None:
+        """A record whose post-step part (the relative update) is still to come waits for the
+        post-hook of this ``optimizer.step()``; any other goes to the sink now."""
+        self._release_held()
+        if pending is None or self.sink is None:
+            return
+        if pending.params:
+            self._held = pending
+        else:
+            self.sink.put(pending)
+
+    def _release_held(self) -> None:
+        """Hand a held record over without its post-step part (the post-hook never came: the
+        step raised, or the watcher closes)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.params = []
+            self._put(held)
+
+    def _put(self, pending: Any) -> None:
+        if self.sink is not None:
+            with self._guard("recording a step"):
+                self.sink.put(pending)
 
     def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
         step = self._step
@@ -403,12 +433,11 @@ class Watcher:
         pending = self._recorder.step(
             params, transforms=transforms, record=record, step=step, time=now, rank=self.rank,
             found_inf=found_inf, loss_scale=loss_scale, grad_scale=grad_scale,
-            has_scaler=ts is not None or found_inf is not None,
+            has_scaler=ts is not None or found_inf is not None, optimizer=optimizer,
             noise=self._noise_update(record, loss_scale=loss_scale, found_inf=found_inf,
                                      grads_scaled=grad_scale is not None),
         )
-        if pending is not None and self.sink is not None:
-            self.sink.put(pending)
+        self._hold_or_put(pending)
 
     def _noise_install(self) -> None:
         """Register the noise-scale comm hook at the first optimizer step (after the user's own
@@ -494,9 +523,9 @@ class Watcher:
                     self._params(), transforms=union, record=record, step=step, time=_time.time(), rank=self.rank,
                     skip=bool(skipped), loss_scale=getattr(scaler, "_scale", None), has_scaler=True,
                     noise=self._noise_update(record, loss_scale=getattr(scaler, "_scale", None), skipped=bool(skipped)),
+                    optimizer=optimizer,
                 )
-                if pending is not None and self.sink is not None:
-                    self.sink.put(pending)
+                self._hold_or_put(pending)
         except (TransformError, ValueError):
             self._scaler_pending = False  # no optimizer.step() follows
             self._step = step
@@ -581,6 +610,7 @@ class Watcher:
         if self._closed:
             return
         self._closed = True
+        self._release_held()
         for h in self._hooks:
             h.remove()
         self._hooks = []

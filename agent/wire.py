@@ -699,7 +699,8 @@ def _lost(v: Any) -> dict[str, int] | None:
 
 def _from_v1(cols: dict[str, Any], n: int, as_array: bool) -> dict[str, Any]:
     """Version-1 columns as version-2 ones: ``m2 = var · numel`` (as exact as the var it was
-    sent with), ``wnorm`` not measured; ``std`` is dropped (derived from m2 when read)."""
+    sent with), ``wnorm`` and every later nullable field not measured; ``std`` is dropped
+    (derived from m2 when read)."""
     m2 = [v * k if v is not None and k is not None else None for v, k in zip(cols["var"], cols["numel"])]
     out = {k: cols[k] for k in LAYER_FIELDS if k in cols}
     out["m2"] = array("d", m2) if as_array and None not in m2 else m2

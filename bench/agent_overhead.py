@@ -47,6 +47,7 @@ a cost a user already accepts), and the aten ops one recorded step issues on the
 
     .venv/bin/python bench/agent_overhead.py --small-steps-only   # the small-step table, ~3 min here
     .venv/bin/python bench/agent_overhead.py --moments-only --moments-before ../main/agent   # layer_moments alone, before/after
+    .venv/bin/python bench/agent_overhead.py --signals-only   # issue 14's per-layer signals against the statistics pass
     .venv/bin/python bench/agent_overhead.py                  # everything: ~10 min of step tables + ~2 min
     .venv/bin/python bench/agent_overhead.py --skip-steps     # transform tables only, ~2 min here
     .venv/bin/python bench/agent_overhead.py --models resnet20 --rounds 3 --block 10
@@ -398,6 +399,149 @@ def print_moments(res: list[dict[str, Any]], rounds: int) -> None:
     sys.stdout.flush()
 
 
+def bench_signals(rounds: int) -> list[dict[str, Any]]:
+    """Issue 14 (parts 3 and 5): what each per-layer signal costs, one thread, interleaved call
+    by call against the plain statistics pass (``layer_moments``, as before these signals) and
+    one read pass (``_foreach_norm``) over the same gradients, with the aten ops of one call.
+    The underflow count needs a loss scale (multiplier ``S·2^14``); ``mom_cos`` reads an SGD
+    momentum buffer per gradient; ``upd_ratio`` is timed for its three routes (Adam state, SGD
+    momentum buffer, weight norm after the step) on optimizers stepped once."""
+    from gradwatch.agent.signals import momentum_cosine, update_norms
+    from gradwatch.agent.stats import layer_moments
+
+    out = []
+    g = torch.Generator().manual_seed(0)
+    cases: list[tuple[str, list[nn.Parameter]]] = []
+    for name in ("resnet20", "mlp", "transformer"):
+        cases.append((name, list(make_task(name)[0].parameters())))
+    cases.append(("deep MLP 302 x 128", list(_deep_mlp(302, 128).parameters())))
+    mult = torch.tensor(2.0**30)
+    cpu = torch.device("cpu")
+    for name, params in cases:
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        grads = [p.grad for p in params]  # type: ignore[misc]
+        opts = {"adam": torch.optim.Adam(params, lr=1e-3), "sgd": torch.optim.SGD(params, lr=0.01, momentum=0.9),
+                "plain": torch.optim.SGD(params, lr=0.01)}
+        for o in opts.values():
+            o.step()
+        bufs = [opts["sgd"].state[p]["momentum_buffer"] for p in params]
+        ops: dict[str, Callable[[], object]] = {
+            "one read pass (_foreach_norm)": lambda gs=grads: torch._foreach_norm(gs),
+            "statistics pass (before)": lambda gs=grads: layer_moments(gs),
+            "+ zeros": lambda gs=grads: layer_moments(gs, counts=True),
+            "+ zeros + underflow": lambda gs=grads: layer_moments(gs, counts=True, small_mult=mult),
+            "mom_cos": lambda gs=grads, bs=bufs: momentum_cosine(gs, bs, cpu),
+            "upd_ratio (Adam state)": lambda ps=params, o=opts["adam"]: update_norms(o, ps, cpu),
+            "upd_ratio (SGD buffer)": lambda ps=params, o=opts["sgd"]: update_norms(o, ps, cpu),
+            "upd_ratio (weight norm)": lambda ps=params, o=opts["plain"]: update_norms(o, ps, cpu),
+        }
+        counts: dict[str, int] = {}
+        for k, f in ops.items():
+            f()
+            with _OpCount() as c:
+                f()
+            counts[k] = sum(c.ops.values())
+        ts: dict[str, list[float]] = {k: [] for k in ops}
+        keys = list(ops)
+        for r in range(rounds):
+            for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+                t0 = time.perf_counter()
+                ops[k]()
+                ts[k].append(time.perf_counter() - t0)
+        ms = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
+        out.append({"case": name, "tensors": len(grads), "elements": sum(t.numel() for t in grads), "ms": ms,
+                    "ops": counts})
+    return out
+
+
+@contextlib.contextmanager
+def _signals_off() -> Any:
+    """watch() as before issue 14's signals: the statistics pass without its counts, no momentum
+    cosine, no post-step part (bench only: module attributes swapped for the duration)."""
+    from gradwatch.agent import record
+
+    saved = (record.layer_moments, record.momentum_buffers, record.Recorder.post_step)
+    orig = saved[0]
+
+    def moments(grads: Any, **kw: Any) -> torch.Tensor:
+        kw.pop("counts", None), kw.pop("small_mult", None)
+        m = orig(grads, **kw)
+        return torch.cat([m, m.new_zeros((m.shape[0], 2))], 1)
+
+    record.layer_moments = moments  # type: ignore[assignment]
+    record.momentum_buffers = lambda o, ps: [None] * len(ps)  # type: ignore[assignment]
+    record.Recorder.post_step = lambda self, pending, opt: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        record.layer_moments, record.momentum_buffers, record.Recorder.post_step = saved  # type: ignore[method-assign]
+
+
+def bench_signals_steps(tasks: list[str], rounds: int, block: int, tmp: Path) -> list[dict[str, Any]]:
+    """Whole training steps (Adam under gradwatch's GradScaler, CPU), interleaved block by block:
+    no watcher, watch() with the signals switched off (as before them), watch() with all of
+    them; ratios per round, median [min-max]."""
+    from gradwatch.agent import GradScaler, watch
+
+    out = []
+    for task in tasks:
+        model, loss_fn = make_task(task)
+        vs = {}
+        for name in ("base", "watch, signals off", "watch, all signals"):
+            m = copy.deepcopy(model)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+            sc = GradScaler("cpu", init_scale=2.0**10)
+            w = None if name == "base" else watch(m, opt, server=f"file:{tmp / f'sig-{task}-{len(vs)}.gwrec'}",
+                                                   project="bench", every=1)
+
+            def step(m: nn.Module = m, opt: Any = opt, sc: Any = sc, loss_fn: Any = loss_fn) -> None:
+                opt.zero_grad(set_to_none=True)
+                sc.scale(loss_fn(m)).backward()
+                sc.step(opt)
+                sc.update()
+
+            vs[name] = (step, w)
+        off = "watch, signals off"
+        for name, (step, _) in vs.items():
+            for _ in range(3):
+                with _signals_off() if name == off else contextlib.nullcontext():
+                    step()
+        meds: dict[str, list[float]] = {k: [] for k in vs}
+        keys = list(vs)
+        for r in range(rounds):
+            for k in keys[r % 3:] + keys[: r % 3]:
+                step = vs[k][0]
+                ts = []
+                with _signals_off() if k == off else contextlib.nullcontext():
+                    for _ in range(block):
+                        t0 = time.perf_counter()
+                        step()
+                        ts.append(time.perf_counter() - t0)
+                meds[k].append(statistics.median(ts))
+        for _, w in vs.values():
+            if w is not None:
+                w.close()
+        rat = {k: [a / b for a, b in zip(meds[k], meds["base"])] for k in keys[1:]}
+        rat["all / off"] = [a / b for a, b in zip(meds["watch, all signals"], meds[off])]
+        out.append({"task": task, "base_ms": statistics.median(meds["base"]) * 1e3,
+                    "ratios": {k: (statistics.median(v), min(v), max(v)) for k, v in rat.items()}})
+    return out
+
+
+def print_signals(res: list[dict[str, Any]], rounds: int) -> None:
+    print(f"\n## per-layer signals (issue 14), one thread, median of {rounds} interleaved calls; "
+          "ratios to the statistics pass before them and to one read pass")
+    for r in res:
+        base, read = r["ms"]["statistics pass (before)"], r["ms"]["one read pass (_foreach_norm)"]
+        print(f"\n{r['case']}: {r['tensors']} tensors, {r['elements'] / 1e6:.2f}M elements\n")
+        print("| op | ms | / statistics pass | / one read pass | aten ops |")
+        print("|---|---|---|---|---|")
+        for k, ms in r["ms"].items():
+            print(f"| {k} | {ms:.3f} | {ms / base:.2f} | {ms / read:.2f} | {r['ops'][k]} |")
+    sys.stdout.flush()
+
+
 def print_small(res: list[dict[str, Any]], width: int, batch: int, rounds: int) -> None:
     print(f"\n## small steps: deep MLPs (width {width}, batch {batch}), one thread, watch(every=1) with all "
           f"statistics to a file sink against clip_grad_norm_(params, inf, foreach=True); median of {rounds} "
@@ -624,6 +768,9 @@ def main() -> int:
     ap.add_argument("--moments-before", type=Path, default=None,
                     help="another checkout's agent/ folder: its layer_moments interleaved against this one's")
     ap.add_argument("--moments-rounds", type=int, default=15)
+    ap.add_argument("--signals-only", action="store_true",
+                    help="only the per-layer signals table (zeros, underflow, mom_cos, upd_ratio; one thread)")
+    ap.add_argument("--signals-rounds", type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -637,6 +784,22 @@ def main() -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if args.signals_only:
+            torch.set_num_threads(1)
+            print_signals(bench_signals(args.signals_rounds), args.signals_rounds)
+            torch.set_num_threads(args.threads)
+            steps = bench_signals_steps(args.models.split(","), args.rounds, args.block, tmp)
+            print(f"\n## whole steps: Adam under GradScaler (CPU, {args.threads} threads), median over "
+                  f"{args.rounds} rounds of {args.block} steps [min-max]")
+            print("| model | base step ms | watch, signals off / base | watch, all signals / base | all / off |")
+            print("|---|---|---|---|---|")
+            for r in steps:
+                q = r["ratios"]
+                cells = [f"{q[k][0]:.3f} [{q[k][1]:.3f}-{q[k][2]:.3f}]"
+                         for k in ("watch, signals off", "watch, all signals", "all / off")]
+                print(f"| {r['task']} | {r['base_ms']:.1f} | " + " | ".join(cells) + " |")
+            print(f"\n(bench wall time {(time.perf_counter() - t_start) / 60:.1f} min)")
+            return 0
         if args.moments_only:
             torch.set_num_threads(1)
             print_moments(bench_moments(args.moments_before, args.moments_rounds), args.moments_rounds)

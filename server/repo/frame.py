@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -62,7 +62,8 @@ def _column(pieces: Sequence[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndar
                 nulls = [np.zeros(len(q), bool) for q in pieces[:i]]
             isnull = np.fromiter((v is None for v in p), bool, len(p))
             nulls.append(isnull)
-            parts.append(np.array([np.nan if v is None else v for v in p], dtype=dtype))
+            fill = np.nan if dtype.kind == "f" else 0  # an integer column's NULLs are in the mask only
+            parts.append(np.array([fill if v is None else v for v in p], dtype=dtype))
         else:
             parts.append(np.array(p, dtype=dtype))
             if nulls is not None:
@@ -71,6 +72,13 @@ def _column(pieces: Sequence[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndar
         return np.empty(0, dtype), None
     vals = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return vals, (None if nulls is None else np.concatenate(nulls))
+
+
+def _field(s: Any, name: str) -> Any:
+    """One step's column; a nullable field the record does not hold (built in process by code
+    that predates it) is not measured: all NULL."""
+    col = s.layers.get(name)
+    return [None] * len(s.layer_ids) if col is None else col
 
 
 @dataclass(slots=True)
@@ -85,6 +93,8 @@ class LayerFrame:
     stored_null: list[np.ndarray | None]  # per float column: stored as NULL (NaN or not measured); None = none
     nan: list[np.ndarray | None]  # per float column: was NaN; None = none
     nan_mask: np.ndarray  # int64
+    # per integer field: stored as NULL (not measured: a nullable count such as zeros); None = none
+    int_null: list[np.ndarray | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.step)
@@ -100,14 +110,14 @@ class LayerFrame:
         layer_id = lut[idx] if n else idx
         step = np.repeat(np.fromiter((s.step for s in steps), np.int64, len(steps)), counts)
         rank = np.repeat(np.fromiter((s.rank for s in steps), np.int64, len(steps)), counts)
-        ints = [_column([s.layers[k] for s in steps], _I8)[0] for k in _INT_FIELDS]
+        int_cols = [_column([_field(s, k) for s in steps], _I8) for k in _INT_FIELDS]
+        ints = [v for v, _ in int_cols]
         floats: list[np.ndarray] = []
         stored_null: list[np.ndarray | None] = []
         nans: list[np.ndarray | None] = []
         nan_mask = np.zeros(n, np.int64)
         for bit, name in enumerate(LAYER_FLOAT_COLUMNS):
-            # a nullable column left out of an in-process record (not measured) is all null
-            vals, null = _column([s.layers.get(name) or [None] * len(s.layer_ids) for s in steps], _F8)
+            vals, null = _column([_field(s, name) for s in steps], _F8)
             isnan = np.isnan(vals)
             if not isnan.any():
                 floats.append(vals)
@@ -122,7 +132,7 @@ class LayerFrame:
                 nan_mask |= nan.astype(np.int64) << bit
             else:
                 nans.append(None)
-        return cls(layer_id, step, rank, ints, floats, stored_null, nans, nan_mask)
+        return cls(layer_id, step, rank, ints, floats, stored_null, nans, nan_mask, [z for _, z in int_cols])
 
     @property
     def numel(self) -> np.ndarray:
@@ -135,12 +145,13 @@ class LayerFrame:
 
         return LayerFrame(self.layer_id[keep], self.step[keep], self.rank[keep], [v[keep] for v in self.ints],
                           [v[keep] for v in self.floats], [pick(z) for z in self.stored_null],
-                          [pick(z) for z in self.nan], self.nan_mask[keep])
+                          [pick(z) for z in self.nan], self.nan_mask[keep], [pick(z) for z in self.int_null])
 
     def columns(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """(values, NULL mask or None) per ``layer_stat`` column, in table order."""
         f = dict(zip(LAYER_FLOAT_COLUMNS, zip(self.floats, self.stored_null)))
-        f.update((k, (v, None)) for k, v in zip(_INT_FIELDS, self.ints))
+        nulls = self.int_null or [None] * len(self.ints)
+        f.update((k, (v, z)) for k, v, z in zip(_INT_FIELDS, self.ints, nulls))
         return [(self.layer_id, None), (self.step, None), (self.rank, None), *(f[x.name] for x in LAYER_FIELDS),
                 (self.nan_mask, None)]
 

@@ -805,9 +805,16 @@ def test_empty_scalar_and_one_element_params() -> None:
     assert cols["empty"]["numel"] == 0 and cols["empty"]["mean"] == 0.0 and cols["empty"]["l2"] == 0.0
     assert cols["scalar"] == {"numel": 1, "mean": 9.0, "m2": 0.0, "var": 0.0, "std": 0.0, "l2": 9.0, "maxabs": 9.0,
                               "nonfinite": 0, "wnorm": 2.0, "l2_post": pytest.approx(9.0 / math.hypot(9.0, 6.0), rel=1e-5),
-                              "noise_scale": None}  # not measured: no DDP, not asked for
+                              "noise_scale": None,  # not measured: no DDP, not asked for
+                              # no loss scaler: no headroom/underflow; AdamW's exp_avg exists from step 1 on
+                              "zeros": 0, "headroom": None, "underflow": None, "mom_cos": None,
+                              # AdamW's first step: |Δw| = lr·wd·w + lr·g/(|g|+eps) = 0.002 + 0.1, over |w| = 2
+                              "upd_ratio": pytest.approx(0.102 / 2.0, rel=1e-6)}
     assert cols["one"]["mean"] == 6.0 and cols["one"]["var"] == 0.0
-    assert all(math.isfinite(v) for c in cols.values() for k, v in c.items() if k != "noise_scale")
+    assert all(math.isfinite(v) for c in cols.values() for v in c.values() if v is not None)
+    later = w.sink.steps[1]
+    assert [later.layers["mom_cos"][j] for j, i in enumerate(later.layer_ids)
+            if w.sink.layers[i].name != "empty"] == [1.0, 1.0]  # the same gradient both steps
     w.close()
 
 

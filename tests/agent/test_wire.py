@@ -10,6 +10,7 @@ import random
 import pytest
 
 from gradwatch.agent import wire
+from gradwatch.agent.spec import LAYER_FIELDS as LAYER_SPEC
 from gradwatch.agent.wire import (
     LAYER_FIELDS,
     WIRE_VERSION,
@@ -49,7 +50,7 @@ def _random_batch(rng: random.Random, n_layers: int = 5, n_steps: int = 3) -> Ba
     steps = []
     for s in range(n_steps):
         ids = sorted(rng.sample(range(n_layers), rng.randint(0, n_layers)))
-        cols = {k: ([rng.randint(0, 10**12) for _ in ids] if k in ("numel", "nonfinite") else [f() for _ in ids])
+        cols = {k: ([rng.randint(0, 10**12) for _ in ids] if k in _INTS else [f() for _ in ids])
                 for k in LAYER_FIELDS}
         cols["l2_post"] = [None if rng.random() < 0.3 else f() for _ in ids]
         cols["m2"] = [abs(x) for x in cols["m2"]]  # never negative (the decoder refuses it)
@@ -65,6 +66,10 @@ def _random_batch(rng: random.Random, n_layers: int = 5, n_steps: int = 3) -> Ba
         events=[Event("overflow", 2, 1.7e9, 0, {"scale_before": f(), "layers": ["a", "b"]})],
         status=rng.choice([None, "running", "finished", "crashed"]),
     )
+
+
+#: the integer per-layer columns (counts), from the spec
+_INTS = tuple(f.name for f in LAYER_SPEC if not f.is_float)
 
 
 @pytest.mark.parametrize("seed", range(50))
@@ -203,7 +208,7 @@ def test_encode_float_rules() -> None:
 def _one_layer_step(col: object, name: str = "mean") -> dict:
     d = _valid()
     d["steps"][0]["layer_ids"] = [0, 1]
-    d["steps"][0]["layers"] = {k: ([1, 2] if k in ("numel", "nonfinite") else [1.0, 2.0]) for k in LAYER_FIELDS}
+    d["steps"][0]["layers"] = {k: ([1, 2] if k in _INTS else [1.0, 2.0]) for k in LAYER_FIELDS}
     d["steps"][0]["layers"][name] = col
     return d
 
@@ -360,7 +365,7 @@ def test_version_1_batches_decode_to_version_2_columns(seed: int, packed: bool) 
 def test_negative_m2_is_refused() -> None:
     d = _valid()
     d["steps"][0]["layer_ids"] = [0, 1]
-    d["steps"][0]["layers"] = {k: ([1, 2] if k in ("numel", "nonfinite") else [1.0, 2.0]) for k in LAYER_FIELDS}
+    d["steps"][0]["layers"] = {k: ([1, 2] if k in _INTS else [1.0, 2.0]) for k in LAYER_FIELDS}
     d["steps"][0]["layers"]["m2"] = [1.0, -1e-30]
     with pytest.raises(WireError, match=r"layers\.m2: a centred second moment is never negative"):
         batch_from_dict(d)

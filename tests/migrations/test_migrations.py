@@ -289,3 +289,49 @@ def test_0004_backfills_transform_values_from_the_step_json(empty_url: str) -> N
         assert "transform_value" not in set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
+
+
+def test_0008_adds_the_signal_columns_null_and_downgrades_cleanly(empty_url: str) -> None:
+    """A database at 0007n holding rows, blocks and coarse blocks: upgrading adds zeros, headroom,
+    underflow, mom_cos and upd_ratio to ``layer_stat`` (NULL: not measured, no NaN bit) and their rollup
+    aggregates (count 0) to both levels, keeping every row; a row written afterwards stores them;
+    downgrading to 0007n drops exactly those columns and keeps the rows."""
+    from sqlalchemy import text
+
+    new_layer = {"zeros", "headroom", "underflow", "mom_cos", "upd_ratio"}
+    new_rollup = {f"{s}_{a}" for s in ("headroom", "mom_cos", "upd_ratio") for a in ("min", "max", "sum", "cnt", "nan")}
+    engine = make_engine(empty_url)
+    try:
+        upgrade_to_head(engine, "0007n")
+        rows = [{"lid": 1, "step": s, "rank": 0, "numel": 10, "mean": 0.5, "m2": 1.0, "l2": 2.0, "mask": 0}
+                for s in range(0, 200, 7)]
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO layer_stat (layer_id, step, rank, numel, mean, m2, l2, nan_mask) "
+                              "VALUES (:lid, :step, :rank, :numel, :mean, :m2, :l2, :mask)"), rows)
+            conn.execute(text(_rollup_0003()))
+        before = {t: {c["name"] for c in inspect(engine).get_columns(t)}
+                  for t in ("layer_stat", "layer_stat_block", "layer_stat_coarse")}
+        assert not (new_layer & before["layer_stat"]) and not (new_rollup & before["layer_stat_block"])
+        upgrade_to_head(engine, "0008")
+        cols = {t: {c["name"] for c in inspect(engine).get_columns(t)} for t in before}
+        assert cols["layer_stat"] - before["layer_stat"] == new_layer
+        assert cols["layer_stat_block"] - before["layer_stat_block"] == new_rollup
+        assert cols["layer_stat_coarse"] - before["layer_stat_coarse"] == new_rollup
+        with engine.begin() as conn:
+            got = conn.execute(text("SELECT zeros, headroom, underflow, mom_cos, nan_mask FROM layer_stat")).all()
+            assert [tuple(r) for r in got] == [(None, None, None, None, 0)] * len(rows)
+            blk = conn.execute(text("SELECT headroom_min, headroom_cnt, headroom_nan, mom_cos_sum, mom_cos_cnt "
+                                    "FROM layer_stat_block")).all()
+            assert blk and all(tuple(b) == (None, 0, 0, None, 0) for b in blk)
+            conn.execute(text("INSERT INTO layer_stat (layer_id, step, rank, numel, zeros, headroom, underflow, "
+                              "mom_cos, nan_mask) VALUES (2, 1, 0, 10, 3, 4.5, 2, -0.25, 0)"))
+            assert tuple(conn.execute(text("SELECT zeros, headroom, underflow, mom_cos FROM layer_stat "
+                                           "WHERE layer_id = 2")).one()) == (3, 4.5, 2, -0.25)
+        downgrade(engine, "0007n")
+        assert {t: {c["name"] for c in inspect(engine).get_columns(t)} for t in before} == before
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM layer_stat")).scalar_one() == len(rows) + 1
+            assert conn.execute(text("SELECT sum(n) FROM layer_stat_block")).scalar_one() == len(rows)
+        upgrade_to_head(engine)
+    finally:
+        engine.dispose()

@@ -35,6 +35,11 @@ def _value(rnd: random.Random) -> float:
     return rnd.uniform(-5, 5) * 10 ** rnd.randint(-30, 30)
 
 
+#: nullable fields of the spec (not measured by some agents or steps)
+_NULLABLE = {f.name for f in LAYER_FIELDS if f.nullable}
+_NULLABLE_INTS = [f.name for f in LAYER_FIELDS if f.nullable and not f.is_float]
+
+
 def random_batch(seed: int, packed: bool) -> wire.Batch:
     rnd = random.Random(seed)
     n_layers = rnd.randint(1, 12)
@@ -46,11 +51,15 @@ def random_batch(seed: int, packed: bool) -> wire.Batch:
             ids = sorted(rnd.sample(range(n_layers), rnd.randint(0, n_layers)))
             cols: dict[str, Any] = {"numel": [rnd.randint(0, 1 << 40) for _ in ids],
                                     "nonfinite": [rnd.randint(0, 9) for _ in ids]}
+            for name in _NULLABLE_INTS:  # counts of later agents: absent, partly or fully measured
+                mode = rnd.random()
+                cols[name] = ([None] * len(ids) if mode < 0.3 else
+                              [None if mode < 0.45 and rnd.random() < 0.5 else rnd.randint(0, 1 << 40) for _ in ids])
             for name in LAYER_FLOAT_COLUMNS:
                 mode = rnd.random()
-                if name in ("l2_post", "wnorm") and mode < 0.3:
+                if name in _NULLABLE and mode < 0.3:
                     cols[name] = [None] * len(ids)  # not measured this step
-                elif name in ("l2_post", "wnorm") and mode < 0.45:
+                elif name in _NULLABLE and mode < 0.45:
                     cols[name] = [None if rnd.random() < 0.5 else _value(rnd) for _ in ids]
                 elif mode < 0.15:
                     cols[name] = [math.nan] * len(ids)

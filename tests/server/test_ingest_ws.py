@@ -121,7 +121,8 @@ def test_live_layers_on_request_only(client, mk, post):
         assert blk["l2"] == [2.0, "NaN", "Infinity", 2.3] and blk["nonfinite"] == [0, 0, 0, 0]
         full = b["steps"][0]["layers"]
         assert set(full) == {"index", "numel", "nonfinite", "mean", "m2", "var", "std", "l2", "maxabs", "l2_post", "wnorm",
-                             "noise_scale"}
+                             "noise_scale", "zeros", "headroom", "underflow", "mom_cos", "upd_ratio"}
+        assert full["zeros"] == full["upd_ratio"] == [None] * 4  # this batch's agent did not measure them
         assert full["numel"] == [10, 20, 30, 40] and full["mean"] == [1.0, 1.1, 1.2, 1.3]
     with client.websocket_connect("/api/v1/runs/run1/live?layers=l2,bogus") as ws:
         closed = _closed(ws)
