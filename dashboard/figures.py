@@ -33,11 +33,22 @@ HEATMAP_STATS: dict[str, tuple[str, str, bool, str]] = {
     "nonfinite": ("nonfinite", "non-finite elements", False, "count of NaN/±inf gradient elements"),
     "l2_post": ("l2_post", "log10 L2 after transforms", True, "L2 norm after clipping/normalization"),
     "ratio": ("wnorm", "log10 ‖g‖/‖w‖", True, "gradient norm relative to the layer's weight norm"),
+    "headroom": ("headroom", "headroom (log2)", False,
+                 "powers of two before the scaled gradient overflows fp16 (< 0: it overflowed)"),
+    "underflow": ("underflow", "underflow elements", False,
+                  "non-zero elements below fp16's smallest normal after scaling"),
+    "zeros": ("zeros", "zero elements", False, "exactly-zero gradient elements (dead units)"),
+    "mom_cos": ("mom_cos", "cos(gradient, momentum)", False,
+                "cosine between the gradient and the optimizer's momentum buffer"),
+    "upd_ratio": ("upd_ratio", "log10 ‖Δw‖/‖w‖", True, "relative update of the step"),
+    "noise_scale": ("noise_scale", "log10 noise scale B_simple", True, "this layer's gradient noise scale"),
 }
 #: Step-level statistics beyond the norms and the loss scale (``/steps?fields=``), each drawn as its
 #: own line on the "Step statistics" chart: field, label, log axis, what it means. One line per
 #: statistic; a run that did not record it shows a "not recorded in this run" note.
 STEP_STATS: dict[str, tuple[str, str, bool, str]] = {
+    "noise_scale": ("noise_scale", "gradient noise scale B_simple", True,
+                    "tr Σ / |G|² over all measured layers (examples, or per-rank batches without a batch size)"),
 }
 def heatmap_stat(stat: str) -> tuple[str, str, bool, str]:
     """A :data:`HEATMAP_STATS` row; a name not in the table is asked of the server as it is."""
@@ -60,7 +71,8 @@ STAT_HELP = {
 #: the root of the sum of its layers' squared norms (exact); counts add; std, variance and
 #: max |g| show the group's largest ("min": its smallest; any other statistic: its largest).
 GROUP_AGG = {"l2": "rss", "l2_post": "rss", "wnorm": "rss", "nonfinite": "sum", "maxabs": "max", "std": "max",
-             "var": "max"}
+             "var": "max", "headroom": "min", "underflow": "sum", "zeros": "sum", "mom_cos": "min", "upd_ratio": "max",
+             "noise_scale": "max"}
 _GROUP_LABEL = re.compile(r"^(.*)\.\* \((\d+) layers\)$")
 
 

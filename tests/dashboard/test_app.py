@@ -332,25 +332,25 @@ def test_statistics_a_run_lacks_say_not_recorded_and_the_tree_colours_signals(cl
 
     _ingest(client, wnorm=False, run="r2")
     # a table entry this server does not serve (422), and one it serves that this run did not record (nulls)
-    monkeypatch.setitem(fig.HEATMAP_STATS, "headroom", ("headroom", "headroom (log2)", False, "overflow headroom"))
+    monkeypatch.setitem(fig.HEATMAP_STATS, "later", ("not_yet_a_stat", "a later statistic", False, "from a newer agent"))
     monkeypatch.setitem(fig.HEATMAP_STATS, "wn", ("wnorm", "log10 ‖w‖", True, "weight norm"))
-    for stat, why in (("headroom", "this server does not serve it"), ("wn", "its agent sent no values for it")):
+    for stat, why in (("later", "this server does not serve it"), ("wn", "its agent sent no values for it"),
+                      ("headroom", "its agent sent no values for it")):
         f = heat(client, "r2", stat)["heatmap"]["figure"]
         label = fig.HEATMAP_STATS[stat][1]
         assert f["layout"]["annotations"][0]["text"] == f"{label}: not recorded in this run ({why}).", f
         assert not f["data"]
     # a name outside the table is asked as it is: the same note
-    f = heat(client, "r2", "mom_cos")["heatmap"]["figure"]
-    assert "mom_cos: not recorded in this run" in f["layout"]["annotations"][0]["text"]
+    f = heat(client, "r2", "grad_entropy")["heatmap"]["figure"]
+    assert "grad_entropy: not recorded in this run" in f["layout"]["annotations"][0]["text"]
     # step-level statistics: the same, and a line where recorded
-    monkeypatch.setitem(fig.STEP_STATS, "noise_scale", ("noise_scale", "gradient noise scale", True, "B_simple"))
     monkeypatch.setitem(fig.STEP_STATS, "coef", ("clip_coef", "clip coefficient", False, "clip"))
 
     def step_stat(name: str) -> Any:
         return callback(client, [("step-stat-graph", "figure")], [("step-stat", "value", name), ("run-id", "data", "r2"),
                                                                   ("theme", "data", "light"),
                                                                   ("reset-zoom", "n_clicks", None)])["step-stat-graph"]["figure"]
-    assert "gradient noise scale: not recorded in this run" in step_stat("noise_scale")["layout"]["annotations"][0]["text"]
+    assert "gradient noise scale B_simple: not recorded in this run" in step_stat("noise_scale")["layout"]["annotations"][0]["text"]
     assert step_stat("coef")["data"][0]["y"] == [1.0] * 5
 
     # the module tree: a non-finite latest step is critical, a detector's dead layer a warning, the rest ok

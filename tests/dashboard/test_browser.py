@@ -396,10 +396,17 @@ def test_detector_events_health_summary_module_tree_and_unrecorded_stats(server:
     page.page.locator("#events-table").scroll_into_view_if_needed()
     page.page.locator("#events-table").screenshot(path=str(page.shots / "run-detector-events.png"))
 
-    # a per-layer statistic this run did not record (a name this server does not serve): a note, no error
+    # a per-layer statistic this run recorded (it trains under a loss scaler): the loss-scale headroom heatmap
     page.js("() => window.dash_clientside.set_props('heatmap-stat', {value: 'headroom'})")
+    page.wait_js("() => { const g = document.querySelector('#heatmap .js-plotly-plot'); const d = g && g.data; "
+                 "return d && d.length && d[0].type === 'heatmap' && /headroom/.test(JSON.stringify(g.layout.title || '')) "
+                 "&& d[0].z.some(r => r.some(v => typeof v === 'number' && isFinite(v))); }")
+    page.shot("run-headroom")
+    # a per-layer statistic this run did not record (the noise scale needs DDP or accumulation): a note, no error
+    page.js("() => window.dash_clientside.set_props('heatmap-stat', {value: 'noise_scale'})")
     page.wait_js("() => { const g = document.querySelector('#heatmap .js-plotly-plot'); const a = g && g.layout && "
-                 "g.layout.annotations; return a && a.length && /headroom: not recorded in this run/.test(a[0].text); }")
+                 "g.layout.annotations; return a && a.length && /noise scale B_simple: not recorded in this run/"
+                 ".test(a[0].text); }")
     page.shot("run-not-recorded")
     assert not page.errors, page.errors
 

@@ -302,13 +302,14 @@ def test_0008_adds_the_signal_columns_null_and_downgrades_cleanly(empty_url: str
     new_rollup = {f"{s}_{a}" for s in ("headroom", "mom_cos", "upd_ratio") for a in ("min", "max", "sum", "cnt", "nan")}
     engine = make_engine(empty_url)
     try:
-        upgrade_to_head(engine, "0007n")
+        upgrade_to_head(engine, "0006")  # the frozen 0003 rollup SQL writes the 0006 block columns
         rows = [{"lid": 1, "step": s, "rank": 0, "numel": 10, "mean": 0.5, "m2": 1.0, "l2": 2.0, "mask": 0}
                 for s in range(0, 200, 7)]
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO layer_stat (layer_id, step, rank, numel, mean, m2, l2, nan_mask) "
                               "VALUES (:lid, :step, :rank, :numel, :mean, :m2, :l2, :mask)"), rows)
             conn.execute(text(_rollup_0003()))
+        upgrade_to_head(engine, "0007n")
         before = {t: {c["name"] for c in inspect(engine).get_columns(t)}
                   for t in ("layer_stat", "layer_stat_block", "layer_stat_coarse")}
         assert not (new_layer & before["layer_stat"]) and not (new_rollup & before["layer_stat_block"])
