@@ -14,6 +14,7 @@ into the server at URL, given as argv[6]).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import warnings
@@ -105,6 +106,12 @@ def main() -> None:
                             "layer_noise": s.layers["noise_scale"]} for s in sink.steps]  # type: ignore[attr-defined]
     with open(out, "w") as f:
         json.dump(result, f, allow_nan=True)
+    # Tear down in order: every rank past its last collective, then DDP's reducer (which holds the
+    # process group) before the group itself. Leaving both to interpreter exit let a gloo thread
+    # outlive its owner now and then ("terminate called without an active exception").
+    dist.barrier()
+    del model, opt, w, sink
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ of every rank's batch (the gradient DDP's all-reduce average must equal). Writes
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -73,6 +74,10 @@ def main() -> None:
         w.close()
     with open(out, "w") as f:
         json.dump(result, f, allow_nan=True)
+    # every rank past its last collective, DDP's reducer gone, then the group (see _noise_ddp_worker)
+    dist.barrier()
+    del model, opt, w
+    gc.collect()
     dist.destroy_process_group()
 
 
