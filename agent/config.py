@@ -63,6 +63,11 @@ class AgentConfig:
             (default: it adds a small all-reduce per recorded step), True (in units of per-rank
             batches) or the per-rank batch size in examples (B_simple in examples); on one
             process with gradient accumulation, the micro-batch size.
+        signals_every: measure the costlier per-layer signals (``zeros``, ``underflow``,
+            ``mom_cos``, ``upd_ratio``: ``docs/statistics.md``) on every ``signals_every``-th
+            recorded step only (default 10: on a gradient-heavy MLP they double the statistics'
+            cost, ``bench/RESULTS.md``); 1: every recorded step; 0: never. Steps without them
+            hold nulls ("not measured"). The headroom costs nothing and follows every record.
     """
 
     server: str = DEFAULT_URL
@@ -78,6 +83,7 @@ class AgentConfig:
     tags: tuple[str, ...] = ()
     disabled: bool = False
     noise_scale: bool | int = False
+    signals_every: int = 10
 
     def __post_init__(self) -> None:
         if not isinstance(self.server, str) or not self.server:
@@ -104,6 +110,9 @@ class AgentConfig:
             raise TypeError(f"tags: expected a sequence of strings, got {self.tags!r}")
         for name in ("include", "exclude"):
             _check_filter(name, getattr(self, name))
+        se = self.signals_every
+        if isinstance(se, bool) or not isinstance(se, int) or se < 0:
+            raise ValueError(f"signals_every: expected 0 (never) or a positive integer, got {se!r}")
         ns = self.noise_scale
         if not isinstance(ns, (bool, int)) or (not isinstance(ns, bool) and ns < 1):
             raise ValueError(f"noise_scale: expected True/False or the per-rank batch size (a positive integer), "

@@ -164,6 +164,7 @@ class _Measured:
     # (L_dense_all,) float32 momentum cosines and which rows have a momentum buffer (host)
     mom_cos: Tensor | None = None
     mom_has: list[bool] | None = None
+    signals: bool = True  # the sampled signals are measured on this step (the post-step part too)
 
 
 @dataclass
@@ -352,6 +353,7 @@ class Recorder:
         has_scaler: bool = False,
         noise: tuple[Tensor, NoiseLayout] | None = None,
         optimizer: Any = None,
+        signals: bool = True,
     ) -> StepPending | None:
         """Measure (when ``record``), transform, pack. Returns the pending record or None.
 
@@ -367,6 +369,8 @@ class Recorder:
             noise: the noise-scale EMA snapshot (:meth:`NoiseScale.update`), packed along.
             optimizer: the stepping optimizer, whose momentum buffers ``mom_cos`` reads (None: no
                 ``mom_cos``).
+            signals: measure the sampled signals (zero/underflow counts, ``mom_cos``,
+                ``upd_ratio``) on this recorded step; False leaves them null.
         """
         names = [self.registry.name(p) for p in params]
         ctx = GradContext(params, names, found_inf=found_inf, skip=skip, step=step)
@@ -374,7 +378,7 @@ class Recorder:
         if record:
             try:
                 meas = self._measure(ctx, grad_scale, transforms[0] if transforms and not skip else None,
-                                     loss_scale=loss_scale, optimizer=optimizer)
+                                     loss_scale=loss_scale, optimizer=optimizer, signals=signals)
             except Exception as e:  # noqa: BLE001 - a measuring failure must not cost the transforms
                 self._on_error("measuring gradients", e)
                 ctx.set_norms(None)
@@ -391,7 +395,8 @@ class Recorder:
             return None
 
     def _measure(self, ctx: GradContext, grad_scale: Tensor | None, first: Transform | None = None, *,
-                 loss_scale: Tensor | float | None = None, optimizer: Any = None) -> _Measured:
+                 loss_scale: Tensor | float | None = None, optimizer: Any = None,
+                 signals: bool = True) -> _Measured:
         """Moments of every dense grad (their norms feed the context and the total norm) and of
         the measured sparse grads, before any transform. No host sync on accelerators except for
         coalescing a sparse CUDA gradient.
@@ -415,10 +420,14 @@ class Recorder:
             if want_sums or want_norms:
                 rows = row_stats(ctx.grads, want_sums, want_norms)
         # zeros and loss-scale underflow ride in the same pass (docs/statistics.md, "Loss-scale headroom")
-        mult = small_multiplier(loss_scale if grad_scale is None else grad_scale, grad_scale is not None, dev)
-        m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev, rows=rows, counts=True, small_mult=mult)
-        counts = m[:, _K:]
-        m = m[:, :_K]
+        counts = None
+        if signals:
+            mult = small_multiplier(loss_scale if grad_scale is None else grad_scale, grad_scale is not None, dev)
+            m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev, rows=rows, counts=True, small_mult=mult)
+            counts = m[:, _K:]
+            m = m[:, :_K]
+        else:
+            m = layer_moments(list(ctx.grads) + sparse_vals, out_device=dev, rows=rows)
         if grad_scale is not None:
             inv = grad_scale.reshape(()).to(device=dev, dtype=torch.float32).reciprocal()
             one = torch.ones((), dtype=torch.float32, device=dev)
@@ -434,8 +443,8 @@ class Recorder:
         weights = list(ctx.params) + list(plan.sparse_params)  # no_grad: no detach (one op per tensor)
         wn = (torch.stack([x.to(dev) for x in torch._foreach_norm(weights, 2, dtype=torch.float32)])
               if weights else torch.zeros(0, dtype=torch.float32, device=dev))
-        meas = _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd, counts)
-        if optimizer is not None and len(ctx):
+        meas = _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd, counts, signals=signals)
+        if signals and optimizer is not None and len(ctx):
             try:  # before the optimizer steps: the buffer from the previous step (scale-invariant)
                 bufs = momentum_buffers(optimizer, ctx.params)
                 if any(b is not None for b in bufs):
@@ -540,7 +549,7 @@ class Recorder:
         pending = StepPending(copy, layout, plan, sparse_numels, step=step, time=time, rank=rank, skipped=skipped,
                               has_scaler=has_scaler, transforms=list(transforms), registry=self.registry,
                               on_error=self._on_error)
-        if not skip:  # a skipped step updates nothing: no post-step part
+        if not skip and meas.signals:  # a skipped step updates nothing: no post-step part
             pending.params = [ctx.params[r] for r in plan.dense_rows]
         return pending
 

@@ -74,6 +74,7 @@ def watch(
     sink: Sink | Callable[..., Sink] | None = None,
     transport: dict[str, Any] | None = None,
     noise_scale: bool | int = False,
+    signals_every: int | None = None,
 ) -> Watcher:
     """Attach gradwatch to ``optimizer``: statistics once per optimizer step, transforms, streaming.
 
@@ -112,6 +113,9 @@ def watch(
             (one warning, nothing recorded). Without DDP, on one process, the micro-batches of
             gradient accumulation serve as the small batches instead (the int is then the
             micro-batch size; each micro-loss divided by their number). See ``docs/noise_scale.md``.
+        signals_every: measure the costlier per-layer signals (zero and underflow counts, the
+            gradient-momentum cosine, the relative update) on every ``signals_every``-th recorded
+            step (default 10; 1: every recorded step; 0: never); other steps hold nulls for them.
 
     Returns:
         The :class:`Watcher` (a context manager). With ``GRADWATCH_DISABLED=1`` it is inert.
@@ -137,7 +141,7 @@ def watch(
     cfg = AgentConfig.from_env(
         server=server, token=token, project=project, run=run, run_id=run_id, every=every, include=include,
         exclude=exclude, ranks=ranks, config=dict(config) if config is not None else None, tags=tuple(tags),
-        noise_scale=noise_scale,
+        noise_scale=noise_scale, signals_every=signals_every,
     )
     if transport is not None and not isinstance(transport, dict):
         raise TypeError(f"transport: expected a dict of sink options, got {type(transport).__name__}")
@@ -385,7 +389,7 @@ class Watcher:
         if pending.params:
             self._held = pending
         else:
-            self.sink.put(pending)
+            self._put(pending)  # a sink failure is reported as one kind whether the record was held or not
 
     def _release_held(self) -> None:
         """Hand a held record over without its post-step part (the post-hook never came: the
@@ -434,10 +438,16 @@ class Watcher:
             params, transforms=transforms, record=record, step=step, time=now, rank=self.rank,
             found_inf=found_inf, loss_scale=loss_scale, grad_scale=grad_scale,
             has_scaler=ts is not None or found_inf is not None, optimizer=optimizer,
+            signals=self._signals_step(step),
             noise=self._noise_update(record, loss_scale=loss_scale, found_inf=found_inf,
                                      grads_scaled=grad_scale is not None),
         )
         self._hold_or_put(pending)
+
+    def _signals_step(self, step: int) -> bool:
+        """Whether a recorded ``step`` also measures the sampled signals (``signals_every``)."""
+        k = self.config.signals_every
+        return k > 0 and step % (self.config.every * k) == 0
 
     def _noise_install(self) -> None:
         """Register the noise-scale comm hook at the first optimizer step (after the user's own
@@ -523,7 +533,7 @@ class Watcher:
                     self._params(), transforms=union, record=record, step=step, time=_time.time(), rank=self.rank,
                     skip=bool(skipped), loss_scale=getattr(scaler, "_scale", None), has_scaler=True,
                     noise=self._noise_update(record, loss_scale=getattr(scaler, "_scale", None), skipped=bool(skipped)),
-                    optimizer=optimizer,
+                    optimizer=optimizer, signals=self._signals_step(step),
                 )
                 self._hold_or_put(pending)
         except (TransformError, ValueError):

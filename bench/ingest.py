@@ -186,7 +186,7 @@ def ingest_raw(kind: str, url: str, batches: list[wire.Batch], stream: bool = Fa
         for s in b.steps:
             c = s.layers
             rows.extend(zip([ids[i] for i in s.layer_ids], [s.step] * LAYERS, [0] * LAYERS,
-                            *(c[k] for k in wire.LAYER_FIELDS), [0] * LAYERS))
+                            *(c.get(k) or [None] * LAYERS for k in wire.LAYER_FIELDS), [0] * LAYERS))
         prepared.append(rows)
     n = sum(len(r) for r in prepared)
     if stream:

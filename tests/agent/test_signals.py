@@ -217,7 +217,8 @@ def test_watch_records_the_signals_of_each_optimizer(opt_name: str, scaler_kind:
         scaler = GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
     elif scaler_kind == "torch":
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
-    w = watch(model, opt, server="memory", scaler=scaler if scaler_kind == "torch" else None)
+    w = watch(model, opt, server="memory", scaler=scaler if scaler_kind == "torch" else None,
+              signals_every=1)
     seen = _capture(opt, model, key, scaler)
     for i in range(5):
         opt.zero_grad()
@@ -318,7 +319,7 @@ def test_sparse_gradients_count_their_stored_values() -> None:
         emb.weight[3] = 0.0
     opt = torch.optim.SGD(emb.parameters(), lr=0.1)
     scaler = GradScaler("cpu", init_scale=2.0**10)
-    w = watch(emb, opt, server="memory")
+    w = watch(emb, opt, server="memory", signals_every=1)
     vals: list[torch.Tensor] = []
     opt.register_step_pre_hook(lambda o, a, k: vals.append(emb.weight.grad.coalesce()._values().clone()))
     for _ in range(3):
@@ -352,7 +353,7 @@ def test_a_step_that_raises_or_is_skipped_keeps_its_record_without_the_update() 
         if calls[0] == 2:
             raise RuntimeError("boom")
 
-    w = watch(m, opt, server="memory")
+    w = watch(m, opt, server="memory", signals_every=1)
     opt.register_step_pre_hook(flaky)
     for _ in range(3):
         opt.zero_grad()
@@ -370,7 +371,7 @@ def test_a_step_that_raises_or_is_skipped_keeps_its_record_without_the_update() 
     opt2 = torch.optim.Adam(m2.parameters(), lr=0.1)
     # the first backward overflows fp32; the backoff then brings the scale to 2^27
     scaler = GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100, growth_interval=100)
-    w2 = watch(m2, opt2, server="memory")
+    w2 = watch(m2, opt2, server="memory", signals_every=1)
     for _ in range(3):
         opt2.zero_grad()
         scaler.scale(m2(torch.randn(5, 4) * 100).square().sum()).backward()
@@ -382,3 +383,39 @@ def test_a_step_that_raises_or_is_skipped_keeps_its_record_without_the_update() 
     assert all(h is not None and not h > 0 for h in recs[0].layers["headroom"])  # overflowed: -inf or NaN
     done = [r for r in recs if not r.skipped]
     assert done and all(v is not None for r in done for v in r.layers["upd_ratio"])
+
+
+# -- sampling: signals_every -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("every,k", [(1, 1), (2, 3), (1, 10), (3, 0)])
+def test_signals_every_measures_the_sampled_signals_on_every_kth_recorded_step(every: int, k: int) -> None:
+    """The costlier signals are measured on recorded steps ``step % (every·k) == 0`` only (k = 0:
+    never) and are null elsewhere; the free headroom and the moments follow every record."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    w = watch(m, opt, server="memory", every=every, signals_every=k)
+    scaler = GradScaler(device="cpu", init_scale=256.0, watcher=w)
+    for _ in range(24):
+        opt.zero_grad()
+        scaler.scale(m(torch.randn(8, 5)).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    steps = list(w.sink.steps)  # type: ignore[attr-defined]
+    w.close()
+    assert [s.step for s in steps] == list(range(0, 24, every))
+    for s in steps:
+        sampled = k > 0 and s.step % (every * k) == 0
+        for name in ("zeros", "underflow", "upd_ratio"):
+            assert (None not in s.layers[name]) == sampled, (s.step, name, s.layers[name])
+        # SGD's momentum buffer exists from the second step on
+        assert (None not in s.layers["mom_cos"]) == (sampled and s.step > 0), (s.step, s.layers["mom_cos"])
+        assert None not in s.layers["headroom"] and None not in s.layers["l2"]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "10"])
+def test_signals_every_refuses_bad_values(bad: Any) -> None:
+    m = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="signals_every"):
+        watch(m, torch.optim.SGD(m.parameters(), lr=0.1), server="memory", signals_every=bad)

@@ -794,7 +794,7 @@ def test_empty_scalar_and_one_element_params() -> None:
 
     m = Odd()
     opt = torch.optim.AdamW(m.parameters(), lr=0.1, foreach=True)
-    w = watch(m, opt, server="memory", transforms=[ClipNorm(1.0)])
+    w = watch(m, opt, server="memory", transforms=[ClipNorm(1.0)], signals_every=1)
     for _ in range(2):
         opt.zero_grad()
         m(torch.ones(3)).backward()

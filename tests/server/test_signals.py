@@ -40,7 +40,8 @@ def _train(base: str, steps: int = 12) -> tuple[str, list[str], dict[tuple[int, 
         model[0].bias[:8] = -50.0  # 8 units that never fire: rows of exact zeros in weight and bias grads
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
-    w = watch(model, opt, server=base, run="signals", project="sig", transport={"flush_interval": 0.1})
+    w = watch(model, opt, server=base, run="signals", project="sig", transport={"flush_interval": 0.1},
+              signals_every=1)
     names = {id(p): n for n, p in model.named_parameters()}
     want: dict[tuple[int, str], dict[str, Any]] = {}
     step = [0]
