@@ -70,6 +70,9 @@ STAT_HELP = {
 #: How the layers of a module-prefix group merge into one heatmap row: the group's L2 norm is
 #: the root of the sum of its layers' squared norms (exact); counts add; std, variance and
 #: max |g| show the group's largest ("min": its smallest; any other statistic: its largest).
+#: Statistics whose +inf is the safe end of their scale, not a fault: drawn as the top colour,
+#: never as a non-finite cell (``headroom`` of an all-zero gradient: nothing can overflow).
+SAFE_INF = frozenset({"headroom"})
 GROUP_AGG = {"l2": "rss", "l2_post": "rss", "wnorm": "rss", "nonfinite": "sum", "maxabs": "max", "std": "max",
              "var": "max", "headroom": "min", "underflow": "sum", "zeros": "sum", "mom_cos": "min", "upd_ratio": "max",
              "noise_scale": "max"}
@@ -319,6 +322,9 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
                 v = v / w if w != 0 else math.nan
             if v is None:
                 continue
+            if v == math.inf and stat in SAFE_INF:  # e.g. an all-zero gradient's headroom: no risk, no error
+                z[k][j] = math.inf  # drawn at the top of the scale below
+                continue
             if not math.isfinite(v) or (stat == "nonfinite" and v > 0):
                 bad[k][j] = 1
                 text[j][k] = (f"{n} non-finite" if n else ("NaN" if math.isnan(v) else ("+inf" if v > 0 else "-inf")))
@@ -328,10 +334,14 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
                 z[k][j] = round(math.log10(v), 4) if v > 0 else None if v < 0 else -45.0
             else:
                 z[k][j] = v
-    finite = [v for col in z for v in col if v is not None and v > -45.0]
+    finite = [v for col in z for v in col if v is not None and v > -45.0 and v != math.inf]
     zmin = min(finite) if finite else None
     if zmin is not None:  # exact zeros: the bottom of the scale, not a hole
         z = [[zmin if v == -45.0 else v for v in col] for col in z]
+    inf_top = None
+    if stat in SAFE_INF:  # +inf: the top of the scale (the live script does the same with meta.inf_top)
+        inf_top = max(finite) if finite else 0.0
+        z = [[inf_top if v == math.inf else v for v in col] for col in z]
     y = [r[0] for r in rows]
     n_bad = sum(1 for col in bad for v in col if v)
     meaning = STAT_HELP.get(stat, help_text)
@@ -361,6 +371,8 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
     meta: dict[str, Any] = {"help": help_text, "layers": y, "layer_index": [layers[r[1][0]]["index"] for r in rows],
                             "log": log, "stat": api_stat, "live": weights is None, "zmin": zmin,
                             "last_step": last_step, "depth": depth}
+    if inf_top is not None:
+        meta["inf_top"] = inf_top
     if depth > 0:  # the live script merges a group's layers as this function does
         meta["rows"] = [[layers[i]["index"] for i in r[1]] for r in rows]
         meta["agg"] = how

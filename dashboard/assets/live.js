@@ -215,6 +215,9 @@
         } else {
           p = pos[li]; v = p === undefined ? null : num(vals[p]); n = p === undefined ? 0 : (nf[p] || 0);
         }
+        if (v === Infinity && m.inf_top !== undefined && m.inf_top !== null) {  // figures.SAFE_INF
+          brow.push(null); row.push(m.inf_top); return;
+        }
         var isBad = (v !== null && !isFinite(v)) || (m.stat === "nonfinite" ? v > 0 : n > 0 && v === null);
         brow.push(isBad || (v !== null && !isFinite(v)) ? 1 : null);
         if (v === null || !isFinite(v)) { row.push(m.stat === "nonfinite" ? v : null); return; }

@@ -401,6 +401,13 @@ def test_detector_events_health_summary_module_tree_and_unrecorded_stats(server:
     page.wait_js("() => { const g = document.querySelector('#heatmap .js-plotly-plot'); const d = g && g.data; "
                  "return d && d.length && d[0].type === 'heatmap' && /headroom/.test(JSON.stringify(g.layout.title || '')) "
                  "&& d[0].z.some(r => r.some(v => typeof v === 'number' && isFinite(v))); }")
+    # the dead layer's all-zero gradient has +inf headroom: the top of the scale, not a magenta fault cell
+    dead_cells = page.js("() => { const g = document.querySelector('#heatmap .js-plotly-plot'); "
+                         "const j = g.layout.meta.layers.indexOf('6.weight'); const top = g.layout.meta.inf_top; "
+                         "const bad = (g.data[1].z || []).filter(r => r && r[j] === 1).length; "
+                         "const tops = g.data[0].x.filter((s, k) => s >= 61 && g.data[0].z[k][j] === top).length; "
+                         "const late = g.data[0].x.filter(s => s >= 61).length; return [j, bad, tops, late]; }")
+    assert dead_cells[0] >= 0 and dead_cells[1] == 0 and dead_cells[2] == dead_cells[3] > 0, dead_cells
     page.shot("run-headroom")
     # a per-layer statistic this run did not record (the noise scale needs DDP or accumulation): a note, no error
     page.js("() => window.dash_clientside.set_props('heatmap-stat', {value: 'noise_scale'})")

@@ -365,3 +365,18 @@ def test_layer_signals_zero_and_nonfinite_latest_step_and_recent_events_only() -
     assert tree["layout"]["meta"]["worst"] == {"(model)": "critical", "a": "warning", "a.w": "warning",
                                                "b": "critical", "b.w": "critical", "c": "warning", "c.w": "warning"}
     assert "1 layer" not in tree["layout"]["title"]["text"] and "3 layers with problems" in tree["layout"]["title"]["text"]
+
+
+def test_headroom_plus_inf_is_the_top_of_the_scale_not_a_nonfinite_cell() -> None:
+    """An all-zero gradient's headroom is +inf: nothing can overflow. It is drawn in the top
+    colour (the largest finite headroom), not as a NaN/inf fault; -inf (an overflow) and NaN
+    still are; other statistics' +inf still is."""
+    h = hm([[3.0, "Infinity", 10.0], [2.0, "-Infinity", "NaN"]], nan=[[0, 1, 0], [0, 1, 1]])
+    f = strict(fig.heatmap_figure(h, "headroom"))
+    main, bad = f["data"]
+    assert main["z"][1][0] == 10.0 and main["z"][0] == [3.0, 2.0]
+    assert bad["z"][1] == [None, 1] and bad["z"][2] == [None, 1]
+    assert f["layout"]["meta"]["inf_top"] == 10.0
+    assert "2 non-finite cells" in f["layout"]["title"]["text"]
+    other = strict(fig.heatmap_figure(h, "maxabs"))
+    assert other["data"][1]["z"][1][0] == 1 and "inf_top" not in other["layout"]["meta"]
