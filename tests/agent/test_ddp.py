@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 WORKER = Path(__file__).with_name("_watch_ddp_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(tmp_path: Path, ranks: str, world: int = 2) -> list[dict]:  # type: ignore[type-arg]
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADWATCH_DISABLED": "0"}
-    outs = [tmp_path / f"rank{r}.json" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(outs[r]), ranks],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out.decode(errors="replace"))
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-3000:]}"
-    return [json.loads(o.read_text()) for o in outs]
+def _run(run_ranks: Any, tmp_path: Path, ranks: str, world: int = 2) -> list[dict]:  # type: ignore[type-arg]
+    return run_ranks(WORKER, world, [tmp_path / f"rank{r}.json" for r in range(world)], [ranks], timeout=240)
 
 
 def _check_steps(res: dict) -> None:  # type: ignore[type-arg]
@@ -51,8 +25,8 @@ def _check_steps(res: dict) -> None:  # type: ignore[type-arg]
 
 
 @pytest.mark.slow
-def test_ddp_rank_zero_records_the_all_reduced_gradient(tmp_path: Path) -> None:
-    r0, r1 = _run(tmp_path, "zero")
+def test_ddp_rank_zero_records_the_all_reduced_gradient(tmp_path: Path, run_ranks: Any) -> None:
+    r0, r1 = _run(run_ranks, tmp_path, "zero")
     assert r0["run_id"] == r1["run_id"]  # one run, id broadcast from rank 0
     assert r0["recording"] and not r1["recording"] and "steps" not in r1
     assert r0["params_match"] and r1["params_match"]  # ClipNorm ran on both ranks
@@ -62,8 +36,8 @@ def test_ddp_rank_zero_records_the_all_reduced_gradient(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_all_ranks_record_with_their_rank(tmp_path: Path) -> None:
-    r0, r1 = _run(tmp_path, "all")
+def test_ddp_all_ranks_record_with_their_rank(tmp_path: Path, run_ranks: Any) -> None:
+    r0, r1 = _run(run_ranks, tmp_path, "all")
     assert r0["run_id"] == r1["run_id"]
     for res in (r0, r1):
         assert res["recording"] and res["params_match"]

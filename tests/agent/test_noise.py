@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -378,32 +374,10 @@ def test_wire_round_trip_and_old_servers() -> None:
 # -- real DDP -----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_workers(tmp_path: Path, world: int, mode: str, steps: int, url: str = "memory",
+def run_workers(run_ranks: Any, tmp_path: Path, world: int, mode: str, steps: int, url: str = "memory",
                 **extra_env: str) -> list[dict[str, Any]]:
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADWATCH_DISABLED": "0", **extra_env}
     outs = [tmp_path / f"{mode}{world}-rank{r}.json" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(outs[r]), mode,
-                               str(steps), url], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out.decode(errors="replace"))
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-3000:]}"
-    return [json.loads(o.read_text()) for o in outs]
+    return run_ranks(WORKER, world, outs, [mode, str(steps), url], timeout=300, **extra_env)
 
 
 def expected_series(res: dict[str, Any], last_fed: int | None = None, every: int = 1,
@@ -462,8 +436,8 @@ def check_against_direct(res: dict[str, Any], last_fed: int | None = None, every
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
-def test_ddp_noise_scale_matches_direct_computation(tmp_path: Path, world: int) -> None:
-    results = run_workers(tmp_path, world, "plain", steps=16)
+def test_ddp_noise_scale_matches_direct_computation(tmp_path: Path, world: int, run_ranks: Any) -> None:
+    results = run_workers(run_ranks, tmp_path, world, "plain", steps=16)
     r0 = results[0]
     assert all(r["params_match"] for r in results)  # training is exactly what it would be without gradwatch
     assert all(not r["warned"] for r in results)
@@ -473,20 +447,20 @@ def test_ddp_noise_scale_matches_direct_computation(tmp_path: Path, world: int) 
 
 
 @pytest.mark.slow
-def test_ddp_with_every_3_feeds_recorded_steps_only(tmp_path: Path) -> None:
+def test_ddp_with_every_3_feeds_recorded_steps_only(tmp_path: Path, run_ranks: Any) -> None:
     """``every=3``: the hook measures only the steps that are recorded (the ranks agree on which
     from their step counters); the EMAs are fed at steps 3, 6, ... only."""
-    results = run_workers(tmp_path, 2, "every3", steps=40)
+    results = run_workers(run_ranks, tmp_path, 2, "every3", steps=40)
     assert all(r["params_match"] for r in results)
     assert check_against_direct(results[0], every=3) >= 2
 
 
 @pytest.mark.slow
-def test_a_rank_that_closes_early_stops_the_feed_not_the_training(tmp_path: Path) -> None:
+def test_a_rank_that_closes_early_stops_the_feed_not_the_training(tmp_path: Path, run_ranks: Any) -> None:
     """Rank 1 closes its watcher after step 5 while both ranks train on: the collectives stay
     matched (training completes and equals the reference), and rank 0's EMAs stop being fed
     (rank 1 no longer measures, so no sum over ranks is valid) instead of taking wrong values."""
-    results = run_workers(tmp_path, 2, "closeearly", steps=16)
+    results = run_workers(run_ranks, tmp_path, 2, "closeearly", steps=16)
     assert all(r["params_match"] for r in results)
     check_against_direct(results[0], last_fed=5)
     steps = results[0]["steps"]
@@ -494,8 +468,8 @@ def test_a_rank_that_closes_early_stops_the_feed_not_the_training(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_user_comm_hook_is_kept_warns_once_and_records_nothing(tmp_path: Path) -> None:
-    results = run_workers(tmp_path, 2, "userhook", steps=4)
+def test_user_comm_hook_is_kept_warns_once_and_records_nothing(tmp_path: Path, run_ranks: Any) -> None:
+    results = run_workers(run_ranks, tmp_path, 2, "userhook", steps=4)
     for r in results:
         assert r["params_match"]  # training unaffected
         assert r["user_calls"] >= 4  # their hook ran on every backward, ours never replaced it
@@ -509,7 +483,7 @@ def test_user_comm_hook_is_kept_warns_once_and_records_nothing(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_ddp_noise_scale_end_to_end_over_rest(tmp_path: Path, gw: Any, pg_database: str) -> None:
+def test_ddp_noise_scale_end_to_end_over_rest(tmp_path: Path, gw: Any, pg_database: str, run_ranks: Any) -> None:
     """70 steps (more than one 64-step rollup block) into ``gradwatch serve``: a live subscriber,
     /steps, /stats (raw points and a bucket read through the rollup) and the CSV and Parquet
     exports all carry the values the direct computation predicts."""
@@ -524,7 +498,7 @@ def test_ddp_noise_scale_end_to_end_over_rest(tmp_path: Path, gw: Any, pg_databa
     rid = f"noise-e2e-{uuid.uuid4().hex[:8]}"
     with connect(base.replace("http", "ws") + f"/api/v1/runs/{rid}/live?layers=noise_scale") as live:
         assert json.loads(live.recv(timeout=30))["type"] == "subscribed"
-        results = run_workers(tmp_path, 2, "server", steps=70, url=base, GRADWATCH_RUN_ID=rid)
+        results = run_workers(run_ranks, tmp_path, 2, "server", steps=70, url=base, GRADWATCH_RUN_ID=rid)
         live_steps: dict[int, dict[str, Any]] = {}
         while len(live_steps) < 70:
             msg = json.loads(live.recv(timeout=60))
