@@ -25,7 +25,7 @@ from typing import Any
 
 from ._torch import Tensor, torch
 
-__all__ = ["device_tensor", "CAPACITY"]
+__all__ = ["device_tensor", "CAPACITY", "fp32_norms", "fp32_norm"]
 
 #: Most cached tensors (all devices and dtypes together); each is a few hundred bytes.
 CAPACITY = 1024
@@ -68,3 +68,26 @@ def cache_size() -> int:
     """Number of cached tensors (tests)."""
     with _lock:
         return len(_cache)
+
+
+def fp32_norms(ts: Sequence[Tensor], ord: float = 2) -> list[Tensor]:
+    """``torch._foreach_norm(ts, ord, dtype=float32)`` (the value ``clip_grad_norm_`` computes),
+    also for float64 tensors, which norms refuse to narrow: those are measured in float64 and
+    rounded to float32 after."""
+    if not any(t.dtype == torch.float64 for t in ts):
+        return list(torch._foreach_norm(list(ts), ord, dtype=torch.float32))
+    out: list[Tensor] = [torch.zeros(())] * len(ts)
+    lo = [i for i, t in enumerate(ts) if t.dtype != torch.float64]
+    hi = [i for i, t in enumerate(ts) if t.dtype == torch.float64]
+    for i, v in zip(lo, torch._foreach_norm([ts[i] for i in lo], ord, dtype=torch.float32) if lo else ()):
+        out[i] = v
+    for i, v in zip(hi, torch._foreach_norm([ts[i] for i in hi], ord)):
+        out[i] = v.float()
+    return out
+
+
+def fp32_norm(t: Tensor, ord: float = 2) -> Tensor:
+    """:func:`torch.linalg.vector_norm` as float32, float64 input included (see :func:`fp32_norms`)."""
+    if t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t, ord).float()
+    return torch.linalg.vector_norm(t, ord, dtype=torch.float32)

@@ -32,7 +32,7 @@ from typing import Any
 
 from ._torch import Tensor, torch
 from ._warn import warn
-from .consts import device_tensor
+from .consts import device_tensor, fp32_norm, fp32_norms
 from .stats import pack_dtype
 
 __all__ = ["NoiseScale", "NoiseLayout", "estimates", "finish", "BETA", "MIN_UPDATES"]
@@ -211,7 +211,7 @@ class NoiseScale:
             self._count[key] = c + 1
             g = p.grad
             if c == 0 and g is not None and not g.is_sparse:
-                sq = torch.linalg.vector_norm(g, dtype=torch.float32).to(pack_dtype(g.device)).square()
+                sq = fp32_norm(g).to(pack_dtype(g.device)).square()
                 self._first[key] = (p, sq)
         except Exception as e:  # noqa: BLE001
             self._report("measuring the first micro-batch for the noise scale", e)
@@ -240,7 +240,7 @@ class NoiseScale:
         small = torch.stack([sq.to(dev) for _, sq in got]) * float(k * k)
         pd = small.dtype
         grads = [p.grad for p, _ in got if p.grad is not None]
-        big = torch.stack([x.to(dev) for x in torch._foreach_norm(grads, 2, dtype=torch.float32)]).to(pd).square()
+        big = torch.stack([x.to(dev) for x in fp32_norms(grads, 2)]).to(pd).square()
         return ids, small, big, float(k), grads_scaled
 
     # -- the comm hook (runs inside backward, every rank, same order) --------------------------
@@ -264,7 +264,7 @@ class NoiseScale:
         try:
             active = bool(self._active())
             one = torch.ones(1, dtype=pd, device=buf.device)  # last element: this rank measured
-            local = (torch.cat([torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).to(pd).square(), one])
+            local = (torch.cat([torch.stack(fp32_norms(grads, 2)).to(pd).square(), one])
                      if active else torch.zeros(len(grads) + 1, dtype=pd, device=buf.device))
         except Exception as e:  # noqa: BLE001 - the collective below must still be issued on every rank
             self._report("measuring local gradient norms for the noise scale", e)
@@ -282,7 +282,7 @@ class NoiseScale:
         def done(f: torch.futures.Future[Any]) -> Tensor:
             out = f_main.value()
             try:
-                big = torch.stack(torch._foreach_norm(bucket.gradients(), 2, dtype=torch.float32)).to(pd).square()
+                big = torch.stack(fp32_norms(bucket.gradients(), 2)).to(pd).square()
                 ids = device_tensor(self._layer_ids(params), torch.long, buf.device)
                 summed = f_local.value()[0]
                 # a rank that did not measure (closed watcher) sent zeros: not a valid sum, not fed

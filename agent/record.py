@@ -27,7 +27,7 @@ from typing import Any
 
 from ._torch import Tensor, torch
 from ._warn import warn
-from .consts import device_tensor
+from .consts import device_tensor, fp32_norms
 from .noise import NoiseLayout
 from .signals import (
     headroom,
@@ -441,7 +441,7 @@ class Recorder:
         total = torch.linalg.vector_norm(l2col, 2) if m.shape[0] else torch.zeros((), device=dev)
         # ‖w‖ per layer (the gradient-to-weight ratio's denominator): one foreach pass, recorded steps only
         weights = list(ctx.params) + list(plan.sparse_params)  # no_grad: no detach (one op per tensor)
-        wn = (torch.stack([x.to(dev) for x in torch._foreach_norm(weights, 2, dtype=torch.float32)])
+        wn = (torch.stack([x.to(dev) for x in fp32_norms(weights, 2)])
               if weights else torch.zeros(0, dtype=torch.float32, device=dev))
         meas = _Measured(plan, m, wn, total, sparse_vals, sparse_numels, dev, pd, counts, signals=signals)
         if signals and optimizer is not None and len(ctx):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._torch import Tensor, torch
+from .consts import fp32_norms
 from .stats import _chunks, pack_dtype
 
 __all__ = ["FP16_MAX", "FP16_TINY", "headroom", "small_multiplier", "momentum_buffers", "momentum_cosine"]
@@ -242,15 +243,15 @@ def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.dev
             if any(fs[j][3] for j in sl):
                 torch._foreach_add_(u, torch._foreach_mul([params[idx[j]] for j in sl], [fs[j][3] for j in sl]))
                 torch._foreach_div_(u, [1.0 - fs[j][3] for j in sl])
-            vals.extend(torch._foreach_norm(u, 2, dtype=torch.float32))
+            vals.extend(fp32_norms(u, 2))
         outs.append((idx, vals))
     for sitems in sgd.values():
         idx = [i for i, _ in sitems]
         bufs = [state[params[i]]["momentum_buffer"] for i in idx]
-        norms = torch._foreach_norm(bufs, 2, dtype=torch.float32)
+        norms = fp32_norms(bufs, 2)
         outs.append((idx, list(torch._foreach_mul(norms, [lr for _, lr in sitems]))))
     for idx in after.values():
-        outs.append((idx, list(torch._foreach_norm([params[i] for i in idx], 2, dtype=torch.float32))))
+        outs.append((idx, list(fp32_norms([params[i] for i in idx], 2))))
     for idx, vals in outs:
         for i, v in zip(idx, vals):
             slots[i] = v if v.device == out_device and v.dtype == torch.float32 else v.to(out_device, torch.float32)

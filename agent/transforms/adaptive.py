@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from gradwatch.agent._torch import Tensor, torch
-from gradwatch.agent.consts import device_tensor
+from gradwatch.agent.consts import device_tensor, fp32_norms
 from gradwatch.agent.stats import row_norms
 from gradwatch.agent.transforms.base import (
     GradContext,
@@ -256,9 +256,8 @@ class AGC(Transform):
             # one foreach call for the grads and weights of all biases/gains/scalars (a loop in
             # C++ on CPU, a multi-tensor kernel on CUDA); same per-tensor norm as linalg.vector_norm
             ns = len(grp.small)
-            both = torch.stack(torch._foreach_norm([ctx.grads[i] for i in grp.small]
-                                                   + [ctx.params[i].detach() for i in grp.small], 2,
-                                                   dtype=torch.float32))
+            both = torch.stack(fp32_norms([ctx.grads[i] for i in grp.small]
+                                          + [ctx.params[i].detach() for i in grp.small], 2))
             gs.append(both[:ns])
             ws.append(both[ns:])
         for i in grp.big:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from .._torch import Tensor, torch
+from ..consts import fp32_norms
 from ..stats import RowStats
 
 __all__ = [
@@ -160,7 +161,7 @@ class GradContext:
             else:
                 parts: list[Tensor] = []
                 for _dev, _dt, idx in self.groups:
-                    ns = torch._foreach_norm([self.grads[i] for i in idx], 2, dtype=torch.float32)
+                    ns = fp32_norms([self.grads[i] for i in idx], 2)
                     parts.extend(n.to(self.device, non_blocking=True) for n in ns)
                 self._norms = torch.stack(parts)
         return self._norms

@@ -23,6 +23,7 @@ import math
 from typing import Any, ClassVar
 
 from .._torch import Tensor, torch
+from ..consts import fp32_norm, fp32_norms
 from .base import GradContext, NonFiniteNormError, Slot, Transform
 
 __all__ = ["ClipNorm", "ClipValue"]
@@ -120,18 +121,23 @@ class ClipNorm(Transform):
     # -- computation ---------------------------------------------------------------------------
 
     def _layer_norms(self, ctx: GradContext) -> Tensor:
-        """(L,) float32 per-layer norms, in ctx order (torch's group order)."""
+        """(L,) per-layer norms, in ctx order (torch's group order): float32, or float64 when a
+        gradient is float64 (torch measures those in float64, so the coefficient is too)."""
         p = self.norm_type
-        if p == 2.0 and self.foreach is not False:
+        wide = any(dt == torch.float64 for _dev, dt, _idx in ctx.groups)
+        if p == 2.0 and self.foreach is not False and not wide:
             return ctx.norms  # same _foreach_norm kernel torch uses, cached by the stats pass
         parts: list[Tensor] = []
-        for dev, _dt, idx in ctx.groups:
+        for dev, dt, idx in ctx.groups:
             ts = [ctx.grads[i] for i in idx]
-            if _use_foreach(self.foreach, ts, dev):
-                ns = list(torch._foreach_norm(ts, p, dtype=torch.float32))
+            if dt == torch.float64:
+                ns = (list(torch._foreach_norm(ts, p)) if _use_foreach(self.foreach, ts, dev)
+                      else [torch.linalg.vector_norm(g, p) for g in ts])
+            elif _use_foreach(self.foreach, ts, dev):
+                ns = fp32_norms(ts, p)
             else:
-                ns = [torch.linalg.vector_norm(g, p, dtype=torch.float32) for g in ts]
-            parts.extend(n.to(ctx.device) for n in ns)
+                ns = [fp32_norm(g, p) for g in ts]
+            parts.extend(n.to(ctx.device, torch.float64 if wide else torch.float32) for n in ns)
         return torch.stack(parts)
 
     def may_refuse(self) -> bool:
