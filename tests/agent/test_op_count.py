@@ -182,6 +182,26 @@ def _close(got: float, want: float, rel: float, floor: float) -> bool:
     return got == want or abs(got - want) <= rel * abs(want) + floor
 
 
+def _check_against_reference(grads: list[torch.Tensor], eager: bool) -> None:
+    """layer_moments of ``grads`` against the float64 two-pass reference: M2 within 1e-6,
+    max-abs and counts exact (float64 inputs: up to the float32 result's rounding), mean and
+    l2 to fp32 rounding, NaN/±inf propagating."""
+    m = layer_moments(grads, eager_nonfinite=eager).tolist()
+    for t, row in zip(grads, m):
+        st = finalize(t.numel(), *row)
+        mean, m2, l2, mx, nf = _ref(t)
+        if t.dtype == torch.float64:
+            mx = torch.tensor(mx, dtype=torch.float32).item()
+        assert st.nonfinite == nf
+        assert _close(st.maxabs, mx, 0.0, 0.0), (st.maxabs, mx)
+        fin = nf == 0
+        n = max(t.numel(), 1)
+        assert _close(st.m2, m2 if fin else math.nan, 1e-6, 1e-12 * n * mean * mean), (t.dtype, t.shape, st.m2, m2)
+        if fin:
+            assert _close(st.mean, mean, 1e-6, 1e-6 * l2 / math.sqrt(n))
+            assert _close(st.l2, l2, 1e-4, 0.0)
+
+
 @pytest.mark.parametrize("chunk,max_chunks", [(64, 3), (1000, 2), (1 << 17, 8)])
 @pytest.mark.parametrize("eager", [False, True])
 def test_chunked_moments_match_float64_reference(monkeypatch: pytest.MonkeyPatch, chunk: int, max_chunks: int,
@@ -199,18 +219,7 @@ def test_chunked_moments_match_float64_reference(monkeypatch: pytest.MonkeyPatch
                 t.view(-1)[rng.randrange(t.numel())] = rng.choice((float("inf"), float("-inf"), float("nan")))
         big = torch.randn(3000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.01 + 100.0
         grads.insert(rng.randrange(len(grads) + 1), big.float())  # |mean| = 1e4·std
-        m = layer_moments(grads, eager_nonfinite=eager).tolist()
-        for t, row in zip(grads, m):
-            st = finalize(t.numel(), *row)
-            mean, m2, l2, mx, nf = _ref(t)
-            assert st.nonfinite == nf
-            assert _close(st.maxabs, mx, 0.0, 0.0), (st.maxabs, mx)
-            fin = nf == 0
-            n = max(t.numel(), 1)
-            assert _close(st.m2, m2 if fin else math.nan, 1e-6, 1e-12 * n * mean * mean), (t.dtype, t.shape, st.m2, m2)
-            if fin:
-                assert _close(st.mean, mean, 1e-6, 1e-6 * l2 / math.sqrt(n))
-                assert _close(st.l2, l2, 1e-4, 0.0)
+        _check_against_reference(grads, eager)
 
 
 @pytest.mark.parametrize("large,scratch", [(50, 1 << 22), (50, 77), (3000, 1000)])
@@ -234,20 +243,7 @@ def test_cpu_large_tensor_route_matches_float64_reference(monkeypatch: pytest.Mo
         grads.insert(rng.randrange(len(grads) + 1), big.float())  # |mean| = 1e4·std
         grads.insert(rng.randrange(len(grads) + 1), big.clone())
         took += _large(grads)
-        m = layer_moments(grads, eager_nonfinite=eager).tolist()
-        for t, row in zip(grads, m):
-            st = finalize(t.numel(), *row)
-            mean, m2, l2, mx, nf = _ref(t)
-            assert st.nonfinite == nf
-            if t.dtype == torch.float64:  # the result is float32: exact up to that rounding
-                mx = torch.tensor(mx, dtype=torch.float32).item()
-            assert _close(st.maxabs, mx, 0.0, 0.0), (st.maxabs, mx)
-            fin = nf == 0
-            n = max(t.numel(), 1)
-            assert _close(st.m2, m2 if fin else math.nan, 1e-6, 1e-12 * n * mean * mean), (t.dtype, t.shape, st.m2, m2)
-            if fin:
-                assert _close(st.mean, mean, 1e-6, 1e-6 * l2 / math.sqrt(n))
-                assert _close(st.l2, l2, 1e-4, 0.0)
+        _check_against_reference(grads, eager)
     assert took >= 12  # the route was exercised (the two big tensors of every layout at least)
 
 
