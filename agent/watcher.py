@@ -30,10 +30,12 @@ reading ``self.grad_scale`` expects under a scaler).
 
 from __future__ import annotations
 
+import sys
 import time as _time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from ._torch import Tensor, torch
@@ -203,6 +205,29 @@ def _combine(scaler_ts: Sequence[Transform], own: Sequence[Transform], what: str
         raise ValueError(f"{what}: {e}") from None
 
 
+#: The code of torch's ``optimizer.step`` wrapper (``Optimizer.profile_hook_step``), which runs
+#: the step hooks: one frame of it per ``step()`` call on the stack.
+_STEP_CODE = getattr(torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None), "__code__", None)
+
+
+def _nested_step(optimizer: torch.optim.Optimizer) -> bool:
+    """True when this hook runs in an inner ``step()`` of the same optimizer: a subclass whose
+    ``step()`` calls ``super().step()`` goes through torch's hook wrapper twice once both classes'
+    ``step`` are patched (any instance of the parent class patches it), so without this one
+    step would be measured, transformed and counted twice. Only the outer call counts. Walks
+    the stack (a few microseconds); with a torch whose wrapper differs it finds nothing and
+    every call counts, as before."""
+    f: FrameType | None = sys._getframe(2)
+    n = 0
+    while f is not None:
+        if f.f_code is _STEP_CODE and f.f_locals.get("self") is optimizer:
+            n += 1
+            if n > 1:
+                return True
+        f = f.f_back
+    return False
+
+
 class Watcher:
     """The attached monitor of one optimizer; made by :func:`watch`.
 
@@ -361,6 +386,8 @@ class Watcher:
     # -- hooks ---------------------------------------------------------------------------------
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if _nested_step(optimizer):
+            return
         if self._scaler_pending:  # gradwatch's GradScaler already handled this step
             self._scaler_pending = False
             return
@@ -373,6 +400,8 @@ class Watcher:
             raise
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if _nested_step(optimizer):
+            return
         self._scaler_pending = False
         held, self._held = self._held, None
         if held is not None:
