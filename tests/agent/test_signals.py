@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import gradwatch.agent.stats as stats
 from gradwatch.agent import GradScaler, watch
 from gradwatch.agent.signals import FP16_MAX, FP16_TINY, headroom, momentum_buffers, momentum_cosine
 from gradwatch.agent.stats import COUNT_COLUMNS, MOMENT_COLUMNS, layer_moments
@@ -110,7 +111,13 @@ def _ref_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_momentum_cosine_matches_float64(seed: int) -> None:
+@pytest.mark.parametrize("large", [None, (50, 1 << 22), (50, 77)])
+def test_momentum_cosine_matches_float64(monkeypatch: pytest.MonkeyPatch, seed: int, large: tuple[int, int] | None) -> None:
+    """``large``: thresholds lowered so that fp32 pairs take the CPU per-tensor route (a small
+    scratch: slice by slice)."""
+    if large is not None:
+        monkeypatch.setattr(stats, "_LARGE", large[0])
+        monkeypatch.setattr(stats, "_SCRATCH", large[1])
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     for dtype in _DTYPES:
@@ -137,6 +144,21 @@ def test_momentum_cosine_matches_float64(seed: int) -> None:
                 continue
             want = _ref_cos(x, m)
             assert (math.isnan(c) and math.isnan(want)) or c == pytest.approx(want, abs=2e-7), (dtype, tuple(x.shape))
+
+
+def test_momentum_cosine_of_large_cpu_tensors_matches_float64() -> None:
+    """Real sizes on the CPU per-tensor route (2^18 and 2^22 + 3 elements: one slice and two),
+    nearly parallel, opposite, orthogonal-ish and scaled pairs."""
+    g = torch.Generator().manual_seed(3)
+    gs, ms = [], []
+    for n in (1 << 18, (1 << 22) + 3):
+        x = torch.randn(n, generator=g) * 1e-3 + 2e-4
+        for m in (x * 7 + torch.randn(n, generator=g) * 1e-7, -x * 1e-4, torch.randn(n, generator=g), x.clone()):
+            gs.append(x)
+            ms.append(m)
+    got = momentum_cosine(gs, ms, torch.device("cpu")).tolist()
+    for x, m, c in zip(gs, ms, got):
+        assert c == pytest.approx(_ref_cos(x, m), abs=2e-7)
 
 
 # -- through watch(): every optimizer case, with and without a loss scaler ------------------------
