@@ -130,6 +130,8 @@ def _merge_sql(pg: bool, t: str = "layer_stat_block") -> str:
     lo, hi = ("LEAST", "GREATEST") if pg else ("min", "max")  # SQLite's 2-arg min/max return NULL on NULL
 
     def nn(fn: str, c: str) -> str:
+        if pg:  # PostgreSQL's LEAST/GREATEST skip NULLs already (NULL only when both are)
+            return f"{fn}({t}.{c}, excluded.{c})"
         return f"coalesce({fn}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})"
 
     sets = [f"step_min = {lo}({t}.step_min, excluded.step_min)", f"step_max = {hi}({t}.step_max, excluded.step_max)",
@@ -193,9 +195,8 @@ class _Float8Array(_PgArray):
 _DUMPERS: list[tuple[type, type]] = []
 
 
-def pg_array_params(cur: Any, columns: list[tuple[np.ndarray, np.ndarray | None]]) -> list[_PgArray]:
-    """``columns`` ((values, NULL mask or None) each) as binary int8[]/float8[] parameters for
-    ``cur``, whose dumpers pass the pre-built bytes through untouched."""
+def _register_dumpers(cur: Any) -> None:
+    """Make ``cur`` pass :class:`_PgArray` parameters through untouched (binary int8[]/float8[])."""
     if not _DUMPERS:
         from psycopg.adapt import Dumper
         from psycopg.pq import Format
@@ -205,21 +206,55 @@ def pg_array_params(cur: Any, columns: list[tuple[np.ndarray, np.ndarray | None]
                 "format": Format.BINARY, "oid": array_cls.oid, "dump": lambda self, obj: obj})))
     for cls, dumper in _DUMPERS:
         cur.adapters.register_dumper(cls, dumper)
+
+
+def pg_arrays(columns: list[tuple[np.ndarray, np.ndarray | None]]) -> list[_PgArray]:
+    """``columns`` ((values, NULL mask or None) each) as binary int8[]/float8[] parameters (needs
+    no connection: built before the write transaction)."""
     return [(_Int8Array if c.dtype.kind == "i" else _Float8Array)(pg_binary_array(c, z)) for c, z in columns]
 
 
-def _merge_blocks(conn: Connection, blocks: BlockColumns) -> None:
-    """Merge a batch's 64-step blocks, then the coarse blocks made of them, into the rollup."""
+def pg_array_params(cur: Any, columns: list[tuple[np.ndarray, np.ndarray | None]]) -> list[_PgArray]:
+    """``columns`` as binary array parameters for ``cur``, whose dumpers pass them through."""
+    _register_dumpers(cur)
+    return pg_arrays(columns)
+
+
+#: The rollup upserts of one batch: (table, parameters) per level, finest first. PostgreSQL: one
+#: statement's binary array parameters; SQLite: ``executemany`` rows.
+MergeArgs = list[tuple[str, Any]]
+
+
+def merge_args(blocks: BlockColumns, pg: bool) -> MergeArgs:
+    """The arguments of :func:`_merge_blocks` for a batch's 64-step blocks: those blocks and the
+    coarse blocks made of them, in the form the database takes. Pure numpy and Python, so the
+    websocket path builds them in a worker thread before the write transaction (they are
+    written last in it, under the rollup rows' locks that batches of a run wait for)."""
     if not len(blocks):
-        return
+        return []
+    levels = (("layer_stat_block", blocks), ("layer_stat_coarse", blocks.coarsen(COARSE_FACTOR)))
+    return [(t, pg_arrays(cols.columns) if pg else cols.rows()) for t, cols in levels]
+
+
+def _merge_blocks(conn: Connection, args: MergeArgs, then: tuple[str, tuple[Any, ...]] | None = None) -> None:
+    """Merge a batch's 64-step blocks, then the coarse blocks made of them, into the rollup; then
+    run ``then`` (a ``?``-placeholder statement). PostgreSQL: all in one round trip (pipeline
+    mode), which shortens the part of the transaction that holds rows other batches wait for."""
     raw: Any = conn.connection.driver_connection
     cur = raw.cursor()
     try:
-        for t, cols in (("layer_stat_block", blocks), ("layer_stat_coarse", blocks.coarsen(COARSE_FACTOR))):
-            if conn.dialect.name == "postgresql":
-                cur.execute(_MERGE_UNNEST[t], pg_array_params(cur, cols.columns))
-            else:
-                cur.executemany(_MERGE[False, t], cols.rows())
+        if conn.dialect.name == "postgresql":
+            _register_dumpers(cur)
+            with raw.pipeline():
+                for t, params in args:
+                    cur.execute(_MERGE_UNNEST[t], params)
+                if then is not None:
+                    cur.execute(then[0].replace("?", "%s"), then[1])
+            return
+        for t, rows in args:
+            cur.executemany(_MERGE[False, t], rows)
+        if then is not None:
+            cur.execute(*then)
     finally:
         cur.close()
 
@@ -463,7 +498,8 @@ class Prepared:
     """A decoded batch with the work that needs no write transaction already done.
 
     The websocket handler prepares the next batches in worker threads while the current one is
-    being written, so building columns and rollup aggregates overlaps the database's own work.
+    being written, so building columns, rollup aggregates and their statement parameters
+    (:func:`merge_args`) overlaps the database's own work.
     (The COPY stream is not built here: it is as big as the frame again, and is cheaper to make
     piece by piece as it is sent.) ``ids`` is the layer mapping read before the transaction; the
     write re-reads it and rebuilds if it changed (a run deleted and recreated meanwhile).
@@ -472,7 +508,7 @@ class Prepared:
     batch: Batch
     ids: dict[int, int] | None = None
     frame: LayerFrame | None = None
-    blocks: BlockColumns | None = None
+    merge: MergeArgs | None = None
 
     @property
     def layers_known(self) -> bool:
@@ -496,7 +532,7 @@ def prepare_batch(conn: Connection | None, batch: Batch) -> Prepared:
         return Prepared(batch)
     ids = {idx: lid for idx, (lid, _) in existing.items()}
     frame = LayerFrame.from_batch(batch, ids)
-    return Prepared(batch, ids, frame, frame.blocks())
+    return Prepared(batch, ids, frame, merge_args(frame.blocks(), conn.dialect.name == "postgresql"))
 
 
 def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin: str = "",
@@ -525,20 +561,21 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
                 (run_id, source, seq, now, batch.row_count, step_min, step_max)):
         return IngestResult(run_id, source, seq, read_acked(conn, run_id, source), True, 0, step_min, step_max)
 
+    pg = conn.dialect.name == "postgresql"
     ids = _layer_ids(conn, batch)
     if prepared is not None and prepared.ids == ids and prepared.frame is not None:
-        frame, blocks = prepared.frame, prepared.blocks
+        frame, prepared_merge = prepared.frame, prepared.merge
     else:
-        frame, blocks = LayerFrame.from_batch(batch, ids), None
-    merge: BlockColumns | None = None
+        frame, prepared_merge = LayerFrame.from_batch(batch, ids), None
+    merge: MergeArgs | None = None
     if len(frame):
-        if conn.dialect.name == "postgresql" and upsert:
+        if pg and upsert:
             # Merge only what this batch really added (exact, and safe beside concurrent writers,
             # unlike recomputing blocks from a snapshot of the rows).
             frame = frame.subset(_insert_returning_pg(conn, frame))
-            merge = frame.blocks() if len(frame) else None
+            merge = merge_args(frame.blocks(), pg) if len(frame) else None
         elif _insert_layer_rows(conn, frame):
-            merge = blocks if blocks is not None else frame.blocks()
+            merge = prepared_merge if prepared_merge is not None else merge_args(frame.blocks(), pg)
         else:  # SQLite, some rows existed: recompute the touched blocks (one writer: no race)
             _update_blocks(conn, set(np.unique(frame.layer_id).tolist()), int(frame.step.min()),
                            int(frame.step.max()))
@@ -558,8 +595,6 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
                                               **agent_event_fields(e.kind, e.data)} for e in batch.events])
     # Rows that other writers also update come last (blocks, run, cursor, in that order): a
     # concurrent batch of the same stream waits only for this short tail.
-    if merge is not None:
-        _merge_blocks(conn, merge)
     sets, params = ["updated_at = ?"], [now]
     if batch.status:
         sets.append("status = ?")
@@ -567,7 +602,11 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     if step_max is not None:
         sets.append("last_step = CASE WHEN last_step IS NULL OR last_step < ? THEN ? ELSE last_step END")
         params += [step_max, step_max]
-    _raw(conn, f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))
+    run_update = (f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))
+    if merge:
+        _merge_blocks(conn, merge, then=run_update)
+    else:
+        _raw(conn, *run_update)
     if batch.lost:
         record_lost(conn, run_id, source, batch.lost)
     if detect and batch.steps:  # under the run row's lock, so batches of a run meet the state in order
@@ -575,10 +614,9 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     acked = _lock_cursor(conn, run_id, source)
     if seq == acked + 1:
         acked = _advance_cursor(conn, run_id, source, acked)
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_notify(:c, :p)"),
-                     {"c": NOTIFY_CHANNEL, "p": json.dumps({"origin": origin, "run_id": run_id, "source": source, "seq": seq,
-                                              "ranks": _ranks(batch)})})
+    if pg:
+        _raw(conn, "SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, json.dumps(
+            {"origin": origin, "run_id": run_id, "source": source, "seq": seq, "ranks": _ranks(batch)})))
     return IngestResult(run_id, source, seq, acked, False, len(frame), step_min, step_max)
 
 
