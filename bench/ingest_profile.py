@@ -70,7 +70,7 @@ def instrument() -> None:
 
     for attr, name in (("ensure_run", "run row"), ("_layer_ids", "layer ids"), ("_insert_layer_rows", "layer COPY"),
                        ("_insert_step_rows", "step rows"), ("_merge_blocks", "rollup upserts"),
-                       ("_lock_cursor", "cursor"), ("_advance_cursor", "cursor")):
+                       ("_lock_cursor", "cursor"), ("_advance_cursor", "cursor"), ("_raw_all", "cursor")):
         _wrap(ingest, attr, name)
     _wrap(detect_store, "on_batch", "detectors")
 

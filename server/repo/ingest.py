@@ -306,34 +306,67 @@ def ensure_run(conn: Connection, batch: Batch, now: float) -> None:
         raise Conflict(f"run {r.run_id} belongs to project {project!r}, the batch says {r.project!r}")
 
 
-def _lock_cursor(conn: Connection, run_id: str, source: int) -> int:
-    """Create-or-lock the (run, source) cursor row in one statement; returns ``acked``.
+_LOCK_CURSOR = ("INSERT INTO ingest_cursor (run_id, source, acked) VALUES (?, ?, 0) ON CONFLICT "
+                "(run_id, source) DO UPDATE SET acked = ingest_cursor.acked RETURNING acked")
+#: Stored seqs after ``acked`` read a page at a time.
+_SEQ_PAGE = 1000
+_NEXT_SEQS = (f"SELECT seq FROM ingest_batch WHERE run_id = ? AND source = ? AND seq > ? ORDER BY seq LIMIT {_SEQ_PAGE}")
+#: The same after the cursor's own ``acked`` (read in the statement after the one that locks it).
+_NEXT_SEQS_LOCKED = _NEXT_SEQS.replace("seq > ?", "seq > (SELECT acked FROM ingest_cursor WHERE run_id = ? AND "
+                                                  "source = ?)")
+
+
+def _lock_cursor(conn: Connection, run_id: str, source: int) -> tuple[int, list[int] | None]:
+    """Create-or-lock the (run, source) cursor row; returns ``acked`` and, on PostgreSQL, the
+    first page of stored seqs after it (None: not read).
 
     ``ON CONFLICT DO UPDATE`` takes the row lock on PostgreSQL, which serialises concurrent
-    batches of one source until commit (SQLite has a single writer anyway).
+    batches of one source until commit (SQLite has a single writer anyway). There the seqs are
+    read by the next statement in the same round trip (pipeline mode): a statement of its own,
+    so its snapshot is taken after the lock is granted and holds every seq committed before.
     """
-    return int(_raw(conn, "INSERT INTO ingest_cursor (run_id, source, acked) VALUES (?, ?, 0) ON CONFLICT "
-                          "(run_id, source) DO UPDATE SET acked = ingest_cursor.acked RETURNING acked",
-                    (run_id, source))[0][0])
+    if conn.dialect.name != "postgresql":
+        return int(_raw(conn, _LOCK_CURSOR, (run_id, source))[0][0]), None
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as lock, raw.cursor() as nxt:
+        with raw.pipeline():
+            lock.execute(_LOCK_CURSOR.replace("?", "%s"), (run_id, source))
+            nxt.execute(_NEXT_SEQS_LOCKED.replace("?", "%s"), (run_id, source, run_id, source))
+        return int(lock.fetchone()[0]), [r[0] for r in nxt.fetchall()]
 
 
-def _advance_cursor(conn: Connection, run_id: str, source: int, acked: int) -> int:
-    """Move ``acked`` over every contiguous stored seq after it."""
-    start = acked
-    while True:
-        seqs = [r[0] for r in _raw(conn, "SELECT seq FROM ingest_batch WHERE run_id = ? AND source = ? AND seq > ? "
-                                         "ORDER BY seq LIMIT 1000", (run_id, source, acked))]
-        for s in seqs:
-            if s != acked + 1:
-                break
-            acked = s
-        else:
-            if len(seqs) == 1000:
-                continue
-        break
-    if acked != start:
-        _raw(conn, "UPDATE ingest_cursor SET acked = ? WHERE run_id = ? AND source = ?", (acked, run_id, source))
+def _walk(acked: int, seqs: list[int]) -> tuple[int, bool]:
+    """``acked`` moved over the contiguous ``seqs`` after it; and whether a full page was all
+    contiguous (read on)."""
+    for s in seqs:
+        if s != acked + 1:
+            return acked, False
+        acked = s
+    return acked, len(seqs) == _SEQ_PAGE
+
+
+def _advance_cursor(conn: Connection, run_id: str, source: int, acked: int, seqs: list[int] | None = None) -> int:
+    """``acked`` moved over every contiguous stored seq after it (``seqs``: the first page, if
+    read already). Writes nothing: the caller updates the cursor row."""
+    more = True
+    if seqs is not None:
+        acked, more = _walk(acked, seqs)
+    while more:
+        acked, more = _walk(acked, [r[0] for r in _raw(conn, _NEXT_SEQS, (run_id, source, acked))])
     return acked
+
+
+def _raw_all(conn: Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Run ``?``-placeholder statements whose results are not needed; PostgreSQL: in one round
+    trip (pipeline mode)."""
+    if conn.dialect.name != "postgresql" or len(statements) < 2:
+        for sql, params in statements:
+            _raw(conn, sql, params)
+        return
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as cur, raw.pipeline():
+        for sql, params in statements:
+            cur.execute(sql.replace("?", "%s"), params)
 
 
 def read_acked(conn: Connection, run_id: str, source: int) -> int:
@@ -611,12 +644,17 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         record_lost(conn, run_id, source, batch.lost)
     if detect and batch.steps:  # under the run row's lock, so batches of a run meet the state in order
         detect_store.on_batch(conn, batch, frame, now)
-    acked = _lock_cursor(conn, run_id, source)
+    acked, seqs = _lock_cursor(conn, run_id, source)
+    last: list[tuple[str, tuple[Any, ...]]] = []
     if seq == acked + 1:
-        acked = _advance_cursor(conn, run_id, source, acked)
+        moved = _advance_cursor(conn, run_id, source, acked, seqs)
+        if moved != acked:
+            last.append(("UPDATE ingest_cursor SET acked = ? WHERE run_id = ? AND source = ?", (moved, run_id, source)))
+            acked = moved
     if pg:
-        _raw(conn, "SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, json.dumps(
-            {"origin": origin, "run_id": run_id, "source": source, "seq": seq, "ranks": _ranks(batch)})))
+        last.append(("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, json.dumps(
+            {"origin": origin, "run_id": run_id, "source": source, "seq": seq, "ranks": _ranks(batch)}))))
+    _raw_all(conn, last)
     return IngestResult(run_id, source, seq, acked, False, len(frame), step_min, step_max)
 
 
