@@ -7,6 +7,7 @@ of ``server/repo/ingest.py`` (store_batch's statements), timed by wrapping the m
 "other" is the rest of ``store`` (run row update, notify, SQLAlchemy). Per-batch medians.
 
     .venv/bin/python bench/ingest_profile.py --batches 40 [--backends postgresql] [--cprofile]
+    PYTHONPATH=/path/to/an/archive/of/main .venv/bin/python bench/ingest_profile.py ...   (another server)
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ def timed(name: str) -> Iterator[None]:
 
 
 def _wrap(module: Any, attr: str, name: str) -> None:
-    inner: Callable[..., Any] = getattr(module, attr)
+    inner: Callable[..., Any] | None = getattr(module, attr, None)
+    if inner is None:  # an older server (``PYTHONPATH``) without this function
+        return
 
     def outer(*a: Any, **kw: Any) -> Any:
         with timed(name):
-            return inner(*a, **kw)
+            return inner(*a, **kw)  # type: ignore[misc]
 
     setattr(module, attr, outer)
 
@@ -114,6 +117,12 @@ def store_all(url: str, encoded: list[bytes], rows: int) -> tuple[dict[str, list
     return per, rows / (time.perf_counter() - t_all)
 
 
+def _server_dir() -> Path:
+    import gradwatch.server
+
+    return Path(gradwatch.server.__file__ or "").parent
+
+
 def _pg_backends(dbname: str) -> list[int]:
     import psycopg
     from ingest import PG_ADMIN, _libpq
@@ -141,7 +150,8 @@ def main() -> None:
     encoded = [wire.encode_batch(b) for b in batches]
     rows = sum(b.row_count for b in batches)
     print(f"# bench/ingest_profile.py {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} cpus={os.cpu_count()} "
-          f"load={os.getloadavg()[0]:.2f}: {len(batches)} batches of {LAYERS} layers x {STEPS_PER_BATCH} steps")
+          f"load={os.getloadavg()[0]:.2f}: {len(batches)} batches of {LAYERS} layers x {STEPS_PER_BATCH} steps; "
+          f"server {_server_dir()}")
     instrument()
     for kind in args.backends.split(","):
         with tempfile.TemporaryDirectory() as tmp:
