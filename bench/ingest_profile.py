@@ -131,6 +131,87 @@ def _pg_backends(dbname: str) -> list[int]:
         return [r[0] for r in c.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (dbname,))]
 
 
+class BackendCPU:
+    """CPU seconds of a PostgreSQL database's backends while the block runs (Linux): polls
+    ``pg_stat_activity`` for them and keeps each one's latest ``/proc/PID/schedstat``, so backends
+    that come and go are counted (up to the last poll, 20 ms)."""
+
+    def __init__(self, dbname: str) -> None:
+        self.dbname = dbname
+        self.seen: dict[int, float] = {}
+        self.start: dict[int, float] = {}
+        self._stop = False
+
+    def _poll(self, into: dict[int, float]) -> None:
+        for pid in _pg_backends(self.dbname):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/schedstat") as f:
+                into[pid] = int(f.read().split()[0]) / 1e9
+
+    def __enter__(self) -> BackendCPU:
+        import threading
+
+        self._poll(self.start)
+
+        def loop() -> None:
+            while not self._stop:
+                self._poll(self.seen)
+                time.sleep(0.02)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+        self._poll(self.seen)
+
+    @property
+    def seconds(self) -> float:
+        return sum(v - self.start.get(pid, 0.0) for pid, v in self.seen.items())
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ws_cpu(batches: list[wire.Batch], encoded: list[bytes], rows: int, pythonpath: str | None,
+           tmp: Path) -> tuple[float, float, float]:
+    """The websocket path as ``bench/ingest.py`` measures it (PostgreSQL): (rows/s, server process
+    CPU seconds, database backends' CPU seconds) while the batches are ingested."""
+    import ingest as bench
+
+    env = {"PYTHONPATH": pythonpath} if pythonpath else None
+    with bench.database("postgresql", tmp) as url, bench.server(url, tmp / "ws-cpu.log", env) as base:
+        pid = bench.server.pid  # type: ignore[attr-defined]
+        started = bench.server
+
+        @contextlib.contextmanager
+        def running(*_a: object, **_k: object) -> Iterator[str]:
+            yield base
+
+        bench.server = running  # type: ignore[assignment]  # ingest into the server started above
+        try:
+            c0 = _proc_cpu(pid)
+            with BackendCPU(url.rsplit("/", 1)[1]) as db:
+                rate = bench.ingest_via_server(url, encoded, rows, tmp)
+            return rate, _proc_cpu(pid) - c0, db.seconds
+        finally:
+            bench.server = started
+
+
+def raw_cpu(batches: list[wire.Batch], tmp: Path) -> tuple[float, float]:
+    """The raw driver's COPY of a pre-built binary stream: (rows/s, backend CPU seconds)."""
+    from ingest import database, ingest_raw
+
+    with database("postgresql", tmp) as url, BackendCPU(url.rsplit("/", 1)[1]) as db:
+        rate = ingest_raw("postgresql", url, batches, stream=True)
+    return rate, db.seconds
+
+
 def _json(body: bytes) -> Any:
     import json
 
@@ -142,6 +223,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--backends", default="postgresql")
     ap.add_argument("--cprofile", action="store_true", help="also print the top functions by cumulative time")
+    ap.add_argument("--ws-cpu", type=int, default=0, metavar="REPEATS",
+                    help="instead: CPU per batch of the websocket path (server process + PostgreSQL backends) "
+                         "and of the raw COPY, REPEATS times, alternating with --before-pythonpath's server")
+    ap.add_argument("--before-pythonpath", default=None, help="with --ws-cpu: a second server to compare")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from ingest import LAYERS, STEPS_PER_BATCH, database, ingest_raw, make_batches
@@ -152,6 +237,9 @@ def main() -> None:
     print(f"# bench/ingest_profile.py {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} cpus={os.cpu_count()} "
           f"load={os.getloadavg()[0]:.2f}: {len(batches)} batches of {LAYERS} layers x {STEPS_PER_BATCH} steps; "
           f"server {_server_dir()}")
+    if args.ws_cpu:
+        _ws_cpu_table(args, batches, encoded, rows)
+        return
     instrument()
     for kind in args.backends.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -176,6 +264,27 @@ def main() -> None:
         print(f"{'sum':<34}{total[0]:>8.2f}{'':>7}{total[1]:>8.2f}{total[2]:>8.2f}{(total[1] + total[2]) / raw_ms:>10.2f}")
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(45)
+
+
+def _ws_cpu_table(args: Any, batches: list[wire.Batch], encoded: list[bytes], rows: int) -> None:
+    servers = [("this checkout", None)] + ([("before", args.before_pythonpath)] if args.before_pythonpath else [])
+    got: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for rep in range(args.ws_cpu):
+        with tempfile.TemporaryDirectory() as tmp:
+            rate, db = raw_cpu(batches, Path(tmp))
+            got["raw COPY"].append((rate, 0.0, db))
+            for name, path in servers if rep % 2 == 0 else servers[::-1]:
+                got[name].append(ws_cpu(batches, encoded, rows, path, Path(tmp)))
+    n = len(batches)
+    print(f"\npostgresql, websocket path vs raw COPY, {args.ws_cpu} repeats (load at the end "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}); CPU ms per batch, median")
+    print(f"{'':<16}{'rows/s':>10}{'server CPU':>12}{'db CPU':>10}{'total':>10}   per repeat (total)")
+    for name, v in got.items():
+        tot = [(s + d) / n * 1000 for _, s, d in v]
+        print(f"{name:<16}{statistics.median(r for r, _, _ in v):>10,.0f}"
+              f"{statistics.median(s for _, s, _ in v) / n * 1000:>12.2f}"
+              f"{statistics.median(d for _, _, d in v) / n * 1000:>10.2f}{statistics.median(tot):>10.2f}   "
+              f"{' '.join(f'{t:.1f}' for t in tot)}")
 
 
 if __name__ == "__main__":
