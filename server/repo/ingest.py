@@ -528,22 +528,45 @@ def _step_rows(batch: Batch, pg: bool) -> list[tuple[Any, ...]]:
     return out
 
 
+def _step_unnest_sql() -> str:
+    """PostgreSQL: the step rows as one statement over column arrays (a dozen parameters however
+    many steps: psycopg caches its conversion and the server its plan; a multi-row VALUES list
+    had 13 parameters a step, re-parsed by the driver on every batch)."""
+    types = {"step": "int8", "rank": "int8", "time": "float8", "skipped": "bool", "nan_mask": "int8",
+             "transforms": "text", **{c: "float8" for c in STEP_FLOAT_COLUMNS}}
+    cols = _STEP_COLUMNS[1:]
+    sel = [f"u.{c}::json" if c == "transforms" else f"u.{c}" for c in cols]
+    return (f"INSERT INTO step_record ({', '.join(_STEP_COLUMNS)}) SELECT %s, {', '.join(sel)} FROM unnest("
+            f"{', '.join(f'%s::{types[c]}[]' for c in cols)}) AS u({', '.join(cols)}) ON CONFLICT DO NOTHING")
+
+
+_STEP_UNNEST = _step_unnest_sql()
+_STEP_KINDS = {"step": int, "rank": int, "nan_mask": int, "skipped": bool, "time": float,
+               **{c: float for c in STEP_FLOAT_COLUMNS}}
+
+
+def _array_list(column: str, values: tuple[Any, ...]) -> list[Any]:
+    """One step column as a list psycopg dumps as one array (one Python type throughout: a record
+    built in process may hold an int where a float goes)."""
+    kind = _STEP_KINDS.get(column)
+    return [v if (v is None or kind is None) else kind(v) for v in values]
+
+
 def _insert_step_rows(conn: Connection, batch: Batch) -> None:
     """Step records through the raw driver too."""
     pg = conn.dialect.name == "postgresql"
-    ph = "%s" if pg else "?"
-    sql = (f"INSERT INTO step_record ({', '.join(_STEP_COLUMNS)}) VALUES ({', '.join([ph] * len(_STEP_COLUMNS))}) "
-           "ON CONFLICT DO NOTHING")
     raw: Any = conn.connection.driver_connection
     rows = _step_rows(batch, pg)
+    if not rows:
+        return
     cur = raw.cursor()
     try:
-        if pg and 1 < len(rows) <= 1000:  # one statement: psycopg's pipelined executemany costs more
-            one = f"({', '.join([ph] * len(_STEP_COLUMNS))})"
-            cur.execute(sql.replace(f"VALUES {one}", "VALUES " + ", ".join([one] * len(rows))),
-                        [v for r in rows for v in r])
+        if pg:  # columns after run_id, in step order (a key twice: the first row is stored, as before)
+            cur.execute(_STEP_UNNEST, [batch.run.run_id, *(_array_list(c, col) for c, col in
+                                                            zip(_STEP_COLUMNS[1:], list(zip(*rows))[1:]))])
         else:
-            cur.executemany(sql, rows)
+            cur.executemany(f"INSERT INTO step_record ({', '.join(_STEP_COLUMNS)}) VALUES "
+                            f"({', '.join('?' * len(_STEP_COLUMNS))}) ON CONFLICT DO NOTHING", rows)
     finally:
         cur.close()
 
