@@ -456,6 +456,9 @@ def main() -> None:
     ap.add_argument("--detectors-off-too", action="store_true",
                     help="also measure the server with its detectors switched off, in the same repeats")
     ap.add_argument("--ingest-repeats", type=int, default=3, help="side-by-side ingest measurements")
+    ap.add_argument("--before-pythonpath", default=None,
+                    help="also measure a server run with this PYTHONPATH (a checkout of another commit, e.g. "
+                         "main's) in the same repeats, detectors on")
     ap.add_argument("--scale-out", action="store_true",
                     help="only the 1-process vs 2-process ingest comparison on PostgreSQL (--ingest-rows in all)")
     ap.add_argument("--memory", action="store_true",
@@ -485,7 +488,8 @@ def main() -> None:
         scale_out(args.ingest_rows, args.ingest_repeats, tmp)
         return
     print(f"# gradwatch bench/ingest.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
-          f"cpus={os.cpu_count()}  ingest_rows={args.ingest_rows}  rows={args.rows}")
+          f"cpus={os.cpu_count()}  ingest_rows={args.ingest_rows}  rows={args.rows}  "
+          f"load={' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     batches = make_batches(args.ingest_rows, "bench")
     encoded = [wire.encode_batch(b) for b in batches]
@@ -500,8 +504,11 @@ def main() -> None:
         srvs: list[float] = []
         raw_modes: list[tuple[float, float]] = []
         offs: list[float] = []
+        befores: list[float] = []
         for rep in range(args.ingest_repeats):
             order: tuple[str, ...] = ("raw", "srv") if rep % 2 == 0 else ("srv", "raw")
+            if args.before_pythonpath:
+                order = (order[0], "before", order[1])
             if args.detectors_off_too:
                 order = (*order, "off") if rep % 2 == 0 else ("off", *order)
             for what in order:
@@ -514,6 +521,9 @@ def main() -> None:
                             raw_modes.append((r, r2))
                             r = max(r, r2)
                         raws.append(r)
+                    elif what == "before":
+                        befores.append(ingest_via_server(u, encoded, n_rows, tmp,
+                                                         env={"PYTHONPATH": args.before_pythonpath}))
                     elif what == "off":
                         offs.append(ingest_via_server(u, encoded, n_rows, tmp,
                                                       env={"GRADWATCH_SERVER_DETECTORS_ENABLED": "false"}))
@@ -523,6 +533,13 @@ def main() -> None:
         method = "executemany" if kind == "sqlite" else "COPY binary"
         print(f"{kind + ' (' + method + ')':<28}{statistics.median(raws):>20,.0f}{statistics.median(srvs):>20,.0f}"
               f"{statistics.median(ratios):>8.2f}   {' '.join(f'{x:.2f}' for x in ratios)}")
+        if befores:
+            b_ratios = [b / r for b, r in zip(befores, raws)]
+            print(f"{'  before (' + os.path.basename(args.before_pythonpath.rstrip('/')) + ')':<28}{'':>20}"
+                  f"{statistics.median(befores):>20,.0f}{statistics.median(b_ratios):>8.2f}   "
+                  f"{' '.join(f'{x:.2f}' for x in b_ratios)}")
+            print(f"{'':<28}(this server / before, per repeat: "
+                  f"{' '.join(f'{a / b:.2f}' for a, b in zip(srvs, befores))})")
         if offs:
             off_ratios = [o / r for o, r in zip(offs, raws)]
             print(f"{'  same, detectors off':<28}{'':>20}{statistics.median(offs):>20,.0f}"
@@ -554,7 +571,8 @@ def main() -> None:
                     ms_heat, hb = time_get(h, max(1, args.repeats // 2))
                     assert len(hb["values"]) == LAYERS and 0 < len(hb["values"][0]) <= 200
                 print(f"{kind:<12}{build:>10.0f}{ms_series:>20.1f}{ms_heat:>20.1f}")
-    print("\ntargets: ratio >= 0.50; series < 100 ms at 20M rows")
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("targets: ratio >= 0.50; series < 100 ms at 20M rows")
 
 
 if __name__ == "__main__":

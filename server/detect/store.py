@@ -40,9 +40,15 @@ _LOCK = ("INSERT INTO detector_state (run_id, state, last_step, updated_at) VALU
 _SAVE = "UPDATE detector_state SET state = ?, last_step = ?, updated_at = ? WHERE run_id = ?"
 
 
+_RULES = "SELECT rules, updated_at FROM project_rules WHERE project = ?"
+
+
 def load_rules(conn: Connection, project: str) -> tuple[Rules, float | None]:
     """The project's rules (defaults without a row) and when they were last set."""
-    rows = run_raw(conn, "SELECT rules, updated_at FROM project_rules WHERE project = ?", (project,))
+    return _rules_of(run_raw(conn, _RULES, (project,)))
+
+
+def _rules_of(rows: list[tuple[Any, ...]]) -> tuple[Rules, float | None]:
     if not rows:
         return Rules(), None
     raw, at = rows[0]
@@ -58,6 +64,21 @@ def save_rules(conn: Connection, project: str, rules: Rules, now: float) -> None
 def _lock_state(conn: Connection, run_id: str, now: float) -> State:
     raw = run_raw(conn, _LOCK, (run_id, now))[0][0]
     return State.from_json(json.loads(raw) if raw else None)
+
+
+def _lock_state_and_rules(conn: Connection, run_id: str, project: str, now: float) -> tuple[State, Rules]:
+    """:func:`_lock_state` and :func:`load_rules`; on PostgreSQL in one round trip (pipeline
+    mode: the lock statement runs first, as before)."""
+    if conn.dialect.name != "postgresql":
+        return _lock_state(conn, run_id, now), load_rules(conn, project)[0]
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as lock, raw.cursor() as rules:
+        with raw.pipeline():
+            lock.execute(_LOCK.replace("?", "%s"), (run_id, now))
+            rules.execute(_RULES.replace("?", "%s"), (project,))
+        state = lock.fetchone()[0]
+        rows = rules.fetchall()
+    return State.from_json(json.loads(state) if state else None), _rules_of(rows)[0]
 
 
 def _save_state(conn: Connection, run_id: str, st: State, now: float) -> None:
@@ -95,8 +116,7 @@ def on_batch(conn: Connection, batch: Batch, frame: LayerFrame, now: float) -> i
     if not inputs:
         return 0
     run_id = batch.run.run_id
-    st = _lock_state(conn, run_id, now)
-    rules, _ = load_rules(conn, batch.run.project)
+    st, rules = _lock_state_and_rules(conn, run_id, batch.run.project, now)
     try:
         found = engine.evaluate(rules, st, inputs)
     except Exception:  # a detector bug must never cost the batch its rows: skip, keep the old state

@@ -60,9 +60,13 @@ def _column(pieces: Sequence[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndar
         if None in p:
             if nulls is None:
                 nulls = [np.zeros(len(q), bool) for q in pieces[:i]]
+            fill = np.nan if dtype.kind == "f" else 0  # an integer column's NULLs are in the mask only
+            if p.count(None) == len(p):  # not measured this step (a sampled signal): no per-value loop
+                nulls.append(np.ones(len(p), bool))
+                parts.append(np.full(len(p), fill, dtype=dtype))
+                continue
             isnull = np.fromiter((v is None for v in p), bool, len(p))
             nulls.append(isnull)
-            fill = np.nan if dtype.kind == "f" else 0  # an integer column's NULLs are in the mask only
             parts.append(np.array([fill if v is None else v for v in p], dtype=dtype))
         else:
             parts.append(np.array(p, dtype=dtype))

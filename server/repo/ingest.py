@@ -130,6 +130,8 @@ def _merge_sql(pg: bool, t: str = "layer_stat_block") -> str:
     lo, hi = ("LEAST", "GREATEST") if pg else ("min", "max")  # SQLite's 2-arg min/max return NULL on NULL
 
     def nn(fn: str, c: str) -> str:
+        if pg:  # PostgreSQL's LEAST/GREATEST skip NULLs already (NULL only when both are)
+            return f"{fn}({t}.{c}, excluded.{c})"
         return f"coalesce({fn}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})"
 
     sets = [f"step_min = {lo}({t}.step_min, excluded.step_min)", f"step_max = {hi}({t}.step_max, excluded.step_max)",
@@ -147,17 +149,58 @@ _TABLES = ("layer_stat_block", "layer_stat_coarse")
 _MERGE = {(pg, t): _merge_sql(pg, t) for pg in (True, False) for t in _TABLES}
 
 
-def _merge_unnest_sql(t: str) -> str:
+_INT_BLOCK_COLS = frozenset(c for c in _BLOCK_COLS if c in ("layer_id", "block", "rank", "step_min", "step_max", "n",
+                                                             "mom_n", "mom_skip") or c.endswith(("_cnt", "_nan")))
+#: How a rollup column's values reach the upsert: an array parameter, or (PostgreSQL) an expression.
+_ARRAY, _SAME_AS_N, _ZERO, _NULL = "a", "n", "0", "-"
+
+
+def _merge_unnest_sql(t: str, shape: tuple[str, ...] | None = None) -> str:
     """PostgreSQL: the same upsert as one statement over column arrays (one round trip per batch
-    instead of one per block row, which dominated ingest time over TCP)."""
-    ints = ("layer_id", "block", "rank", "step_min", "step_max", "n", "mom_n", "mom_skip")
-    types = ["int8" if (c in ints or c.endswith(("_cnt", "_nan"))) else "float8" for c in _BLOCK_COLS]
+    instead of one per block row, which dominated ingest time over TCP).
+
+    ``shape`` (per column of ``_BLOCK_COLS``, default all arrays): a column whose batch values
+    are all equal to ``n`` (a statistic's count where it was never NULL), all 0 or all NULL (a
+    statistic not measured in these blocks) is written as that expression instead of an array:
+    the stored values are the same, and the server decodes a third to half fewer array elements."""
+    shape = shape or (_ARRAY,) * len(_BLOCK_COLS)
     head, tail = _MERGE[True, t].split(" VALUES ", 1)
-    arrays = ", ".join(f"%b::{typ}[]" for typ in types)  # %b: binary parameters (no per-element text dumping)
-    return f"{head} SELECT * FROM unnest({arrays}) {tail[tail.index('ON CONFLICT'):]}"
+    arrays, sel = [], []
+    for k, (c, how) in enumerate(zip(_BLOCK_COLS, shape)):
+        typ = "int8" if c in _INT_BLOCK_COLS else "float8"
+        if how == _ARRAY:
+            arrays.append(f"%b::{typ}[]")  # %b: binary parameters (no per-element text dumping)
+        sel.append({_ARRAY: f"u.c{k}", _SAME_AS_N: "u.c5", _ZERO: "0", _NULL: f"NULL::{typ}"}[how])
+    names = ", ".join(f"c{k}" for k, how in enumerate(shape) if how == _ARRAY)
+    return (f"{head} SELECT {', '.join(sel)} FROM unnest({', '.join(arrays)}) AS u({names}) "
+            f"{tail[tail.index('ON CONFLICT'):]}")
 
 
-_MERGE_UNNEST = {t: _merge_unnest_sql(t) for t in _TABLES}
+_MERGE_UNNEST: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
+def _merge_pg(t: str, cols: BlockColumns) -> tuple[str, list[_PgArray]]:
+    """The upsert of ``cols`` into ``t`` and its array parameters (see :func:`_merge_unnest_sql`)."""
+    n = cols.columns[5][0]
+    shape = []
+    for k, (c, (v, z)) in enumerate(zip(_BLOCK_COLS, cols.columns)):
+        how = _ARRAY
+        if k > 5:  # the key, step range and n are always arrays
+            if z is not None and z.all():
+                how = _NULL
+            elif z is None and c in _INT_BLOCK_COLS:
+                if not v.any():
+                    how = _ZERO
+                elif c.endswith("_cnt") and np.array_equal(v, n):
+                    how = _SAME_AS_N
+        shape.append(how)
+    key = (t, tuple(shape))
+    sql = _MERGE_UNNEST.get(key)
+    if sql is None:
+        sql = _merge_unnest_sql(t, key[1])
+        if len(_MERGE_UNNEST) < 256:  # a few shapes per kind of run in practice; bounded anyway
+            _MERGE_UNNEST[key] = sql
+    return sql, pg_arrays([c for c, how in zip(cols.columns, shape) if how == _ARRAY])
 
 
 def _coarse_rollup_sql() -> str:
@@ -193,9 +236,8 @@ class _Float8Array(_PgArray):
 _DUMPERS: list[tuple[type, type]] = []
 
 
-def pg_array_params(cur: Any, columns: list[tuple[np.ndarray, np.ndarray | None]]) -> list[_PgArray]:
-    """``columns`` ((values, NULL mask or None) each) as binary int8[]/float8[] parameters for
-    ``cur``, whose dumpers pass the pre-built bytes through untouched."""
+def _register_dumpers(cur: Any) -> None:
+    """Make ``cur`` pass :class:`_PgArray` parameters through untouched (binary int8[]/float8[])."""
     if not _DUMPERS:
         from psycopg.adapt import Dumper
         from psycopg.pq import Format
@@ -205,21 +247,55 @@ def pg_array_params(cur: Any, columns: list[tuple[np.ndarray, np.ndarray | None]
                 "format": Format.BINARY, "oid": array_cls.oid, "dump": lambda self, obj: obj})))
     for cls, dumper in _DUMPERS:
         cur.adapters.register_dumper(cls, dumper)
+
+
+def pg_arrays(columns: list[tuple[np.ndarray, np.ndarray | None]]) -> list[_PgArray]:
+    """``columns`` ((values, NULL mask or None) each) as binary int8[]/float8[] parameters (needs
+    no connection: built before the write transaction)."""
     return [(_Int8Array if c.dtype.kind == "i" else _Float8Array)(pg_binary_array(c, z)) for c, z in columns]
 
 
-def _merge_blocks(conn: Connection, blocks: BlockColumns) -> None:
-    """Merge a batch's 64-step blocks, then the coarse blocks made of them, into the rollup."""
+def pg_array_params(cur: Any, columns: list[tuple[np.ndarray, np.ndarray | None]]) -> list[_PgArray]:
+    """``columns`` as binary array parameters for ``cur``, whose dumpers pass them through."""
+    _register_dumpers(cur)
+    return pg_arrays(columns)
+
+
+#: The rollup upserts of one batch, finest level first: (statement, parameters) each; PostgreSQL:
+#: one statement's binary array parameters; SQLite: ``executemany`` rows.
+MergeArgs = list[tuple[str, Any]]
+
+
+def merge_args(blocks: BlockColumns, pg: bool) -> MergeArgs:
+    """The arguments of :func:`_merge_blocks` for a batch's 64-step blocks: those blocks and the
+    coarse blocks made of them, in the form the database takes. Pure numpy and Python, so the
+    websocket path builds them in a worker thread before the write transaction (they are
+    written last in it, under the rollup rows' locks that batches of a run wait for)."""
     if not len(blocks):
-        return
+        return []
+    levels = (("layer_stat_block", blocks), ("layer_stat_coarse", blocks.coarsen(COARSE_FACTOR)))
+    return [_merge_pg(t, cols) if pg else (_MERGE[False, t], cols.rows()) for t, cols in levels]
+
+
+def _merge_blocks(conn: Connection, args: MergeArgs, then: tuple[str, tuple[Any, ...]] | None = None) -> None:
+    """Merge a batch's 64-step blocks, then the coarse blocks made of them, into the rollup; then
+    run ``then`` (a ``?``-placeholder statement). PostgreSQL: all in one round trip (pipeline
+    mode), which shortens the part of the transaction that holds rows other batches wait for."""
     raw: Any = conn.connection.driver_connection
     cur = raw.cursor()
     try:
-        for t, cols in (("layer_stat_block", blocks), ("layer_stat_coarse", blocks.coarsen(COARSE_FACTOR))):
-            if conn.dialect.name == "postgresql":
-                cur.execute(_MERGE_UNNEST[t], pg_array_params(cur, cols.columns))
-            else:
-                cur.executemany(_MERGE[False, t], cols.rows())
+        if conn.dialect.name == "postgresql":
+            _register_dumpers(cur)
+            with raw.pipeline():
+                for sql, params in args:
+                    cur.execute(sql, params)
+                if then is not None:
+                    cur.execute(then[0].replace("?", "%s"), then[1])
+            return
+        for sql, rows in args:
+            cur.executemany(sql, rows)
+        if then is not None:
+            cur.execute(*then)
     finally:
         cur.close()
 
@@ -271,34 +347,67 @@ def ensure_run(conn: Connection, batch: Batch, now: float) -> None:
         raise Conflict(f"run {r.run_id} belongs to project {project!r}, the batch says {r.project!r}")
 
 
-def _lock_cursor(conn: Connection, run_id: str, source: int) -> int:
-    """Create-or-lock the (run, source) cursor row in one statement; returns ``acked``.
+_LOCK_CURSOR = ("INSERT INTO ingest_cursor (run_id, source, acked) VALUES (?, ?, 0) ON CONFLICT "
+                "(run_id, source) DO UPDATE SET acked = ingest_cursor.acked RETURNING acked")
+#: Stored seqs after ``acked`` read a page at a time.
+_SEQ_PAGE = 1000
+_NEXT_SEQS = (f"SELECT seq FROM ingest_batch WHERE run_id = ? AND source = ? AND seq > ? ORDER BY seq LIMIT {_SEQ_PAGE}")
+#: The same after the cursor's own ``acked`` (read in the statement after the one that locks it).
+_NEXT_SEQS_LOCKED = _NEXT_SEQS.replace("seq > ?", "seq > (SELECT acked FROM ingest_cursor WHERE run_id = ? AND "
+                                                  "source = ?)")
+
+
+def _lock_cursor(conn: Connection, run_id: str, source: int) -> tuple[int, list[int] | None]:
+    """Create-or-lock the (run, source) cursor row; returns ``acked`` and, on PostgreSQL, the
+    first page of stored seqs after it (None: not read).
 
     ``ON CONFLICT DO UPDATE`` takes the row lock on PostgreSQL, which serialises concurrent
-    batches of one source until commit (SQLite has a single writer anyway).
+    batches of one source until commit (SQLite has a single writer anyway). There the seqs are
+    read by the next statement in the same round trip (pipeline mode): a statement of its own,
+    so its snapshot is taken after the lock is granted and holds every seq committed before.
     """
-    return int(_raw(conn, "INSERT INTO ingest_cursor (run_id, source, acked) VALUES (?, ?, 0) ON CONFLICT "
-                          "(run_id, source) DO UPDATE SET acked = ingest_cursor.acked RETURNING acked",
-                    (run_id, source))[0][0])
+    if conn.dialect.name != "postgresql":
+        return int(_raw(conn, _LOCK_CURSOR, (run_id, source))[0][0]), None
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as lock, raw.cursor() as nxt:
+        with raw.pipeline():
+            lock.execute(_LOCK_CURSOR.replace("?", "%s"), (run_id, source))
+            nxt.execute(_NEXT_SEQS_LOCKED.replace("?", "%s"), (run_id, source, run_id, source))
+        return int(lock.fetchone()[0]), [r[0] for r in nxt.fetchall()]
 
 
-def _advance_cursor(conn: Connection, run_id: str, source: int, acked: int) -> int:
-    """Move ``acked`` over every contiguous stored seq after it."""
-    start = acked
-    while True:
-        seqs = [r[0] for r in _raw(conn, "SELECT seq FROM ingest_batch WHERE run_id = ? AND source = ? AND seq > ? "
-                                         "ORDER BY seq LIMIT 1000", (run_id, source, acked))]
-        for s in seqs:
-            if s != acked + 1:
-                break
-            acked = s
-        else:
-            if len(seqs) == 1000:
-                continue
-        break
-    if acked != start:
-        _raw(conn, "UPDATE ingest_cursor SET acked = ? WHERE run_id = ? AND source = ?", (acked, run_id, source))
+def _walk(acked: int, seqs: list[int]) -> tuple[int, bool]:
+    """``acked`` moved over the contiguous ``seqs`` after it; and whether a full page was all
+    contiguous (read on)."""
+    for s in seqs:
+        if s != acked + 1:
+            return acked, False
+        acked = s
+    return acked, len(seqs) == _SEQ_PAGE
+
+
+def _advance_cursor(conn: Connection, run_id: str, source: int, acked: int, seqs: list[int] | None = None) -> int:
+    """``acked`` moved over every contiguous stored seq after it (``seqs``: the first page, if
+    read already). Writes nothing: the caller updates the cursor row."""
+    more = True
+    if seqs is not None:
+        acked, more = _walk(acked, seqs)
+    while more:
+        acked, more = _walk(acked, [r[0] for r in _raw(conn, _NEXT_SEQS, (run_id, source, acked))])
     return acked
+
+
+def _raw_all(conn: Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Run ``?``-placeholder statements whose results are not needed; PostgreSQL: in one round
+    trip (pipeline mode)."""
+    if conn.dialect.name != "postgresql" or len(statements) < 2:
+        for sql, params in statements:
+            _raw(conn, sql, params)
+        return
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as cur, raw.pipeline():
+        for sql, params in statements:
+            cur.execute(sql.replace("?", "%s"), params)
 
 
 def read_acked(conn: Connection, run_id: str, source: int) -> int:
@@ -419,22 +528,45 @@ def _step_rows(batch: Batch, pg: bool) -> list[tuple[Any, ...]]:
     return out
 
 
+def _step_unnest_sql() -> str:
+    """PostgreSQL: the step rows as one statement over column arrays (a dozen parameters however
+    many steps: psycopg caches its conversion and the server its plan; a multi-row VALUES list
+    had 13 parameters a step, re-parsed by the driver on every batch)."""
+    types = {"step": "int8", "rank": "int8", "time": "float8", "skipped": "bool", "nan_mask": "int8",
+             "transforms": "text", **{c: "float8" for c in STEP_FLOAT_COLUMNS}}
+    cols = _STEP_COLUMNS[1:]
+    sel = [f"u.{c}::json" if c == "transforms" else f"u.{c}" for c in cols]
+    return (f"INSERT INTO step_record ({', '.join(_STEP_COLUMNS)}) SELECT %s, {', '.join(sel)} FROM unnest("
+            f"{', '.join(f'%s::{types[c]}[]' for c in cols)}) AS u({', '.join(cols)}) ON CONFLICT DO NOTHING")
+
+
+_STEP_UNNEST = _step_unnest_sql()
+_STEP_KINDS = {"step": int, "rank": int, "nan_mask": int, "skipped": bool, "time": float,
+               **{c: float for c in STEP_FLOAT_COLUMNS}}
+
+
+def _array_list(column: str, values: tuple[Any, ...]) -> list[Any]:
+    """One step column as a list psycopg dumps as one array (one Python type throughout: a record
+    built in process may hold an int where a float goes)."""
+    kind = _STEP_KINDS.get(column)
+    return [v if (v is None or kind is None) else kind(v) for v in values]
+
+
 def _insert_step_rows(conn: Connection, batch: Batch) -> None:
     """Step records through the raw driver too."""
     pg = conn.dialect.name == "postgresql"
-    ph = "%s" if pg else "?"
-    sql = (f"INSERT INTO step_record ({', '.join(_STEP_COLUMNS)}) VALUES ({', '.join([ph] * len(_STEP_COLUMNS))}) "
-           "ON CONFLICT DO NOTHING")
     raw: Any = conn.connection.driver_connection
     rows = _step_rows(batch, pg)
+    if not rows:
+        return
     cur = raw.cursor()
     try:
-        if pg and 1 < len(rows) <= 1000:  # one statement: psycopg's pipelined executemany costs more
-            one = f"({', '.join([ph] * len(_STEP_COLUMNS))})"
-            cur.execute(sql.replace(f"VALUES {one}", "VALUES " + ", ".join([one] * len(rows))),
-                        [v for r in rows for v in r])
+        if pg:  # columns after run_id, in step order (a key twice: the first row is stored, as before)
+            cur.execute(_STEP_UNNEST, [batch.run.run_id, *(_array_list(c, col) for c, col in
+                                                            zip(_STEP_COLUMNS[1:], list(zip(*rows))[1:]))])
         else:
-            cur.executemany(sql, rows)
+            cur.executemany(f"INSERT INTO step_record ({', '.join(_STEP_COLUMNS)}) VALUES "
+                            f"({', '.join('?' * len(_STEP_COLUMNS))}) ON CONFLICT DO NOTHING", rows)
     finally:
         cur.close()
 
@@ -463,7 +595,8 @@ class Prepared:
     """A decoded batch with the work that needs no write transaction already done.
 
     The websocket handler prepares the next batches in worker threads while the current one is
-    being written, so building columns and rollup aggregates overlaps the database's own work.
+    being written, so building columns, rollup aggregates and their statement parameters
+    (:func:`merge_args`) overlaps the database's own work.
     (The COPY stream is not built here: it is as big as the frame again, and is cheaper to make
     piece by piece as it is sent.) ``ids`` is the layer mapping read before the transaction; the
     write re-reads it and rebuilds if it changed (a run deleted and recreated meanwhile).
@@ -472,7 +605,7 @@ class Prepared:
     batch: Batch
     ids: dict[int, int] | None = None
     frame: LayerFrame | None = None
-    blocks: BlockColumns | None = None
+    merge: MergeArgs | None = None
 
     @property
     def layers_known(self) -> bool:
@@ -496,7 +629,7 @@ def prepare_batch(conn: Connection | None, batch: Batch) -> Prepared:
         return Prepared(batch)
     ids = {idx: lid for idx, (lid, _) in existing.items()}
     frame = LayerFrame.from_batch(batch, ids)
-    return Prepared(batch, ids, frame, frame.blocks())
+    return Prepared(batch, ids, frame, merge_args(frame.blocks(), conn.dialect.name == "postgresql"))
 
 
 def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin: str = "",
@@ -525,20 +658,21 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
                 (run_id, source, seq, now, batch.row_count, step_min, step_max)):
         return IngestResult(run_id, source, seq, read_acked(conn, run_id, source), True, 0, step_min, step_max)
 
+    pg = conn.dialect.name == "postgresql"
     ids = _layer_ids(conn, batch)
     if prepared is not None and prepared.ids == ids and prepared.frame is not None:
-        frame, blocks = prepared.frame, prepared.blocks
+        frame, prepared_merge = prepared.frame, prepared.merge
     else:
-        frame, blocks = LayerFrame.from_batch(batch, ids), None
-    merge: BlockColumns | None = None
+        frame, prepared_merge = LayerFrame.from_batch(batch, ids), None
+    merge: MergeArgs | None = None
     if len(frame):
-        if conn.dialect.name == "postgresql" and upsert:
+        if pg and upsert:
             # Merge only what this batch really added (exact, and safe beside concurrent writers,
             # unlike recomputing blocks from a snapshot of the rows).
             frame = frame.subset(_insert_returning_pg(conn, frame))
-            merge = frame.blocks() if len(frame) else None
+            merge = merge_args(frame.blocks(), pg) if len(frame) else None
         elif _insert_layer_rows(conn, frame):
-            merge = blocks if blocks is not None else frame.blocks()
+            merge = prepared_merge if prepared_merge is not None else merge_args(frame.blocks(), pg)
         else:  # SQLite, some rows existed: recompute the touched blocks (one writer: no race)
             _update_blocks(conn, set(np.unique(frame.layer_id).tolist()), int(frame.step.min()),
                            int(frame.step.max()))
@@ -558,8 +692,6 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
                                               **agent_event_fields(e.kind, e.data)} for e in batch.events])
     # Rows that other writers also update come last (blocks, run, cursor, in that order): a
     # concurrent batch of the same stream waits only for this short tail.
-    if merge is not None:
-        _merge_blocks(conn, merge)
     sets, params = ["updated_at = ?"], [now]
     if batch.status:
         sets.append("status = ?")
@@ -567,18 +699,26 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     if step_max is not None:
         sets.append("last_step = CASE WHEN last_step IS NULL OR last_step < ? THEN ? ELSE last_step END")
         params += [step_max, step_max]
-    _raw(conn, f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))
+    run_update = (f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))
+    if merge:
+        _merge_blocks(conn, merge, then=run_update)
+    else:
+        _raw(conn, *run_update)
     if batch.lost:
         record_lost(conn, run_id, source, batch.lost)
     if detect and batch.steps:  # under the run row's lock, so batches of a run meet the state in order
         detect_store.on_batch(conn, batch, frame, now)
-    acked = _lock_cursor(conn, run_id, source)
+    acked, seqs = _lock_cursor(conn, run_id, source)
+    last: list[tuple[str, tuple[Any, ...]]] = []
     if seq == acked + 1:
-        acked = _advance_cursor(conn, run_id, source, acked)
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_notify(:c, :p)"),
-                     {"c": NOTIFY_CHANNEL, "p": json.dumps({"origin": origin, "run_id": run_id, "source": source, "seq": seq,
-                                              "ranks": _ranks(batch)})})
+        moved = _advance_cursor(conn, run_id, source, acked, seqs)
+        if moved != acked:
+            last.append(("UPDATE ingest_cursor SET acked = ? WHERE run_id = ? AND source = ?", (moved, run_id, source)))
+            acked = moved
+    if pg:
+        last.append(("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, json.dumps(
+            {"origin": origin, "run_id": run_id, "source": source, "seq": seq, "ranks": _ranks(batch)}))))
+    _raw_all(conn, last)
     return IngestResult(run_id, source, seq, acked, False, len(frame), step_min, step_max)
 
 
