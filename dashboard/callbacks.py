@@ -210,11 +210,11 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
               Input("reset-zoom", "n_clicks"))
     async def layer_series(layer: str | None, run_id: str, theme: str, relayout: dict[str, Any] | None,
                            reset: Any = None) -> Any:
+        start, end, skip = zoom_range(relayout, "layer-graph")
+        if skip:  # e.g. the autosize after the first draw: the empty state is drawn already
+            return no_update
         if not layer:
             return fig.empty_figure("Click a heatmap cell or search a layer to see its series.", theme, "Layer")
-        start, end, skip = zoom_range(relayout, "layer-graph")
-        if skip:
-            return no_update
         try:
             async with api_factory() as api:
                 got = await asyncio.gather(*[api.layer_stats(run_id, layer, s, start=start, end=end,

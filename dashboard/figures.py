@@ -275,6 +275,19 @@ def layer_filter(names: list[str], pattern: str | None) -> tuple[list[int], str 
     return [i for i, n in enumerate(names) if rx.search(n)], None
 
 
+def _uniform_columns(steps: list[int]) -> list[int]:
+    """Bucket starts with the first bucket aligned to its block: a run's first step (1) opens a
+    block that starts at 0, so the first column is one step narrower than the others. Plotly draws
+    a heatmap of equal columns as one small image scaled up, and one with any other column widths
+    cell by cell into a plot-sized canvas: 500 layers × 157 buckets took ~0.2 s instead of ~0.05 s."""
+    if len(steps) < 3:
+        return steps
+    width = steps[2] - steps[1]
+    if 0 < steps[1] - steps[0] < width and all(b - a == width for a, b in zip(steps[1:], steps[2:])):
+        steps[0] = max(0, steps[1] - width)
+    return steps
+
+
 def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None = None, theme: str = "light",
                    weights: dict[str, Any] | None = None, last_step: int | None = None,
                    depth: int = 0) -> dict[str, Any]:
@@ -297,7 +310,7 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
         return empty_figure(f"No layer matches {pattern!r}.", theme, "Layers × steps")
     rows = layer_groups(names, keep, depth)
     how = GROUP_AGG.get(api_stat, "max")
-    steps = list(hm["steps"])
+    steps = _uniform_columns(list(hm["steps"]))
     values = hm["values"]
     nans = hm.get("nan") or [[0] * len(steps) for _ in layers]
     wvals = weights["values"] if weights else None
@@ -684,6 +697,12 @@ SEVERITIES = ("info", "warning", "critical")
 SEVERITY_COLOUR = {"ok": "#8fbc8f", "info": "#6baed6", "warning": "#ff9f1c", "critical": "#d62728"}
 #: An event counts toward a module's current colour while the run is within this many steps of it.
 TREE_WINDOW = 200
+#: The module tree draws at most this many levels below its root at once (a click goes deeper)...
+TREE_DEPTH = 4
+#: ...and fewer where they would hold more sectors than this: Plotly lays out and labels every
+#: drawn sector, ~1 s for the 1,000 sectors of a 500-layer model on the 2-core box (~0.15 s for
+#: 3 levels of it); so many are too small to read anyway.
+TREE_SECTORS = 250
 
 
 def _sev(e: dict[str, Any]) -> int:
@@ -794,6 +813,11 @@ def module_tree_figure(names: list[str], signals: dict[str, list[tuple[int, str]
                 if len(texts[j]) < 4:
                     texts[j].append(f"{SEVERITIES[sev]}: {text}" + ("" if node == name else f" ({name})"))
     leaves = set(names)
+    depth = {"(model)": 0}
+    for i, p in zip(ids[1:], parents[1:]):  # a parent always comes before its children
+        depth[i] = depth[p] + 1
+    per_level = [sum(1 for d in depth.values() if d == k) for k in range(TREE_DEPTH)]
+    maxdepth = next((m for m in range(TREE_DEPTH, 1, -1) if sum(per_level[:m]) <= TREE_SECTORS), 2)
     colour_of = {-1: SEVERITY_COLOUR["ok"], 0: SEVERITY_COLOUR["info"], 1: SEVERITY_COLOUR["warning"],
                  2: SEVERITY_COLOUR["critical"]}
     hover = ["<br>".join(t) if t else "no problem signal" for t in texts]
@@ -803,7 +827,7 @@ def module_tree_figure(names: list[str], signals: dict[str, list[tuple[int, str]
              "values": [1 if i in leaves else 0 for i in ids], "branchvalues": "remainder",
              "marker": {"colors": [colour_of[w] for w in worst], "line": {"color": c["bg"], "width": 1}},
              "customdata": [[i, "ok" if w < 0 else SEVERITIES[w]] for i, w in zip(ids, worst)], "text": hover,
-             "textinfo": "label", "maxdepth": 4, "pathbar": {"visible": True},
+             "textinfo": "label", "maxdepth": maxdepth, "pathbar": {"visible": True},
              "hovertemplate": "%{customdata[0]}<br><b>%{customdata[1]}</b><br>%{text}<extra></extra>"}]
     title = "Module tree — coloured by the worst current signal" + (
         f" · {n_bad} layer{'s' if n_bad != 1 else ''} with problems" if n_bad else " · no problems detected")

@@ -390,3 +390,24 @@ def test_statistics_a_run_lacks_say_not_recorded_and_the_tree_colours_signals(cl
                                                           ("event-kinds", "value", None),
                                                           ("event-severity", "value", "warning")])["events-table"]["data"]
     assert [r["kind"] for r in rows] == ["dead"] and rows[0]["detail"] == "dead gradients"
+
+
+def test_pages_load_the_partial_plotly_bundle_early_and_it_holds_every_trace_type(client: TestClient) -> None:
+    """The page's head starts gradwatch's own Plotly (dcc.Graph then never loads the wheel's full
+    bundle), Dash does not also include it as a script, and every trace type the figure builders
+    emit is registered in it."""
+    from gradwatch.dashboard import figures
+    from gradwatch.dashboard.app import PLOTLY_BUNDLE
+
+    html = client.get("/runs/any").text
+    head = html.split("</head>")[0]
+    url = f"/assets/{PLOTLY_BUNDLE}"
+    assert f"s.src = '{url}'" in head and "window.Plotly = new Promise" in head
+    assert html.count(PLOTLY_BUNDLE) == 1  # not among Dash's own script tags too
+    r = client.get(url)
+    assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+    banner = r.text[:300].split("*/")[0]
+    traces = set(re.search(r"traces: ([a-z ]+)", banner).group(1).split())  # type: ignore[union-attr]
+    src = Path(figures.__file__).read_text()
+    used = set(re.findall(r'"type": "([a-z0-9]+)"', src)) - {"log", "line", "linear", "category"}
+    assert used and used <= traces, (used, traces)

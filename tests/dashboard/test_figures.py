@@ -380,3 +380,21 @@ def test_headroom_plus_inf_is_the_top_of_the_scale_not_a_nonfinite_cell() -> Non
     assert "2 non-finite cells" in f["layout"]["title"]["text"]
     other = strict(fig.heatmap_figure(h, "maxabs"))
     assert other["data"][1]["z"][1][0] == 1 and "inf_top" not in other["layout"]["meta"]
+
+
+def test_heatmap_columns_are_equal_width_so_plotly_draws_one_image() -> None:
+    # the server's buckets start at the run's first step, then on block boundaries
+    hm = {"layers": [{"index": 0, "name": "a"}], "steps": [1, 64, 128, 192], "values": [[1.0, 2.0, 3.0, 4.0]],
+          "nan": [[0, 0, 0, 0]]}
+    assert fig.heatmap_figure(hm)["data"][0]["x"] == [0, 64, 128, 192]
+    for steps in ([5, 6, 7, 8], [0, 10, 20, 25], [1, 64]):  # already equal, irregular, too few: kept
+        hm = {**hm, "steps": steps, "values": [[1.0] * len(steps)], "nan": [[0] * len(steps)]}
+        assert fig.heatmap_figure(hm)["data"][0]["x"] == steps
+
+
+def test_module_tree_draws_fewer_levels_when_they_hold_too_many_sectors() -> None:
+    small = [f"{i}.{k}" for i in range(5) for k in ("weight", "bias")]
+    assert fig.module_tree_figure(small, {})["data"][0]["maxdepth"] == fig.TREE_DEPTH
+    big = [f"model.layers.{i}.weight" for i in range(500)]  # levels: (model), model, layers, 500 × i, 500 leaves
+    tree = fig.module_tree_figure(big, {})["data"][0]
+    assert tree["maxdepth"] == 3 and len(tree["ids"]) == 1003  # every node is there: a click goes deeper
