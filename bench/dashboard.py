@@ -174,6 +174,15 @@ def profile(base: str, run_id: str, repeats: int = 3) -> dict[str, Any]:
                                       [("run-id", "data", run_id), ("reset-zoom", "n_clicks", None)]))
         out["snapshot_callback_s"], out["snapshot_callback_bytes"] = t, b
         out["charts_callback_s"], out["charts_callback_bytes"] = total_s + t, total_b + b
+        # the module tree (it waits on the health list: the browser posts it after that one answers)
+        t, b = best(lambda: _callback(http, [("health-store", "data")], [("run-id", "data", run_id),
+                                                                         ("status-refresh", "n_intervals", None),
+                                                                         ("live-tick", "data", None)]))
+        out["health_callback_s"], out["health_callback_bytes"] = t, b
+        t, b = best(lambda: _callback(http, [("tree-graph", "figure")], [("run-id", "data", run_id),
+                                                                         ("health-store", "data", []),
+                                                                         ("theme", "data", "light")]))
+        out["tree_callback_s"], out["tree_callback_bytes"] = t, b
     return out
 
 
