@@ -322,8 +322,8 @@ def first_render(browser: Any, base: str, run_id: str, shot: Path | None = None)
     out["first_drawn_ms"] = {k: round(v) for k, v in sorted(first.items(), key=lambda kv: kv[1])}
     out["heatmap_columns"] = page.evaluate(
         "() => document.querySelector('#heatmap .js-plotly-plot').data[0].x.length")
-    out["scripts"] = page.evaluate(  # when each script arrived (page ms) and its size
-        "() => performance.getEntriesByType('resource').filter(r => /\\.js/.test(r.name)).map(r => "
+    out["resources"] = page.evaluate(  # when each script and Dash request arrived (page ms), its size
+        "() => performance.getEntriesByType('resource').filter(r => !/_dash-update-component/.test(r.name)).map(r => "
         "[r.name.split('/').pop().split('?')[0].slice(0, 40), Math.round(r.startTime), Math.round(r.responseEnd), "
         "r.encodedBodySize])")
     out["long_tasks"] = _long_tasks(trace, end_ms)

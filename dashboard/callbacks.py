@@ -336,8 +336,8 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         return out
 
     @app.callback(Output("tree-graph", "figure"), Input("run-id", "data"), Input("health-store", "data"),
-                  Input("theme", "data"))
-    async def module_tree(run_id: str, events: list[dict[str, Any]] | None, theme: str) -> Any:
+                  Input("theme", "data"), State("tree-root", "data"))
+    async def module_tree(run_id: str, events: list[dict[str, Any]] | None, theme: str, root: str | None = None) -> Any:
         """The module tree, coloured by each module's worst current signal (redrawn with the health list)."""
         try:
             async with api_factory() as api:
@@ -352,7 +352,28 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
             return fig.empty_figure(e.message, theme, "Module tree")
         names = [ly["name"] for ly in layers]
         signals = fig.layer_signals(names, latest, events or [], last, nonfinite)
-        return fig.module_tree_figure(names, signals, theme, last)
+        return fig.module_tree_figure(names, signals, theme, last, root)
+
+    @app.callback(Output("tree-graph", "figure", allow_duplicate=True), Output("tree-root", "data"),
+                  Input("tree-graph", "clickData"), State("run-id", "data"), State("health-store", "data"),
+                  State("theme", "data"), State("tree-root", "data"), prevent_initial_call=True)
+    async def tree_zoom(click: dict[str, Any] | None, run_id: str, events: list[dict[str, Any]] | None, theme: str,
+                        root: str | None) -> Any:
+        """A click on a module of a tree that holds only the levels it draws (a big model) draws
+        the levels under it; a click on the module drawn as the root goes one level up. A tree
+        that holds every node zooms in the browser (Plotly's own), untouched here."""
+        point = (click or {}).get("points") or [{}]
+        node = point[0].get("id") or (point[0].get("customdata") or [None])[0]
+        if not isinstance(node, str):
+            return no_update, no_update
+        new_root = fig.tree_parent(node) if node == (root or "(model)") else node
+        out = await module_tree(run_id, events, theme, new_root)
+        meta = out.get("layout", {}).get("meta") or {}
+        if meta.get("root") == (root or "(model)"):  # no other root drawn (a small tree: always the model's)
+            return no_update, no_update
+        if new_root not in out["data"][0]["parents"]:  # a layer: nothing under it to draw
+            return no_update, no_update
+        return out, meta.get("root")
 
     @app.callback(Output("step-stat-graph", "figure"), Input("step-stat", "value"), Input("run-id", "data"),
                   Input("theme", "data"), Input("reset-zoom", "n_clicks"))

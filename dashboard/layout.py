@@ -114,6 +114,7 @@ def run_page(run_id: str) -> html.Div:
         dcc.Store(id="events-store", data=[]),
         dcc.Store(id="health-store", data=[]),  # warning-and-worse events of both sources, polled
         dcc.Store(id="live-tick"),
+        dcc.Store(id="tree-root"),  # the module tree's drawn root, when the tree holds only what it draws
         html.Div(id="live-dummy", style={"display": "none"}),
         html.Div(id="jump-dummy", style={"display": "none"}),
         html.Div(id="health-jump-dummy", style={"display": "none"}),

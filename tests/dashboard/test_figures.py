@@ -394,7 +394,17 @@ def test_heatmap_columns_are_equal_width_so_plotly_draws_one_image() -> None:
 
 def test_module_tree_draws_fewer_levels_when_they_hold_too_many_sectors() -> None:
     small = [f"{i}.{k}" for i in range(5) for k in ("weight", "bias")]
-    assert fig.module_tree_figure(small, {})["data"][0]["maxdepth"] == fig.TREE_DEPTH
+    tree = fig.module_tree_figure(small, {})["data"][0]
+    assert tree["maxdepth"] == fig.TREE_DEPTH and len(tree["ids"]) == 16 and "level" not in tree
     big = [f"model.layers.{i}.weight" for i in range(500)]  # levels: (model), model, layers, 500 × i, 500 leaves
-    tree = fig.module_tree_figure(big, {})["data"][0]
-    assert tree["maxdepth"] == 3 and len(tree["ids"]) == 1003  # every node is there: a click goes deeper
+    f = fig.module_tree_figure(big, {"model.layers.7.weight": [(1, "zero gradient at step 9")]})
+    tree = f["data"][0]
+    # only the levels drawn: the module at the edge is sized by its 500 layers, coloured by the worst of them
+    assert tree["maxdepth"] == 3 and tree["ids"] == ["(model)", "model", "model.layers"]
+    assert tree["values"] == [0, 0, 500] and tree["marker"]["colors"][2] == fig.SEVERITY_COLOUR["warning"]
+    assert f["layout"]["meta"]["pruned"] and f["layout"]["meta"]["worst"]["model.layers.7.weight"] == "warning"
+    # drawn from a module: the path to it, then its levels
+    tree = fig.module_tree_figure(big, {}, root="model.layers.7")["data"][0]
+    assert tree["level"] == "model.layers.7"
+    assert tree["ids"] == ["(model)", "model", "model.layers", "model.layers.7", "model.layers.7.weight"]
+    assert fig.tree_parent("model.layers.7") == "model.layers" and fig.tree_parent("model") == "(model)"
