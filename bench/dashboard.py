@@ -181,7 +181,8 @@ def profile(base: str, run_id: str, repeats: int = 3) -> dict[str, Any]:
         out["health_callback_s"], out["health_callback_bytes"] = t, b
         t, b = best(lambda: _callback(http, [("tree-graph", "figure")], [("run-id", "data", run_id),
                                                                          ("health-store", "data", []),
-                                                                         ("theme", "data", "light")]))
+                                                                         ("theme", "data", "light")],
+                                      (("tree-root", "data", None),)))
         out["tree_callback_s"], out["tree_callback_bytes"] = t, b
     return out
 
