@@ -2,8 +2,14 @@
 
 1. First full render: a run of ``--layers`` × ``--steps`` (layer rows built inside PostgreSQL or
    SQLite with ``bench/ingest.py``'s builder, plus one step record per step) is opened at
-   ``/runs/<id>``; the time from navigation start until the heatmap and the total-norm chart hold
-   data (``performance.now()`` in the page), and the bytes of the callback responses.
+   ``/runs/<id>`` in a fresh browser context (nothing cached), ``--renders`` times (the median
+   run is reported whole): the time from navigation start until every graph of the page holds
+   its figure (``all_drawn_s``; ``first_render_s``: the heatmap and the total-norm chart only, the
+   earlier measure), the bytes of the callback responses, and where the time went: each callback
+   request (start and end, page ms), each Plotly draw per graph (ms; a figure drawn twice shows
+   twice), the main thread's work by kind from a Chromium trace (``trace_s``: script, style,
+   layout, paint, GC; ``busy``: every task), its long tasks, and when each script arrived. The
+   first render's screenshot and trace are written to the temp folder.
 2. Live updates: ``--updates`` batches of one step each (every layer's statistics) are posted to
    ``/api/v1/ingest`` while the page is open, one after the live script drew the previous one.
    Script time is Chrome's ``ScriptDuration`` (all JavaScript: the live script, Dash, Plotly's
