@@ -94,8 +94,9 @@ def ticks_125(lo: float, hi: float, fine: bool = False, margin: float = 1.0) -> 
         return None
     mults: tuple[float, ...] = (1,) if span > 4 else (1, 2, 5)
     if span < 1:
-        shown = span + 2 * math.log10(margin)  # the ticks' own span: a constant series on a log axis
-        # (lo == hi) with margin 3 spans ~1 decade, and 90 mantissas there drew ~80 overlapping labels
+        # a (nearly) constant series: Plotly's autorange pads it, and 90 mantissas over the ~1 decade
+        # the margin adds drew ~80 overlapping labels; its ticks follow what the margin shows
+        shown = span if span >= 0.05 else span + 2 * math.log10(margin)
         mults = ((1, 2, 3, 5, 7) if shown > 0.6 else (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9) if shown > 0.2
                  else tuple(1 + k / 10 for k in range(90)))
     vals = [float(f"{m * 10.0 ** k:.3g}") for k in range(math.floor(a) - 1, math.ceil(b) + 2) for m in mults]

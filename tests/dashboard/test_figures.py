@@ -408,3 +408,11 @@ def test_module_tree_draws_fewer_levels_when_they_hold_too_many_sectors() -> Non
     assert tree["level"] == "model.layers.7"
     assert tree["ids"] == ["(model)", "model", "model.layers", "model.layers.7", "model.layers.7.weight"]
     assert fig.tree_parent("model.layers.7") == "model.layers" and fig.tree_parent("model") == "(model)"
+
+
+def test_log_axis_of_a_constant_series_has_a_few_ticks() -> None:
+    # a run at a fixed loss scale: Plotly pads the range; 90 mantissas there overlapped (~80 labels)
+    axis = fig.log_axis("scale (log)", [65536.0] * 50)
+    assert 2 <= len(axis["tickvals"]) <= 6 and any(3e4 <= v <= 1e5 for v in axis["tickvals"])
+    # a range under a decade keeps its finer ticks
+    assert 1500.0 in fig.log_axis("scale (log)", [1024.0, 2048.0])["tickvals"]
