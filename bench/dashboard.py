@@ -183,7 +183,8 @@ def profile(base: str, run_id: str, repeats: int = 3) -> dict[str, Any]:
         # the module tree (it waits on the health list: the browser posts it after that one answers)
         t, b = best(lambda: _callback(http, [("health-store", "data")], [("run-id", "data", run_id),
                                                                          ("status-refresh", "n_intervals", None),
-                                                                         ("live-tick", "data", None)]))
+                                                                         ("live-tick", "data", None)],
+                                      (("health-store", "data", None),)))
         out["health_callback_s"], out["health_callback_bytes"] = t, b
         t, b = best(lambda: _callback(http, [("tree-graph", "figure")], [("run-id", "data", run_id),
                                                                          ("health-store", "data", []),

@@ -307,14 +307,19 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         return fig.events_rows((events or []) + (health or []), kinds, severity)
 
     @app.callback(Output("health-store", "data"), Input("run-id", "data"), Input("status-refresh", "n_intervals"),
-                  Input("live-tick", "data"))
-    async def health_store(run_id: str, *_: Any) -> Any:
-        """The run's warning-and-worse events (agent and detectors), every few seconds."""
+                  Input("live-tick", "data"), State("health-store", "data"))
+    async def health_store(run_id: str, _tick: Any = None, _live: Any = None, held: Any = None) -> Any:
+        """The run's warning-and-worse events (agent and detectors), every few seconds. A run that
+        has ended changes no more: the same list is not set again, so the health lines, the events
+        table and the module tree are not redrawn every 4 s for nothing."""
         try:
             async with api_factory() as api:
-                return await api.events(run_id, severity="warning")
+                events, run = await asyncio.gather(api.events(run_id, severity="warning"), api.run(run_id))
         except ApiError:
             return no_update
+        if dash.ctx.triggered_id == "status-refresh" and events == held and run.get("status") != "running":
+            return no_update
+        return events
 
     @app.callback(Output("health-lines", "children"), Input("health-store", "data"))
     async def health_lines(events: list[dict[str, Any]] | None) -> Any:

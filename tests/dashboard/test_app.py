@@ -445,3 +445,23 @@ def test_a_big_module_tree_holds_the_drawn_levels_and_a_click_draws_the_ones_und
     assert got["tree-graph"]["figure"]["data"][0]["ids"][-2:] == ["model.blocks.7.weight", "model.blocks.7.bias"]
     assert click("model.blocks.7", "model.blocks.7")["tree-root"]["data"] == "model.blocks"  # the root: one level up
     assert not click("model.blocks.7.bias", "model.blocks.7")  # a layer: nothing under it, nothing redrawn
+
+
+def test_the_health_list_of_a_run_that_has_ended_is_not_set_again_every_poll(client: TestClient) -> None:
+    from gradwatch.agent import wire
+
+    _ingest(client, run="ended")
+    events = client.get("/api/v1/runs/ended/events", params={"severity": "warning"}).json()["data"]
+
+    def poll(held: Any) -> Any:
+        return callback(client, [("health-store", "data")], [("run-id", "data", "ended"),
+                                                            ("status-refresh", "n_intervals", 3),
+                                                            ("live-tick", "data", None)],
+                        [("health-store", "data", held)], changed="status-refresh.n_intervals")
+    assert poll(events) == {"health-store": {"data": events}}  # still running: set every poll
+    done = wire.Batch(run=wire.RunInfo(run_id="ended", project="p", name="run one", config={}, tags=[]), seq=2,
+                      source=0, sent_at=time.time(), layers=[], steps=[], scalars=[], events=[], status="finished")
+    r = client.post("/api/v1/ingest", content=wire.encode_batch(done), headers={"Content-Type": "application/json"})
+    assert r.status_code < 300, r.text
+    assert not poll(events)  # ended, same list: nothing set, nothing redrawn
+    assert poll([{"kind": "dead", "step": 1}]) == {"health-store": {"data": events}}  # a different list is set
