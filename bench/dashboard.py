@@ -2,8 +2,14 @@
 
 1. First full render: a run of ``--layers`` × ``--steps`` (layer rows built inside PostgreSQL or
    SQLite with ``bench/ingest.py``'s builder, plus one step record per step) is opened at
-   ``/runs/<id>``; the time from navigation start until the heatmap and the total-norm chart hold
-   data (``performance.now()`` in the page), and the bytes of the callback responses.
+   ``/runs/<id>`` in a fresh browser context (nothing cached), ``--renders`` times (the median
+   run is reported whole): the time from navigation start until every graph of the page holds
+   its figure (``all_drawn_s``; ``first_render_s``: the heatmap and the total-norm chart only, the
+   earlier measure), the bytes of the callback responses, and where the time went: each callback
+   request (start and end, page ms), each Plotly draw per graph (ms; a figure drawn twice shows
+   twice), the main thread's work by kind from a Chromium trace (``trace_s``: script, style,
+   layout, paint, GC; ``busy``: every task), its long tasks, and when each script arrived. The
+   first render's screenshot and trace are written to the temp folder.
 2. Live updates: ``--updates`` batches of one step each (every layer's statistics) are posted to
    ``/api/v1/ingest`` while the page is open, one after the live script drew the previous one.
    Script time is Chrome's ``ScriptDuration`` (all JavaScript: the live script, Dash, Plotly's
@@ -39,6 +45,39 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 DRAWN = ("() => ['heatmap', 'norm-graph'].every(id => { const g = document.querySelector('#' + id + ' .js-plotly-plot');"
          " return g && g.data && g.data.length > 0 && g.data[0].x && g.data[0].x.length > 0; })")
+#: Every graph of the run page (``dashboard/layout.py``). A graph counts as drawn once it holds a
+#: figure from the server (every figure builder's layout has a ``uirevision``; the layout's
+#: placeholder figure has none) and Plotly has laid it out (``_fullLayout``).
+GRAPHS = ("heatmap", "layer-graph", "tree-graph", "step-stat-graph", "norm-graph", "scale-graph", "scalars-graph",
+          "transforms-graph")
+ALL_DRAWN = ("(ids) => ids.every(id => { const g = document.querySelector('#' + id + ' .js-plotly-plot');"
+             " return g && g.layout && g.layout.uirevision !== undefined && g._fullLayout; })")
+#: Before any page script: counts and times every Plotly.react/newPlot per graph (its synchronous
+#: part: Plotly's calc and draw; a heatmap's image is drawn inside it) and when each graph first
+#: held a server figure, so a redundant redraw on first load shows as a count above one.
+PLOTLY_HOOK = """(() => {
+  const log = window.__gwDraws = [];
+  const first = window.__gwFirst = {};
+  let P;
+  function wrap(obj, name) {
+    const f = obj[name];
+    obj[name] = function (gd) {
+      const el = typeof gd === 'string' ? document.getElementById(gd) : gd;
+      const host = el && el.closest && el.closest('[id]:not(.js-plotly-plot)');
+      const id = host ? host.id : '?';
+      const t0 = performance.now();
+      const out = f.apply(this, arguments);
+      const t1 = performance.now();
+      const rec = {id: id, fn: name, t: t0, sync: t1 - t0, done: null};
+      log.push(rec);
+      Promise.resolve(out).then(() => { rec.done = performance.now();
+        const g = el; if (g && g.layout && g.layout.uirevision !== undefined && !(id in first)) { first[id] = rec.done; } });
+      return out;
+    };
+  }
+  Object.defineProperty(window, 'Plotly', {configurable: true, get() { return P; }, set(v) {
+    P = v; if (v && v.react && !v.__gw) { v.__gw = true; wrap(v, 'react'); wrap(v, 'newPlot'); } }});
+})();"""
 
 
 def add_step_records(kind: str, url: str, run_id: str, steps: int) -> None:
@@ -141,6 +180,17 @@ def profile(base: str, run_id: str, repeats: int = 3) -> dict[str, Any]:
                                       [("run-id", "data", run_id), ("reset-zoom", "n_clicks", None)]))
         out["snapshot_callback_s"], out["snapshot_callback_bytes"] = t, b
         out["charts_callback_s"], out["charts_callback_bytes"] = total_s + t, total_b + b
+        # the module tree (it waits on the health list: the browser posts it after that one answers)
+        t, b = best(lambda: _callback(http, [("health-store", "data")], [("run-id", "data", run_id),
+                                                                         ("status-refresh", "n_intervals", None),
+                                                                         ("live-tick", "data", None)],
+                                      (("health-store", "data", None),)))
+        out["health_callback_s"], out["health_callback_bytes"] = t, b
+        t, b = best(lambda: _callback(http, [("tree-graph", "figure")], [("run-id", "data", run_id),
+                                                                         ("health-store", "data", []),
+                                                                         ("theme", "data", "light")],
+                                      (("tree-root", "data", None),)))
+        out["tree_callback_s"], out["tree_callback_bytes"] = t, b
     return out
 
 
@@ -148,28 +198,175 @@ def script_seconds(cdp: Any) -> float:
     return float(next(m["value"] for m in cdp.send("Performance.getMetrics")["metrics"] if m["name"] == "ScriptDuration"))
 
 
-def measure(base: str, run_id: str, layers: int, steps: int, updates: int) -> dict[str, Any]:
+#: Trace events of the renderer's main thread, summed by kind (``devtools.timeline``).
+TRACE_KINDS = {"script": ("FunctionCall", "EvaluateScript", "v8.compile", "v8.compileModule", "TimerFire",
+                          "FireAnimationFrame", "EventDispatch", "RunMicrotasks", "v8.evaluateModule", "XHRLoad",
+                          "XHRReadyStateChange"),
+               "style": ("UpdateLayoutTree", "RecalculateStyles", "ParseAuthorStyleSheet"),
+               "layout": ("Layout",), "paint": ("Paint", "PaintImage", "PrePaint", "Layerize", "UpdateLayer",
+                                                 "CompositeLayers", "Commit"),
+               "parse": ("ParseHTML",), "gc": ("MajorGC", "MinorGC", "V8.GCScavenger", "V8.GC_MC_BACKGROUND_MARKING")}
+
+
+def _trace_split(trace: bytes, end_ms: float) -> dict[str, float]:
+    """Seconds of each kind of main-thread work (:data:`TRACE_KINDS`, outermost events only) from
+    navigation start until ``end_ms`` (page time), and the busy total (``RunTask``)."""
+    events = json.loads(trace)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    main = {(e["pid"], e["tid"]) for e in events if e.get("name") == "thread_name"
+            and e.get("args", {}).get("name") == "CrRendererMain"}
+    nav = [e["ts"] for e in events if e.get("name") in ("navigationStart", "NavigationTiming",
+                                                         "CommitLoad", "FrameCommittedInBrowser")]
+    kind_of = {n: k for k, ns in TRACE_KINDS.items() for n in ns}
+    spans: dict[tuple[int, int], list[tuple[float, float, str]]] = {}
+    for e in events:
+        if e.get("ph") == "X" and (e["pid"], e["tid"]) in main and "dur" in e:
+            spans.setdefault((e["pid"], e["tid"]), []).append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    out = {k: 0.0 for k in TRACE_KINDS} | {"busy": 0.0}
+    if not spans:
+        return out
+    # the page's renderer: the thread with the most work
+    key = max(spans, key=lambda k: sum(b - a for a, b, _ in spans[k]))
+    evs = sorted(spans[key], key=lambda t: (t[0], -t[1]))
+    t0 = min(nav) if nav else evs[0][0]
+    stop = t0 + end_ms * 1000
+    open_by_kind: dict[str, float] = {}
+    for a, b, name in evs:
+        if a > stop:
+            break
+        b = min(b, stop)
+        if name == "RunTask":
+            out["busy"] += (b - a) / 1e6
+            continue
+        k = kind_of.get(name)
+        if k is None or open_by_kind.get(k, -1) >= b:  # nested in an event of the same kind: counted
+            continue
+        a = max(a, open_by_kind.get(k, a))
+        out[k] += (b - a) / 1e6
+        open_by_kind[k] = b
+    return out
+
+
+def _long_tasks(trace: bytes, end_ms: float, floor_ms: float = 40.0) -> list[list[Any]]:
+    """The main thread's tasks over ``floor_ms`` until ``end_ms``: [start ms, duration ms, what ran
+    longest inside it (a script URL tail, or an event name)]."""
+    events = json.loads(trace)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    main = {(e["pid"], e["tid"]) for e in events if e.get("name") == "thread_name"
+            and e.get("args", {}).get("name") == "CrRendererMain"}
+    xs = [e for e in events if e.get("ph") == "X" and (e["pid"], e["tid"]) in main and "dur" in e]
+    if not xs:
+        return []
+    key = max({(e["pid"], e["tid"]) for e in xs}, key=lambda k: sum(e["dur"] for e in xs if (e["pid"], e["tid"]) == k))
+    xs = sorted((e for e in xs if (e["pid"], e["tid"]) == key), key=lambda e: e["ts"])
+    nav = [e["ts"] for e in events if e.get("name") in ("navigationStart", "NavigationTiming", "CommitLoad",
+                                                         "FrameCommittedInBrowser")]
+    t0 = min(nav) if nav else xs[0]["ts"]
+    out = []
+    tasks = [e for e in xs if e["name"] == "RunTask" and e["dur"] >= floor_ms * 1000]
+    for t in tasks:
+        if t["ts"] - t0 > end_ms * 1000:
+            break
+        inner = [e for e in xs if e["name"] != "RunTask" and t["ts"] <= e["ts"] < t["ts"] + t["dur"]]
+        top = max(inner, key=lambda e: e["dur"], default=None)
+        what = ""
+        if top is not None:
+            d = top.get("args", {}).get("data", {})
+            what = top["name"] + " " + str(d.get("url") or d.get("functionName") or d.get("type") or "")[-40:]
+        out.append([round((t["ts"] - t0) / 1000), round(t["dur"] / 1000), what])
+    return out
+
+
+def first_render(browser: Any, base: str, run_id: str, shot: Path | None = None) -> dict[str, Any]:
+    """One cold first render of the run page (a new browser context: nothing cached) and where its
+    time went: each callback request (page time), each Plotly draw, main-thread work by kind."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = ctx.new_page()
+    page.add_init_script(PLOTLY_HOOK)
+    calls: list[dict[str, Any]] = []
+
+    def finished(req: Any) -> None:
+        if "_dash-update-component" not in req.url:
+            return
+        try:
+            body = json.loads(req.post_data or "{}")
+            size = len(req.response().body())
+        except Exception:  # noqa: BLE001 - a request cut short by the context's close
+            return
+        out = body.get("output", "?")
+        calls.append({"output": out[:60], "timing": req.timing, "bytes": size})
+    page.on("requestfinished", finished)
+    cdp = ctx.new_cdp_session(page)
+    cdp.send("Performance.enable")
+    browser.start_tracing(page=page, categories=["devtools.timeline", "blink.user_timing", "loading",
+                                                 "disabled-by-default-devtools.timeline"])
+    page.goto(f"{base}/runs/{run_id}")
+    page.wait_for_function(DRAWN, timeout=600_000, polling="raf")
+    out: dict[str, Any] = {"first_render_s": page.evaluate("() => performance.now()") / 1000}
+    page.wait_for_function(ALL_DRAWN, arg=list(GRAPHS), timeout=600_000, polling="raf")
+    end_ms = page.evaluate("() => performance.now()")
+    out["all_drawn_s"] = end_ms / 1000
+    metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+    trace = browser.stop_tracing()
+    if shot is not None:  # the first render's trace beside its screenshot (chrome://tracing, Perfetto)
+        shot.with_suffix(".trace.json").write_bytes(trace)
+    page.wait_for_timeout(1500)  # callbacks that land after the last chart (events, health) count as bytes
+    origin = page.evaluate("() => performance.timeOrigin")
+    draws = page.evaluate("() => window.__gwDraws")
+    first = page.evaluate("() => window.__gwFirst")
+    out["cdp_s"] = {k: round(metrics.get(k, 0.0), 3) for k in ("ScriptDuration", "LayoutDuration",
+                                                                "RecalcStyleDuration", "TaskDuration")}
+    out["trace_s"] = {k: round(v, 3) for k, v in _trace_split(trace, end_ms).items()}
+    out["render_bytes"] = sum(c["bytes"] for c in calls)
+    out["callbacks"] = len(calls)
+    out["callback_list"] = sorted(
+        ([round(c["timing"]["startTime"] - origin), round(c["timing"]["startTime"] - origin + c["timing"]["responseEnd"]),
+          c["bytes"], c["output"]] for c in calls), key=lambda r: r[0])
+    per: dict[str, list[float]] = {}
+    for d in draws:
+        per.setdefault(d["id"], []).append(round(d["sync"]))
+    out["plotly_draws"] = {k: v for k, v in sorted(per.items())}  # graph -> ms of each draw
+    out["plotly_sync_s"] = round(sum(d["sync"] for d in draws) / 1000, 3)
+    out["first_drawn_ms"] = {k: round(v) for k, v in sorted(first.items(), key=lambda kv: kv[1])}
+    out["heatmap_columns"] = page.evaluate(
+        "() => document.querySelector('#heatmap .js-plotly-plot').data[0].x.length")
+    out["resources"] = page.evaluate(  # when each script and Dash request arrived (page ms), its size
+        "() => performance.getEntriesByType('resource').filter(r => !/_dash-update-component/.test(r.name)).map(r => "
+        "[r.name.split('/').pop().split('?')[0].slice(0, 40), Math.round(r.startTime), Math.round(r.responseEnd), "
+        "r.encodedBodySize])")
+    out["long_tasks"] = _long_tasks(trace, end_ms)
+    if shot is not None:
+        page.screenshot(path=str(shot), full_page=True)
+    ctx.close()
+    return out
+
+
+def measure(base: str, run_id: str, layers: int, steps: int, updates: int, renders: int = 3) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     out: dict[str, Any] = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        shots = Path(tempfile.gettempdir())
+        got = [first_render(browser, base, run_id, shots / f"dashboard-bench-first-{layers}x{steps}.png" if k == 0
+                            else None) for k in range(renders)]
+        got.sort(key=lambda g: g["all_drawn_s"])
+        med = got[len(got) // 2]  # the median run, whole (its split belongs to it)
+        out.update(med)
+        out["all_drawn_runs_s"] = [round(g["all_drawn_s"], 3) for g in got]
+        out["first_render_runs_s"] = sorted(round(g["first_render_s"], 3) for g in got)
+        if updates <= 0:
+            browser.close()
+            return out
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        sizes: list[int] = []
         errors: list[str] = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("response", lambda r: sizes.append(len(r.body())) if "_dash-update-component" in r.url else None)
         frames: list[int] = []
         page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(
             len(f if isinstance(f, (bytes, str)) else f.get("payload", "")))) if "/live" in ws.url else None)
         page.goto(f"{base}/runs/{run_id}")
         page.wait_for_function(DRAWN, timeout=600_000, polling="raf")
-        out["first_render_s"] = page.evaluate("() => performance.now()") / 1000
-        page.wait_for_timeout(1500)  # let the remaining callbacks land before counting bytes
-        out["render_bytes"] = sum(sizes)
-        out["heatmap_columns"] = page.evaluate(
-            "() => document.querySelector('#heatmap .js-plotly-plot').data[0].x.length")
         try:
             page.wait_for_function("() => window.gradwatchLive && window.gradwatchLive.stats.subscribed > 0",
                                    timeout=120_000)
@@ -243,6 +440,9 @@ def main() -> None:
     ap.add_argument("--backend", default="postgresql", choices=["postgresql", "sqlite"])
     ap.add_argument("--updates", type=int, default=30, help="live updates to measure")
     ap.add_argument("--profile-only", action="store_true", help="server-side split only (no browser)")
+    ap.add_argument("--skip-profile", action="store_true", help="no server-side split (it posts this checkout's "
+                    "callback signatures: skip it against a --server-pythonpath of another commit)")
+    ap.add_argument("--renders", type=int, default=3, help="cold first renders (the median one is reported)")
     ap.add_argument("--keep-db", metavar="NAME", help="PostgreSQL: build the run in database NAME once and keep "
                     "it between runs (migrated to head on each use; drop it with DROP DATABASE NAME WITH (FORCE))")
     ap.add_argument("--build-only", action="store_true", help="with --keep-db: build (or migrate) and exit")
@@ -266,9 +466,9 @@ def main() -> None:
         log = Path(tmp) / "server.log"
         with ib.server(url, log, env) as base:
             try:
-                got = profile(base, run_id)
+                got = {} if a.skip_profile else profile(base, run_id)
                 if not a.profile_only:
-                    got.update(measure(base, run_id, a.layers, steps, a.updates))
+                    got.update(measure(base, run_id, a.layers, steps, a.updates, a.renders))
             except Exception:
                 print(log.read_text(errors="replace")[-3000:], file=sys.stderr)  # the server's side of it
                 raise

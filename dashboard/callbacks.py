@@ -35,8 +35,10 @@ def heatmap_points(width: Any) -> int:
         return HEATMAP_POINTS
     return int(min(1000, max(100, (width - 260) // 3)))
 STEP_FIELDS = ["total_norm", "total_norm_post", "loss_scale"]
-#: Points (buckets) a line chart asks for: about two per pixel of a wide chart.
-CHART_POINTS = 4000
+#: Points (buckets) a line chart asks for: about two per pixel of a chart in the two-column grid
+#: (~650 px at 1,400 px; each bucket keeps its min–max band, so a one-step spike stays visible).
+#: 4,000 made the total-norm chart 0.27 MB of JSON and ~0.1 s of Plotly per draw at 500 × 10,000.
+CHART_POINTS = 1500
 
 
 def _fmt_time(t: Any) -> str:
@@ -210,11 +212,11 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
               Input("reset-zoom", "n_clicks"))
     async def layer_series(layer: str | None, run_id: str, theme: str, relayout: dict[str, Any] | None,
                            reset: Any = None) -> Any:
+        start, end, skip = zoom_range(relayout, "layer-graph")
+        if skip:  # e.g. the autosize after the first draw: the empty state is drawn already
+            return no_update
         if not layer:
             return fig.empty_figure("Click a heatmap cell or search a layer to see its series.", theme, "Layer")
-        start, end, skip = zoom_range(relayout, "layer-graph")
-        if skip:
-            return no_update
         try:
             async with api_factory() as api:
                 got = await asyncio.gather(*[api.layer_stats(run_id, layer, s, start=start, end=end,
@@ -305,14 +307,19 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         return fig.events_rows((events or []) + (health or []), kinds, severity)
 
     @app.callback(Output("health-store", "data"), Input("run-id", "data"), Input("status-refresh", "n_intervals"),
-                  Input("live-tick", "data"))
-    async def health_store(run_id: str, *_: Any) -> Any:
-        """The run's warning-and-worse events (agent and detectors), every few seconds."""
+                  Input("live-tick", "data"), State("health-store", "data"))
+    async def health_store(run_id: str, _tick: Any = None, _live: Any = None, held: Any = None) -> Any:
+        """The run's warning-and-worse events (agent and detectors), every few seconds. A run that
+        has ended changes no more: the same list is not set again, so the health lines, the events
+        table and the module tree are not redrawn every 4 s for nothing."""
         try:
             async with api_factory() as api:
-                return await api.events(run_id, severity="warning")
+                events, run = await asyncio.gather(api.events(run_id, severity="warning"), api.run(run_id))
         except ApiError:
             return no_update
+        if dash.ctx.triggered_id == "status-refresh" and events == held and run.get("status") != "running":
+            return no_update
+        return events
 
     @app.callback(Output("health-lines", "children"), Input("health-store", "data"))
     async def health_lines(events: list[dict[str, Any]] | None) -> Any:
@@ -334,8 +341,8 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         return out
 
     @app.callback(Output("tree-graph", "figure"), Input("run-id", "data"), Input("health-store", "data"),
-                  Input("theme", "data"))
-    async def module_tree(run_id: str, events: list[dict[str, Any]] | None, theme: str) -> Any:
+                  Input("theme", "data"), State("tree-root", "data"))
+    async def module_tree(run_id: str, events: list[dict[str, Any]] | None, theme: str, root: str | None = None) -> Any:
         """The module tree, coloured by each module's worst current signal (redrawn with the health list)."""
         try:
             async with api_factory() as api:
@@ -350,7 +357,28 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
             return fig.empty_figure(e.message, theme, "Module tree")
         names = [ly["name"] for ly in layers]
         signals = fig.layer_signals(names, latest, events or [], last, nonfinite)
-        return fig.module_tree_figure(names, signals, theme, last)
+        return fig.module_tree_figure(names, signals, theme, last, root)
+
+    @app.callback(Output("tree-graph", "figure", allow_duplicate=True), Output("tree-root", "data"),
+                  Input("tree-graph", "clickData"), State("run-id", "data"), State("health-store", "data"),
+                  State("theme", "data"), State("tree-root", "data"), prevent_initial_call=True)
+    async def tree_zoom(click: dict[str, Any] | None, run_id: str, events: list[dict[str, Any]] | None, theme: str,
+                        root: str | None) -> Any:
+        """A click on a module of a tree that holds only the levels it draws (a big model) draws
+        the levels under it; a click on the module drawn as the root goes one level up. A tree
+        that holds every node zooms in the browser (Plotly's own), untouched here."""
+        point = (click or {}).get("points") or [{}]
+        node = point[0].get("id") or (point[0].get("customdata") or [None])[0]
+        if not isinstance(node, str):
+            return no_update, no_update
+        new_root = fig.tree_parent(node) if node == (root or "(model)") else node
+        out = await module_tree(run_id, events, theme, new_root)
+        meta = out.get("layout", {}).get("meta") or {}
+        if meta.get("root") == (root or "(model)"):  # no other root drawn (a small tree: always the model's)
+            return no_update, no_update
+        if new_root not in out["data"][0]["parents"]:  # a layer: nothing under it to draw
+            return no_update, no_update
+        return out, meta.get("root")
 
     @app.callback(Output("step-stat-graph", "figure"), Input("step-stat", "value"), Input("run-id", "data"),
                   Input("theme", "data"), Input("reset-zoom", "n_clicks"))

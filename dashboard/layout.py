@@ -91,9 +91,14 @@ def runs_page() -> html.Div:
     ])
 
 
+#: What a graph holds until its callback answers: Plotly draws it once on mount whatever it is,
+#: and without axes that draw is ~4 ms instead of ~10 ms (eight graphs on the run page).
+_PLACEHOLDER = {"data": [], "layout": {"xaxis": {"visible": False}, "yaxis": {"visible": False}}}
+
+
 def _graph(gid: str, height: int = 320) -> dcc.Loading:
     return dcc.Loading(dcc.Graph(id=gid, config=_GRAPH_CONFIG, style={"height": f"{height}px"},
-                                 figure={"data": [], "layout": {}}), type="dot", delay_show=400)
+                                 figure=_PLACEHOLDER), type="dot", delay_show=400)
 
 
 _DEPTHS = [{"label": "no: every layer", "value": 0}, {"label": "1 part (encoder.*)", "value": 1},
@@ -109,6 +114,7 @@ def run_page(run_id: str) -> html.Div:
         dcc.Store(id="events-store", data=[]),
         dcc.Store(id="health-store", data=[]),  # warning-and-worse events of both sources, polled
         dcc.Store(id="live-tick"),
+        dcc.Store(id="tree-root"),  # the module tree's drawn root, when the tree holds only what it draws
         html.Div(id="live-dummy", style={"display": "none"}),
         html.Div(id="jump-dummy", style={"display": "none"}),
         html.Div(id="health-jump-dummy", style={"display": "none"}),

@@ -390,3 +390,78 @@ def test_statistics_a_run_lacks_say_not_recorded_and_the_tree_colours_signals(cl
                                                           ("event-kinds", "value", None),
                                                           ("event-severity", "value", "warning")])["events-table"]["data"]
     assert [r["kind"] for r in rows] == ["dead"] and rows[0]["detail"] == "dead gradients"
+
+
+def test_pages_load_the_partial_plotly_bundle_early_and_it_holds_every_trace_type(client: TestClient) -> None:
+    """The page's head starts gradwatch's own Plotly (dcc.Graph then never loads the wheel's full
+    bundle), Dash does not also include it as a script, and every trace type the figure builders
+    emit is registered in it."""
+    from gradwatch.dashboard import figures
+    from gradwatch.dashboard.app import PLOTLY_BUNDLE
+
+    html = client.get("/runs/any").text
+    head = html.split("</head>")[0]
+    url = f"/assets/{PLOTLY_BUNDLE}"
+    assert f"s.src = '{url}'" in head and "window.Plotly = new Promise" in head
+    assert html.count(PLOTLY_BUNDLE) == 1  # not among Dash's own script tags too
+    r = client.get(url)
+    assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+    banner = r.text[:300].split("*/")[0]
+    traces = set(re.search(r"traces: ([a-z ]+)", banner).group(1).split())  # type: ignore[union-attr]
+    src = Path(figures.__file__).read_text()
+    used = set(re.findall(r'"type": "([a-z0-9]+)"', src)) - {"log", "line", "linear", "category"}
+    assert used and used <= traces, (used, traces)
+
+
+def test_a_big_module_tree_holds_the_drawn_levels_and_a_click_draws_the_ones_under_a_module(client: TestClient) -> None:
+    from gradwatch.agent import wire
+
+    n = 250  # model.blocks.{i}.{weight,bias}: 1 + 1 + 1 + 250 + 500 nodes, more than TREE_NODES
+    ids = list(range(2 * n))
+    v = [1.0] * (2 * n)
+    rec = wire.StepRecord(step=0, time=1000.0, rank=0, layer_ids=ids,
+                          layers={"numel": [4] * (2 * n), "mean": v, "m2": v, "l2": v, "maxabs": v,
+                                  "nonfinite": [0] * (2 * n), "l2_post": v, "wnorm": [None] * (2 * n)},
+                          total_norm=1.0, total_norm_post=1.0, clip_coef=1.0, loss_scale=1.0, skipped=False)
+    batch = wire.Batch(run=wire.RunInfo(run_id="big", project="p", name="big", config={}, tags=[]), seq=1, source=0,
+                       sent_at=time.time(), steps=[rec], scalars=[], events=[],
+                       layers=[wire.LayerInfo(2 * i + k, f"model.blocks.{i}.{w}", [4], "float32")
+                               for i in range(n) for k, w in enumerate(("weight", "bias"))])
+    r = client.post("/api/v1/ingest", content=wire.encode_batch(batch), headers={"Content-Type": "application/json"})
+    assert r.status_code < 300, r.text
+    tree = callback(client, [("tree-graph", "figure")], [("run-id", "data", "big"), ("health-store", "data", []),
+                                                         ("theme", "data", "light")])["tree-graph"]["figure"]
+    assert tree["data"][0]["ids"] == ["(model)", "model", "model.blocks"] and tree["layout"]["meta"]["pruned"]
+
+    def click(node: str, root: str | None) -> Any:
+        return callback(client, [("tree-graph", "figure"), ("tree-root", "data")],
+                        [("tree-graph", "clickData", {"points": [{"id": node, "customdata": [node, "ok"]}]})],
+                        [("run-id", "data", "big"), ("health-store", "data", []), ("theme", "data", "light"),
+                         ("tree-root", "data", root)])
+    got = click("model.blocks", None)
+    assert got["tree-root"]["data"] == "model.blocks" and got["tree-graph"]["figure"]["data"][0]["level"] == "model.blocks"
+    assert len(got["tree-graph"]["figure"]["data"][0]["ids"]) == 3 + n
+    got = click("model.blocks.7", "model.blocks")
+    assert got["tree-graph"]["figure"]["data"][0]["ids"][-2:] == ["model.blocks.7.weight", "model.blocks.7.bias"]
+    assert click("model.blocks.7", "model.blocks.7")["tree-root"]["data"] == "model.blocks"  # the root: one level up
+    assert not click("model.blocks.7.bias", "model.blocks.7")  # a layer: nothing under it, nothing redrawn
+
+
+def test_the_health_list_of_a_run_that_has_ended_is_not_set_again_every_poll(client: TestClient) -> None:
+    from gradwatch.agent import wire
+
+    _ingest(client, run="ended")
+    events = client.get("/api/v1/runs/ended/events", params={"severity": "warning"}).json()["data"]
+
+    def poll(held: Any) -> Any:
+        return callback(client, [("health-store", "data")], [("run-id", "data", "ended"),
+                                                            ("status-refresh", "n_intervals", 3),
+                                                            ("live-tick", "data", None)],
+                        [("health-store", "data", held)], changed="status-refresh.n_intervals")
+    assert poll(events) == {"health-store": {"data": events}}  # still running: set every poll
+    done = wire.Batch(run=wire.RunInfo(run_id="ended", project="p", name="run one", config={}, tags=[]), seq=2,
+                      source=0, sent_at=time.time(), layers=[], steps=[], scalars=[], events=[], status="finished")
+    r = client.post("/api/v1/ingest", content=wire.encode_batch(done), headers={"Content-Type": "application/json"})
+    assert r.status_code < 300, r.text
+    assert not poll(events)  # ended, same list: nothing set, nothing redrawn
+    assert poll([{"kind": "dead", "step": 1}]) == {"health-store": {"data": events}}  # a different list is set

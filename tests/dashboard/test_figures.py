@@ -380,3 +380,39 @@ def test_headroom_plus_inf_is_the_top_of_the_scale_not_a_nonfinite_cell() -> Non
     assert "2 non-finite cells" in f["layout"]["title"]["text"]
     other = strict(fig.heatmap_figure(h, "maxabs"))
     assert other["data"][1]["z"][1][0] == 1 and "inf_top" not in other["layout"]["meta"]
+
+
+def test_heatmap_columns_are_equal_width_so_plotly_draws_one_image() -> None:
+    # the server's buckets start at the run's first step, then on block boundaries
+    hm = {"layers": [{"index": 0, "name": "a"}], "steps": [1, 64, 128, 192], "values": [[1.0, 2.0, 3.0, 4.0]],
+          "nan": [[0, 0, 0, 0]]}
+    assert fig.heatmap_figure(hm)["data"][0]["x"] == [0, 64, 128, 192]
+    for steps in ([5, 6, 7, 8], [0, 10, 20, 25], [1, 64]):  # already equal, irregular, too few: kept
+        hm = {**hm, "steps": steps, "values": [[1.0] * len(steps)], "nan": [[0] * len(steps)]}
+        assert fig.heatmap_figure(hm)["data"][0]["x"] == steps
+
+
+def test_module_tree_draws_fewer_levels_when_they_hold_too_many_sectors() -> None:
+    small = [f"{i}.{k}" for i in range(5) for k in ("weight", "bias")]
+    tree = fig.module_tree_figure(small, {})["data"][0]
+    assert tree["maxdepth"] == fig.TREE_DEPTH and len(tree["ids"]) == 16 and "level" not in tree
+    big = [f"model.layers.{i}.weight" for i in range(500)]  # levels: (model), model, layers, 500 × i, 500 leaves
+    f = fig.module_tree_figure(big, {"model.layers.7.weight": [(1, "zero gradient at step 9")]})
+    tree = f["data"][0]
+    # only the levels drawn: the module at the edge is sized by its 500 layers, coloured by the worst of them
+    assert tree["maxdepth"] == 3 and tree["ids"] == ["(model)", "model", "model.layers"]
+    assert tree["values"] == [0, 0, 500] and tree["marker"]["colors"][2] == fig.SEVERITY_COLOUR["warning"]
+    assert f["layout"]["meta"]["pruned"] and f["layout"]["meta"]["worst"]["model.layers.7.weight"] == "warning"
+    # drawn from a module: the path to it, then its levels
+    tree = fig.module_tree_figure(big, {}, root="model.layers.7")["data"][0]
+    assert tree["level"] == "model.layers.7"
+    assert tree["ids"] == ["(model)", "model", "model.layers", "model.layers.7", "model.layers.7.weight"]
+    assert fig.tree_parent("model.layers.7") == "model.layers" and fig.tree_parent("model") == "(model)"
+
+
+def test_log_axis_of_a_constant_series_has_a_few_ticks() -> None:
+    # a run at a fixed loss scale: Plotly pads the range; 90 mantissas there overlapped (~80 labels)
+    axis = fig.log_axis("scale (log)", [65536.0] * 50)
+    assert 2 <= len(axis["tickvals"]) <= 6 and any(3e4 <= v <= 1e5 for v in axis["tickvals"])
+    # a range under a decade keeps its finer ticks
+    assert 1500.0 in fig.log_axis("scale (log)", [1024.0, 2048.0])["tickvals"]
