@@ -22,7 +22,7 @@ from typing import Any
 
 from . import stats as _stats
 from ._torch import Tensor, torch
-from .consts import fp32_norms
+from .consts import fp32_norm, fp32_norms
 from .stats import _chunks, pack_dtype
 
 __all__ = ["FP16_MAX", "FP16_TINY", "headroom", "small_multiplier", "momentum_buffers", "momentum_cosine"]
@@ -180,6 +180,36 @@ def _large_cosines(gs: list[Tensor], ms: list[Tensor]) -> Tensor:
     return torch.where(den == 0, torch.zeros_like(cos), cos).clamp(-1.0, 1.0)  # NaN stays NaN
 
 
+def _large_adam(p: Tensor, st: dict[str, Any], f: tuple[float, float, float, float, bool]) -> bool:
+    """An Adam parameter :func:`_adam_update_norm` measures: a large contiguous fp32 CPU tensor
+    whose moments are too."""
+    v = st["max_exp_avg_sq"] if f[4] and "max_exp_avg_sq" in st else st["exp_avg_sq"]
+    m = st["exp_avg"]
+    return (p.device.type == "cpu" and p.dtype == m.dtype == v.dtype == torch.float32 and p.numel() >= _stats._LARGE
+            and p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and m.shape == v.shape == p.shape)
+
+
+def _adam_update_norm(p: Tensor, st: dict[str, Any], f: tuple[float, float, float, float, bool]) -> Tensor:
+    """``‖Δw‖`` of one large fp32 CPU Adam parameter: the chunk route's arithmetic, in the same
+    order, in the reused scratch instead of two freshly allocated tensors of the parameter's
+    size (page faults on CPU; see :func:`gradwatch.agent.stats._large_moments`)."""
+    v = st["max_exp_avg_sq"] if f[4] and "max_exp_avg_sq" in st else st["exp_avg_sq"]
+    n = p.numel()
+    buf = _stats._scratch(min(n, _stats._SCRATCH), torch.float32)
+    sq: list[Tensor] = []
+    fv, fm, fp = v.view(-1), st["exp_avg"].view(-1), p.view(-1)
+    for a in range(0, n, _stats._SCRATCH):
+        b = min(n, a + _stats._SCRATCH)
+        u = torch.sqrt(fv[a:b], out=buf[: b - a])
+        u.div_(f[1]).add_(f[2])
+        torch.div(fm[a:b], u, out=u)
+        u.mul_(f[0])
+        if f[3]:
+            u.add_(fp[a:b], alpha=f[3]).div_(1.0 - f[3])
+        sq.append(fp32_norm(u))
+    return sq[0] if len(sq) == 1 else torch.stack(sq).square().sum().sqrt()
+
+
 def _assemble(slots: Sequence[Tensor | None], device: torch.device) -> Tensor:
     """(len(slots),) float32: the 0-dim values where given, 0 elsewhere. One stack, no index
     tensor (a layout that changes between steps would otherwise copy a new one to the device)."""
@@ -237,8 +267,9 @@ def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.dev
       ``‖w‖`` after the step; the recorder reports ``|‖w_new‖ − ‖w‖| / ‖w‖``, a lower bound of the
       relative update (triangle inequality).
 
-    Foreach ops per chunk (scratch freed with the chunk, nothing kept between steps); no host
-    sync (hyper-parameters and CPU step counts are host values)."""
+    Foreach ops per chunk (scratch freed with the chunk, nothing kept between steps; large fp32
+    CPU Adam parameters: :func:`_adam_update_norm`); no host sync (hyper-parameters and CPU step
+    counts are host values)."""
     k = len(params)
     slots: list[Tensor | None] = [None] * k
     kinds: list[str | None] = [None] * k
@@ -269,6 +300,12 @@ def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.dev
         kinds[i] = "after"
     outs: list[tuple[list[int], list[Tensor]]] = []
     for items in adam.values():
+        big = [(i, f) for i, f in items if _large_adam(params[i], state[params[i]], f)]
+        if big:
+            outs.append(([i for i, _ in big], [_adam_update_norm(params[i], state[params[i]], f) for i, f in big]))
+            items = [(i, f) for i, f in items if not _large_adam(params[i], state[params[i]], f)]
+            if not items:
+                continue
         idx = [i for i, _ in items]
         fs = [f for _, f in items]
         vals: list[Tensor] = []

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import gradwatch.agent.signals as signals
 import gradwatch.agent.stats as stats
 from gradwatch.agent import GradScaler, watch
 from gradwatch.agent.signals import FP16_MAX, FP16_TINY, headroom, momentum_buffers, momentum_cosine
@@ -227,9 +228,23 @@ _OPTS = {
 }
 
 
+@pytest.mark.parametrize("large", [False, True])
 @pytest.mark.parametrize("scaler_kind", ["none", "gradwatch", "torch"])
 @pytest.mark.parametrize("opt_name", list(_OPTS))
-def test_watch_records_the_signals_of_each_optimizer(opt_name: str, scaler_kind: str) -> None:
+def test_watch_records_the_signals_of_each_optimizer(monkeypatch: pytest.MonkeyPatch, opt_name: str, scaler_kind: str,
+                                                     large: bool) -> None:
+    """``large``: thresholds lowered so that the CPU per-tensor routes (statistics, cosine, Adam's
+    update) take the bigger tensors, slice by slice."""
+    calls = {"adam": 0}
+    if large:
+        monkeypatch.setattr(stats, "_LARGE", 64)
+        monkeypatch.setattr(stats, "_SCRATCH", 40)
+        real = signals._adam_update_norm
+
+        def spy(*a: Any) -> torch.Tensor:
+            calls["adam"] += 1
+            return real(*a)
+        monkeypatch.setattr(signals, "_adam_update_norm", spy)
     torch.manual_seed(0)
     model = _Net()
     make, key = _OPTS[opt_name]
@@ -255,6 +270,8 @@ def test_watch_records_the_signals_of_each_optimizer(opt_name: str, scaler_kind:
             scaler.update()
     w.close()
     assert w.stats()["failures"] == 0
+    # the per-tensor Adam route ran for every Adam variant here (plain, amsgrad, AdamW, fused)
+    assert (calls["adam"] > 0) == (large and opt_name.startswith("adam")), calls
     recs = w.sink.steps
     assert len(recs) == len(seen) == 5
     names = [la.name for la in w.sink.layers]
