@@ -76,14 +76,14 @@ def fp32_norms(ts: Sequence[Tensor], ord: float = 2) -> list[Tensor]:
     rounded to float32 after."""
     if not any(t.dtype == torch.float64 for t in ts):
         return list(torch._foreach_norm(list(ts), ord, dtype=torch.float32))
-    out: list[Tensor] = [torch.zeros(())] * len(ts)
+    out: list[Tensor | None] = [None] * len(ts)
     lo = [i for i, t in enumerate(ts) if t.dtype != torch.float64]
     hi = [i for i, t in enumerate(ts) if t.dtype == torch.float64]
     for i, v in zip(lo, torch._foreach_norm([ts[i] for i in lo], ord, dtype=torch.float32) if lo else ()):
         out[i] = v
     for i, v in zip(hi, torch._foreach_norm([ts[i] for i in hi], ord)):
         out[i] = v.float()
-    return out
+    return out  # type: ignore[return-value]  # every slot is filled
 
 
 def fp32_norm(t: Tensor, ord: float = 2) -> Tensor:

@@ -166,13 +166,8 @@ def _large_cosines(gs: list[Tensor], ms: list[Tensor]) -> Tensor:
     gg: list[Tensor] = []
     mm: list[Tensor] = []
     for g, m in zip(gs, ms):
-        n = g.numel()
-        buf = _stats._scratch(min(n, _stats._SCRATCH), g.dtype)
         for acc, a, b in ((dots, g, m), (gg, g, g), (mm, m, m)):
-            fa, fb = a.view(-1), b.view(-1)
-            parts = [torch.mul(fa[i:j], fb[i:j], out=buf[: j - i]).sum()
-                     for i, j in ((i, min(n, i + _stats._SCRATCH)) for i in range(0, n, _stats._SCRATCH))]
-            acc.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
+            acc.append(_stats._total([torch.mul(pa, pb, out=dst).sum() for pa, pb, dst in _stats._pieces(a.view(-1), b.view(-1))]))
     hp = pack_dtype(gs[0].device)
     dot = torch.stack(dots).to(hp)
     den = (torch.stack(gg).to(hp) * torch.stack(mm).to(hp)).sqrt()
@@ -194,20 +189,16 @@ def _adam_update_norm(p: Tensor, st: dict[str, Any], f: tuple[float, float, floa
     order, in the reused scratch instead of two freshly allocated tensors of the parameter's
     size (page faults on CPU; see :func:`gradwatch.agent.stats._large_moments`)."""
     v = st["max_exp_avg_sq"] if f[4] and "max_exp_avg_sq" in st else st["exp_avg_sq"]
-    n = p.numel()
-    buf = _stats._scratch(min(n, _stats._SCRATCH), torch.float32)
-    sq: list[Tensor] = []
-    fv, fm, fp = v.view(-1), st["exp_avg"].view(-1), p.view(-1)
-    for a in range(0, n, _stats._SCRATCH):
-        b = min(n, a + _stats._SCRATCH)
-        u = torch.sqrt(fv[a:b], out=buf[: b - a])
+    norms: list[Tensor] = []
+    for pv, pm, pp, u in _stats._pieces(v.view(-1), st["exp_avg"].view(-1), p.view(-1)):
+        torch.sqrt(pv, out=u)
         u.div_(f[1]).add_(f[2])
-        torch.div(fm[a:b], u, out=u)
+        torch.div(pm, u, out=u)
         u.mul_(f[0])
         if f[3]:
-            u.add_(fp[a:b], alpha=f[3]).div_(1.0 - f[3])
-        sq.append(fp32_norm(u))
-    return sq[0] if len(sq) == 1 else torch.stack(sq).square().sum().sqrt()
+            u.add_(pp, alpha=f[3]).div_(1.0 - f[3])
+        norms.append(fp32_norm(u))
+    return norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
 
 
 def _assemble(slots: Sequence[Tensor | None], device: torch.device) -> Tensor:
@@ -299,13 +290,15 @@ def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.dev
         after.setdefault(key, []).append(i)
         kinds[i] = "after"
     outs: list[tuple[list[int], list[Tensor]]] = []
-    for items in adam.values():
-        big = [(i, f) for i, f in items if _large_adam(params[i], state[params[i]], f)]
+    for group in adam.values():
+        items: list[tuple[int, tuple[float, float, float, float, bool]]] = []
+        big: list[tuple[int, tuple[float, float, float, float, bool]]] = []
+        for i, f in group:
+            (big if _large_adam(params[i], state[params[i]], f) else items).append((i, f))
         if big:
             outs.append(([i for i, _ in big], [_adam_update_norm(params[i], state[params[i]], f) for i, f in big]))
-            items = [(i, f) for i, f in items if not _large_adam(params[i], state[params[i]], f)]
-            if not items:
-                continue
+        if not items:
+            continue
         idx = [i for i, _ in items]
         fs = [f for _, f in items]
         vals: list[Tensor] = []

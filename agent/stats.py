@@ -259,6 +259,22 @@ def _scratch(n: int, dtype: torch.dtype) -> Tensor:
     return b
 
 
+def _pieces(*flats: Tensor) -> list[tuple[Tensor, ...]]:
+    """The same-length flat tensors ``flats`` in pieces of at most :data:`_SCRATCH` elements,
+    each with its slice of the per-thread scratch (of the first one's dtype) appended; one piece
+    of the unsliced tensors when they fit (no slice op)."""
+    n = flats[0].numel()
+    buf = _scratch(min(n, _SCRATCH), flats[0].dtype)
+    if n <= _SCRATCH:
+        return [(*flats, buf[:n])]
+    return [(*(f[a:b] for f in flats), buf[: b - a]) for a, b in ((a, min(n, a + _SCRATCH)) for a in range(0, n, _SCRATCH))]
+
+
+def _total(parts: list[Tensor]) -> Tensor:
+    """The sum of per-piece 0-dim results (the one result itself for a single piece)."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
 def _large_moments(xs: list[Tensor], sums: list[Tensor], hp: torch.dtype, counts: bool = False,
                    small_mult: Tensor | None = None) -> list[Tensor]:
     """(maxabs, M2[, nonzero, small]) float32 columns of large contiguous CPU tensors, a few
@@ -282,24 +298,15 @@ def _large_moments(xs: list[Tensor], sums: list[Tensor], hp: torch.dtype, counts
     nz: list[Tensor] = []
     big: list[Tensor] = []
     for x, c in zip(xs, cs):
-        n = x.numel()
         hi.append(x.amax())
         lo.append(x.amin())
-        buf = _scratch(min(n, _SCRATCH), x.dtype)
-        flat = x.view(-1)
-        pieces = [(flat, buf[:n])] if n <= _SCRATCH else [
-            (flat[a:b], buf[: b - a]) for a, b in ((a, min(n, a + _SCRATCH)) for a in range(0, n, _SCRATCH))]
+        pieces = _pieces(x.view(-1))
         if counts:
             nz.append(torch.count_nonzero(x))
             if small_mult is not None:
-                ks = []
-                for src, dst in pieces:
-                    ab = torch.abs(src, out=dst)
-                    ab.mul_(small_mult).clamp_max_(1.0).floor_()
-                    ks.append(torch.count_nonzero(ab))
-                big.append(ks[0] if len(ks) == 1 else torch.stack(ks).sum())
-        parts = [torch.sub(src, c, out=dst).square_().sum() for src, dst in pieces]
-        q.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
+                big.append(_total([torch.count_nonzero(torch.abs(src, out=dst).mul_(small_mult).clamp_max_(1.0).floor_())
+                                   for src, dst in pieces]))
+        q.append(_total([torch.sub(src, c, out=dst).square_().sum() for src, dst in pieces]))
     n64 = device_tensor(ns, hp, xs[0].device)
     corr = n64 * torch.stack(cs).to(hp) - torch.stack(sums).to(hp)
     m2 = (torch.stack(q).to(hp) - corr.square() / n64).float()
