@@ -24,7 +24,7 @@ from sqlalchemy import Connection, insert
 from gradwatch.agent.spec import LAYER_FIELDS
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS, STEP_FLOAT_COLUMNS, AlertOutbox, Event
-from gradwatch.server.db.raw import run_raw
+from gradwatch.server.db.raw import run_raw, run_raw_all
 from gradwatch.server.detect import engine
 from gradwatch.server.detect.engine import SEVERITIES, TOTAL_KEY, TOTAL_NAME, Found, State, StepInput
 from gradwatch.server.detect.rules import Rules
@@ -69,16 +69,9 @@ def _lock_state(conn: Connection, run_id: str, now: float) -> State:
 def _lock_state_and_rules(conn: Connection, run_id: str, project: str, now: float) -> tuple[State, Rules]:
     """:func:`_lock_state` and :func:`load_rules`; on PostgreSQL in one round trip (pipeline
     mode: the lock statement runs first, as before)."""
-    if conn.dialect.name != "postgresql":
-        return _lock_state(conn, run_id, now), load_rules(conn, project)[0]
-    raw: Any = conn.connection.driver_connection
-    with raw.cursor() as lock, raw.cursor() as rules:
-        with raw.pipeline():
-            lock.execute(_LOCK.replace("?", "%s"), (run_id, now))
-            rules.execute(_RULES.replace("?", "%s"), (project,))
-        state = lock.fetchone()[0]
-        rows = rules.fetchall()
-    return State.from_json(json.loads(state) if state else None), _rules_of(rows)[0]
+    lock, rules = run_raw_all(conn, [(_LOCK, (run_id, now)), (_RULES, (project,))])
+    state = lock[0][0]
+    return State.from_json(json.loads(state) if state else None), _rules_of(rules)[0]
 
 
 def _save_state(conn: Connection, run_id: str, st: State, now: float) -> None:

@@ -37,6 +37,7 @@ from gradwatch.server.db.models import (
     TransformValue,
 )
 from gradwatch.server.db.raw import run_raw as _raw
+from gradwatch.server.db.raw import run_raw_all as _raw_all
 from gradwatch.server.detect import store as detect_store
 from gradwatch.server.encoding import enc_value
 from gradwatch.server.errors import Conflict
@@ -368,12 +369,8 @@ def _lock_cursor(conn: Connection, run_id: str, source: int) -> tuple[int, list[
     """
     if conn.dialect.name != "postgresql":
         return int(_raw(conn, _LOCK_CURSOR, (run_id, source))[0][0]), None
-    raw: Any = conn.connection.driver_connection
-    with raw.cursor() as lock, raw.cursor() as nxt:
-        with raw.pipeline():
-            lock.execute(_LOCK_CURSOR.replace("?", "%s"), (run_id, source))
-            nxt.execute(_NEXT_SEQS_LOCKED.replace("?", "%s"), (run_id, source, run_id, source))
-        return int(lock.fetchone()[0]), [r[0] for r in nxt.fetchall()]
+    lock, nxt = _raw_all(conn, [(_LOCK_CURSOR, (run_id, source)), (_NEXT_SEQS_LOCKED, (run_id, source, run_id, source))])
+    return int(lock[0][0]), [r[0] for r in nxt]
 
 
 def _walk(acked: int, seqs: list[int]) -> tuple[int, bool]:
@@ -395,19 +392,6 @@ def _advance_cursor(conn: Connection, run_id: str, source: int, acked: int, seqs
     while more:
         acked, more = _walk(acked, [r[0] for r in _raw(conn, _NEXT_SEQS, (run_id, source, acked))])
     return acked
-
-
-def _raw_all(conn: Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-    """Run ``?``-placeholder statements whose results are not needed; PostgreSQL: in one round
-    trip (pipeline mode)."""
-    if conn.dialect.name != "postgresql" or len(statements) < 2:
-        for sql, params in statements:
-            _raw(conn, sql, params)
-        return
-    raw: Any = conn.connection.driver_connection
-    with raw.cursor() as cur, raw.pipeline():
-        for sql, params in statements:
-            cur.execute(sql.replace("?", "%s"), params)
 
 
 def read_acked(conn: Connection, run_id: str, source: int) -> int:
