@@ -8,7 +8,10 @@ things around torch's algorithm, none of which changes a number torch computes:
    ``_step_supports_amp_scaling``), so that statistics and transforms see the true gradients.
    Where torch would hand the kernel ``grad_scale = scale * preset`` it then hands
    ``ones * preset`` (a tensor, as an optimizer computing ``grad / self.grad_scale`` expects) and
-   torch's ``found_inf``.
+   torch's ``found_inf``. When transforms (the scaler's or its watcher's) edited the gradients,
+   torch's equivalent program is ``unscale_()``, transform, ``step()``, and the kernel gets what
+   torch hands after ``unscale_()``: the preset or None (CUDA's fused SGD rounds its update
+   differently with a ``grad_scale`` of ones than with None).
 2. Between the skip decision and ``optimizer.step()`` it hands the unscaled gradients to an
    attached watcher, or applies its own ``transforms``.
 3. ``update()`` emits ``overflow``, ``skipped``, ``scale_growth`` and ``manual_scale`` events,
@@ -332,7 +335,12 @@ class GradScaler(torch.amp.GradScaler):
         scale = self._get_scale_async()
         assert scale is not None  # checked by _check_scale_growth_tracker above
         found_inf = cast(Tensor, sum([t.to(scale.device, non_blocking=True) for t in found_infs.values()]))
-        if by_user or optimizer_state["stage"] != OptState.UNSCALED:
+        watcher = self._gw_watcher_for(optimizer)
+        edited = unscaled and bool(self._gw_transforms or getattr(watcher, "transforms", None))
+        if by_user or edited or optimizer_state["stage"] != OptState.UNSCALED:
+            # transforms edited the unscaled gradients: torch's equivalent is the documented
+            # unscale_(), transform, step(), after which torch hands the preset or None (the
+            # kernel then takes the same code path, bit for bit)
             optimizer.grad_scale = (  # type: ignore[attr-defined]
                 getattr(optimizer, "grad_scale", None)
                 if optimizer_state["stage"] == OptState.UNSCALED

@@ -145,7 +145,7 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
     xs = [ts[j] for j in live]
     ns = [float(x.numel()) for x in xs]
     minus = torch.full((1,), -1.0, dtype=torch.float32, device=dev) if low and xs else None
-    for a, b in _chunks(xs):  # everything below re-reads this chunk from the cache
+    for a, b in _chunks(xs, _CHUNK if dev.type == "cpu" else _CHUNK_ACCEL):  # re-read from the cache below
         part = xs[a:b]
         need = [j for j in live[a:b] if ids[j] not in rn]
         for j, v in zip(need, torch._foreach_norm([ts[j] for j in need], 2, dtype=f32) if need else ()):
@@ -231,6 +231,109 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
     if nonzero_counts:
         cols += [nonzero, small]
     return torch.stack(cols, dim=1)
+
+
+#: Accelerators: tensors under this many elements take the concatenated route (:func:`_moments_flat`) ...
+_FLAT_MAX = 1 << 20
+#: ... in concatenations of at most this many elements (a few such temporaries live at once).
+_FLAT_CHUNK = 1 << 22
+
+
+def _flat_route(dev: torch.device) -> bool:
+    """Whether small tensors on ``dev`` take :func:`_moments_flat` (accelerators; tests force it on CPU)."""
+    return dev.type != "cpu"
+
+
+def _flat_chunks(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive ranges of at most :data:`_FLAT_CHUNK` elements (one tensor may fill one)."""
+    out: list[tuple[int, int]] = []
+    a = size = 0
+    for i, m in enumerate(sizes):
+        if size and size + m > _FLAT_CHUNK:
+            out.append((a, i))
+            a, size = i, 0
+        size += m
+    if a < len(sizes):
+        out.append((a, len(sizes)))
+    return out
+
+
+def _moments_flat(ts: list[Tensor], idx: list[int] | None = None, rows: RowStats | None = None,
+                  nonzero_counts: bool = False, small_mult: Tensor | None = None) -> Tensor:
+    """:func:`_moments_group`'s columns for small non-empty same-device, same-dtype tensors, with
+    a number of kernels that does not depend on the tensor count.
+
+    On an accelerator every per-tensor op is a kernel launch and ~10-40 µs of host time, and
+    several foreach ops fall back to one kernel per tensor there (a 0-norm, a list of 0-dim
+    operands, the fp32 sum, which has no foreach form). Small tensors are launch-bound, so they
+    are concatenated instead (fp32; float64 stays float64) and reduced by segment: sum, max, min,
+    ``Σ(x − c)²`` with ``c = sum/n`` expanded per element, and the counts (non-finite, NaN,
+    non-zero, small), each one segmented reduction over the concatenation. M2 takes the same
+    shifted-sum correction as the foreach route, the sums and squares in float64 (the pack dtype).
+    The L2 norm stays torch's ``_foreach_norm`` (bit
+    for bit what ``clip_grad_norm_`` computes); rows handed in feed it as in the other route.
+    Counts are exact (fp32 up to 2^24 elements per concatenation, float64 beyond). No host sync."""
+    dev = ts[0].device
+    k = len(ts)
+    hp = pack_dtype(dev)
+    acc = torch.float64 if ts[0].dtype == torch.float64 else torch.float32
+    f32 = None if ts[0].dtype == torch.float64 else torch.float32
+    ids = idx if idx is not None else list(range(k))
+    rn = rows.norms if rows is not None and idx is not None else {}
+    need = [j for j in range(k) if ids[j] not in rn]
+    l2: list[Tensor | None] = [None] * k
+    for j, v in zip(need, torch._foreach_norm([ts[j] for j in need], 2, dtype=f32) if need else ()):
+        l2[j] = v
+    have = [j for j in range(k) if ids[j] in rn]
+    for j, v in zip(have, torch._foreach_norm([rn[ids[j]] for j in have], 2) if have else ()):
+        l2[j] = v
+    norms = torch.stack(l2)  # type: ignore[arg-type]
+    if norms.dtype != torch.float32:
+        norms = norms.float()
+    sizes = [t.numel() for t in ts]
+    cols: list[list[Tensor]] = []
+    for a, b in _flat_chunks(sizes):
+        lens = sizes[a:b]
+        cnt = acc if sum(lens) <= 1 << 24 else torch.float64  # exact counts
+        flat = torch.cat([t.reshape(-1) for t in ts[a:b]]) if b - a > 1 else ts[a].reshape(-1)
+        flat = flat.to(acc)
+        wide = flat.to(hp)  # fp32 values are exact in float64, and so are their differences
+        offs = device_tensor([0, *_cumsum(lens)], torch.long, dev)
+        reps = device_tensor(lens, torch.long, dev)
+        n = device_tensor([float(m) for m in lens], hp, dev)
+
+        def seg(x: Tensor, how: str = "sum", offs: Tensor = offs) -> Tensor:
+            # unsafe: the offsets are right by construction; the check would read them (a host sync)
+            return torch.segment_reduce(x, how, offsets=offs, unsafe=True)
+
+        s = seg(wide)
+        c = (s / n).to(acc).to(hp)  # the fp32 mean each element is shifted by, as in the other route
+        d = wide - torch.repeat_interleave(c, reps, output_size=flat.numel())
+        q = seg(d.square_())
+        m2 = (q - (n * c - s).square() / n).float()
+        nan = seg(torch.isnan(flat).to(cnt))
+        nonfinite = seg((~torch.isfinite(flat)).to(cnt)).float()
+        mx = torch.maximum(seg(flat, "max").abs(), seg(flat, "min").abs()).float()
+        mx = torch.where(nan > 0, torch.full_like(mx, math.nan), mx)  # NaN propagates, whatever the kernel
+        chunk = [s.float(), mx, nonfinite, m2]  # the sum rounded once, from float64
+        if nonzero_counts:
+            nz = seg((flat != 0).to(cnt))  # NaN counts as non-zero
+            if small_mult is not None:
+                big = seg((flat.abs().mul_(small_mult).clamp_max_(1.0).floor_() != 0).to(cnt))
+                chunk += [nz.float(), (nz - big).float()]
+            else:
+                chunk += [nz.float(), torch.zeros_like(m2)]
+        cols.append(chunk)
+    cat = [c[0] if len(cols) == 1 else torch.cat(c) for c in zip(*cols)]
+    return torch.stack([cat[0], norms, *cat[1:]], dim=1)
+
+
+def _cumsum(xs: Sequence[int]) -> list[int]:
+    out, t = [], 0
+    for x in xs:
+        t += x
+        out.append(t)
+    return out
 
 
 #: CPU tensors of at least this many elements take the per-tensor route (:func:`_large_moments`).
@@ -324,14 +427,17 @@ _CHUNK = 1 << 17
 #: ... but past ``_MAX_CHUNKS·_CHUNK`` elements the chunks grow (:func:`_chunks`), so the op count
 #: stays a constant per group whatever the model's size and tensor count.
 _MAX_CHUNKS = 8
+#: Accelerators: a launch costs the host ~10 µs, about what 16 MiB of memory traffic costs the device,
+#: so the chunks are larger there (the L2 cache still holds one: 50-60 MB on an H100/H200).
+_CHUNK_ACCEL = 1 << 22
 
 
-def _chunks(xs: Sequence[Tensor]) -> list[tuple[int, int]]:
-    """Consecutive non-empty ranges of ``xs``, each closed once it holds ``max(_CHUNK,
+def _chunks(xs: Sequence[Tensor], chunk: int = _CHUNK) -> list[tuple[int, int]]:
+    """Consecutive non-empty ranges of ``xs``, each closed once it holds ``max(chunk,
     total/_MAX_CHUNKS)`` elements or more (a large tensor may close one alone): at most
     ``_MAX_CHUNKS + 1`` ranges, whatever the tensor count; none for an empty list."""
     sizes = [x.numel() for x in xs]
-    cap = max(_CHUNK, -(-sum(sizes) // _MAX_CHUNKS))
+    cap = max(chunk, -(-sum(sizes) // _MAX_CHUNKS))
     out: list[tuple[int, int]] = []
     a = size = 0
     for i, m in enumerate(sizes):
@@ -371,13 +477,25 @@ def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = Non
     if not grads:
         return torch.zeros((0, width), dtype=torch.float32, device=out_device)
     out_device = out_device or grads[0].device
-    groups = _group_indices(grads)
+    groups: list[list[int]] = []
+    flat: list[bool] = []
+    for idx in _group_indices(grads):
+        if _flat_route(grads[idx[0]].device):
+            small = [i for i in idx if 0 < grads[i].numel() < _FLAT_MAX]
+            rest = [i for i in idx if not 0 < grads[i].numel() < _FLAT_MAX]
+            groups += [g for g in (small, rest) if g]
+            flat += [f for f, g in ((True, small), (False, rest)) if g]
+        else:
+            groups.append(idx)
+            flat.append(False)
     results: list[Tensor] = []
-    for idx in groups:
+    for idx, is_flat in zip(groups, flat):
         ts = [grads[i] for i in idx]
         eager = eager_nonfinite if eager_nonfinite is not None else ts[0].device.type != "cpu"
         mult = small_mult.to(ts[0].device) if small_mult is not None else None
-        results.append(_moments_group(ts, eager, idx, rows, counts, mult).to(out_device, non_blocking=True))
+        r = (_moments_flat(ts, idx, rows, counts, mult) if is_flat
+             else _moments_group(ts, eager, idx, rows, counts, mult))
+        results.append(r.to(out_device, non_blocking=True))
     if len(groups) == 1:
         return results[0]
     if [i for idx in groups for i in idx] == list(range(len(grads))):

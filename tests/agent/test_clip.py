@@ -420,7 +420,8 @@ def test_clip_norm_and_value_match_torch_cuda(norm_type, foreach):
         got = ClipNorm(max_norm, norm_type=norm_type, foreach=foreach)(ps)
         assert bits_equal(got["total_norm"], want)
         assert_grads_equal(ps, ref)
-        clip_grad_value_(ref, 0.01, foreach=foreach)
+        if any(p.grad is not None for p in ref):  # torch 2.11's foreach grouping refuses an empty list
+            clip_grad_value_(ref, 0.01, foreach=foreach)
         ClipValue(0.01, foreach=foreach)(ps)
         assert_grads_equal(ps, ref)
 

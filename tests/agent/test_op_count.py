@@ -263,3 +263,71 @@ def test_chunks_are_bounded_whatever_the_tensor_count() -> None:
         assert ch[0][0] == 0 and ch[-1][1] == len(sizes)
         assert all(a < b for a, b in ch) and all(ch[i][1] == ch[i + 1][0] for i in range(len(ch) - 1))
     assert stats._chunks([]) == []
+
+
+# -- the accelerators' concatenated route for small tensors (forced on CPU here) -------------------
+
+
+@pytest.mark.parametrize("flat_max,flat_chunk", [(1 << 20, 1 << 23), (200, 50), (3000, 2500)])
+def test_flat_route_matches_float64_reference(monkeypatch: pytest.MonkeyPatch, flat_max: int, flat_chunk: int) -> None:
+    """Small tensors concatenated and reduced by segment (as on accelerators; thresholds lowered
+    so that some layouts mix both routes and cut concatenations at every boundary) against the
+    float64 two-pass reference: M2 within 1e-6 where |mean| = 1e4·std, max-abs and counts exact,
+    NaN/±inf propagating, fp16/bf16/fp32/fp64, empties."""
+    monkeypatch.setattr(stats, "_flat_route", lambda dev: True)
+    monkeypatch.setattr(stats, "_FLAT_MAX", flat_max)
+    monkeypatch.setattr(stats, "_FLAT_CHUNK", flat_chunk)
+    calls = {"flat": 0}
+    real = stats._moments_flat
+
+    def spy(ts: Any, *a: Any, **k: Any) -> torch.Tensor:
+        calls["flat"] += len(ts)
+        return real(ts, *a, **k)
+    monkeypatch.setattr(stats, "_moments_flat", spy)
+    for seed in range(8):
+        rng = random.Random(seed)
+        grads = _layout(seed, rng.randint(1, 40), _DTYPES + (torch.float64,))
+        for t in grads:
+            if t.numel() > 1 and rng.random() < 0.15:
+                t.view(-1)[rng.randrange(t.numel())] = rng.choice((float("inf"), float("-inf"), float("nan")))
+        big = torch.randn(2000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.01 + 100.0
+        grads.insert(rng.randrange(len(grads) + 1), big.float())  # |mean| = 1e4·std
+        grads.insert(rng.randrange(len(grads) + 1), big.clone())
+        _check_against_reference(grads, True)
+    assert calls["flat"] > 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flat_route_counts_match_the_foreach_route(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Non-zero and small (loss-scale underflow) counts, max-abs and the non-finite count of the
+    concatenated route equal the foreach route's exactly; sums and norms agree to fp32 rounding."""
+    rng = random.Random(seed)
+    grads = _layout(seed, rng.randint(1, 40), _DTYPES + (torch.float64,))
+    for t in grads:
+        flat = t.view(-1)
+        if flat.numel() > 2:
+            flat[: rng.randrange(flat.numel())] = 0
+            flat[rng.randrange(flat.numel())] = rng.choice((float("inf"), float("-inf"), float("nan"), 1e-9))
+    mult = torch.tensor(2.0 ** rng.randint(0, 24) * 2.0**14)
+    want = layer_moments(grads, counts=True, small_mult=mult, eager_nonfinite=True)
+    monkeypatch.setattr(stats, "_flat_route", lambda dev: True)
+    got = layer_moments(grads, counts=True, small_mult=mult)
+    for col in (2, 3, 5, 6):
+        assert torch.equal(got[:, col].nan_to_num(-1.0), want[:, col].nan_to_num(-1.0)), col
+    torch.testing.assert_close(got[:, :2], want[:, :2], rtol=2e-6, atol=1e-6, equal_nan=True)
+    assert torch.equal(got[:, 1].nan_to_num(-1.0), want[:, 1].nan_to_num(-1.0))  # l2: the same foreach norm
+
+
+@pytest.mark.parametrize("n", [1, 17, 150, 400])
+def test_flat_route_op_count_does_not_grow_with_the_tensor_count(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Small tensors on the concatenated route: a constant number of aten ops per (device, dtype)
+    group and concatenation, with the counts too, besides one view per tensor (no kernel)."""
+    monkeypatch.setattr(stats, "_flat_route", lambda dev: True)
+    g = torch.Generator().manual_seed(n)
+    grads = [torch.randn(int(torch.randint(1, 500, (1,), generator=g)), generator=g) for _ in range(n)]
+    mult = torch.tensor(2.0**20)
+    layer_moments(grads, counts=True, small_mult=mult)
+    with _Count() as c:
+        layer_moments(grads, counts=True, small_mult=mult)
+    views = c.ops.get("view", 0)  # flattening each tensor for the concatenation: no kernel, no copy
+    assert views <= n + 2 and c.n - views <= 56, (n, c.n, sorted(c.ops.items(), key=lambda kv: -kv[1])[:8])  # 52 here

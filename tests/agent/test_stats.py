@@ -172,6 +172,33 @@ def test_cuda_moments_no_sync_and_pinned_ring() -> None:
     assert pend._buf.is_pinned()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_cuda_moments_match_float64_reference(dtype: torch.dtype, rtol: float) -> None:
+    """The accelerator route on random shapes (empty, one element, past a chunk: 2^22 + 3), a
+    |mean| far above the std, NaN and ±inf: counts exact, variance within 1e-6 of a float64
+    two-pass reference of the same values, the other columns within the dtype's rounding."""
+    g = torch.Generator().manual_seed(11)
+    mean = 1e4 if dtype == torch.float32 else 30.0
+    grads = [(torch.randn(s, generator=g) * 0.3 + 0.05).to(dtype) for s in [(7, 3), (0,), (1,), (16, 4, 3, 3), ((1 << 22) + 3,)]]
+    grads += [(torch.randn(5000, generator=g, dtype=torch.float64) + mean).to(dtype),
+              torch.cat([grads[3].reshape(-1), torch.tensor([float("inf"), 1.0], dtype=dtype)]),
+              torch.cat([grads[0].reshape(-1), torch.tensor([float("-inf"), float("inf")], dtype=dtype)]),
+              torch.cat([grads[0].reshape(-1), torch.tensor([float("nan")], dtype=dtype)])]
+    got = _stats([t.cuda() for t in grads])
+    for k, (t, st) in enumerate(zip(grads, got)):
+        n, mean_, var, std, l2, mx, nf = _ref(t)
+        assert st.numel == n and st.nonfinite == nf, k
+        want_mean, want_var = _two_pass(t) if n else (0.0, 0.0)
+        if nf:
+            assert not math.isfinite(st.l2) and not math.isfinite(st.var), k
+            continue
+        assert st.var == pytest.approx(want_var, rel=1e-6, abs=1e-12 * max(1.0, want_mean**2)), k
+        for a, b in ((st.mean, mean_), (st.l2, l2), (st.maxabs, mx)):
+            assert a == pytest.approx(b, rel=rtol, abs=1e-6), k
+
+
 def _two_pass(t: torch.Tensor) -> tuple[float, float]:
     """float64 two-pass mean and population variance of the same values (NaN/inf propagate)."""
     x = t.detach().to(torch.float64).reshape(-1)
