@@ -22,7 +22,7 @@ from typing import Any
 
 from . import stats as _stats
 from ._torch import Tensor, torch
-from .consts import fp32_norm, fp32_norms
+from .consts import device_tensor, fp32_norm, fp32_norms
 from .stats import _chunks, pack_dtype
 
 __all__ = ["FP16_MAX", "FP16_TINY", "headroom", "small_multiplier", "momentum_buffers", "momentum_cosine"]
@@ -227,10 +227,15 @@ def _float(x: Any) -> float | None:
         return None
 
 
+def _device_step(t: Any) -> bool:
+    """Whether an optimizer's step count lives on an accelerator (reading it would synchronize)."""
+    return isinstance(t, torch.Tensor) and t.device.type != "cpu"
+
+
 def _adam_factors(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[float, float, float, float, bool] | None:
     """(step size lr/bc1, √bc2, eps, lr·wd of a decoupled decay or 0, amsgrad) of one Adam/AdamW
     parameter after its step, or None when its state cannot give them without a device read."""
-    if not isinstance(st, dict) or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")):
+    if not isinstance(st, dict) or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")) or _device_step(st["step"]):
         return None
     t, lr, eps, wd = _float(st["step"]), _float(group.get("lr")), _float(group.get("eps")), _float(group.get("weight_decay", 0.0))
     betas = group.get("betas")
@@ -241,6 +246,57 @@ def _adam_factors(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[float
         return None
     decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
     return lr / (1.0 - b1**t), math.sqrt(1.0 - b2**t), eps, lr * wd if decoupled else 0.0, bool(group.get("amsgrad"))
+
+
+def _adam_device_args(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[float, float, float, float, float, bool] | None:
+    """(lr, β1, β2, eps, lr·wd of a decoupled decay or 0, amsgrad) of one Adam/AdamW parameter
+    whose step count lives on its accelerator (fused or capturable Adam): the bias corrections
+    are then taken there, from that tensor (no read). The hyper-parameters must be host values
+    (a tensor learning rate on the device: None, the lower bound)."""
+    if not isinstance(st, dict) or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")):
+        return None
+    t, m = st["step"], st["exp_avg"]
+    if not (_device_step(t) and isinstance(m, torch.Tensor) and t.device == m.device and t.numel() == 1):
+        return None
+    lr, eps, wd = _float(group.get("lr")), _float(group.get("eps")), _float(group.get("weight_decay", 0.0))
+    betas = group.get("betas")
+    if lr is None or eps is None or wd is None or not isinstance(betas, (tuple, list)):
+        return None
+    b1, b2 = _float(betas[0]), _float(betas[1])
+    if b1 is None or b2 is None:
+        return None
+    decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+    return lr, b1, b2, eps, (lr * wd if decoupled else 0.0), bool(group.get("amsgrad"))
+
+
+def _adam_device_norms(params: Sequence[Tensor], sts: Sequence[dict[str, Any]],
+                       args: Sequence[tuple[float, float, float, float, float, bool]]) -> list[Tensor]:
+    """``‖Δw‖`` of Adam parameters whose step counts are device tensors: :func:`_adam_factors`'
+    arithmetic, with ``lr/bc1`` and ``√bc2`` computed on the device from each parameter's own
+    step count (fp32, as torch's capturable Adam does): per chunk the step counts stacked, a few
+    vector ops, then the foreach ops of the host route with lists of 0-dim operands (those run
+    per tensor on CUDA; sampled steps only). No host sync."""
+    out: list[Tensor] = []
+    for a, b in _chunks(params):
+        sl = range(a, b)
+        dev = sts[a]["step"].device
+        t = torch.stack([sts[j]["step"].reshape(()) for j in sl]).to(torch.float32)
+        b1 = device_tensor([args[j][1] for j in sl], torch.float32, dev)
+        b2 = device_tensor([args[j][2] for j in sl], torch.float32, dev)
+        lr = device_tensor([args[j][0] for j in sl], torch.float32, dev)
+        step_size = lr / (1.0 - torch.pow(b1, t))  # lr / bc1
+        rb2 = torch.sqrt(1.0 - torch.pow(b2, t))  # √bc2
+        vs = [sts[j]["max_exp_avg_sq"] if args[j][5] and "max_exp_avg_sq" in sts[j] else sts[j]["exp_avg_sq"] for j in sl]
+        den = torch._foreach_sqrt(vs)
+        torch._foreach_div_(den, list(rb2.unbind()))
+        torch._foreach_add_(den, [args[j][3] for j in sl])
+        u = torch._foreach_div([sts[j]["exp_avg"] for j in sl], den)
+        torch._foreach_mul_(u, list(step_size.unbind()))
+        if any(args[j][4] for j in sl):
+            torch._foreach_add_(u, torch._foreach_mul([params[j] for j in sl], [args[j][4] for j in sl]))
+            torch._foreach_div_(u, [1.0 - args[j][4] for j in sl])
+        out.extend(fp32_norms(u, 2))
+    return out
 
 
 @torch.no_grad()
@@ -254,7 +310,9 @@ def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.dev
       amsgrad) and, for a decoupled decay, ``Δw = −(lr·wd·w_new + u) / (1 − lr·wd)`` (the weight
       before the step recovered from the one after). Adam's L2 decay is inside m and v already.
     * SGD with momentum, not Nesterov: ``Δw = −lr · buf`` (the updated buffer).
-    * Anything else (plain SGD, Nesterov, other optimizers, a step count on an accelerator):
+    * Adam / AdamW with the step count on an accelerator (fused, capturable): the same, with the
+      bias corrections taken on the device from that count (:func:`_adam_device_norms`).
+    * Anything else (plain SGD, Nesterov, other optimizers, a tensor learning rate on a device):
       ``‖w‖`` after the step; the recorder reports ``|‖w_new‖ − ‖w‖| / ‖w‖``, a lower bound of the
       relative update (triangle inequality).
 
@@ -269,6 +327,7 @@ def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.dev
     adam: dict[tuple[torch.device, torch.dtype], list[tuple[int, tuple[float, float, float, float, bool]]]] = {}
     sgd: dict[tuple[torch.device, torch.dtype], list[tuple[int, float]]] = {}
     after: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    adam_dev: dict[tuple[torch.device, torch.dtype], list[tuple[int, tuple[float, float, float, float, float, bool]]]] = {}
     is_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     for i, p in enumerate(params):
         if p.numel() == 0:
@@ -278,6 +337,10 @@ def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.dev
         key = (p.device, p.dtype)
         if is_adam and (f := _adam_factors(optimizer, grp, st)) is not None:
             adam.setdefault(key, []).append((i, f))
+            kinds[i] = "delta"
+            continue
+        if is_adam and (da := _adam_device_args(optimizer, grp, st)) is not None:
+            adam_dev.setdefault(key, []).append((i, da))
             kinds[i] = "delta"
             continue
         buf = st.get("momentum_buffer") if isinstance(st, dict) else None
@@ -316,6 +379,10 @@ def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.dev
                 torch._foreach_div_(u, [1.0 - fs[j][3] for j in sl])
             vals.extend(fp32_norms(u, 2))
         outs.append((idx, vals))
+    for ditems in adam_dev.values():
+        idx = [i for i, _ in ditems]
+        outs.append((idx, _adam_device_norms([params[i] for i in idx], [state[params[i]] for i in idx],
+                                             [a for _, a in ditems])))
     for sitems in sgd.values():
         idx = [i for i, _ in sitems]
         bufs = [state[params[i]]["momentum_buffer"] for i in idx]

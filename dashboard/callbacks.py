@@ -389,9 +389,9 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
             async with api_factory() as api:
                 resp = await api.steps(run_id, [fig.STEP_STATS[name][0]], max_points=CHART_POINTS)
         except ApiError as e:
-            if e.status in (400, 404, 422):  # a field this server does not know
+            if e.status in (400, 422):  # a field this server does not know
                 return fig.step_stat_figure(name, None, theme, "this server does not serve it")
-            return fig.empty_figure(e.message, theme)
+            return fig.empty_figure(e.message + ".", theme)  # 404: the run itself is not found
         return fig.step_stat_figure(name, resp, theme, "its agent sent no values for it")
 
     # The browser does the rest: live stream, jumping charts to an event (assets/live.js).

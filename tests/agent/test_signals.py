@@ -306,6 +306,24 @@ def test_watch_records_the_signals_of_each_optimizer_cuda(monkeypatch: pytest.Mo
     _check_signals(monkeypatch, opt_name, scaler_kind, False, "cuda")
 
 
+@pytest.mark.parametrize("scaler_kind", ["none", "gradwatch"])
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "adam_amsgrad_l2", "adamw_fused"])
+def test_adam_with_its_step_count_on_a_device_gives_the_exact_update(monkeypatch: pytest.MonkeyPatch, opt_name: str,
+                                                                     scaler_kind: str) -> None:
+    """Fused or capturable Adam on an accelerator keeps its step count there: the bias corrections
+    are then taken on the device (forced here on CPU) and the update is still exact."""
+    calls = {"dev": 0}
+    real = signals._adam_device_norms
+
+    def spy(*a: Any) -> list[torch.Tensor]:
+        calls["dev"] += 1
+        return real(*a)
+    monkeypatch.setattr(signals, "_device_step", lambda t: isinstance(t, torch.Tensor))
+    monkeypatch.setattr(signals, "_adam_device_norms", spy)
+    _check_signals(monkeypatch, opt_name, scaler_kind, False, "cpu")
+    assert calls["dev"] > 0
+
+
 def _check_signals(monkeypatch: pytest.MonkeyPatch, opt_name: str, scaler_kind: str, large: bool, device: str) -> None:
     calls = {"adam": 0}
     if large:
@@ -365,9 +383,7 @@ def _check_signals(monkeypatch: pytest.MonkeyPatch, opt_name: str, scaler_kind: 
             else:
                 assert rec.layers["mom_cos"][j] == pytest.approx(_ref_cos(grad, buf), abs=2e-7)
             upd = rec.layers["upd_ratio"][j]
-            # a fused Adam keeps its step count on an accelerator: the lower bound there (documented)
-            exact = opt_name in _EXACT_UPDATE and not (device != "cpu" and opt_name.endswith("_fused"))
-            if exact:  # the realized update (w rounded to fp32 after the step)
+            if opt_name in _EXACT_UPDATE:  # the realized update (w rounded to fp32 after the step)
                 assert upd == pytest.approx(ref["upd:" + names[lid]], rel=1e-3), (opt_name, rec.step, names[lid])
             else:
                 assert upd == pytest.approx(ref["lb:" + names[lid]], rel=1e-5, abs=1e-5), (opt_name, rec.step, names[lid])

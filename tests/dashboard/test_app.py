@@ -107,6 +107,10 @@ def test_run_page_for_a_missing_run_says_so(client: TestClient) -> None:
     for gid in CHARTS:
         got = chart(client, gid, "nope")
         assert "not found" in str(got["layout"]["annotations"]), gid
+    got = callback(client, [("step-stat-graph", "figure")], [("step-stat", "value", "noise_scale"), ("run-id", "data", "nope"),
+                                                             ("theme", "data", "light"), ("reset-zoom", "n_clicks", None)])
+    text = got["step-stat-graph"]["figure"]["layout"]["annotations"][0]["text"]
+    assert text == "run 'nope' not found.", text  # not "not recorded in this run"
 
 
 def _ingest(c: TestClient, steps: int = 5, wnorm: bool = True, run: str = "r1") -> None:
