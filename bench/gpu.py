@@ -16,7 +16,9 @@ Tables:
                 watch() as shipped (signals on every 10th recorded step) and with every signal on
                 every step; kernels per step from the profiler.
   host syncs    Tensor.item/tolist/... calls on the training thread during one watched step, and
-                what ``torch.cuda.set_sync_debug_mode("error")`` says over ten scaled steps.
+                what ``torch.cuda.set_sync_debug_mode("error")`` says over ten scaled steps (the
+                scaler's own found_inf read fires it) and around ten watched optimizer.step()
+                calls without a scaler (fused AdamW, ClipNorm, every signal: must say "none").
   --profile     the profiler's kernels by name and ops by host time of one watched step.
 
     python3 bench/gpu.py                 # everything, ~3 min on an H200
@@ -318,6 +320,29 @@ def check_syncs(tmp: Path) -> None:
         if DEV.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     w.close()
+    # without a scaler: only watch() inside optimizer.step() (fused AdamW, ClipNorm, every signal)
+    m2, _ = make_task("transformer")
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-4, fused=DEV.type == "cuda")
+    w2 = watch(m2, opt2, server=f"file:{tmp / 'sync2.gwrec'}", project="bench", every=1, signals_every=1,
+               transforms=[ClipNorm(1.0)])
+    err2 = "none"
+    for i in range(12):
+        opt2.zero_grad(set_to_none=True)
+        loss_fn(m2).backward()
+        _sync()
+        if i >= 2 and DEV.type == "cuda":  # after warm-up (pinned ring allocated)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt2.step()
+        except RuntimeError as e:
+            err2 = str(e).splitlines()[0][:200]
+            break
+        finally:
+            if DEV.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    w2.close()
+    print(f"\n## host syncs without a scaler (transformer, fused AdamW, ClipNorm, every signal): "
+          f"set_sync_debug_mode('error') around ten watched optimizer.step() calls: {err2}")
     print(f"\n## host syncs (transformer, Adam, fp16 autocast, gradwatch GradScaler + ClipNorm, every signal): "
           f"{c['n']} Tensor.item/tolist/... calls on the training thread in one step (tensors on any device, "
           f"CPU ones included); set_sync_debug_mode('error') over ten steps: {err} (the scaler's step() "
