@@ -219,11 +219,16 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
             return fig.empty_figure("Click a heatmap cell or search a layer to see its series.", theme, "Layer")
         try:
             async with api_factory() as api:
-                got = await asyncio.gather(*[api.layer_stats(run_id, layer, s, start=start, end=end,
+                # the run's last step first: the series stop there and the live script appends what follows
+                last = (await api.run(run_id)).get("last_step")
+                stop = last if end is None or last is None else min(end, last)
+                got = await asyncio.gather(*[api.layer_stats(run_id, layer, s, start=start, end=stop,
                                                              max_points=2000) for s in LAYER_SERIES_STATS])
         except ApiError as e:
             return fig.empty_figure(e.message, theme, "Layer")
-        return _zoomed(fig.layer_series_figure(layer, dict(zip(LAYER_SERIES_STATS, got)), theme), start, end, reset)
+        index = next((g["layer"] for g in got if isinstance(g.get("layer"), int)), None)
+        return _zoomed(fig.layer_series_figure(layer, dict(zip(LAYER_SERIES_STATS, got)), theme, index, last),
+                       start, end, reset)
 
     # Each chart is its own callback: a zoom (relayoutData) refetches that chart's visible range
     # at full resolution (min/max/mean buckets); "Reset zoom" or a double click, the whole run.

@@ -399,19 +399,24 @@ def heatmap_figure(hm: dict[str, Any], stat: str = "l2", *, pattern: str | None 
 
 
 # -- line charts ---------------------------------------------------------------------------------
-def layer_series_figure(name: str, series: dict[str, dict[str, Any]], theme: str = "light") -> dict[str, Any]:
+def layer_series_figure(name: str, series: dict[str, dict[str, Any]], theme: str = "light",
+                        layer_index: int | None = None, last_step: int | None = None) -> dict[str, Any]:
     """One layer's statistics (``series``: stat → ``/stats`` series), each as its mean line (std
     and variance: pooled over the bucket) and the min–max band of its buckets; non-finite
-    buckets as markers."""
+    buckets as markers. With the layer's index and the run's last step at fetch time, the live
+    script extends each mean line from the stream (``meta.live_traces``; ``meta.live_stats``: the
+    per-layer fields it subscribes to while the chart shows this layer)."""
     data: list[dict[str, Any]] = []
     any_points = False
     ys: list[Any] = []
+    live: list[list[Any]] = []
     for k, (stat, resp) in enumerate(series.items()):
         pooled = stat if stat in ("std", "var") else None
         cols = series_points(resp, pooled=pooled)
         any_points = any_points or bool(cols["x"])
         ys += cols["lo"] + cols["hi"]
         colour = COLOURS[k % len(COLOURS)]
+        live.append([len(data), ["layers", stat, {"layer": layer_index}]])
         how = "bucket mean; band: min–max of the bucket" if resp.get("downsampled") else "per step"
         if pooled and resp.get("downsampled"):
             how = "pooled over the bucket's steps; band: min–max of the per-step values"
@@ -424,8 +429,11 @@ def layer_series_figure(name: str, series: dict[str, dict[str, Any]], theme: str
             data.append(_bad_markers(cols, _top(cols["hi"]) or 1.0))
     if not any_points:
         return empty_figure(f"No statistics recorded for {name} in this range.", theme, name)
+    meta = ({"last_step": last_step, "layer_index": [layer_index], "live_traces": live, "live_stats": list(series)}
+            if layer_index is not None and last_step is not None else None)
     return {"data": data, "layout": _layout(f"Layer {name}", theme, xaxis={"title": {"text": "step"}},
-                                            yaxis=log_axis("grad units (log)", ys), showlegend=True)}
+                                            yaxis=log_axis("grad units (log)", ys), showlegend=True,
+                                            **({"meta": meta} if meta else {}))}
 
 
 def _event_markers(events: list[dict[str, Any]], kind: str, y: float | None, symbol: str, colour: str,

@@ -19,7 +19,7 @@
   /* line charts whose layout.meta.live_traces says which trace follows which value of a step record:
    * [trace index, path] with path ["total_norm"], ["transforms", name, field], ["scalars", key], or
    * {num: path, den: path} for a ratio (AutoscaledNorm's sigma/sigma_ref) */
-  var LINE_GRAPHS = ["norm-graph", "scale-graph", "transforms-graph", "scalars-graph"];
+  var LINE_GRAPHS = ["norm-graph", "scale-graph", "transforms-graph", "scalars-graph", "layer-graph"];
   var S = {run: null, ws: null, wsStats: "", history: [], byStep: {}, scalarHist: [], scalarAt: {}, cursor: -1, pending: [], timer: null,
            backoff: 500, retry: null, graphs: {}, newEvents: 0, lastStep: null, generation: 0,
            covered: Infinity, scalarCovered: Infinity, notLive: {}, scalarCursor: -1, need: Infinity, hold: {}, subscribed: false};
@@ -44,6 +44,8 @@
     var m = heatMeta();
     var out = ["nonfinite"];
     if (m && m.live && out.indexOf(m.stat) < 0 && !S.notLive[m.stat]) { out.push(m.stat); }
+    var lg = gd("layer-graph"), lm = lg && lg.layout && lg.layout.meta;  // the shown layer's series
+    ((lm && lm.live_stats) || []).forEach(function (k) { if (out.indexOf(k) < 0 && !S.notLive[k]) { out.push(k); } });
     return out.sort().join(",");
   }
 
@@ -93,7 +95,15 @@
       return a === null || b === null || !b ? null : a / b;
     }
     var v = rec;
-    for (var i = 0; i < path.length; i++) { if (v === null || v === undefined) { return undefined; } v = v[path[i]]; }
+    for (var i = 0; i < path.length; i++) {
+      if (v === null || v === undefined) { return undefined; }
+      var p = path[i];
+      if (p !== null && typeof p === "object") {  // {layer: index}: that layer's slot of a per-layer array
+        var ix = rec.layers && rec.layers.index, k = ix ? ix.indexOf(p.layer) : -1;
+        if (k < 0) { return undefined; }
+        v = v[k];
+      } else { v = v[p]; }
+    }
     return v === undefined ? undefined : fin(v);
   }
 

@@ -194,6 +194,16 @@ def test_run_page_callbacks_read_the_api(client: TestClient) -> None:
                                                              ("layer-graph", "relayoutData", None),
                                                              ("reset-zoom", "n_clicks", None)])
     assert series["layer-graph"]["figure"]["data"][0]["y"] == [1.0, 10.0, 100.0, 1000.0, 10000.0]
+    # the live script extends each statistic's mean line from the stream: which trace, which field
+    # of which layer, from which step on, and the per-layer fields to subscribe to
+    lf = series["layer-graph"]["figure"]
+    meta = lf["layout"]["meta"]
+    layers = {la["name"]: la["index"] for la in client.get("/api/v1/runs/r1/layers").json()["data"]}
+    assert meta["last_step"] == 4 and meta["layer_index"] == [layers["block2.weight"]]
+    assert meta["live_stats"] == ["l2", "std", "var", "maxabs"]
+    for (trace, path), stat in zip(meta["live_traces"], meta["live_stats"]):
+        assert lf["data"][trace]["name"].split(" ")[0] == stat  # its mean line ("std (pooled)" when pooled)
+        assert path == ["layers", stat, {"layer": layers["block2.weight"]}]
 
 
 def test_runs_list_counts_events_per_run(client: TestClient) -> None:

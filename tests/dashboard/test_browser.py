@@ -109,6 +109,13 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     page.wait_js(f"() => {{ const g = ({GD})('layer-graph'); "
                  "return g && g.layout && g.layout.title && /^Layer /.test(g.layout.title.text); }")
     assert page.page.locator("#layer-select").inner_text().strip().endswith(".weight")
+    # the layer's series follows the run live too (its mean lines extended from the stream), each step once
+    lsnap = page.wait_js(f"() => {{ const m = ({META})('layer-graph'); return m && m.live_traces ? m.last_step : null; }}")
+    for name in ("l2", "maxabs"):
+        got = page.wait_js(f"() => {{ const x = ({TRACE_X})('layer-graph', '{name}'); "
+                           f"return x && x.length && Math.max(...x) > {lsnap + 10} ? x : null; }}")
+        assert len(got) == len(set(got)) and got == sorted(got), (name, "duplicate or unordered steps")
+    page.shot("run-layer-live")
 
     # kill the server mid-run, restart it on the same port and database: the view resumes, no gap
     # the jump zoomed the charts (each refetched its visible steps): back to the whole run first
