@@ -56,6 +56,7 @@
     if (old) {  // held already (the fill and the stream both brought it): add what it lacks
       if (rec.transforms && !old.transforms) { old.transforms = rec.transforms; }
       if (rec.layers && !old.layers) { old.layers = rec.layers; }
+      if (rec.layerFill && !old.layerFill) { old.layerFill = rec.layerFill; }
       return false;
     }
     // a step older than what is drawn (an agent's backlog delivered late): the charts cannot
@@ -94,16 +95,15 @@
       if (a === undefined || b === undefined) { return undefined; }
       return a === null || b === null || !b ? null : a / b;
     }
-    var v = rec;
-    for (var i = 0; i < path.length; i++) {
-      if (v === null || v === undefined) { return undefined; }
-      var p = path[i];
-      if (p !== null && typeof p === "object") {  // {layer: index}: that layer's slot of a per-layer array
-        var ix = rec.layers && rec.layers.index, k = ix ? ix.indexOf(p.layer) : -1;
-        if (k < 0) { return undefined; }
-        v = v[k];
-      } else { v = v[p]; }
+    var last = path[path.length - 1];
+    if (last !== null && typeof last === "object") {  // ["layers", stat, {layer: index}]: one layer's value
+      var k = path[path.length - 2], L = rec.layers, pos = L && L.index ? L.index.indexOf(last.layer) : -1;
+      if (pos >= 0 && L[k] && L[k][pos] !== undefined) { return fin(L[k][pos]); }
+      var f = rec.layerFill && rec.layerFill[last.layer];  // not streamed for this step: a REST fill's
+      return f && f[k] !== undefined ? fin(f[k]) : undefined;
     }
+    var v = rec;
+    for (var i = 0; i < path.length; i++) { if (v === null || v === undefined) { return undefined; } v = v[path[i]]; }
     return v === undefined ? undefined : fin(v);
   }
 
@@ -278,15 +278,21 @@
       });
     }
     var m = heatMeta(), hs = m && m.live ? m.stat : null, end = null, tooLong = false;
+    var lg = gd("layer-graph"), lm = lg && lg.layout && lg.layout.meta;
+    var lidx = lm && lm.live_stats && lm.layer_index ? lm.layer_index[0] : null;
     json("/steps?fields=total_norm,total_norm_post,loss_scale&start=" + from).then(function (st) {
       if (gen !== S.generation) { return null; }
       var pts = (st.points || []).filter(function (p) { return !p.rank; });
       tooLong = !!st.downsampled || (pts.length && pts[pts.length - 1].step - from > HISTORY / 2);
       end = pts.length ? pts[pts.length - 1].step : null;
-      if (tooLong) { return [pts, null, {}]; }
+      if (tooLong) { return [pts, null, {}, null]; }
       var heat = hs === null || end === null ? Promise.resolve(null)
         : json("/heatmap?stat=" + hs + "&start=" + from + "&end=" + end + "&max_points=" + (end - from + 1));
-      return Promise.all([pts, heat, gapValues(base, from, end)]);
+      // the shown layer's series (layer-graph), stat by stat, up to the same last step
+      var lay = lidx === null || end === null ? Promise.resolve(null) : Promise.all(lm.live_stats.map(function (k) {
+        return json("/stats?layer=" + lidx + "&stat=" + k + "&start=" + from + "&end=" + end + "&max_points=" + (end - from + 1));
+      }));
+      return Promise.all([pts, heat, gapValues(base, from, end), lay]);
     }).then(function (got) {
       if (!got || gen !== S.generation) { return; }
       if (tooLong) {  // a long outage: redraw from snapshots (they hold everything stored so far)
@@ -304,11 +310,22 @@
           layersAt[s] = blk;
         });
       }
+      var fillAt = {};  // step -> {layer index: {stat: value}}
+      (got[3] || []).forEach(function (resp, j) {
+        var ser = resp && resp.series && resp.series[0];
+        if (!ser || ser.downsampled) { return; }
+        (ser.points || []).forEach(function (q) {
+          if (q.rank) { return; }
+          var at = fillAt[q.step] || (fillAt[q.step] = {});
+          (at[lidx] || (at[lidx] = {}))[lm.live_stats[j]] = q.value;
+        });
+      });
       S.inGap = true;  // the gap's steps may precede steps the stream already brought
       pts.forEach(function (p) {
         p = {step: p.step, rank: 0, total_norm: p.total_norm, total_norm_post: p.total_norm_post, loss_scale: p.loss_scale,
              transforms: (valuesAt[p.step] || {}).transforms || {}};
         if (layersAt[p.step]) { p.layers = layersAt[p.step]; }
+        if (fillAt[p.step]) { p.layerFill = fillAt[p.step]; }
         keep(p);
       });
       Object.keys(valuesAt).forEach(function (step) { attachScalars({step: +step, values: valuesAt[step].scalars}); });

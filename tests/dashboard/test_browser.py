@@ -124,6 +124,7 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     for gid, name in (("transforms-graph", "clip_norm.coef"), ("scalars-graph", "loss")):  # their reloads are in too
         page.wait_js(f"() => {{ const x = ({TRACE_X})('{gid}', '{name}'); return x && x.length && Math.min(...x) <= 1; }}")
     before = _max_x(page, "norm-graph")
+    lay_before = max(page.wait_js(f"() => {{ const x = ({TRACE_X})('layer-graph', 'maxabs'); return x && x.length ? x : null; }}"))
     # the race that lost transform values once: the steps stored while the fill's requests are under
     # way. The fill's /steps read is held here until the run has ten more steps, so its other reads
     # and the stream overlap it for certain
@@ -163,6 +164,12 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
         assert got == want, (gid, name, "missing", sorted(set(want) - set(got)), "extra", sorted(set(got) - set(want)),
                              "duplicates", sorted({x for x in got if got.count(x) > 1}),
                              page.js('() => window.gradwatchLive.stats'))
+    # the shown layer's series too: its steps of the outage come from the fill's /stats reads, not a
+    # straight line across them (max-abs: a statistic the heatmap's fill does not carry)
+    got = page.wait_js(f"() => {{ const x = ({TRACE_X})('layer-graph', 'maxabs'); "
+                       f"return x && x.length && Math.max(...x) > {before + 40} ? x : null; }}")
+    tail = [x for x in got if x > lay_before]
+    assert tail == list(range(lay_before + 1, tail[-1] + 1)), ("layer series after the restart", lay_before, tail)
     page.shot("run-after-restart")
 
     # the gradient-to-weight ratio heatmap: ‖g‖/‖w‖ from the recorded weight norms, every layer drawn
