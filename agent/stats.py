@@ -240,8 +240,10 @@ _FLAT_CHUNK = 1 << 22
 
 
 def _flat_route(dev: torch.device) -> bool:
-    """Whether small tensors on ``dev`` take :func:`_moments_flat` (accelerators; tests force it on CPU)."""
-    return dev.type != "cpu"
+    """Whether small tensors on ``dev`` take :func:`_moments_flat`: CUDA (and ROCm, which torch
+    calls CUDA), where ``segment_reduce`` has kernels and the route was measured; other
+    accelerators (MPS has no ``segment_reduce``) keep the foreach route. Tests force it on CPU."""
+    return dev.type == "cuda"
 
 
 def _flat_chunks(sizes: Sequence[int]) -> list[tuple[int, int]]:

@@ -331,3 +331,10 @@ def test_flat_route_op_count_does_not_grow_with_the_tensor_count(monkeypatch: py
         layer_moments(grads, counts=True, small_mult=mult)
     views = c.ops.get("view", 0)  # flattening each tensor for the concatenation: no kernel, no copy
     assert views <= n + 2 and c.n - views <= 56, (n, c.n, sorted(c.ops.items(), key=lambda kv: -kv[1])[:8])  # 52 here
+
+
+def test_flat_route_is_taken_on_cuda_only() -> None:
+    """segment_reduce has CPU and CUDA kernels only: MPS and other accelerators keep the foreach
+    route (and CPU, where segment_reduce is slower than a foreach reduction)."""
+    assert stats._flat_route(torch.device("cuda", 0))
+    assert not any(stats._flat_route(torch.device(d)) for d in ("cpu", "mps", "xpu", "meta"))
