@@ -175,10 +175,32 @@ def _large_cosines(gs: list[Tensor], ms: list[Tensor]) -> Tensor:
     return torch.where(den == 0, torch.zeros_like(cos), cos).clamp(-1.0, 1.0)  # NaN stays NaN
 
 
+def _second_moment(st: dict[str, Any], amsgrad: bool) -> Tensor:
+    """The second moment Adam's step divided by: ``max_exp_avg_sq`` under amsgrad, else ``exp_avg_sq``."""
+    return st["max_exp_avg_sq"] if amsgrad and "max_exp_avg_sq" in st else st["exp_avg_sq"]
+
+
+def _adam_chunk_norms(ps: Sequence[Tensor], sts: Sequence[dict[str, Any]], amsgrad: Sequence[bool],
+                      rb2: Sequence[Any], eps: Sequence[float], step: Sequence[Any], wd: Sequence[float]) -> list[Tensor]:
+    """``‖Δw‖`` of one chunk of Adam parameters from their updated moments, per parameter
+    ``u = step · m / (√v / rb2 + eps)`` and, for a decoupled decay ``wd = lr·wd``,
+    ``Δw = −(wd·w_new + u) / (1 − wd)``. ``rb2`` (√bc2) and ``step`` (lr/bc1) are host floats, or
+    0-dim device tensors where the step count lives on the device."""
+    den = torch._foreach_sqrt([_second_moment(s, a) for s, a in zip(sts, amsgrad)])
+    torch._foreach_div_(den, list(rb2))
+    torch._foreach_add_(den, list(eps))
+    u = torch._foreach_div([s["exp_avg"] for s in sts], den)
+    torch._foreach_mul_(u, list(step))
+    if any(wd):
+        torch._foreach_add_(u, torch._foreach_mul(list(ps), list(wd)))
+        torch._foreach_div_(u, [1.0 - w for w in wd])
+    return fp32_norms(u, 2)
+
+
 def _large_adam(p: Tensor, st: dict[str, Any], f: tuple[float, float, float, float, bool]) -> bool:
     """An Adam parameter :func:`_adam_update_norm` measures: a large contiguous fp32 CPU tensor
     whose moments are too."""
-    v = st["max_exp_avg_sq"] if f[4] and "max_exp_avg_sq" in st else st["exp_avg_sq"]
+    v = _second_moment(st, f[4])
     m = st["exp_avg"]
     return (p.device.type == "cpu" and p.dtype == m.dtype == v.dtype == torch.float32 and p.numel() >= _stats._LARGE
             and p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and m.shape == v.shape == p.shape)
@@ -188,7 +210,7 @@ def _adam_update_norm(p: Tensor, st: dict[str, Any], f: tuple[float, float, floa
     """``‖Δw‖`` of one large fp32 CPU Adam parameter: the chunk route's arithmetic, in the same
     order, in the reused scratch instead of two freshly allocated tensors of the parameter's
     size (page faults on CPU; see :func:`gradwatch.agent.stats._large_moments`)."""
-    v = st["max_exp_avg_sq"] if f[4] and "max_exp_avg_sq" in st else st["exp_avg_sq"]
+    v = _second_moment(st, f[4])
     norms: list[Tensor] = []
     for pv, pm, pp, u in _stats._pieces(v.view(-1), st["exp_avg"].view(-1), p.view(-1)):
         torch.sqrt(pv, out=u)
@@ -232,31 +254,11 @@ def _device_step(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.device.type != "cpu"
 
 
-def _adam_factors(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[float, float, float, float, bool] | None:
-    """(step size lr/bc1, √bc2, eps, lr·wd of a decoupled decay or 0, amsgrad) of one Adam/AdamW
-    parameter after its step, or None when its state cannot give them without a device read."""
-    if not isinstance(st, dict) or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")) or _device_step(st["step"]):
-        return None
-    t, lr, eps, wd = _float(st["step"]), _float(group.get("lr")), _float(group.get("eps")), _float(group.get("weight_decay", 0.0))
-    betas = group.get("betas")
-    if t is None or lr is None or eps is None or wd is None or t < 1 or not isinstance(betas, (tuple, list)):
-        return None
-    b1, b2 = _float(betas[0]), _float(betas[1])
-    if b1 is None or b2 is None:
-        return None
-    decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
-    return lr / (1.0 - b1**t), math.sqrt(1.0 - b2**t), eps, lr * wd if decoupled else 0.0, bool(group.get("amsgrad"))
-
-
-def _adam_device_args(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[float, float, float, float, float, bool] | None:
+def _adam_hparams(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[float, float, float, float, float, bool] | None:
     """(lr, β1, β2, eps, lr·wd of a decoupled decay or 0, amsgrad) of one Adam/AdamW parameter
-    whose step count lives on its accelerator (fused or capturable Adam): the bias corrections
-    are then taken there, from that tensor (no read). The hyper-parameters must be host values
-    (a tensor learning rate on the device: None, the lower bound)."""
+    with moments, as host values; None where one is missing or a tensor on a device (a read
+    would synchronize)."""
     if not isinstance(st, dict) or not all(k in st for k in ("exp_avg", "exp_avg_sq", "step")):
-        return None
-    t, m = st["step"], st["exp_avg"]
-    if not (_device_step(t) and isinstance(m, torch.Tensor) and t.device == m.device and t.numel() == 1):
         return None
     lr, eps, wd = _float(group.get("lr")), _float(group.get("eps")), _float(group.get("weight_decay", 0.0))
     betas = group.get("betas")
@@ -269,13 +271,37 @@ def _adam_device_args(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[f
     return lr, b1, b2, eps, (lr * wd if decoupled else 0.0), bool(group.get("amsgrad"))
 
 
+def _adam_factors(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[float, float, float, float, bool] | None:
+    """(step size lr/bc1, √bc2, eps, lr·wd of a decoupled decay or 0, amsgrad) of one Adam/AdamW
+    parameter after its step, or None when its state cannot give them without a device read."""
+    h = _adam_hparams(optimizer, group, st)
+    if h is None or _device_step(st["step"]):
+        return None
+    t = _float(st["step"])
+    if t is None or t < 1:
+        return None
+    lr, b1, b2, eps, wd, amsgrad = h
+    return lr / (1.0 - b1**t), math.sqrt(1.0 - b2**t), eps, wd, amsgrad
+
+
+def _adam_device_args(optimizer: Any, group: dict[str, Any], st: Any) -> tuple[float, float, float, float, float, bool] | None:
+    """:func:`_adam_hparams` of one Adam/AdamW parameter whose step count lives on its
+    accelerator (fused or capturable Adam): the bias corrections are then taken there, from that
+    tensor (no read). A tensor learning rate on the device: None (the lower bound)."""
+    h = _adam_hparams(optimizer, group, st)
+    if h is None:
+        return None
+    t, m = st["step"], st["exp_avg"]
+    return h if _device_step(t) and isinstance(m, torch.Tensor) and t.device == m.device and t.numel() == 1 else None
+
+
 def _adam_device_norms(params: Sequence[Tensor], sts: Sequence[dict[str, Any]],
                        args: Sequence[tuple[float, float, float, float, float, bool]]) -> list[Tensor]:
     """``‖Δw‖`` of Adam parameters whose step counts are device tensors: :func:`_adam_factors`'
     arithmetic, with ``lr/bc1`` and ``√bc2`` computed on the device from each parameter's own
     step count (fp32, as torch's capturable Adam does): per chunk the step counts stacked, a few
-    vector ops, then the foreach ops of the host route with lists of 0-dim operands (those run
-    per tensor on CUDA; sampled steps only). No host sync."""
+    vector ops, then :func:`_adam_chunk_norms` with lists of 0-dim operands (those run per
+    tensor on CUDA; sampled steps only). No host sync."""
     out: list[Tensor] = []
     for a, b in _chunks(params):
         sl = range(a, b)
@@ -286,16 +312,8 @@ def _adam_device_norms(params: Sequence[Tensor], sts: Sequence[dict[str, Any]],
         lr = device_tensor([args[j][0] for j in sl], torch.float32, dev)
         step_size = lr / (1.0 - torch.pow(b1, t))  # lr / bc1
         rb2 = torch.sqrt(1.0 - torch.pow(b2, t))  # √bc2
-        vs = [sts[j]["max_exp_avg_sq"] if args[j][5] and "max_exp_avg_sq" in sts[j] else sts[j]["exp_avg_sq"] for j in sl]
-        den = torch._foreach_sqrt(vs)
-        torch._foreach_div_(den, list(rb2.unbind()))
-        torch._foreach_add_(den, [args[j][3] for j in sl])
-        u = torch._foreach_div([sts[j]["exp_avg"] for j in sl], den)
-        torch._foreach_mul_(u, list(step_size.unbind()))
-        if any(args[j][4] for j in sl):
-            torch._foreach_add_(u, torch._foreach_mul([params[j] for j in sl], [args[j][4] for j in sl]))
-            torch._foreach_div_(u, [1.0 - args[j][4] for j in sl])
-        out.extend(fp32_norms(u, 2))
+        out.extend(_adam_chunk_norms(params[a:b], sts[a:b], [args[j][5] for j in sl], rb2.unbind(),
+                                     [args[j][3] for j in sl], step_size.unbind(), [args[j][4] for j in sl]))
     return out
 
 
@@ -366,18 +384,10 @@ def update_norms(optimizer: Any, params: Sequence[Tensor], out_device: torch.dev
         fs = [f for _, f in items]
         vals: list[Tensor] = []
         for a, b in _chunks([params[i] for i in idx]):
-            sl = range(a, b)
-            st_ = [state[params[idx[j]]] for j in sl]
-            vs = [s["max_exp_avg_sq"] if fs[j][4] and "max_exp_avg_sq" in s else s["exp_avg_sq"] for j, s in zip(sl, st_)]
-            den = torch._foreach_sqrt(vs)
-            torch._foreach_div_(den, [fs[j][1] for j in sl])
-            torch._foreach_add_(den, [fs[j][2] for j in sl])
-            u = torch._foreach_div([s["exp_avg"] for s in st_], den)
-            torch._foreach_mul_(u, [fs[j][0] for j in sl])
-            if any(fs[j][3] for j in sl):
-                torch._foreach_add_(u, torch._foreach_mul([params[idx[j]] for j in sl], [fs[j][3] for j in sl]))
-                torch._foreach_div_(u, [1.0 - fs[j][3] for j in sl])
-            vals.extend(fp32_norms(u, 2))
+            c = fs[a:b]
+            vals.extend(_adam_chunk_norms([params[i] for i in idx[a:b]], [state[params[i]] for i in idx[a:b]],
+                                          [f[4] for f in c], [f[1] for f in c], [f[2] for f in c],
+                                          [f[0] for f in c], [f[3] for f in c]))
         outs.append((idx, vals))
     for ditems in adam_dev.values():
         idx = [i for i, _ in ditems]

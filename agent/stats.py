@@ -24,6 +24,7 @@ into pinned memory that is read later, off the training thread.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Sequence
@@ -96,6 +97,22 @@ def row_stats(grads: Sequence[Tensor], sum_idx: Sequence[int] = (), norm_idx: Se
                     {i: row_norms(grads[i]) for i in norm_idx if ok(i)})
 
 
+def _grad_norms_into(l2: list[Tensor | None], ts: Sequence[Tensor], js: Sequence[int], ids: Sequence[int],
+                     rn: dict[int, Tensor], f32: torch.dtype | None) -> None:
+    """``l2[j]``: the foreach 2-norm of ``ts[j]`` (fp32: the value ``clip_grad_norm_`` computes)
+    for each ``j`` in ``js`` whose row norms were not handed in (``rn``, keyed by ``ids[j]``)."""
+    need = [j for j in js if ids[j] not in rn]
+    for j, v in zip(need, torch._foreach_norm([ts[j] for j in need], 2, dtype=f32) if need else ()):
+        l2[j] = v
+
+
+def _row_norms_into(l2: list[Tensor | None], ids: Sequence[int], rn: dict[int, Tensor]) -> None:
+    """``l2[j]`` of the tensors whose row norms were handed in: the 2-norm of those norms."""
+    have = [j for j in range(len(l2)) if ids[j] in rn]
+    for j, v in zip(have, torch._foreach_norm([rn[ids[j]] for j in have], 2) if have else ()):
+        l2[j] = v
+
+
 def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | None = None,
                    rows: RowStats | None = None, nonzero_counts: bool = False, small_mult: Tensor | None = None) -> Tensor:
     """(k, 5) float32 moments of same-device, same-dtype dense tensors (``idx``: their indices
@@ -147,9 +164,7 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
     minus = torch.full((1,), -1.0, dtype=torch.float32, device=dev) if low and xs else None
     for a, b in _chunks(xs, _CHUNK if dev.type == "cpu" else _CHUNK_ACCEL):  # re-read from the cache below
         part = xs[a:b]
-        need = [j for j in live[a:b] if ids[j] not in rn]
-        for j, v in zip(need, torch._foreach_norm([ts[j] for j in need], 2, dtype=f32) if need else ()):
-            l2[j] = v
+        _grad_norms_into(l2, ts, live[a:b], ids, rn, f32)
         hi.extend(torch._foreach_max(part))
         cs = torch._foreach_div([sums[j] for j in live[a:b]], ns[a:b])  # fp32 means, 0-d
         means.extend(cs)
@@ -169,13 +184,9 @@ def _moments_group(ts: list[Tensor], eager_nonfinite: bool, idx: list[int] | Non
             cnt.extend(torch._foreach_norm(torch._foreach_mul(part, 0.0), 0, dtype=f32))
     if large:
         bl = sorted(large)
-        need = [j for j in bl if ids[j] not in rn]
-        for j, v in zip(need, torch._foreach_norm([ts[j] for j in need], 2, dtype=f32) if need else ()):
-            l2[j] = v
+        _grad_norms_into(l2, ts, bl, ids, rn, f32)
         big_cols = _large_moments([ts[j] for j in bl], [sums[j] for j in bl], hp, nonzero_counts, small_mult)
-    have = [j for j in range(k) if ids[j] in rn]
-    for j, v in zip(have, torch._foreach_norm([rn[ids[j]] for j in have], 2) if have else ()):
-        l2[j] = v
+    _row_norms_into(l2, ids, rn)
     zero = None
     for j in range(k):
         if l2[j] is None:  # empty tensors
@@ -272,8 +283,7 @@ def _moments_flat(ts: list[Tensor], idx: list[int] | None = None, rows: RowStats
     ``Σ(x − c)²`` with ``c = sum/n`` expanded per element, and the counts (non-finite, NaN,
     non-zero, small), each one segmented reduction over the concatenation. M2 takes the same
     shifted-sum correction as the foreach route, the sums and squares in float64 (the pack dtype).
-    The L2 norm stays torch's ``_foreach_norm`` (bit
-    for bit what ``clip_grad_norm_`` computes); rows handed in feed it as in the other route.
+    The L2 norm stays torch's ``_foreach_norm`` (bit for bit what ``clip_grad_norm_`` computes); rows handed in feed it as in the other route.
     Counts are exact (fp32 up to 2^24 elements per concatenation, float64 beyond). No host sync."""
     dev = ts[0].device
     k = len(ts)
@@ -282,13 +292,9 @@ def _moments_flat(ts: list[Tensor], idx: list[int] | None = None, rows: RowStats
     f32 = None if ts[0].dtype == torch.float64 else torch.float32
     ids = idx if idx is not None else list(range(k))
     rn = rows.norms if rows is not None and idx is not None else {}
-    need = [j for j in range(k) if ids[j] not in rn]
     l2: list[Tensor | None] = [None] * k
-    for j, v in zip(need, torch._foreach_norm([ts[j] for j in need], 2, dtype=f32) if need else ()):
-        l2[j] = v
-    have = [j for j in range(k) if ids[j] in rn]
-    for j, v in zip(have, torch._foreach_norm([rn[ids[j]] for j in have], 2) if have else ()):
-        l2[j] = v
+    _grad_norms_into(l2, ts, range(k), ids, rn, f32)
+    _row_norms_into(l2, ids, rn)
     norms = torch.stack(l2)  # type: ignore[arg-type]
     if norms.dtype != torch.float32:
         norms = norms.float()
@@ -300,7 +306,7 @@ def _moments_flat(ts: list[Tensor], idx: list[int] | None = None, rows: RowStats
         flat = torch.cat([t.reshape(-1) for t in ts[a:b]]) if b - a > 1 else ts[a].reshape(-1)
         flat = flat.to(acc)
         wide = flat.to(hp)  # fp32 values are exact in float64, and so are their differences
-        offs = device_tensor([0, *_cumsum(lens)], torch.long, dev)
+        offs = device_tensor(list(itertools.accumulate(lens, initial=0)), torch.long, dev)
         reps = device_tensor(lens, torch.long, dev)
         n = device_tensor([float(m) for m in lens], hp, dev)
 
@@ -328,14 +334,6 @@ def _moments_flat(ts: list[Tensor], idx: list[int] | None = None, rows: RowStats
         cols.append(chunk)
     cat = [c[0] if len(cols) == 1 else torch.cat(c) for c in zip(*cols)]
     return torch.stack([cat[0], norms, *cat[1:]], dim=1)
-
-
-def _cumsum(xs: Sequence[int]) -> list[int]:
-    out, t = [], 0
-    for x in xs:
-        t += x
-        out.append(t)
-    return out
 
 
 #: CPU tensors of at least this many elements take the per-tensor route (:func:`_large_moments`).
@@ -479,19 +477,17 @@ def layer_moments(grads: Sequence[Tensor], *, eager_nonfinite: bool | None = Non
     if not grads:
         return torch.zeros((0, width), dtype=torch.float32, device=out_device)
     out_device = out_device or grads[0].device
-    groups: list[list[int]] = []
-    flat: list[bool] = []
+    routed: list[tuple[list[int], bool]] = []  # (indices, concatenated route?)
     for idx in _group_indices(grads):
         if _flat_route(grads[idx[0]].device):
             small = [i for i in idx if 0 < grads[i].numel() < _FLAT_MAX]
             rest = [i for i in idx if not 0 < grads[i].numel() < _FLAT_MAX]
-            groups += [g for g in (small, rest) if g]
-            flat += [f for f, g in ((True, small), (False, rest)) if g]
+            routed += [(g, f) for g, f in ((small, True), (rest, False)) if g]
         else:
-            groups.append(idx)
-            flat.append(False)
+            routed.append((idx, False))
+    groups = [idx for idx, _ in routed]
     results: list[Tensor] = []
-    for idx, is_flat in zip(groups, flat):
+    for idx, is_flat in routed:
         ts = [grads[i] for i in idx]
         eager = eager_nonfinite if eager_nonfinite is not None else ts[0].device.type != "cpu"
         mult = small_mult.to(ts[0].device) if small_mult is not None else None

@@ -92,21 +92,23 @@ class TinyLM(nn.Module):
         return self.head(self.enc(self.emb(x) + self.pos[: x.shape[1]]))
 
 
-def make_task(name: str) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+def make_task(name: str, device: torch.device | str = "cpu") -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    """A model and its loss on a fixed batch, both on ``device`` (the batch is drawn on the CPU,
+    so every device trains on the same data)."""
     g = torch.Generator().manual_seed(0)
     if name == "resnet20":
-        x, y = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
-        return ResNetCifar(depth=20, width=16), lambda m: F.cross_entropy(m(x), y)
+        x, y = torch.randn(64, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (64,), generator=g).to(device)
+        return ResNetCifar(depth=20, width=16).to(device), lambda m: F.cross_entropy(m(x), y)
     if name == "mlp":
         layers: list[nn.Module] = []
         for _ in range(8):
             layers += [nn.Linear(1024, 1024), nn.ReLU()]
-        x, y = torch.randn(256, 1024, generator=g), torch.randint(0, 1024, (256,), generator=g)
-        return nn.Sequential(*layers), lambda m: F.cross_entropy(m(x), y)
+        x, y = torch.randn(256, 1024, generator=g).to(device), torch.randint(0, 1024, (256,), generator=g).to(device)
+        return nn.Sequential(*layers).to(device), lambda m: F.cross_entropy(m(x), y)
     if name == "transformer":
-        x = torch.randint(0, 1000, (16, 128), generator=g)
-        y = torch.randint(0, 1000, (16, 128), generator=g)
-        return TinyLM(), lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten())
+        x = torch.randint(0, 1000, (16, 128), generator=g).to(device)
+        y = torch.randint(0, 1000, (16, 128), generator=g).to(device)
+        return TinyLM().to(device), lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten())
     raise ValueError(name)
 
 

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from agent_overhead import TinyLM, _deep_mlp, _OpCount, count_syncs  # bench/ is on sys.path
-from cifar_resnet import ResNetCifar
+from agent_overhead import _deep_mlp, _OpCount, count_syncs  # bench/ is on sys.path
+from agent_overhead import make_task as _make_task
 
 DEV = torch.device("cuda")
 
@@ -184,22 +184,8 @@ def print_small(res: list[dict[str, Any]], width: int, batch: int, rounds: int, 
 
 
 def make_task(name: str) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
-    """agent_overhead.make_task's models and batches, on the GPU."""
-    g = torch.Generator().manual_seed(0)
-    if name == "resnet20":
-        x, y = torch.randn(64, 3, 32, 32, generator=g).to(DEV), torch.randint(0, 10, (64,), generator=g).to(DEV)
-        return ResNetCifar(depth=20, width=16).to(DEV), lambda m: F.cross_entropy(m(x), y)
-    if name == "mlp":
-        layers: list[nn.Module] = []
-        for _ in range(8):
-            layers += [nn.Linear(1024, 1024), nn.ReLU()]
-        x, y = torch.randn(256, 1024, generator=g).to(DEV), torch.randint(0, 1024, (256,), generator=g).to(DEV)
-        return nn.Sequential(*layers).to(DEV), lambda m: F.cross_entropy(m(x), y)
-    if name == "transformer":
-        x = torch.randint(0, 1000, (16, 128), generator=g).to(DEV)
-        y = torch.randint(0, 1000, (16, 128), generator=g).to(DEV)
-        return TinyLM().to(DEV), lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten())
-    raise ValueError(name)
+    """agent_overhead.make_task's models and batches, on this bench's device."""
+    return _make_task(name, DEV)
 
 
 VARIANTS = ("bare", "watch (default)", "watch, all signals")

@@ -222,6 +222,20 @@ def test_chunked_moments_match_float64_reference(monkeypatch: pytest.MonkeyPatch
         _check_against_reference(grads, eager)
 
 
+def _hard_layout(seed: int, big_n: int) -> list[torch.Tensor]:
+    """A random layout of fp16/bf16/fp32/fp64 tensors, some holding NaN/±inf, with two tensors of
+    ``big_n`` elements at |mean| = 1e4·std (fp32 and fp64) inserted at random places."""
+    rng = random.Random(seed)
+    grads = _layout(seed, rng.randint(1, 40), _DTYPES + (torch.float64,))
+    for t in grads:
+        if t.numel() > 1 and rng.random() < 0.15:
+            t.view(-1)[rng.randrange(t.numel())] = rng.choice((float("inf"), float("-inf"), float("nan")))
+    big = torch.randn(big_n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.01 + 100.0
+    grads.insert(rng.randrange(len(grads) + 1), big.float())  # |mean| = 1e4·std
+    grads.insert(rng.randrange(len(grads) + 1), big.clone())
+    return grads
+
+
 @pytest.mark.parametrize("large,scratch", [(50, 1 << 22), (50, 77), (3000, 1000)])
 @pytest.mark.parametrize("eager", [False, True])
 def test_cpu_large_tensor_route_matches_float64_reference(monkeypatch: pytest.MonkeyPatch, large: int, scratch: int,
@@ -234,14 +248,7 @@ def test_cpu_large_tensor_route_matches_float64_reference(monkeypatch: pytest.Mo
     monkeypatch.setattr(stats, "_SCRATCH", scratch)
     took = 0
     for seed in range(6):
-        rng = random.Random(seed)
-        grads = _layout(seed, rng.randint(1, 40), _DTYPES + (torch.float64,))
-        for t in grads:
-            if t.numel() > 1 and rng.random() < 0.15:
-                t.view(-1)[rng.randrange(t.numel())] = rng.choice((float("inf"), float("-inf"), float("nan")))
-        big = torch.randn(5000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.01 + 100.0
-        grads.insert(rng.randrange(len(grads) + 1), big.float())  # |mean| = 1e4·std
-        grads.insert(rng.randrange(len(grads) + 1), big.clone())
+        grads = _hard_layout(seed, 5000)
         took += _large(grads)
         _check_against_reference(grads, eager)
     assert took >= 12  # the route was exercised (the two big tensors of every layout at least)
@@ -285,14 +292,7 @@ def test_flat_route_matches_float64_reference(monkeypatch: pytest.MonkeyPatch, f
         return real(ts, *a, **k)
     monkeypatch.setattr(stats, "_moments_flat", spy)
     for seed in range(8):
-        rng = random.Random(seed)
-        grads = _layout(seed, rng.randint(1, 40), _DTYPES + (torch.float64,))
-        for t in grads:
-            if t.numel() > 1 and rng.random() < 0.15:
-                t.view(-1)[rng.randrange(t.numel())] = rng.choice((float("inf"), float("-inf"), float("nan")))
-        big = torch.randn(2000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.01 + 100.0
-        grads.insert(rng.randrange(len(grads) + 1), big.float())  # |mean| = 1e4·std
-        grads.insert(rng.randrange(len(grads) + 1), big.clone())
+        grads = _hard_layout(seed, 2000)
         _check_against_reference(grads, True)
     assert calls["flat"] > 0
 

@@ -111,6 +111,16 @@ def _ref_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.0 if nx == 0 or ny == 0 else max(-1.0, min(1.0, (x @ y).item() / (nx * ny)))
 
 
+def _check_cosines(gs: list[torch.Tensor], ms: list[torch.Tensor | None], got: list[float], dtype: torch.dtype) -> None:
+    """Each cosine: 0 without a buffer or for an empty tensor, else within 2e-7 of float64 (NaN where it is)."""
+    for x, m, c in zip(gs, ms, got):
+        if m is None or x.numel() == 0:
+            assert c == 0.0
+            continue
+        want = _ref_cos(x, m)
+        assert (math.isnan(c) and math.isnan(want)) or c == pytest.approx(want, abs=2e-7), (dtype, tuple(x.shape))
+
+
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("large", [None, (50, 1 << 22), (50, 77)])
 def test_momentum_cosine_matches_float64(monkeypatch: pytest.MonkeyPatch, seed: int, large: tuple[int, int] | None) -> None:
@@ -138,13 +148,7 @@ def test_momentum_cosine_matches_float64(monkeypatch: pytest.MonkeyPatch, seed: 
                 m = torch.randn(x.shape, generator=g).to(dtype)
             gs.append(x)
             ms.append(m)
-        got = momentum_cosine(gs, ms, torch.device("cpu")).tolist()
-        for x, m, c in zip(gs, ms, got):
-            if m is None or x.numel() == 0:
-                assert c == 0.0
-                continue
-            want = _ref_cos(x, m)
-            assert (math.isnan(c) and math.isnan(want)) or c == pytest.approx(want, abs=2e-7), (dtype, tuple(x.shape))
+        _check_cosines(gs, ms, momentum_cosine(gs, ms, torch.device("cpu")).tolist(), dtype)
 
 
 def test_momentum_cosine_of_large_cpu_tensors_matches_float64() -> None:
@@ -181,12 +185,7 @@ def test_counts_and_cosine_on_cuda_match_direct_computation(seed: int) -> None:
             assert (row[_NZ], row[_SMALL]) == _ref_counts(x, scale), (dtype, tuple(x.shape), scale)
         got = momentum_cosine([x.to(dev) for x in grads], [None if b is None else b.to(dev) for b in bufs],
                               torch.device("cpu")).tolist()
-        for x, b, c in zip(grads, bufs, got):
-            if b is None or x.numel() == 0:
-                assert c == 0.0
-                continue
-            want = _ref_cos(x, b)
-            assert (math.isnan(c) and math.isnan(want)) or c == pytest.approx(want, abs=2e-7), (dtype, tuple(x.shape))
+        _check_cosines(grads, bufs, got, dtype)
 
 
 @pytest.mark.cuda
