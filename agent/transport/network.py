@@ -402,20 +402,19 @@ class NetworkSink(BufferedSink):
         return self
 
     def _wait_delivered(self, deadline: float | None) -> bool:
+        """Wait while delivery has a chance. Whenever the sender is not connected, it may be
+        waiting out a long backoff while the server is back, or a connection may have broken
+        while flush waited: have it try now, and judge by that attempt. When a try flush asked
+        for fails, what is written is durably spooled, which is all flush promises."""
         with self._cv:
-            if self._index and not self._connected and self._offline is None:
-                # the sender may be waiting out a backoff while the server is back: have it try
-                # now, and judge by that attempt
-                tried = self._attempts
-                self._kick.set()
-                while not self._connected and self._attempts == tried and self._offline is None:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        return False
-                    self._cv.wait(0.05 if left is None else min(left, 0.05))
-            # wait while there is a chance of delivery (connecting or connected); when the server
-            # is down, what is written is durably spooled, which is all flush promises
-            while self._index and self._offline is None and not self._down:
+            tried: int | None = None  # the attempt count when flush last asked for a try
+            while self._index and self._offline is None:
+                if not self._connected:
+                    if tried is not None and self._attempts != tried and self._down:
+                        break
+                    if tried is None or self._attempts != tried:
+                        tried = self._attempts
+                        self._kick.set()
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False

@@ -234,11 +234,14 @@ def new_run(run_id: str | None = None) -> RunInfo:
 
 class DelayRelay:
     """A real TCP relay in front of the server that sleeps ``delay`` seconds before forwarding
-    each chunk from the client: a server that answers slowly, without touching the server."""
+    each chunk from the client: a server that answers slowly, without touching the server.
+    ``hold`` keeps the client's side open that many seconds after the server's side closed: a
+    connection whose break the client learns of late."""
 
-    def __init__(self, target_port: int, delay: float) -> None:
+    def __init__(self, target_port: int, delay: float, hold: float = 0.0) -> None:
         self.target = target_port
         self.delay = delay
+        self.hold = hold
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -262,11 +265,11 @@ class DelayRelay:
             except OSError:
                 c.close()
                 continue
-            threading.Thread(target=self._pipe, args=(c, u, self.delay), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(u, c, 0.0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(c, u, self.delay, self.hold), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, 0.0, self.hold), daemon=True).start()
 
     @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket, delay: float) -> None:
+    def _pipe(a: socket.socket, b: socket.socket, delay: float, hold: float = 0.0) -> None:
         try:
             while True:
                 data = a.recv(65536)
@@ -278,6 +281,8 @@ class DelayRelay:
         except OSError:
             pass
         finally:
+            if hold:
+                time.sleep(hold)
             for s in (a, b):
                 try:
                     s.shutdown(socket.SHUT_RDWR)

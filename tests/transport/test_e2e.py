@@ -86,6 +86,27 @@ def test_flush_after_the_server_is_back_delivers_without_waiting_out_the_backoff
     assert_exactly_once(server.db, w.run_id, range(60), N_LAYERS)
 
 
+def test_flush_that_sees_the_connection_break_judges_a_fresh_attempt(server: ServerProc, tmp_path: Path) -> None:
+    # the client learns of the server's death only after flush has started waiting on a live
+    # connection; the sender then waits out a 60 s backoff: flush must have it try again now and
+    # return once that attempt fails (the records are spooled), not wait out its own timeout
+    relay = DelayRelay(server.port, 0.0, hold=3.0)
+    try:
+        model, opt, w = _watch(relay.url, tmp_path / "spool", backoff_base=60.0, backoff_max=120.0)
+        train(model, opt, w, 20)
+        assert w.flush(20), server.state()
+        server.kill()
+        train(model, opt, w, 20)
+        assert w.flush(30)
+        assert w.stats()["spooled"] > 0
+        server.start()
+        assert w.flush(20), server.state()
+        w.close(timeout=20)
+        assert_exactly_once(server.db, w.run_id, range(40), N_LAYERS)
+    finally:
+        relay.close()
+
+
 def test_server_never_comes_up_then_upload(server_factory: Any, tmp_path: Path, capsys: Any) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
