@@ -197,6 +197,15 @@ def _unpack(v: dict[str, Any], where: str, n: int, integer: bool, as_array: bool
     return arr if as_array else arr.tolist()
 
 
+def _may_be_negative(xs: Any) -> bool:
+    """False when no value of a packed float column has its sign bit set (read in C from the
+    bytes: a large batch has hundreds of thousands of values); True otherwise, and for lists."""
+    if type(xs) is not array:
+        return True
+    signs = memoryview(xs).cast("B")[0 if _BIG_ENDIAN else 7::8]
+    return bool(len(signs)) and max(signs) >= 0x80
+
+
 def _dec_list(v: Any, where: str, n: int, *, integer: bool = False, nullable: bool = False,
               as_array: bool = False) -> Any:
     if type(v) is dict:
@@ -607,8 +616,8 @@ def batch_from_dict(d: Any, *, packed_as_array: bool = False, consume: bool = Fa
                                     nullable=k in _NULLABLE, as_array=packed_as_array)
         if fields is V1_LAYER_FIELDS:
             dec_cols = _from_v1(dec_cols, n, packed_as_array)
-        elif n and any(x < 0 for x in dec_cols["m2"] if x is not None):  # NaN compares False: data
-            raise WireError(f"{w}.layers.m2: a centred second moment is never negative")
+        elif n and _may_be_negative(dec_cols["m2"]) and any(x < 0 for x in dec_cols["m2"] if x is not None):
+            raise WireError(f"{w}.layers.m2: a centred second moment is never negative")  # (NaN compares False: data)
         tr = _dec_value(s.get("transforms") or {}, f"{w}.transforms")
         if type(tr) is not dict or any(type(v) is not dict for v in tr.values()):
             raise WireError(f"{w}.transforms: expected an object of objects")

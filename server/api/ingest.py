@@ -34,7 +34,14 @@ from gradwatch.server.api.deps import (
 )
 from gradwatch.server.errors import DomainError
 from gradwatch.server.live import message_from_batch
-from gradwatch.server.repo.ingest import Prepared, RowsOverlap, prepare_batch, read_acked, store_batch
+from gradwatch.server.repo.ingest import (
+    Prepared,
+    RowsOverlap,
+    prepare_batch,
+    prepare_known,
+    read_acked,
+    store_batch,
+)
 from gradwatch.server.schemas import RUN_ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -185,6 +192,9 @@ def decode_frame(gw: AppState, data: list[bytes | str]) -> Prepared | dict[str, 
     batch = decode_object(gw, obj)
     del obj
     try:
+        known = prepare_known(str(gw.db.engine.url), batch, not gw.db.sqlite)
+        if known is not None:
+            return known
         with gw.db.read() as conn:
             return prepare_batch(conn, batch)
     except Exception:  # the database is down: storing will say so (503)

@@ -1,10 +1,11 @@
 """Detectors against the database: per-run state locked in the storing transaction, project
 rules, detector events and their alert outbox rows.
 
-:func:`on_batch` runs inside ``store_batch``'s transaction, after the batch's rows are written:
-it creates-or-locks the run's ``detector_state`` row (``INSERT ... ON CONFLICT DO UPDATE``
-takes the row lock on PostgreSQL; SQLite has one writer), evaluates the batch's new steps and
-writes the state back. So a step is evaluated exactly once whichever server process stores it,
+:func:`on_batch` runs inside ``store_batch``'s transaction, after the batch's rows are written,
+with the run's ``detector_state`` row created-or-locked by :func:`lock_statements` (``INSERT ...
+ON CONFLICT DO UPDATE`` takes the row lock on PostgreSQL; SQLite has one writer): it evaluates
+the batch's new steps and hands back the statement that writes the state. Both statements ride
+in round trips ``store_batch`` makes anyway. So a step is evaluated exactly once whichever server process stores it,
 the state commits or rolls back with the rows it describes, and a restart loses nothing.
 Only rank :data:`DETECTED_RANK` is evaluated: after data-parallel all-reduce every rank holds
 the same gradient, and rank 0 exists in every run.
@@ -24,7 +25,7 @@ from sqlalchemy import Connection, insert
 from gradwatch.agent.spec import LAYER_FIELDS
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import LAYER_FLOAT_COLUMNS, STEP_FLOAT_COLUMNS, AlertOutbox, Event
-from gradwatch.server.db.raw import run_raw, run_raw_all
+from gradwatch.server.db.raw import run_raw
 from gradwatch.server.detect import engine
 from gradwatch.server.detect.engine import SEVERITIES, TOTAL_KEY, TOTAL_NAME, Found, State, StepInput
 from gradwatch.server.detect.rules import Rules
@@ -66,16 +67,24 @@ def _lock_state(conn: Connection, run_id: str, now: float) -> State:
     return State.from_json(json.loads(raw) if raw else None)
 
 
-def _lock_state_and_rules(conn: Connection, run_id: str, project: str, now: float) -> tuple[State, Rules]:
-    """:func:`_lock_state` and :func:`load_rules`; on PostgreSQL in one round trip (pipeline
-    mode: the lock statement runs first, as before)."""
-    lock, rules = run_raw_all(conn, [(_LOCK, (run_id, now)), (_RULES, (project,))])
-    state = lock[0][0]
-    return State.from_json(json.loads(state) if state else None), _rules_of(rules)[0]
+def lock_statements(batch: Batch, now: float) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements that create-or-lock the run's state row and read the project's rules,
+    in that order: the caller runs them in one of its own round trips (PostgreSQL pipeline
+    mode: the lock statement runs first) and hands their rows to :func:`on_batch`."""
+    return [(_LOCK, (batch.run.run_id, now)), (_RULES, (batch.run.project,))]
+
+
+def detects(batch: Batch) -> bool:
+    """Whether the batch holds steps the detectors evaluate (of rank :data:`DETECTED_RANK`)."""
+    return any(s.rank == DETECTED_RANK for s in batch.steps)
+
+
+def _save_statement(run_id: str, st: State, now: float) -> tuple[str, tuple[Any, ...]]:
+    return _SAVE, (json.dumps(st.to_json(), separators=(",", ":")), st.last_step, now, run_id)
 
 
 def _save_state(conn: Connection, run_id: str, st: State, now: float) -> None:
-    run_raw(conn, _SAVE, (json.dumps(st.to_json(), separators=(",", ":")), st.last_step, now, run_id))
+    run_raw(conn, *_save_statement(run_id, st, now))
 
 
 def _opt(v: float | None) -> float | None:
@@ -103,21 +112,25 @@ def batch_inputs(batch: Batch, frame: LayerFrame) -> list[StepInput]:
             for step, s in recs.items()]
 
 
-def on_batch(conn: Connection, batch: Batch, frame: LayerFrame, now: float) -> int:
-    """Evaluate a stored batch's new steps in the storing transaction; the events written."""
+def on_batch(conn: Connection, batch: Batch, frame: LayerFrame, now: float,
+             locked: list[list[tuple[Any, ...]]]) -> tuple[str, tuple[Any, ...]] | None:
+    """Evaluate a stored batch's new steps in the storing transaction, the state row locked by
+    :func:`lock_statements` (``locked``: their rows); writes the events and returns the
+    statement that saves the state (the caller runs it in its next round trip), or None."""
     inputs = batch_inputs(batch, frame)
     if not inputs:
-        return 0
+        return None
     run_id = batch.run.run_id
-    st, rules = _lock_state_and_rules(conn, run_id, batch.run.project, now)
+    raw = locked[0][0][0]
+    st, rules = State.from_json(json.loads(raw) if raw else None), _rules_of(locked[1])[0]
     try:
         found = engine.evaluate(rules, st, inputs)
     except Exception:  # a detector bug must never cost the batch its rows: skip, keep the old state
         log.exception("detectors failed on run %s (steps %s..%s); batch stored without detection", run_id,
                       inputs[0].step, inputs[-1].step)
-        return 0
-    _save_state(conn, run_id, st, now)
-    return _emit(conn, run_id, batch.run.project, rules, found, now, alert=True)
+        return None
+    _emit(conn, run_id, batch.run.project, rules, found, now, alert=True)
+    return _save_statement(run_id, st, now)
 
 
 def _names(conn: Connection, run_id: str, found: list[Found]) -> dict[int, str]:

@@ -49,6 +49,11 @@ def _column(pieces: Sequence[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndar
     A piece is an ``array.array`` (a packed wire column: zero-copy view) or a list (a JSON
     column, which may hold None = not measured; NaN stands in for it in the values).
     """
+    if pieces and all(type(p) is array for p in pieces):
+        codes = {p.typecode for p in pieces}
+        if len(codes) == 1:  # packed columns only (the agent's form): one copy, no per-step arrays
+            raw = np.frombuffer(b"".join(pieces), dtype=np.float64 if codes == {"d"} else np.int64)
+            return raw.astype(dtype, copy=False), None
     parts: list[np.ndarray] = []
     nulls: list[np.ndarray] | None = None
     for i, p in enumerate(pieces):

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,27 +281,33 @@ def merge_args(blocks: BlockColumns, pg: bool) -> MergeArgs:
     return [_merge_pg(t, cols) if pg else (_MERGE[False, t], cols.rows()) for t, cols in levels]
 
 
-def _merge_blocks(conn: Connection, args: MergeArgs, then: tuple[str, tuple[Any, ...]] | None = None) -> None:
+def _merge_blocks(conn: Connection, args: MergeArgs, then: Sequence[tuple[str, tuple[Any, ...]]] = ()
+                  ) -> list[list[tuple[Any, ...]]]:
     """Merge a batch's 64-step blocks, then the coarse blocks made of them, into the rollup; then
-    run ``then`` (a ``?``-placeholder statement). PostgreSQL: all in one round trip (pipeline
-    mode), which shortens the part of the transaction that holds rows other batches wait for."""
+    run ``then`` (``?``-placeholder statements) and return their rows. PostgreSQL: all in one
+    round trip (pipeline mode), which shortens the part of the transaction that holds rows
+    other batches wait for."""
     raw: Any = conn.connection.driver_connection
     cur = raw.cursor()
     try:
         if conn.dialect.name == "postgresql":
             _register_dumpers(cur)
-            with raw.pipeline():
-                for sql, params in args:
-                    cur.execute(sql, params)
-                if then is not None:
-                    cur.execute(then[0].replace("?", "%s"), then[1])
-            return
+            curs = [raw.cursor() for _ in then]
+            try:
+                with raw.pipeline():
+                    for sql, params in args:
+                        cur.execute(sql, params)
+                    for c, (sql, params) in zip(curs, then):
+                        c.execute(sql.replace("?", "%s"), params)
+                return [c.fetchall() if c.description is not None else [] for c in curs]
+            finally:
+                for c in curs:
+                    c.close()
         for sql, rows in args:
             cur.executemany(sql, rows)
-        if then is not None:
-            cur.execute(*then)
     finally:
         cur.close()
+    return _raw_all(conn, list(then))
 
 
 def _update_blocks(conn: Connection, layer_ids: set[int], step_min: int, step_max: int) -> None:
@@ -358,8 +367,10 @@ _NEXT_SEQS_LOCKED = _NEXT_SEQS.replace("seq > ?", "seq > (SELECT acked FROM inge
                                                   "source = ?)")
 
 
-def _lock_cursor(conn: Connection, run_id: str, source: int) -> tuple[int, list[int] | None]:
-    """Create-or-lock the (run, source) cursor row; returns ``acked`` and, on PostgreSQL, the
+def _lock_cursor(conn: Connection, run_id: str, source: int, before: Sequence[tuple[str, tuple[Any, ...]]] = ()
+                 ) -> tuple[int, list[int] | None]:
+    """Create-or-lock the (run, source) cursor row, after running ``before`` (statements whose
+    rows are not needed, in the same round trip); returns ``acked`` and, on PostgreSQL, the
     first page of stored seqs after it (None: not read).
 
     ``ON CONFLICT DO UPDATE`` takes the row lock on PostgreSQL, which serialises concurrent
@@ -368,8 +379,10 @@ def _lock_cursor(conn: Connection, run_id: str, source: int) -> tuple[int, list[
     so its snapshot is taken after the lock is granted and holds every seq committed before.
     """
     if conn.dialect.name != "postgresql":
+        _raw_all(conn, list(before))
         return int(_raw(conn, _LOCK_CURSOR, (run_id, source))[0][0]), None
-    lock, nxt = _raw_all(conn, [(_LOCK_CURSOR, (run_id, source)), (_NEXT_SEQS_LOCKED, (run_id, source, run_id, source))])
+    *_, lock, nxt = _raw_all(conn, [*before, (_LOCK_CURSOR, (run_id, source)),
+                                    (_NEXT_SEQS_LOCKED, (run_id, source, run_id, source))])
     return int(lock[0][0]), [r[0] for r in nxt]
 
 
@@ -401,12 +414,48 @@ def read_acked(conn: Connection, run_id: str, source: int) -> int:
 
 
 _LAYERS_OF_RUN = "SELECT id, idx, name FROM layer WHERE run_id = ?"
+_RECORD_BATCH = ("INSERT INTO ingest_batch (run_id, source, seq, received_at, rows, step_min, step_max) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq")
 
 
-def _layer_ids(conn: Connection, batch: Batch) -> dict[int, int]:
-    """Map the batch's layer indices to ``layer.id``, creating or renaming layers as needed."""
+class KnownLayers:
+    """Per process: the layer mapping (``idx`` → ``layer.id``, name) of recently written runs,
+    as their last write saw it. A hint for the work done before the write transaction (which
+    then needs no read connection: a pool check-out, a query and a rollback per batch); the
+    write re-reads the mapping and rebuilds what was prepared if it changed (a run deleted and
+    recreated, possibly by another process)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._size = size
+        self._runs: OrderedDict[tuple[str, str], dict[int, tuple[int, str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, db: str, run_id: str) -> dict[int, tuple[int, str]] | None:
+        with self._lock:
+            return self._runs.get((db, run_id))
+
+    def put(self, db: str, run_id: str, layers: dict[int, tuple[int, str]]) -> None:
+        with self._lock:
+            self._runs[db, run_id] = layers
+            self._runs.move_to_end((db, run_id))
+            while len(self._runs) > self._size:
+                self._runs.popitem(last=False)
+
+
+KNOWN_LAYERS = KnownLayers()
+
+
+def _db_key(conn: Connection) -> str:
+    return str(conn.engine.url)
+
+
+def _layer_ids(conn: Connection, batch: Batch, rows: list[tuple[Any, ...]] | None = None) -> dict[int, int]:
+    """Map the batch's layer indices to ``layer.id``, creating or renaming layers as needed.
+    ``rows``: the run's layers (:data:`_LAYERS_OF_RUN`), if the caller read them already."""
     run_id = batch.run.run_id
-    existing = {idx: (lid, name) for lid, idx, name in _raw(conn, _LAYERS_OF_RUN, (run_id,))}
+    existing = {idx: (lid, name) for lid, idx, name in (rows if rows is not None else
+                                                         _raw(conn, _LAYERS_OF_RUN, (run_id,)))}
+    known = dict(existing)
     declared = {la.index: la for la in batch.layers}
     needed = set(declared)
     for s in batch.steps:
@@ -421,12 +470,16 @@ def _layer_ids(conn: Connection, batch: Batch) -> dict[int, int]:
         if idx in existing and existing[idx][1] != la.name:
             conn.execute(update(Layer).where(Layer.id == existing[idx][0])
                          .values(name=la.name, shape=list(la.shape), dtype=la.dtype, sparse=la.sparse))
+            known[idx] = (existing[idx][0], la.name)
     out = {idx: lid for idx, (lid, _) in existing.items()}
     if new:
         conn.execute(insert(Layer), new)
+        names = {n["idx"]: n["name"] for n in new}
         for lid, idx in conn.execute(select(Layer.id, Layer.idx).where(Layer.run_id == run_id,
                                                                          Layer.idx.in_([n["idx"] for n in new]))):
             out[idx] = lid
+            known[idx] = (lid, names[idx])
+    KNOWN_LAYERS.put(_db_key(conn), run_id, known)
     return out
 
 
@@ -609,11 +662,23 @@ def prepare_batch(conn: Connection | None, batch: Batch) -> Prepared:
     if conn is None or not batch.steps:
         return Prepared(batch)
     existing = {idx: (lid, name) for lid, idx, name in _raw(conn, _LAYERS_OF_RUN, (batch.run.run_id,))}
+    return _prepared(batch, existing, conn.dialect.name == "postgresql") or Prepared(batch)
+
+
+def prepare_known(db: str, batch: Batch, pg: bool) -> Prepared | None:
+    """:func:`prepare_batch` from the layers this process last wrote for the run
+    (:class:`KnownLayers`; ``db`` is the database URL), without a connection; None when they do
+    not cover the batch (then ask the database)."""
+    known = KNOWN_LAYERS.get(db, batch.run.run_id) if batch.steps else None
+    return None if known is None else _prepared(batch, known, pg)
+
+
+def _prepared(batch: Batch, existing: dict[int, tuple[int, str]], pg: bool) -> Prepared | None:
     if not _needed_layers(batch) <= existing.keys() or any(existing[la.index][1] != la.name for la in batch.layers):
-        return Prepared(batch)
+        return None
     ids = {idx: lid for idx, (lid, _) in existing.items()}
     frame = LayerFrame.from_batch(batch, ids)
-    return Prepared(batch, ids, frame, merge_args(frame.blocks(), conn.dialect.name == "postgresql"))
+    return Prepared(batch, ids, frame, merge_args(frame.blocks(), pg))
 
 
 def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin: str = "",
@@ -634,16 +699,25 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     """
     now = time.time() if now is None else now
     run_id, source, seq = batch.run.run_id, batch.source, batch.seq
-    ensure_run(conn, batch, now)
     steps = [s.step for s in batch.steps] + [e.step for e in batch.events] + [s.step for s in batch.scalars]
     step_min, step_max = (min(steps), max(steps)) if steps else (None, None)
-    if not _raw(conn, "INSERT INTO ingest_batch (run_id, source, seq, received_at, rows, step_min, step_max) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
-                (run_id, source, seq, now, batch.row_count, step_min, step_max)):
+    entry = (run_id, source, seq, now, batch.row_count, step_min, step_max)
+    # the common case in one round trip: the run exists in the batch's project; record the batch
+    # (only then) and read the run's layers
+    found, recorded, layers = _raw_all(conn, [
+        ("SELECT project FROM run WHERE id = ?", (run_id,)),
+        (_RECORD_BATCH.replace(" VALUES (?, ?, ?, ?, ?, ?, ?) ", " SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM "
+                                                                   "run WHERE id = ? AND project = ?) "),
+         (*entry, run_id, batch.run.project)),
+        (_LAYERS_OF_RUN, (run_id,))])
+    if not found or found[0][0] != batch.run.project:  # a new run (or a conflict, which raises)
+        ensure_run(conn, batch, now)
+        recorded = _raw(conn, _RECORD_BATCH, entry)
+    if not recorded:
         return IngestResult(run_id, source, seq, read_acked(conn, run_id, source), True, 0, step_min, step_max)
 
     pg = conn.dialect.name == "postgresql"
-    ids = _layer_ids(conn, batch)
+    ids = _layer_ids(conn, batch, layers if found else None)
     if prepared is not None and prepared.ids == ids and prepared.frame is not None:
         frame, prepared_merge = prepared.frame, prepared.merge
     else:
@@ -683,16 +757,16 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     if step_max is not None:
         sets.append("last_step = CASE WHEN last_step IS NULL OR last_step < ? THEN ? ELSE last_step END")
         params += [step_max, step_max]
-    run_update = (f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))
-    if merge:
-        _merge_blocks(conn, merge, then=run_update)
-    else:
-        _raw(conn, *run_update)
+    tail = [(f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))]
+    # the detector state is locked under the run row's lock, so batches of a run meet it in order
+    detecting = detect and detect_store.detects(batch)
+    if detecting:
+        tail += detect_store.lock_statements(batch, now)
+    locked = _merge_blocks(conn, merge, then=tail) if merge else _raw_all(conn, tail)
+    save = detect_store.on_batch(conn, batch, frame, now, locked[1:]) if detecting else None
     if batch.lost:
         record_lost(conn, run_id, source, batch.lost)
-    if detect and batch.steps:  # under the run row's lock, so batches of a run meet the state in order
-        detect_store.on_batch(conn, batch, frame, now)
-    acked, seqs = _lock_cursor(conn, run_id, source)
+    acked, seqs = _lock_cursor(conn, run_id, source, before=[save] if save else [])
     last: list[tuple[str, tuple[Any, ...]]] = []
     if seq == acked + 1:
         moved = _advance_cursor(conn, run_id, source, acked, seqs)

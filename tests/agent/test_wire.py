@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
 import random
+import struct
 
 import pytest
 
@@ -362,13 +364,26 @@ def test_version_1_batches_decode_to_version_2_columns(seed: int, packed: bool) 
     assert again.row_count == b.row_count
 
 
-def test_negative_m2_is_refused() -> None:
-    d = _valid()
-    d["steps"][0]["layer_ids"] = [0, 1]
-    d["steps"][0]["layers"] = {k: ([1, 2] if k in _INTS else [1.0, 2.0]) for k in LAYER_FIELDS}
-    d["steps"][0]["layers"]["m2"] = [1.0, -1e-30]
-    with pytest.raises(WireError, match=r"layers\.m2: a centred second moment is never negative"):
-        batch_from_dict(d)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("as_array", [False, True])
+def test_negative_m2_is_refused(packed: bool, as_array: bool) -> None:
+    def step_m2(values: list[float]) -> dict:
+        d = _valid()
+        d["steps"][0]["layer_ids"] = list(range(len(values)))
+        d["steps"][0]["layers"] = {k: (list(range(len(values))) if k in _INTS else [1.0] * len(values))
+                                   for k in LAYER_FIELDS}
+        d["steps"][0]["layers"]["m2"] = ({"dtype": "f8", "b64": base64.b64encode(struct.pack(f"<{len(values)}d",
+                                                                                          *values)).decode()}
+                                         if packed else [wire.encode_float(v) for v in values])
+        return d
+
+    neg_nan = struct.unpack("<d", struct.pack("<Q", 0xFFF8000000000001))[0]  # a NaN with its sign bit set
+    for bad in ([1.0, -1e-30], [-0.0, -math.inf], [neg_nan, -5e-324]):
+        with pytest.raises(WireError, match=r"layers\.m2: a centred second moment is never negative"):
+            batch_from_dict(step_m2(bad), packed_as_array=as_array)
+    ok = [0.0, -0.0, 2.0, math.inf, math.nan, neg_nan]  # -0.0 is zero; NaN compares False: data
+    got = batch_from_dict(step_m2(ok), packed_as_array=as_array).steps[0].layers["m2"]
+    assert [repr(float(x)) for x in got] == [repr(x) for x in ok]
 
 
 def test_version_1_still_refuses_version_2_columns() -> None:

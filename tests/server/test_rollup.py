@@ -257,3 +257,45 @@ def test_pooled_bucket_moments_equal_the_concatenated_steps(db_url, mk):
                     assert p["var"] == pytest.approx(((xs - xs.mean()) ** 2).mean(), rel=1e-9), (start, end, mp)
     finally:
         engine.dispose()
+
+
+def test_layers_prepared_from_this_process_memory_stay_right_after_the_run_is_deleted_and_recreated(db_url, mk):
+    """The pre-transaction work uses the layer ids this process last wrote (no read connection);
+    a run deleted and recreated meanwhile (new layer ids) is caught by the write, which rebuilds."""
+    from gradwatch.server.repo.ingest import prepare_known
+    from gradwatch.server.repo.runs import delete_run
+
+    engine = make_engine(db_url)
+    db = Database(engine)
+    pg = engine.dialect.name == "postgresql"
+    try:
+        assert prepare_known(str(engine.url), mk(1, range(1, 3)), pg) is None  # nothing written yet
+        _store(db, mk(1, range(1, 3)))
+        with db.read() as conn:
+            first_ids = sorted(lid for lid, _ in conn.execute(text("SELECT id, idx FROM layer")))
+        stale = prepare_known(str(engine.url), mk(2, range(3, 5)), pg)
+        assert stale is not None and stale.frame is not None and sorted(stale.ids.values()) == first_ids
+        renamed = mk(2, range(3, 5))
+        renamed.layers[0] = wire.LayerInfo(0, "renamed.0", [1, 2], "float32")
+        assert prepare_known(str(engine.url), renamed, pg) is None  # a rename is left to the database
+        assert prepare_known(str(engine.url), mk(2, range(3, 5), layers=5), pg) is None  # unknown layers too
+        with db.write() as conn:
+            delete_run(conn, "run1")
+        _store(db, mk(1, range(1, 3), run_id="pad"))  # (takes the freed ids where a database reuses them)
+        _store(db, mk(1, range(1, 3)))  # recreated: new layer ids
+        with db.read() as conn:
+            ids = dict(conn.execute(text("SELECT idx, id FROM layer WHERE run_id = 'run1'")).all())
+        assert sorted(ids.values()) != first_ids
+        with db.write() as conn:
+            res = store_batch(conn, stale.batch, prepared=stale)
+        assert res.rows == 2 * 4 and not res.duplicate
+        with db.read() as conn:
+            rows = conn.execute(text("SELECT layer_id, step, l2 FROM layer_stat WHERE layer_id IN (SELECT id FROM layer "
+                                     "WHERE run_id = 'run1') ORDER BY step, layer_id")).all()
+            blocks = conn.execute(text("SELECT layer_id, n FROM layer_stat_block WHERE layer_id IN (SELECT id FROM "
+                                       "layer WHERE run_id = 'run1') ORDER BY layer_id")).all()
+        assert {lid for lid, _, _ in rows} == set(ids.values()) and len(rows) == 4 * 4
+        assert [(s, v) for lid, s, v in rows if lid == ids[1]] == [(s, s + 0.1) for s in range(1, 5)]
+        assert blocks == [(lid, 4) for lid in sorted(ids.values())]  # rollup: all four steps, once
+    finally:
+        engine.dispose()
