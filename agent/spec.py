@@ -28,6 +28,7 @@ __all__ = [
     "LAYER_FLOAT_FIELDS",
     "DERIVED_LAYER_FIELDS",
     "SERIES_LAYER_STATS",
+    "ROLLUP_COUNTS",
     "ROLLUP_STATS",
     "STEP_FIELDS",
     "STEP_FLOAT_FIELDS",
@@ -70,6 +71,7 @@ class Field:
     nonfinite: str = "data"
     nullable: bool = False
     expose: frozenset[str] = EXPOSE_ALL
+    rollup: bool = True  # kept in the rollup levels (min/max/sum/count/NaN count per block)
 
     @property
     def is_float(self) -> bool:
@@ -95,7 +97,8 @@ class Derived:
 # per layer: one row per (layer, step, rank); measured before the transforms unless said so
 
 LAYER_FIELDS: tuple[Field, ...] = (
-    Field("numel", "i8", "elements", "element count of the gradient (nonzeros of a sparse one)", "sum", "never"),
+    Field("numel", "i8", "elements", "element count of the gradient (nonzeros of a sparse one)", "sum", "never",
+          rollup=False),
     Field("mean", "f8", "grad units", "mean of the gradient's elements", "moments"),
     Field("m2", "f8", "grad units²", "centred second moment: sum of squared deviations from the mean "
           "(variance = m2 / numel)", "moments"),
@@ -139,9 +142,14 @@ DERIVED_LAYER_FIELDS: tuple[Derived, ...] = (
 SERIES_LAYER_STATS: tuple[str, ...] = (
     *(f.name for f in LAYER_FIELDS if not f.is_float), *(n for n in LAYER_FLOAT_FIELDS if n != "m2"),
     *(d.name for d in DERIVED_LAYER_FIELDS))
-#: Float statistics the 64-step rollup keeps min/max/sum/count/NaN-count of (derived ones included).
-ROLLUP_STATS: tuple[str, ...] = tuple(s for s in SERIES_LAYER_STATS if s in LAYER_FLOAT_FIELDS or s not in
-                                      LAYER_FIELD_NAMES)
+#: Statistics the rollup levels keep min/max/sum/count/NaN-count of: the float ones (derived ones
+#: included), then the counts (non-finite, zero and underflowing elements: a heatmap of them over a
+#: long run reads blocks, not rows). Appended in this order, so a new one adds columns at the end.
+ROLLUP_STATS: tuple[str, ...] = (
+    *(s for s in SERIES_LAYER_STATS if s in LAYER_FLOAT_FIELDS or s not in LAYER_FIELD_NAMES),
+    *(f.name for f in LAYER_FIELDS if not f.is_float and f.rollup))
+#: The integer ones among them (their block aggregates are whole numbers).
+ROLLUP_COUNTS: tuple[str, ...] = tuple(f.name for f in LAYER_FIELDS if not f.is_float and f.rollup)
 
 
 def layer_field(name: str) -> Field | Derived:

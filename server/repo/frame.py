@@ -192,7 +192,11 @@ class LayerFrame:
         return [(big_n, None), (mu, none), (q, none), (np.add.reduceat(skip, starts, dtype=np.int64), None)]
 
     def _stat(self, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(values, stored-NULL mask, NaN mask) of a stored float field or a derived one."""
+        """(values, stored-NULL mask, NaN mask) of a stored field (a count as float64: exact up
+        to 2^53) or a derived one."""
+        if name in _INT_FIELDS:
+            k = _INT_FIELDS.index(name)
+            return self.ints[k].astype(np.float64), (self.int_null[k] if self.int_null else None), None
         if name not in _DERIVED:
             k = LAYER_FLOAT_COLUMNS.index(name)
             return self.floats[k], self.stored_null[k], self.nan[k]

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, ROLLUP_STATS
+from gradwatch.agent.spec import DERIVED_LAYER_FIELDS, ROLLUP_COUNTS, ROLLUP_STATS
 from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import (
     BLOCK_STEPS,
@@ -155,6 +155,9 @@ _MERGE = {(pg, t): _merge_sql(pg, t) for pg in (True, False) for t in _TABLES}
 
 _INT_BLOCK_COLS = frozenset(c for c in _BLOCK_COLS if c in ("layer_id", "block", "rank", "step_min", "step_max", "n",
                                                              "mom_n", "mom_skip") or c.endswith(("_cnt", "_nan")))
+#: Columns a batch whose values are all exactly 0 writes as the expression 0: the integer ones and
+#: the (float) min/max/sum of the counts (a healthy run has no non-finite element).
+_ZERO_OK = _INT_BLOCK_COLS | {f"{st}_{agg}" for st in ROLLUP_COUNTS for agg in ("min", "max", "sum")}
 #: How a rollup column's values reach the upsert: an array parameter, or (PostgreSQL) an expression.
 _ARRAY, _SAME_AS_N, _ZERO, _NULL = "a", "n", "0", "-"
 
@@ -192,7 +195,7 @@ def _merge_pg(t: str, cols: BlockColumns) -> tuple[str, list[_PgArray]]:
         if k > 5:  # the key, step range and n are always arrays
             if z is not None and z.all():
                 how = _NULL
-            elif z is None and c in _INT_BLOCK_COLS:
+            elif z is None and c in _ZERO_OK:
                 if not v.any():
                     how = _ZERO
                 elif c.endswith("_cnt") and np.array_equal(v, n):

@@ -336,3 +336,60 @@ def test_0008_adds_the_signal_columns_null_and_downgrades_cleanly(empty_url: str
         upgrade_to_head(engine)
     finally:
         engine.dispose()
+
+
+def test_0009_backfills_the_count_rollups_of_both_levels_and_downgrades_cleanly(empty_url: str) -> None:
+    """A database at 0008 holding rows (non-finite, zero and underflow counts, some not measured:
+    NULL), their blocks and coarse blocks: upgrading adds the counts' aggregates to both levels,
+    equal to those of the rows; downgrading to 0008 drops exactly those columns, keeping the rows."""
+    import random
+
+    from sqlalchemy import text
+
+    new = {f"{s}_{a}" for s in ("nonfinite", "zeros", "underflow") for a in ("min", "max", "sum", "cnt", "nan")}
+    engine = make_engine(empty_url)
+    try:
+        upgrade_to_head(engine, "0005")
+        rnd = random.Random(9)
+        rows = []
+        for lid in (1, 2):
+            for rank in (0, 1):
+                for step in range(3, 2200, rnd.choice([1, 5])):
+                    rows.append({"lid": lid, "step": step, "rank": rank, "numel": 100, "mean": 0.1, "m2": 1.0,
+                                 "l2": 1.0, "mask": 0, "nf": rnd.choice([0, 0, 0, 3, 100])})
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO layer_stat (layer_id, step, rank, numel, mean, m2, l2, nonfinite, nan_mask) "
+                              "VALUES (:lid, :step, :rank, :numel, :mean, :m2, :l2, :nf, :mask)"), rows)
+            conn.execute(text(_rollup_0003()))
+        upgrade_to_head(engine, "0008")  # (0006 builds the coarse level from the blocks)
+        for r in rows:  # measured by newer agents only: NULL elsewhere
+            r["zeros"] = rnd.randrange(0, 50) if r["step"] > 700 else None
+            r["underflow"] = rnd.randrange(0, 9) if r["step"] % 3 else None
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE layer_stat SET zeros = :zeros, underflow = :underflow WHERE layer_id = :lid "
+                              "AND step = :step AND rank = :rank"), rows)
+        before = {t: {c["name"] for c in inspect(engine).get_columns(t)} for t in ("layer_stat_block", "layer_stat_coarse")}
+        upgrade_to_head(engine, "0009")
+        for table, size in (("layer_stat_block", 64), ("layer_stat_coarse", 1024)):
+            assert {c["name"] for c in inspect(engine).get_columns(table)} - before[table] == new
+            cols = ", ".join(f"{s}_{a}" for s in ("nonfinite", "zeros", "underflow") for a in ("min", "max", "sum", "cnt",
+                                                                                            "nan"))
+            with engine.connect() as conn:
+                got = conn.execute(text(f"SELECT layer_id, block, rank, {cols} FROM {table} "
+                                        "ORDER BY layer_id, block, rank")).all()
+            keys = sorted({(r["lid"], r["step"] // size, r["rank"]) for r in rows})
+            assert [tuple(g[:3]) for g in got] == keys
+            for g in got:
+                rs = [r for r in rows if (r["lid"], r["step"] // size, r["rank"]) == tuple(g[:3])]
+                want: list[object] = []
+                for key in ("nf", "zeros", "underflow"):
+                    vals = [r[key] for r in rs if r[key] is not None]
+                    want += ([float(min(vals)), float(max(vals)), float(sum(vals))] if vals else [None] * 3) + [len(vals), 0]
+                assert [None if v is None else (float(v) if k % 5 < 3 else int(v)) for k, v in enumerate(g[3:])] == want
+        downgrade(engine, "0008")
+        assert {t: {c["name"] for c in inspect(engine).get_columns(t)} for t in before} == before
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM layer_stat")).scalar_one() == len(rows)
+        upgrade_to_head(engine)
+    finally:
+        engine.dispose()

@@ -149,18 +149,23 @@ LAYERS = 4
 def make_batch(seq: int = 1, steps: range | list[int] = range(1, 4), *, run_id: str = "run1", source: int = 0,
                layers: int = LAYERS, project: str = "default", status: str | None = None,
                values: Callable[[int, int], float] | None = None, events: bool = True,
-               name: str | None = "test run", skipped: Callable[[int], bool] = lambda s: False) -> wire.Batch:
+               name: str | None = "test run", skipped: Callable[[int], bool] = lambda s: False,
+               counts: Callable[[int, int], tuple[int, int | None, int | None]] | None = None) -> wire.Batch:
     """A batch with ``layers`` layers per step; ``values(step, layer)`` sets every float stat
-    (``m2`` to ``|v|·numel``, so the derived variance is ``|v|`` up to one rounding)."""
+    (``m2`` to ``|v|·numel``, so the derived variance is ``|v|`` up to one rounding);
+    ``counts(step, layer)`` the (nonfinite, zeros, underflow) counts (default 0, not measured, not measured)."""
     vf = values or (lambda s, i: float(s) + i / 10)
+    cf = counts or (lambda s, i: (0, None, None))
     recs = []
     for s in steps:
         v = [vf(s, i) for i in range(layers)]
+        c = [cf(s, i) for i in range(layers)]
         recs.append(wire.StepRecord(
             step=s, time=1000.0 + s, rank=source, layer_ids=list(range(layers)),
             layers={"numel": [10 * (i + 1) for i in range(layers)], "mean": list(v),
                     "m2": [abs(x) * 10 * (i + 1) for i, x in enumerate(v)],
-                    "l2": list(v), "maxabs": list(v), "nonfinite": [0] * layers, "l2_post": list(v), "wnorm": list(v)},
+                    "l2": list(v), "maxabs": list(v), "nonfinite": [x[0] for x in c], "l2_post": list(v),
+                    "wnorm": list(v), "zeros": [x[1] for x in c], "underflow": [x[2] for x in c]},
             total_norm=float(s), total_norm_post=float(s) / 2, clip_coef=0.5, loss_scale=65536.0,
             skipped=skipped(s)))
     steps = list(steps)

@@ -34,6 +34,8 @@ _spec.loader.exec_module(_rollup)
 _store, _num = _rollup._store, _rollup._num
 
 STEPS = 4 * COARSE_STEPS + 300
+#: Statistics checked: floats, a derived one, and the counts (from blocks since migration 0009).
+STATS = ("l2", "mean", "var", "nonfinite", "zeros", "underflow")
 
 
 def _val(seed: int) -> Any:
@@ -49,6 +51,14 @@ def _val(seed: int) -> Any:
     return f
 
 
+def _counts(seed: int) -> Any:
+    def f(s: int, i: int) -> tuple[int, int | None, int | None]:
+        r = random.Random(seed * 7_000_003 + s * 1000 + i)
+        return (r.choice([0, 0, 0, 1, 4096]), None if s % 5 == 0 else r.randrange(0, 900),
+                None if s < 1500 else r.randrange(0, 30))  # an older agent's steps, a scaler from step 1500
+    return f
+
+
 def _fill(db: Database, mk: Any, seed: int, layers: int = 3) -> None:
     """Two ranks of batches of random lengths (1–700 steps), shuffled; then a resume that resends
     the middle of a coarse block (first write wins) and carries on."""
@@ -61,7 +71,7 @@ def _fill(db: Database, mk: Any, seed: int, layers: int = 3) -> None:
             n = rnd.choice([1, 5, 37, 64, 200, 700])
             seq += 1
             batches.append(mk(seq, range(s, min(s + n, STEPS + 1)), source=rank, values=_val(seed), events=False,
-                              layers=layers))
+                              layers=layers, counts=_counts(seed)))
             s += n
     rnd.shuffle(batches)
     cut = len(batches) * 9 // 10
@@ -118,13 +128,13 @@ def test_coarse_heatmap_and_series_equal_the_rows(db_url: str, mk: Any, monkeypa
         rnd = random.Random(2)
         with db.read() as conn:
             layers = resolve_layers(conn, "run1", [])
-            raw = {(lid, st): _rows(conn, lid, st, 0, STEPS) for lid, _, _ in layers for st in ("l2", "mean", "var")}
+            raw = {(lid, st): _rows(conn, lid, st, 0, STEPS) for lid, _, _ in layers for st in STATS}
             windows = [(None, None), (0, STEPS), (1, COARSE_STEPS - 1), (COARSE_STEPS, 3 * COARSE_STEPS - 1)]
             windows += [(a, a + rnd.randrange(COARSE_STEPS, STEPS - a)) for a in
                         rnd.sample(range(0, STEPS - COARSE_STEPS), 6)]
             coarse_cells = 0
             for start, end in windows:
-                for stat in ("l2", "mean", "var"):
+                for stat in STATS:
                     for agg in ("max", "min", "mean"):
                         mp = rnd.choice([1, 2, 3])  # wide buckets: whole coarse blocks inside each
                         h = series.heatmap(conn, layers, stat, start=start, end=end, max_points=mp, agg=agg)

@@ -94,7 +94,11 @@ def reference_rows(b: wire.Batch, ids: dict[int, int]) -> list[tuple[Any, ...]]:
 
 
 def _derived(r: tuple[Any, ...], name: str) -> tuple[Any, int]:
-    """(value, nan_mask bit) of a rollup statistic of a reference row: var/std from m2 and numel."""
+    """(value, nan_mask bit) of a rollup statistic of a reference row: var/std from m2 and numel;
+    a count (no NaN bit: None) as the float its rollup columns hold."""
+    if name not in LAYER_FLOAT_COLUMNS and name not in ("var", "std"):
+        v = r[_LAYER_STAT_COLUMNS.index(name)]
+        return (None if v is None else float(v)), None
     if name not in ("var", "std"):
         return r[_LAYER_STAT_COLUMNS.index(name)], LAYER_FLOAT_COLUMNS.index(name)
     n, m2 = r[_LAYER_STAT_COLUMNS.index("numel")], r[_LAYER_STAT_COLUMNS.index("m2")]
@@ -126,7 +130,7 @@ def reference_blocks(rows: list[tuple[Any, ...]]) -> dict[tuple[int, int, int], 
             vals = [v for v in (_derived(r, name)[0] for r in rs) if v is not None]
             total = (sum(vals), sum(abs(v) for v in vals)) if vals else None  # (sum, scale of its rounding)
             agg += [min(vals) if vals else None, max(vals) if vals else None, total,
-                    len(vals), sum(1 for r in rs if r[-1] >> bit & 1)]
+                    len(vals), 0 if bit is None else sum(1 for r in rs if r[-1] >> bit & 1)]
         out[key] = agg
     return out
 
