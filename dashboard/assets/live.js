@@ -55,7 +55,7 @@
     var old = S.byStep[rec.step];
     if (old) {  // held already (the fill and the stream both brought it): add what it lacks
       if (rec.transforms && !old.transforms) { old.transforms = rec.transforms; }
-      if (rec.layers && !old.layers) { old.layers = rec.layers; }
+      if (rec.layers && !old.layers) { old.layers = rec.layers; } else if (rec.layers) { mergeLayers(old.layers, rec.layers); }
       if (rec.layerFill && !old.layerFill) { old.layerFill = rec.layerFill; }
       return false;
     }
@@ -70,6 +70,18 @@
     if (rec.step > S.cursor) { S.cursor = rec.step; }
     stats.steps++;
     return true;
+  }
+
+  /* per-layer statistics `into` lacks, taken from `from` by layer index (a stream subscribed before
+   * the heatmap's statistic was known, filled over REST) */
+  function mergeLayers(into, from) {
+    if (!into.index || !from.index) { return; }
+    var pos = {};
+    for (var i = 0; i < from.index.length; i++) { pos[from.index[i]] = i; }
+    Object.keys(from).forEach(function (k) {
+      if (k === "index" || into[k] !== undefined) { return; }
+      into[k] = into.index.map(function (li) { var p = pos[li]; return p === undefined ? null : from[k][p]; });
+    });
   }
 
   /* Watcher.log values of a step, in their own history (the scalars chart has its own cursor:
@@ -207,9 +219,19 @@
       if (xs.some(function (x) { return x.length; })) { setProps(id, {extendData: [{x: xs, y: ys}, idx, MAX_POINTS]}); }
     });
     var m = heatMeta();
-    if (!m || !m.live) { return; }
+    if (!m || !m.live || S.notLive[m.stat]) { return; }  // (a statistic this server does not stream: as drawn)
     var recs = fresh("heatmap");
     if (!recs || !recs.length) { return; }
+    // a step streamed before the subscription carried the heatmap's statistic: drawn once a REST
+    // fill brings its values (never as an empty column), and so are the steps after it
+    for (var k = 0; k < recs.length; k++) {
+      if (recs[k].layers && recs[k].layers.index && recs[k].layers[m.stat] === undefined) {
+        S.graphs.heatmap.sent = recs[k].step - 1;
+        needFill(recs[k].step);
+        recs = recs.slice(0, k);
+        break;
+      }
+    }
     var x = [], z = [], bad = [];
     recs.forEach(function (r) {
       var L = r.layers;
@@ -295,7 +317,9 @@
       return Promise.all([pts, heat, gapValues(base, from, end), lay]);
     }).then(function (got) {
       if (!got || gen !== S.generation) { return; }
-      if (tooLong) {  // a long outage: redraw from snapshots (they hold everything stored so far)
+      // a long outage (or a heatmap too large to read step by step): redraw from snapshots (they
+      // hold everything stored so far)
+      if (tooLong || (got[1] && (got[1].steps || []).length && got[1].bucket_width !== 1)) {
         S.cursor = Math.max(S.cursor, end); S.covered = Math.min(S.covered, end + 1);
         S.scalarCovered = Math.min(S.scalarCovered, end + 1);
         reload();

@@ -33,6 +33,13 @@ HEAT = "() => { const g = document.querySelector('#heatmap .js-plotly-plot'); " 
 TRACE_X = "(id, name) => { const g = document.querySelector('#' + id + ' .js-plotly-plot'); " \
           "const t = g && g.data ? g.data.find(t => t.name === name) : null; return t ? Array.from(t.x) : null; }"
 OVERFLOW_AT = 30
+#: Dash's callback requests (``/_dash-update-component?endId=...``)
+DASH_CALLBACK = re.compile(r"/_dash-update-component(\?|$)")
+#: the heatmap's step columns after step ``from``: their x, and those with no finite cell in trace 0
+HEAT_COLS = "(from) => { const g = document.querySelector('#heatmap .js-plotly-plot'); " \
+            "if (!g || !g.data || !g.data[0]) { return null; } const t = g.data[0], x = Array.from(t.x || []), " \
+            "empty = []; for (let k = 0; k < x.length; k++) { if (x[k] > from && " \
+            "!Array.from(t.z[k] || []).some(Number.isFinite)) { empty.push(x[k]); } } return {x: x, empty: empty}; }"
 
 
 def _run(server: Server, name: str, min_step: int) -> dict[str, Any]:
@@ -59,8 +66,27 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     assert "running" in page.page.locator("#runs-table").inner_text()
     page.shot("runs")
 
-    # run page: every chart drawn from the snapshot
+    # run page: every chart drawn from the snapshot. The heatmap's figure is read at once but
+    # delivered only after the live stream has brought steps: the stream starts without the
+    # heatmap's statistic (no heatmap yet), so the figure meets streamed steps that lack it
+    held: list[Any] = []
+
+    def hold_heatmap(route: Any) -> None:
+        if not held and "heatmap.figure" in (route.request.post_data or ""):
+            held.append((route, route.fetch()))
+        else:
+            route.continue_()
+
+    page.page.route(DASH_CALLBACK, hold_heatmap)
     page.page.goto(f"{server.url}/runs/{rid}")
+    deadline = time.monotonic() + 90
+    while not held and time.monotonic() < deadline:  # (route handlers run while Playwright waits)
+        page.page.wait_for_timeout(50)
+    assert held, "the heatmap's figure was not requested"
+    page.wait_js("() => { const h = window.gradwatchLive && window.gradwatchLive.state.history; return h && "
+                 "h.filter(r => r.layers && r.layers.index && r.layers.l2 === undefined).length >= 3; }")
+    held[0][0].fulfill(response=held[0][1])
+    page.page.unroute(DASH_CALLBACK, hold_heatmap)
     for gid in ("heatmap", "norm-graph", "scale-graph", "scalars-graph"):
         page.wait_js(f"() => {{ const g = ({GD})('{gid}'); return g && g.data && g.data.length > 0; }}")
     assert page.js(META, "heatmap")["layers"][0] == "0.weight"
@@ -79,6 +105,12 @@ def test_live_run_page_end_to_end(server: Server, trainer: Any, page: Page) -> N
     xs = page.js(X0, "norm-graph")
     assert len(xs) == len(set(xs)), "duplicate steps in the live chart"
     assert xs == sorted(xs)
+    # the heatmap's live columns: each step once, in order, every one drawn (the stream may begin
+    # before it carries the heatmap's statistic: those steps come from a REST fill, never empty)
+    heat_snap = page.js(META, "heatmap")["last_step"]
+    cols = page.js(HEAT_COLS, heat_snap)
+    live_x = [x for x in cols["x"] if x > heat_snap]
+    assert live_x and live_x == sorted(set(live_x)) and cols["empty"] == [], (heat_snap, cols)
     # the transforms' values and the scalars follow the run too, each step once
     for gid, name in (("transforms-graph", "autoscaled_norm.alpha"), ("transforms-graph", "clip_norm.coef"),
                       ("transforms-graph", "autoscaled_norm.sigma/sigma_ref"), ("scalars-graph", "loss")):
