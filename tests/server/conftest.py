@@ -165,7 +165,7 @@ def make_batch(seq: int = 1, steps: range | list[int] = range(1, 4), *, run_id: 
             layers={"numel": [10 * (i + 1) for i in range(layers)], "mean": list(v),
                     "m2": [abs(x) * 10 * (i + 1) for i, x in enumerate(v)],
                     "l2": list(v), "maxabs": list(v), "nonfinite": [x[0] for x in c], "l2_post": list(v),
-                    "wnorm": list(v), "zeros": [x[1] for x in c], "underflow": [x[2] for x in c]},
+                    "wnorm": list(v), **({"zeros": [x[1] for x in c], "underflow": [x[2] for x in c]} if counts else {})},
             total_norm=float(s), total_norm_post=float(s) / 2, clip_coef=0.5, loss_scale=65536.0,
             skipped=skipped(s)))
     steps = list(steps)
