@@ -40,6 +40,7 @@ from gradwatch.server.repo.ingest import (
     prepare_batch,
     prepare_known,
     read_acked,
+    remember_layers,
     store_batch,
 )
 from gradwatch.server.schemas import RUN_ID_PATTERN
@@ -214,6 +215,7 @@ def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
             with gw.db.write() as conn:
                 res = store_batch(conn, batch, origin=gw.hub.origin, upsert=True,
                                   detect=gw.settings.detectors_enabled)
+        remember_layers(str(gw.db.engine.url), res)  # (committed)
     except DomainError as e:
         gw.metrics.error("conflict")
         raise IngestFailure(e.status, e.message, "conflict", batch.seq) from None

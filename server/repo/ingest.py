@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 import numpy as np
@@ -337,6 +338,17 @@ class IngestResult:
     rows: int
     step_min: int | None = None
     step_max: int | None = None
+    #: the run's layer mapping as this write left it (:class:`KnownLayers`, once committed)
+    layers: dict[int, tuple[int, str]] | None = dc_field(default=None, compare=False)
+
+
+def remember_layers(db: str, res: IngestResult) -> None:
+    """Once the batch's transaction has committed: its run's layers become this process's hint
+    (``db``: the database URL). Not before: a hint for layers still uncommitted would let the
+    next batch of the run be written beside the one creating them, and wait on, then fail
+    against, their unique key."""
+    if res.layers is not None:
+        KNOWN_LAYERS.put(db, res.run_id, res.layers)
 
 
 def _dialect_insert(conn: Connection, table: Any) -> Any:
@@ -448,12 +460,10 @@ class KnownLayers:
 KNOWN_LAYERS = KnownLayers()
 
 
-def _db_key(conn: Connection) -> str:
-    return str(conn.engine.url)
-
-
-def _layer_ids(conn: Connection, batch: Batch, rows: list[tuple[Any, ...]] | None = None) -> dict[int, int]:
-    """Map the batch's layer indices to ``layer.id``, creating or renaming layers as needed.
+def _layer_ids(conn: Connection, batch: Batch, rows: list[tuple[Any, ...]] | None = None
+               ) -> tuple[dict[int, int], dict[int, tuple[int, str]]]:
+    """Map the batch's layer indices to ``layer.id``, creating or renaming layers as needed; and
+    the run's whole mapping (``idx`` → id, name) as it stands after that.
     ``rows``: the run's layers (:data:`_LAYERS_OF_RUN`), if the caller read them already."""
     run_id = batch.run.run_id
     existing = {idx: (lid, name) for lid, idx, name in (rows if rows is not None else
@@ -482,8 +492,7 @@ def _layer_ids(conn: Connection, batch: Batch, rows: list[tuple[Any, ...]] | Non
                                                                          Layer.idx.in_([n["idx"] for n in new]))):
             out[idx] = lid
             known[idx] = (lid, names[idx])
-    KNOWN_LAYERS.put(_db_key(conn), run_id, known)
-    return out
+    return out, known
 
 
 class RowsOverlap(Exception):
@@ -715,12 +724,13 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         (_LAYERS_OF_RUN, (run_id,))])
     if not found or found[0][0] != batch.run.project:  # a new run (or a conflict, which raises)
         ensure_run(conn, batch, now)
-        recorded = _raw(conn, _RECORD_BATCH, entry)
+        if not recorded:  # (the run may have committed between the two statements: then it is recorded)
+            recorded = _raw(conn, _RECORD_BATCH, entry)
     if not recorded:
         return IngestResult(run_id, source, seq, read_acked(conn, run_id, source), True, 0, step_min, step_max)
 
     pg = conn.dialect.name == "postgresql"
-    ids = _layer_ids(conn, batch, layers if found else None)
+    ids, known = _layer_ids(conn, batch, layers if found else None)
     if prepared is not None and prepared.ids == ids and prepared.frame is not None:
         frame, prepared_merge = prepared.frame, prepared.merge
     else:
@@ -780,7 +790,7 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         last.append(("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, json.dumps(
             {"origin": origin, "run_id": run_id, "source": source, "seq": seq, "ranks": _ranks(batch)}))))
     _raw_all(conn, last)
-    return IngestResult(run_id, source, seq, acked, False, len(frame), step_min, step_max)
+    return IngestResult(run_id, source, seq, acked, False, len(frame), step_min, step_max, known)
 
 
 def _ranks(batch: Batch) -> list[int]:

@@ -262,7 +262,7 @@ def test_pooled_bucket_moments_equal_the_concatenated_steps(db_url, mk):
 def test_layers_prepared_from_this_process_memory_stay_right_after_the_run_is_deleted_and_recreated(db_url, mk):
     """The pre-transaction work uses the layer ids this process last wrote (no read connection);
     a run deleted and recreated meanwhile (new layer ids) is caught by the write, which rebuilds."""
-    from gradwatch.server.repo.ingest import prepare_known
+    from gradwatch.server.repo.ingest import prepare_known, remember_layers
     from gradwatch.server.repo.runs import delete_run
 
     engine = make_engine(db_url)
@@ -270,7 +270,10 @@ def test_layers_prepared_from_this_process_memory_stay_right_after_the_run_is_de
     pg = engine.dialect.name == "postgresql"
     try:
         assert prepare_known(str(engine.url), mk(1, range(1, 3)), pg) is None  # nothing written yet
-        _store(db, mk(1, range(1, 3)))
+        with db.write() as conn:
+            res = store_batch(conn, mk(1, range(1, 3)))
+            remember_layers(str(engine.url), res)  # (before the commit: the store does this after it)
+        assert prepare_known(str(engine.url), mk(2, range(3, 5)), pg) is not None
         with db.read() as conn:
             first_ids = sorted(lid for lid, _ in conn.execute(text("SELECT id, idx FROM layer")))
         stale = prepare_known(str(engine.url), mk(2, range(3, 5)), pg)
@@ -297,5 +300,39 @@ def test_layers_prepared_from_this_process_memory_stay_right_after_the_run_is_de
         assert {lid for lid, _, _ in rows} == set(ids.values()) and len(rows) == 4 * 4
         assert [(s, v) for lid, s, v in rows if lid == ids[1]] == [(s, s + 0.1) for s in range(1, 5)]
         assert blocks == [(lid, 4) for lid in sorted(ids.values())]  # rollup: all four steps, once
+    finally:
+        engine.dispose()
+
+
+def test_a_run_committed_between_the_first_statements_of_a_batch_stores_the_batch(db_url, mk, monkeypatch):
+    """Two batches of a new run in flight: the second's first statement does not see the run (the
+    first batch's transaction has not committed), its next one does and records the batch. The
+    batch must be stored, not taken for a duplicate of itself (its rows and live notification
+    would be lost while the agent is told it was stored)."""
+    from gradwatch.server.repo import ingest
+
+    engine = make_engine(db_url)
+    db = Database(engine)
+    real = ingest._raw_all
+    try:
+        _store(db, mk(1, range(1, 3)))
+        calls = []
+
+        def run_not_seen_yet(conn, statements):
+            rows = real(conn, statements)
+            if statements and statements[0][0].startswith("SELECT project FROM run") and not calls:
+                calls.append(1)
+                rows[0] = []  # the first statement ran before the run's creator committed
+            return rows
+
+        monkeypatch.setattr(ingest, "_raw_all", run_not_seen_yet)
+        with db.write() as conn:
+            res = store_batch(conn, mk(2, range(3, 5)))
+        assert calls and not res.duplicate and res.rows == 2 * 4
+        with db.read() as conn:
+            steps = [s for (s,) in conn.execute(text("SELECT step FROM step_record ORDER BY step"))]
+            seqs = [q for (q,) in conn.execute(text("SELECT seq FROM ingest_batch ORDER BY seq"))]
+            n = conn.execute(text("SELECT count(*) FROM layer_stat")).scalar_one()
+        assert steps == [1, 2, 3, 4] and seqs == [1, 2] and n == 4 * 4
     finally:
         engine.dispose()
