@@ -145,11 +145,10 @@ SERIES_LAYER_STATS: tuple[str, ...] = (
 #: Statistics the rollup levels keep min/max/sum/count/NaN-count of: the float ones (derived ones
 #: included), then the counts (non-finite, zero and underflowing elements: a heatmap of them over a
 #: long run reads blocks, not rows). Appended in this order, so a new one adds columns at the end.
-ROLLUP_STATS: tuple[str, ...] = (
-    *(s for s in SERIES_LAYER_STATS if s in LAYER_FLOAT_FIELDS or s not in LAYER_FIELD_NAMES),
-    *(f.name for f in LAYER_FIELDS if not f.is_float and f.rollup))
 #: The integer ones among them (their block aggregates are whole numbers).
 ROLLUP_COUNTS: tuple[str, ...] = tuple(f.name for f in LAYER_FIELDS if not f.is_float and f.rollup)
+ROLLUP_STATS: tuple[str, ...] = (
+    *(s for s in SERIES_LAYER_STATS if s in LAYER_FLOAT_FIELDS or s not in LAYER_FIELD_NAMES), *ROLLUP_COUNTS)
 
 
 def layer_field(name: str) -> Field | Derived:

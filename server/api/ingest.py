@@ -193,7 +193,7 @@ def decode_frame(gw: AppState, data: list[bytes | str]) -> Prepared | dict[str, 
     batch = decode_object(gw, obj)
     del obj
     try:
-        known = prepare_known(str(gw.db.engine.url), batch, not gw.db.sqlite)
+        known = prepare_known(gw.db.key, batch, not gw.db.sqlite)
         if known is not None:
             return known
         with gw.db.read() as conn:
@@ -215,7 +215,7 @@ def store(gw: AppState, item: Batch | Prepared, t0: float) -> dict[str, Any]:
             with gw.db.write() as conn:
                 res = store_batch(conn, batch, origin=gw.hub.origin, upsert=True,
                                   detect=gw.settings.detectors_enabled)
-        remember_layers(str(gw.db.engine.url), res)  # (committed)
+        remember_layers(gw.db.key, res)  # (committed)
     except DomainError as e:
         gw.metrics.error("conflict")
         raise IngestFailure(e.status, e.message, "conflict", batch.seq) from None

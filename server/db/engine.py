@@ -75,6 +75,8 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sqlite = is_sqlite(engine)
+        #: names this database in per-process caches (the URL, password hidden)
+        self.key = str(engine.url)
         self._write_lock = threading.Lock()
 
     @contextmanager

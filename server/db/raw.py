@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection
@@ -19,19 +20,23 @@ def run_raw(conn: Connection, sql: str, params: tuple[Any, ...] = ()) -> list[tu
         cur.close()
 
 
-def run_raw_all(conn: Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> list[list[tuple[Any, ...]]]:
+def run_raw_all(conn: Connection, statements: list[tuple[str, tuple[Any, ...]]],
+                driver_first: Sequence[tuple[str, Any]] = ()) -> list[list[tuple[Any, ...]]]:
     """Run ``?``-placeholder statements in order, in the caller's transaction; each one's rows.
     PostgreSQL: all in one round trip (pipeline mode), each statement still its own (its
-    snapshot taken after the ones before it ran, e.g. after a lock they took)."""
-    if conn.dialect.name != "postgresql" or len(statements) < 2:
+    snapshot taken after the ones before it ran, e.g. after a lock they took).
+    ``driver_first`` (PostgreSQL only): statements in the driver's own placeholders run first in
+    the same round trip, their rows not returned."""
+    if conn.dialect.name != "postgresql" or (len(statements) < 2 and not driver_first):
         return [run_raw(conn, sql, params) for sql, params in statements]
     raw: Any = conn.connection.driver_connection
-    curs = [raw.cursor() for _ in statements]
+    todo = [*driver_first, *((sql.replace("?", "%s"), params) for sql, params in statements)]
+    curs = [raw.cursor() for _ in todo]
     try:
         with raw.pipeline():
-            for cur, (sql, params) in zip(curs, statements):
-                cur.execute(sql.replace("?", "%s"), params)
-        return [cur.fetchall() if cur.description is not None else [] for cur in curs]
+            for cur, (sql, params) in zip(curs, todo):
+                cur.execute(sql, params)
+        return [cur.fetchall() if cur.description is not None else [] for cur in curs[len(driver_first):]]
     finally:
         for cur in curs:
             cur.close()

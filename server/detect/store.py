@@ -5,8 +5,9 @@ rules, detector events and their alert outbox rows.
 with the run's ``detector_state`` row created-or-locked by :func:`lock_statements` (``INSERT ...
 ON CONFLICT DO UPDATE`` takes the row lock on PostgreSQL; SQLite has one writer): it evaluates
 the batch's new steps and hands back the statement that writes the state. Both statements ride
-in round trips ``store_batch`` makes anyway. So a step is evaluated exactly once whichever server process stores it,
-the state commits or rolls back with the rows it describes, and a restart loses nothing.
+in round trips ``store_batch`` makes anyway. So a step is evaluated exactly once whichever
+server process stores it, the state commits or rolls back with the rows it describes, and a
+restart loses nothing.
 Only rank :data:`DETECTED_RANK` is evaluated: after data-parallel all-reduce every rank holds
 the same gradient, and rank 0 exists in every run.
 """

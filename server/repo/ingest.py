@@ -245,7 +245,8 @@ _DUMPERS: list[tuple[type, type]] = []
 
 
 def _register_dumpers(cur: Any) -> None:
-    """Make ``cur`` pass :class:`_PgArray` parameters through untouched (binary int8[]/float8[])."""
+    """Make ``cur`` (a cursor, or a connection and the cursors it opens next) pass
+    :class:`_PgArray` parameters through untouched (binary int8[]/float8[])."""
     if not _DUMPERS:
         from psycopg.adapt import Dumper
         from psycopg.pq import Format
@@ -292,21 +293,11 @@ def _merge_blocks(conn: Connection, args: MergeArgs, then: Sequence[tuple[str, t
     round trip (pipeline mode), which shortens the part of the transaction that holds rows
     other batches wait for."""
     raw: Any = conn.connection.driver_connection
+    if conn.dialect.name == "postgresql":
+        _register_dumpers(raw)  # (on the connection: the pipeline's cursors pass the arrays through)
+        return _raw_all(conn, list(then), driver_first=args)
     cur = raw.cursor()
     try:
-        if conn.dialect.name == "postgresql":
-            _register_dumpers(cur)
-            curs = [raw.cursor() for _ in then]
-            try:
-                with raw.pipeline():
-                    for sql, params in args:
-                        cur.execute(sql, params)
-                    for c, (sql, params) in zip(curs, then):
-                        c.execute(sql.replace("?", "%s"), params)
-                return [c.fetchall() if c.description is not None else [] for c in curs]
-            finally:
-                for c in curs:
-                    c.close()
         for sql, rows in args:
             cur.executemany(sql, rows)
     finally:
@@ -431,6 +422,9 @@ def read_acked(conn: Connection, run_id: str, source: int) -> int:
 _LAYERS_OF_RUN = "SELECT id, idx, name FROM layer WHERE run_id = ?"
 _RECORD_BATCH = ("INSERT INTO ingest_batch (run_id, source, seq, received_at, rows, step_min, step_max) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq")
+#: The same, written only if the run (``?``) exists in the project (``?``) the batch names.
+_RECORD_BATCH_IF_RUN = _RECORD_BATCH.replace(" VALUES (?, ?, ?, ?, ?, ?, ?) ", " SELECT ?, ?, ?, ?, ?, ?, ? WHERE "
+                                             "EXISTS (SELECT 1 FROM run WHERE id = ? AND project = ?) ")
 
 
 class KnownLayers:
@@ -718,9 +712,7 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     # (only then) and read the run's layers
     found, recorded, layers = _raw_all(conn, [
         ("SELECT project FROM run WHERE id = ?", (run_id,)),
-        (_RECORD_BATCH.replace(" VALUES (?, ?, ?, ?, ?, ?, ?) ", " SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM "
-                                                                   "run WHERE id = ? AND project = ?) "),
-         (*entry, run_id, batch.run.project)),
+        (_RECORD_BATCH_IF_RUN, (*entry, run_id, batch.run.project)),
         (_LAYERS_OF_RUN, (run_id,))])
     if not found or found[0][0] != batch.run.project:  # a new run (or a conflict, which raises)
         ensure_run(conn, batch, now)

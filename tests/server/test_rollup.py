@@ -318,8 +318,8 @@ def test_a_run_committed_between_the_first_statements_of_a_batch_stores_the_batc
         _store(db, mk(1, range(1, 3)))
         calls = []
 
-        def run_not_seen_yet(conn, statements):
-            rows = real(conn, statements)
+        def run_not_seen_yet(conn, statements, **kw):
+            rows = real(conn, statements, **kw)
             if statements and statements[0][0].startswith("SELECT project FROM run") and not calls:
                 calls.append(1)
                 rows[0] = []  # the first statement ran before the run's creator committed
