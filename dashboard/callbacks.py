@@ -34,6 +34,19 @@ def heatmap_points(width: Any) -> int:
     if not isinstance(width, (int, float)) or width <= 0:
         return HEATMAP_POINTS
     return int(min(1000, max(100, (width - 260) // 3)))
+
+
+#: Passes on a chart's ``relayoutData`` only when it sets or resets the x range: Plotly also
+#: relayouts on its first draw (``autosize``), on a y zoom and on a hover-mode change, and each
+#: of those would otherwise cost one server round trip that refetches nothing.
+_X_RELAYOUT = """function(r) {
+    if (r && (r['xaxis.autorange'] || r['xaxis.range'] !== undefined || r['xaxis.range[0]'] !== undefined)) {
+        return r;
+    }
+    return window.dash_clientside.no_update;
+}"""
+
+
 STEP_FIELDS = ["total_norm", "total_norm_post", "loss_scale"]
 #: Points (buckets) a line chart asks for: about two per pixel of a chart in the two-column grid
 #: (~650 px at 1,400 px; each bucket keeps its min–max band, so a one-step spike stays visible).
@@ -129,12 +142,14 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         return title, html.Span(label, className=f"gw-status-{status}", id="run-status-text"), None
 
     def zoomable(gid: str, outputs: list[Output], *deps: Input | State) -> Callable[[Any], Any]:
-        """Register ``fn`` twice: fired by ``deps`` with the chart's ``relayoutData`` as state, and
-        fired by the zoom alone (everything else as state). Two callbacks, so a relayout that
-        refetches nothing (an autosize, a y zoom) cannot supersede a pending change of the
-        statistic, the grouping or a reset: Dash drops an in-flight request of a callback that
-        fires again."""
-        zoom = (gid, "relayoutData")
+        """Register ``fn`` twice: fired by ``deps`` with the chart's zoom store as state, and fired
+        by the zoom alone (everything else as state). Two callbacks, so a zoom cannot supersede a
+        pending change of the statistic, the grouping or a reset: Dash drops an in-flight request
+        of a callback that fires again. The zoom store is fed in the browser from
+        ``relayoutData``, with only the relayouts that change the x range (a drag, a double click,
+        a jump): an autosize after a draw or a y zoom never reaches the server."""
+        zoom = (layout.zoom_id(gid), "data")
+        app.clientside_callback(_X_RELAYOUT, Output(*zoom), Input(gid, "relayoutData"), prevent_initial_call=True)
 
         def deco(fn: Any) -> Any:
             app.callback(*outputs, *[State(*zoom) if (d.component_id, d.component_property) == zoom else d
@@ -150,7 +165,7 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
                           Output("layer-select", "options")],
               Input("run-id", "data"), Input("heatmap-stat", "value"), Input("layer-regex", "value"),
               Input("theme", "data"), Input("reset-zoom", "n_clicks"), Input("group-depth", "value"),
-              Input("heatmap", "relayoutData"), State("viewport", "data"))
+              Input(layout.zoom_id("heatmap"), "data"), State("viewport", "data"))
     async def heatmap(run_id: str, stat: str, pattern: str | None, theme: str, reset: Any, depth: Any,
                       relayout: dict[str, Any] | None, width: Any) -> Any:
         start, end, skip = zoom_range(relayout, "heatmap")
@@ -208,7 +223,7 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
         return no_update
 
     @zoomable("layer-graph", [Output("layer-graph", "figure")], Input("layer-select", "value"),
-              Input("run-id", "data"), Input("theme", "data"), Input("layer-graph", "relayoutData"),
+              Input("run-id", "data"), Input("theme", "data"), Input(layout.zoom_id("layer-graph"), "data"),
               Input("reset-zoom", "n_clicks"))
     async def layer_series(layer: str | None, run_id: str, theme: str, relayout: dict[str, Any] | None,
                            reset: Any = None) -> Any:
@@ -236,7 +251,7 @@ def register(app: dash.Dash, api_factory: Callable[[], Api], server_url: Callabl
     # script appends what comes after it.
     def step_chart(gid: str, build: Callable[[Api, str, int | None, int | None, int | None, str], Any]) -> None:
         @zoomable(gid, [Output(gid, "figure")], Input("run-id", "data"), Input("theme", "data"),
-                  Input("reset-zoom", "n_clicks"), Input(gid, "relayoutData"))
+                  Input("reset-zoom", "n_clicks"), Input(layout.zoom_id(gid), "data"))
         async def chart(run_id: str, theme: str, reset: Any, relayout: dict[str, Any] | None) -> Any:
             start, end, skip = zoom_range(relayout, gid)
             if skip:
@@ -468,7 +483,7 @@ def zoom_range(relayout: dict[str, Any] | None, gid: str) -> tuple[int | None, i
     if "reset-zoom.n_clicks" in dash.ctx.triggered_prop_ids:  # a stale zoom stays in relayoutData
         return None, None, False
     start, end = _visible(relayout)
-    if dash.ctx.triggered_id == gid:
+    if dash.ctx.triggered_id == layout.zoom_id(gid):
         return start, end, start is None and not _is_reset(relayout)
     return start, end, False
 

@@ -96,6 +96,16 @@ def runs_page() -> html.Div:
 _PLACEHOLDER = {"data": [], "layout": {"xaxis": {"visible": False}, "yaxis": {"visible": False}}}
 
 
+#: The run page's charts whose zoom refetches their visible steps from the server.
+ZOOMABLE = ("heatmap", "layer-graph", "norm-graph", "scale-graph", "scalars-graph", "transforms-graph")
+
+
+def zoom_id(gid: str) -> str:
+    """The store that carries ``gid``'s x-range relayouts only: the server callbacks listen to it,
+    not to ``relayoutData``, so an autosize or a y zoom costs no round trip."""
+    return f"{gid}-zoom"
+
+
 def _graph(gid: str, height: int = 320) -> dcc.Loading:
     return dcc.Loading(dcc.Graph(id=gid, config=_GRAPH_CONFIG, style={"height": f"{height}px"},
                                  figure=_PLACEHOLDER), type="dot", delay_show=400)
@@ -115,6 +125,7 @@ def run_page(run_id: str) -> html.Div:
         dcc.Store(id="health-store", data=[]),  # warning-and-worse events of both sources, polled
         dcc.Store(id="live-tick"),
         dcc.Store(id="tree-root"),  # the module tree's drawn root, when the tree holds only what it draws
+        *[dcc.Store(id=zoom_id(gid)) for gid in ZOOMABLE],
         html.Div(id="live-dummy", style={"display": "none"}),
         html.Div(id="jump-dummy", style={"display": "none"}),
         html.Div(id="health-jump-dummy", style={"display": "none"}),

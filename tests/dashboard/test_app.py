@@ -144,17 +144,17 @@ def heat(c: TestClient, run: str, stat: str, pattern: str | None = None, theme: 
     return callback(c, [("heatmap", "figure"), ("regex-error", "children"), ("layer-select", "options")],
                     [("run-id", "data", run), ("heatmap-stat", "value", stat), ("layer-regex", "value", pattern),
                      ("theme", "data", theme), ("reset-zoom", "n_clicks", reset), ("group-depth", "value", depth),
-                     ("heatmap", "relayoutData", relayout)], [("viewport", "data", width)], changed)
+                     ("heatmap-zoom", "data", relayout)], [("viewport", "data", width)], changed)
 
 
-#: The step-level charts, each its own callback (inputs: run, theme, reset, its relayoutData).
+#: The step-level charts, each its own callback (inputs: run, theme, reset, its zoom store).
 CHARTS = ("norm-graph", "scale-graph", "scalars-graph", "transforms-graph")
 
 
 def chart(c: TestClient, gid: str, run: str, relayout: dict[str, Any] | None = None, reset: int | None = None,
           changed: str | None = None) -> Any:
     out = callback(c, [(gid, "figure")], [("run-id", "data", run), ("theme", "data", "light"),
-                                          ("reset-zoom", "n_clicks", reset), (gid, "relayoutData", relayout)],
+                                          ("reset-zoom", "n_clicks", reset), (f"{gid}-zoom", "data", relayout)],
                    changed=changed)
     return (out or {}).get(gid, {}).get("figure")  # None: the callback updated nothing
 
@@ -191,7 +191,7 @@ def test_run_page_callbacks_read_the_api(client: TestClient) -> None:
     assert rows["events-table"]["data"][0]["detail"].endswith("layers: block1.weight")
     series = callback(client, [("layer-graph", "figure")], [("layer-select", "value", "block2.weight"),
                                                              ("run-id", "data", "r1"), ("theme", "data", "light"),
-                                                             ("layer-graph", "relayoutData", None),
+                                                             ("layer-graph-zoom", "data", None),
                                                              ("reset-zoom", "n_clicks", None)])
     assert series["layer-graph"]["figure"]["data"][0]["y"] == [1.0, 10.0, 100.0, 1000.0, 10000.0]
     # the live script extends each statistic's mean line from the stream: which trace, which field
@@ -268,43 +268,57 @@ def _ingest_long(c: TestClient, steps: int = 300) -> None:
     assert r.status_code < 300, r.text
 
 
+def test_no_server_callback_listens_to_a_relayout(client: TestClient) -> None:
+    """Plotly relayouts on every first draw (``autosize``) and on y zooms: those must not cost a
+    server round trip. Each zoomable chart's ``relayoutData`` feeds only a clientside filter into
+    its zoom store, and the server callbacks listen to that store."""
+    from gradwatch.dashboard.layout import ZOOMABLE, zoom_id
+
+    deps = client.get("/_dash-dependencies").json()
+    for gid in ZOOMABLE:
+        feeds = [d for d in deps if any(x["id"] == gid and x["property"] == "relayoutData" for x in d["inputs"])]
+        assert len(feeds) == 1 and feeds[0]["clientside_function"] is not None, (gid, feeds)
+        assert feeds[0]["output"] == f"{zoom_id(gid)}.data"
+        assert sum(any(x["id"] == zoom_id(gid) for x in d["inputs"]) for d in deps) == 1, gid
+
+
 def test_zoom_refetches_the_visible_range_of_every_chart_and_reset_returns_the_whole_run(client: TestClient) -> None:
     _ingest_long(client)
     zoom = {"xaxis.range[0]": 100.4, "xaxis.range[1]": 139.6}
     for gid in ("norm-graph", "scale-graph", "scalars-graph"):
         whole = chart(client, gid, "long")
         assert min(_xs(whole)) < 50 and max(_xs(whole)) > 250, gid
-        z = chart(client, gid, "long", relayout=zoom, changed=f"{gid}.relayoutData")
+        z = chart(client, gid, "long", relayout=zoom, changed=f"{gid}-zoom.data")
         xs = _xs(z)
         # every step of the visible range, one point each: the full resolution, not the whole run's buckets
         assert xs == list(range(100, 141)), (gid, xs[:5], xs[-5:])
         assert z["layout"]["xaxis"]["range"] == [100, 140] and z["layout"]["meta"]["last_step"] == 299
         # a relayout that moved no x range (autosize, a y zoom) refetches nothing
-        assert chart(client, gid, "long", relayout={"autosize": True}, changed=f"{gid}.relayoutData") is None
-        assert chart(client, gid, "long", relayout={"yaxis.range[0]": 1}, changed=f"{gid}.relayoutData") is None
+        assert chart(client, gid, "long", relayout={"autosize": True}, changed=f"{gid}-zoom.data") is None
+        assert chart(client, gid, "long", relayout={"yaxis.range[0]": 1}, changed=f"{gid}-zoom.data") is None
         # reset (the button, with the stale zoom still in relayoutData) and double click: the whole run
         for kw in ({"relayout": zoom, "reset": 3, "changed": "reset-zoom.n_clicks"},
-                   {"relayout": {"xaxis.autorange": True}, "changed": f"{gid}.relayoutData"}):
+                   {"relayout": {"xaxis.autorange": True}, "changed": f"{gid}-zoom.data"}):
             back = chart(client, gid, "long", **kw)  # type: ignore[arg-type]
             assert min(_xs(back)) < 50 and max(_xs(back)) > 250, (gid, kw)
             assert "range" not in back["layout"]["xaxis"]
         assert chart(client, gid, "long", relayout=zoom, reset=3,
                      changed="reset-zoom.n_clicks")["layout"]["uirevision"] == "reset-3"  # the zoom is forgotten
     # the heatmap and the layer series too
-    hz = heat(client, "long", "l2", relayout=zoom, changed="heatmap.relayoutData")["heatmap"]["figure"]
+    hz = heat(client, "long", "l2", relayout=zoom, changed="heatmap-zoom.data")["heatmap"]["figure"]
     assert hz["data"][0]["x"] == list(range(100, 141)) and hz["layout"]["xaxis"]["range"] == [100, 140]
-    assert not heat(client, "long", "l2", relayout={"yaxis.range[0]": 0}, changed="heatmap.relayoutData")
+    assert not heat(client, "long", "l2", relayout={"yaxis.range[0]": 0}, changed="heatmap-zoom.data")
     ls = callback(client, [("layer-graph", "figure")],
                   [("layer-select", "value", "enc.0.weight"), ("run-id", "data", "long"), ("theme", "data", "light"),
-                   ("layer-graph", "relayoutData", zoom), ("reset-zoom", "n_clicks", None)],
-                  changed="layer-graph.relayoutData")["layer-graph"]["figure"]
+                   ("layer-graph-zoom", "data", zoom), ("reset-zoom", "n_clicks", None)],
+                  changed="layer-graph-zoom.data")["layer-graph"]["figure"]
     assert _xs(ls) == list(range(100, 141))
     # a zoomed loss-scale chart marks only the growth steps it shows (its y range follows them)
-    sz = chart(client, "scale-graph", "long", relayout=zoom, changed="scale-graph.relayoutData")
+    sz = chart(client, "scale-graph", "long", relayout=zoom, changed="scale-graph-zoom.data")
     assert {x for t in sz["data"] if t.get("mode") == "markers" for x in t["x"]} <= set(range(100, 141))
     # a malformed range (what a script could send) is no zoom, never a 500
     bad = chart(client, "norm-graph", "long", relayout={"xaxis.range[0]": "x", "xaxis.range[1]": None},
-                changed="norm-graph.relayoutData")
+                changed="norm-graph-zoom.data")
     assert bad is None
     assert [t["name"] for t in ls["data"] if t.get("hoverinfo") != "skip"] == ["l2", "std (pooled)", "var (pooled)",
                                                                                 "maxabs"]

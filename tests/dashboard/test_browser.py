@@ -4,6 +4,7 @@ condition in the page, bounded; nothing asserts on timing."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -280,9 +281,19 @@ def test_zoom_refines_every_chart_groups_open_and_merge_like_python(server: Serv
     steps = 240
     trainer("zoom", "--steps", str(steps), "--autoscaled").wait(300)
     rid = _run(server, "zoom", steps - 1)["run_id"]
+    fired: list[list[str]] = []  # each Dash callback request's triggers, in order
+
+    def on_request(req: Any) -> None:
+        if DASH_CALLBACK.search(req.url) and req.method == "POST":
+            fired.append(json.loads(req.post_data or "{}").get("changedPropIds") or [])
+
+    page.page.on("request", on_request)
     page.page.goto(f"{server.url}/runs/{rid}")
     for gid in ZOOMABLE[2:] + ("heatmap",):
         page.wait_js(f"() => {{ const x = ({ALL_X})('{gid}'); return x && x.length > 0; }}")
+    # every chart has drawn (and autosized): no request was fired by a relayout or a zoom store
+    page.wait_js("() => !document.querySelector('[data-dash-is-loading]')")
+    assert not [t for t in fired if any("relayoutData" in p or "-zoom." in p for p in t)], fired
 
     # module-prefix groups: 0.weight + 0.bias form "0.* (2 layers)"; a click on its row opens it
     page.js("() => window.dash_clientside.set_props('group-depth', {value: 1})")
@@ -304,12 +315,19 @@ def test_zoom_refines_every_chart_groups_open_and_merge_like_python(server: Serv
     # zoom each chart (as a drag does: a relayout of its x range): it refetches just those steps,
     # every step of them; then "Reset zoom" brings back the whole run
     lo, hi = 100, 140
+    # a y zoom and an autosize refetch nothing; an x zoom, one request per chart, fired by its store
+    before = len(fired)
+    for gid in ZOOMABLE:
+        page.js(f"() => window.Plotly.relayout(({GD})('{gid}'), {{'yaxis.range': [0, 1]}})")
+        page.js(f"() => window.Plotly.relayout(({GD})('{gid}'), {{autosize: true}})")
     for gid in ZOOMABLE:
         page.js(f"() => window.Plotly.relayout(({GD})('{gid}'), {{'xaxis.range': [{lo} + 0.3, {hi} - 0.3]}})")
     for gid in ZOOMABLE:
         xs = page.wait_js(f"() => {{ const x = ({ALL_X})('{gid}'); "
                           f"return x && x.length && Math.min(...x) >= {lo} ? x : null; }}")
         assert sorted(set(xs)) == list(range(lo, hi + 1)), (gid, sorted(set(xs))[:3], sorted(set(xs))[-3:])
+    zooms = sorted(p for t in fired[before:] for p in t if "relayoutData" in p or "-zoom." in p)
+    assert zooms == sorted(f"{gid}-zoom.data" for gid in ZOOMABLE), fired[before:]
     page.shot("run-zoomed")
     page.page.click("#reset-zoom")
     for gid in ZOOMABLE:
