@@ -230,7 +230,8 @@ BLOCK_AGGS: tuple[tuple[str, Any], ...] = (("min", Double), ("max", Double), ("s
 
 def _rollup_table(name: str) -> Table:
     """A rollup level: one row per (layer, block, rank) with min/max/sum/count/NaN-count of every
-    float statistic and the block's pooled gradient moments (``docs/storage.md``)."""
+    float statistic and the block's pooled gradient moments (``docs/storage.md``). On PostgreSQL
+    its pages are half filled (migration 0010): ingest rewrites these rows in place."""
     return Table(
         name,
         Base.metadata,

@@ -393,3 +393,51 @@ def test_0009_backfills_the_count_rollups_of_both_levels_and_downgrades_cleanly(
         upgrade_to_head(engine)
     finally:
         engine.dispose()
+
+
+def test_0010_leaves_room_for_in_place_rollup_updates_on_postgresql(empty_url: str) -> None:
+    """PostgreSQL: both rollup tables get ``fillfactor = 50``, and a block rewritten by later
+    batches is updated in place (HOT) rather than moved; downgrading resets the setting. SQLite
+    has no such setting: the migration changes nothing there and still upgrades and downgrades."""
+    from sqlalchemy import text
+
+    from gradwatch.agent import wire
+    from gradwatch.server.repo.ingest import store_batch
+
+    engine = make_engine(empty_url)
+    pg = engine.dialect.name == "postgresql"
+
+    def options() -> dict[str, list[str] | None]:
+        with engine.connect() as conn:
+            return {t: conn.execute(text("SELECT reloptions FROM pg_class WHERE relname = :t"), {"t": t}).scalar_one()
+                    for t in ("layer_stat_block", "layer_stat_coarse")}
+
+    try:
+        upgrade_to_head(engine, "0010")
+        if pg:
+            assert options() == {"layer_stat_block": ["fillfactor=50"], "layer_stat_coarse": ["fillfactor=50"]}
+        # 40 layers, 4 batches of 8 steps into one 64-step block and one coarse block per layer
+        layers = [wire.LayerInfo(i, f"l{i}", [4], "float32") for i in range(40)]
+        pages = []
+        for seq in range(4):
+            steps = [wire.StepRecord(step=s, time=float(s), layer_ids=list(range(40)), layers={
+                "numel": [4] * 40, "mean": [0.5] * 40, "m2": [1.0] * 40, "l2": [float(s)] * 40, "maxabs": [1.0] * 40,
+                "nonfinite": [0] * 40}) for s in range(seq * 8, seq * 8 + 8)]
+            with engine.begin() as conn:
+                store_batch(conn, wire.Batch(run=wire.RunInfo(run_id="ff"), seq=seq + 1,
+                                             layers=layers if seq == 0 else [], steps=steps))
+                if pg:  # the heap page of each rollup row
+                    pages.append(conn.execute(text(
+                        "SELECT 'b', layer_id, (ctid::text::point)[0] FROM layer_stat_block UNION ALL "
+                        "SELECT 'c', layer_id, (ctid::text::point)[0] FROM layer_stat_coarse ORDER BY 1, 2")).all())
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*), sum(n), max(l2_max) FROM layer_stat_block")).one() == (40, 1280, 31.0)
+        if pg:  # rewritten three times (11 rows fill a page), every row stayed on its page: updated in place
+            assert len(pages[0]) == 80 and all(p == pages[0] for p in pages[1:]), [
+                (a, b) for a, b in zip(pages[0], pages[-1]) if a != b][:5]
+        downgrade(engine, "0009")
+        if pg:
+            assert options() == {"layer_stat_block": None, "layer_stat_coarse": None}
+        upgrade_to_head(engine)
+    finally:
+        engine.dispose()
