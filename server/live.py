@@ -5,7 +5,9 @@ publishes it to its own hub directly. On PostgreSQL it also sends ``NOTIFY gradw
 (inside the ingest transaction, so it is delivered only on commit) with a small payload
 ``{origin, run_id, source, seq}``; every other server process LISTENs, and if it has subscribers
 for that run, reads the batch's rows back from the database. Payloads stay far below NOTIFY's
-8000-byte limit whatever the batch size.
+8000-byte limit whatever the batch size. NOTIFY is not kept for a connection that is gone: a
+listener whose connection broke reads, once it listens again, the rows of the batches received
+meanwhile for every run it has subscribers for (the hub drops what they already have).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import math
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -31,6 +34,11 @@ log = logging.getLogger(__name__)
 
 _STEP_FIELDS = STEP_FLOAT_COLUMNS
 _QUEUE_SIZE = 1000
+#: A listener back from a lost connection relays the batches received from this long before it
+#: found the connection broken: a break is seen a little after it happens, a batch's
+#: ``received_at`` is taken before its commit, and the storing process's clock may differ a
+#: little from this one's.
+_CATCH_UP_MARGIN_S = 10.0
 
 
 #: Stored per-layer fields the live stream carries (the spec's, in spec order).
@@ -96,14 +104,21 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
                             "AND seq = :q"), {"r": run_id, "s": source, "q": seq}).first()
     if row is None:
         return None
+    return message_for_steps(conn, run_id, source, seq, row.step_min, row.step_max, ranks or [source], layers)
+
+
+def message_for_steps(conn: Connection, run_id: str, source: int, seq: int, step_min: int | None,
+                      step_max: int | None, ranks: list[int] | None, layers: bool = False) -> dict[str, Any]:
+    """A live message of the run's stored rows in ``[step_min, step_max]`` of ``ranks`` (None: every
+    rank), labelled with ``source`` and ``seq``."""
     msg: dict[str, Any] = {"type": "batch", "run_id": run_id, "source": source, "seq": seq,
                            "steps": [], "events": [], "scalars": []}
-    if row.step_min is None:
+    if step_min is None or step_max is None:
         return msg
-    rk = ",".join(str(int(r)) for r in (ranks if ranks else [source]))
-    p = {"r": run_id, "a": row.step_min, "b": row.step_max}
+    rk = _rank_filter(ranks, "rank")
+    p = {"r": run_id, "a": step_min, "b": step_max}
     for r in conn.execute(text(f"SELECT step, time, rank, skipped, nan_mask, {', '.join(_STEP_FIELDS)} "
-                               f"FROM step_record WHERE run_id = :r AND rank IN ({rk}) AND "
+                               f"FROM step_record WHERE run_id = :r {rk} AND "
                                "step BETWEEN :a AND :b ORDER BY step"), p):
         st: dict[str, Any] = {"step": r.step, "time": r.time, "rank": r.rank}
         for bit, f in enumerate(_STEP_FIELDS):
@@ -113,27 +128,33 @@ def message_from_db(conn: Connection, run_id: str, source: int, seq: int,
         msg["steps"].append(st)
     by_step = {(st["step"], st["rank"]): st for st in msg["steps"]}
     for r in conn.execute(text(f"SELECT step, rank, transform, field, value, is_nan FROM transform_value WHERE "
-                               f"run_id = :r AND rank IN ({rk}) AND step BETWEEN :a AND :b"), p):
+                               f"run_id = :r {rk} AND step BETWEEN :a AND :b"), p):
         owner = by_step.get((r.step, r.rank))
         if owner is not None:
             owner["transforms"].setdefault(r.transform, {})[r.field] = enc_nan(r.value, bool(r.is_nan))
     if layers and msg["steps"]:
-        _layers_from_db(conn, msg["steps"], run_id, rk, p)
+        _layers_from_db(conn, msg["steps"], run_id, ranks, p)
     # the batch's own (agent) events, as the in-process path sends; detector events are read over REST
-    for r in conn.execute(text(f"SELECT kind, step, time, rank, data FROM event WHERE run_id = :r AND rank IN ({rk}) "
+    for r in conn.execute(text(f"SELECT kind, step, time, rank, data FROM event WHERE run_id = :r {rk} "
                                "AND source = 'agent' AND step BETWEEN :a AND :b ORDER BY step, id"), p):
         data = json.loads(r.data) if isinstance(r.data, str) else r.data
         msg["events"].append({"kind": r.kind, "step": r.step, "time": r.time, "rank": r.rank, "data": data or {}})
     scalars: dict[tuple[int, int], dict[str, Any]] = {}
-    for r in conn.execute(text("SELECT key, step, time, rank, value, is_nan FROM scalar WHERE run_id = :r AND "
-                               f"rank IN ({rk}) AND step BETWEEN :a AND :b ORDER BY step, key"), p):
+    for r in conn.execute(text(f"SELECT key, step, time, rank, value, is_nan FROM scalar WHERE run_id = :r {rk} "
+                               "AND step BETWEEN :a AND :b ORDER BY step, key"), p):
         s = scalars.setdefault((r.step, r.rank), {"step": r.step, "time": r.time, "rank": r.rank, "values": {}})
         s["values"][r.key] = enc_nan(r.value, bool(r.is_nan))
     msg["scalars"] = list(scalars.values())
     return msg
 
 
-def _layers_from_db(conn: Connection, steps: list[dict[str, Any]], run_id: str, rk: str, p: dict[str, Any]) -> None:
+def _rank_filter(ranks: list[int] | None, column: str) -> str:
+    """``AND column IN (...)`` for ``ranks``; nothing for None (every rank)."""
+    return "" if ranks is None else f"AND {column} IN ({','.join(str(int(r)) for r in ranks)})"
+
+
+def _layers_from_db(conn: Connection, steps: list[dict[str, Any]], run_id: str, ranks: list[int] | None,
+                    p: dict[str, Any]) -> None:
     """Attach each step's per-layer block, read back from ``layer_stat`` (NaN: NULL + mask bit)."""
     by_key = {(st["step"], st["rank"]): st for st in steps}
     cols = ", ".join(f"s.{c}" for c in _LIVE_STORED)
@@ -142,7 +163,8 @@ def _layers_from_db(conn: Connection, steps: list[dict[str, Any]], run_id: str, 
     acc: dict[tuple[int, int], dict[str, list[Any]]] = {}
     for r in conn.execute(text(
             f"SELECT s.step, s.rank, l.idx, s.nan_mask, {cols} FROM layer_stat s JOIN layer l ON l.id = s.layer_id "
-            f"WHERE l.run_id = :r AND s.rank IN ({rk}) AND s.step BETWEEN :a AND :b ORDER BY s.step, s.rank, l.idx"), p):
+            f"WHERE l.run_id = :r {_rank_filter(ranks, 's.rank')} AND s.step BETWEEN :a AND :b "
+            "ORDER BY s.step, s.rank, l.idx"), p):
         if (r[0], r[1]) not in by_key:
             continue
         blk = acc.setdefault((r[0], r[1]), {"index": [], **{k: [] for k in _LIVE_STORED}})
@@ -250,6 +272,14 @@ class LiveHub:
         if run_id not in self._subs:
             self._delivered.pop(run_id, None)
 
+    def subscribed_runs(self) -> list[str]:
+        """The runs with subscribers now (callable from any thread)."""
+        while True:
+            try:
+                return list(self._subs)
+            except RuntimeError:  # changed size on the loop's thread while copied: copy again
+                continue
+
     def has_subscribers(self, run_id: str) -> bool:
         return bool(self._subs.get(run_id))
 
@@ -314,10 +344,14 @@ class _PgListener:
         import psycopg
 
         url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        lost_at: float | None = None  # when the LISTEN connection was found broken
         while not self._stop.is_set():
             try:
                 with psycopg.connect(url, autocommit=True) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    if lost_at is not None:
+                        self._catch_up(lost_at - _CATCH_UP_MARGIN_S)
+                        lost_at = None
                     self._ready.set()
                     while not self._stop.is_set():
                         for n in conn.notifies(timeout=0.5):
@@ -326,8 +360,32 @@ class _PgListener:
                 self._ready.set()
                 if self._stop.is_set():
                     return
+                if lost_at is None:
+                    lost_at = time.time()
                 log.exception("PostgreSQL LISTEN connection failed; retrying in 1 s")
                 self._stop.wait(1.0)
+
+    def _catch_up(self, since: float) -> None:
+        """Relay what other processes stored while this listener was not listening: NOTIFY is not
+        queued for a connection that is gone. For each run with subscribers, one message of every
+        rank's rows over the steps of the batches received since ``since``; the hub drops the
+        steps its subscribers already have."""
+        for run_id in self.hub.subscribed_runs():
+            try:
+                with self.engine.connect() as conn:
+                    row = conn.execute(text(  # the span of those batches, labelled as the latest one
+                        "SELECT min(step_min) OVER (), max(step_max) OVER (), source, seq FROM ingest_batch "
+                        "WHERE run_id = :r AND received_at >= :t ORDER BY received_at DESC, seq DESC LIMIT 1"),
+                        {"r": run_id, "t": since}).first()
+                    if row is None or row[0] is None:
+                        continue
+                    lo, hi, source, seq = row
+                    msg = message_for_steps(conn, run_id, int(source), int(seq), lo, hi, None,
+                                            layers=self.hub.wants_layers(run_id))
+                self.hub.publish(run_id, msg)
+                log.info("live: relayed steps %s..%s of run %s missed while not listening", lo, hi, run_id)
+            except Exception:
+                log.exception("could not relay the steps of run %s missed while not listening", run_id)
 
     def _handle(self, payload: str) -> None:
         try:
