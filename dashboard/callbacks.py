@@ -480,7 +480,7 @@ def zoom_range(relayout: dict[str, Any] | None, gid: str) -> tuple[int | None, i
     """``(start, end, skip)`` for a chart's callback: the steps a zoom on ``gid`` asks for
     (``None``: the whole run), and ``skip`` when the trigger was a relayout that changed no x
     range (a y zoom, an autosize, a hover mode): nothing to refetch."""
-    if "reset-zoom.n_clicks" in dash.ctx.triggered_prop_ids:  # a stale zoom stays in relayoutData
+    if "reset-zoom.n_clicks" in dash.ctx.triggered_prop_ids:  # a stale zoom stays in the zoom store
         return None, None, False
     start, end = _visible(relayout)
     if dash.ctx.triggered_id == layout.zoom_id(gid):

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from gradwatch.dashboard.layout import ZOOMABLE
+
 from .conftest import Page, Server, wait_until
 
 GD = "(id) => document.querySelector('#' + id + ' .js-plotly-plot')"
@@ -268,7 +270,6 @@ ALL_X = "(id) => { const g = document.querySelector('#' + id + ' .js-plotly-plot
         "if (!g || !g.data || !g.data.length) { return null; } const xs = []; " \
         "for (const t of g.data) { if (t.hoverinfo !== 'skip' && t.mode !== 'markers') { " \
         "for (const x of (t.x || [])) { xs.push(x); } } } return xs; }"
-ZOOMABLE = ("heatmap", "layer-graph", "norm-graph", "scale-graph", "scalars-graph", "transforms-graph")
 
 
 @pytest.mark.slow
