@@ -239,8 +239,8 @@ def build_big_run(kind: str, url: str, rows: int) -> tuple[str, int]:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")
         con.execute("BEGIN")
-        con.execute("INSERT INTO run (id, project, status, world_size, created_at, updated_at, last_step) "
-                    "VALUES (?, 'bench', 'finished', 1, 0, 0, ?)", (run_id, steps))
+        con.execute("INSERT INTO run (id, project, status, world_size, created_at, updated_at, last_step, "
+                    "coarse_through) VALUES (?, 'bench', 'finished', 1, 0, 0, ?, ?)", (run_id, steps, _mark(steps)))
         con.executemany("INSERT INTO layer (run_id, idx, name, dtype, sparse) VALUES (?, ?, ?, '', 0)",
                         [(run_id, i, f"model.layers.{i}.weight") for i in range(LAYERS)])
         con.execute("COMMIT")
@@ -265,8 +265,8 @@ def build_big_run(kind: str, url: str, rows: int) -> tuple[str, int]:
         import psycopg
 
         with psycopg.connect(_libpq(url), autocommit=True) as con:
-            con.execute("INSERT INTO run (id, project, status, world_size, created_at, updated_at, last_step) "
-                        "VALUES (%s, 'bench', 'finished', 1, 0, 0, %s)", (run_id, steps))
+            con.execute("INSERT INTO run (id, project, status, world_size, created_at, updated_at, last_step, "
+                        "coarse_through) VALUES (%s, 'bench', 'finished', 1, 0, 0, %s, %s)", (run_id, steps, _mark(steps)))
             con.execute("INSERT INTO layer (run_id, idx, name, dtype, sparse) "
                         "SELECT %s, i, 'model.layers.' || i || '.weight', '', false FROM generate_series(0, %s) i",
                         (run_id, LAYERS - 1))
@@ -292,10 +292,19 @@ def _rollup_sqlite(con: object, ids: list[int], steps: int) -> None:
     con.execute("COMMIT")  # type: ignore[attr-defined]
 
 
+def _mark(steps: int) -> int:
+    """The coarse level's watermark ingest leaves after steps [0, ``steps``]: the start of the
+    coarse block holding the last step (``run.coarse_through``)."""
+    from gradwatch.server.db.models import COARSE_STEPS
+
+    return steps // COARSE_STEPS * COARSE_STEPS
+
+
 def rollup_sql(ids: str, steps: int, per: int = 20) -> list[str]:
-    """The statements that build both rollup levels of steps [0, ``steps``] of layers ``ids``,
-    ``per`` layers a statement (one statement over 50M rows spilled a 4.7 GB hash join and had
-    not finished after 40 minutes on the 2-core box)."""
+    """The statements that build both rollup levels of steps [0, ``steps``] of layers ``ids`` as
+    ingest leaves them (coarse blocks below the watermark), ``per`` layers a statement (one
+    statement over 50M rows spilled a 4.7 GB hash join and had not finished after 40 minutes on
+    the 2-core box)."""
     from gradwatch.server.repo.ingest import _COARSE_ROLLUP, _ROLLUP
 
     split = ids.split(",")
@@ -303,7 +312,7 @@ def rollup_sql(ids: str, steps: int, per: int = 20) -> list[str]:
     for k in range(0, len(split), per):
         chunk = ",".join(split[k:k + per])
         out += [_ROLLUP.replace("{ids}", chunk).replace(":lo", "0").replace(":hi", str(steps + 64)),
-                _COARSE_ROLLUP.replace("{ids}", chunk).replace(":lo", "0").replace(":hi", str(steps // 64 + 1))]
+                _COARSE_ROLLUP.replace("{ids}", chunk).replace(":lo", "0").replace(":hi", str(_mark(steps) // 64 - 1))]
     return out
 
 
@@ -522,8 +531,10 @@ def main() -> None:
                             r = max(r, r2)
                         raws.append(r)
                     elif what == "before":
-                        befores.append(ingest_via_server(u, encoded, n_rows, tmp,
-                                                         env={"PYTHONPATH": args.before_pythonpath}))
+                        # (the database is at this checkout's head, which an older server's
+                        # migrations do not know: it must not try to migrate it)
+                        befores.append(ingest_via_server(u, encoded, n_rows, tmp, env={
+                            "PYTHONPATH": args.before_pythonpath, "GRADWATCH_SERVER_MIGRATE_ON_START": "false"}))
                     elif what == "off":
                         offs.append(ingest_via_server(u, encoded, n_rows, tmp,
                                                       env={"GRADWATCH_SERVER_DETECTORS_ENABLED": "false"}))

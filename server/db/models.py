@@ -60,6 +60,9 @@ class Run(Base):
     created_at: Mapped[float] = mapped_column(Double)
     updated_at: Mapped[float] = mapped_column(Double)
     last_step: Mapped[int | None] = mapped_column(BigInteger)
+    #: Steps below this (a multiple of ``COARSE_STEPS``) are in ``layer_stat_coarse``, exactly;
+    #: above it the coarse level is not kept and reads take the 64-step blocks (``docs/storage.md``).
+    coarse_through: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_run_project_created_at", "project", "created_at"),
@@ -257,7 +260,9 @@ layer_stat_block = _rollup_table("layer_stat_block")
 
 #: Steps per coarse rollup block (``COARSE_FACTOR`` 64-step blocks). A heatmap of hundreds of
 #: layers over 100,000+ steps reads these: 500 layers × 100,000 steps are ~49k coarse rows
-#: instead of ~780k blocks. Maintained at ingest from the 64-step blocks of each batch.
+#: instead of ~780k blocks. Kept only below each run's ``run.coarse_through`` watermark: a batch
+#: that takes its run's steps into a new coarse block computes the finished ones below it from
+#: their 64-step blocks once; a batch that lands below the watermark merges into them.
 COARSE_FACTOR = 16
 COARSE_STEPS = BLOCK_STEPS * COARSE_FACTOR
 layer_stat_coarse = _rollup_table("layer_stat_coarse")

@@ -30,6 +30,7 @@ from gradwatch.agent.wire import Batch
 from gradwatch.server.db.models import (
     BLOCK_STEPS,
     COARSE_FACTOR,
+    COARSE_STEPS,
     LAYER_FLOAT_COLUMNS,
     LAYER_STAT_COLUMNS,
     STEP_FLOAT_COLUMNS,
@@ -225,6 +226,7 @@ def _coarse_rollup_sql() -> str:
 
 
 _COARSE_ROLLUP = _coarse_rollup_sql()
+_COARSE_ROLLUP_Q = _COARSE_ROLLUP.replace(":lo", "?").replace(":hi", "?")
 
 
 class _PgArray(bytes):
@@ -275,48 +277,92 @@ def pg_array_params(cur: Any, columns: list[tuple[np.ndarray, np.ndarray | None]
 MergeArgs = list[tuple[str, Any]]
 
 
-def merge_args(blocks: BlockColumns, pg: bool) -> MergeArgs:
-    """The arguments of :func:`_merge_blocks` for a batch's 64-step blocks: those blocks and the
-    coarse blocks made of them, in the form the database takes. Pure numpy and Python, so the
-    websocket path builds them in a worker thread before the write transaction (they are
-    written last in it, under the rollup rows' locks that batches of a run wait for)."""
+def merge_args(blocks: BlockColumns, pg: bool, table: str = "layer_stat_block") -> MergeArgs:
+    """The arguments of :func:`_merge_blocks` for a batch's 64-step blocks (or, ``table``
+    ``layer_stat_coarse``, the coarse blocks made of them), in the form the database takes. Pure
+    numpy and Python, so the websocket path builds them in a worker thread before the write
+    transaction (they are written last in it, under the rollup rows' locks that batches of a
+    run wait for). The coarse level is not in them: see :func:`_coarse_work`."""
     if not len(blocks):
         return []
-    levels = (("layer_stat_block", blocks), ("layer_stat_coarse", blocks.coarsen(COARSE_FACTOR)))
-    return [_merge_pg(t, cols) if pg else (_MERGE[False, t], cols.rows()) for t, cols in levels]
+    return [_merge_pg(table, blocks) if pg else (_MERGE[False, table], blocks.rows())]
 
 
-def _merge_blocks(conn: Connection, args: MergeArgs, then: Sequence[tuple[str, tuple[Any, ...]]] = ()
-                  ) -> list[list[tuple[Any, ...]]]:
-    """Merge a batch's 64-step blocks, then the coarse blocks made of them, into the rollup; then
-    run ``then`` (``?``-placeholder statements) and return their rows. PostgreSQL: all in one
-    round trip (pipeline mode), which shortens the part of the transaction that holds rows
-    other batches wait for."""
+def _run_merges(conn: Connection, args: MergeArgs) -> None:
+    """SQLite: the rollup upserts of ``args`` (``executemany`` rows each)."""
     raw: Any = conn.connection.driver_connection
-    if conn.dialect.name == "postgresql":
-        _register_dumpers(raw)  # (on the connection: the pipeline's cursors pass the arrays through)
-        return _raw_all(conn, list(then), driver_first=args)
     cur = raw.cursor()
     try:
         for sql, rows in args:
             cur.executemany(sql, rows)
     finally:
         cur.close()
+
+
+def _merge_blocks(conn: Connection, args: MergeArgs, then: Sequence[tuple[str, tuple[Any, ...]]] = ()
+                  ) -> list[list[tuple[Any, ...]]]:
+    """Merge a batch's rollup blocks (``args``, :func:`merge_args`); then run ``then``
+    (``?``-placeholder statements) and return their rows. PostgreSQL: all in one round trip
+    (pipeline mode), which shortens the part of the transaction that holds rows other batches
+    wait for."""
+    if conn.dialect.name == "postgresql":
+        if args:  # (on the connection: the pipeline's cursors pass the arrays through)
+            _register_dumpers(conn.connection.driver_connection)
+        return _raw_all(conn, list(then), driver_first=args)
+    _run_merges(conn, args)
     return _raw_all(conn, list(then))
 
 
 def _update_blocks(conn: Connection, layer_ids: set[int], step_min: int, step_max: int) -> None:
-    """Recompute the touched blocks from the stored rows, then the coarse blocks holding them from
-    the blocks (the overlap path: exact whatever was there)."""
+    """Recompute the touched 64-step blocks from the stored rows (the overlap path: exact
+    whatever was there); the coarse blocks holding them follow in :func:`_coarse_work`."""
     if not layer_ids:
         return
-    coarse = BLOCK_STEPS * COARSE_FACTOR
-    lo = step_min // coarse * coarse
-    hi = step_max // coarse * coarse + coarse - 1
     ids = ",".join(str(int(i)) for i in sorted(layer_ids))
     conn.execute(text(_ROLLUP.replace("{ids}", ids)), {"lo": step_min // BLOCK_STEPS * BLOCK_STEPS,
                                                        "hi": step_max // BLOCK_STEPS * BLOCK_STEPS + BLOCK_STEPS - 1})
-    conn.execute(text(_COARSE_ROLLUP.replace("{ids}", ids)), {"lo": lo // BLOCK_STEPS, "hi": hi // BLOCK_STEPS})
+
+
+#: The run row, locked (the first statement of a batch's tail to touch it), and the coarse
+#: level's watermark it holds. The lock the UPDATE after it takes anyway: FOR UPDATE would also
+#: wait for the key-share locks every batch's foreign keys hold on the run row until commit
+#: (two batches of a run would deadlock).
+_WATERMARK = {True: "SELECT coarse_through FROM run WHERE id = ? FOR NO KEY UPDATE",
+              False: "SELECT coarse_through FROM run WHERE id = ?"}
+
+
+def _coarse_recompute(layer_ids: Sequence[int], lo: int, hi: int) -> tuple[str, tuple[Any, ...]]:
+    """The statement that recomputes the coarse blocks over steps [lo, hi] (whole coarse blocks)
+    of ``layer_ids`` from their 64-step blocks, replacing what they held."""
+    ids = ",".join(str(int(i)) for i in sorted(layer_ids))
+    return _COARSE_ROLLUP_Q.replace("{ids}", ids), (lo // BLOCK_STEPS, hi // BLOCK_STEPS) * _COARSE_ROLLUP.count(":lo")
+
+
+def _coarse_work(frame: LayerFrame, merged: bool, old: int, new: int, run_layers: Sequence[int], pg: bool
+                 ) -> tuple[MergeArgs, list[tuple[str, tuple[Any, ...]]]]:
+    """What a stored batch owes the coarse level, under its run row's lock, given the run's
+    watermark before (``old``) and after (``new``) it: (merges, recomputes).
+
+    Coarse blocks exist below the watermark only, exact (``docs/storage.md``). The batch's rows
+    below ``old`` are merged into them (a late batch, a lagging rank); ``merged`` False (the
+    overlap path, whose 64-step blocks were recomputed) recomputes the coarse blocks holding its
+    rows instead. Moving the watermark from ``old`` to ``new`` computes the coarse blocks between
+    from the 64-step blocks, all of the run's layers: every batch committed before this one
+    is in them, and every batch after it sees ``new`` and merges what it holds below. The two
+    step ranges are disjoint, so the order of the statements does not matter."""
+    merges: MergeArgs = []
+    recompute: list[tuple[str, tuple[Any, ...]]] = []
+    if len(frame) and int(frame.step.min()) < old:
+        if merged:
+            below = frame.subset(frame.step < old)
+            merges = merge_args(below.blocks().coarsen(COARSE_FACTOR), pg, "layer_stat_coarse")
+        else:
+            lo = int(frame.step.min()) // COARSE_STEPS * COARSE_STEPS
+            hi = min(int(frame.step.max()) // COARSE_STEPS * COARSE_STEPS + COARSE_STEPS, old) - 1
+            recompute.append(_coarse_recompute(np.unique(frame.layer_id).tolist(), lo, hi))
+    if new > old and run_layers:
+        recompute.append(_coarse_recompute(run_layers, old, new - 1))
+    return merges, recompute
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,11 +419,12 @@ _NEXT_SEQS_LOCKED = _NEXT_SEQS.replace("seq > ?", "seq > (SELECT acked FROM inge
                                                   "source = ?)")
 
 
-def _lock_cursor(conn: Connection, run_id: str, source: int, before: Sequence[tuple[str, tuple[Any, ...]]] = ()
-                 ) -> tuple[int, list[int] | None]:
-    """Create-or-lock the (run, source) cursor row, after running ``before`` (statements whose
-    rows are not needed, in the same round trip); returns ``acked`` and, on PostgreSQL, the
-    first page of stored seqs after it (None: not read).
+def _lock_cursor(conn: Connection, run_id: str, source: int, before: Sequence[tuple[str, tuple[Any, ...]]] = (),
+                 merges: MergeArgs | None = None) -> tuple[int, list[int] | None]:
+    """Create-or-lock the (run, source) cursor row, after running ``merges`` (rollup upserts,
+    :func:`merge_args`) and ``before`` (statements whose rows are not needed), in the same round
+    trip; returns ``acked`` and, on PostgreSQL, the first page of stored seqs after it (None: not
+    read).
 
     ``ON CONFLICT DO UPDATE`` takes the row lock on PostgreSQL, which serialises concurrent
     batches of one source until commit (SQLite has a single writer anyway). There the seqs are
@@ -385,10 +432,10 @@ def _lock_cursor(conn: Connection, run_id: str, source: int, before: Sequence[tu
     so its snapshot is taken after the lock is granted and holds every seq committed before.
     """
     if conn.dialect.name != "postgresql":
-        _raw_all(conn, list(before))
+        _merge_blocks(conn, merges or [], before)
         return int(_raw(conn, _LOCK_CURSOR, (run_id, source))[0][0]), None
-    *_, lock, nxt = _raw_all(conn, [*before, (_LOCK_CURSOR, (run_id, source)),
-                                    (_NEXT_SEQS_LOCKED, (run_id, source, run_id, source))])
+    *_, lock, nxt = _merge_blocks(conn, merges or [], [*before, (_LOCK_CURSOR, (run_id, source)),
+                                                       (_NEXT_SEQS_LOCKED, (run_id, source, run_id, source))])
     return int(lock[0][0]), [r[0] for r in nxt]
 
 
@@ -728,6 +775,7 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     else:
         frame, prepared_merge = LayerFrame.from_batch(batch, ids), None
     merge: MergeArgs | None = None
+    merged = True  # the batch's new rows are merged into the rollup (not recomputed from the rows)
     if len(frame):
         if pg and upsert:
             # Merge only what this batch really added (exact, and safe beside concurrent writers,
@@ -737,6 +785,7 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         elif _insert_layer_rows(conn, frame):
             merge = prepared_merge if prepared_merge is not None else merge_args(frame.blocks(), pg)
         else:  # SQLite, some rows existed: recompute the touched blocks (one writer: no race)
+            merged = False
             _update_blocks(conn, set(np.unique(frame.layer_id).tolist()), int(frame.step.min()),
                            int(frame.step.max()))
     if batch.steps:
@@ -762,16 +811,22 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
     if step_max is not None:
         sets.append("last_step = CASE WHEN last_step IS NULL OR last_step < ? THEN ? ELSE last_step END")
         params += [step_max, step_max]
-    tail = [(f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))]
+    mark = int(frame.step.max()) // COARSE_STEPS * COARSE_STEPS if len(frame) else 0
+    if mark > 0:  # the coarse level's watermark moves to the coarse block holding the batch's last step
+        sets.append("coarse_through = CASE WHEN coarse_through < ? THEN ? ELSE coarse_through END")
+        params += [mark, mark]
+    tail = [(_WATERMARK[pg], (run_id,)), (f"UPDATE run SET {', '.join(sets)} WHERE id = ?", (*params, run_id))]
     # the detector state is locked under the run row's lock, so batches of a run meet it in order
     detecting = detect and detect_store.detects(batch)
     if detecting:
         tail += detect_store.lock_statements(batch, now)
-    locked = _merge_blocks(conn, merge, then=tail) if merge else _raw_all(conn, tail)
-    save = detect_store.on_batch(conn, batch, frame, now, locked[1:]) if detecting else None
+    locked = _merge_blocks(conn, merge or [], then=tail)
+    old_mark = int(locked[0][0][0]) if locked[0] else 0
+    coarse, recompute = _coarse_work(frame, merged, old_mark, max(old_mark, mark), [i for i, _ in known.values()], pg)
+    save = detect_store.on_batch(conn, batch, frame, now, locked[2:]) if detecting else None
     if batch.lost:
         record_lost(conn, run_id, source, batch.lost)
-    acked, seqs = _lock_cursor(conn, run_id, source, before=[save] if save else [])
+    acked, seqs = _lock_cursor(conn, run_id, source, before=[*recompute, *([save] if save else [])], merges=coarse)
     last: list[tuple[str, tuple[Any, ...]]] = []
     if seq == acked + 1:
         moved = _advance_cursor(conn, run_id, source, acked, seqs)

@@ -46,19 +46,36 @@ def _aligned(w: int) -> int:
     return -(-w // u) * u
 
 
-def _segments(a: int, b: int, levels: tuple[tuple[int, str], ...]) -> list[tuple[int, str, int, int]]:
+def _segments(a: int, b: int, levels: tuple[tuple[int, str], ...], coarse_below: int | None = None
+              ) -> list[tuple[int, str, int, int]]:
     """[a, b] cut into (steps per block, table, lo, hi): whole blocks of the coarsest level,
     what remains at either edge from the finer levels, the partial 64-step blocks at the very
-    edges from the rows (steps 1, ``layer_stat``)."""
+    edges from the rows (steps 1, ``layer_stat``). Coarse blocks are taken only below
+    ``coarse_below`` (the runs' watermark, :func:`coarse_watermark`; None: none at all)."""
     if a > b:
         return []
     if not levels:
         return [(1, "layer_stat", a, b)]
     size, table = levels[-1]
     first, last = -(-a // size) * size, (b + 1) // size * size - 1
+    if size == COARSE_STEPS:
+        last = min(last, -1 if coarse_below is None else coarse_below // size * size - 1)
     if first > last:
-        return _segments(a, b, levels[:-1])
-    return [*_segments(a, first - 1, levels[:-1]), (size, table, first, last), *_segments(last + 1, b, levels[:-1])]
+        return _segments(a, b, levels[:-1], coarse_below)
+    return [*_segments(a, first - 1, levels[:-1], coarse_below), (size, table, first, last),
+            *_segments(last + 1, b, levels[:-1], coarse_below)]
+
+
+def coarse_watermark(conn: Connection, layer_ids: list[int], w: int) -> int | None:
+    """Steps below which the coarse level holds the runs of ``layer_ids`` (``run.coarse_through``,
+    the lowest of their runs'); None without a query where buckets of ``w`` steps read no coarse
+    block anyway."""
+    if w % COARSE_STEPS or not layer_ids:
+        return None
+    ids = ",".join(str(int(i)) for i in layer_ids)
+    v = conn.execute(text(f"SELECT min(coarse_through) FROM run WHERE id IN (SELECT DISTINCT run_id FROM layer "
+                          f"WHERE id IN ({ids}))")).scalar()
+    return None if v is None else int(v)
 
 
 def _levels(w: int) -> tuple[tuple[int, str], ...]:
@@ -66,7 +83,7 @@ def _levels(w: int) -> tuple[tuple[int, str], ...]:
     return tuple(lv for lv in ROLLUP_LEVELS if w % lv[0] == 0)
 
 
-def _parts_sql(layer_ids: list[int], stat: str, a: int, b: int, w: int, rank: int | None,
+def _parts_sql(layer_ids: list[int], stat: str, a: int, b: int, w: int, rank: int | None, coarse_below: int | None,
                cols: tuple[str, ...] = ("smin", "smax", "mn", "mx", "sm", "cnt", "n", "nan"), ordered: bool = True) -> str:
     """One statement: per (layer, bucket ``(step − :k0) // w``) the aggregates ``cols`` of
     ``stat`` over [a, b], whole blocks of each rollup level and the edge rows pooled in SQL
@@ -76,7 +93,7 @@ def _parts_sql(layer_ids: list[int], stat: str, a: int, b: int, w: int, rank: in
     rk = "" if rank is None else f" AND rank = {int(rank)}"
     col, nan = stat_sql(stat)
     subs = []
-    for size, table, lo, hi in _segments(a, b, _levels(w)):
+    for size, table, lo, hi in _segments(a, b, _levels(w), coarse_below):
         if size == 1:
             subs.append(f"SELECT layer_id, (step - :k0) / :w AS bk, step AS smin, step AS smax, {col} AS mn, {col} AS mx, "
                         f"{col} AS sm, CASE WHEN {col} IS NULL THEN 0 ELSE 1 END AS cnt, 1 AS n, {nan} AS nan "
@@ -98,7 +115,7 @@ POOLED_STATS: tuple[str, ...] = ("mean", "var", "std")
 
 
 def _pooled(conn: Connection, layer_ids: list[int], a: int, b: int, w: int, key0: int, rank: int | None,
-            blocks: bool) -> dict[tuple[int, int], dict[str, Any]]:
+            blocks: bool, coarse_below: int | None) -> dict[tuple[int, int], dict[str, Any]]:
     """Per (layer, bucket ``(start − key0) // w``): Chan's merge (:func:`merge_moments`) over the
     pooled moments of the whole rollup blocks inside [a, b] (coarsest level first) and over the
     rows outside them. Rows with a non-finite mean or M2 are left out and counted in ``skipped``.
@@ -117,7 +134,7 @@ def _pooled(conn: Connection, layer_ids: list[int], a: int, b: int, w: int, key0
             cur[0] = merge_moments(cur[0], Moments(int(n), float(mean), float(m2)))
         cur[1] += int(skip or 0)
 
-    for size, table, lo, hi in _segments(a, b, _levels(w) if blocks else ()):
+    for size, table, lo, hi in _segments(a, b, _levels(w) if blocks else (), coarse_below):
         if size > 1:
             for lid, blk, n, mean, m2, skip in conn.execute(text(
                     f"SELECT layer_id, block, mom_n, mom_mean, mom_m2, mom_skip FROM {table} WHERE layer_id "
@@ -212,11 +229,13 @@ def layers_series(conn: Connection, layer_ids: list[int], stat: str, *, start: i
         return [{"downsampled": False, "points": pts[lid]} for lid in layer_ids]
     buckets: dict[int, list[dict[str, Any]]] = {lid: [] for lid in layer_ids}
     blocks = _blocks_apply(stat, w, use_blocks)
+    coarse = None
     if blocks:
         w = _aligned(w)  # whole blocks per bucket (at most max_points buckets)
         key0 = a // _unit(w) * _unit(w)
+        coarse = coarse_watermark(conn, layer_ids, w)
         for lid, bk, smin, smax, mn, mx, sm, cnt, n, nn in conn.execute(
-                text(_parts_sql(layer_ids, stat, a, b, w, rank)), {"k0": key0, "w": w}):
+                text(_parts_sql(layer_ids, stat, a, b, w, rank, coarse)), {"k0": key0, "w": w}):
             buckets[lid].append(_bucket(smin, smax, mn, mx, None if not cnt or sm is None else sm / cnt, n, nn))
             buckets[lid][-1]["_key"] = (lid, bk)
     else:
@@ -226,7 +245,7 @@ def layers_series(conn: Connection, layer_ids: list[int], stat: str, *, start: i
                 f"count(*), sum({nan}) {where} GROUP BY layer_id, bk ORDER BY layer_id, bk"), {**p, "w": w}):
             buckets[r[0]].append(_bucket(*r[2:]))
             buckets[r[0]][-1]["_key"] = (r[0], r[1])
-    pooled = _pooled(conn, layer_ids, a, b, w, key0, rank, blocks) if stat in POOLED_STATS else None
+    pooled = _pooled(conn, layer_ids, a, b, w, key0, rank, blocks, coarse) if stat in POOLED_STATS else None
     for bs in buckets.values():
         for bkt in bs:
             key = bkt.pop("_key")
@@ -298,7 +317,8 @@ def heatmap(conn: Connection, layers: list[tuple[int, int, str]], stat: str, *, 
     cols = ("mn", "mx", "sm", "cnt", "nan") if agg == "mean" else ("mx" if agg == "max" else "mn", "nan")
     params = {"k0": key0, "w": w}
     if blocks:
-        sql = _parts_sql([lid for lid, _, _ in layers], stat, a, b, w, None, cols, ordered=False)
+        lids = [lid for lid, _, _ in layers]
+        sql = _parts_sql(lids, stat, a, b, w, None, coarse_watermark(conn, lids, w), cols, ordered=False)
     else:
         col, nan = stat_sql(stat)
         fn = {"max": f"max({col})", "min": f"min({col})"}.get(agg, f"min({col}), max({col}), sum({col}), count({col})")

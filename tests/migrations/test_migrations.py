@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -416,22 +417,27 @@ def test_0010_leaves_room_for_in_place_rollup_updates_on_postgresql(empty_url: s
         upgrade_to_head(engine, "0010")
         if pg:
             assert options() == {"layer_stat_block": ["fillfactor=50"], "layer_stat_coarse": ["fillfactor=50"]}
-        # 40 layers, 4 batches of 8 steps into one 64-step block and one coarse block per layer
+        upgrade_to_head(engine)  # (the code below writes the head schema)
+        # 40 layers: one step past the first coarse block (the coarse level's watermark moves
+        # there), then 4 batches of 8 steps into one 64-step block and, below the watermark, into
+        # one coarse block per layer
         layers = [wire.LayerInfo(i, f"l{i}", [4], "float32") for i in range(40)]
         pages = []
-        for seq in range(4):
+        for seq, steps_of in enumerate([range(1024, 1025), *(range(k * 8, k * 8 + 8) for k in range(4))]):
             steps = [wire.StepRecord(step=s, time=float(s), layer_ids=list(range(40)), layers={
                 "numel": [4] * 40, "mean": [0.5] * 40, "m2": [1.0] * 40, "l2": [float(s)] * 40, "maxabs": [1.0] * 40,
-                "nonfinite": [0] * 40}) for s in range(seq * 8, seq * 8 + 8)]
+                "nonfinite": [0] * 40}) for s in steps_of]
             with engine.begin() as conn:
                 store_batch(conn, wire.Batch(run=wire.RunInfo(run_id="ff"), seq=seq + 1,
                                              layers=layers if seq == 0 else [], steps=steps))
-                if pg:  # the heap page of each rollup row
+                if pg and seq:  # the heap page of each rollup row of steps 0-31
                     pages.append(conn.execute(text(
-                        "SELECT 'b', layer_id, (ctid::text::point)[0] FROM layer_stat_block UNION ALL "
+                        "SELECT 'b', layer_id, (ctid::text::point)[0] FROM layer_stat_block WHERE block = 0 UNION ALL "
                         "SELECT 'c', layer_id, (ctid::text::point)[0] FROM layer_stat_coarse ORDER BY 1, 2")).all())
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT count(*), sum(n), max(l2_max) FROM layer_stat_block")).one() == (40, 1280, 31.0)
+            assert conn.execute(text("SELECT count(*), sum(n), max(l2_max) FROM layer_stat_block WHERE block = 0")
+                                ).one() == (40, 1280, 31.0)
+            assert conn.execute(text("SELECT count(*), sum(n), max(l2_max) FROM layer_stat_coarse")).one() == (40, 1280, 31.0)
         if pg:  # rewritten three times (11 rows fill a page), every row stayed on its page: updated in place
             assert len(pages[0]) == 80 and all(p == pages[0] for p in pages[1:]), [
                 (a, b) for a, b in zip(pages[0], pages[-1]) if a != b][:5]
@@ -439,5 +445,65 @@ def test_0010_leaves_room_for_in_place_rollup_updates_on_postgresql(empty_url: s
         if pg:
             assert options() == {"layer_stat_block": None, "layer_stat_coarse": None}
         upgrade_to_head(engine)
+    finally:
+        engine.dispose()
+
+
+def test_0011_keeps_coarse_blocks_below_a_watermark_and_downgrades_to_every_block(empty_url: str) -> None:
+    """Ingest at 0011 keeps the coarse blocks below each run's watermark only (the block
+    holding its last step and later ones come from the 64-step blocks); downgrading computes
+    the missing ones from the 64-step blocks, so the coarse level is whole again as 0010 kept
+    it; upgrading a whole coarse level starts each watermark past its run's last step, and a
+    later batch below it merges into what is there. Checked against the rows each time."""
+    from sqlalchemy import text
+
+    from gradwatch.agent import wire
+    from gradwatch.server.repo.ingest import store_batch
+
+    engine = make_engine(empty_url)
+
+    def store(run: str, seq: int, steps: range) -> None:
+        recs = [wire.StepRecord(step=s, time=float(s), layer_ids=[0, 1, 2], layers={
+            "numel": [4] * 3, "mean": [0.5] * 3, "m2": [1.0] * 3, "l2": [float(s + i) for i in range(3)],
+            "maxabs": [1.0] * 3, "nonfinite": [0] * 3}) for s in steps]
+        layers = [wire.LayerInfo(i, f"l{i}", [4], "float32") for i in range(3)]
+        with engine.begin() as conn:
+            store_batch(conn, wire.Batch(run=wire.RunInfo(run_id=run), seq=seq, layers=layers, steps=recs))
+
+    def norm(rows: Any) -> list[tuple[float, ...]]:
+        return [tuple(float(v) for v in r) for r in rows]
+
+    def coarse() -> list[tuple[float, ...]]:
+        with engine.connect() as conn:
+            return norm(conn.execute(text("SELECT layer_id, block, rank, n, l2_max, l2_sum, mom_n FROM layer_stat_coarse "
+                                          "ORDER BY layer_id, block, rank")))
+
+    def from_rows(skip: set[tuple[str, int]] | None = None) -> list[tuple[float, ...]]:
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT s.layer_id, s.step / 1024, s.rank, count(*), max(s.l2), sum(s.l2), sum(s.numel), min(l.run_id) "
+                "FROM layer_stat s JOIN layer l ON l.id = s.layer_id GROUP BY s.layer_id, s.step / 1024, s.rank "
+                "ORDER BY 1, 2, 3")).all()
+        return norm(r[:7] for r in rows if (r[7], r[1]) not in (skip or set()))
+
+    def marks() -> dict[str, int]:
+        with engine.connect() as conn:
+            return dict(conn.execute(text("SELECT id, coarse_through FROM run")).all())
+
+    try:
+        upgrade_to_head(engine)
+        store("a", 1, range(0, 2600))
+        store("b", 1, range(0, 700))
+        assert marks() == {"a": 2048, "b": 0}
+        assert coarse() == from_rows({("a", 2), ("b", 0)}) and len(coarse()) == 6
+        downgrade(engine, "0010")
+        assert "coarse_through" not in {c["name"] for c in inspect(engine).get_columns("run")}
+        assert coarse() == from_rows() and len(coarse()) == 12
+        upgrade_to_head(engine)
+        assert marks() == {"a": 3072, "b": 1024}
+        assert coarse() == from_rows()
+        store("a", 2, range(2600, 3300))  # 2600-3071 merge into coarse block 2; 3072 on are not kept
+        assert marks() == {"a": 3072, "b": 1024}
+        assert coarse() == from_rows({("a", 3)}) and len(coarse()) == 12
     finally:
         engine.dispose()

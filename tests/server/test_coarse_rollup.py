@@ -22,8 +22,9 @@ from sqlalchemy import Engine, event, text
 
 from gradwatch.server.db.engine import Database, make_engine
 from gradwatch.server.db.models import BLOCK_STEPS, COARSE_STEPS
+from gradwatch.server.db.raw import run_raw
 from gradwatch.server.repo import series
-from gradwatch.server.repo.ingest import _COARSE_ROLLUP, _update_blocks
+from gradwatch.server.repo.ingest import _COARSE_ROLLUP, _coarse_recompute
 from gradwatch.server.repo.runs import resolve_layers
 
 # The 64-step level's test helpers (tests/ is not a package): storing with the overlap retry, API values.
@@ -181,42 +182,58 @@ def test_coarse_heatmap_and_series_equal_the_rows(db_url: str, mk: Any, monkeypa
         engine.dispose()
 
 
+def _coarse_rows(conn: Any) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in conn.execute(text("SELECT * FROM layer_stat_coarse ORDER BY layer_id, block, rank"))]
+
+
+def _same_coarse(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> None:
+    assert len(after) == len(before)
+    for x, y in zip(before, after):
+        for k, v in x.items():
+            st = k.removesuffix("_sum")
+            if k.endswith("_sum") and x[st + "_min"] == -math.inf and x[st + "_max"] == math.inf:
+                continue  # inf + -inf: SQLite's NULL drops out of a merge; reads take NaN from min/max
+            if isinstance(v, float) and math.isfinite(v):
+                assert y[k] == pytest.approx(v, rel=1e-9, abs=1e-9), (k, x, y)
+            elif isinstance(v, float):
+                assert y[k] is not None and (y[k] == v or (math.isnan(v) and math.isnan(y[k]))), (k, x, y)
+            else:
+                assert y[k] == v, (k, x, y)
+
+
+def _recomputed(db: Database, ids: set[int], below: int) -> list[dict[str, Any]]:
+    """The coarse rows as the SQL recompute from the 64-step blocks makes them, below ``below``."""
+    with db.write() as conn:
+        conn.execute(text("DELETE FROM layer_stat_coarse"))
+        conn.execute(text(_COARSE_ROLLUP.replace("{ids}", ",".join(map(str, sorted(ids))))),
+                     {"lo": 0, "hi": below // BLOCK_STEPS - 1})
+    with db.read() as conn:
+        return _coarse_rows(conn)
+
+
 def test_ingest_coarsening_equals_the_recompute_from_blocks(db_url: str, mk: Any) -> None:
-    """Each coarse block merged at ingest (numpy, batch by batch, Chan's merge in the upsert)
-    equals the SQL recompute from its 64-step blocks (the overlap path and the migration)."""
+    """Each coarse block made at ingest (merged batch by batch below the run's watermark, numpy
+    and Chan's merge in the upsert; computed from the 64-step blocks when a batch moves the
+    watermark) equals the SQL recompute from its 64-step blocks; none is kept at or above the
+    watermark, which sits at the coarse block holding the run's last step."""
     engine = make_engine(db_url)
     db = Database(engine)
     try:
         _fill(db, mk, seed=3, layers=2)
-        q = "SELECT * FROM layer_stat_coarse ORDER BY layer_id, block, rank"
         with db.read() as conn:
-            before = [dict(r._mapping) for r in conn.execute(text(q))]
-            ids = {r["layer_id"] for r in before}
-        assert len(before) == 2 * 2 * (STEPS // COARSE_STEPS + 1)
-        with db.write() as conn:
-            conn.execute(text("DELETE FROM layer_stat_coarse"))
-            ids_sql = ",".join(map(str, sorted(ids)))
-            conn.execute(text(_COARSE_ROLLUP.replace("{ids}", ids_sql)), {"lo": 0, "hi": STEPS // BLOCK_STEPS + 1})
-        with db.read() as conn:
-            after = [dict(r._mapping) for r in conn.execute(text(q))]
-        assert len(after) == len(before)
-        for x, y in zip(before, after):
-            for k, v in x.items():
-                st = k.removesuffix("_sum")
-                if k.endswith("_sum") and x[st + "_min"] == -math.inf and x[st + "_max"] == math.inf:
-                    continue  # inf + -inf: SQLite's NULL drops out of a merge; reads take NaN from min/max
-                if isinstance(v, float) and math.isfinite(v):
-                    assert y[k] == pytest.approx(v, rel=1e-9, abs=1e-9), (k, x, y)
-                elif isinstance(v, float):
-                    assert y[k] is not None and (y[k] == v or (math.isnan(v) and math.isnan(y[k]))), (k, x, y)
-                else:
-                    assert y[k] == v, (k, x, y)
-        # the overlap path recomputes the coarse blocks it touched, from scratch: same again
+            before = _coarse_rows(conn)
+            ids = set(conn.execute(text("SELECT id FROM layer")).scalars())
+            mark = conn.execute(text("SELECT coarse_through FROM run WHERE id = 'run1'")).scalar_one()
+        assert mark == STEPS // COARSE_STEPS * COARSE_STEPS
+        assert len(before) == 2 * 2 * (STEPS // COARSE_STEPS) and max(r["block"] for r in before) == mark // COARSE_STEPS - 1
+        after = _recomputed(db, ids, mark)
+        _same_coarse(before, after)
+        # the overlap path's recompute (also the watermark's) replaces what the coarse rows held
         with db.write() as conn:
             conn.execute(text("UPDATE layer_stat_coarse SET n = -1, l2_max = -1"))
-            _update_blocks(conn, ids, 0, STEPS)
+            run_raw(conn, *_coarse_recompute(sorted(ids), 0, mark - 1))
         with db.read() as conn:
-            again = [dict(r._mapping) for r in conn.execute(text(q))]
+            again = _coarse_rows(conn)
         assert [(r["n"], r["l2_max"]) for r in again] == [(r["n"], r["l2_max"]) for r in before]
     finally:
         engine.dispose()
@@ -232,10 +249,56 @@ def test_statement_count_of_a_heatmap_does_not_grow_with_layers(db_url: str, mk:
             for n in (1, 40):
                 with _count_statements(engine) as seen:
                     series.heatmap(conn, layers[:n], "l2", start=30, end=2 * COARSE_STEPS + 100, max_points=1)
-                assert len(seen) == 2, seen  # the range probe, one statement for every cell
+                assert len(seen) == 3, seen  # the range probe, the coarse watermark, one statement for every cell
                 with _count_statements(engine) as seen:
                     series.layers_series(conn, [lid for lid, _, _ in layers[:n]], "std", start=30,
                                          end=2 * COARSE_STEPS + 100, max_points=1)
-                assert len(seen) <= 7, seen  # probe, cells, pooled moments per segment (≤ 5)
+                assert len(seen) <= 8, seen  # probe, watermark, cells, pooled moments per segment (≤ 5)
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_batches_around_the_watermark_keep_the_coarse_level_exact(db_url: str, mk: Any) -> None:
+    """Four writers at once (two ranks, batches of random lengths crossing coarse blocks, the
+    ranks apart by up to a coarse block so one rank's batches land below the watermark the other
+    moved): every coarse block below the final watermark equals the recompute from its blocks,
+    none is kept above it, and a heatmap read through the coarse level equals one from the rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = make_engine(db_url)
+    db = Database(engine)
+    try:
+        rnd = random.Random(11)
+        per_rank: list[list[Any]] = [[], []]
+        seq = 1
+        for rank in (0, 1):
+            s = 1
+            while s <= STEPS:
+                n = rnd.choice([20, 64, 150, 300])
+                seq += 1
+                per_rank[rank].append(mk(seq, range(s, min(s + n, STEPS + 1)), source=rank, values=_val(5),
+                                         events=False, layers=3, counts=_counts(5)))
+                s += n
+        # rank 1 trails rank 0 by about a coarse block; in flight four at a time
+        order = sorted([(b.steps[0].step + (COARSE_STEPS if r else 0), b) for r in (0, 1) for b in per_rank[r]],
+                       key=lambda t: t[0])
+        _store(db, order[0][1])  # the run and its layers
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda t: _store(db, t[1]), order[1:]))
+        with db.read() as conn:
+            before = _coarse_rows(conn)
+            ids = set(conn.execute(text("SELECT id FROM layer")).scalars())
+            mark = conn.execute(text("SELECT coarse_through FROM run WHERE id = 'run1'")).scalar_one()
+            layers = resolve_layers(conn, "run1", [])
+            raw = {lid: _rows(conn, lid, "l2", 0, STEPS) for lid, _, _ in layers}
+            h = series.heatmap(conn, layers, "l2", start=0, end=STEPS, max_points=2, agg="max")
+        assert mark == STEPS // COARSE_STEPS * COARSE_STEPS
+        assert {r["rank"] for r in before} == {0, 1} and max(r["block"] for r in before) < mark // COARSE_STEPS
+        _same_coarse(before, _recomputed(db, ids, mark))
+        assert h["bucket_width"] >= COARSE_STEPS
+        for k, (lid, _, _) in enumerate(layers):
+            for j, s0 in enumerate(h["steps"]):
+                s1 = h["steps"][j + 1] - 1 if j + 1 < len(h["steps"]) else STEPS
+                _check_cell([v for st, v in raw[lid] if s0 <= st <= s1], h["values"][k][j], h["nan"][k][j], "max")
     finally:
         engine.dispose()

@@ -48,7 +48,8 @@ def test_expression_columns_store_what_the_arrays_store(db_url: str) -> None:
         for shaped in (True, False):
             with engine.begin() as conn:
                 for fr in frames:
-                    args = merge_args(fr.blocks(), True) if shaped else _all_arrays(fr)
+                    args = (merge_args(fr.blocks(), True) + merge_args(fr.blocks().coarsen(COARSE_FACTOR), True,
+                                                                       "layer_stat_coarse")) if shaped else _all_arrays(fr)
                     if shaped:  # the shortcut really applies (else this compares a thing to itself)
                         assert all(len(params) < len(_BLOCK_COLS) - 10 for _, params in args)
                     _merge_blocks(conn, args)
