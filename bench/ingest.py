@@ -281,6 +281,8 @@ def build_big_run(kind: str, url: str, rows: int) -> tuple[str, int]:
                 con.execute(sql)
             for table in ("layer_stat", "layer_stat_block", "layer_stat_coarse"):
                 con.execute(f"VACUUM ANALYZE {table}")
+            # the build's WAL flushed now, not by a checkpoint in the middle of the timed queries
+            con.execute("CHECKPOINT")
     return run_id, steps
 
 
@@ -314,6 +316,28 @@ def rollup_sql(ids: str, steps: int, per: int = 20) -> list[str]:
         out += [_ROLLUP.replace("{ids}", chunk).replace(":lo", "0").replace(":hi", str(steps + 64)),
                 _COARSE_ROLLUP.replace("{ids}", chunk).replace(":lo", "0").replace(":hi", str(_mark(steps) // 64 - 1))]
     return out
+
+
+def _query_times(url: str, run_id: str, steps: int, tmp: Path, env: dict[str, str] | None, repeats: int
+                 ) -> tuple[float, float, float]:
+    """Median ms of a 1,000-point series of one layer, a 200-layer heatmap and a count heatmap,
+    from a server started on ``url`` with ``env``."""
+    with server(url, tmp / "bench-query.log", env) as base:
+        q = f"{base}/api/v1/runs/{run_id}/stats?layer=100&stat=l2&max_points=1000"
+        ms_series, body = time_get(q, repeats)
+        ser = body["series"][0]
+        if ser["downsampled"]:
+            b = ser["buckets"]
+            assert len(b) <= 1000 and sum(x["count"] for x in b) == steps
+            if steps >= 9973:
+                assert max(x["max"] for x in b) >= 100  # the spikes survive downsampling
+        h = f"{base}/api/v1/runs/{run_id}/heatmap?layers=all&stat=l2&max_points=200"
+        ms_heat, hb = time_get(h, max(1, repeats // 2))
+        assert len(hb["values"]) == LAYERS and 0 < len(hb["values"][0]) <= 200
+        # a count (rolled up since migration 0009; rows before)
+        ms_nf, hb = time_get(h.replace("stat=l2", "stat=nonfinite"), max(1, repeats // 2))
+        assert len(hb["values"]) == LAYERS and 0 < len(hb["values"][0]) <= 200
+    return ms_series, ms_heat, ms_nf
 
 
 def time_get(url: str, n: int) -> tuple[float, dict]:
@@ -467,7 +491,7 @@ def main() -> None:
     ap.add_argument("--ingest-repeats", type=int, default=3, help="side-by-side ingest measurements")
     ap.add_argument("--before-pythonpath", default=None,
                     help="also measure a server run with this PYTHONPATH (a checkout of another commit, e.g. "
-                         "main's) in the same repeats, detectors on")
+                         "main's) in the same repeats, detectors on; and its queries on the same big run")
     ap.add_argument("--scale-out", action="store_true",
                     help="only the 1-process vs 2-process ingest comparison on PostgreSQL (--ingest-rows in all)")
     ap.add_argument("--memory", action="store_true",
@@ -570,23 +594,22 @@ def main() -> None:
                 t0 = time.perf_counter()
                 run_id, steps = build_big_run(kind, url, args.rows)
                 build = time.perf_counter() - t0
-                with server(url, tmp / "bench-query.log",
-                            {"PYTHONPATH": args.server_pythonpath} if args.server_pythonpath else None) as base:
-                    q = f"{base}/api/v1/runs/{run_id}/stats?layer=100&stat=l2&max_points=1000"
-                    ms_series, body = time_get(q, args.repeats)
-                    ser = body["series"][0]
-                    if ser["downsampled"]:
-                        b = ser["buckets"]
-                        assert len(b) <= 1000 and sum(x["count"] for x in b) == steps
-                        if steps >= 9973:
-                            assert max(x["max"] for x in b) >= 100  # the spikes survive downsampling
-                    h = f"{base}/api/v1/runs/{run_id}/heatmap?layers=all&stat=l2&max_points=200"
-                    ms_heat, hb = time_get(h, max(1, args.repeats // 2))
-                    assert len(hb["values"]) == LAYERS and 0 < len(hb["values"][0]) <= 200
-                    # a count (rolled up since migration 0009; rows before)
-                    ms_nf, hb = time_get(h.replace("stat=l2", "stat=nonfinite"), max(1, args.repeats // 2))
-                    assert len(hb["values"]) == LAYERS and 0 < len(hb["values"][0]) <= 200
-                print(f"{kind:<12}{build:>10.0f}{ms_series:>20.1f}{ms_heat:>20.1f}{ms_nf:>22.1f}")
+                # this checkout's server, and the --before-pythonpath one on the same database,
+                # alternately (A B B A: the first turn after the build runs colder), each figure the
+                # mean of its turns' medians
+                envs = [("", {"PYTHONPATH": args.server_pythonpath} if args.server_pythonpath else None)]
+                if args.before_pythonpath:
+                    envs.append((" (before)", {"PYTHONPATH": args.before_pythonpath,
+                                               "GRADWATCH_SERVER_MIGRATE_ON_START": "false"}))
+                times: dict[str, list[tuple[float, float, float]]] = {tag: [] for tag, _ in envs}
+                for turn in range(2 if args.before_pythonpath else 1):
+                    for tag, env in (envs if turn % 2 == 0 else envs[::-1]):
+                        times[tag].append(_query_times(url, run_id, steps, tmp, env, args.repeats))
+                for tag, _ in envs:
+                    ms_series, ms_heat, ms_nf = (statistics.mean(t[k] for t in times[tag]) for k in range(3))
+                    turns = "  ".join("/".join(f"{x:.1f}" for x in t) for t in times[tag])
+                    print(f"{kind + tag:<12}{build:>10.0f}{ms_series:>20.1f}{ms_heat:>20.1f}{ms_nf:>22.1f}"
+                          + (f"   per turn: {turns}" if len(times[tag]) > 1 else ""))
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("targets: ratio >= 0.50; series < 100 ms at 20M rows")
 
