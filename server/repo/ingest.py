@@ -213,8 +213,9 @@ def _merge_pg(t: str, cols: BlockColumns) -> tuple[str, list[_PgArray]]:
 
 
 def _coarse_rollup_sql() -> str:
-    """Recompute coarse blocks from the 64-step blocks they hold (the overlap path and the
-    migration's backfill), as :meth:`BlockColumns.coarsen` merges them at ingest."""
+    """Recompute coarse blocks from the 64-step blocks they hold (a batch moving its run's
+    watermark, the overlap path, the migrations), as :meth:`BlockColumns.coarsen` merges them
+    at ingest."""
     sel = ["min(step_min)", "max(step_max)", "sum(n)", "sum(mom_n)",
            "CASE WHEN max(g.mu) IS NULL THEN NULL ELSE sum(CASE WHEN mom_n > 0 THEN mom_m2 + mom_n * "
            "(mom_mean - g.mu) * (mom_mean - g.mu) ELSE 0.0 END) END", "sum(mom_skip)"]
@@ -738,8 +739,8 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
                 upsert: bool = False, prepared: Prepared | None = None, detect: bool = True) -> IngestResult:
     """Store ``batch`` in the caller's transaction; a batch stored before changes nothing.
 
-    Locks are taken in one order by every writer (rollup blocks by key, the run row, then the
-    (run, source) cursor row last), so on PostgreSQL several batches of one stream can be in
+    Locks are taken in one order by every writer (64-step rollup blocks by key, the run row,
+    the detector state, coarse blocks, then the (run, source) cursor row last), so on PostgreSQL several batches of one stream can be in
     flight at once without deadlocks, and the cursor's ``acked`` stays exact: whoever takes
     the cursor last sees every seq committed before it.
 
@@ -802,7 +803,7 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         _insert_values(conn, insert(Event), [{"run_id": run_id, "kind": e.kind, "step": e.step, "rank": e.rank,
                                               "time": e.time, "data": enc_value(e.data),
                                               **agent_event_fields(e.kind, e.data)} for e in batch.events])
-    # Rows that other writers also update come last (blocks, run, cursor, in that order): a
+    # Rows that other writers also update come last (blocks, run, coarse blocks, cursor, in that order): a
     # concurrent batch of the same stream waits only for this short tail.
     sets, params = ["updated_at = ?"], [now]
     if batch.status:
