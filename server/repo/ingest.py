@@ -332,14 +332,21 @@ _WATERMARK = {True: "SELECT coarse_through FROM run WHERE id = ? FOR NO KEY UPDA
               False: "SELECT coarse_through FROM run WHERE id = ?"}
 
 
-def _coarse_recompute(layer_ids: Sequence[int], lo: int, hi: int) -> tuple[str, tuple[Any, ...]]:
+def _coarse_recompute(layers: Sequence[int] | str, lo: int, hi: int) -> tuple[str, tuple[Any, ...]]:
     """The statement that recomputes the coarse blocks over steps [lo, hi] (whole coarse blocks)
-    of ``layer_ids`` from their 64-step blocks, replacing what they held."""
-    ids = ",".join(str(int(i)) for i in sorted(layer_ids))
-    return _COARSE_ROLLUP_Q.replace("{ids}", ids), (lo // BLOCK_STEPS, hi // BLOCK_STEPS) * _COARSE_ROLLUP.count(":lo")
+    from their 64-step blocks, replacing what they held: of the layer ids ``layers``, or of
+    every layer of the run ``layers`` names as the statement finds them (its snapshot, taken
+    under the run row's lock, holds the layers a concurrent batch created and committed after
+    this batch read the run's layers)."""
+    n = _COARSE_ROLLUP.count(":lo")
+    if isinstance(layers, str):
+        return (_COARSE_ROLLUP_Q.replace("{ids}", "SELECT id FROM layer WHERE run_id = ?"),
+                (layers, lo // BLOCK_STEPS, hi // BLOCK_STEPS) * n)
+    ids = ",".join(str(int(i)) for i in sorted(layers))
+    return _COARSE_ROLLUP_Q.replace("{ids}", ids), (lo // BLOCK_STEPS, hi // BLOCK_STEPS) * n
 
 
-def _coarse_work(frame: LayerFrame, merged: bool, old: int, new: int, run_layers: Sequence[int], pg: bool
+def _coarse_work(frame: LayerFrame, merged: bool, old: int, new: int, run_id: str, pg: bool
                  ) -> tuple[MergeArgs, list[tuple[str, tuple[Any, ...]]]]:
     """What a stored batch owes the coarse level, under its run row's lock, given the run's
     watermark before (``old``) and after (``new``) it: (merges, recomputes).
@@ -348,9 +355,10 @@ def _coarse_work(frame: LayerFrame, merged: bool, old: int, new: int, run_layers
     below ``old`` are merged into them (a late batch, a lagging rank); ``merged`` False (the
     overlap path, whose 64-step blocks were recomputed) recomputes the coarse blocks holding its
     rows instead. Moving the watermark from ``old`` to ``new`` computes the coarse blocks between
-    from the 64-step blocks, all of the run's layers: every batch committed before this one
-    is in them, and every batch after it sees ``new`` and merges what it holds below. The two
-    step ranges are disjoint, so the order of the statements does not matter."""
+    from the 64-step blocks, all of the run's layers (read by that statement, not before the
+    lock: a layer another batch created meanwhile is one of them): every batch committed before
+    this one is in them, and every batch after it sees ``new`` and merges what it holds below.
+    The two step ranges are disjoint, so the order of the statements does not matter."""
     merges: MergeArgs = []
     recompute: list[tuple[str, tuple[Any, ...]]] = []
     if len(frame) and int(frame.step.min()) < old:
@@ -361,8 +369,8 @@ def _coarse_work(frame: LayerFrame, merged: bool, old: int, new: int, run_layers
             lo = int(frame.step.min()) // COARSE_STEPS * COARSE_STEPS
             hi = min(int(frame.step.max()) // COARSE_STEPS * COARSE_STEPS + COARSE_STEPS, old) - 1
             recompute.append(_coarse_recompute(np.unique(frame.layer_id).tolist(), lo, hi))
-    if new > old and run_layers:
-        recompute.append(_coarse_recompute(run_layers, old, new - 1))
+    if new > old:
+        recompute.append(_coarse_recompute(run_id, old, new - 1))
     return merges, recompute
 
 
@@ -823,7 +831,7 @@ def store_batch(conn: Connection, batch: Batch, now: float | None = None, origin
         tail += detect_store.lock_statements(batch, now)
     locked = _merge_blocks(conn, merge or [], then=tail)
     old_mark = int(locked[0][0][0]) if locked[0] else 0
-    coarse, recompute = _coarse_work(frame, merged, old_mark, max(old_mark, mark), [i for i, _ in known.values()], pg)
+    coarse, recompute = _coarse_work(frame, merged, old_mark, max(old_mark, mark), run_id, pg)
     save = detect_store.on_batch(conn, batch, frame, now, locked[2:]) if detecting else None
     if batch.lost:
         record_lost(conn, run_id, source, batch.lost)

@@ -302,3 +302,73 @@ def test_concurrent_batches_around_the_watermark_keep_the_coarse_level_exact(db_
                 _check_cell([v for st, v in raw[lid] if s0 <= st <= s1], h["values"][k][j], h["nan"][k][j], "max")
     finally:
         engine.dispose()
+
+
+def _one_batch(seq: int, steps: range, source: int, idxs: list[int]) -> Any:
+    from gradwatch.agent import wire
+
+    recs = [wire.StepRecord(step=s, time=float(s), rank=source, layer_ids=idxs, layers={
+        "numel": [4] * len(idxs), "mean": [0.5] * len(idxs), "m2": [1.0] * len(idxs),
+        "l2": [float(s)] * len(idxs), "maxabs": [1.0] * len(idxs), "nonfinite": [0] * len(idxs)}) for s in steps]
+    return wire.Batch(run=wire.RunInfo(run_id="r"), seq=seq, source=source,
+                      layers=[wire.LayerInfo(i, f"l{i}", [4], "float32") for i in idxs], steps=recs)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # (SQLite: one writer at a time)
+def test_a_layer_another_batch_creates_meanwhile_is_in_the_coarse_blocks_the_watermark_passes(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch B (rank 0) reads the run's layers; batch C (rank 1, a new layer, steps below 1,024)
+    then stores and commits whole; B moves the watermark past 1,024. The coarse block B computes
+    holds C's layer too (B's own layer read is older than C), and reads through it see C's rows."""
+    import threading
+
+    from gradwatch.server.repo import ingest
+    from gradwatch.server.repo.ingest import store_batch
+
+    engine = make_engine(db_url)
+    db = Database(engine)
+    try:
+        with db.write() as conn:
+            store_batch(conn, _one_batch(1, range(0, 10), 0, [0, 1, 2]))
+        c = _one_batch(1, range(10, 900), 1, [3])
+        b = _one_batch(2, range(1000, 1100), 0, [0, 1, 2])
+        orig, ran = ingest._insert_layer_rows, []
+
+        def then_c(conn: Any, frame: Any) -> bool:
+            if not ran:  # B has read the run's layers: C runs whole now, in another transaction
+                ran.append(threading.Thread(target=lambda: _store(db, c)))
+                ran[0].start()
+                ran[0].join(60)
+                assert not ran[0].is_alive()
+            return bool(orig(conn, frame))
+
+        monkeypatch.setattr(ingest, "_insert_layer_rows", then_c)
+        _store(db, b)
+        with db.read() as conn:
+            assert conn.execute(text("SELECT coarse_through FROM run")).scalar_one() == COARSE_STEPS
+            got = conn.execute(text("SELECT l.idx, c.rank, c.n FROM layer_stat_coarse c JOIN layer l ON l.id = "
+                                    "c.layer_id ORDER BY 1, 2")).all()
+            assert [tuple(r) for r in got] == [(0, 0, 34), (1, 0, 34), (2, 0, 34), (3, 1, 890)]
+            layers = resolve_layers(conn, "r", [])
+            h = series.heatmap(conn, layers, "l2", start=0, end=2047, max_points=1, agg="max")
+            assert h["bucket_width"] == 2 * COARSE_STEPS and h["values"] == [[1099.0]] * 3 + [[899.0]]
+    finally:
+        engine.dispose()
+
+
+def test_a_range_past_the_data_reads_the_steps_above_the_watermark(db_url: str, mk: Any) -> None:
+    """Steps 1-1,499 (watermark 1,024), read over 0-2,047 in coarse-wide buckets (an end past the
+    data is not clamped): the steps above the watermark come from the 64-step blocks and rows,
+    none is lost to a coarse block that does not exist."""
+    engine = make_engine(db_url)
+    db = Database(engine)
+    try:
+        _store(db, mk(1, range(1, 1500), values=_val(6), events=False, layers=2))
+        with db.read() as conn:
+            lid = resolve_layers(conn, "run1", [])[0][0]
+            s = series.layer_series(conn, lid, "l2", start=0, end=2 * COARSE_STEPS - 1, max_points=2)
+            assert s["bucket_width"] == COARSE_STEPS
+            assert [(x["step_min"], x["step_max"], x["count"]) for x in s["buckets"]] == [(1, 1023, 1023),
+                                                                                         (1024, 1499, 476)]
+    finally:
+        engine.dispose()
