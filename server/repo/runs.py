@@ -146,8 +146,18 @@ def update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> dict[st
 
 
 def delete_run(conn: Connection, run_id: str) -> None:
-    """Delete a run and everything stored for it (explicitly, table by table)."""
-    require_run(conn, run_id)
+    """Delete a run and everything stored for it (explicitly, table by table).
+
+    PostgreSQL: the run row is locked first (``FOR UPDATE``), which waits for the batches of
+    the run being stored (each holds a key-share lock on it from its first statement) and
+    makes later ones wait at that statement. Without it a batch in flight could commit rows
+    the deletes had already passed (orphans), or deadlock with them: a batch locks the run
+    row, then coarse blocks and its cursor, which the deletes took first."""
+    if conn.dialect.name == "postgresql":
+        if conn.execute(select(Run.id).where(Run.id == run_id).with_for_update()).first() is None:
+            raise NotFound(f"run {run_id!r} not found")
+    else:
+        require_run(conn, run_id)
     layer_ids = select(Layer.id).where(Layer.run_id == run_id).scalar_subquery()
     conn.execute(delete(LayerStat).where(LayerStat.layer_id.in_(layer_ids)))
     for rollup in (layer_stat_block, layer_stat_coarse):

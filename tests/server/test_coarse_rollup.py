@@ -372,3 +372,70 @@ def test_a_range_past_the_data_reads_the_steps_above_the_watermark(db_url: str, 
                                                                                          (1024, 1499, 476)]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # (SQLite: one writer at a time)
+def test_deleting_a_run_while_one_of_its_batches_is_being_stored(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of rank 1 below the watermark holds the run row's lock and is about to merge into
+    an existing coarse block when the run is deleted: the delete waits for the batch (no
+    deadlock: it used to take that coarse block and the cursor first, then wait for the run
+    row), then removes everything, the batch's rows included (nothing orphaned)."""
+    import threading
+
+    from gradwatch.server.repo import ingest
+    from gradwatch.server.repo.runs import delete_run
+
+    engine = make_engine(db_url)
+    db = Database(engine)
+    try:
+        _store(db, _one_batch(1, range(0, 2100), 0, [0, 1, 2]))  # watermark 2048
+        _store(db, _one_batch(1, range(0, 20), 1, [0, 1, 2]))  # rank 1's coarse block 0 exists
+        held, go = threading.Event(), threading.Event()
+        orig = ingest._coarse_work
+
+        def pause(*a: Any, **k: Any) -> Any:
+            held.set()  # the run row is locked by now
+            assert go.wait(60)
+            return orig(*a, **k)
+
+        monkeypatch.setattr(ingest, "_coarse_work", pause)
+        errors: list[BaseException] = []
+
+        def run(fn: Any) -> threading.Thread:
+            def body() -> None:
+                try:
+                    fn()
+                except BaseException as e:  # noqa: BLE001  (reported below)
+                    errors.append(e)
+            t = threading.Thread(target=body)
+            t.start()
+            return t
+
+        def drop() -> None:
+            with db.write() as conn:
+                delete_run(conn, "r")
+
+        storing = run(lambda: _store(db, _one_batch(2, range(64, 80), 1, [0, 1, 2])))
+        assert held.wait(60)
+        deleting = run(drop)
+        with db.read() as conn:  # the delete waits on a lock (whichever it reached)
+            for _ in range(600):
+                if conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                     "AND wait_event_type = 'Lock'")).scalar_one():
+                    break
+                conn.rollback()
+                threading.Event().wait(0.05)
+            else:
+                raise AssertionError("the delete never waited on a lock")
+        go.set()
+        storing.join(60)
+        deleting.join(60)
+        assert not storing.is_alive() and not deleting.is_alive()
+        assert not errors, errors
+        with db.read() as conn:
+            left = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()
+                    for t in ("run", "layer", "layer_stat", "layer_stat_block", "layer_stat_coarse", "ingest_batch",
+                              "ingest_cursor", "step_record")}
+        assert left == dict.fromkeys(left, 0), left
+    finally:
+        engine.dispose()
